@@ -1,0 +1,40 @@
+# Every target creates/refreshes .venv itself: on a fresh machine `make demo` and
+# `make test` are the whole set-up.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: venv assets demo test lint typecheck bench clean
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+assets: $(STAMP)
+	$(PY) -m tests.assets >/dev/null
+
+demo: assets
+	$(VENV)/bin/edgeward demo
+
+test: assets
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+	$(PY) -m pytest -q -n 2 --dist loadfile
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+bench: assets
+	$(PY) -m pip install -q 'torch==2.13.0'
+	$(PY) -m bench.run
+
+clean:
+	rm -rf $(VENV) .cache/assets/*.onnx .cache/assets/*.tflite bench/work

@@ -1,0 +1,1 @@
+"""Edgeward runtime: backends, converters, run-script host and worker processes."""
