@@ -1,0 +1,254 @@
+"""The one small base class every backend subclasses (MLServer ``MLModel`` style).
+
+A backend owns one model file on one engine. :meth:`Backend.predict` validates the
+request against the model's own signature before the engine sees it, so a bad request
+is a 400 :class:`InvalidInputError` naming the input, never a native crash or a 500.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from agent.errors import InvalidInputError, RuntimeBackendError
+from runtime.config import RuntimeConfig
+
+logger = logging.getLogger(__name__)
+
+# KServe / Open Inference Protocol v2 datatypes <-> numpy.
+_V2_TO_NP: dict[str, np.dtype[Any]] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype(np.uint8),
+    "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32),
+    "UINT64": np.dtype(np.uint64),
+    "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16),
+    "FP32": np.dtype(np.float32),
+    "FP64": np.dtype(np.float64),
+    "BYTES": np.dtype(np.object_),
+}
+_NP_TO_V2: dict[np.dtype[Any], str] = {v: k for k, v in _V2_TO_NP.items()}
+
+
+def v2_datatype(dtype: Any) -> str:
+    """numpy dtype → v2 datatype name (``float32`` → ``"FP32"``)."""
+    dt = np.dtype(dtype)
+    if dt.kind in ("U", "S", "O"):
+        return "BYTES"
+    try:
+        return _NP_TO_V2[dt]
+    except KeyError:
+        raise RuntimeBackendError(
+            f"dtype {dt} has no KServe v2 datatype", code="unsupported-dtype"
+        ) from None
+
+
+def numpy_dtype(datatype: str) -> np.dtype[Any]:
+    """v2 datatype name → numpy dtype (``"FP32"`` → ``float32``)."""
+    try:
+        return _V2_TO_NP[datatype.upper()]
+    except KeyError:
+        raise InvalidInputError(
+            f"unknown datatype {datatype!r}; allowed: {', '.join(_V2_TO_NP)}"
+        ) from None
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One named tensor of a model signature; ``-1`` in ``shape`` is a free dimension."""
+
+    name: str
+    dtype: np.dtype[Any]
+    shape: tuple[int, ...] | None  # None: rank unknown, any shape accepted
+
+    def to_v2(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "datatype": v2_datatype(self.dtype),
+            "shape": list(self.shape) if self.shape is not None else [-1],
+        }
+
+    @classmethod
+    def from_v2(cls, d: Mapping[str, Any]) -> TensorSpec:
+        shape = d.get("shape")
+        return cls(
+            name=str(d["name"]),
+            dtype=numpy_dtype(str(d["datatype"])),
+            shape=tuple(int(x) for x in shape) if shape is not None else None,
+        )
+
+
+def validate_inputs(
+    inputs: Mapping[str, Any],
+    specs: Sequence[TensorSpec],
+    *,
+    check_shape: bool = True,
+    model: str = "model",
+) -> dict[str, np.ndarray]:
+    """Check names, dtypes and shapes of a request against a signature.
+
+    Returns the inputs as numpy arrays (no copies for arrays already right).
+
+    Raises:
+        InvalidInputError: unknown or missing input, wrong dtype, wrong rank or a fixed
+            dimension that differs; the message names the input.
+    """
+    if not isinstance(inputs, Mapping):
+        raise InvalidInputError(f"{model}: inputs must be a mapping of name -> array")
+    by_name = {s.name: s for s in specs}
+    unknown = [n for n in inputs if n not in by_name]
+    if unknown:
+        raise InvalidInputError(
+            f"{model}: unknown input {unknown[0]!r}; expected {sorted(by_name)}"
+        )
+    missing = [n for n in by_name if n not in inputs]
+    if missing:
+        raise InvalidInputError(f"{model}: missing input {missing[0]!r}")
+    out: dict[str, np.ndarray] = {}
+    for name, value in inputs.items():
+        spec = by_name[name]
+        arr = value if isinstance(value, np.ndarray) else np.asarray(value)
+        if arr.dtype != spec.dtype and not (
+            spec.dtype.kind == "O" and arr.dtype.kind in ("U", "S", "O")
+        ):
+            raise InvalidInputError(
+                f"{model}: input {name!r} has datatype {_dt_name(arr.dtype)}, "
+                f"expected {_dt_name(spec.dtype)}"
+            )
+        if check_shape and spec.shape is not None:
+            if arr.ndim != len(spec.shape):
+                raise InvalidInputError(
+                    f"{model}: input {name!r} has shape {list(arr.shape)} (rank {arr.ndim}), "
+                    f"expected rank {len(spec.shape)} {list(spec.shape)}"
+                )
+            for axis, (got, want) in enumerate(zip(arr.shape, spec.shape, strict=True)):
+                if want >= 0 and got != want:
+                    raise InvalidInputError(
+                        f"{model}: input {name!r} has shape {list(arr.shape)}, expected "
+                        f"{list(spec.shape)} (dimension {axis} must be {want})"
+                    )
+        out[name] = arr
+    return out
+
+
+def _dt_name(dt: np.dtype[Any]) -> str:
+    try:
+        return f"{v2_datatype(dt)} ({dt})"
+    except RuntimeBackendError:
+        return str(dt)
+
+
+class Backend(ABC):
+    """Base class: ``load`` → many ``predict`` → ``unload``.
+
+    Subclasses implement :meth:`_load`, :meth:`_run`, :meth:`_unload`, and fill
+    ``self._inputs`` / ``self._outputs`` during load. ``predict`` is safe to call from
+    several threads at once (each backend documents how it achieves that).
+    """
+
+    kind: ClassVar[str] = ""
+    platform: ClassVar[str] = ""
+
+    def __init__(self, model_path: Path, config: RuntimeConfig | None = None):
+        self.model_path = Path(model_path)
+        self.config = config if config is not None else RuntimeConfig()
+        self._inputs: list[TensorSpec] = []
+        self._outputs: list[TensorSpec] = []
+        self._ready = False
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        return list(self._inputs)
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        return list(self._outputs)
+
+    def load(self) -> None:
+        """Load the model; idempotent.
+
+        Raises:
+            RuntimeBackendError: the file is missing or the engine refuses it.
+        """
+        if self._ready:
+            return
+        if not self.model_path.is_file():
+            raise RuntimeBackendError(
+                f"{self.kind}: model file {self.model_path} does not exist", code="model-missing"
+            )
+        self._load()
+        self._ready = True
+        logger.debug("%s backend loaded %s", self.kind, self.model_path)
+
+    def predict(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Run the model on named arrays.
+
+        Raises:
+            InvalidInputError: the request does not match the model signature.
+            RuntimeBackendError: the backend is not loaded or the engine failed.
+        """
+        if not self._ready:
+            raise RuntimeBackendError(
+                f"{self.kind}: model {self.model_path.name} is not loaded", code="not-loaded"
+            )
+        arrays = validate_inputs(inputs, self._inputs, model=self.model_path.name)
+        return self._run(arrays)
+
+    def unload(self) -> None:
+        if not self._ready:
+            return
+        self._ready = False
+        self._unload()
+
+    def metadata(self) -> dict[str, Any]:
+        """KServe v2 shape: ``{"platform", "inputs": [{name, datatype, shape}], "outputs"}``."""
+        return {
+            "platform": self.platform,
+            "inputs": [s.to_v2() for s in self._inputs],
+            "outputs": [s.to_v2() for s in self._outputs],
+        }
+
+    @abstractmethod
+    def _load(self) -> None: ...
+
+    @abstractmethod
+    def _run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    @abstractmethod
+    def _unload(self) -> None: ...
+
+
+BACKEND_KINDS: tuple[str, ...] = ("onnxruntime", "litert")
+
+
+def make_backend(kind: str, model_path: Path, config: RuntimeConfig | None = None) -> Backend:
+    """Instantiate (not load) the backend for ``kind``.
+
+    Raises:
+        RuntimeBackendError: unknown kind (code ``unknown-backend``).
+    """
+    if kind == "onnxruntime":
+        from runtime.onnx_backend import OnnxBackend
+
+        return OnnxBackend(model_path, config)
+    if kind in ("litert", "tflite"):
+        from runtime.litert_backend import LiteRTBackend
+
+        return LiteRTBackend(model_path, config)
+    raise RuntimeBackendError(
+        f"unknown backend {kind!r}; allowed: {', '.join(BACKEND_KINDS)}", code="unknown-backend"
+    )

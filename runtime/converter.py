@@ -1,0 +1,791 @@
+"""Converters: unified representation → what this device runs (GB/T 42382.2 §8.2.3, §8.3.2).
+
+Pipeline for one unpacked package (each stage optional):
+
+1. **Package converter** ``Program/Library/converter/convert`` (executable) or
+   ``convert.py`` (run with this Python) in a subprocess, fixed contract::
+
+       convert --input PKG_DIR --output OUT_DIR --backend onnxruntime|litert \
+               --device-info JSON
+
+   ``PKG_DIR`` is the unpacked package (read it, never write it); the converter writes
+   the converted entry model to ``OUT_DIR/<entry_model>`` (same file name). cwd is an
+   empty temp dir, the environment is minimal (PATH, LANG, HOME/TMPDIR = the temp dir),
+   stdout and stderr are captured (the last lines go into the error), the whole process
+   group is killed after ``converter_timeout_s``. Exit 0 = success.
+2. **converter_config** (technicalinfo, table 66): ``batch: static`` fixes the batch
+   dimension of every input/output to ``batch_size`` (ONNX shape rewrite);
+   ``weight_compression: fp16`` converts weights with ``onnxconverter_common`` when that
+   package is installed (otherwise a clear ``unsupported-compression`` error).
+3. **ORT optimisation** (ONNX): ORT saves the graph optimised at the configured level
+   (``SessionOptions.optimized_model_filepath``); it is served with online optimisation
+   disabled. If ORT cannot save or reload it, the runtime serves the stage-2 model
+   with online optimisation instead (warning).
+   **Delegate selection** (LiteRT): each configured delegate is loaded and validated;
+   failing optional delegates are dropped.
+
+Every artefact that differs from the package's model is validated against the
+unconverted model before it may serve: same output names and shapes, values within
+``validate_rtol``/``validate_atol`` (at least 1e-2 for fp16) on ``Meta-info/samples/*.npz``
+whose inputs are the model's inputs; without such samples, on seeded random inputs
+built from the model's signature (free dims: batch → ``batch_size`` or 1, others → 32).
+
+Results are cached in ``cache_dir/<key>/`` where the key hashes the device fingerprint,
+the model's sha256, the converter directory, converter_config and ORT options; a
+conversion is built in a temp dir and renamed into place, so the cache never holds a
+half-written artefact. ``info.json`` counts reuses (``hits``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.errors import (
+    ConverterError,
+    EdgewardError,
+    InvalidInputError,
+    MetaInfoError,
+    RuntimeBackendError,
+)
+from runtime.backend import Backend, TensorSpec, make_backend
+from runtime.config import DelegateSpec, RuntimeConfig
+from runtime.fingerprint import device_info, digest, file_sha256, tree_sha256
+from runtime.preprocess import Preprocessing
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+CONVERTER_DIR = Path("Program/Library/converter")
+CONVERTER_NAMES = ("convert", "convert.py")
+_TAIL_LINES = 20
+WEIGHT_COMPRESSIONS = ("none", "fp16")
+
+
+@dataclass(frozen=True)
+class ConverterConfig:
+    """technicalinfo ``converter_config`` (table 66)."""
+
+    batch: str = "dynamic"  # "static" | "dynamic"
+    batch_size: int | None = None
+    preprocessing: Preprocessing | None = None
+    weight_compression: str = "none"
+    raw: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> ConverterConfig:
+        """Raises MetaInfoError naming ``converter_config.<key>``."""
+        if not d:
+            return cls()
+        if not isinstance(d, Mapping):
+            raise MetaInfoError("converter_config must be an object")
+        batch = d.get("batch", "dynamic")
+        aliases = {"static-batch": "static", "dynamic-batch": "dynamic"}
+        batch = aliases.get(batch, batch)
+        if batch not in ("static", "dynamic"):
+            raise MetaInfoError(
+                f"converter_config.batch must be static or dynamic, got {d.get('batch')!r}"
+            )
+        size = d.get("batch_size")
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            raise MetaInfoError(f"converter_config.batch_size must be an integer >= 1: {size!r}")
+        if batch == "static" and size is None:
+            size = 1
+        wc = d.get("weight_compression", "none") or "none"
+        if wc not in WEIGHT_COMPRESSIONS:
+            raise MetaInfoError(
+                f"converter_config.weight_compression must be one of "
+                f"{', '.join(WEIGHT_COMPRESSIONS)}, got {wc!r}"
+            )
+        pre = d.get("preprocessing")
+        if pre is not None and not isinstance(pre, Mapping):
+            raise MetaInfoError("converter_config.preprocessing must be an object")
+        return cls(
+            batch=batch,
+            batch_size=size,
+            preprocessing=Preprocessing.from_dict(pre) if pre else None,
+            weight_compression=wc,
+            raw=dict(d),
+        )
+
+
+@dataclass
+class Converted:
+    """What the loader serves: the artefact, how to load it, and the conversion record."""
+
+    model_path: Path
+    backend: str
+    level: str | None = None  # ORT graph level to serve with (None: config's)
+    delegates: list[DelegateSpec] | None = None  # LiteRT: the validated selection
+    from_cache: bool = False
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+# --- samples -----------------------------------------------------------------------
+
+
+def load_samples(model_dir: Path) -> list[tuple[str, dict[str, np.ndarray], dict[str, np.ndarray]]]:
+    """``Meta-info/samples/*.npz`` as (file name, inputs, expected outputs), sorted.
+
+    Raises:
+        MetaInfoError: a sample file is not a pickle-free npz with input:/output: keys.
+    """
+    out = []
+    sdir = model_dir / "Meta-info" / "samples"
+    for p in sorted(sdir.glob("*.npz")) if sdir.is_dir() else []:
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                ins = {k[6:]: z[k] for k in z.files if k.startswith("input:")}
+                outs = {k[7:]: z[k] for k in z.files if k.startswith("output:")}
+        except Exception as exc:
+            raise MetaInfoError(f"sample {p.name} is not a readable npz: {exc}") from None
+        if not ins:
+            raise MetaInfoError(f"sample {p.name} has no 'input:<name>' arrays")
+        out.append((p.name, ins, outs))
+    return out
+
+
+def random_inputs(specs: list[TensorSpec], batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
+    """Seeded inputs matching a signature (free dims: axis 0 → ``batch``, else 32)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for s in specs:
+        shape = tuple(
+            (batch if i == 0 else 32) if d < 0 else d for i, d in enumerate(s.shape or (1,))
+        )
+        if s.dtype.kind == "f":
+            out[s.name] = rng.random(shape, dtype=np.float32).astype(s.dtype)
+        elif s.dtype.kind in ("i", "u"):
+            out[s.name] = rng.integers(0, 10, shape).astype(s.dtype)
+        elif s.dtype.kind == "b":
+            out[s.name] = rng.random(shape) > 0.5
+        else:
+            raise ConverterError(
+                f"cannot generate a validation input for {s.name} ({s.dtype})",
+                code="converter-validation",
+            )
+    return out
+
+
+def compare_outputs(
+    got: Mapping[str, np.ndarray],
+    want: Mapping[str, np.ndarray],
+    rtol: float,
+    atol: float,
+) -> str | None:
+    """None if ``got`` matches ``want`` (names, shapes, values); else why not."""
+    for name, w in want.items():
+        if name not in got:
+            return f"output {name!r} is missing"
+        g = np.asarray(got[name])
+        e = np.asarray(w)
+        if g.shape != e.shape:
+            return f"output {name!r} has shape {list(g.shape)}, expected {list(e.shape)}"
+        if g.dtype.kind in "fc" or e.dtype.kind in "fc":
+            gf, ef = g.astype(np.float64), e.astype(np.float64)
+            if not np.allclose(gf, ef, rtol=rtol, atol=atol, equal_nan=True):
+                diff = float(np.nanmax(np.abs(gf - ef))) if g.size else 0.0
+                return (
+                    f"output {name!r} differs (max abs diff {diff:.3g}, rtol {rtol}, atol {atol})"
+                )
+        elif not np.array_equal(g, e):
+            return f"output {name!r} differs"
+    return None
+
+
+def validate_against(
+    reference: Backend,
+    candidate: Backend,
+    samples: list[tuple[str, dict[str, np.ndarray], dict[str, np.ndarray]]],
+    *,
+    rtol: float,
+    atol: float,
+    batch: int,
+    what: str,
+) -> dict[str, Any]:
+    """Run both backends on the model-level samples (or random inputs) and compare.
+
+    Raises:
+        ConverterError: outputs differ (code ``converter-validation``).
+    """
+    names = {s.name for s in reference.inputs}
+    usable = [(n, ins) for n, ins, _ in samples if set(ins) == names]
+    source = "samples"
+    if not usable:
+        usable = [("random", random_inputs(reference.inputs, batch=batch))]
+        source = "random"
+    for sample_name, ins in usable:
+        try:
+            want = reference.predict(ins)
+        except EdgewardError as exc:
+            if source == "random":
+                logger.warning(
+                    "cannot validate %s: the unconverted model refuses random inputs (%s)",
+                    what,
+                    exc.message,
+                )
+                return {"validated": False, "source": source, "reason": exc.message}
+            raise ConverterError(
+                f"cannot validate {what}: the unconverted model fails on {sample_name}: "
+                f"{exc.message}",
+                code="converter-validation",
+            ) from None
+        try:
+            got = candidate.predict(ins)
+        except EdgewardError as exc:
+            raise ConverterError(
+                f"{what} fails on {sample_name}: {exc.message}", code="converter-validation"
+            ) from None
+        why = compare_outputs(got, want, rtol, atol)
+        if why is None and set(got) != set(want):
+            why = f"outputs {sorted(got)} differ from {sorted(want)}"
+        if why is not None:
+            raise ConverterError(
+                f"{what} does not match the unconverted model on {sample_name}: {why}",
+                code="converter-validation",
+            )
+    return {"validated": True, "source": source, "checked": len(usable)}
+
+
+# --- package converter ---------------------------------------------------------------
+
+
+def find_package_converter(model_dir: Path) -> Path | None:
+    cdir = model_dir / CONVERTER_DIR
+    for name in CONVERTER_NAMES:
+        p = cdir / name
+        if p.is_file():
+            return p
+    return None
+
+
+def run_package_converter(
+    converter: Path,
+    model_dir: Path,
+    out_dir: Path,
+    *,
+    backend: str,
+    device: Mapping[str, Any],
+    timeout: float,
+) -> str:
+    """Run a package converter under the documented contract; returns its output tail.
+
+    Raises:
+        ConverterError: non-zero exit (``converter-failed``) or timeout
+            (``converter-timeout``); the message holds the last output lines.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if converter.suffix == ".py":
+        cmd = [sys.executable, "-I", str(converter.resolve())]
+    else:
+        if not os.access(converter, os.X_OK):
+            raise ConverterError(
+                f"package converter {converter} is not executable", code="converter-failed"
+            )
+        cmd = [str(converter.resolve())]
+    cmd += [
+        "--input",
+        str(model_dir.resolve()),
+        "--output",
+        str(out_dir.resolve()),
+        "--backend",
+        backend,
+        "--device-info",
+        json.dumps(dict(device), sort_keys=True),
+    ]
+    with tempfile.TemporaryDirectory(prefix="edgeward-conv-") as work:
+        env = {
+            "PATH": "/usr/local/bin:/usr/bin:/bin",
+            "LANG": "C.UTF-8",
+            "HOME": work,
+            "TMPDIR": work,
+            "PYTHONDONTWRITEBYTECODE": "1",
+        }
+        log_path = Path(work) / ".converter.log"
+        started = time.monotonic()
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(
+                cmd,
+                cwd=work,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            try:
+                rc = proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                _kill_group(proc)
+                raise ConverterError(
+                    f"package converter {converter.name} timed out after {timeout:g} s"
+                    f"{_tail_suffix(log_path)}",
+                    code="converter-timeout",
+                ) from None
+            finally:
+                # Grandchildren left behind by a converter that exited still die.
+                _kill_group(proc)
+        tail = _tail(log_path)
+        logger.info(
+            "package converter %s exited %d after %.1f s",
+            converter.name,
+            rc,
+            time.monotonic() - started,
+        )
+        if rc != 0:
+            how = f"exit status {rc}" if rc > 0 else f"signal {-rc}"
+            raise ConverterError(
+                f"package converter {converter.name} failed ({how}){_tail_suffix(log_path)}",
+                code="converter-failed",
+            )
+        return tail
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(Exception):
+        proc.wait(timeout=5)
+
+
+def _tail(path: Path, limit: int = 64 * 1024) -> str:
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - limit))
+            data = f.read()
+    except OSError:
+        return ""
+    lines = data.decode("utf-8", "replace").strip().splitlines()
+    return "\n".join(lines[-_TAIL_LINES:])
+
+
+def _tail_suffix(path: Path) -> str:
+    t = _tail(path)
+    if not t:
+        return ""
+    last = " | ".join(t.splitlines()[-5:])
+    return f"; output: {last}"
+
+
+# --- ONNX rewrites -----------------------------------------------------------------------
+
+
+def fix_batch(src: Path, dst: Path, batch_size: int) -> None:
+    """Rewrite the ONNX graph so axis 0 of every input/output is ``batch_size``."""
+    import onnx
+
+    model = onnx.load(str(src))
+    for vi in list(model.graph.input) + list(model.graph.output):
+        t = vi.type.tensor_type
+        if t.HasField("shape") and len(t.shape.dim) >= 1:
+            d0 = t.shape.dim[0]
+            if d0.HasField("dim_value") and d0.dim_value not in (0, batch_size):
+                raise ConverterError(
+                    f"converter_config.batch_size {batch_size} conflicts with the fixed "
+                    f"batch {d0.dim_value} of {vi.name}",
+                    code="converter-config",
+                )
+            d0.ClearField("dim_param")
+            d0.dim_value = batch_size
+    # Intermediate shape annotations may name the old symbol; drop them, ORT re-infers.
+    del model.graph.value_info[:]
+    onnx.save(model, str(dst))
+
+
+def fp16_weights(src: Path, dst: Path) -> None:
+    """Weights to float16 via onnxconverter_common (optional dependency)."""
+    try:
+        from onnxconverter_common import float16  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        raise ConverterError(
+            "converter_config.weight_compression 'fp16' needs the onnxconverter-common "
+            "package, which is not installed on this device",
+            code="unsupported-compression",
+        ) from None
+    import onnx
+
+    model = onnx.load(str(src))
+    model16 = float16.convert_float_to_float16(model, keep_io_types=True)
+    onnx.save(model16, str(dst))
+
+
+# --- the pipeline -------------------------------------------------------------------
+
+
+def cache_key(
+    model_file: Path, model_dir: Path, kind: str, cc: ConverterConfig, config: RuntimeConfig
+) -> str:
+    return digest(
+        {
+            "format": CACHE_FORMAT,
+            "device": device_info(config),
+            "model": file_sha256(model_file),
+            "converter": tree_sha256(model_dir / CONVERTER_DIR),
+            "converter_config": cc.raw,
+            "backend": kind,
+            "onnx_level": config.onnx.graph_optimization_level,
+            "onnx_providers": config.onnx.providers,
+            "onnx_provider_options": config.onnx.provider_options,
+        }
+    )[:32]
+
+
+def convert(
+    model_dir: Path,
+    *,
+    entry_model: str,
+    kind: str,
+    cc: ConverterConfig,
+    config: RuntimeConfig,
+    cache_dir: Path,
+) -> Converted:
+    """Produce (or reuse) the validated artefact for one package on this device.
+
+    Raises:
+        ConverterError: a stage failed or its result does not match the original.
+        RuntimeBackendError: the original model itself does not load.
+    """
+    src = model_dir / "Model" / entry_model
+    converter = find_package_converter(model_dir)
+    needs_files = converter is not None or (
+        kind == "onnxruntime"
+        and (
+            cc.batch == "static"
+            or cc.weight_compression != "none"
+            or config.onnx.graph_optimization_level != "disable"
+        )
+    )
+    if kind == "litert" and cc.weight_compression != "none":
+        raise ConverterError(
+            "converter_config.weight_compression is only supported for ONNX models",
+            code="unsupported-compression",
+        )
+    if not needs_files:
+        return _select_delegates(
+            src, kind=kind, cc=cc, config=config, model_dir=model_dir, result=Converted(src, kind)
+        )
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    key = cache_key(src, model_dir, kind, cc, config)
+    final = cache_dir / key
+    hit = _reuse(final, entry_model)
+    if hit is not None:
+        return _select_delegates(
+            hit.model_path, kind=kind, cc=cc, config=config, model_dir=model_dir, result=hit
+        )
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key[:8]}-", dir=cache_dir))
+    try:
+        info = _build(
+            tmp,
+            src,
+            model_dir=model_dir,
+            entry_model=entry_model,
+            converter=converter,
+            kind=kind,
+            cc=cc,
+            config=config,
+        )
+        info.update({"key": key, "created": time.time(), "hits": 0, "entry_model": entry_model})
+        (tmp / "info.json").write_text(json.dumps(info, indent=1, sort_keys=True))
+        _fsync_dir(tmp)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            # Another worker finished the same conversion first: use theirs.
+            if not (final / "info.json").is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+        _fsync_dir(cache_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    hit = _reuse(final, entry_model, count=False)
+    if hit is None:  # pragma: no cover - we just wrote it
+        raise ConverterError(f"converted artefact {final} vanished", code="converter-cache")
+    hit.from_cache = False
+    return _select_delegates(
+        hit.model_path, kind=kind, cc=cc, config=config, model_dir=model_dir, result=hit
+    )
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _reuse(final: Path, entry_model: str, *, count: bool = True) -> Converted | None:
+    info_path = final / "info.json"
+    try:
+        info = json.loads(info_path.read_text())
+    except (OSError, ValueError):
+        return None
+    model = final / "model" / entry_model
+    if not model.is_file():
+        return None
+    if count:
+        info["hits"] = int(info.get("hits", 0)) + 1
+        info["last_used"] = time.time()
+        tmp = info_path.with_name(f".info.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(info, indent=1, sort_keys=True))
+        os.replace(tmp, info_path)
+        logger.info("converter cache hit %s (%d reuses)", final.name, info["hits"])
+    return Converted(
+        model_path=model,
+        backend=str(info.get("backend")),
+        level=info.get("serve_level"),
+        from_cache=count,
+        info=info,
+    )
+
+
+def _build(
+    tmp: Path,
+    src: Path,
+    *,
+    model_dir: Path,
+    entry_model: str,
+    converter: Path | None,
+    kind: str,
+    cc: ConverterConfig,
+    config: RuntimeConfig,
+) -> dict[str, Any]:
+    """Run all stages inside ``tmp``; returns the info record. Validates the result."""
+    info: dict[str, Any] = {"backend": kind, "stages": [], "device": device_info(config)}
+    out_dir = tmp / "model"
+    out_dir.mkdir()
+    current = src
+    tol_r, tol_a = config.validate_rtol, config.validate_atol
+    reference = make_backend(kind, src, config)
+    if kind == "onnxruntime":
+        from runtime.onnx_backend import OnnxBackend
+
+        reference = OnnxBackend(src, config, level="disable")
+    reference.load()
+    samples = load_samples(model_dir)
+    batch = cc.batch_size or 1
+    try:
+        if converter is not None:
+            conv_out = tmp / "converter-out"
+            tail = run_package_converter(
+                converter,
+                model_dir,
+                conv_out,
+                backend=kind,
+                device=device_info(config),
+                timeout=config.converter_timeout_s,
+            )
+            produced = conv_out / entry_model
+            if not produced.is_file() or produced.is_symlink():
+                raise ConverterError(
+                    f"package converter {converter.name} exited 0 but wrote no "
+                    f"{entry_model} in its output directory"
+                    + (f"; output: {' | '.join(tail.splitlines()[-3:])}" if tail else ""),
+                    code="converter-output",
+                )
+            cand = make_backend(kind, produced, config)
+            try:
+                cand.load()
+            except RuntimeBackendError as exc:
+                raise ConverterError(
+                    f"package converter output {entry_model} does not load: {exc.message}",
+                    code="converter-output",
+                ) from None
+            info["package_converter"] = validate_against(
+                reference,
+                cand,
+                samples,
+                rtol=tol_r,
+                atol=tol_a,
+                batch=batch,
+                what="package converter output",
+            )
+            cand.unload()
+            current = produced
+            info["stages"].append("package-converter")
+
+        if kind == "onnxruntime":
+            if cc.batch == "static":
+                nxt = tmp / "stage-batch.onnx"
+                fix_batch(current, nxt, batch)
+                current = nxt
+                info["stages"].append(f"static-batch-{batch}")
+            if cc.weight_compression == "fp16":
+                nxt = tmp / "stage-fp16.onnx"
+                fp16_weights(current, nxt)
+                current = nxt
+                tol_r, tol_a = max(tol_r, 1e-2), max(tol_a, 1e-2)
+                info["stages"].append("fp16-weights")
+            level = config.onnx.graph_optimization_level
+            serve_level: str | None = level
+            pre_opt = current
+            if level != "disable" and _ort_optimise(current, tmp / "stage-opt.onnx", config, level):
+                current, serve_level = tmp / "stage-opt.onnx", "disable"
+                info["stages"].append(f"ort-optimise-{level}")
+            final_model = out_dir / entry_model
+            _place(current, final_model)
+            try:
+                info["validation"] = _validate_final(
+                    reference,
+                    final_model,
+                    level=serve_level,
+                    samples=samples,
+                    config=config,
+                    rtol=tol_r,
+                    atol=tol_a,
+                    batch=batch,
+                )
+            except ConverterError as exc:
+                if current == pre_opt:
+                    raise
+                # ORT's saved optimised graph misbehaves here: serve the model from
+                # before that stage and let ORT optimise online instead.
+                logger.warning(
+                    "ORT-optimised model rejected (%s); serving unoptimised", exc.message
+                )
+                _place(pre_opt, final_model)
+                serve_level = level
+                info["stages"].append("ort-optimise-rejected")
+                info["validation"] = _validate_final(
+                    reference,
+                    final_model,
+                    level=serve_level,
+                    samples=samples,
+                    config=config,
+                    rtol=tol_r,
+                    atol=tol_a,
+                    batch=batch,
+                )
+            info["serve_level"] = serve_level
+        else:
+            _place(current, out_dir / entry_model)
+            info["serve_level"] = None
+    finally:
+        reference.unload()
+    for p in tmp.glob("stage-*"):
+        p.unlink()
+    shutil.rmtree(tmp / "converter-out", ignore_errors=True)
+    return info
+
+
+def _place(current: Path, dst: Path) -> None:
+    """Copy a stage's model to the artefact path and flush it (stages stay for fallback)."""
+    tmp = dst.with_name(dst.name + ".part")
+    shutil.copyfile(current, tmp)
+    with tmp.open("rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, dst)
+
+
+def _ort_optimise(src: Path, dst: Path, config: RuntimeConfig, level: str) -> bool:
+    from runtime.onnx_backend import create_session
+
+    try:
+        create_session(src, config.onnx, level=level, optimized_out=dst)
+    except RuntimeBackendError as exc:
+        if "cannot load" in exc.message:
+            raise ConverterError(
+                f"model does not load for optimisation: {exc.message}", code="converter-failed"
+            ) from None
+        logger.warning("ORT could not save an optimised model: %s", exc.message)
+        return False
+    return dst.is_file() and dst.stat().st_size > 0
+
+
+def _validate_final(
+    reference: Backend,
+    model: Path,
+    *,
+    level: str | None,
+    samples: list[tuple[str, dict[str, np.ndarray], dict[str, np.ndarray]]],
+    config: RuntimeConfig,
+    rtol: float,
+    atol: float,
+    batch: int,
+) -> dict[str, Any]:
+    from runtime.onnx_backend import OnnxBackend
+
+    cand = OnnxBackend(model, config, level=level)
+    try:
+        cand.load()
+    except RuntimeBackendError as exc:
+        raise ConverterError(
+            f"converted model does not load: {exc.message}", code="converter-validation"
+        ) from None
+    try:
+        return validate_against(
+            reference, cand, samples, rtol=rtol, atol=atol, batch=batch, what="converted model"
+        )
+    finally:
+        cand.unload()
+
+
+def _select_delegates(
+    model: Path,
+    *,
+    kind: str,
+    cc: ConverterConfig,
+    config: RuntimeConfig,
+    model_dir: Path,
+    result: Converted,
+) -> Converted:
+    """LiteRT: keep the configured delegates that load and match plain CPU output."""
+    if kind != "litert" or not config.litert.delegates:
+        return result
+    from runtime.litert_backend import LiteRTBackend
+
+    reference = LiteRTBackend(model, config, delegates=[])
+    reference.load()
+    samples = load_samples(model_dir)
+    chosen: list[DelegateSpec] = []
+    try:
+        for spec in config.litert.delegates:
+            cand = LiteRTBackend(model, config, delegates=[spec])
+            try:
+                cand.load()
+                validate_against(
+                    reference,
+                    cand,
+                    samples,
+                    rtol=config.validate_rtol,
+                    atol=config.validate_atol,
+                    batch=cc.batch_size or 1,
+                    what=f"delegate {spec.path}",
+                )
+                chosen.append(spec)
+            except (RuntimeBackendError, InvalidInputError) as exc:
+                if spec.required:
+                    if isinstance(exc, ConverterError):
+                        raise
+                    raise ConverterError(
+                        f"required TFLite delegate {spec.path}: {exc.message}",
+                        code="delegate-load",
+                    ) from None
+                logger.warning("delegate %s not used: %s", spec.path, exc.message)
+            finally:
+                cand.unload()
+    finally:
+        reference.unload()
+    result.delegates = chosen
+    result.info["delegates"] = [d.path for d in chosen]
+    return result
