@@ -1,0 +1,464 @@
+"""The update lifecycle: a transition table (data) and the "check now" job.
+
+Everything that decides which update state may follow which lives in
+:data:`TRANSITIONS` (h11 style); :class:`UpdateMachine` only applies it, and every
+transition is journaled, logged and counted for ``/metrics``.
+
+The check job (:class:`Updater`) scans the configured inbox of sideloaded ``.emp``
+packages (the network repository is a later stage that plugs in before ``verifying``
+as ``downloading``), picks per model name the newest version above the current one, and
+runs it through verify → unpack (into ``staging/``, residual packages against the
+current version) → install (rename into the store) → start + warm up + self-test a
+worker ("converting": the runtime converts while it starts) → switch routing and the
+``current`` link → gc. Any failure is one clear log line and the old version keeps
+serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.config import Config
+from agent.errors import EdgewardError, UpdateError
+from agent.registry import ModelRegistry
+from agent.store import Store, check_name, version_key
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "STATES",
+    "TRANSITIONS",
+    "CheckResult",
+    "TransitionError",
+    "UpdateMachine",
+    "Updater",
+]
+
+#: Every update state, in pipeline order.
+STATES: tuple[str, ...] = (
+    "idle",
+    "checking",
+    "verifying",
+    "unpacking",
+    "converting",
+    "staged",
+    "activating",
+    "active",
+    "failed",
+    "rolled-back",
+)
+
+#: state -> states that may follow it. The only place that decides the lifecycle.
+TRANSITIONS: dict[str, frozenset[str]] = {
+    "idle": frozenset({"checking", "active"}),  # active: a version found installed at start
+    "checking": frozenset({"idle", "active", "verifying", "failed"}),  # idle/active: nothing new
+    "verifying": frozenset({"unpacking", "failed"}),
+    "unpacking": frozenset({"converting", "failed"}),
+    "converting": frozenset({"staged", "failed"}),
+    "staged": frozenset({"activating", "failed"}),
+    "activating": frozenset({"active", "failed"}),
+    "active": frozenset({"checking", "rolled-back"}),
+    "failed": frozenset({"checking", "active", "rolled-back"}),
+    "rolled-back": frozenset({"checking", "rolled-back", "active"}),
+}
+
+#: States in which a crash leaves work half-done; at start they become "failed".
+IN_FLIGHT: frozenset[str] = frozenset(
+    {"checking", "verifying", "unpacking", "converting", "staged", "activating"}
+)
+
+
+class TransitionError(UpdateError):
+    """A transition the table does not allow (a bug, never user input)."""
+
+    code = "bad-transition"
+
+
+@dataclass
+class UpdateMachine:
+    """The update state of one model name."""
+
+    name: str
+    state: str = "idle"
+    since: float = field(default_factory=time.time)
+    version: str | None = None  # the version serving
+    target: str | None = None  # the version being installed
+    error: str | None = None
+    on_change: Callable[[UpdateMachine, str], None] | None = None
+
+    def advance(self, new: str, *, error: str | None = None, target: str | None = None) -> None:
+        """Move to ``new`` if the table allows it; notify the observer."""
+        if new not in TRANSITIONS.get(self.state, frozenset()):
+            raise TransitionError(f"{self.name}: update state {self.state} cannot go to {new}")
+        old = self.state
+        self.state = new
+        self.since = time.time()
+        self.error = error
+        if target is not None:
+            self.target = target
+        if new in ("active", "idle", "rolled-back"):
+            self.target = None
+        logger.debug("update %s: %s -> %s", self.name, old, new)
+        if self.on_change is not None:
+            self.on_change(self, old)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "state": self.state,
+            "since": self.since,
+            "version": self.version,
+            "target": self.target,
+            "error": self.error,
+        }
+
+
+@dataclass
+class CheckResult:
+    """What one check did (returned by POST /check)."""
+
+    installed: dict[str, str] = field(default_factory=dict)  # name -> version
+    failed: dict[str, str] = field(default_factory=dict)  # name or file -> reason
+    unchanged: list[str] = field(default_factory=list)
+    started: float = 0.0
+    finished: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "installed": self.installed,
+            "failed": self.failed,
+            "unchanged": self.unchanged,
+            "started": self.started,
+            "finished": self.finished,
+        }
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    path: Path
+    name: str
+    version: str
+    stamp: tuple[int, int]  # (size, mtime_ns): re-verify only when the file changes
+
+
+class Updater:
+    """The "check now" job and rollback, serialised per daemon."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        store: Store,
+        registry: ModelRegistry,
+        *,
+        extend_timeout: Callable[[float], object] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.registry = registry
+        self._extend = extend_timeout
+        self._lock = asyncio.Lock()
+        self._scan_cache: dict[Path, tuple[tuple[int, int], _Candidate | str]] = {}
+        self.machines: dict[str, UpdateMachine] = {}
+        self.transitions: dict[str, int] = dict.fromkeys(STATES, 0)
+        self.checks = 0
+        self.check_failures = 0
+        self.last_check: CheckResult | None = None
+        self._load_journal()
+
+    # --- journal -------------------------------------------------------------------
+
+    def _load_journal(self) -> None:
+        data = self.store.read_journal().get("models", {})
+        for name, rec in data.items() if isinstance(data, dict) else ():
+            if not isinstance(rec, dict):
+                continue
+            state = rec.get("state", "idle")
+            if state not in TRANSITIONS:
+                state = "idle"
+            m = UpdateMachine(
+                name,
+                state=state,
+                since=float(rec.get("since") or time.time()),
+                version=rec.get("version"),
+                target=rec.get("target"),
+                error=rec.get("error"),
+            )
+            m.on_change = self._changed
+            self.machines[name] = m
+            if state in IN_FLIGHT:
+                logger.warning(
+                    "update of %s to %s was interrupted in state %s; the store serves %s",
+                    name,
+                    m.target,
+                    state,
+                    self.store.current(name),
+                )
+                m.advance("failed", error=f"interrupted in state {state}")
+
+    def _changed(self, machine: UpdateMachine, old: str) -> None:
+        self.transitions[machine.state] = self.transitions.get(machine.state, 0) + 1
+        self._write_journal()
+
+    def _write_journal(self) -> None:
+        try:
+            self.store.write_journal(
+                {"models": {n: m.to_dict() for n, m in sorted(self.machines.items())}}
+            )
+        except OSError as exc:
+            logger.error("cannot write update journal: %s", exc)
+
+    def machine(self, name: str) -> UpdateMachine:
+        m = self.machines.get(name)
+        if m is None:
+            m = self.machines[name] = UpdateMachine(name, on_change=self._changed)
+        return m
+
+    def mark_serving(self, name: str, version: str) -> None:
+        """Record that ``version`` serves (called by the daemon at startup)."""
+        m = self.machine(name)
+        m.version = version
+        if m.state != "active":
+            m.advance("active")
+
+    # --- trust ---------------------------------------------------------------------
+
+    def _trust(self) -> Any:
+        keys = importlib.import_module("agent.keys")
+        tdir = self.cfg.paths.trust_dir
+        pubs = sorted(tdir.glob("*.pub")) if tdir.is_dir() else []
+        if not pubs:
+            raise UpdateError(
+                f"no trusted publisher keys (*.pub) in {tdir}; refusing every package",
+                code="no-trust",
+            )
+        return keys.load_trusted(pubs)
+
+    def _keyring(self) -> Any:
+        kdir = self.cfg.paths.keys_dir
+        if kdir is None or not kdir.is_dir():
+            return None
+        keys = importlib.import_module("agent.keys")
+        files = sorted(kdir.glob("*.key"))
+        if not files:
+            return None
+        loader = getattr(keys, "load_keyring", None)
+        if loader is not None:
+            return loader(files)
+        return keys.Keyring.load(files)
+
+    def _limits(self) -> Any:
+        if not self.cfg.package_limits:
+            return None
+        package = importlib.import_module("agent.package")
+        try:
+            return package.Limits(**self.cfg.package_limits)
+        except TypeError as exc:
+            raise UpdateError(f"package_limits: {exc}", code="config") from exc
+
+    # --- scanning ------------------------------------------------------------------
+
+    def _scan(self, trust: Any, limits: Any) -> tuple[list[_Candidate], dict[str, str]]:
+        """Verify every inbox package (cached by size + mtime); return candidates."""
+        inbox = self.cfg.paths.inbox_dir
+        out: list[_Candidate] = []
+        bad: dict[str, str] = {}
+        if not inbox.is_dir():
+            return out, bad
+        package = importlib.import_module("agent.package")
+        seen: set[Path] = set()
+        for path in sorted(inbox.glob("*.emp")):
+            seen.add(path)
+            try:
+                st = path.stat()
+            except OSError:
+                continue
+            stamp = (st.st_size, st.st_mtime_ns)
+            cached = self._scan_cache.get(path)
+            if cached is not None and cached[0] == stamp:
+                result = cached[1]
+            else:
+                try:
+                    kwargs = {"limits": limits} if limits is not None else {}
+                    manifest = package.verify(path, trust, **kwargs)
+                    name = check_name("name", str(manifest.name))
+                    version = check_name("version", str(manifest.version))
+                    result = _Candidate(path, name, version, stamp)
+                except EdgewardError as exc:
+                    result = f"[{exc.code}] {exc.message}"
+                    logger.error("inbox package %s refused: %s", path.name, result)
+                self._scan_cache[path] = (stamp, result)
+            if isinstance(result, str):
+                bad[path.name] = result
+            else:
+                out.append(result)
+        for gone in set(self._scan_cache) - seen:
+            del self._scan_cache[gone]
+        return out, bad
+
+    # --- the job -------------------------------------------------------------------
+
+    async def check(self) -> CheckResult:
+        """Install the newest inbox version of every model that has a newer one.
+
+        Concurrent calls wait for the running check and then run their own (cheap:
+        verification results are cached per file).
+        """
+        async with self._lock:
+            return await self._check()
+
+    async def _check(self) -> CheckResult:
+        res = CheckResult(started=time.time())
+        self.checks += 1
+        loop = asyncio.get_running_loop()
+        try:
+            trust = self._trust()
+            limits = self._limits()
+            candidates, bad = await loop.run_in_executor(None, self._scan, trust, limits)
+        except EdgewardError as exc:
+            self.check_failures += 1
+            logger.error("update check failed: %s", exc.message)
+            res.failed["*"] = exc.message
+            res.finished = time.time()
+            self.last_check = res
+            return res
+        res.failed.update(bad)
+        best: dict[str, _Candidate] = {}
+        for c in candidates:
+            if c.name not in best or version_key(c.version) > version_key(best[c.name].version):
+                best[c.name] = c
+        for name, cand in sorted(best.items()):
+            current = self.store.current(name)
+            if current is not None and version_key(cand.version) <= version_key(current):
+                res.unchanged.append(name)
+                continue
+            if self.store.has(name, cand.version) and current != cand.version:
+                # installed earlier but never activated (e.g. failed self-test): skip
+                # unless the package file changed since.
+                m = self.machine(name)
+                if m.state == "failed" and m.target == cand.version:
+                    res.unchanged.append(name)
+                    continue
+                self.store.remove_version(name, cand.version)
+            try:
+                await self._install(cand, trust, limits)
+                res.installed[name] = cand.version
+            except EdgewardError as exc:
+                self.check_failures += 1
+                res.failed[name] = f"[{exc.code}] {exc.message}"
+        res.finished = time.time()
+        self.last_check = res
+        return res
+
+    async def _install(self, cand: _Candidate, trust: Any, limits: Any) -> None:
+        name, version = cand.name, cand.version
+        m = self.machine(name)
+        m.advance("checking", target=version)
+        loop = asyncio.get_running_loop()
+        package = importlib.import_module("agent.package")
+        staging: Path | None = None
+        installed = False
+        current = self.store.current(name)
+        try:
+            m.advance("verifying")
+            kwargs = {"limits": limits} if limits is not None else {}
+            await loop.run_in_executor(None, lambda: package.verify(cand.path, trust, **kwargs))
+            m.advance("unpacking")
+            staging = self.store.staging(prefix=f"{name}-{version}-")
+            out = staging / "pkg"
+            base_dir = self.store.version_dir(name, current) if current else None
+            keyring = self._keyring()
+            self._extend_timeout(300)
+            manifest = await loop.run_in_executor(
+                None,
+                lambda: package.unpack(
+                    cand.path, out, trust=trust, keyring=keyring, base_dir=base_dir, **kwargs
+                ),
+            )
+            if str(manifest.name) != name or str(manifest.version) != version:
+                raise UpdateError(
+                    f"{cand.path.name}: package changed while installing", code="changed"
+                )
+            vdir = self.store.install(name, version, out)
+            installed = True
+            m.advance("converting")
+            self._extend_timeout(self.cfg.daemon.worker_start_timeout + 30)
+            async with self.registry.lock(name):
+                model = await self.registry.prepare(name, version, vdir)
+                m.advance("staged")
+                m.advance("activating")
+                self.store.activate(name, version)
+                await self.registry.activate(model, self.cfg.daemon.drain_timeout)
+            m.version = version
+            m.advance("active")
+            self.store.gc(name)
+            logger.info("updated %s to version %s (from %s)", name, version, cand.path.name)
+        except EdgewardError as exc:
+            reason = f"[{exc.code}] {exc.message}"
+            logger.error(
+                "update of %s to version %s failed, still serving %s: %s",
+                name,
+                version,
+                current or "nothing",
+                reason,
+            )
+            m.advance("failed", error=reason)
+            if installed and self.store.current(name) != version:
+                self.store.remove_version(name, version)
+            self._reject(cand.path, reason)
+            raise
+        except Exception as exc:  # a bug or an OSError must not kill the daemon
+            reason = f"[internal] {type(exc).__name__}: {exc}"
+            logger.exception("update of %s to version %s failed", name, version)
+            m.advance("failed", error=reason)
+            if installed and self.store.current(name) != version:
+                self.store.remove_version(name, version)
+            raise UpdateError(reason, code="internal") from exc
+        finally:
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+
+    def _reject(self, path: Path, reason: str) -> None:
+        """Move a refused package aside so the next check does not retry it forever."""
+        if not path.exists():
+            return
+        try:
+            if self.cfg.updates.keep_failed:
+                os.replace(path, path.with_name(path.name + ".rejected"))
+                path.with_name(path.name + ".rejected.reason").write_text(reason + "\n")
+            else:
+                path.unlink()
+        except OSError as exc:
+            logger.warning("cannot move refused package %s aside: %s", path, exc)
+
+    def _extend_timeout(self, seconds: float) -> None:
+        if self._extend is not None:
+            self._extend(seconds)
+
+    # --- rollback ------------------------------------------------------------------
+
+    async def rollback(self, name: str) -> dict[str, str]:
+        """Serve the previous version again (it becomes current; current becomes previous)."""
+        async with self._lock, self.registry.lock(name):
+            cur, prev = self.store.current(name), self.store.previous(name)
+            if cur is None:
+                raise UpdateError(f"model {name!r} is not installed", code="not-installed")
+            if prev is None or prev == cur:
+                raise UpdateError(
+                    f"{name}: no previous version to roll back to", code="no-previous", status=409
+                )
+            model = await self.registry.prepare(name, prev, self.store.version_dir(name, prev))
+            self.store.rollback(name)
+            await self.registry.activate(model, self.cfg.daemon.drain_timeout)
+            m = self.machine(name)
+            m.version = prev
+            m.advance("rolled-back")
+            logger.info("rolled back %s from version %s to %s", name, cur, prev)
+            return {"name": name, "current": prev, "previous": cur}
