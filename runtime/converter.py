@@ -39,6 +39,7 @@ half-written artefact. ``info.json`` counts reuses (``hits``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -391,11 +392,14 @@ def fix_batch(src: Path, dst: Path, batch_size: int) -> None:
     import onnx
 
     model = onnx.load(str(src))
+    inits = {i.name for i in model.graph.initializer}
     for vi in list(model.graph.input) + list(model.graph.output):
         t = vi.type.tensor_type
+        if vi.name in inits:  # old-IR graphs list weights as inputs
+            continue
         if t.HasField("shape") and len(t.shape.dim) >= 1:
             d0 = t.shape.dim[0]
-            if d0.HasField("dim_value") and d0.dim_value not in (0, batch_size):
+            if d0.HasField("dim_value") and d0.dim_value > 0 and d0.dim_value != batch_size:
                 raise ConverterError(
                     f"converter_config.batch_size {batch_size} conflicts with the fixed "
                     f"batch {d0.dim_value} of {vi.name}",
@@ -760,7 +764,10 @@ def _select_delegates(
     chosen: list[DelegateSpec] = []
     try:
         for spec in config.litert.delegates:
-            cand = LiteRTBackend(model, config, delegates=[spec])
+            # Candidate treats the delegate as required so a skip cannot look like success.
+            cand = LiteRTBackend(
+                model, config, delegates=[dataclasses.replace(spec, required=True)]
+            )
             try:
                 cand.load()
                 validate_against(

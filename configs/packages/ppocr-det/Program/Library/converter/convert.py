@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     model = onnx.load(str(args.input / "Model" / entry))
     for vi in list(model.graph.input) + list(model.graph.output):
         dims = vi.type.tensor_type.shape.dim
-        if dims and not dims[0].HasField("dim_value"):
+        if dims and not (dims[0].HasField("dim_value") and dims[0].dim_value > 0):
             dims[0].ClearField("dim_param")
             dims[0].dim_value = 1
     del model.graph.value_info[:]
