@@ -54,12 +54,39 @@ def tiny_onnx(path: Path, *, scale: float = 2.0, width: int = 4) -> Path:
     return path
 
 
-def tiny_model_dir(root: Path, name: str, version: str, *, scale: float = 2.0) -> Path:
-    """An unpacked package directory (INTERFACES.md layout) around :func:`tiny_onnx`."""
+SLOW_RUN_SCRIPT = """\
+import time
+
+
+class Model:
+    # a negative first input value -v makes the call take v seconds (drain tests)
+    thread_safe = True
+
+    def __init__(self, model_dir, backend, config):
+        self.backend = backend
+
+    def predict(self, inputs):
+        x = inputs["x"]
+        if x.size and float(x.ravel()[0]) < 0:
+            time.sleep(min(-float(x.ravel()[0]), 10.0))
+        return self.backend.predict(inputs)
+"""
+
+
+def tiny_model_dir(
+    root: Path, name: str, version: str, *, scale: float = 2.0, slow: bool = False
+) -> Path:
+    """An unpacked package directory (INTERFACES.md layout) around :func:`tiny_onnx`.
+
+    ``slow=True`` adds a run script that sleeps ``-x[0]`` seconds when ``x[0] < 0``.
+    """
     import numpy as np
 
     d = root / f"{name}-{version}"
     tiny_onnx(d / "Model" / "tiny.onnx", scale=scale)
+    if slow:
+        (d / "Program" / "Scripts").mkdir(parents=True, exist_ok=True)
+        (d / "Program" / "Scripts" / "run.py").write_text(SLOW_RUN_SCRIPT)
     (d / "Meta-info" / "samples").mkdir(parents=True, exist_ok=True)
     x = np.arange(8, dtype=np.float32).reshape(2, 4)
     np.savez(d / "Meta-info" / "samples" / "s0.npz", **{"input:x": x, "output:y": x * scale})
@@ -374,3 +401,54 @@ def infer_json(sock_path: Path, model: str, x: Any) -> tuple[int, Any]:
         sock_path, "POST", f"/v2/models/{model}/infer", json.dumps(req).encode()
     )
     return status, json.loads(body)
+
+
+def edgeward(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+    """Run the ``edgeward`` CLI of this checkout; raises with its stderr on failure."""
+    res = subprocess.run(
+        [sys.executable, "-m", "agent", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        cwd=ROOT,
+    )
+    if res.returncode != 0:
+        raise RuntimeError(f"edgeward {' '.join(args)} failed: {res.stderr.strip()}")
+    return res
+
+
+def signing_key(work: Path) -> tuple[Path, Path]:
+    """A fresh publisher key pair via ``edgeward keygen``: (private .key, trust dir)."""
+    kdir = work / "keys"
+    kdir.mkdir(parents=True, exist_ok=True)
+    edgeward("keygen", "--kind", "signing", "--out", str(kdir))
+    key = next(kdir.glob("*.key"))
+    trust = work / "trust"
+    trust.mkdir(parents=True, exist_ok=True)
+    for pub in kdir.glob("*.pub"):
+        shutil.copy(pub, trust / pub.name)
+    return key, trust
+
+
+def make_package(work: Path, key: Path, name: str, version: str, *, scale: float = 2.0) -> Path:
+    """A signed ``.emp`` of the tiny model (``y = x * scale``) via ``edgeward pack``."""
+    src = tiny_model_dir(work / "src", name, version, scale=scale)
+    out = work / "pkgs" / f"{name}-{version}.emp"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    edgeward(
+        "pack",
+        "--model",
+        str(src / "Model" / "tiny.onnx"),
+        "--name",
+        name,
+        "--version",
+        version,
+        "--signing-key",
+        str(key),
+        "--samples",
+        str(src / "Meta-info" / "samples"),
+        "-o",
+        str(out),
+    )
+    return out
