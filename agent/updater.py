@@ -318,6 +318,12 @@ class Updater:
         res = CheckResult(started=time.time())
         self.checks += 1
         loop = asyncio.get_running_loop()
+        inbox = self.cfg.paths.inbox_dir
+        if not inbox.is_dir() or not any(inbox.glob("*.emp")):
+            logger.debug("update check: no packages in %s", inbox)
+            res.finished = time.time()
+            self.last_check = res
+            return res
         try:
             trust = self._trust()
             limits = self._limits()

@@ -144,10 +144,17 @@ def test_cli_status_models_metrics(daemon: DaemonProc) -> None:
 
 
 def test_check_with_empty_inbox_and_no_trust(daemon: DaemonProc) -> None:
-    res = daemon.cli("check", "--json")
-    data = json.loads(res.stdout)
-    assert res.returncode == 1  # no trusted keys configured: a clear failure
-    assert "trusted publisher keys" in data["failed"]["*"]
+    res = daemon.cli("check")
+    assert res.returncode == 0, res.stderr
+    assert "no packages in the inbox" in res.stdout
+    (daemon.inbox / "x.emp").write_bytes(b"not a package")
+    try:
+        res = daemon.cli("check", "--json")
+        data = json.loads(res.stdout)
+        assert res.returncode == 1  # no trusted keys configured: a clear failure
+        assert "trusted publisher keys" in data["failed"]["*"]
+    finally:
+        (daemon.inbox / "x.emp").unlink()
 
 
 def test_control_cli_errors_are_one_line(tmp_path: Path) -> None:
