@@ -485,16 +485,27 @@ def convert(
             src, kind=kind, cc=cc, config=config, model_dir=model_dir, result=Converted(src, kind)
         )
 
-    cache_dir.mkdir(parents=True, exist_ok=True)
     key = cache_key(src, model_dir, kind, cc, config)
     final = cache_dir / key
-    hit = _reuse(final, entry_model)
-    if hit is not None:
-        return _select_delegates(
-            hit.model_path, kind=kind, cc=cc, config=config, model_dir=model_dir, result=hit
-        )
-
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key[:8]}-", dir=cache_dir))
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(cache_dir)
+        hit = _reuse(final, entry_model)
+        if hit is not None:
+            return _select_delegates(
+                hit.model_path, kind=kind, cc=cc, config=config, model_dir=model_dir, result=hit
+            )
+        if final.exists():
+            # Damaged entry (artefact missing or altered): move it aside, rebuild.
+            logger.warning("converter cache entry %s is damaged; rebuilding", final.name)
+            doomed = cache_dir / f".tmp-dead-{os.getpid()}-{key[:8]}"
+            os.replace(final, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{os.getpid()}-{key[:8]}-", dir=cache_dir))
+    except OSError as exc:
+        raise ConverterError(
+            f"converter cache {cache_dir} is not usable: {exc}", code="converter-cache"
+        ) from None
     try:
         info = _build(
             tmp,
@@ -506,7 +517,15 @@ def convert(
             cc=cc,
             config=config,
         )
-        info.update({"key": key, "created": time.time(), "hits": 0, "entry_model": entry_model})
+        info.update(
+            {
+                "key": key,
+                "created": time.time(),
+                "hits": 0,
+                "entry_model": entry_model,
+                "artefact_sha256": file_sha256(tmp / "model" / entry_model),
+            }
+        )
         (tmp / "info.json").write_text(json.dumps(info, indent=1, sort_keys=True))
         _fsync_dir(tmp)
         try:
@@ -517,6 +536,11 @@ def convert(
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
         _fsync_dir(cache_dir)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ConverterError(
+            f"cannot write the converted model to {cache_dir}: {exc}", code="converter-cache"
+        ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -527,6 +551,57 @@ def convert(
     return _select_delegates(
         hit.model_path, kind=kind, cc=cc, config=config, model_dir=model_dir, result=hit
     )
+
+
+def _remove_stale_temps(cache_dir: Path) -> None:
+    """Delete ``.tmp-<pid>-*`` build dirs whose process is gone (crash, kill -9)."""
+    for p in cache_dir.glob(".tmp-*"):
+        parts = p.name.split("-")
+        pid = int(parts[1]) if len(parts) > 2 and parts[1].isdigit() else None
+        if pid is None and parts[1] != "dead":
+            continue
+        if pid is not None and pid != os.getpid():
+            try:
+                os.kill(pid, 0)
+                continue  # still running: another worker is converting
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue
+        elif pid == os.getpid():
+            continue
+        logger.info("removing stale converter temp dir %s", p.name)
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def prune_cache(
+    cache_dir: Path, *, unused_for_s: float, keep: set[Path] | None = None
+) -> list[Path]:
+    """Delete cache entries not used (built or reused) for ``unused_for_s`` seconds.
+
+    ``keep`` lists artefact paths (``Converted.model_path``) in use that must stay.
+    Returns the removed entry directories.
+    """
+    removed: list[Path] = []
+    now = time.time()
+    keep_dirs = {k.parent.parent for k in keep or set()}
+    for entry in sorted(cache_dir.iterdir()) if cache_dir.is_dir() else []:
+        if entry.name.startswith(".") or not entry.is_dir() or entry in keep_dirs:
+            continue
+        try:
+            info = json.loads((entry / "info.json").read_text())
+            last = float(info.get("last_used") or info.get("created") or 0)
+        except (OSError, ValueError, TypeError):
+            last = 0.0
+        if now - last >= unused_for_s:
+            doomed = cache_dir / f".tmp-dead-{os.getpid()}-{entry.name[:8]}"
+            try:
+                os.replace(entry, doomed)
+            except OSError:
+                continue
+            shutil.rmtree(doomed, ignore_errors=True)
+            removed.append(entry)
+    return removed
 
 
 def _fsync_dir(path: Path) -> None:
@@ -547,6 +622,9 @@ def _reuse(final: Path, entry_model: str, *, count: bool = True) -> Converted | 
     model = final / "model" / entry_model
     if not model.is_file():
         return None
+    want = info.get("artefact_sha256")
+    if count and (not isinstance(want, str) or file_sha256(model) != want):
+        return None  # bit rot or tampering: never serve it
     if count:
         info["hits"] = int(info.get("hits", 0)) + 1
         info["last_used"] = time.time()

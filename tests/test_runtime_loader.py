@@ -10,7 +10,9 @@ import json
 import os
 import shutil
 import stat
+import subprocess
 import textwrap
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -371,3 +373,106 @@ def test_broken_package_converter(tmp_path: Path, ppocr_cls: Path, case: str) ->
     for w in words:
         assert w in ei.value.message
     assert list(cache.iterdir()) == []  # nothing half-installed
+
+
+def test_cache_damage_stale_temps_and_prune(tmp_path: Path, ppocr_cls: Path) -> None:
+    from runtime.converter import prune_cache
+
+    pkg = make_package(tmp_path / "pkg", ppocr_cls)
+    cache = tmp_path / "cache"
+    s = open_model(pkg, RuntimeConfig(), cache_dir=cache)
+    artefact = s.converted.model_path
+    good = artefact.read_bytes()
+    # Bit rot / tampering in the cache: detected by sha256, rebuilt, never served.
+    damaged = good[:-10] + b"\x00" * 10
+    artefact.write_bytes(damaged)
+    # Leftovers of a crashed conversion (dead pid) go; a live process's stay.
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = cache / f".tmp-{dead.pid}-abcdef01-xyz"
+    stale.mkdir()
+    live = cache / f".tmp-{os.getppid()}-abcdef01-xyz"
+    live.mkdir()
+    s2 = open_model(pkg, RuntimeConfig(), cache_dir=cache)
+    assert not s2.converted.from_cache
+    assert s2.converted.model_path == artefact and artefact.read_bytes() != damaged
+    np.testing.assert_allclose(
+        s2.predict({"x": CLS_X})[CLS_OUT],
+        _ort(ppocr_cls, {"x": CLS_X})[CLS_OUT],
+        rtol=1e-4,
+        atol=1e-5,
+    )
+    assert not stale.exists() and live.exists()
+    live.rmdir()
+    assert open_model(pkg, RuntimeConfig(), cache_dir=cache).converted.from_cache
+
+    assert prune_cache(cache, unused_for_s=3600) == []
+    assert prune_cache(cache, unused_for_s=0, keep={artefact}) == []
+    assert prune_cache(cache, unused_for_s=0) == [artefact.parent.parent]
+    assert list(cache.iterdir()) == []
+
+
+def test_concurrent_opens_share_one_conversion(tmp_path: Path, ppocr_cls: Path) -> None:
+    pkg = make_package(tmp_path / "pkg", ppocr_cls)
+    cache = tmp_path / "cache"
+    results: list[Any] = []
+
+    def go() -> None:
+        try:
+            results.append(open_model(pkg, RuntimeConfig(), cache_dir=cache))
+        except Exception as exc:  # pragma: no cover - reported below
+            results.append(exc)
+
+    threads = [threading.Thread(target=go) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(not isinstance(r, Exception) for r in results), results
+    assert len({r.converted.model_path for r in results}) == 1
+    assert [p.name for p in cache.iterdir() if not p.name.startswith(".")] == [
+        results[0].converted.model_path.parent.parent.name
+    ]
+    assert not [p for p in cache.iterdir() if p.name.startswith(".")]
+
+
+def test_converter_timeout_kills_grandchildren(tmp_path: Path, ppocr_cls: Path) -> None:
+    pidfile = tmp_path / "grandchild.pid"
+    script = f"""
+        import subprocess, sys, time
+        p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+        open({str(pidfile)!r}, "w").write(str(p.pid))
+        time.sleep(120)
+        """
+    pkg = make_package(tmp_path / "pkg", ppocr_cls, converter=script)
+    with pytest.raises(ConverterError) as ei:
+        open_model(
+            pkg, RuntimeConfig.from_dict({"converter_timeout_s": 2}), cache_dir=tmp_path / "c"
+        )
+    assert ei.value.code == "converter-timeout"
+    pid = int(pidfile.read_text())
+    # Killed with the process group (it may linger as a zombie of init; not running).
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split()[2]
+    except FileNotFoundError:
+        state = "gone"
+    assert state in ("gone", "Z", "X")
+
+
+def test_litert_package_converter(tmp_path: Path, face_tflite: Path) -> None:
+    conv = """
+        import argparse, pathlib, shutil
+        p = argparse.ArgumentParser(); p.add_argument("--input"); p.add_argument("--output")
+        p.add_argument("--backend"); p.add_argument("--device-info")
+        a = p.parse_args()
+        assert a.backend == "litert"
+        name = "face_detection_short_range.tflite"
+        shutil.copy(pathlib.Path(a.input) / "Model" / name, pathlib.Path(a.output) / name)
+        """
+    pkg = make_package(tmp_path / "pkg", face_tflite, converter=conv)
+    s = open_model(pkg, RuntimeConfig(), cache_dir=tmp_path / "c")
+    assert s.converted.info["stages"] == ["package-converter"]
+    assert s.backend.kind == "litert"
+    out = s.predict({"input": np.zeros((2, 128, 128, 3), np.float32)})
+    assert out["regressors"].shape == (2, 896, 16)
+    assert open_model(pkg, RuntimeConfig(), cache_dir=tmp_path / "c").converted.from_cache
