@@ -231,26 +231,29 @@ class _Slot:
         it = self.interp
         resized = False
         for name, arr in inputs.items():
-            if arr.shape != self.shapes[name]:
+            if arr.shape != self.shapes.get(name):
                 try:
                     it.resize_tensor_input(self.in_details[name]["index"], list(arr.shape))
                 except Exception as exc:
+                    self.shapes = {}
                     raise InvalidInputError(
                         f"{model}: input {name!r} cannot take shape {list(arr.shape)}: {exc}"
                     ) from exc
-                self.shapes[name] = arr.shape
                 resized = True
         try:
             if resized:
                 it.allocate_tensors()
                 self.out_details = it.get_output_details()
+                self.shapes.update({n: a.shape for n, a in inputs.items()})
             for name, arr in inputs.items():
                 it.set_tensor(self.in_details[name]["index"], np.ascontiguousarray(arr))
             it.invoke()
             return {d["name"]: it.get_tensor(d["index"]) for d in self.out_details}
-        except InvalidInputError:
-            raise
         except Exception as exc:
+            # The interpreter may be half-resized: force a resize on the next call.
+            self.shapes = {}
+            if isinstance(exc, InvalidInputError):
+                raise
             raise RuntimeBackendError(
                 f"{model}: LiteRT failed: {exc}", code="inference-failed"
             ) from exc

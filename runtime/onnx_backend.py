@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.errors import ConfigError, RuntimeBackendError
+from agent.errors import ConfigError, InvalidInputError, RuntimeBackendError
 from runtime.backend import Backend, TensorSpec
 from runtime.config import OnnxOptions
 
@@ -39,6 +39,9 @@ _ORT_TYPES: dict[str, Any] = {
 }
 
 CPU = "CPUExecutionProvider"
+# ORT messages that mean "this input does not fit the graph" (sizes a conv stack or a
+# broadcast cannot take), i.e. the caller's fault (400), not an engine failure (500).
+_INPUT_FAULT_WORDS = ("invalid_argument", "broadcast", "shape", "dimension")
 
 
 def resolve_providers(opts: OnnxOptions) -> tuple[list[str], list[dict[str, Any]]]:
@@ -99,7 +102,9 @@ def session_options(
             so.execution_mode = ort.ExecutionMode.ORT_PARALLEL
     if optimized_out is not None:
         so.optimized_model_filepath = str(optimized_out)
-    so.log_severity_level = 3  # errors only; ORT warnings are noise in the daemon log
+    # Fatal only: run errors reach the caller as exceptions; ORT's own stderr lines
+    # would duplicate them (and warnings are noise in the daemon log).
+    so.log_severity_level = 4
     return so
 
 
@@ -188,11 +193,10 @@ class OnnxBackend(Backend):
             # Shapes that pass the signature check can still be wrong for the graph
             # (e.g. spatial sizes a conv stack cannot take): the caller's fault.
             msg = _last_line(exc)
-            if "INVALID_ARGUMENT" in str(exc) or "Invalid" in msg:
-                from agent.errors import InvalidInputError
-
+            text = str(exc).lower()
+            if any(w in text for w in _INPUT_FAULT_WORDS):
                 raise InvalidInputError(
-                    f"{self.model_path.name}: onnxruntime rejected the inputs: {msg}"
+                    f"{self.model_path.name}: the model cannot run on these inputs: {msg}"
                 ) from exc
             raise RuntimeBackendError(
                 f"{self.model_path.name}: onnxruntime failed: {msg}", code="inference-failed"

@@ -254,3 +254,19 @@ def test_litert_delegates(face_tflite: Path, tmp_path: Path) -> None:
         896,
         16,
     )
+
+
+def test_onnx_shape_the_graph_cannot_take_is_a_400(ppocr_det: Path) -> None:
+    b = make_backend("onnxruntime", ppocr_det)
+    b.load()
+    # Passes the signature ([-1, 3, -1, -1]) but the FPN cannot add 33x47 feature maps.
+    with pytest.raises(InvalidInputError) as ei:
+        b.predict({"x": np.zeros((1, 3, 33, 47), np.float32)})
+    assert ei.value.status == 400
+    # The session is still fine afterwards.
+    assert b.predict({"x": np.zeros((1, 3, 64, 64), np.float32)})["sigmoid_0.tmp_0"].shape == (
+        1,
+        1,
+        64,
+        64,
+    )
