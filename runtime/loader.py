@@ -29,6 +29,7 @@ from runtime.converter import (
     compare_outputs,
     convert,
     load_samples,
+    random_inputs,
 )
 from runtime.preprocess import Preprocessing
 from runtime.scripts import RunScript, load_run_script
@@ -215,6 +216,25 @@ class Servable:
             "inputs": meta["inputs"],
             "outputs": meta["outputs"],
         }
+
+    def warmup(self) -> bool:
+        """Run the backend once so first-request latency excludes lazy initialisation.
+
+        Uses the first model-level sample, else seeded random inputs from the signature
+        (see docs/RUNTIME.md). Returns False if the model refused the warm-up input
+        (logged; not an error: a model may need specific sizes).
+        """
+        names = {s.name for s in self.backend.inputs}
+        feed = next((ins for _, ins, _ in load_samples(self.model_dir) if set(ins) == names), None)
+        if feed is None:
+            batch = self.info.converter_config.batch_size or 1
+            feed = random_inputs(self.backend.inputs, batch=batch)
+        try:
+            self.backend.predict(feed)
+        except EdgewardError as exc:
+            logger.info("%s %s: warm-up input refused: %s", self.name, self.version, exc.message)
+            return False
+        return True
 
     def close(self) -> None:
         if self.script is not None:

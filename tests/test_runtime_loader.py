@@ -101,6 +101,7 @@ def test_open_onnx_cache_reused(tmp_path: Path, ppocr_cls: Path) -> None:
     meta = s.metadata()
     assert meta["name"] == "cls" and meta["versions"] == ["3"]
     assert meta["inputs"][0] == {"name": "x", "datatype": "FP32", "shape": [-1, 3, -1, -1]}
+    assert s.warmup() is True
     artefact = s.converted.model_path
     assert artefact.is_relative_to(cache)
     mtime = artefact.stat().st_mtime_ns

@@ -232,3 +232,48 @@ def test_run_script_errors_in_predict(tmp_path: Path, ppocr_cls: Path) -> None:
     with pytest.raises(InvalidInputError, match=r"'x'.*INT64"):
         s.predict({"x": np.zeros((1, 3, 48, 192), np.int64)})
     s.close()
+
+
+RACY_SCRIPT = """
+import threading, time
+import numpy as np
+
+class Model:
+    {flag}
+    def __init__(self, model_dir, backend, config):
+        self.inside = 0
+        self.max_inside = 0
+        self.lock = threading.Lock()
+
+    def predict(self, inputs):
+        with self.lock:
+            self.inside += 1
+            self.max_inside = max(self.max_inside, self.inside)
+        time.sleep(0.1)
+        with self.lock:
+            self.inside -= 1
+        return {{"max_inside": np.array([self.max_inside])}}
+"""
+
+
+@pytest.mark.parametrize(("flag", "serial"), [("", True), ("thread_safe = True", False)])
+def test_script_serialised_unless_thread_safe(
+    tmp_path: Path, ppocr_cls: Path, flag: str, serial: bool
+) -> None:
+    import threading
+
+    pkg = make_package(tmp_path / "pkg", ppocr_cls, run_script=RACY_SCRIPT.format(flag=flag))
+    s = open_model(pkg, RuntimeConfig(), cache_dir=tmp_path / "c")
+    barrier = threading.Barrier(4)
+
+    def call() -> None:
+        barrier.wait()
+        s.predict({})
+
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seen = int(s.predict({})["max_inside"][0])
+    assert (seen == 1) is serial
