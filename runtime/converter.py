@@ -693,16 +693,18 @@ def _build(
                     f"package converter output {entry_model} does not load: {exc.message}",
                     code="converter-output",
                 ) from None
-            info["package_converter"] = validate_against(
-                reference,
-                cand,
-                samples,
-                rtol=tol_r,
-                atol=tol_a,
-                batch=batch,
-                what="package converter output",
-            )
-            cand.unload()
+            try:
+                info["package_converter"] = validate_against(
+                    reference,
+                    cand,
+                    samples,
+                    rtol=tol_r,
+                    atol=tol_a,
+                    batch=batch,
+                    what="package converter output",
+                )
+            finally:
+                cand.unload()
             current = produced
             info["stages"].append("package-converter")
 

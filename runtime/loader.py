@@ -198,7 +198,13 @@ class Servable:
             inputs = dict(inputs)
             for n, pre in self._pre.items():
                 v = inputs.get(n)
-                if isinstance(v, np.ndarray) and v.dtype == np.uint8 and n in specs:
+                # A model that itself takes uint8 (quantised TFLite) gets its bytes as is.
+                if (
+                    isinstance(v, np.ndarray)
+                    and v.dtype == np.uint8
+                    and n in specs
+                    and specs[n].dtype != np.uint8
+                ):
                     inputs[n] = pre.apply(v, specs[n].dtype, n)
         return self.backend.predict(inputs)
 
