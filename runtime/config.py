@@ -57,6 +57,9 @@ class OnnxOptions:
     inter_op_threads: int | None = None
     graph_optimization_level: GraphLevel = "all"
     unavailable_providers: ProviderPolicy = "fallback"
+    # ORT worker threads busy-wait between ops by default; with several model workers on
+    # a small box that burns cores. None = ORT default.
+    allow_spinning: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -134,7 +137,12 @@ class RuntimeConfig:
         out["cache_dir"] = str(self.cache_dir) if self.cache_dir is not None else None
         if out["cache_dir"] is None:
             del out["cache_dir"]
-        for k in ("onnx.intra_op_threads", "onnx.inter_op_threads", "litert.num_threads"):
+        for k in (
+            "onnx.intra_op_threads",
+            "onnx.inter_op_threads",
+            "onnx.allow_spinning",
+            "litert.num_threads",
+        ):
             sect, key = k.split(".")
             if out[sect][key] is None:
                 del out[sect][key]
@@ -250,6 +258,10 @@ def _onnx_kwargs(d: Mapping[str, Any], explicit: set[str]) -> dict[str, Any]:
                 f"{', '.join(GRAPH_LEVELS)}; got {lvl!r}"
             )
         out["graph_optimization_level"] = cast(GraphLevel, lvl)
+    if "allow_spinning" in d:
+        if not isinstance(d["allow_spinning"], bool):
+            raise ConfigError("runtime.onnx.allow_spinning must be true or false")
+        out["allow_spinning"] = d["allow_spinning"]
     if "unavailable_providers" in d:
         pol = d["unavailable_providers"]
         if pol not in PROVIDER_POLICIES:

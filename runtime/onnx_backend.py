@@ -100,6 +100,10 @@ def session_options(
         so.inter_op_num_threads = opts.inter_op_threads
         if opts.inter_op_threads > 1:
             so.execution_mode = ort.ExecutionMode.ORT_PARALLEL
+    if opts.allow_spinning is not None:
+        flag = "1" if opts.allow_spinning else "0"
+        so.add_session_config_entry("session.intra_op.allow_spinning", flag)
+        so.add_session_config_entry("session.inter_op.allow_spinning", flag)
     if optimized_out is not None:
         so.optimized_model_filepath = str(optimized_out)
     # Fatal only: run errors reach the caller as exceptions; ORT's own stderr lines

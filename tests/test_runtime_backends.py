@@ -62,7 +62,7 @@ def test_onnx_metadata(ppocr_det: Path, ppocr_cls: Path) -> None:
 
 
 def test_onnx_outputs_equal_plain_ort_concurrently(ppocr_cls: Path) -> None:
-    cfg = RuntimeConfig.from_dict({"onnx": {"intra_op_threads": 1}})
+    cfg = RuntimeConfig.from_dict({"onnx": {"intra_op_threads": 1, "allow_spinning": False}})
     b = make_backend("onnxruntime", ppocr_cls, cfg)
     b.load()
     rng = np.random.default_rng(1)

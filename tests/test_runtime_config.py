@@ -30,6 +30,7 @@ def test_full_table() -> None:
                 "inter_op_threads": 1,
                 "graph_optimization_level": "extended",
                 "unavailable_providers": "error",
+                "allow_spinning": False,
             },
             "litert": {
                 "num_threads": 4,
@@ -45,6 +46,7 @@ def test_full_table() -> None:
     )
     assert cfg.onnx.intra_op_threads == 2
     assert cfg.onnx.graph_optimization_level == "extended"
+    assert cfg.onnx.allow_spinning is False
     assert cfg.litert.delegates == [
         DelegateSpec("/usr/lib/libnpu.so", {"cache": "1"}),
         DelegateSpec("/x.so"),
@@ -70,6 +72,7 @@ def test_full_table() -> None:
         ({"converter_timeout_s": 0}, ["converter_timeout_s"]),
         ({"converter_timeout": 5}, ["runtime.converter_timeout", "converter_timeout_s"]),
         ({"onnx": {"unavailable_providers": "ignore"}}, ["fallback", "error"]),
+        ({"onnx": {"allow_spinning": 1}}, ["allow_spinning"]),
     ],
 )
 def test_bad_keys_are_named(d: dict[str, object], words: list[str]) -> None:
