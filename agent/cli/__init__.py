@@ -17,7 +17,8 @@ from collections.abc import Sequence
 from agent.errors import EdgewardError
 
 COMMAND_MODULES = (
-    "agent.cli.publish",  # keygen, pack, inspect, verify, unpack
+    "agent.cli.keys",  # keygen
+    "agent.cli.publish",  # pack, inspect, verify, unpack
     "agent.cli.residual",  # diff
     "agent.cli.daemon",  # agent, status, models, check, rollback
     "agent.cli.infer",  # infer
