@@ -773,7 +773,15 @@ def _build(
 
 
 def _place(current: Path, dst: Path) -> None:
-    """Copy a stage's model to the artefact path and flush it (stages stay for fallback)."""
+    """Copy a stage's model to the artefact path and flush it (stages stay for fallback).
+
+    A package converter's output may hold side files (ONNX external data): they are
+    copied along when its model is served unchanged.
+    """
+    if current.parent.name == "converter-out":
+        for side in current.parent.iterdir():
+            if side.name != current.name and side.is_file() and not side.is_symlink():
+                shutil.copyfile(side, dst.parent / side.name)
     tmp = dst.with_name(dst.name + ".part")
     shutil.copyfile(current, tmp)
     with tmp.open("rb") as f:

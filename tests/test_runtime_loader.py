@@ -477,3 +477,44 @@ def test_litert_package_converter(tmp_path: Path, face_tflite: Path) -> None:
     out = s.predict({"input": np.zeros((2, 128, 128, 3), np.float32)})
     assert out["regressors"].shape == (2, 896, 16)
     assert open_model(pkg, RuntimeConfig(), cache_dir=tmp_path / "c").converted.from_cache
+
+
+def _matmul_model(path: Path) -> Path:
+    """A tiny generated ONNX model whose weights are a real initializer."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(0).random((64, 16), dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "mm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 16])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    onnx.save(model, str(path))
+    return path
+
+
+def test_converter_output_with_external_data(tmp_path: Path) -> None:
+    model = _matmul_model(tmp_path / "mm.onnx")
+    conv = """
+        import argparse, pathlib, onnx
+        p = argparse.ArgumentParser(); p.add_argument("--input"); p.add_argument("--output")
+        p.add_argument("--backend"); p.add_argument("--device-info")
+        a = p.parse_args()
+        m = onnx.load(str(pathlib.Path(a.input) / "Model" / "mm.onnx"))
+        onnx.save(m, str(pathlib.Path(a.output) / "mm.onnx"),
+                  save_as_external_data=True, location="weights.bin", size_threshold=0)
+        """
+    pkg = make_package(tmp_path / "pkg", model, converter=conv)
+    cfg = RuntimeConfig.from_dict({"onnx": {"graph_optimization_level": "disable"}})
+    s = open_model(pkg, cfg, cache_dir=tmp_path / "c")
+    assert (s.converted.model_path.parent / "weights.bin").is_file()
+    x = np.random.default_rng(1).random((3, 64), dtype=np.float32)
+    np.testing.assert_allclose(s.predict({"x": x})["y"], _ort(model, {"x": x})["y"], rtol=1e-5)
+    # With the ORT stage the optimised model is self-contained.
+    s2 = open_model(pkg, RuntimeConfig(), cache_dir=tmp_path / "c")
+    np.testing.assert_allclose(s2.predict({"x": x})["y"], _ort(model, {"x": x})["y"], rtol=1e-5)
