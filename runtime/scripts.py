@@ -70,19 +70,24 @@ class RunScript:
             raise RunScriptError(f"run script {path}: Model() failed: {_describe(exc)}") from exc
         if not getattr(cls, "thread_safe", False):
             self._lock = threading.Lock()
-        self._specs: tuple[list[TensorSpec], list[TensorSpec]] | None = None
+        self._in_specs: list[TensorSpec] | None = None
         self._meta: dict[str, Any] | None = None
         if callable(getattr(self._obj, "metadata", None)):
             try:
                 meta = self._obj.metadata()
-                ins = [TensorSpec.from_v2(d) for d in meta.get("inputs", [])]
-                outs = [TensorSpec.from_v2(d) for d in meta.get("outputs", [])]
+                if not isinstance(meta, Mapping):
+                    raise TypeError(f"metadata() returned {type(meta).__name__}, not a dict")
+                self._meta = {}
+                for key in ("inputs", "outputs"):
+                    if key in meta:
+                        specs = [TensorSpec.from_v2(d) for d in meta[key]]
+                        self._meta[key] = [s.to_v2() for s in specs]
+                        if key == "inputs":
+                            self._in_specs = specs
             except Exception as exc:
                 raise RunScriptError(
                     f"run script {path}: metadata() is not v2 metadata: {_describe(exc)}"
                 ) from exc
-            self._meta = {"inputs": [s.to_v2() for s in ins], "outputs": [s.to_v2() for s in outs]}
-            self._specs = (ins, outs)
 
     @staticmethod
     def _import(path: Path) -> Any:
@@ -104,15 +109,16 @@ class RunScript:
         return module
 
     def metadata(self) -> dict[str, Any] | None:
-        """The script's declared v2 inputs/outputs, or None if it declares none."""
+        """The script's declared v2 ``inputs``/``outputs`` (either may be absent: the
+        model's own then apply), or None if it has no ``metadata()``."""
         return self._meta
 
     def predict(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Call the script; names and datatypes are checked against its declared
         inputs (shapes are the script's business: an image may come encoded or raw)."""
-        if self._specs is not None:
+        if self._in_specs is not None:
             inputs = validate_inputs(
-                inputs, self._specs[0], check_shape=False, model=self.path.name
+                inputs, self._in_specs, check_shape=False, model=self.path.name
             )
         try:
             if self._lock is not None:

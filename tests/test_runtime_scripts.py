@@ -154,6 +154,18 @@ SCRIPTS = {
         ["ImportError: needs torch"],
     ),
     "no-model": ("x = 1\n", ["defines no class Model"]),
+    "bad-metadata": (
+        """
+        class Model:
+            def __init__(self, model_dir, backend, config):
+                pass
+            def metadata(self):
+                return {"inputs": [{"name": "x", "datatype": "FLOAT", "shape": [1]}]}
+            def predict(self, inputs):
+                return {}
+        """,
+        ["metadata() is not v2 metadata", "FLOAT"],
+    ),
     "init-raises": (
         """
         class Model:
