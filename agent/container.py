@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -283,6 +284,7 @@ class Encryption:
     key: bytes
     alg: str = crypto.DEFAULT_ALG
     chunk_size: int = crypto.DEFAULT_CHUNK_SIZE
+    nonce_prefix: bytes | None = None  # None = random (always, except for test vectors)
 
     def __repr__(self) -> str:  # never show the key
         return f"Encryption(alg={self.alg!r}, chunk_size={self.chunk_size})"
@@ -347,27 +349,28 @@ class ContainerWriter:
             alg=encryption.alg if encryption else None,
         )
         header = ModelHeader(model_id, int(fmt), flags, MODEL_HEADER_SIZE, 0)
-        pos = self._dst.tell()
-        self._dst.write(header.pack())
-        om = _OpenModel(header, pos)
-        if zstd_level is not None:
-            import zstandard
-
-            params = zstandard.ZstdCompressionParameters.from_level(zstd_level, write_checksum=True)
-            om.compressor = zstandard.ZstdCompressor(compression_params=params).compressobj()
+        # Build the transforms first so a bad key or chunk size raises before any byte
+        # of this model is written.
+        om = _OpenModel(header, self._dst.tell())
+        preamble = b""
         if encryption is not None:
             crypto.check_chunk_size(encryption.chunk_size)
-            enc = crypto.StreamEncryptor(encryption.key, encryption.alg, b"", encryption.chunk_size)
-            preamble = PREAMBLE.pack(enc.nonce_prefix, 0, encryption.chunk_size, 0)
-            # Re-create with the real AAD now that the nonce prefix is fixed.
+            prefix = encryption.nonce_prefix or os.urandom(crypto.NONCE_PREFIX_SIZE)
+            preamble = PREAMBLE.pack(prefix, 0, encryption.chunk_size, 0)
             om.encryptor = crypto.StreamEncryptor(
                 encryption.key,
                 encryption.alg,
                 chunk_aad(header, preamble),
                 encryption.chunk_size,
-                enc.nonce_prefix,
+                prefix,
             )
-            self._emit(om, preamble)
+        if zstd_level is not None:
+            import zstandard
+
+            params = zstandard.ZstdCompressionParameters.from_level(zstd_level, write_checksum=True)
+            om.compressor = zstandard.ZstdCompressor(compression_params=params).compressobj()
+        self._dst.write(header.pack())
+        self._emit(om, preamble)
         self._ids.add(model_id)
         self._open = om
 
@@ -638,6 +641,10 @@ class ModelEntry:
                 )
             yield piece
 
+    def open(self, key: bytes | None = None) -> BinaryIO:
+        """The decoded model as a read-only binary file object (see :meth:`decoded`)."""
+        return cast(BinaryIO, io.BufferedReader(_IterReader(self.decoded(key)), _COPY))
+
 
 class _ZstdFrameScanner:
     """Walks the zstd frame structure (RFC 8878 §3.1) of the bytes passing by.
@@ -739,6 +746,29 @@ class _ScannedSource(io.RawIOBase):
         data = self.read(len(buf))
         memoryview(buf).cast("B")[: len(data)] = data
         return len(data)
+
+
+class _IterReader(io.RawIOBase):
+    """Read-only file object over an iterator of byte pieces."""
+
+    def __init__(self, pieces: Iterator[bytes]) -> None:
+        super().__init__()
+        self._pieces = pieces
+        self._buf = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: bytearray | memoryview) -> int:  # type: ignore[override]
+        while not self._buf:
+            nxt = next(self._pieces, None)
+            if nxt is None:
+                return 0
+            self._buf = nxt
+        n = min(len(buf), len(self._buf))
+        memoryview(buf).cast("B")[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
 
 
 def _zstd_pieces(src: io.RawIOBase, read_size: int, index: int) -> Iterator[bytes]:

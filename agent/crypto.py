@@ -601,7 +601,9 @@ def read_envelope(
         ) from exc
     if not isinstance(sigs, list):
         raise FormatError("key envelope 'signatures' is not a list", code="envelope-malformed")
-    trust.verify(ENVELOPE_SIG_PREFIX + payload, json.dumps({"signatures": sigs}).encode())
+    trust.verify(
+        ENVELOPE_SIG_PREFIX + payload, json.dumps({"format": 1, "signatures": sigs}).encode()
+    )
     try:
         body = json.loads(payload)
         fmt, pkg, recipients = body["format"], body["package"], body["recipients"]

@@ -234,15 +234,23 @@ def _parse_signatures(signature: bytes | Mapping[str, Any]) -> list[Mapping[str,
         doc = json.loads(signature)
     except (ValueError, UnicodeDecodeError) as exc:
         raise SignatureError("signature document is not JSON", code="signature-malformed") from exc
-    entries = doc.get("signatures") if isinstance(doc, dict) else None
+    if not isinstance(doc, dict) or set(doc) != {"format", "signatures"} or doc["format"] != 1:
+        raise SignatureError(
+            'signature document must be {"format": 1, "signatures": [...]}',
+            code="signature-malformed",
+        )
+    entries = doc["signatures"]
     if not isinstance(entries, list) or not entries or len(entries) > MAX_SIGNATURES:
         raise SignatureError(
             f"signature document needs 1..{MAX_SIGNATURES} entries in 'signatures'",
             code="signature-malformed",
         )
     for e in entries:
-        if not isinstance(e, dict):
-            raise SignatureError("signature entry is not an object", code="signature-malformed")
+        if not isinstance(e, dict) or set(e) != {"key_id", "alg", "sig"}:
+            raise SignatureError(
+                "signature entry must have exactly key_id, alg and sig",
+                code="signature-malformed",
+            )
     return entries
 
 
@@ -291,7 +299,7 @@ class TrustStore:
         signers: list[str] = []
         bad: str | None = None
         for e in entries:
-            kid, alg, sig_b64 = e.get("key_id"), e.get("alg", "ed25519"), e.get("sig")
+            kid, alg, sig_b64 = e.get("key_id"), e.get("alg"), e.get("sig")
             if not isinstance(kid, str) or alg != "ed25519" or not isinstance(sig_b64, str):
                 raise SignatureError(
                     "signature entry needs key_id, alg 'ed25519' and sig",
@@ -305,6 +313,10 @@ class TrustStore:
                 sig = base64.b64decode(sig_b64, validate=True)
             except (binascii.Error, ValueError) as exc:
                 raise SignatureError("signature is not base64", code="signature-malformed") from exc
+            if base64.b64encode(sig).decode("ascii") != sig_b64:  # one encoding per signature
+                raise SignatureError(
+                    "signature is not canonical base64", code="signature-malformed"
+                )
             try:
                 pub.verify(sig, data)
             except InvalidSignature:
