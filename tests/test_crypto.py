@@ -322,7 +322,7 @@ def test_wrap_unwrap_psk() -> None:
 
 def test_unwrap_without_the_key_names_the_recipients() -> None:
     priv, kid = _device()
-    other, other_kid = _device()
+    other, _ = _device()
     entry = crypto.wrap_for_device(crypto.new_data_key(), priv.public_key(), kid, CONTEXT)
     ring = Keyring()
     ring.add(other)
