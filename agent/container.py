@@ -247,7 +247,7 @@ def parse_model_header(
             f"{where}: algorithm id {alg_id} set on unencrypted data", code="container-alg"
         )
     if length > limits.max_model_bytes:
-        raise LimitError(
+        raise FormatError(
             f"{where}: data length {length} exceeds the limit {limits.max_model_bytes}",
             code="container-data-length",
         )
