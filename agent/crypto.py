@@ -406,6 +406,22 @@ def _raw_x25519(pub: X25519PublicKey) -> bytes:
     return pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
+CONTEXT_PREFIX = b"edgeward package context v1\n"
+
+
+def package_context(name: str, version: int | str, alg: str, chunk_size: int) -> bytes:
+    """The ``context`` that binds wrapped keys to one package.
+
+    ``b"edgeward package context v1\\n"`` followed by canonical JSON (sorted keys, no
+    spaces, UTF-8) of ``{"alg", "chunk_size", "name", "version"}``. Unwrapping with a
+    different package's context fails, so a recipient entry or key envelope cannot be
+    replayed onto another package or version, nor onto other encryption parameters.
+    """
+    doc = {"alg": check_alg(alg), "chunk_size": chunk_size, "name": name, "version": version}
+    canon = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return CONTEXT_PREFIX + canon.encode("utf-8")
+
+
 def wrap_for_device(
     data_key: bytes, recipient: X25519PublicKey, key_id: str, context: bytes
 ) -> dict[str, str]:
@@ -638,6 +654,7 @@ __all__ = [
     "encrypt_bytes",
     "make_envelope",
     "new_data_key",
+    "package_context",
     "read_envelope",
     "unwrap",
     "unwrap_any",

@@ -479,3 +479,26 @@ def test_no_secret_in_keyring_repr(tmp_path: Path) -> None:
     ring.add_psk("f", b"\xaa" * 32)
     text = repr(ring) + str(ring)
     assert "aa" * 16 not in text and "psk:f" in text
+
+
+def test_package_context_is_canonical_and_distinct() -> None:
+    ctx = crypto.package_context("det", 3, "aes-256-gcm", 1 << 20)
+    assert ctx == (
+        b'edgeward package context v1\n{"alg":"aes-256-gcm","chunk_size":1048576,'
+        b'"name":"det","version":3}'
+    )
+    others = {
+        crypto.package_context("det", 4, "aes-256-gcm", 1 << 20),
+        crypto.package_context("det2", 3, "aes-256-gcm", 1 << 20),
+        crypto.package_context("det", 3, "sm4-gcm", 1 << 20),
+        crypto.package_context("det", 3, "aes-256-gcm", 1 << 19),
+    }
+    assert ctx not in others and len(others) == 4
+    psk = os.urandom(32)
+    entry = crypto.wrap_with_psk(KEY, psk, "psk:f", ctx)
+    ring = Keyring()
+    ring.add_psk("f", psk)
+    for other in others:
+        with pytest.raises(CryptoError):
+            crypto.unwrap(entry, ring, other)
+    assert crypto.unwrap(entry, ring, ctx) == KEY
