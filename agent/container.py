@@ -618,6 +618,8 @@ class ModelEntry:
             FormatError: ``zstd-corrupt`` for a bad compressed stream.
             LimitError: ``decoded-size`` above ``limits.max_decoded_bytes``.
         """
+        if self.raw.remaining != self.header.data_length:
+            raise ValueError("model data was already (partly) read; decode it only once")
         src: io.RawIOBase = self.raw
         if self.header.encrypted:
             if key is None:

@@ -68,6 +68,8 @@ ENVELOPE_FORMAT = 1
 MAX_ENVELOPE_BYTES = 1 << 20
 MAX_ENVELOPE_RECIPIENTS = 1024
 
+_Data = bytes | bytearray | memoryview
+
 _B64_FIELDS = {"x25519": ("ephemeral", "nonce", "wrapped"), "psk": ("salt", "nonce", "wrapped")}
 
 
@@ -113,16 +115,16 @@ class _Sm4Gcm:
     def __init__(self, key: bytes) -> None:
         self._key = key
 
-    def encrypt(self, nonce: bytes, data: bytes, aad: bytes) -> bytes:
+    def encrypt(self, nonce: bytes, data: _Data, aad: bytes) -> bytes:
         enc = Cipher(algorithms.SM4(self._key), modes.GCM(nonce)).encryptor()
         enc.authenticate_additional_data(aad)
         out = enc.update(data) + enc.finalize()
         return out + enc.tag
 
-    def decrypt(self, nonce: bytes, data: bytes, aad: bytes) -> bytes:
+    def decrypt(self, nonce: bytes, data: _Data, aad: bytes) -> bytes:
         if len(data) < TAG_SIZE:
             raise InvalidTag
-        body, tag = data[:-TAG_SIZE], data[-TAG_SIZE:]
+        body, tag = data[:-TAG_SIZE], bytes(data[-TAG_SIZE:])
         dec = Cipher(algorithms.SM4(self._key), modes.GCM(nonce, tag)).decryptor()
         dec.authenticate_additional_data(aad)
         return dec.update(body) + dec.finalize()
@@ -204,7 +206,7 @@ class StreamEncryptor:
             raise CryptoError("stream exceeds 2^32 chunks", code="stream-too-long")
         out = self._aead.encrypt(
             _nonce(self.nonce_prefix, self._counter, last),
-            bytes(data),
+            data,
             _chunk_aad(self._aad, self._counter, last),
         )
         self._counter += 1
@@ -275,7 +277,7 @@ class StreamDecryptor:
         self._counter = 0
         self._done = False
 
-    def _try_open(self, data: bytes, last: bool) -> bytes | None:
+    def _try_open(self, data: _Data, last: bool) -> bytes | None:
         try:
             return self._aead.decrypt(
                 _nonce(self.nonce_prefix, self._counter, last),
@@ -285,7 +287,7 @@ class StreamDecryptor:
         except InvalidTag:
             return None
 
-    def _open(self, data: bytes, last: bool) -> bytes:
+    def _open(self, data: _Data, last: bool) -> bytes:
         if self._counter >= MAX_CHUNKS:
             raise IntegrityError("encrypted stream exceeds 2^32 chunks", code="stream-trailing")
         plain = self._try_open(data, last)
@@ -321,11 +323,11 @@ class StreamDecryptor:
             self._buf += view[:take]
             view = view[take:]
             if len(self._buf) == n and len(view) > 0:
-                out.append(self._open(bytes(self._buf), last=False))
+                out.append(self._open(self._buf, last=False))
                 self._buf = bytearray()
         pos = 0
         while len(view) - pos > n:
-            out.append(self._open(bytes(view[pos : pos + n]), last=False))
+            out.append(self._open(view[pos : pos + n], last=False))
             pos += n
         if not self._buf:
             self._buf = bytearray(view[pos:])
@@ -340,7 +342,7 @@ class StreamDecryptor:
             raise IntegrityError(
                 f"encrypted stream truncated in chunk {self._counter}", code="stream-truncated"
             )
-        out = self._open(bytes(self._buf), last=True)
+        out = self._open(self._buf, last=True)
         self._buf = bytearray()
         return out
 

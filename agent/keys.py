@@ -362,7 +362,10 @@ class Keyring:
             self.psks[kid] = secret
             return kid
         if path.suffix == ".pub":
-            return self.trust.add(load_public(path), source=path)
+            pub = load_public(path)
+            if isinstance(pub, X25519PublicKey):
+                return key_id(pub)  # the public half of a device key: nothing to trust
+            return self.trust.add(pub, source=path)
         return self.add(load_private(path))
 
     def add(self, priv: PrivateKey) -> str:

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent import crypto
 from agent.errors import CryptoError, EdgewardError, FormatError, IntegrityError, SignatureError
@@ -502,3 +504,33 @@ def test_package_context_is_canonical_and_distinct() -> None:
         with pytest.raises(CryptoError):
             crypto.unwrap(entry, ring, other)
     assert crypto.unwrap(entry, ring, ctx) == KEY
+
+
+@settings(max_examples=300, deadline=2000)
+@given(st.binary(max_size=600))
+def test_envelope_parser_arbitrary_bytes(data: bytes) -> None:
+    _, trust, _, _ = _ENV
+    with pytest.raises(EdgewardError):
+        crypto.read_envelope(data, trust)
+
+
+@settings(max_examples=200, deadline=2000)
+@given(
+    st.dictionaries(
+        st.sampled_from(["type", "key_id", "ephemeral", "nonce", "wrapped", "salt"]),
+        st.none()
+        | st.integers()
+        | st.text(max_size=60)
+        | st.binary(max_size=48).map(lambda b: base64.b64encode(b).decode()),
+    )
+)
+def test_unwrap_arbitrary_entries(entry: dict[str, object]) -> None:
+    ring = Keyring()
+    ring.add_psk("x", bytes(32))
+    with pytest.raises(CryptoError):
+        crypto.unwrap(entry, ring, CONTEXT)
+    with pytest.raises(CryptoError):
+        crypto.unwrap_any([entry], ring, CONTEXT)
+
+
+_ENV = _envelope_setup()

@@ -12,6 +12,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent import keys
 from agent.cli import main
@@ -211,9 +213,11 @@ def test_keyring_from_directory(tmp_path: Path) -> None:
     s = keys.generate_key("signing", tmp_path)
     d = keys.generate_key("device", tmp_path / "dev")
     f = keys.generate_key("fleet", tmp_path, name="f")
+    d2 = keys.generate_key("device", tmp_path)  # its .pub sits next to the signing .pub
     ring = keys.Keyring.from_paths([tmp_path, d.private])
     assert set(ring.signing) == {s.key_id}
-    assert set(ring.devices) == {d.key_id}
+    assert set(ring.devices) == {d.key_id, d2.key_id}
+    assert set(ring.trust.keys) == {s.key_id}
     assert set(ring.psks) == {f.key_id}
     assert s.key_id in ring.trust.keys
     text = repr(ring)
@@ -237,3 +241,31 @@ def test_cli_keygen(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["keygen", "--kind", "fleet", "--name", "f", "--out", str(tmp_path)]) == 0
     secret = (tmp_path / "f.psk").read_text().strip()
     assert secret not in capsys.readouterr().out
+
+
+@settings(max_examples=300, deadline=2000)
+@given(st.binary(max_size=600))
+def test_signature_parser_arbitrary_bytes(data: bytes) -> None:
+    trust = keys.TrustStore()
+    trust.add(_KEY.public_key())
+    with pytest.raises(SignatureError):
+        trust.verify(b"data", data)
+
+
+@settings(max_examples=200, deadline=2000)
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner),
+        max_leaves=12,
+    )
+)
+def test_signature_parser_arbitrary_json(doc: object) -> None:
+    trust = keys.TrustStore()
+    trust.add(_KEY.public_key())
+    for wrapped in (doc, {"format": 1, "signatures": doc}, {"format": 1, "signatures": [doc]}):
+        with pytest.raises(SignatureError):
+            trust.verify(b"data", json.dumps(wrapped).encode())
+
+
+_KEY = Ed25519PrivateKey.generate()
