@@ -390,6 +390,11 @@ class Keyring:
     __str__ = __repr__
 
 
+def load_keyring(paths: Iterable[Path]) -> Keyring:
+    """Alias of :meth:`Keyring.from_paths` (the daemon's updater calls this name)."""
+    return Keyring.from_paths(paths)
+
+
 __all__ = [
     "KINDS",
     "KeyPaths",
@@ -398,6 +403,7 @@ __all__ = [
     "encode_signatures",
     "generate_key",
     "key_id",
+    "load_keyring",
     "load_private",
     "load_psk",
     "load_public",

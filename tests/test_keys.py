@@ -220,6 +220,7 @@ def test_keyring_from_directory(tmp_path: Path) -> None:
     assert set(ring.trust.keys) == {s.key_id}
     assert set(ring.psks) == {f.key_id}
     assert s.key_id in ring.trust.keys
+    assert set(keys.load_keyring([d.private]).devices) == {d.key_id}
     text = repr(ring)
     assert d.key_id in text and f.private.read_text().strip() not in text
 
