@@ -543,9 +543,12 @@ class ContainerReader:
         self._src = src
         self.limits = limits or ContainerLimits()
         if total_size is None and _seekable(src):
-            here = src.tell()
-            total_size = src.seek(0, io.SEEK_END) - here
-            src.seek(here)
+            try:
+                here = src.tell()
+                total_size = src.seek(0, io.SEEK_END) - here
+                src.seek(here)
+            except OSError:  # claims to be seekable but is not (some wrapped streams)
+                total_size = None
         self._remaining = total_size
         self.header = parse_file_header(_read_exact(src, FILE_HEADER_SIZE), self.limits)
         self._consume(FILE_HEADER_SIZE)
@@ -588,6 +591,14 @@ class ContainerReader:
             self._current.raw.skip()
         if self._remaining not in (None, 0) or (self._remaining is None and self._src.read(1)):
             raise FormatError("bytes after the last model", code="container-trailing")
+
+
+def read_headers(
+    src: BinaryIO, limits: ContainerLimits | None = None, *, total_size: int | None = None
+) -> tuple[FileHeader, list[ModelHeader]]:
+    """All headers of a container, skipping (not decoding) the data; for ``inspect``."""
+    reader = ContainerReader(src, limits, total_size=total_size)
+    return reader.header, [entry.header for entry in reader]
 
 
 def _seekable(src: BinaryIO) -> bool:
@@ -855,4 +866,5 @@ __all__ = [
     "parse_file_header",
     "parse_model_header",
     "parse_preamble",
+    "read_headers",
 ]

@@ -409,3 +409,34 @@ def test_random_flip_then_truncate(bit: int, keep: int) -> None:
     data[bit // 8] ^= 1 << (bit % 8)
     with contextlib.suppress(EdgewardError):
         _decode_all(bytes(data[:keep]), seekable=False)
+
+
+@pytest.mark.parametrize("mode", ["r:", "r|"])
+def test_streaming_from_a_tar_member(tmp_path: Path, mode: str) -> None:
+    """The package reader's case: decode a container straight out of a tar member."""
+    import tarfile
+
+    payload = os.urandom(200_000) + bytes(300_000)
+    cpath = tmp_path / "c.bin"
+    with cpath.open("wb") as f, C.ContainerWriter(f) as w:
+        w.add_model(0, 1, io.BytesIO(payload), zstd_level=3, encryption=C.Encryption(KEY))
+        w.add_model(1, 2, io.BytesIO(b"tail"))
+    tpath = tmp_path / "p.tar"
+    with tarfile.open(tpath, "w", format=tarfile.USTAR_FORMAT) as tar:
+        tar.add(cpath, "Model/c.bin")
+        tar.addfile(tarfile.TarInfo("Model/after"), io.BytesIO(b""))
+    with tarfile.open(tpath, mode) as tar:
+        member = tar.next()
+        assert member is not None
+        f = tar.extractfile(member)
+        assert f is not None
+        reader = C.ContainerReader(f, total_size=member.size)  # type: ignore[arg-type]
+        got = [b"".join(e.decoded(KEY)) for e in reader]
+    assert got == [payload, b"tail"]
+
+
+def test_read_headers() -> None:
+    fh, headers = C.read_headers(io.BytesIO(VECTOR.read_bytes()))
+    assert fh.model_count == 2
+    assert [h.model_id for h in headers] == [0, 7]
+    assert [h.encoding() for h in headers] == [[], ["zstd", "aes-256-gcm"]]
