@@ -32,7 +32,7 @@ import logging
 import os
 import struct
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from cryptography.exceptions import InvalidTag, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
@@ -43,9 +43,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from agent.errors import CryptoError, FormatError, IntegrityError
-
-if TYPE_CHECKING:
-    from agent.keys import Keyring, TrustStore
+from agent.keys import Keyring, TrustStore, sign
 
 logger = logging.getLogger(__name__)
 
@@ -525,13 +523,15 @@ def unwrap(entry: Mapping[str, Any], keyring: Keyring, context: bytes) -> bytes:
             )
         kek = _hkdf(psk, salt, PSK_WRAP_INFO + context)
     try:
-        return AESGCM(kek).decrypt(nonce, wrapped, context)
+        data_key = AESGCM(kek).decrypt(nonce, wrapped, context)
     except InvalidTag as exc:
         raise CryptoError(
             f"unwrapping the data key for {kid} failed (wrong key, or the entry belongs "
             "to another package)",
             code="unwrap-failed",
         ) from exc
+    logger.debug("unwrapped the data key with %s", kid)
+    return data_key
 
 
 def _ids(keys: Mapping[str, object]) -> str:
@@ -582,8 +582,6 @@ def make_envelope(
     ``b"edgeward key envelope v1\\n" ‖ P`` (the prefix keeps an envelope signature from
     ever being valid as a manifest signature and vice versa).
     """
-    from agent.keys import sign
-
     recipients = [dict(e) for e in entries]
     for e in recipients:
         _entry_type(e)
