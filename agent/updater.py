@@ -231,7 +231,8 @@ class Updater:
     # --- trust ---------------------------------------------------------------------
 
     def _trust(self) -> Any:
-        keys = importlib.import_module("agent.keys")
+        from agent.keys import load_trusted
+
         tdir = self.cfg.paths.trust_dir
         pubs = sorted(tdir.glob("*.pub")) if tdir.is_dir() else []
         if not pubs:
@@ -239,20 +240,15 @@ class Updater:
                 f"no trusted publisher keys (*.pub) in {tdir}; refusing every package",
                 code="no-trust",
             )
-        return keys.load_trusted(pubs)
+        return load_trusted(pubs)
 
     def _keyring(self) -> Any:
         kdir = self.cfg.paths.keys_dir
-        if kdir is None or not kdir.is_dir():
+        if kdir is None or not kdir.is_dir() or not any(kdir.iterdir()):
             return None
-        keys = importlib.import_module("agent.keys")
-        files = sorted(kdir.glob("*.key"))
-        if not files:
-            return None
-        loader = getattr(keys, "load_keyring", None)
-        if loader is not None:
-            return loader(files)
-        return keys.Keyring.load(files)
+        from agent.keys import load_keyring
+
+        return load_keyring([kdir])
 
     def _limits(self) -> Any:
         if not self.cfg.package_limits:
