@@ -534,3 +534,75 @@ def test_unwrap_arbitrary_entries(entry: dict[str, object]) -> None:
 
 
 _ENV = _envelope_setup()
+
+
+def test_no_secrets_in_logs(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from agent.keys import generate_key, load_private, load_psk
+
+    caplog.set_level(logging.DEBUG)
+    dev = generate_key("device", tmp_path)
+    fleet = generate_key("fleet", tmp_path, name="f")
+    priv = load_private(dev.private)
+    assert isinstance(priv, X25519PrivateKey)
+    _, psk = load_psk(fleet.private)
+    dk = crypto.new_data_key()
+    ring = Keyring.from_paths([tmp_path])
+    for entry in (
+        crypto.wrap_for_device(dk, priv.public_key(), dev.key_id, CONTEXT),
+        crypto.wrap_with_psk(dk, psk, fleet.key_id, CONTEXT),
+    ):
+        assert crypto.unwrap_any([entry], ring, CONTEXT) == dk
+    from cryptography.hazmat.primitives import serialization
+
+    raw_priv = priv.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
+    secrets = [dk, psk, raw_priv]
+    text = caplog.text + repr(ring)
+    assert caplog.records  # something was logged, so the check below means something
+    for secret in secrets:
+        assert secret.hex() not in text
+        assert base64.b64encode(secret).decode() not in text
+
+
+# --- SM4-GCM fallback (OpenSSL without SM4-GCM) ---------------------------------------
+
+
+def test_sm4_fallback_matches_rfc8998_and_native() -> None:
+    key = bytes.fromhex("0123456789ABCDEFFEDCBA9876543210")
+    iv = bytes.fromhex("00001234567800000000ABCD")
+    aad = bytes.fromhex("FEEDFACEDEADBEEFFEEDFACEDEADBEEFABADDAD2")
+    pt = bytes.fromhex(
+        "AAAAAAAAAAAAAAAABBBBBBBBBBBBBBBBCCCCCCCCCCCCCCCCDDDDDDDDDDDDDDDD"
+        "EEEEEEEEEEEEEEEEFFFFFFFFFFFFFFFFEEEEEEEEEEEEEEEEAAAAAAAAAAAAAAAA"
+    )
+    fb = crypto._Sm4GcmFallback(key)
+    sealed = fb.encrypt(iv, pt, aad)
+    assert sealed[-16:].hex() == "83de3541e4c2b58177e065a9bf7b62ec"
+    assert sealed == crypto._Sm4Gcm(key).encrypt(iv, pt, aad)
+    native = crypto._Sm4Gcm(key)
+    for n in (0, 1, 15, 16, 17, 100):
+        for a in (b"", b"a", AAD * 3):
+            data = os.urandom(n)
+            nonce = os.urandom(12)
+            s = fb.encrypt(nonce, data, a)
+            assert s == native.encrypt(nonce, data, a)
+            assert fb.decrypt(nonce, s, a) == data
+            with pytest.raises(crypto.InvalidTag):
+                fb.decrypt(nonce, s[:-1] + bytes([s[-1] ^ 1]), a)
+
+
+def test_sm4_stream_uses_fallback_when_native_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = os.urandom(3 * CS + 1)
+    prefix, native_sealed = _seal(data, "sm4-gcm")
+
+    def missing(self: object, nonce: bytes, data: bytes, aad: bytes) -> bytes:
+        raise crypto.UnsupportedAlgorithm("no SM4-GCM")
+
+    monkeypatch.setattr(crypto._Sm4Gcm, "encrypt", missing)
+    enc = crypto.StreamEncryptor(KEY, "sm4-gcm", AAD, CS, prefix)
+    assert isinstance(enc._aead, crypto._Sm4GcmFallback)
+    assert enc.update(data) + enc.finalize() == native_sealed
+    assert _decrypt_in_pieces(native_sealed, prefix, "sm4-gcm", 9) == data
