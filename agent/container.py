@@ -567,6 +567,12 @@ class ContainerReader:
         for index in range(self.header.model_count):
             if self._current is not None:
                 self._current.raw.skip()
+            if self._remaining is not None and self._remaining < MODEL_HEADER_SIZE:
+                raise FormatError(
+                    f"container truncated before model header {index} "
+                    f"({self._remaining} of {MODEL_HEADER_SIZE} bytes)",
+                    code="container-truncated",
+                )
             header = parse_model_header(
                 _read_exact(self._src, MODEL_HEADER_SIZE), self.limits, index=index
             )
