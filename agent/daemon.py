@@ -234,21 +234,30 @@ class Daemon:
         u = self.cfg.updates
         return u.check_interval * (1 + random.uniform(-u.jitter, u.jitter))  # noqa: S311
 
+    async def _safe_check(self) -> None:
+        """A check from a timer or signal: failures are logged, never fatal."""
+        try:
+            await self.updater.check()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("update check failed")
+
     async def _check_timer(self) -> None:
         if self.cfg.updates.check_on_start:
-            await self.updater.check()
+            await self._safe_check()
         while True:
             if self.cfg.updates.check_interval <= 0:
-                await asyncio.sleep(3600)  # disabled; SIGHUP may re-enable it
+                await asyncio.sleep(5)  # disabled; a SIGHUP reload may enable it
                 continue
             await asyncio.sleep(self._next_delay())
-            await self.updater.check()
+            await self._safe_check()
 
     def trigger_check(self) -> None:
         """Start a check in the background (coalesced by the updater's lock)."""
         if self._check_task is not None and not self._check_task.done():
             return
-        self._check_task = asyncio.get_running_loop().create_task(self.updater.check())
+        self._check_task = asyncio.get_running_loop().create_task(self._safe_check())
 
     def _on_sighup(self) -> None:
         logger.info("SIGHUP: reloading configuration")
