@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import Config
-from agent.errors import EdgewardError, UpdateError
+from agent.errors import EdgewardError, PreflightError, UpdateError
 from agent.registry import ModelRegistry
 from agent.store import Store, check_name, version_key
 
@@ -373,6 +373,7 @@ class Updater:
             kwargs = {"limits": limits} if limits is not None else {}
             await loop.run_in_executor(None, lambda: package.verify(cand.path, trust, **kwargs))
             m.advance("unpacking")
+            self._preflight(cand.path)
             staging = self.store.staging(prefix=f"{name}-{version}-")
             out = staging / "pkg"
             base_dir = self.store.version_dir(name, current) if current else None
@@ -426,6 +427,22 @@ class Updater:
         finally:
             if staging is not None:
                 shutil.rmtree(staging, ignore_errors=True)
+
+    def _preflight(self, pkg: Path) -> None:
+        """Refuse early, with the numbers, when the disk cannot hold the unpacked version.
+
+        Unpacking needs about the package size again (decrypted, decompressed models are
+        usually larger: count twice) plus the converter's output; a half-written
+        version on a full disk is exactly what must not happen.
+        """
+        need = 3 * pkg.stat().st_size + 16 * 1024 * 1024
+        free = shutil.disk_usage(self.store.root).free
+        if free < need:
+            raise PreflightError(
+                f"not enough disk space in {self.store.root}: {free // 2**20} MiB free, "
+                f"{need // 2**20} MiB needed to unpack {pkg.name}",
+                code="disk-space",
+            )
 
     def _reject(self, path: Path, reason: str) -> None:
         """Move a refused package aside so the next check does not retry it forever."""
