@@ -26,10 +26,10 @@ import pwd
 import socket
 import struct
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from agent.errors import EdgewardError, InferenceError
+from agent.http import PeerCred, Request, Response
 from agent.registry import LATENCY_BUCKETS
 
 if TYPE_CHECKING:
@@ -55,15 +55,6 @@ class MethodNotAllowedError(InferenceError):
 class NotFoundError(InferenceError):
     code = "not-found"
     status = 404
-
-
-@dataclass(frozen=True)
-class PeerCred:
-    """The process on the other end of a Unix socket, as the kernel reports it."""
-
-    pid: int
-    uid: int
-    gid: int
 
 
 def peer_credentials(sock: socket.socket) -> PeerCred:
@@ -196,6 +187,10 @@ class ControlApp:
 
     ``__call__`` adapts it to ``agent.http`` requests; tests may call ``dispatch``.
     """
+
+    async def __call__(self, request: Request) -> Response:
+        status, ctype, body = await self.dispatch(request.method, request.path, request.peer_cred)
+        return Response(status, {"content-type": ctype}, body)
 
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon

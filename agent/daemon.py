@@ -27,7 +27,7 @@ from typing import Any
 
 from agent.config import Config, check_groups, load_config
 from agent.control import ControlApp
-from agent.errors import EdgewardError
+from agent.errors import ConfigError, EdgewardError
 from agent.registry import ModelRegistry, WorkerLike
 from agent.sdnotify import Notifier, watchdog_interval
 from agent.store import Store
@@ -146,13 +146,20 @@ class Daemon:
         logger.warning("model %s rolled back to version %s", name, prev)
 
     async def _bind(self) -> None:
-        http = importlib.import_module("agent.http")
+        from agent.http import HTTPLimits, UnixHTTPServer
+
         kserve = importlib.import_module("agent.kserve")
         inf = self.cfg.inference
-        limits = http.HTTPLimits(**inf.limits) if inf.limits else http.HTTPLimits()
+        try:
+            limits = HTTPLimits(**inf.limits)
+        except TypeError as exc:
+            allowed = ", ".join(HTTPLimits.__dataclass_fields__)
+            raise ConfigError(
+                f"inference.limits: {exc}; allowed: {allowed}", code="config-key"
+            ) from None
         for sock_path in (inf.socket, self.cfg.control.socket):
             sock_path.parent.mkdir(parents=True, exist_ok=True)
-        infer_server = http.UnixHTTPServer(
+        infer_server = UnixHTTPServer(
             str(inf.socket),
             kserve.InferenceApp(self.registry),
             limits=limits,
@@ -162,10 +169,10 @@ class Daemon:
         await infer_server.start()
         self._servers.append(infer_server)
         ctl = self.cfg.control
-        control_server = http.UnixHTTPServer(
+        control_server = UnixHTTPServer(
             str(ctl.socket),
             ControlApp(self),
-            limits=http.HTTPLimits(),
+            limits=HTTPLimits(),
             mode=ctl.mode if not ctl.admin_group else (ctl.mode | 0o060),
             group=ctl.admin_group or None,
         )
