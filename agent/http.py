@@ -1,0 +1,699 @@
+"""A small, fast HTTP/1.1 server on a Unix socket (inference and control sockets).
+
+Why not an off-the-shelf server: the daemon must stay small (idle RSS ≤ 60 MB), add
+tens of microseconds at most per request, and defend itself against local clients that
+misbehave (slowloris, header floods, lying ``Content-Length``) without new
+dependencies. The subset of HTTP/1.1 it speaks is what KServe v2 clients and curl use:
+
+* keep-alive connections, one request at a time per connection (pipelined requests
+  are read after the previous response is written — reading pauses while a request is
+  handled, which is also the back-pressure);
+* request bodies only with ``Content-Length`` (chunked request bodies → 411);
+* ``Expect: 100-continue`` (curl sends it for large bodies).
+
+The protocol is an ``asyncio.BufferedProtocol``: headers are read into a per-connection
+scratch buffer, and a body that does not fit there is read by the kernel straight into
+its own ``bytearray`` — no copy, and ``numpy.frombuffer`` on it is writable.
+
+Every protocol-level failure is answered with a v2-style JSON error
+(``{"error": ..., "code": ...}``) and, where the stream can no longer be trusted, the
+connection is closed: 400 bad request line/headers, 408 header or body timeout, 411
+chunked body, 413 body over the limit, 431 headers too large or too many, 503 too many
+connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import json
+import logging
+import os
+import socket
+import stat
+import struct
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import unquote
+
+from agent.errors import ConfigError, EdgewardError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "HTTPLimits",
+    "PeerCred",
+    "Request",
+    "Response",
+    "SocketInUseError",
+    "UnixHTTPServer",
+    "json_response",
+]
+
+Body = bytes | bytearray | memoryview
+
+
+@dataclass(frozen=True)
+class HTTPLimits:
+    """Per-server limits; every one protects the daemon from a misbehaving local client."""
+
+    max_body_bytes: int = 64 * 1024 * 1024  # bytes; larger Content-Length → 413
+    max_header_bytes: int = 16 * 1024  # bytes of request line + headers → 431
+    max_headers: int = 100  # header lines → 431
+    header_timeout_s: float = 10.0  # seconds from a request's first byte to its blank line
+    body_timeout_s: float = 60.0  # seconds to receive a whole body once headers are in
+    keepalive_timeout_s: float = 75.0  # seconds an idle keep-alive connection stays open
+    max_connections: int = 512  # concurrent connections; more → 503 and close
+
+    def __post_init__(self) -> None:
+        for name in ("max_body_bytes", "max_header_bytes", "max_headers", "max_connections"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(
+                    f"inference.limits.{name}: expected a positive integer, got {value!r}",
+                    code="config-limits",
+                )
+        for name in ("header_timeout_s", "body_timeout_s", "keepalive_timeout_s"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or value <= 0:
+                raise ConfigError(
+                    f"inference.limits.{name}: expected a positive number of seconds, "
+                    f"got {value!r}",
+                    code="config-limits",
+                )
+
+
+@dataclass(frozen=True)
+class PeerCred:
+    """The connecting process (``SO_PEERCRED``): the kernel's word, not the client's."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
+@dataclass
+class Request:
+    """One parsed request. ``headers`` keys are lower-case; ``path`` is percent-decoded."""
+
+    method: str
+    path: str
+    query: str
+    headers: dict[str, str]
+    body: Body
+    peer_cred: PeerCred | None = None
+    http_version: str = "HTTP/1.1"
+
+
+@dataclass
+class Response:
+    """One response. ``body`` may be a sequence of buffers (written without joining them
+    into one copy when large, e.g. binary tensor outputs)."""
+
+    status: int
+    headers: dict[str, str] = field(default_factory=dict)
+    body: Body | Sequence[Body] = b""
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class SocketInUseError(EdgewardError):
+    """Another live process already serves on the socket path."""
+
+    code = "socket-in-use"
+    status = 500
+
+
+def json_response(status: int, obj: object, headers: dict[str, str] | None = None) -> Response:
+    """A JSON response (compact separators: these bodies are on the hot path)."""
+    h = {"content-type": "application/json"}
+    if headers:
+        h.update(headers)
+    return Response(status, h, json.dumps(obj, separators=(",", ":")).encode())
+
+
+_REASONS = {
+    100: "Continue",
+    200: "OK",
+    204: "No Content",
+    400: "Bad Request",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    411: "Length Required",
+    413: "Content Too Large",
+    415: "Unsupported Media Type",
+    422: "Unprocessable Content",
+    429: "Too Many Requests",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    501: "Not Implemented",
+    503: "Service Unavailable",
+    505: "HTTP Version Not Supported",
+}
+# Pre-encoded status lines: building them per request costs more than the lookup.
+_STATUS_LINES = {c: f"HTTP/1.1 {c} {reason}\r\n".encode() for c, reason in _REASONS.items()}
+_KEEP_ALIVE = b"connection: keep-alive\r\n"
+_CLOSE = b"connection: close\r\n"
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_HEADER_END = b"\r\n\r\n"
+_SMALL_BODY = 64 * 1024  # bytes; below this a response is joined into one write
+_PEERCRED = struct.Struct("3i")
+
+# Connection phases (h11-style: everything that moves a connection lives in _Conn).
+_IDLE, _HEAD, _BODY, _HANDLING, _CLOSED = range(5)
+
+
+def _status_line(status: int) -> bytes:
+    line = _STATUS_LINES.get(status)
+    if line is None:
+        line = f"HTTP/1.1 {status} Status {status}\r\n".encode()
+    return line
+
+
+class _ProtocolError(Exception):
+    """A request that cannot be parsed; answered and the connection closed."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def _parse_head(head: str, limits: HTTPLimits) -> tuple[str, str, str, str, dict[str, str]]:
+    """Request line and headers → (method, path, query, version, headers). No regex."""
+    lines = head.split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not parts[0] or not parts[1]:
+        raise _ProtocolError(400, "bad-request-line", f"malformed request line {lines[0][:80]!r}")
+    method, target, version = parts
+    if version not in ("HTTP/1.1", "HTTP/1.0"):
+        if version.startswith("HTTP/"):
+            raise _ProtocolError(505, "http-version", f"unsupported HTTP version {version[:16]!r}")
+        raise _ProtocolError(400, "bad-request-line", f"malformed request line {lines[0][:80]!r}")
+    if not method.isalpha() or not method.isupper():
+        raise _ProtocolError(400, "bad-request-line", f"malformed method {method[:16]!r}")
+    if len(lines) - 1 > limits.max_headers:
+        raise _ProtocolError(
+            431, "too-many-headers", f"more than {limits.max_headers} header fields"
+        )
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if not sep or not name or name != name.strip() or " " in name or "\t" in name:
+            raise _ProtocolError(400, "bad-header", f"malformed header line {line[:80]!r}")
+        key = name.lower()
+        value = value.strip()
+        prev = headers.get(key)
+        if prev is not None:
+            if key == "content-length" and prev != value:
+                raise _ProtocolError(400, "bad-content-length", "conflicting Content-Length")
+            value = prev + ", " + value if key != "content-length" else value
+        headers[key] = value
+    path, _, query = target.partition("?")
+    if "%" in path:
+        path = unquote(path)
+    return method, path, query, version, headers
+
+
+class _Conn(asyncio.BufferedProtocol):
+    """One client connection: a small state machine over a receive buffer."""
+
+    __slots__ = (
+        "_body",
+        "_body_filled",
+        "_body_view",
+        "_buf",
+        "_closing",
+        "_filled",
+        "_keep_alive",
+        "_limits",
+        "_loop",
+        "_peer",
+        "_pending",
+        "_phase",
+        "_server",
+        "_timer",
+        "_transport",
+        "_view",
+        "_write_paused",
+        "_write_ready",
+    )
+
+    def __init__(self, server: UnixHTTPServer) -> None:
+        self._server = server
+        self._limits = server.limits
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        # Scratch buffer for request heads (and small bodies riding along).
+        self._buf = bytearray(max(32 * 1024, self._limits.max_header_bytes + 4))
+        self._view = memoryview(self._buf)
+        self._filled = 0
+        self._phase = _IDLE
+        self._timer: asyncio.TimerHandle | None = None
+        self._body: bytearray | None = None
+        self._body_view: memoryview | None = None
+        self._body_filled = 0
+        self._pending: tuple[str, str, str, str, dict[str, str]] | None = None
+        self._peer: PeerCred | None = None
+        self._keep_alive = True
+        self._write_paused = False
+        self._write_ready: asyncio.Future[None] | None = None
+        self._closing = False
+
+    # --- asyncio callbacks -----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        srv = self._server
+        srv._conns.add(self)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                pid, uid, gid = _PEERCRED.unpack(
+                    sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+                )
+                self._peer = PeerCred(pid, uid, gid)
+        if len(srv._conns) > self._limits.max_connections:
+            logger.warning("refusing connection: %d connections open", len(srv._conns) - 1)
+            self._fail(503, "too-many-connections", "too many connections; retry later")
+            return
+        if srv._closing:
+            self._fail(503, "shutting-down", "the server is shutting down")
+            return
+        self._arm(self._limits.keepalive_timeout_s)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._phase = _CLOSED
+        self._cancel_timer()
+        self._server._conns.discard(self)
+        self._server._conn_gone()
+        if self._write_ready is not None and not self._write_ready.done():
+            self._write_ready.set_result(None)
+        self._body = self._body_view = None
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._write_ready is not None and not self._write_ready.done():
+            self._write_ready.set_result(None)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._phase == _BODY and self._body_view is not None:
+            return self._body_view[self._body_filled :]
+        return self._view[self._filled :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._phase == _BODY:
+            self._body_filled += nbytes
+            if self._body_filled >= len(self._body or b""):
+                self._body_complete()
+            return
+        if self._phase == _IDLE:
+            self._phase = _HEAD
+            self._arm(self._limits.header_timeout_s)
+        self._filled += nbytes
+        self._try_head(max(0, self._filled - nbytes - 3))
+
+    def eof_received(self) -> bool | None:
+        # A half-closed client gets its in-flight response, then the connection closes.
+        self._keep_alive = False
+        if self._phase in (_IDLE, _HEAD, _BODY) and self._transport is not None:
+            self._transport.close()
+        return True
+
+    # --- parsing ---------------------------------------------------------------------
+
+    def _try_head(self, search_from: int) -> None:
+        if self._phase != _HEAD:
+            return
+        limit = self._limits.max_header_bytes
+        end = self._buf.find(_HEADER_END, search_from, min(self._filled, limit + 4))
+        if end < 0:
+            if self._filled > limit or self._filled >= len(self._buf):
+                self._fail(431, "headers-too-large", f"request headers exceed {limit} bytes")
+            return
+        if end == 0 and self._buf[:2] == b"\r\n":
+            # Tolerate stray CRLF between requests (RFC 9112 §2.2).
+            self._shift(2)
+            self._try_head(0)
+            return
+        try:
+            head = self._buf[:end].decode("latin-1")
+            method, path, query, version, headers = _parse_head(head, self._limits)
+            length = self._content_length(headers)
+        except _ProtocolError as exc:
+            self._fail(exc.status, exc.code, exc.message)
+            return
+        conn_hdr = headers.get("connection", "").lower()
+        if version == "HTTP/1.0":
+            self._keep_alive = "keep-alive" in conn_hdr
+        elif "close" in conn_hdr:
+            self._keep_alive = False
+        start = end + 4
+        self._pending = (method, path, query, version, headers)
+        have = self._filled - start
+        if have >= length:
+            body = bytes(self._buf[start : start + length])
+            self._shift(start + length)
+            self._dispatch(body)
+            return
+        # The body continues beyond the scratch buffer: read it straight into its own
+        # buffer (the kernel writes into it; no further copies).
+        body_buf = bytearray(length)
+        body_buf[:have] = self._buf[start : self._filled]
+        self._filled = 0
+        self._body = body_buf
+        self._body_view = memoryview(body_buf)
+        self._body_filled = have
+        self._phase = _BODY
+        self._arm(self._limits.body_timeout_s)
+        if "100-continue" in headers.get("expect", "").lower() and self._transport is not None:
+            self._transport.write(_CONTINUE)
+
+    def _content_length(self, headers: dict[str, str]) -> int:
+        te = headers.get("transfer-encoding")
+        if te is not None:
+            raise _ProtocolError(
+                411,
+                "length-required",
+                f"Transfer-Encoding {te[:32]!r} request bodies are not supported; "
+                "send Content-Length",
+            )
+        raw = headers.get("content-length")
+        if raw is None:
+            return 0
+        if not raw.isdigit() or len(raw) > 19:
+            raise _ProtocolError(
+                400, "bad-content-length", f"malformed Content-Length {raw[:32]!r}"
+            )
+        length = int(raw)
+        if length > self._limits.max_body_bytes:
+            raise _ProtocolError(
+                413,
+                "payload-too-large",
+                f"request body of {length} bytes exceeds the limit of "
+                f"{self._limits.max_body_bytes} bytes",
+            )
+        return length
+
+    def _shift(self, n: int) -> None:
+        """Drop the first ``n`` bytes of the scratch buffer (keep pipelined bytes)."""
+        rest = self._filled - n
+        if rest > 0:
+            self._buf[:rest] = self._buf[n : self._filled]
+        self._filled = max(rest, 0)
+
+    def _body_complete(self) -> None:
+        body = self._body
+        self._body = self._body_view = None
+        self._body_filled = 0
+        assert body is not None
+        self._dispatch(body)
+
+    def _dispatch(self, body: Body) -> None:
+        assert self._pending is not None and self._transport is not None
+        method, path, query, version, headers = self._pending
+        self._pending = None
+        self._phase = _HANDLING
+        self._cancel_timer()
+        self._transport.pause_reading()
+        req = Request(method, path, query, headers, body, self._peer, version)
+        task = self._loop.create_task(self._run(req))
+        self._server._inflight.add(task)
+        task.add_done_callback(self._server._inflight.discard)
+
+    async def _run(self, req: Request) -> None:
+        try:
+            resp = await self._server.handler(req)
+        except Exception:
+            logger.exception("handler failed for %s %s", req.method, req.path)
+            resp = json_response(500, {"error": "internal server error", "code": "internal"})
+        if self._phase == _CLOSED or self._transport is None:
+            return
+        keep = self._keep_alive and not self._server._closing and not self._closing
+        self._write(resp, keep)
+        if not keep:
+            self._close_after_write()
+            return
+        if self._write_paused:
+            self._write_ready = self._loop.create_future()
+            await self._write_ready
+            self._write_ready = None
+            if self._phase == _CLOSED:
+                return
+        self._phase = _IDLE
+        self._arm(self._limits.keepalive_timeout_s)
+        self._transport.resume_reading()
+        if self._filled:  # a pipelined request is already buffered
+            self._phase = _HEAD
+            self._arm(self._limits.header_timeout_s)
+            self._try_head(0)
+
+    # --- writing, timers, failure ----------------------------------------------------
+
+    def _write(self, resp: Response, keep_alive: bool) -> None:
+        assert self._transport is not None
+        body = resp.body
+        parts: Sequence[Body]
+        if isinstance(body, (bytes, bytearray, memoryview)):
+            parts = (body,)
+            length = len(body) if not isinstance(body, memoryview) else body.nbytes
+        else:
+            parts = body
+            length = sum(p.nbytes if isinstance(p, memoryview) else len(p) for p in parts)
+        head: list[Body] = [_status_line(resp.status)]
+        for k, v in resp.headers.items():
+            head.append(f"{k}: {v}\r\n".encode("latin-1"))
+        head.append(b"content-length: %d\r\n" % length)
+        head.append(_KEEP_ALIVE if keep_alive else _CLOSE)
+        head.append(b"\r\n")
+        if length <= _SMALL_BODY:
+            head.extend(parts)
+            self._transport.write(b"".join(head))
+        else:
+            self._transport.write(b"".join(head))
+            for p in parts:
+                self._transport.write(p)
+
+    def _close_after_write(self) -> None:
+        self._phase = _CLOSED
+        self._cancel_timer()
+        if self._transport is not None:
+            self._transport.close()  # flushes the write buffer first
+
+    def _fail(self, status: int, code: str, message: str) -> None:
+        """Answer a protocol error and close: the byte stream can no longer be trusted."""
+        logger.debug("http %d (%s): %s", status, code, message)
+        if self._transport is None or self._phase == _CLOSED:
+            return
+        if self._phase != _HANDLING:
+            self._write(json_response(status, {"error": message, "code": code}), False)
+        self._close_after_write()
+
+    def _arm(self, seconds: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._loop.call_later(seconds, self._timeout)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _timeout(self) -> None:
+        self._timer = None
+        if self._phase == _IDLE:
+            self._close_after_write()  # idle keep-alive: close silently
+        elif self._phase == _HEAD:
+            self._fail(408, "header-timeout", "request headers not received in time")
+        elif self._phase == _BODY:
+            self._fail(
+                408, "body-timeout", "request body shorter than its Content-Length or too slow"
+            )
+
+    # --- shutdown --------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Close now if idle; otherwise close after the in-flight response."""
+        self._closing = True
+        if self._phase in (_IDLE, _HEAD, _BODY):
+            self._close_after_write()
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+
+class UnixHTTPServer:
+    """HTTP/1.1 on a Unix socket with explicit ``start()`` / ``close(drain_timeout)``.
+
+    The socket file is created under a temporary name, given its mode and group, and
+    only then renamed into place — there is never a moment when ``path`` exists with
+    the wrong permissions. A stale socket file (left by a killed daemon) is replaced;
+    a live one (another daemon answering) is refused.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        handler: Handler,
+        *,
+        limits: HTTPLimits | None = None,
+        mode: int = 0o660,
+        group: str | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.handler = handler
+        self.limits = limits if limits is not None else HTTPLimits()
+        self.mode = mode
+        self.group = group
+        self._server: asyncio.AbstractServer | None = None
+        self._conns: set[_Conn] = set()
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._closing = False
+        self._ino: tuple[int, int] | None = None
+        self._all_gone: asyncio.Event | None = None
+
+    @property
+    def connections(self) -> int:
+        """Open connections (for tests and metrics)."""
+        return len(self._conns)
+
+    async def start(self) -> None:
+        """Bind, set permissions, rename into place, listen.
+
+        Raises:
+            SocketInUseError: another process answers on ``path``.
+            ConfigError: the group does not exist or cannot be given to the socket, or
+                ``path`` exists and is not a socket.
+        """
+        path = self.path
+        gid = _resolve_group(self.group) if self.group else None
+        _clear_stale(path)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        if len(os.fsencode(str(tmp))) > 100:
+            raise ConfigError(
+                f"socket path {path} is too long for a Unix socket", code="socket-path"
+            )
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(str(tmp))
+            os.chmod(tmp, self.mode)
+            if gid is not None:
+                try:
+                    os.chown(tmp, -1, gid)
+                except PermissionError as exc:
+                    raise ConfigError(
+                        f"cannot give socket {path} to group {self.group!r}: the daemon user "
+                        "is not a member of it",
+                        code="socket-group",
+                    ) from exc
+            sock.listen(1024)
+            os.rename(tmp, path)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        st = os.stat(path)
+        self._ino = (st.st_dev, st.st_ino)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_unix_server(lambda: _Conn(self), sock=sock)
+        logger.info("listening on %s (mode %04o, group %s)", path, self.mode, self.group or "-")
+
+    def _conn_gone(self) -> None:
+        if self._all_gone is not None and not self._conns:
+            self._all_gone.set()
+
+    async def close(self, drain_timeout: float = 10.0) -> None:
+        """Stop accepting, let in-flight requests finish (bounded), close everything.
+
+        Idle keep-alive connections are closed at once; a connection with a request in
+        flight gets its response (with ``Connection: close``) and is then closed.
+        Whatever is still running after ``drain_timeout`` seconds is aborted.
+        """
+        self._closing = True
+        if self._server is not None:
+            self._server.close()
+        self._unlink_own()
+        self._all_gone = asyncio.Event()
+        for c in list(self._conns):
+            c.shutdown()
+        if self._conns:
+            try:
+                await asyncio.wait_for(self._all_gone.wait(), drain_timeout)
+            except TimeoutError:
+                logger.warning(
+                    "%s: %d connections still busy after %.1fs; aborting them",
+                    self.path,
+                    len(self._conns),
+                    drain_timeout,
+                )
+                for c in list(self._conns):
+                    c.abort()
+                for t in list(self._inflight):
+                    t.cancel()
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+            self._server = None
+
+    def _unlink_own(self) -> None:
+        """Remove the socket file only if it is still the one we created."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return
+        if self._ino == (st.st_dev, st.st_ino):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+
+
+def _resolve_group(group: str) -> int:
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        if group.isdigit():
+            return int(group)
+        raise ConfigError(
+            f"socket group {group!r} does not exist; create it or set another group",
+            code="socket-group",
+        ) from None
+
+
+def _clear_stale(path: Path) -> None:
+    """Unlink a socket file nobody answers on; refuse a live one or a non-socket."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ConfigError(
+            f"{path} exists and is not a socket; refusing to replace it", code="socket-path"
+        )
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        logger.info("removing stale socket %s", path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return
+    except OSError as exc:
+        raise SocketInUseError(f"cannot probe existing socket {path}: {exc}") from exc
+    finally:
+        probe.close()
+    raise SocketInUseError(f"another process is already serving on {path}; stop it first")

@@ -1,0 +1,437 @@
+"""KServe / Open Inference Protocol v2: a transport-free data plane and its HTTP adapter.
+
+``DataPlane`` knows models, tensors and errors, nothing of HTTP (STYLE rule 7, as
+MLServer's ``handlers/dataplane.py``); ``InferenceApp`` maps v2 paths and the binary
+tensor extension onto it and turns every ``EdgewardError`` into a v2 error response
+(``{"error": ..., "code": ...}``) with the error's status — in one place.
+
+Endpoints::
+
+    GET  /v2/health/live        200 {"live": true}
+    GET  /v2/health/ready       200 {"ready": true} | 503 while a model is not ready
+    GET  /v2                    server metadata (name, version, extensions)
+    GET  /v2/models/{m}[/versions/{v}]           model metadata
+    GET  /v2/models/{m}[/versions/{v}]/ready     200 | 503 (model-not-ready)
+    POST /v2/models/{m}[/versions/{v}]/infer     inference (JSON or binary tensors)
+
+Per model at most ``max_concurrent_per_model`` requests run at once and at most
+``max_queue_per_model`` wait; beyond that the request fails fast with 503 and
+``Retry-After`` (``OverloadedError``) instead of piling up memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from agent.errors import (
+    EdgewardError,
+    InferenceError,
+    InvalidInputError,
+    ModelNotReadyError,
+    OverloadedError,
+)
+from agent.http import Request, Response, json_response
+from agent.tensors import HEADER_LENGTH, InferRequest, decode_request, encode_response
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "EXTENSIONS",
+    "DataPlane",
+    "InferResult",
+    "InferenceApp",
+    "MethodNotAllowedError",
+    "PathNotFoundError",
+    "Registry",
+    "ServedModel",
+    "error_response",
+]
+
+EXTENSIONS = ["binary_tensor_data", "health", "model_metadata"]
+
+
+class ServedModel(Protocol):
+    """One served model version (implemented by ``agent.registry``)."""
+
+    name: str
+    version: str
+
+    @property
+    def ready(self) -> bool: ...
+
+    def metadata(self) -> dict[str, Any]: ...
+
+    async def infer(
+        self, inputs: dict[str, np.ndarray[Any, Any]], parameters: dict[str, Any]
+    ) -> dict[str, np.ndarray[Any, Any]]: ...
+
+
+class Registry(Protocol):
+    """Name (and version) → served model; ``ModelNotFoundError`` if unknown."""
+
+    def models(self) -> Any: ...
+
+    def get(self, name: str, version: str | None = None) -> Any: ...
+
+
+class MethodNotAllowedError(InferenceError):
+    code = "method-not-allowed"
+    status = 405
+    allow = "GET"
+
+
+class PathNotFoundError(InferenceError):
+    code = "not-found"
+    status = 404
+
+
+# --- per-model admission ---------------------------------------------------------------
+
+
+class _Gate:
+    """At most ``limit`` holders, at most ``queue`` waiters, FIFO; overflow raises."""
+
+    __slots__ = ("active", "limit", "queue", "waiters")
+
+    def __init__(self, limit: int, queue: int) -> None:
+        self.limit = limit
+        self.queue = queue
+        self.active = 0
+        self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    async def acquire(self, model: str) -> None:
+        if self.active < self.limit and not self.waiters:
+            self.active += 1
+            return
+        if len(self.waiters) >= self.queue:
+            raise OverloadedError(
+                f"model {model!r} is overloaded ({self.active} running, "
+                f"{len(self.waiters)} queued); retry later",
+                retry_after=1.0,
+            )
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.waiters.append(fut)
+        try:
+            await fut
+        except BaseException:
+            if fut.done() and not fut.cancelled():
+                self.release()  # we were handed the slot but are going away: pass it on
+            else:
+                with_suppress_remove(self.waiters, fut)
+            raise
+
+    def release(self) -> None:
+        while self.waiters:
+            fut = self.waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)  # the slot passes to the waiter; active unchanged
+                return
+        self.active -= 1
+
+
+def with_suppress_remove(dq: collections.deque[asyncio.Future[None]], fut: Any) -> None:
+    with contextlib.suppress(ValueError):
+        dq.remove(fut)
+
+
+# --- the data plane ----------------------------------------------------------------------
+
+
+@dataclass
+class InferResult:
+    """What the data plane returns for one inference."""
+
+    model_name: str
+    model_version: str
+    id: str | None
+    outputs: list[tuple[str, np.ndarray[Any, Any], bool]]
+
+
+@dataclass(frozen=True)
+class _InputSpec:
+    datatype: str
+    shape: tuple[int, ...] | None  # -1 = any
+
+
+class DataPlane:
+    """v2 semantics over a ``Registry``; raises ``EdgewardError`` subclasses."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        server_name: str = "edgeward",
+        version: str | None = None,
+        max_queue_per_model: int = 64,
+        max_concurrent_per_model: int = 8,
+    ) -> None:
+        self.registry = registry
+        self.server_name = server_name
+        self.version = version or _package_version()
+        self.max_queue = max_queue_per_model
+        self.max_concurrent = max_concurrent_per_model
+        self._gates: dict[str, _Gate] = {}
+        self._specs: dict[tuple[str, str, int], dict[str, _InputSpec] | None] = {}
+
+    def live(self) -> dict[str, Any]:
+        return {"live": True}
+
+    def ready(self) -> bool:
+        return all(m.ready for m in self.registry.models())
+
+    def server_metadata(self) -> dict[str, Any]:
+        return {"name": self.server_name, "version": self.version, "extensions": EXTENSIONS}
+
+    def model(self, name: str, version: str | None) -> Any:
+        return self.registry.get(name, version)
+
+    def model_metadata(self, name: str, version: str | None) -> dict[str, Any]:
+        m = self.model(name, version)
+        meta = dict(m.metadata())
+        meta.setdefault("name", m.name)
+        meta.setdefault("versions", [m.version])
+        meta.setdefault("platform", "")
+        return meta
+
+    def model_ready(self, name: str, version: str | None) -> dict[str, Any]:
+        m = self.model(name, version)
+        if not m.ready:
+            raise ModelNotReadyError(f"model {name!r} version {m.version} is not ready")
+        return {"name": m.name, "ready": True}
+
+    def _input_specs(self, m: Any) -> dict[str, _InputSpec] | None:
+        key = (m.name, m.version, id(m))
+        try:
+            return self._specs[key]
+        except KeyError:
+            pass
+        specs: dict[str, _InputSpec] | None = None
+        try:
+            meta = m.metadata()
+            raw = meta.get("inputs")
+            if isinstance(raw, list) and raw:
+                specs = {}
+                for s in raw:
+                    shape = s.get("shape")
+                    specs[str(s["name"])] = _InputSpec(
+                        str(s.get("datatype", "")).upper(),
+                        tuple(int(d) for d in shape) if isinstance(shape, list) else None,
+                    )
+        except Exception:  # metadata of unusual shape: let the backend validate instead
+            logger.debug("model %s: cannot read input metadata", m.name, exc_info=True)
+            specs = None
+        if len(self._specs) > 256:
+            self._specs.clear()
+        self._specs[key] = specs
+        return specs
+
+    def _validate(self, m: Any, inputs: Mapping[str, np.ndarray[Any, Any]]) -> None:
+        specs = self._input_specs(m)
+        if specs is None:
+            return
+        from agent.tensors import datatype_of
+
+        for name, arr in inputs.items():
+            spec = specs.get(name)
+            if spec is None:
+                raise InvalidInputError(
+                    f"model {m.name!r} has no input {name!r}; inputs: {', '.join(specs)}",
+                    code="unknown-input",
+                )
+            dt = datatype_of(arr, name=name)
+            if spec.datatype and dt != spec.datatype:
+                raise InvalidInputError(
+                    f"input {name!r}: datatype {dt} does not match the model's {spec.datatype}",
+                    code="bad-datatype",
+                )
+            if spec.shape is not None and (
+                len(spec.shape) != arr.ndim
+                or any(w >= 0 and w != g for w, g in zip(spec.shape, arr.shape, strict=True))
+            ):
+                raise InvalidInputError(
+                    f"input {name!r}: shape {list(arr.shape)} does not match the model's "
+                    f"{list(spec.shape)} (-1 = any)",
+                    code="bad-shape",
+                )
+        missing = [n for n in specs if n not in inputs]
+        if missing:
+            raise InvalidInputError(
+                f"model {m.name!r}: missing input(s) {', '.join(missing)}", code="missing-input"
+            )
+
+    async def infer(self, name: str, version: str | None, req: InferRequest) -> InferResult:
+        m = self.model(name, version)
+        if not m.ready:
+            raise ModelNotReadyError(f"model {name!r} version {m.version} is not ready")
+        self._validate(m, req.inputs)
+        gate = self._gates.get(name)
+        if gate is None:
+            gate = self._gates[name] = _Gate(self.max_concurrent, self.max_queue)
+        await gate.acquire(name)
+        try:
+            result = await m.infer(req.inputs, req.parameters)
+        finally:
+            gate.release()
+        return InferResult(m.name, m.version, req.id, _select(result, req))
+
+
+def _select(
+    result: Mapping[str, np.ndarray[Any, Any]], req: InferRequest
+) -> list[tuple[str, np.ndarray[Any, Any], bool]]:
+    if req.outputs is None:
+        return [(k, np.asarray(v), req.binary_output) for k, v in result.items()]
+    out = []
+    for o in req.outputs:
+        if o.name not in result:
+            raise InvalidInputError(
+                f"requested output {o.name!r} does not exist; outputs: {', '.join(result)}",
+                code="unknown-output",
+            )
+        binary = req.binary_output if o.binary is None else o.binary
+        out.append((o.name, np.asarray(result[o.name]), binary))
+    return out
+
+
+def _package_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("edgeward")
+    except Exception:
+        return "0"
+
+
+# --- the HTTP adapter --------------------------------------------------------------------
+
+
+def error_response(exc: EdgewardError) -> Response:
+    """The one mapping from Edgeward errors to v2 error responses."""
+    headers: dict[str, str] | None = None
+    if isinstance(exc, OverloadedError):
+        headers = {"retry-after": str(max(1, math.ceil(exc.retry_after)))}
+    elif isinstance(exc, MethodNotAllowedError):
+        headers = {"allow": exc.allow}
+    return json_response(exc.status, exc.to_dict(), headers)
+
+
+_OCTET = "application/octet-stream"
+_JSON = "application/json"
+
+
+class InferenceApp:
+    """HTTP adapter: ``await app(request) -> Response`` for ``agent.http``."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        server_name: str = "edgeward",
+        version: str | None = None,
+        max_queue_per_model: int = 64,
+        max_concurrent_per_model: int = 8,
+    ) -> None:
+        self.plane = DataPlane(
+            registry,
+            server_name=server_name,
+            version=version,
+            max_queue_per_model=max_queue_per_model,
+            max_concurrent_per_model=max_concurrent_per_model,
+        )
+        self._server_meta = json_response(200, self.plane.server_metadata())
+
+    async def __call__(self, request: Request) -> Response:
+        try:
+            return await self._route(request)
+        except EdgewardError as exc:
+            if exc.status >= 500 and not isinstance(exc, (OverloadedError, ModelNotReadyError)):
+                logger.warning("%s %s: %s", request.method, request.path, exc.message)
+            return error_response(exc)
+        except Exception as exc:
+            logger.exception("%s %s failed", request.method, request.path)
+            return json_response(
+                500, {"error": f"internal error: {type(exc).__name__}", "code": "internal"}
+            )
+
+    async def _route(self, request: Request) -> Response:
+        parts = request.path.split("/")
+        # ["", "v2", ...]; a trailing slash is tolerated.
+        if parts[-1] == "" and len(parts) > 2:
+            parts.pop()
+        if len(parts) < 2 or parts[0] != "" or parts[1] != "v2":
+            raise PathNotFoundError(f"no endpoint {request.path[:200]}")
+        method = request.method
+        n = len(parts)
+        if n >= 4 and parts[2] == "models":
+            name = parts[3]
+            rest = parts[4:]
+            version: str | None = None
+            if len(rest) >= 2 and rest[0] == "versions":
+                version = rest[1]
+                rest = rest[2:]
+            if not name or (version is not None and not version):
+                raise PathNotFoundError(f"no endpoint {request.path[:200]}")
+            if not rest:
+                _allow(method, "GET", request.path)
+                return json_response(200, self.plane.model_metadata(name, version))
+            if rest == ["infer"]:
+                _allow(method, "POST", request.path)
+                return await self._infer(request, name, version)
+            if rest == ["ready"]:
+                _allow(method, "GET", request.path)
+                return json_response(200, self.plane.model_ready(name, version))
+            raise PathNotFoundError(f"no endpoint {request.path[:200]}")
+        if n == 2:
+            _allow(method, "GET", request.path)
+            return self._server_meta
+        if n == 4 and parts[2] == "health":
+            _allow(method, "GET", request.path)
+            if parts[3] == "live":
+                return json_response(200, self.plane.live())
+            if parts[3] == "ready":
+                if self.plane.ready():
+                    return json_response(200, {"ready": True})
+                return json_response(
+                    503, {"error": "not every model is ready", "code": "not-ready", "ready": False}
+                )
+        raise PathNotFoundError(f"no endpoint {request.path[:200]}")
+
+    async def _infer(self, request: Request, name: str, version: str | None) -> Response:
+        # Look the model up before decoding: an unknown model is 404 whatever the body.
+        self.plane.model(name, version)
+        hl_raw = request.headers.get(HEADER_LENGTH)
+        header_len: int | None = None
+        if hl_raw is not None:
+            if not hl_raw.isdigit():
+                raise InvalidInputError(
+                    f"Inference-Header-Content-Length {hl_raw[:32]!r} is not a number",
+                    code="bad-header-length",
+                )
+            header_len = int(hl_raw)
+        req = decode_request(request.body, header_len)
+        res = await self.plane.infer(name, version, req)
+        parts, out_hl = encode_response(
+            res.model_name, res.model_version, res.outputs, request_id=res.id
+        )
+        if out_hl is None:
+            return Response(200, {"content-type": _JSON}, parts[0])
+        return Response(
+            200,
+            {"content-type": _OCTET, "inference-header-content-length": str(out_hl)},
+            parts,
+        )
+
+
+def _allow(method: str, allowed: str, path: str) -> None:
+    if method != allowed:
+        exc = MethodNotAllowedError(f"{method} is not allowed on {path[:200]}; use {allowed}")
+        exc.allow = allowed
+        raise exc

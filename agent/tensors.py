@@ -1,0 +1,448 @@
+"""KServe v2 tensor codec: JSON tensors and the binary tensor data extension.
+
+Transport-free: bytes in, numpy arrays out (and back). Used by the server's data plane
+(``agent.kserve``) and the client (``agent.client``), so both ends agree by construction.
+
+JSON tensors carry ``data`` in row-major order, flat or nested. With the binary
+extension the body is ``<JSON header><raw tensor bytes…>``; the header length travels in
+the ``Inference-Header-Content-Length`` HTTP header and every binary tensor declares its
+byte size in ``parameters.binary_data_size``. Raw bytes are little-endian, row-major;
+``BYTES`` elements are each a 4-byte little-endian length followed by the bytes (as in
+Triton). Decoding binary tensors is zero-copy (``numpy.frombuffer`` on the body).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from agent.errors import InvalidInputError
+
+__all__ = [
+    "DATATYPES",
+    "HEADER_LENGTH",
+    "InferRequest",
+    "RequestedOutput",
+    "datatype_of",
+    "decode_request",
+    "decode_response",
+    "decode_tensor",
+    "dtype_of",
+    "encode_request",
+    "encode_response",
+    "encode_tensor",
+]
+
+HEADER_LENGTH = "inference-header-content-length"
+
+# v2 datatype → numpy dtype (little-endian, the wire byte order).
+DATATYPES: dict[str, np.dtype[Any]] = {
+    "BOOL": np.dtype("?"),
+    "UINT8": np.dtype("u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "INT8": np.dtype("i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+    "BYTES": np.dtype(object),
+}
+_BY_KIND: dict[tuple[str, int], str] = {
+    (dt.kind, dt.itemsize): name for name, dt in DATATYPES.items() if name != "BYTES"
+}
+_LEN = struct.Struct("<I")
+
+
+def dtype_of(datatype: str, *, name: str = "") -> np.dtype[Any]:
+    """v2 datatype → numpy dtype; InvalidInputError naming the tensor if unknown."""
+    dt = DATATYPES.get(datatype)
+    if dt is None:
+        where = f"tensor {name!r}: " if name else ""
+        raise InvalidInputError(
+            f"{where}unknown datatype {datatype!r}; allowed: {', '.join(DATATYPES)}",
+            code="bad-datatype",
+        )
+    return dt
+
+
+def datatype_of(arr: np.ndarray[Any, Any], *, name: str = "") -> str:
+    """numpy array → v2 datatype (strings and bytes → ``BYTES``)."""
+    dt = arr.dtype
+    if dt.kind in ("O", "U", "S"):
+        return "BYTES"
+    found = _BY_KIND.get((dt.kind, dt.itemsize))
+    if found is None:
+        where = f"tensor {name!r}: " if name else ""
+        raise InvalidInputError(
+            f"{where}numpy dtype {dt} has no KServe v2 datatype", code="bad-datatype"
+        )
+    return found
+
+
+def _shape(spec: Mapping[str, Any], name: str) -> tuple[int, ...]:
+    shape = spec.get("shape")
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise InvalidInputError(
+            f"tensor {name!r}: 'shape' must be a list of non-negative integers, got {shape!r}",
+            code="bad-shape",
+        )
+    return tuple(shape)
+
+
+def _count(shape: tuple[int, ...]) -> int:
+    return math.prod(shape)
+
+
+def decode_tensor(spec: Mapping[str, Any], raw: memoryview | None = None) -> np.ndarray[Any, Any]:
+    """One v2 tensor (its JSON object, plus its raw bytes for binary data) → array.
+
+    Raises:
+        InvalidInputError: naming the tensor — unknown datatype, bad shape, element
+            count or byte size not matching the shape.
+    """
+    name = spec.get("name")
+    if not isinstance(name, str) or not name:
+        raise InvalidInputError("every tensor needs a non-empty string 'name'", code="bad-tensor")
+    datatype = spec.get("datatype")
+    if not isinstance(datatype, str):
+        raise InvalidInputError(f"tensor {name!r}: missing 'datatype'", code="bad-datatype")
+    dt = dtype_of(datatype, name=name)
+    shape = _shape(spec, name)
+    n = _count(shape)
+    if raw is not None:
+        if datatype == "BYTES":
+            return _decode_bytes(raw, shape, name)
+        if raw.nbytes != n * dt.itemsize:
+            raise InvalidInputError(
+                f"tensor {name!r}: {raw.nbytes} bytes of binary data do not match shape "
+                f"{list(shape)} of {datatype} ({n * dt.itemsize} bytes)",
+                code="bad-shape",
+            )
+        return np.frombuffer(raw, dtype=dt).reshape(shape)
+    if "data" not in spec:
+        raise InvalidInputError(f"tensor {name!r}: missing 'data'", code="bad-tensor")
+    data = spec["data"]
+    if datatype == "BYTES":
+        flat = _flatten(data, name)
+        if len(flat) != n:
+            raise _count_error(name, len(flat), shape)
+        out = np.empty(n, dtype=object)
+        for i, v in enumerate(flat):
+            if not isinstance(v, str):
+                raise InvalidInputError(
+                    f"tensor {name!r}: BYTES elements must be strings in JSON", code="bad-tensor"
+                )
+            out[i] = v.encode()
+        return out.reshape(shape)
+    try:
+        arr = np.asarray(data, dtype=dt)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise InvalidInputError(
+            f"tensor {name!r}: 'data' is not a regular array of {datatype}: {exc}",
+            code="bad-tensor",
+        ) from None
+    if datatype == "BOOL" and not _all_bool(data):
+        raise InvalidInputError(f"tensor {name!r}: BOOL data must be true/false", code="bad-tensor")
+    if arr.size != n:
+        raise _count_error(name, int(arr.size), shape)
+    return arr.reshape(shape)
+
+
+def _all_bool(data: Any) -> bool:
+    if isinstance(data, list):
+        return all(_all_bool(d) for d in data)
+    return isinstance(data, bool)
+
+
+def _count_error(name: str, got: int, shape: tuple[int, ...]) -> InvalidInputError:
+    return InvalidInputError(
+        f"tensor {name!r}: {got} elements do not match shape {list(shape)} "
+        f"({_count(shape)} elements)",
+        code="bad-shape",
+    )
+
+
+def _flatten(data: Any, name: str) -> list[Any]:
+    if not isinstance(data, list):
+        return [data]
+    out: list[Any] = []
+    stack = [iter(data)]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                stack.append(iter(item))
+                break
+            out.append(item)
+        else:
+            stack.pop()
+    return out
+
+
+def _decode_bytes(raw: memoryview, shape: tuple[int, ...], name: str) -> np.ndarray[Any, Any]:
+    n = _count(shape)
+    out = np.empty(n, dtype=object)
+    pos = 0
+    size = raw.nbytes
+    for i in range(n):
+        if pos + 4 > size:
+            raise InvalidInputError(
+                f"tensor {name!r}: binary BYTES data truncated at element {i}", code="bad-shape"
+            )
+        (ln,) = _LEN.unpack_from(raw, pos)
+        pos += 4
+        if pos + ln > size:
+            raise InvalidInputError(
+                f"tensor {name!r}: binary BYTES data truncated at element {i}", code="bad-shape"
+            )
+        out[i] = bytes(raw[pos : pos + ln])
+        pos += ln
+    if pos != size:
+        raise InvalidInputError(
+            f"tensor {name!r}: {size - pos} extra bytes after {n} BYTES elements",
+            code="bad-shape",
+        )
+    return out.reshape(shape)
+
+
+def _as_bytes(v: Any) -> bytes:
+    if isinstance(v, bytes):
+        return v
+    if isinstance(v, str):
+        return v.encode()
+    return str(v).encode()
+
+
+def encode_tensor(
+    name: str, arr: np.ndarray[Any, Any], *, binary: bool
+) -> tuple[dict[str, Any], Any]:
+    """Array → (v2 JSON object, raw buffer or None). Raw buffers are not copied when
+    the array is already contiguous little-endian."""
+    datatype = datatype_of(arr, name=name)
+    obj: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(arr.shape)}
+    if datatype == "BYTES":
+        items = [_as_bytes(v) for v in arr.reshape(-1)]
+        if binary:
+            raw = b"".join(_LEN.pack(len(b)) + b for b in items)
+            obj["parameters"] = {"binary_data_size": len(raw)}
+            return obj, raw
+        obj["data"] = [b.decode("utf-8", "replace") for b in items]
+        return obj, None
+    if binary:
+        want = DATATYPES[datatype]
+        if arr.dtype != want or not arr.flags.c_contiguous:
+            arr = np.ascontiguousarray(arr, dtype=want)
+        buf = memoryview(arr.data).cast("B") if arr.size else memoryview(b"")
+        obj["parameters"] = {"binary_data_size": buf.nbytes}
+        return obj, buf
+    obj["data"] = arr.reshape(-1).tolist()
+    return obj, None
+
+
+@dataclass
+class RequestedOutput:
+    """One entry of a request's ``outputs`` list."""
+
+    name: str
+    binary: bool | None = None  # None = the request-wide default
+
+
+@dataclass
+class InferRequest:
+    """A decoded v2 inference request."""
+
+    inputs: dict[str, np.ndarray[Any, Any]]
+    id: str | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    outputs: list[RequestedOutput] | None = None
+    binary_output: bool = False  # parameters.binary_data_output
+
+
+def _header_json(body: Any, header_len: int | None) -> tuple[Any, memoryview]:
+    view = memoryview(body)
+    if header_len is None:
+        head = view
+        rest = view[view.nbytes :]
+    else:
+        if header_len < 0 or header_len > view.nbytes:
+            raise InvalidInputError(
+                f"Inference-Header-Content-Length {header_len} is outside the body "
+                f"({view.nbytes} bytes)",
+                code="bad-header-length",
+            )
+        head = view[:header_len]
+        rest = view[header_len:]
+    try:
+        obj = json.loads(head.tobytes() if header_len is not None else bytes(head))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidInputError(f"request body is not valid JSON: {exc}", code="bad-json") from None
+    return obj, rest
+
+
+def decode_request(body: Any, header_len: int | None = None) -> InferRequest:
+    """Request body (+ the ``Inference-Header-Content-Length`` value) → InferRequest.
+
+    Raises:
+        InvalidInputError: bad JSON, bad tensors (naming them), binary sizes that do
+            not add up to the body.
+    """
+    obj, rest = _header_json(body, header_len)
+    if not isinstance(obj, dict):
+        raise InvalidInputError("request body must be a JSON object", code="bad-json")
+    req_id = obj.get("id")
+    if req_id is not None and not isinstance(req_id, str):
+        raise InvalidInputError("'id' must be a string", code="bad-json")
+    params = obj.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise InvalidInputError("'parameters' must be an object", code="bad-json")
+    specs = obj.get("inputs")
+    if not isinstance(specs, list) or not specs:
+        raise InvalidInputError("'inputs' must be a non-empty list of tensors", code="bad-json")
+    inputs: dict[str, np.ndarray[Any, Any]] = {}
+    pos = 0
+    for spec in specs:
+        if not isinstance(spec, dict):
+            raise InvalidInputError("every input must be a JSON object", code="bad-json")
+        tparams = spec.get("parameters") or {}
+        size = tparams.get("binary_data_size") if isinstance(tparams, dict) else None
+        raw = None
+        if size is not None:
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise InvalidInputError(
+                    f"input {spec.get('name')!r}: binary_data_size must be a non-negative integer",
+                    code="bad-tensor",
+                )
+            if pos + size > rest.nbytes:
+                raise InvalidInputError(
+                    f"input {spec.get('name')!r}: binary_data_size {size} runs past the end "
+                    f"of the body ({rest.nbytes - pos} bytes left)",
+                    code="bad-tensor",
+                )
+            raw = rest[pos : pos + size]
+            pos += size
+        arr = decode_tensor(spec, raw)
+        name = spec["name"]
+        if name in inputs:
+            raise InvalidInputError(f"input {name!r} given twice", code="bad-tensor")
+        inputs[name] = arr
+    if pos != rest.nbytes:
+        raise InvalidInputError(
+            f"{rest.nbytes - pos} bytes of binary data not claimed by any input's binary_data_size",
+            code="bad-tensor",
+        )
+    outputs: list[RequestedOutput] | None = None
+    out_specs = obj.get("outputs")
+    if out_specs is not None:
+        if not isinstance(out_specs, list):
+            raise InvalidInputError("'outputs' must be a list", code="bad-json")
+        outputs = []
+        for o in out_specs:
+            if not isinstance(o, dict) or not isinstance(o.get("name"), str):
+                raise InvalidInputError("every output needs a string 'name'", code="bad-json")
+            op = o.get("parameters") or {}
+            b = op.get("binary_data") if isinstance(op, dict) else None
+            outputs.append(RequestedOutput(o["name"], None if b is None else bool(b)))
+    return InferRequest(
+        inputs=inputs,
+        id=req_id,
+        parameters=params,
+        outputs=outputs,
+        binary_output=bool(params.get("binary_data_output", False)),
+    )
+
+
+def encode_response(
+    model_name: str,
+    model_version: str | None,
+    outputs: Sequence[tuple[str, np.ndarray[Any, Any], bool]],
+    *,
+    request_id: str | None = None,
+    parameters: dict[str, Any] | None = None,
+) -> tuple[list[Any], int | None]:
+    """Outputs (name, array, binary?) → (body parts, header length or None if JSON only)."""
+    objs: list[dict[str, Any]] = []
+    raws: list[Any] = []
+    for name, arr, binary in outputs:
+        obj, raw = encode_tensor(name, arr, binary=binary)
+        objs.append(obj)
+        if raw is not None:
+            raws.append(raw)
+    doc: dict[str, Any] = {"model_name": model_name}
+    if model_version is not None:
+        doc["model_version"] = model_version
+    if request_id is not None:
+        doc["id"] = request_id
+    if parameters:
+        doc["parameters"] = parameters
+    doc["outputs"] = objs
+    head = json.dumps(doc, separators=(",", ":")).encode()
+    if not raws:
+        return [head], None
+    return [head, *raws], len(head)
+
+
+def encode_request(
+    inputs: Mapping[str, np.ndarray[Any, Any]],
+    *,
+    binary: bool = True,
+    binary_output: bool = True,
+    outputs: Sequence[str] | None = None,
+    request_id: str | None = None,
+    parameters: Mapping[str, Any] | None = None,
+) -> tuple[list[Any], int | None]:
+    """Client side: arrays → (body parts, header length or None)."""
+    specs: list[dict[str, Any]] = []
+    raws: list[Any] = []
+    for name, arr in inputs.items():
+        a = np.asarray(arr)
+        obj, raw = encode_tensor(name, a, binary=binary)
+        specs.append(obj)
+        if raw is not None:
+            raws.append(raw)
+    params: dict[str, Any] = dict(parameters or {})
+    if binary_output:
+        params["binary_data_output"] = True
+    doc: dict[str, Any] = {"inputs": specs}
+    if request_id is not None:
+        doc["id"] = request_id
+    if params:
+        doc["parameters"] = params
+    if outputs is not None:
+        doc["outputs"] = [
+            {"name": o, "parameters": {"binary_data": binary_output}} for o in outputs
+        ]
+    head = json.dumps(doc, separators=(",", ":")).encode()
+    if not raws:
+        return [head], None
+    return [head, *raws], len(head)
+
+
+def decode_response(
+    body: Any, header_len: int | None = None
+) -> tuple[dict[str, Any], dict[str, np.ndarray[Any, Any]]]:
+    """Client side: response body → (the JSON document, outputs by name)."""
+    obj, rest = _header_json(body, header_len)
+    if not isinstance(obj, dict) or not isinstance(obj.get("outputs"), list):
+        raise InvalidInputError("response has no 'outputs' list", code="bad-response")
+    out: dict[str, np.ndarray[Any, Any]] = {}
+    pos = 0
+    for spec in obj["outputs"]:
+        tparams = spec.get("parameters") or {}
+        size = tparams.get("binary_data_size")
+        raw = None
+        if size is not None:
+            raw = rest[pos : pos + int(size)]
+            pos += int(size)
+        out[spec["name"]] = decode_tensor(spec, raw)
+    return obj, out

@@ -1,0 +1,467 @@
+"""KServe v2 data plane + HTTP adapter over real Unix sockets and a real onnxruntime
+model; the in-test registry and server thread are reused by the http/client tests."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import socket
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from agent.client import Client
+from agent.errors import (
+    InvalidInputError,
+    ModelNotFoundError,
+    ModelNotReadyError,
+    OverloadedError,
+)
+from agent.http import HTTPLimits, Request, UnixHTTPServer
+from agent.kserve import InferenceApp
+
+# --- test doubles over real parts ------------------------------------------------------
+
+
+def tiny_onnx(path: Path, width: int = 4) -> Path:
+    """y = x * 2 + 1 (FP32 [-1, width]); n = argmax-free int64 passthrough of k."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])
+    k = helper.make_tensor_value_info("k", TensorProto.INT64, ["N"])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", width])
+    n = helper.make_tensor_value_info("n", TensorProto.INT64, ["N"])
+    two = helper.make_tensor("two", TensorProto.FLOAT, [], [2.0])
+    one = helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])
+    nodes = [
+        helper.make_node("Mul", ["x", "two"], ["t"]),
+        helper.make_node("Add", ["t", "one"], ["y"]),
+        helper.make_node("Identity", ["k"], ["n"]),
+    ]
+    graph = helper.make_graph(nodes, "tiny", [x, k], [y, n], initializer=[two, one])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
+_V2 = {"tensor(float)": "FP32", "tensor(int64)": "INT64"}
+
+
+class OrtModel:
+    """A ServedModel over an in-process onnxruntime session."""
+
+    def __init__(self, name: str, version: str, path: Path) -> None:
+        import onnxruntime as ort
+
+        self.name = name
+        self.version = version
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        self.sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.out_names = [o.name for o in self.sess.get_outputs()]
+        self.ready = True
+        self.parameters: list[dict[str, Any]] = []
+
+    def metadata(self) -> dict[str, Any]:
+        def spec(t: Any) -> dict[str, Any]:
+            shape = [d if isinstance(d, int) else -1 for d in t.shape]
+            return {"name": t.name, "datatype": _V2[t.type], "shape": shape}
+
+        return {
+            "name": self.name,
+            "versions": [self.version],
+            "platform": "onnxruntime",
+            "inputs": [spec(t) for t in self.sess.get_inputs()],
+            "outputs": [spec(t) for t in self.sess.get_outputs()],
+        }
+
+    async def infer(self, inputs: dict[str, Any], parameters: dict[str, Any]) -> dict[str, Any]:
+        self.parameters.append(parameters)
+        return dict(zip(self.out_names, self.sess.run(None, inputs), strict=True))
+
+
+class EchoModel:
+    """Returns every input as ``<name>_out``; no input metadata (any dtype passes)."""
+
+    def __init__(self, name: str = "echo", version: str = "1") -> None:
+        self.name = name
+        self.version = version
+        self.ready = True
+        self.gate: asyncio.Event | None = None
+        self.started = threading.Event()
+        self.running = 0
+
+    def metadata(self) -> dict[str, Any]:
+        return {"name": self.name, "versions": [self.version], "platform": "echo"}
+
+    async def infer(self, inputs: dict[str, Any], parameters: dict[str, Any]) -> dict[str, Any]:
+        self.running += 1
+        self.started.set()
+        try:
+            if self.gate is not None:
+                await self.gate.wait()
+            if parameters.get("sleep"):
+                await asyncio.sleep(float(parameters["sleep"]))
+            return {f"{k}_out": v for k, v in inputs.items()}
+        finally:
+            self.running -= 1
+
+
+class DictRegistry:
+    def __init__(self, *models: Any) -> None:
+        self.routes = {m.name: m for m in models}
+
+    def models(self) -> list[Any]:
+        return list(self.routes.values())
+
+    def get(self, name: str, version: str | None = None) -> Any:
+        m = self.routes.get(name)
+        if m is None:
+            raise ModelNotFoundError(f"model {name!r} is not loaded")
+        if version is not None and version != m.version:
+            raise ModelNotFoundError(f"model {name!r} version {version!r} is not served")
+        return m
+
+
+class ServerThread:
+    """A UnixHTTPServer running on its own event loop in a background thread."""
+
+    def __init__(
+        self,
+        path: Path,
+        handler: Callable[[Request], Any],
+        *,
+        limits: HTTPLimits | None = None,
+        mode: int = 0o660,
+        group: str | None = None,
+    ) -> None:
+        self.path = path
+        self.loop = asyncio.new_event_loop()
+        self.server = UnixHTTPServer(
+            path, handler, limits=limits or HTTPLimits(), mode=mode, group=group
+        )
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.call(self.server.start())
+
+    def call(self, coro: Any, timeout: float = 30.0) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self, drain: float = 5.0) -> None:
+        try:
+            self.call(self.server.close(drain))
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+            self.loop.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_onnx(tmp_path_factory.mktemp("m") / "tiny.onnx")
+
+
+@pytest.fixture
+def stack(tmp_path: Path, tiny_model: Path) -> Iterator[tuple[ServerThread, DictRegistry]]:
+    reg = DictRegistry(OrtModel("tiny", "1", tiny_model), EchoModel())
+    app = InferenceApp(reg, max_concurrent_per_model=2, max_queue_per_model=2)
+    srv = ServerThread(tmp_path / "infer.sock", app)
+    yield srv, reg
+    srv.close()
+
+
+def raw(path: Path, data: bytes, *, timeout: float = 5.0) -> bytes:
+    """Send bytes, read until the server closes or a full response is in."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    s.connect(str(path))
+    s.sendall(data)
+    out = b""
+    try:
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            out += chunk
+            if _complete(out):
+                break
+    finally:
+        s.close()
+    return out
+
+
+def _complete(buf: bytes) -> bool:
+    head, sep, body = buf.partition(b"\r\n\r\n")
+    if not sep:
+        return False
+    for line in head.split(b"\r\n")[1:]:
+        k, _, v = line.partition(b":")
+        if k.strip().lower() == b"content-length":
+            return len(body) >= int(v)
+    return True
+
+
+def status_of(resp: bytes) -> int:
+    return int(resp.split(b" ", 2)[1])
+
+
+def body_of(resp: bytes) -> Any:
+    return json.loads(resp.partition(b"\r\n\r\n")[2])
+
+
+# --- endpoints -------------------------------------------------------------------------
+
+
+def test_health_and_metadata(stack: tuple[ServerThread, DictRegistry]) -> None:
+    srv, reg = stack
+    c = Client(str(srv.path))
+    assert c.health() == {"live": True, "ready": True}
+    meta = c.server_metadata()
+    assert meta["name"] == "edgeward" and "binary_tensor_data" in meta["extensions"]
+    m = c.metadata("tiny")
+    assert m["name"] == "tiny" and m["versions"] == ["1"]
+    assert [i["name"] for i in m["inputs"]] == ["x", "k"]
+    assert c.metadata("tiny", version="1")["platform"] == "onnxruntime"
+    assert c.ready("tiny") and c.ready("tiny", "1")
+    reg.routes["tiny"].ready = False
+    assert not c.ready("tiny")
+    assert c.health() == {"live": True, "ready": False}
+    with pytest.raises(ModelNotReadyError):
+        c.infer("tiny", {"x": np.zeros((1, 4), np.float32), "k": np.zeros(1, np.int64)})
+    with pytest.raises(ModelNotFoundError):
+        c.metadata("nope")
+    with pytest.raises(ModelNotFoundError):
+        c.ready("tiny", "2")
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_infer_real_model(stack: tuple[ServerThread, DictRegistry], binary: bool) -> None:
+    srv, reg = stack
+    c = Client(str(srv.path), binary=binary)
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    k = np.array([5, -6, 7], np.int64)
+    doc, out = c.infer_full(
+        "tiny", {"x": x, "k": k}, request_id="req-1", parameters={"temperature": 0.5}
+    )
+    assert doc["id"] == "req-1" and doc["model_name"] == "tiny" and doc["model_version"] == "1"
+    np.testing.assert_array_equal(out["y"], x * 2 + 1)
+    np.testing.assert_array_equal(out["n"], k)
+    assert out["y"].dtype == np.float32 and out["n"].dtype == np.int64
+    assert reg.routes["tiny"].parameters[-1]["temperature"] == 0.5
+    # outputs selection
+    only = c.infer("tiny", {"x": x, "k": k}, outputs=["n"], version="1")
+    assert list(only) == ["n"]
+    with pytest.raises(InvalidInputError, match="'zz'"):
+        c.infer("tiny", {"x": x, "k": k}, outputs=["zz"])
+
+
+DTYPES = [
+    np.bool_,
+    np.uint8,
+    np.uint16,
+    np.uint32,
+    np.uint64,
+    np.int8,
+    np.int16,
+    np.int32,
+    np.int64,
+    np.float16,
+    np.float32,
+    np.float64,
+]
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_all_dtypes_round_trip(stack: tuple[ServerThread, DictRegistry], binary: bool) -> None:
+    srv, _ = stack
+    c = Client(str(srv.path), binary=binary)
+    rng = np.random.default_rng(0)
+    inputs = {}
+    for dt in DTYPES:
+        a = rng.integers(0, 100, size=(2, 3)).astype(dt)
+        if dt == np.bool_:
+            a = rng.integers(0, 2, size=(2, 3)).astype(bool)
+        inputs[np.dtype(dt).name] = a
+    inputs["scalar"] = np.array(3.5, np.float32)
+    inputs["empty"] = np.zeros((0, 3), np.int16)
+    inputs["text"] = np.array([b"hello", "wörld".encode(), b""], dtype=object)
+    out = c.infer("echo", inputs)
+    for name, a in inputs.items():
+        got = out[f"{name}_out"]
+        assert got.shape == a.shape, name
+        if a.dtype == object:
+            assert list(got) == list(a)
+        else:
+            assert got.dtype == a.dtype, name
+            np.testing.assert_array_equal(got, a)
+
+
+def test_curl_endpoints(stack: tuple[ServerThread, DictRegistry]) -> None:
+    curl = shutil.which("curl")
+    assert curl, "curl is required"
+    srv, _ = stack
+
+    def run(*args: str) -> tuple[int, Any]:
+        p = subprocess.run(
+            [curl, "-sS", "--unix-socket", str(srv.path), "-w", "\n%{http_code}", *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        body, _, code = p.stdout.rpartition("\n")
+        return int(code), json.loads(body)
+
+    assert run("http://localhost/v2/health/ready") == (200, {"ready": True})
+    code, meta = run("http://localhost/v2")
+    assert code == 200 and meta["extensions"][0] == "binary_tensor_data"
+    req = {
+        "id": "c1",
+        "inputs": [
+            {"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [[1, 2, 3, 4]]},
+            {"name": "k", "shape": [1], "datatype": "INT64", "data": [9]},
+        ],
+    }
+    code, doc = run(
+        "-H", "Content-Type: application/json", "-d", json.dumps(req),
+        "http://localhost/v2/models/tiny/infer",
+    )  # fmt: skip
+    assert code == 200 and doc["id"] == "c1"
+    assert doc["outputs"][0] == {"name": "y", "datatype": "FP32", "shape": [1, 4],
+                                 "data": [3.0, 5.0, 7.0, 9.0]}  # fmt: skip
+    code, err = run("http://localhost/v2/models/nope/ready")
+    assert code == 404 and err["code"] == "model-not-found"
+
+
+# --- errors ----------------------------------------------------------------------------
+
+
+def _post(path: Path, url: str, body: bytes, extra: str = "") -> bytes:
+    head = (
+        f"POST {url} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"{extra}Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    return raw(path, head + body)
+
+
+def _tiny_req(**over: Any) -> dict[str, Any]:
+    x = {"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}
+    x.update(over)
+    return {"inputs": [x, {"name": "k", "shape": [1], "datatype": "INT64", "data": [1]}]}
+
+
+@pytest.mark.parametrize(
+    ("url", "body", "status", "code", "needle"),
+    [
+        ("/v2/models/tiny/infer", b"{not json", 400, "bad-json", "JSON"),
+        ("/v2/models/tiny/infer", b"[1]", 400, "bad-json", "object"),
+        ("/v2/models/tiny/infer", b'{"inputs": []}', 400, "bad-json", "inputs"),
+        ("/v2/models/nope/infer", b"{}", 404, "model-not-found", "nope"),
+        ("/v2/models/tiny/versions/9/infer", b"{}", 404, "model-not-found", "'9'"),
+        ("/v2/models/tiny/infer", json.dumps(_tiny_req(shape=[1, 5])).encode(), 400,
+         "bad-shape", "'x'"),
+        ("/v2/models/tiny/infer", json.dumps(_tiny_req(shape=[2, 4], data=[0] * 8)).encode(),
+         200, "", ""),
+        ("/v2/models/tiny/infer", json.dumps(_tiny_req(shape=[4], data=[0] * 4)).encode(), 400,
+         "bad-shape", "'x'"),
+        ("/v2/models/tiny/infer", json.dumps(_tiny_req(datatype="FP64")).encode(), 400,
+         "bad-datatype", "'x'"),
+        ("/v2/models/tiny/infer", json.dumps(_tiny_req(datatype="FP99")).encode(), 400,
+         "bad-datatype", "'x'"),
+        ("/v2/models/tiny/infer", json.dumps(_tiny_req(name="q")).encode(), 400,
+         "unknown-input", "'q'"),
+        ("/v2/models/tiny/infer", json.dumps(_tiny_req(data=[[1, 2], [3]])).encode(), 400,
+         "bad-tensor", "'x'"),
+        ("/v2/models/tiny/infer", json.dumps(_tiny_req(data=["a"] * 4)).encode(), 400,
+         "bad-tensor", "'x'"),
+        ("/v2/nothing", b"", 404, "not-found", "/v2/nothing"),
+        ("/v2/models/tiny/explode", b"", 404, "not-found", "explode"),
+        ("/v2/health/ready", b"", 405, "method-not-allowed", "GET"),
+        ("/v2/models/tiny", b"", 405, "method-not-allowed", "GET"),
+    ],
+)  # fmt: skip
+def test_error_statuses(
+    stack: tuple[ServerThread, DictRegistry],
+    url: str,
+    body: bytes,
+    status: int,
+    code: str,
+    needle: str,
+) -> None:
+    srv, _ = stack
+    resp = _post(srv.path, url, body)
+    assert status_of(resp) == status, resp
+    doc = body_of(resp)
+    if status != 200:
+        assert doc["code"] == code and needle in doc["error"], doc
+        assert b"content-type: application/json" in resp.lower()
+    if status == 405:
+        assert b"allow: GET" in resp
+
+
+def test_binary_header_errors(stack: tuple[ServerThread, DictRegistry]) -> None:
+    srv, _ = stack
+    head = json.dumps(
+        {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32",
+                     "parameters": {"binary_data_size": 16}},
+                    {"name": "k", "shape": [1], "datatype": "INT64", "data": [1]}]}
+    ).encode()  # fmt: skip
+    good = head + np.ones(4, np.float32).tobytes()
+    hl = f"Inference-Header-Content-Length: {len(head)}\r\n"
+    assert status_of(_post(srv.path, "/v2/models/tiny/infer", good, hl)) == 200
+    short = head + np.ones(3, np.float32).tobytes()
+    doc = body_of(_post(srv.path, "/v2/models/tiny/infer", short, hl))
+    assert "'x'" in doc["error"] and doc["code"] == "bad-tensor"
+    extra = good + b"zz"
+    assert body_of(_post(srv.path, "/v2/models/tiny/infer", extra, hl))["code"] == "bad-tensor"
+    bad_hl = "Inference-Header-Content-Length: 99999\r\n"
+    doc = body_of(_post(srv.path, "/v2/models/tiny/infer", good, bad_hl))
+    assert doc["code"] == "bad-header-length"
+    doc = body_of(
+        _post(srv.path, "/v2/models/tiny/infer", good, "Inference-Header-Content-Length: x\r\n")
+    )
+    assert doc["code"] == "bad-header-length"
+
+
+def test_overload_gives_503_retry_after(stack: tuple[ServerThread, DictRegistry]) -> None:
+    srv, reg = stack
+    echo = reg.routes["echo"]
+    echo.gate = srv.call(_make_event())
+    c = Client(str(srv.path))
+    x = {"a": np.zeros(2, np.float32)}
+    # limit 2 running + 2 queued: the 5th and 6th requests overflow.
+    with ThreadPoolExecutor(6) as pool:
+        futs = [pool.submit(c.infer, "echo", x) for _ in range(4)]
+        assert echo.started.wait(10)
+        for _ in range(200):
+            if echo.running == 2:
+                break
+            threading.Event().wait(0.01)
+        with pytest.raises(OverloadedError) as ei:
+            c.infer("echo", x)
+        assert ei.value.retry_after >= 1
+        resp = _post(
+            srv.path,
+            "/v2/models/echo/infer",
+            json.dumps(
+                {"inputs": [{"name": "a", "shape": [1], "datatype": "FP32", "data": [1]}]}
+            ).encode(),
+        )
+        assert status_of(resp) == 503 and b"retry-after: 1" in resp.lower()
+        srv.loop.call_soon_threadsafe(echo.gate.set)
+        for f in futs:  # every queued request is served once the model frees up
+            np.testing.assert_array_equal(f.result(10)["a_out"], x["a"])
+
+
+async def _make_event() -> asyncio.Event:
+    return asyncio.Event()
