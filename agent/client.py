@@ -151,7 +151,13 @@ class Client:
         for attempt in (0, 1):
             conn = self._conn()
             try:
-                conn.request(method, path, body=payload, headers=hdrs)
+                try:
+                    conn.request(method, path, body=payload, headers=hdrs)
+                except (BrokenPipeError, ConnectionResetError):
+                    # The server may have answered early and closed (413 for a body
+                    # over its limit): read that answer if it is there.
+                    if conn.sock is None:
+                        raise
                 resp = conn.getresponse()
                 data = resp.read()
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):

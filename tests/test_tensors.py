@@ -1,0 +1,162 @@
+"""agent.tensors: the v2 JSON and binary tensor codec, driven directly (no sockets)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import pytest
+
+from agent.errors import InvalidInputError
+from agent.tensors import (
+    DATATYPES,
+    datatype_of,
+    decode_request,
+    decode_response,
+    decode_tensor,
+    encode_request,
+    encode_response,
+)
+
+NUMERIC = [k for k in DATATYPES if k != "BYTES"]
+
+
+def _array(datatype: str) -> np.ndarray[Any, Any]:
+    dt = DATATYPES[datatype]
+    if datatype == "BOOL":
+        return np.array([[True, False, True], [False, False, True]])
+    info_max = 100 if dt.kind in "iu" else 1.5
+    return (np.arange(6).reshape(2, 3) * info_max / 7).astype(dt)
+
+
+@pytest.mark.parametrize("datatype", NUMERIC)
+@pytest.mark.parametrize("binary", [True, False])
+def test_request_round_trip_every_datatype(datatype: str, binary: bool) -> None:
+    a = _array(datatype)
+    assert datatype_of(a) == datatype
+    parts, hl = encode_request({"a": a}, binary=binary, request_id="r", parameters={"p": 1})
+    body = b"".join(parts)
+    assert (hl is not None) == binary
+    req = decode_request(body, hl)
+    assert req.id == "r" and req.parameters["p"] == 1 and req.binary_output
+    got = req.inputs["a"]
+    assert got.dtype == a.dtype and got.shape == a.shape
+    np.testing.assert_array_equal(got, a)
+
+
+def test_binary_decode_is_zero_copy() -> None:
+    a = np.arange(1000, dtype=np.float32).reshape(10, 100)
+    parts, hl = encode_request({"a": a})
+    body = bytearray(b"".join(parts))
+    got = decode_request(body, hl).inputs["a"]
+    assert np.shares_memory(got, np.frombuffer(body, np.uint8))
+    assert got.flags.writeable  # a bytearray body gives writable arrays
+
+
+def test_json_nested_and_flat_data_agree() -> None:
+    flat = {"name": "x", "datatype": "INT32", "shape": [2, 2], "data": [1, 2, 3, 4]}
+    nested = dict(flat, data=[[1, 2], [3, 4]])
+    np.testing.assert_array_equal(decode_tensor(flat), decode_tensor(nested))
+
+
+def test_bytes_tensors_json_and_binary() -> None:
+    a = np.array([[b"ab", b""], ["é".encode(), b"z" * 300]], dtype=object)
+    for binary in (True, False):
+        parts, hl = encode_request({"s": a}, binary=binary)
+        got = decode_request(b"".join(parts), hl).inputs["s"]
+        assert got.shape == (2, 2) and list(got.reshape(-1)) == list(a.reshape(-1))
+
+
+def test_encode_handles_odd_arrays() -> None:
+    big_endian = np.arange(6, dtype=">i4").reshape(2, 3)
+    strided = np.arange(20, dtype=np.float64).reshape(4, 5)[:, ::2]
+    scalar = np.array(7, np.int16)
+    outs = [("be", big_endian, True), ("st", strided, True), ("sc", scalar, True),
+            ("js", strided, False)]  # fmt: skip
+    parts, hl = encode_response("m", "1", outs, request_id="q")
+    doc, got = decode_response(b"".join(parts), hl)
+    assert doc["model_name"] == "m" and doc["model_version"] == "1" and doc["id"] == "q"
+    np.testing.assert_array_equal(got["be"], big_endian)
+    np.testing.assert_array_equal(got["st"], strided)
+    np.testing.assert_array_equal(got["js"], strided)
+    assert got["sc"].shape == () and int(got["sc"]) == 7
+
+
+@pytest.mark.parametrize(
+    ("spec", "code", "needle"),
+    [
+        ({"datatype": "FP32", "shape": [1], "data": [1]}, "bad-tensor", "name"),
+        ({"name": "t", "shape": [1], "data": [1]}, "bad-datatype", "'t'"),
+        ({"name": "t", "datatype": "FP128", "shape": [1], "data": [1]}, "bad-datatype", "FP128"),
+        ({"name": "t", "datatype": "FP32", "shape": [-1], "data": [1]}, "bad-shape", "'t'"),
+        ({"name": "t", "datatype": "FP32", "shape": "2", "data": [1]}, "bad-shape", "'t'"),
+        ({"name": "t", "datatype": "FP32", "shape": [3], "data": [1, 2]}, "bad-shape", "'t'"),
+        ({"name": "t", "datatype": "FP32", "shape": [2]}, "bad-tensor", "'data'"),
+        ({"name": "t", "datatype": "INT8", "shape": [1], "data": [1000]}, "bad-tensor", "'t'"),
+        ({"name": "t", "datatype": "BOOL", "shape": [1], "data": [1]}, "bad-tensor", "true"),
+        ({"name": "t", "datatype": "BYTES", "shape": [1], "data": [1]}, "bad-tensor", "'t'"),
+        ({"name": "t", "datatype": "FP32", "shape": [2], "data": [[1], [2, 3]]}, "bad-tensor",
+         "'t'"),
+    ],
+)  # fmt: skip
+def test_bad_tensors_name_the_tensor(spec: dict[str, Any], code: str, needle: str) -> None:
+    with pytest.raises(InvalidInputError, match=needle) as ei:
+        decode_tensor(spec)
+    assert ei.value.code == code and ei.value.status == 400
+
+
+def test_bad_binary_layouts() -> None:
+    head = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [2],
+                        "parameters": {"binary_data_size": 8}}]}  # fmt: skip
+    hb = json.dumps(head).encode()
+    ok = hb + np.zeros(2, np.float32).tobytes()
+    assert decode_request(ok, len(hb)).inputs["x"].shape == (2,)
+    with pytest.raises(InvalidInputError, match="runs past"):
+        decode_request(hb + b"1234", len(hb))
+    with pytest.raises(InvalidInputError, match="not claimed"):
+        decode_request(ok + b"!", len(hb))
+    with pytest.raises(InvalidInputError, match="outside the body"):
+        decode_request(ok, len(ok) + 1)
+    with pytest.raises(InvalidInputError, match="JSON"):
+        decode_request(ok, len(hb) - 1)
+    wrong = json.loads(hb)
+    wrong["inputs"][0]["parameters"]["binary_data_size"] = 4
+    wb = json.dumps(wrong).encode()
+    with pytest.raises(InvalidInputError, match="'x'"):
+        decode_request(wb + b"1234", len(wb))
+    trunc = {"inputs": [{"name": "s", "datatype": "BYTES", "shape": [2],
+                         "parameters": {"binary_data_size": 6}}]}  # fmt: skip
+    tb = json.dumps(trunc).encode()
+    with pytest.raises(InvalidInputError, match="truncated"):
+        decode_request(tb + b"\x01\x00\x00\x00ab", len(tb))
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        "[]",
+        '{"inputs": {}}',
+        '{"inputs": [1]}',
+        '{"id": 5, "inputs": []}',
+        '{"parameters": [], "inputs": []}',
+        '{"inputs": [{"name": "a", "datatype": "FP32", "shape": [1], "data": [1]}], '
+        '"outputs": [{"nom": "y"}]}',
+        '{"inputs": [{"name": "a", "datatype": "FP32", "shape": [1], "data": [1]},'
+        '{"name": "a", "datatype": "FP32", "shape": [1], "data": [1]}]}',
+        "\xff",
+    ],
+)
+def test_bad_request_documents(doc: str) -> None:
+    with pytest.raises(InvalidInputError):
+        decode_request(doc.encode("latin-1"))
+
+
+def test_outputs_selection_parsed() -> None:
+    doc = {
+        "inputs": [{"name": "a", "datatype": "FP32", "shape": [1], "data": [1]}],
+        "outputs": [{"name": "y", "parameters": {"binary_data": True}}, {"name": "z"}],
+    }
+    req = decode_request(json.dumps(doc).encode())
+    assert [(o.name, o.binary) for o in req.outputs or []] == [("y", True), ("z", None)]
+    assert not req.binary_output
