@@ -230,6 +230,7 @@ class _Conn(asyncio.BufferedProtocol):
         "_body_view",
         "_buf",
         "_closing",
+        "_deadline",
         "_filled",
         "_keep_alive",
         "_limits",
@@ -237,6 +238,7 @@ class _Conn(asyncio.BufferedProtocol):
         "_peer",
         "_pending",
         "_phase",
+        "_read_paused",
         "_server",
         "_timer",
         "_transport",
@@ -256,6 +258,8 @@ class _Conn(asyncio.BufferedProtocol):
         self._filled = 0
         self._phase = _IDLE
         self._timer: asyncio.TimerHandle | None = None
+        self._deadline = 0.0
+        self._read_paused = False
         self._body: bytearray | None = None
         self._body_view: memoryview | None = None
         self._body_filled = 0
@@ -317,10 +321,18 @@ class _Conn(asyncio.BufferedProtocol):
             if self._body_filled >= len(self._body or b""):
                 self._body_complete()
             return
+        self._filled += nbytes
+        if self._phase == _HANDLING:
+            # A pipelined request arrived while one is handled: keep it buffered and
+            # stop reading only if the scratch buffer is full (back-pressure without
+            # an epoll_ctl pair per request).
+            if self._filled >= len(self._buf) and self._transport is not None:
+                self._transport.pause_reading()
+                self._read_paused = True
+            return
         if self._phase == _IDLE:
             self._phase = _HEAD
             self._arm(self._limits.header_timeout_s)
-        self._filled += nbytes
         self._try_head(max(0, self._filled - nbytes - 3))
 
     def eof_received(self) -> bool | None:
@@ -423,9 +435,7 @@ class _Conn(asyncio.BufferedProtocol):
         assert self._pending is not None and self._transport is not None
         method, path, query, version, headers = self._pending
         self._pending = None
-        self._phase = _HANDLING
-        self._cancel_timer()
-        self._transport.pause_reading()
+        self._phase = _HANDLING  # the timer, if it fires now, does nothing
         req = Request(method, path, query, headers, body, self._peer, version)
         task = self._loop.create_task(self._run(req))
         self._server._inflight.add(task)
@@ -452,7 +462,9 @@ class _Conn(asyncio.BufferedProtocol):
                 return
         self._phase = _IDLE
         self._arm(self._limits.keepalive_timeout_s)
-        self._transport.resume_reading()
+        if self._read_paused:
+            self._read_paused = False
+            self._transport.resume_reading()
         if self._filled:  # a pipelined request is already buffered
             self._phase = _HEAD
             self._arm(self._limits.header_timeout_s)
@@ -500,9 +512,13 @@ class _Conn(asyncio.BufferedProtocol):
         self._close_after_write()
 
     def _arm(self, seconds: float) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = self._loop.call_later(seconds, self._timeout)
+        # One lazily re-scheduled timer per connection instead of a new TimerHandle per
+        # phase change: re-arming is just moving the deadline.
+        self._deadline = self._loop.time() + seconds
+        if self._timer is None or self._deadline < self._timer.when():
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self._loop.call_at(self._deadline, self._timeout)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -511,6 +527,11 @@ class _Conn(asyncio.BufferedProtocol):
 
     def _timeout(self) -> None:
         self._timer = None
+        if self._phase in (_HANDLING, _CLOSED):
+            return  # re-armed when the response is written
+        if self._loop.time() < self._deadline:
+            self._timer = self._loop.call_at(self._deadline, self._timeout)
+            return
         if self._phase == _IDLE:
             self._close_after_write()  # idle keep-alive: close silently
         elif self._phase == _HEAD:
