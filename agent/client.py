@@ -13,6 +13,7 @@ error's ``code`` and HTTP status.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import socket
@@ -49,6 +50,126 @@ class UnixHTTPConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
+class _StaleConnectionError(ConnectionError):
+    """The server closed a kept-alive connection before answering anything."""
+
+
+class _Connection:
+    """A minimal HTTP/1.1 client connection over a Unix socket.
+
+    Not ``http.client``: its response parsing (``email.parser``) costs more than the
+    whole server side of a tiny-model request. Requests go out with one ``sendmsg``
+    (header and tensor buffers without joining them); response bodies are read with
+    ``recv_into`` straight into one ``bytearray`` (arrays decoded from it are writable
+    and not copied again). Only what ``agent.http`` answers needs handling: responses
+    always carry ``Content-Length``.
+    """
+
+    def __init__(self, socket_path: str, timeout: float | None) -> None:
+        self.socket_path = socket_path
+        self.timeout = timeout
+        self.sock: socket.socket | None = None
+        self._buf = bytearray()
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        self._buf.clear()
+
+    def _connect(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.socket_path)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+        return sock
+
+    def exchange(
+        self, method: str, path: str, parts: Sequence[Any], headers: Mapping[str, str]
+    ) -> tuple[int, dict[str, str], bytearray]:
+        sock = self.sock if self.sock is not None else self._connect()
+        length = sum(memoryview(p).nbytes for p in parts)
+        head = [f"{method} {path} HTTP/1.1\r\nhost: localhost\r\n"]
+        for k, v in headers.items():
+            head.append(f"{k}: {v}\r\n")
+        if length or method in ("POST", "PUT"):
+            head.append(f"content-length: {length}\r\n")
+        head.append("\r\n")
+        out = ["".join(head).encode("latin-1"), *parts]
+        # On a send error either the server answered early and closed (413 for a body over its
+        # limit: the answer is readable) or it had closed this idle connection
+        # (nothing to read: _StaleConnectionError, the caller reconnects).
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            _send_all(sock, out)
+        return self._read_response(sock)
+
+    def _read_response(self, sock: socket.socket) -> tuple[int, dict[str, str], bytearray]:
+        buf = self._buf
+        got_any = bool(buf)
+        while True:
+            end = buf.find(b"\r\n\r\n")
+            if end >= 0:
+                break
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                chunk = b""
+            if not chunk:
+                if not got_any:
+                    raise _StaleConnectionError("closed before a response")
+                raise ConnectionResetError("the server closed the connection mid-response")
+            got_any = True
+            buf += chunk
+            if len(buf) > 1 << 20:
+                raise ConnectionError("response headers too large")
+        lines = buf[:end].decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ", 2)[1])
+        rh: dict[str, str] = {}
+        for line in lines[1:]:
+            k, _, v = line.partition(":")
+            rh[k.strip().lower()] = v.strip()
+        length = int(rh.get("content-length", "0"))
+        start = end + 4
+        have = len(buf) - start
+        if have >= length:
+            body = buf[start : start + length]
+            del buf[: start + length]
+        else:
+            body = bytearray(length)
+            body[:have] = buf[start:]
+            buf.clear()
+            view = memoryview(body)
+            pos = have
+            while pos < length:
+                n = sock.recv_into(view[pos:])
+                if n == 0:
+                    raise ConnectionResetError("the server closed the connection mid-response")
+                pos += n
+        if status == 100:
+            return self._read_response(sock)
+        if rh.get("connection", "").lower() == "close":
+            self.close()
+        return status, rh, body
+
+
+def _send_all(sock: socket.socket, parts: list[Any]) -> None:
+    views = [memoryview(p).cast("B") for p in parts if memoryview(p).nbytes]
+    while views:
+        sent = sock.sendmsg(views[:64])
+        while sent:
+            first = views[0]
+            if sent >= first.nbytes:
+                sent -= first.nbytes
+                views.pop(0)
+            else:
+                views[0] = first[sent:]
+                sent = 0
+
+
 def _error_class(code: str, status: int) -> type[errors.EdgewardError]:
     for cls in (
         errors.ModelNotFoundError,
@@ -71,7 +192,7 @@ def _error_class(code: str, status: int) -> type[errors.EdgewardError]:
     return errors.InferenceError
 
 
-def _raise_for(status: int, headers: Mapping[str, str], body: bytes) -> None:
+def _raise_for(status: int, headers: Mapping[str, str], body: bytes | bytearray) -> None:
     try:
         doc = json.loads(body)
         message = str(doc.get("error", "")) or f"HTTP {status}"
@@ -113,10 +234,10 @@ class Client:
 
     # --- transport ------------------------------------------------------------------
 
-    def _conn(self) -> UnixHTTPConnection:
-        conn: UnixHTTPConnection | None = getattr(self._local, "conn", None)
+    def _conn(self) -> _Connection:
+        conn: _Connection | None = getattr(self._local, "conn", None)
         if conn is None:
-            conn = UnixHTTPConnection(self.socket_path, timeout=self.timeout)
+            conn = _Connection(self.socket_path, self.timeout)
             self._local.conn = conn
         return conn
 
@@ -139,39 +260,30 @@ class Client:
         path: str,
         body: Sequence[Any] | bytes | None = None,
         headers: Mapping[str, str] | None = None,
-    ) -> tuple[int, dict[str, str], bytes]:
-        """One request on the kept-alive connection; reconnects once if the server had
-        closed an idle connection (only when nothing of the request can have been
-        processed: the send failed or no status line came back)."""
-        hdrs = dict(headers or {})
-        if isinstance(body, (list, tuple)):
-            payload: bytes | None = b"".join(body)
+    ) -> tuple[int, dict[str, str], bytearray]:
+        """One request on this thread's kept-alive connection → (status, headers, body).
+
+        Reconnects once when the server had closed an idle connection and not a byte
+        of a response came back (the request was not processed).
+        """
+        parts: Sequence[Any]
+        if body is None:
+            parts = ()
+        elif isinstance(body, (bytes, bytearray, memoryview)):
+            parts = (body,)
         else:
-            payload = body  # type: ignore[assignment]
+            parts = body
         for attempt in (0, 1):
             conn = self._conn()
             try:
-                try:
-                    conn.request(method, path, body=payload, headers=hdrs)
-                except (BrokenPipeError, ConnectionResetError):
-                    # The server may have answered early and closed (413 for a body
-                    # over its limit): read that answer if it is there.
-                    if conn.sock is None:
-                        raise
-                resp = conn.getresponse()
-                data = resp.read()
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                return conn.exchange(method, path, parts, headers or {})
+            except _StaleConnectionError:
                 conn.close()
                 if attempt:
-                    raise
-                continue
+                    raise ConnectionResetError("the server closed the connection") from None
             except BaseException:
                 conn.close()
                 raise
-            rh = {k.lower(): v for k, v in resp.getheaders()}
-            if resp.will_close:
-                conn.close()
-            return resp.status, rh, data
         raise AssertionError("unreachable")
 
     def _get_json(self, path: str, *, ok: tuple[int, ...] = (200,)) -> tuple[int, Any]:

@@ -39,7 +39,7 @@ TINY_WIDTH = 4096  # 16 KiB float32 input
 
 
 def _cnn_onnx(path: Path) -> Path:
-    """A small CNN on [1, 3, 224, 224]: two strided convs, pooling, a dense head."""
+    """A small CNN on [1, 3, 224, 224] (~0.4 GMAC, a few ms): three convs, a dense head."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -51,7 +51,7 @@ def _cnn_onnx(path: Path) -> Path:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 224, 224])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])
     nodes = [
-        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], strides=[2, 2], pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
         helper.make_node("Relu", ["c1"], ["r1"]),
         helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], strides=[2, 2], pads=[1, 1, 1, 1]),
         helper.make_node("Relu", ["c2"], ["r2"]),
@@ -62,9 +62,9 @@ def _cnn_onnx(path: Path) -> Path:
         helper.make_node("Gemm", ["f", "wd", "bd"], ["y"], transB=1),
     ]
     inits = [
-        init("w1", (16, 3, 3, 3)), init("b1", (16,)),
-        init("w2", (32, 16, 3, 3)), init("b2", (32,)),
-        init("w3", (64, 32, 3, 3)), init("b3", (64,)),
+        init("w1", (32, 3, 3, 3)), init("b1", (32,)),
+        init("w2", (64, 32, 3, 3)), init("b2", (64,)),
+        init("w3", (64, 64, 3, 3)), init("b3", (64,)),
         init("wd", (10, 64)), init("bd", (10,)),
     ]  # fmt: skip
     graph = helper.make_graph(nodes, "cnn", [x], [y], initializer=inits)
