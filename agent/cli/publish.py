@@ -1,10 +1,350 @@
-"""Sub-commands of ``edgeward`` for this area (being built)."""
+"""Publisher commands: ``pack``, ``inspect``, ``verify``, ``unpack`` (DESIGN §6).
+
+Each command prints a short human summary (or ``--json`` for scripts) on stdout and,
+on failure, raises an ``agent.errors`` exception that ``edgeward`` prints as one line
+on stderr with a non-zero exit code. Long work shows a byte progress line on stderr only
+when stdout is a terminal. Heavy modules are imported inside the handlers.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+import time
+from pathlib import Path
 from typing import Any
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
-    """Add this module's sub-commands to the top-level parser."""
+    """Add pack, inspect, verify and unpack."""
+    p = sub.add_parser(
+        "pack",
+        help="build a signed (and encrypted) .emp package",
+        description="Build a GB/T 42382.2 encapsulated model package (.emp).",
+    )
+    p.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        type=Path,
+        metavar="FILE",
+        help="model file (repeatable; several models share one container)",
+    )
+    p.add_argument("--name", required=True, help="package name ([A-Za-z0-9._-])")
+    p.add_argument("--version", required=True, type=int, help="monotonic integer version")
+    p.add_argument("--label", default="", help="human version label, e.g. 2.1.0-rc1")
+    p.add_argument(
+        "--signing-key",
+        action="append",
+        required=True,
+        type=Path,
+        metavar="K",
+        help="Ed25519 .key (repeatable)",
+    )
+    p.add_argument(
+        "--encrypt-for",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="PUB",
+        help="device X25519 .pub file or directory of them (repeatable)",
+    )
+    p.add_argument(
+        "--psk",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="FILE",
+        help="fleet pre-shared key NAME.psk (repeatable)",
+    )
+    p.add_argument(
+        "--no-encrypt",
+        action="store_true",
+        help="store models unencrypted (the default without recipients)",
+    )
+    p.add_argument(
+        "--alg", default="aes-256-gcm", choices=("aes-256-gcm", "sm4-gcm", "chacha20-poly1305")
+    )
+    p.add_argument(
+        "--chunk-size",
+        type=int,
+        default=1 << 20,
+        metavar="BYTES",
+        help="plaintext bytes per AEAD chunk (default 1 MiB)",
+    )
+    p.add_argument("--zstd-level", type=int, default=3, help="1..19 (default 3); 0 = none")
+    p.add_argument(
+        "--meta",
+        type=Path,
+        metavar="DIR",
+        help="Meta-info directory (managementinfo.json, technicalinfo.json, ...); "
+        "generated from the model when missing",
+    )
+    p.add_argument("--program", type=Path, metavar="DIR", help="Program directory")
+    p.add_argument(
+        "--samples",
+        type=Path,
+        metavar="DIR",
+        help="self-test vectors *.npz (keys input:<name>, output:<name>)",
+    )
+    p.add_argument(
+        "--base",
+        type=Path,
+        metavar="BASE",
+        help="residual update against BASE (.emp, unpacked dir or model file)",
+    )
+    p.add_argument("--bits", type=int, default=8, choices=(8, 4, 2, 1))
+    p.add_argument("--group-size", type=int, default=128, choices=(128, 64))
+    p.add_argument("--max-rel-err", type=float, default=None)
+    p.add_argument(
+        "--trust",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="PUB",
+        help="publisher keys to verify a BASE .emp (default: the signing keys)",
+    )
+    p.add_argument(
+        "--device-key",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="K",
+        help="device key(s) to decrypt a BASE .emp",
+    )
+    p.add_argument("-o", "--output", required=True, type=Path, metavar="OUT.emp")
+    p.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    p.set_defaults(func=_pack)
+
+    p = sub.add_parser("inspect", help="show a package's manifest (no keys needed)")
+    p.add_argument("package", type=Path, metavar="PKG")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_inspect)
+
+    p = sub.add_parser("verify", help="verify signature, sizes and digests of a package")
+    p.add_argument("package", type=Path, metavar="PKG")
+    p.add_argument(
+        "--trust",
+        action="append",
+        required=True,
+        type=Path,
+        metavar="PUB",
+        help="trusted publisher .pub file or directory (repeatable)",
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_verify)
+
+    p = sub.add_parser("unpack", help="verify, decrypt and unpack a package into a directory")
+    p.add_argument("package", type=Path, metavar="PKG")
+    p.add_argument("--trust", action="append", required=True, type=Path, metavar="PUB")
+    p.add_argument(
+        "--device-key",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="K",
+        help="device .key / fleet .psk file or directory (repeatable)",
+    )
+    p.add_argument(
+        "--envelope",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="FILE",
+        help="detached key envelope adding recipients",
+    )
+    p.add_argument("--base", type=Path, metavar="DIR", help="unpacked base for residual updates")
+    p.add_argument("-o", "--output", required=True, type=Path, metavar="DIR")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_unpack)
+
+
+class _Progress:
+    """``\\r``-updated byte counter on stderr, only when stdout is a terminal."""
+
+    def __init__(self, what: str, total: int) -> None:
+        self.enabled = sys.stdout.isatty() and total > (64 << 20)
+        self.what, self.total, self.done, self._last = what, total, 0, 0.0
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if self.enabled and now - self._last > 0.2:
+            self._last = now
+            pct = 100.0 * self.done / max(self.total, 1)
+            print(
+                f"\r{self.what}: {self.done >> 20} / {self.total >> 20} MiB ({pct:.0f}%)",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def close(self) -> None:
+        if self.enabled:
+            print(file=sys.stderr)
+
+
+def _pubs(paths: list[Path]) -> list[Any]:
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+
+    from agent.errors import KeyFileError
+    from agent.keys import load_public
+
+    out: list[Any] = []
+    for p in paths:
+        files = sorted(p.glob("*.pub")) if p.is_dir() else [p]
+        for f in files:
+            pub = load_public(f)
+            if not isinstance(pub, X25519PublicKey):
+                raise KeyFileError(f"{f} is not a device (X25519) public key", code="key-type")
+            out.append(pub)
+    return out
+
+
+def _pack(args: argparse.Namespace) -> int:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from agent.errors import KeyFileError, PackageError
+    from agent.keys import Keyring, TrustStore, load_private, load_psk
+    from agent.package import PackSpec, pack
+
+    keys = []
+    for k in args.signing_key:
+        priv = load_private(k)
+        if not isinstance(priv, Ed25519PrivateKey):
+            raise KeyFileError(f"{k} is not an Ed25519 signing key", code="key-type")
+        keys.append(priv)
+    if args.no_encrypt and (args.encrypt_for or args.psk):
+        raise PackageError("--no-encrypt conflicts with --encrypt-for/--psk", code="usage")
+    spec = PackSpec(
+        models=list(args.model),
+        name=args.name,
+        version=args.version,
+        label=args.label,
+        signing_keys=keys,
+        meta_dir=args.meta,
+        program_dir=args.program,
+        samples_dir=args.samples,
+        encrypt_for=_pubs(args.encrypt_for),
+        psks=[load_psk(p) for p in args.psk],
+        alg=args.alg,
+        chunk_size=args.chunk_size,
+        zstd_level=args.zstd_level or None,
+        base=args.base,
+        bits=args.bits,
+        group_size=args.group_size,
+        max_rel_err=args.max_rel_err,
+        base_trust=TrustStore.from_paths(args.trust) if args.trust else None,
+        base_keyring=Keyring.from_paths(args.device_key) if args.device_key else None,
+    )
+    total = sum(p.stat().st_size for p in args.model if p.is_file())
+    progress = _Progress("packing", total)
+    spec.progress = progress
+    try:
+        manifest = pack(spec, args.output)
+    finally:
+        progress.close()
+    if args.json:
+        print(json.dumps(manifest.to_dict(), indent=2, sort_keys=True))
+    else:
+        enc = manifest.encryption
+        how = (
+            f"encrypted {enc.alg} for {len(enc.recipients)} recipient(s)" if enc else "unencrypted"
+        )
+        print(
+            f"packed {manifest.name} version {manifest.version} -> {args.output} "
+            f"({args.output.stat().st_size:,} bytes, {len(manifest.models)} model(s), {how})"
+        )
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from agent.package import inspect
+
+    doc = inspect(args.package)
+    if args.json:
+        print(json.dumps(doc, indent=2, sort_keys=True))
+        return 0
+    print(
+        f"package   {doc['name']} version {doc['version']}"
+        + (f" ({doc['label']})" if doc.get("label") else "")
+    )
+    print(f"created   {doc.get('created', '')}   size {doc['package_size']:,} bytes")
+    print(f"signed by {', '.join(doc['signature_key_ids']) or 'nobody'} (not verified)")
+    enc = doc.get("encryption")
+    if enc:
+        print(
+            f"encrypted {enc['alg']}, {enc['chunk_size']} B chunks, for "
+            f"{', '.join(str(r) for r in enc['recipients'])}"
+        )
+    else:
+        print("encrypted no")
+    if doc.get("base"):
+        print(f"base      {doc['base']['name']} version {doc['base']['version']}")
+    for m in doc["models"]:
+        print(
+            f"model {m['id']}   {m['name']} [{m['format']}] {'+'.join(m['encoding']) or 'plain'}"
+            f" {m['size']:,} bytes"
+        )
+    for f in doc["files"]:
+        print(f"file      {f['path']} {f['size']:,} bytes")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from agent.keys import TrustStore
+    from agent.package import verify
+
+    manifest = verify(args.package, TrustStore.from_paths(args.trust))
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "verified": True,
+                    "name": manifest.name,
+                    "version": manifest.version,
+                    "signers": list(manifest.signers),
+                }
+            )
+        )
+    else:
+        print(
+            f"OK: {manifest.name} version {manifest.version}, signature and "
+            f"{len(manifest.files)} file digests verified"
+        )
+    return 0
+
+
+def _unpack(args: argparse.Namespace) -> int:
+    from agent.keys import Keyring, TrustStore
+    from agent.package import unpack
+
+    keyring = Keyring.from_paths(args.device_key) if args.device_key else None
+    progress = _Progress("unpacking", args.package.stat().st_size if args.package.is_file() else 0)
+    try:
+        manifest = unpack(
+            args.package,
+            args.output,
+            trust=TrustStore.from_paths(args.trust),
+            keyring=keyring,
+            base_dir=args.base,
+            envelopes=args.envelope,
+            progress=progress,
+        )
+    finally:
+        progress.close()
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "name": manifest.name,
+                    "version": manifest.version,
+                    "output": str(args.output),
+                    "models": [m.name for m in manifest.models],
+                }
+            )
+        )
+    else:
+        print(f"unpacked {manifest.name} version {manifest.version} into {args.output}")
+    return 0
