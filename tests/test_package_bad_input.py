@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from agent import container as C
 from agent.errors import (
@@ -33,8 +35,6 @@ from agent.keys import Keyring, TrustStore, encode_signatures, sign
 from agent.manifest import canonical_json
 from agent.package import CONTAINER_PATH, PackSpec, pack, unpack, verify
 from agent.tario import TarReader
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 CHUNK = 256  # small AEAD chunks so the model spans several
 
@@ -478,7 +478,7 @@ def test_wrong_device_key(env: Env, tmp_path: Path) -> None:
 )
 def test_verify_refuses_too(env: Env, tmp_path: Path, name: str) -> None:
     """``verify`` (no keys, no writes) refuses the same packages."""
-    _, mutate, exc, _code = next(c for c in CASES if c[0] == name)
+    _, mutate, _exc, _code = next(c for c in CASES if c[0] == name)
     pkg = tmp_path / "bad.emp"
     pkg.write_bytes(mutate(env))
     with pytest.raises(PackageError):
