@@ -374,7 +374,9 @@ class _Conn(asyncio.BufferedProtocol):
         self._pending = (method, path, query, version, headers)
         have = self._filled - start
         if have >= length:
-            body = bytes(self._buf[start : start + length])
+            # A copy (the scratch buffer is reused), as a bytearray so that arrays
+            # decoded from it are writable like those from large bodies.
+            body = self._buf[start : start + length]
             self._shift(start + length)
             self._dispatch(body)
             return

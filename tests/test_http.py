@@ -4,6 +4,7 @@ clients, socket file permissions, stale/live sockets, drain on close."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import grp
 import json
 import os
@@ -331,3 +332,35 @@ def test_limits_validated() -> None:
         HTTPLimits(max_body_bytes=0)
     with pytest.raises(ConfigError, match="header_timeout_s"):
         HTTPLimits(header_timeout_s=-1)
+
+
+def test_http10_and_flood_of_bad_requests_leaves_nothing(
+    echo_srv: tuple[ServerThread, Echo],
+) -> None:
+    srv, echo = echo_srv
+    r = raw(srv.path, b"GET /old HTTP/1.0\r\n\r\n")
+    assert status_of(r) == 200 and b"connection: close" in r
+    s = _conn(srv.path)
+    buf = bytearray()
+    for _ in range(2):
+        s.sendall(b"GET /ka HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        assert b"connection: keep-alive" in _read_response(s, buf)
+    s.close()
+    bad = [
+        b"\x00\x01\x02\r\n\r\n",
+        b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 500 + b"\r\n",
+        b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n",
+        b"POST /x HTTP/1.1\r\nContent-Length: 99999999999\r\n\r\n",
+        b"GET / HTTP/1.1\r\nX-Big: " + b"a" * 3000,
+    ]
+    for i in range(200):
+        # the server may close before the client finished sending
+        with contextlib.suppress(ConnectionResetError, BrokenPipeError):
+            raw(srv.path, bad[i % len(bad)], timeout=5)
+    for _ in range(500):
+        if srv.server.connections == 0 and not srv.server._inflight:
+            break
+        time.sleep(0.01)
+    assert srv.server.connections == 0 and not srv.server._inflight
+    assert not any(req.path == "/x" for req in echo.seen)
+    _alive(srv)
