@@ -23,7 +23,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.errors import ManifestError, UnsupportedVersionError
+from agent.errors import LimitError, ManifestError, UnsupportedVersionError
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -301,6 +301,11 @@ def parse_manifest(
 
     files: list[FileEntry] = []
     seen: set[str] = set()
+    if isinstance(doc["files"], list) and len(doc["files"]) > max_files:
+        raise LimitError(
+            f"manifest lists {len(doc['files'])} files, above the limit of {max_files}",
+            code="limit-entries",
+        )
     for i, raw in enumerate(_list(doc["files"], "files", max_files)):
         where = f"files[{i}]"
         f = _obj(raw, where, ("path", "size", "sha256"), ("mode",))

@@ -50,6 +50,7 @@ from agent.container import (
 from agent.errors import (
     BaseMismatchError,
     IntegrityError,
+    LimitError,
     ManifestError,
     MetaInfoError,
     PackageError,
@@ -467,7 +468,7 @@ def _open(pkg: Path, limits: Limits, trust: TrustStore | None) -> Iterator[_Open
     with f:
         size = os.fstat(f.fileno()).st_size
         if size > limits.max_package_bytes:
-            raise PackageError(
+            raise LimitError(
                 f"{pkg.name} is {size} bytes, above the limit of {limits.max_package_bytes}",
                 code="limit-package-size",
             )

@@ -1,0 +1,323 @@
+"""Pack / verify / unpack / inspect round trips, including the real PP-OCR ONNX and
+mediapipe TFLite models run after unpacking."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from agent import crypto
+from agent.errors import (
+    BaseMismatchError,
+    CryptoError,
+    LimitError,
+    MetaInfoError,
+    PackageError,
+    ResidualError,
+)
+from agent.keys import Keyring, TrustStore, key_id
+from agent.package import Limits, PackSpec, inspect, pack, unpack, verify
+from agent.tario import TarReader
+
+
+@pytest.fixture(scope="module")
+def keys() -> tuple[Ed25519PrivateKey, TrustStore, X25519PrivateKey, Keyring]:
+    sk = Ed25519PrivateKey.generate()
+    trust = TrustStore()
+    trust.add(sk.public_key())
+    dev = X25519PrivateKey.generate()
+    ring = Keyring()
+    ring.add(dev)
+    return sk, trust, dev, ring
+
+
+def _model(tmp: Path, size: int = 50_000, name: str = "m.bin") -> Path:
+    p = tmp / name
+    rng = np.random.default_rng(size)
+    p.write_bytes(rng.bytes(size // 2) + np.linspace(0, 1, size // 8, dtype=np.float32).tobytes())
+    return p
+
+
+@pytest.mark.parametrize("alg", crypto.ALGORITHMS)
+def test_round_trip_each_alg(tmp_path: Path, keys, alg: str) -> None:  # type: ignore[no-untyped-def]
+    sk, trust, dev, ring = keys
+    a, b = _model(tmp_path, 40_000, "a.bin"), _model(tmp_path, 3_000, "b.bin")
+    out = tmp_path / "p.emp"
+    m = pack(
+        PackSpec(
+            models=[a, b],
+            name="rt",
+            version=7,
+            label="7.0",
+            signing_keys=[sk],
+            encrypt_for=[dev.public_key()],
+            alg=alg,
+            chunk_size=4096,
+        ),
+        out,
+    )
+    assert [x.encoding for x in m.models] == [("zstd", alg)] * 2
+    assert verify(out, trust) == m
+    m2 = unpack(out, tmp_path / "u", trust=trust, keyring=ring)
+    assert m2 == m
+    for src in (a, b):
+        assert (tmp_path / "u" / "Model" / src.name).read_bytes() == src.read_bytes()
+    assert json.loads((tmp_path / "u" / "manifest.json").read_bytes())["version"] == 7
+    # no temp leftovers next to the output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "b.bin", "p.emp", "u"]
+
+
+def test_tar_layout_first_entries(tmp_path: Path, keys) -> None:  # type: ignore[no-untyped-def]
+    sk, trust, _, _ = keys
+    prog = tmp_path / "Program" / "Scripts"
+    prog.mkdir(parents=True)
+    (prog / "run.py").write_text("x = 1\n")
+    (prog / "tool.sh").write_text("#!/bin/sh\n")
+    os.chmod(prog / "tool.sh", 0o755)
+    out = tmp_path / "p.emp"
+    pack(
+        PackSpec(
+            models=[_model(tmp_path)],
+            name="lay",
+            version=1,
+            signing_keys=[sk],
+            program_dir=tmp_path / "Program",
+        ),
+        out,
+    )
+    with open(out, "rb") as f:
+        tar = TarReader(f, max_entries=100, max_total=1 << 30)
+        paths = []
+        while (e := tar.next()) is not None:
+            paths.append(e.path)
+    assert paths[:2] == ["manifest.json", "manifest.sig"]
+    assert paths[2:] == [
+        "Meta-info/managementinfo.json",
+        "Meta-info/technicalinfo.json",
+        "Program/Scripts/run.py",
+        "Program/Scripts/tool.sh",
+        "Model/models.empc",
+    ]
+    u = tmp_path / "u"
+    unpack(out, u, trust=trust)
+    assert stat.S_IMODE((u / "Program/Scripts/tool.sh").stat().st_mode) == 0o755
+    assert stat.S_IMODE((u / "Program/Scripts/run.py").stat().st_mode) == 0o644
+    doc = inspect(out)
+    assert doc["name"] == "lay" and doc["verified"] is False
+    assert doc["signature_key_ids"] == [key_id(sk.public_key())]
+
+
+def test_psk_recipient_and_envelope(tmp_path: Path, keys) -> None:  # type: ignore[no-untyped-def]
+    sk, trust, dev, _ = keys
+    psk = os.urandom(32)
+    out = tmp_path / "p.emp"
+    src = _model(tmp_path)
+    m = pack(
+        PackSpec(
+            models=[src], name="fleet", version=2, signing_keys=[sk], psks=[("psk:fleet", psk)]
+        ),
+        out,
+    )
+    ring = Keyring()
+    ring.add_psk("fleet", psk)
+    unpack(out, tmp_path / "u", trust=trust, keyring=ring)
+    assert (tmp_path / "u/Model/m.bin").read_bytes() == src.read_bytes()
+    # a device added later through a detached envelope
+    assert m.encryption is not None
+    ctx = crypto.package_context(m.name, m.version, m.encryption.alg, m.encryption.chunk_size)
+    data_key = crypto.unwrap_any(list(m.encryption.recipients), ring, ctx)
+    env = tmp_path / "dev.envelope"
+    entry = crypto.wrap_for_device(data_key, dev.public_key(), key_id(dev.public_key()), ctx)
+    env.write_bytes(crypto.make_envelope([entry], m.package_id, sk))
+    devring = Keyring()
+    devring.add(dev)
+    with pytest.raises(CryptoError):
+        unpack(out, tmp_path / "u2", trust=trust, keyring=devring)
+    unpack(out, tmp_path / "u2", trust=trust, keyring=devring, envelopes=[env])
+    assert (tmp_path / "u2/Model/m.bin").read_bytes() == src.read_bytes()
+
+
+def test_output_must_be_new_or_empty(tmp_path: Path, keys) -> None:  # type: ignore[no-untyped-def]
+    sk, trust, _, _ = keys
+    out = tmp_path / "p.emp"
+    pack(PackSpec(models=[_model(tmp_path)], name="o", version=1, signing_keys=[sk]), out)
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("precious")
+    with pytest.raises(PackageError) as info:
+        unpack(out, busy, trust=trust)
+    assert info.value.code == "output-exists"
+    assert (busy / "keep.txt").read_text() == "precious"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    unpack(out, empty, trust=trust)
+    assert (empty / "Model" / "m.bin").is_file()
+
+
+def test_limits(tmp_path: Path, keys) -> None:  # type: ignore[no-untyped-def]
+    sk, trust, _, _ = keys
+    out = tmp_path / "p.emp"
+    pack(
+        PackSpec(models=[_model(tmp_path, 200_000)], name="lim", version=1, signing_keys=[sk]), out
+    )
+    cases = [
+        (Limits(max_package_bytes=10_000), "limit-package-size"),
+        (Limits(max_total_bytes=10_000), "limit-total-size"),
+        (Limits(max_entries=2), "limit-entries"),
+        (Limits(max_manifest_bytes=100), "limit-member-size"),
+        (Limits(max_decoded_bytes=1000), "decoded-size"),
+    ]
+    for limits, code in cases:
+        with pytest.raises(LimitError) as info:
+            unpack(out, tmp_path / "u", trust=trust, limits=limits)
+        assert info.value.code == code
+        assert not (tmp_path / "u").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.bin", "p.emp"]
+
+
+def test_meta_dir_validated_at_pack(tmp_path: Path, keys) -> None:  # type: ignore[no-untyped-def]
+    sk, _, _, _ = keys
+    meta = tmp_path / "meta"
+    meta.mkdir()
+    (meta / "technicalinfo.json").write_text(
+        json.dumps({"runtime_config": {"backend": "tensorflow"}})
+    )
+    with pytest.raises(MetaInfoError) as info:
+        pack(
+            PackSpec(
+                models=[_model(tmp_path)], name="x", version=1, signing_keys=[sk], meta_dir=meta
+            ),
+            tmp_path / "p.emp",
+        )
+    assert info.value.code == "meta-invalid"
+    assert "runtime_config.backend" in str(info.value)
+    (meta / "technicalinfo.json").write_text(
+        json.dumps({"runtime_config": {"entry_model": "nope.onnx"}})
+    )
+    with pytest.raises(MetaInfoError, match="entry_model"):
+        pack(
+            PackSpec(
+                models=[_model(tmp_path)], name="x", version=1, signing_keys=[sk], meta_dir=meta
+            ),
+            tmp_path / "p.emp",
+        )
+    assert not (tmp_path / "p.emp").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_residual_needs_base(tmp_path: Path, keys) -> None:  # type: ignore[no-untyped-def]
+    """A residual package refuses to unpack without its base (checked before writing)."""
+    sk, trust, _, _ = keys
+    base_model = _model(tmp_path, 10_000, "base.bin")
+    out = tmp_path / "v1.emp"
+    pack(PackSpec(models=[base_model], name="res", version=1, signing_keys=[sk]), out)
+    u = tmp_path / "v1"
+    unpack(out, u, trust=trust)
+    try:
+        import agent.residual  # noqa: F401
+    except ImportError:
+        with pytest.raises(ResidualError) as info:
+            pack(
+                PackSpec(models=[base_model], name="res", version=2, signing_keys=[sk], base=u),
+                tmp_path / "v2.emp",
+            )
+        assert info.value.code == "residual-unavailable"
+        return
+    pytest.skip("agent.residual present: covered by the residual round trip")
+
+
+def test_base_mismatch_errors(tmp_path: Path) -> None:
+    from agent.manifest import BaseRef, Manifest, ModelInfo
+    from agent.package import _check_base
+
+    m = Manifest(
+        name="a",
+        version=2,
+        files=(),
+        models=(
+            ModelInfo(
+                0,
+                "x.onnx",
+                "onnx",
+                "Model/models.empc",
+                ("residual",),
+                1,
+                "0" * 64,
+                "sha256:" + "0" * 64,
+                "sha256:" + "1" * 64,
+            ),
+        ),
+        base=BaseRef("a", 1),
+    )
+    with pytest.raises(BaseMismatchError) as info:
+        _check_base(m, None)
+    assert info.value.code == "base-required"
+    with pytest.raises(BaseMismatchError) as info:
+        _check_base(m, tmp_path)
+    assert info.value.code == "base-invalid"
+
+
+def _run_onnx(path: Path, x: np.ndarray) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return list(sess.run(None, {sess.get_inputs()[0].name: x}))
+
+
+def _run_tflite(path: Path) -> list[np.ndarray]:
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_path=str(path))
+    it.allocate_tensors()
+    d = it.get_input_details()[0]
+    x = np.random.default_rng(0).random(d["shape"], dtype=np.float32).astype(d["dtype"])
+    it.set_tensor(d["index"], x)
+    it.invoke()
+    return [it.get_tensor(o["index"]).copy() for o in it.get_output_details()]
+
+
+def test_real_models_round_trip(tmp_path: Path, keys, ppocr_det: Path, hand_tflite: Path) -> None:  # type: ignore[no-untyped-def]
+    sk, trust, dev, ring = keys
+    out = tmp_path / "real.emp"
+    m = pack(
+        PackSpec(
+            models=[ppocr_det, hand_tflite],
+            name="real",
+            version=1,
+            signing_keys=[sk],
+            encrypt_for=[dev.public_key()],
+        ),
+        out,
+    )
+    assert [x.format for x in m.models] == ["onnx", "tflite"]
+    u = tmp_path / "u"
+    unpack(out, u, trust=trust, keyring=ring)
+    det, hand = u / "Model" / ppocr_det.name, u / "Model" / hand_tflite.name
+    assert det.read_bytes() == ppocr_det.read_bytes()
+    assert hand.read_bytes() == hand_tflite.read_bytes()
+    tech = json.loads((u / "Meta-info" / "technicalinfo.json").read_text())
+    assert tech["runtime_config"]["backend"] == "onnxruntime"
+    assert tech["runtime_config"]["inputs"][0]["name"] == "x"
+    x = np.random.default_rng(0).random((1, 3, 64, 64), dtype=np.float32)
+    for a, b in zip(_run_onnx(ppocr_det, x), _run_onnx(det, x), strict=True):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(_run_tflite(hand_tflite), _run_tflite(hand), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_tflite_meta_generated(tmp_path: Path, keys, hand_tflite: Path) -> None:  # type: ignore[no-untyped-def]
+    sk, trust, _, _ = keys
+    out = tmp_path / "h.emp"
+    pack(PackSpec(models=[hand_tflite], name="hand", version=1, signing_keys=[sk]), out)
+    unpack(out, tmp_path / "u", trust=trust)
+    tech = json.loads((tmp_path / "u/Meta-info/technicalinfo.json").read_text())
+    rc = tech["runtime_config"]
+    assert rc["backend"] == "litert" and rc["entry_model"] == hand_tflite.name
+    assert rc["inputs"][0]["shape"][-1] == 3 and len(rc["outputs"]) >= 2
