@@ -61,6 +61,9 @@ class InferenceConfig:
     mode: int = 0o660
     # Group owning the socket; members may call models. None = the daemon's own group.
     group: str | None = "edgeward"
+    # Requests running at once per model; more wait in a bounded queue, beyond it 503.
+    max_concurrent_per_model: int = 8
+    max_queue_per_model: int = 64
     # Passed to agent.http.HTTPLimits (keys as that dataclass names them).
     limits: dict[str, Any] = field(default_factory=dict)
 
@@ -248,6 +251,8 @@ def _validate(cfg: Config) -> None:
             code="config-range",
         )
     _positive("daemon.drain_timeout", d.drain_timeout, allow_zero=True)
+    _positive("inference.max_concurrent_per_model", cfg.inference.max_concurrent_per_model)
+    _positive("inference.max_queue_per_model", cfg.inference.max_queue_per_model, allow_zero=True)
     _positive("daemon.worker_start_timeout", d.worker_start_timeout)
     if d.worker_memory_limit_mb is not None:
         _positive("daemon.worker_memory_limit_mb", d.worker_memory_limit_mb)

@@ -147,8 +147,8 @@ class Daemon:
 
     async def _bind(self) -> None:
         from agent.http import HTTPLimits, UnixHTTPServer
+        from agent.kserve import InferenceApp
 
-        kserve = importlib.import_module("agent.kserve")
         inf = self.cfg.inference
         try:
             limits = HTTPLimits(**inf.limits)
@@ -161,7 +161,11 @@ class Daemon:
             sock_path.parent.mkdir(parents=True, exist_ok=True)
         infer_server = UnixHTTPServer(
             str(inf.socket),
-            kserve.InferenceApp(self.registry),
+            InferenceApp(
+                self.registry,
+                max_concurrent_per_model=inf.max_concurrent_per_model,
+                max_queue_per_model=inf.max_queue_per_model,
+            ),
             limits=limits,
             mode=inf.mode,
             group=inf.group,

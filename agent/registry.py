@@ -101,7 +101,10 @@ class WorkerModel:
     @property
     def ready(self) -> bool:
         """True while the worker answers and this version is routed."""
-        return not self._retired and self.worker.state == "ready"
+        if self._retired:
+            # a request that fetched this model just before a swap is forwarded
+            return self._successor is not None and self._successor.ready
+        return self.worker.state == "ready"
 
     def metadata(self) -> dict[str, Any]:
         if self._metadata is None:
