@@ -443,10 +443,12 @@ def test_overload_gives_503_retry_after(stack: tuple[ServerThread, DictRegistry]
     with ThreadPoolExecutor(6) as pool:
         futs = [pool.submit(c.infer, "echo", x) for _ in range(4)]
         assert echo.started.wait(10)
-        for _ in range(200):
-            if echo.running == 2:
+        gates = srv.server.handler.plane._gates  # type: ignore[attr-defined]
+        for _ in range(1000):  # wait until 2 run and 2 wait: the queue is full
+            if echo.running == 2 and "echo" in gates and len(gates["echo"].waiters) == 2:
                 break
             threading.Event().wait(0.01)
+        assert echo.running == 2 and len(gates["echo"].waiters) == 2
         with pytest.raises(OverloadedError) as ei:
             c.infer("echo", x)
         assert ei.value.retry_after >= 1
