@@ -290,6 +290,7 @@ class Updater:
                 except EdgewardError as exc:
                     result = f"[{exc.code}] {exc.message}"
                     logger.error("inbox package %s refused: %s", path.name, result)
+                    self._reject(path, result)
                 self._scan_cache[path] = (stamp, result)
             if isinstance(result, str):
                 bad[path.name] = result

@@ -60,3 +60,136 @@ def test_skipping_stages_is_refused(path: list[str], bad: str) -> None:
         m.advance(target)
     assert ei.value.code == "bad-transition"
     assert m.state == (path[-1] if path else "idle")
+
+
+# --- the check job over real packages, a real store and the registry ---------------------
+
+import asyncio  # noqa: E402
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from agent.config import parse_config  # noqa: E402
+from agent.errors import UpdateError  # noqa: E402
+from agent.registry import ModelRegistry, WorkerLike  # noqa: E402
+from agent.store import Store  # noqa: E402
+from agent.updater import Updater  # noqa: E402
+from tests.daemon_util import make_package, signing_key  # noqa: E402
+from tests.test_registry import StandInWorker  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def pkgs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    work = tmp_path_factory.mktemp("pkgs")
+    key, trust = signing_key(work)
+    out = {"trust": trust}
+    for v, scale in (("1", 2.0), ("2", 3.0), ("3", 4.0)):
+        out[v] = make_package(work, key, "tiny", v, scale=scale)
+    other = tmp_path_factory.mktemp("other")
+    okey, _otrust = signing_key(other)
+    out["untrusted"] = make_package(other, okey, "tiny", "9")
+    return out
+
+
+def _setup(tmp_path: Path, trust: Path, fail: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+    cfg = parse_config(
+        {
+            "paths": {
+                "state_dir": str(tmp_path / "state"),
+                "inbox_dir": str(tmp_path / "inbox"),
+                "trust_dir": str(trust),
+            },
+            "daemon": {"drain_timeout": 1.0},
+        }
+    )
+    (tmp_path / "inbox").mkdir(exist_ok=True)
+    store = Store(cfg.paths.state_dir).open()
+    made: list[StandInWorker] = []
+
+    def factory(name: str, version: str, model_dir: Path) -> WorkerLike:
+        assert (model_dir / "Model").is_dir()  # a complete unpacked version
+        w = StandInWorker(name, version, model_dir, fail=(fail or {}).get(version, ""))
+        made.append(w)
+        return w
+
+    reg = ModelRegistry(factory)
+    return cfg, store, reg, Updater(cfg, store, reg), made
+
+
+def _drop(tmp_path: Path, pkg: Path) -> None:
+    (tmp_path / "inbox" / pkg.name).write_bytes(pkg.read_bytes())
+
+
+def test_check_installs_swaps_and_rolls_back(tmp_path: Path, pkgs: dict[str, Path]) -> None:
+    async def go() -> None:
+        _cfg, store, reg, up, made = _setup(tmp_path, pkgs["trust"])
+        assert (await up.check()).to_dict()["installed"] == {}
+        _drop(tmp_path, pkgs["1"])
+        res = await up.check()
+        assert res.installed == {"tiny": "1"} and res.failed == {}
+        assert store.current("tiny") == "1" and reg.get("tiny").version == "1"
+        # newest of several wins; older ones are "unchanged"
+        _drop(tmp_path, pkgs["2"])
+        _drop(tmp_path, pkgs["3"])
+        res = await up.check()
+        assert res.installed == {"tiny": "3"}
+        assert (store.current("tiny"), store.previous("tiny")) == ("3", "1")
+        assert store.versions("tiny") == ["1", "3"]
+        assert made[0].state == "stopped" and reg.get("tiny").version == "3"
+        res = await up.check()
+        assert res.installed == {} and res.unchanged == ["tiny"]
+        out = await up.rollback("tiny")
+        assert out == {"name": "tiny", "current": "1", "previous": "3"}
+        assert reg.get("tiny").version == "1" and store.current("tiny") == "1"
+        assert up.machines["tiny"].state == "rolled-back"
+        journal = json.loads(store.journal_path.read_text())
+        assert journal["models"]["tiny"]["state"] == "rolled-back"
+        assert journal["models"]["tiny"]["version"] == "1"
+        assert up.transitions["active"] == 2 and up.transitions["verifying"] == 2
+
+    asyncio.run(go())
+
+
+def test_refused_packages_keep_old_version(tmp_path: Path, pkgs: dict[str, Path]) -> None:
+    async def go() -> None:
+        _cfg, store, reg, up, _made = _setup(tmp_path, pkgs["trust"], fail={"3": "self_test"})
+        _drop(tmp_path, pkgs["1"])
+        await up.check()
+        # untrusted signer: refused at verification, file moved aside with the reason
+        _drop(tmp_path, pkgs["untrusted"])
+        res = await up.check()
+        assert "tiny-9.emp" in res.failed and "unknown-signer" in res.failed["tiny-9.emp"]
+        assert (tmp_path / "inbox" / "tiny-9.emp.rejected").exists()
+        assert not (tmp_path / "inbox" / "tiny-9.emp").exists()
+        # tampered: one byte flipped in the payload
+        bad = bytearray(pkgs["2"].read_bytes())
+        bad[-2000] ^= 0xFF
+        (tmp_path / "inbox" / "tiny-2.emp").write_bytes(bytes(bad))
+        res = await up.check()
+        assert res.installed == {} and "tiny-2.emp" in res.failed
+        # a version whose self-test fails: failed, removed, old version still serving
+        assert (tmp_path / "inbox" / "tiny-2.emp.rejected").exists()
+        _drop(tmp_path, pkgs["3"])
+        res = await up.check()
+        assert "tiny" in res.failed and "self-test" in res.failed["tiny"]
+        assert reg.get("tiny").version == "1" and store.current("tiny") == "1"
+        assert store.versions("tiny") == ["1"]
+        assert (tmp_path / "inbox" / "tiny-3.emp.rejected").exists()
+        assert "self-test" in (tmp_path / "inbox" / "tiny-3.emp.rejected.reason").read_text()
+        assert up.machines["tiny"].state == "failed"
+        assert list(store.staging_dir.iterdir()) == []
+        with pytest.raises(UpdateError) as ei:
+            await up.rollback("tiny")
+        assert ei.value.code == "no-previous"
+
+    asyncio.run(go())
+
+
+def test_interrupted_update_becomes_failed_at_start(tmp_path: Path, pkgs: dict[str, Path]) -> None:
+    _cfg, store, _reg, _up, _made = _setup(tmp_path, pkgs["trust"])
+    store.write_journal(
+        {"models": {"tiny": {"state": "unpacking", "version": "1", "target": "2", "since": 1.0}}}
+    )
+    _cfg, store, _reg, up, _made = _setup(tmp_path, pkgs["trust"])
+    m = up.machines["tiny"]
+    assert m.state == "failed" and "interrupted" in (m.error or "")
+    assert json.loads(store.journal_path.read_text())["models"]["tiny"]["state"] == "failed"
