@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from agent.control import PeerCred, peer_allowed, peer_credentials
-from tests.daemon_util import DaemonProc, start_daemon, tiny_model_dir
+from tests.daemon_util import DaemonProc, start_daemon
 
 OUTSIDER = "edgeward-test"  # no extra groups
 ADMIN = "edgeward-tadm"  # primary group edgeward-tadm = the control socket's admin group
@@ -90,8 +90,7 @@ def shared_daemon(users: tuple[pwd.struct_passwd, pwd.struct_passwd]) -> Iterato
     (work / "run").mkdir(mode=0o755)
     os.chmod(work / "run", 0o755)
     try:
-        src = tiny_model_dir(work / "src", "tiny", "1")
-        d = start_daemon(work, [src], group="", admin_group=ADMIN, control_mode="0660")
+        d = start_daemon(work, [], group="", admin_group=ADMIN, control_mode="0660")
         try:
             yield d
         finally:
