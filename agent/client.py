@@ -69,6 +69,7 @@ class _Connection:
         self.socket_path = socket_path
         self.timeout = timeout
         self.sock: socket.socket | None = None
+        self.reused = False  # True once a response came back on this socket
         self._buf = bytearray()
 
     def close(self) -> None:
@@ -86,6 +87,7 @@ class _Connection:
             sock.close()
             raise
         self.sock = sock
+        self.reused = False
         return sock
 
     def exchange(
@@ -153,6 +155,8 @@ class _Connection:
             return self._read_response(sock)
         if rh.get("connection", "").lower() == "close":
             self.close()
+        else:
+            self.reused = True
         return status, rh, body
 
 
@@ -275,12 +279,17 @@ class Client:
             parts = body
         for attempt in (0, 1):
             conn = self._conn()
+            reused = conn.sock is not None and conn.reused
             try:
                 return conn.exchange(method, path, parts, headers or {})
             except _StaleConnectionError:
                 conn.close()
-                if attempt:
-                    raise ConnectionResetError("the server closed the connection") from None
+                # Retry only on a kept-alive socket the server had closed while idle: a
+                # fresh connection closed without an answer may have run the request.
+                if attempt or not reused:
+                    raise ConnectionResetError(
+                        "the server closed the connection without answering"
+                    ) from None
             except BaseException:
                 conn.close()
                 raise

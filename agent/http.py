@@ -486,6 +486,8 @@ class _Conn(asyncio.BufferedProtocol):
             length = sum(p.nbytes if isinstance(p, memoryview) else len(p) for p in parts)
         head: list[Body] = [_status_line(resp.status)]
         for k, v in resp.headers.items():
+            if k.lower() in ("content-length", "connection", "transfer-encoding"):
+                continue  # framing is the server's business
             head.append(f"{k}: {v}\r\n".encode("latin-1"))
         head.append(b"content-length: %d\r\n" % length)
         head.append(_KEEP_ALIVE if keep_alive else _CLOSE)
