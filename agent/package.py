@@ -27,9 +27,11 @@ import importlib
 import json
 import logging
 import os
+import queue
 import shutil
 import stat
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -818,6 +820,53 @@ def _unpack_into(
     return manifest
 
 
+class _HashWriter:
+    """Hash and write decoded pieces on a second thread.
+
+    ``hashlib`` and ``os.write`` release the GIL, so hashing and writing the output
+    overlap with decryption and decompression on the calling thread. The queue holds at
+    most ``depth`` pieces (each <= ``_COPY`` bytes), which bounds the extra memory.
+    """
+
+    def __init__(self, fd: int, depth: int = 4) -> None:
+        self._fd = fd
+        self._q: queue.Queue[bytes | None] = queue.Queue(depth)
+        self._h = hashlib.sha256()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="unpack-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (piece := self._q.get()) is not None:
+            if self._error is not None:
+                continue
+            try:
+                self._h.update(piece)
+                _write_all(self._fd, piece)
+            except BaseException as exc:  # re-raised on the calling thread
+                self._error = exc
+
+    def put(self, piece: bytes) -> None:
+        if self._error is not None:
+            raise self._error
+        self._q.put(piece)
+
+    def close(self) -> str:
+        """Wait for the writes; returns the SHA-256 hex digest of everything put."""
+        self._q.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._h.hexdigest()
+
+    def abort(self) -> None:
+        """Stop the thread if ``close`` was not reached (idempotent)."""
+        if self._thread.is_alive():
+            self._error = self._error or PackageError("unpack aborted", code="aborted")
+            self._q.put(None)
+            self._thread.join()
+
+
 def _decode_container(
     fe: FileEntry,
     reader: MemberReader,
@@ -836,7 +885,7 @@ def _decode_container(
         found.add(mi.id)
         rel = f".patches/{mi.id}" if mi.residual else f"Model/{mi.name}"
         fd = out.create(rel)
-        h = hashlib.sha256()
+        sink = _HashWriter(fd)
         size = 0
         try:
             for piece in entry.decoded(key, read_size=_COPY):
@@ -847,12 +896,13 @@ def _decode_container(
                         f"{mi.size} bytes the manifest declares",
                         code="model-size",
                     )
-                h.update(piece)
-                _write_all(fd, piece)
+                sink.put(piece)
+            digest = sink.close()
             os.fsync(fd)
         finally:
+            sink.abort()
             os.close(fd)
-        if size != mi.size or h.hexdigest() != mi.sha256:
+        if size != mi.size or digest != mi.sha256:
             raise IntegrityError(
                 f"model {mi.name!r}: decoded data does not match the manifest's size/SHA-256",
                 code="model-digest",
