@@ -112,11 +112,14 @@ def _package_dir(root: Path, name: str, model: Path, sample: np.ndarray) -> Path
 
 
 def _session(model: Path) -> Any:
-    """The same session options on both sides: no spinning intra-op threads (they would
-    steal the CPU the socket path needs on a 2-core box and flatter neither side)."""
+    """Session options as the daemon's workers get them from its config
+    (``[runtime] onnx = {intra_op_threads = 1, inter_op_threads = 1}``, see
+    tests/daemon_util.write_config), so the anchor and the served model do the same work."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
 
