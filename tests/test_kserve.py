@@ -467,3 +467,34 @@ def test_overload_gives_503_retry_after(stack: tuple[ServerThread, DictRegistry]
 
 async def _make_event() -> asyncio.Event:
     return asyncio.Event()
+
+
+def test_large_tensors_round_trip(stack: tuple[ServerThread, DictRegistry]) -> None:
+    srv, _ = stack
+    big = np.random.default_rng(3).standard_normal((2, 1024, 1024)).astype(np.float32)  # 8 MiB
+    c = Client(str(srv.path))
+    out = c.infer("echo", {"big": big, "small": np.arange(3, dtype=np.int8)})
+    np.testing.assert_array_equal(out["big_out"], big)
+    assert out["big_out"].flags.writeable
+    np.testing.assert_array_equal(out["small_out"], np.arange(3, dtype=np.int8))
+    # a slow reader: the server waits for the socket to drain and then serves again
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.connect(str(srv.path))
+    from agent.tensors import encode_request
+
+    parts, hl = encode_request({"big": big})
+    body = b"".join(parts)
+    head = (
+        f"POST /v2/models/echo/infer HTTP/1.1\r\nInference-Header-Content-Length: {hl}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    s.sendall(head + body + b"GET /v2/health/live HTTP/1.1\r\n\r\n")
+    threading.Event().wait(0.2)
+    got = b""
+    while b'{"live":true}' not in got[-64:]:
+        chunk = s.recv(1 << 20)
+        assert chunk
+        got += chunk
+    assert got.startswith(b"HTTP/1.1 200 OK") and len(got) > big.nbytes
+    s.close()
