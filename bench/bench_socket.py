@@ -22,6 +22,7 @@ import asyncio
 import importlib.util
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -241,6 +242,7 @@ def _daemon_idle_rss(work: Path) -> float:
 
     from tests.daemon_util import start_daemon
 
+    shutil.rmtree(work / "idle", ignore_errors=True)
     d = start_daemon(work / "idle")
     try:
         time.sleep(1.0)
@@ -270,13 +272,23 @@ def run(work: Path) -> dict[str, float]:
     ip_big = _lat(lambda: cnn_s.run(None, {"x": big_x}), n_big, warm=10)
     ip_tp = _throughput(lambda: cnn_s.run(None, {"x": big_x}), 4, secs)
 
-    mode = "daemon"
-    server: Any
+    mode = "daemon (edgeward agent --config, model workers)"
+    server: Any = None
     if importlib.util.find_spec("runtime.worker") is not None:
         from tests.daemon_util import start_daemon
 
-        server = start_daemon(work / "daemon", [("tiny", "1", tiny_dir), ("cnn", "1", cnn_dir)])
-    else:
+        shutil.rmtree(work / "daemon", ignore_errors=True)  # a fresh store every run
+        try:
+            server = start_daemon(work / "daemon", [("tiny", "1", tiny_dir), ("cnn", "1", cnn_dir)])
+            probe = Client(str(server.infer_sock))
+            if not (probe.ready("tiny") and probe.ready("cnn")):
+                raise RuntimeError("models not ready")
+        except Exception as exc:
+            print(f"daemon not usable ({exc}); falling back")
+            if server is not None:
+                server.stop()
+            server = None
+    if server is None:
         mode = (
             "fallback: UnixHTTPServer+InferenceApp over onnxruntime in the server process "
             "(no worker hop; tiny runs inline, cnn in a thread)"
