@@ -333,7 +333,11 @@ class _Conn(asyncio.BufferedProtocol):
         if self._phase == _IDLE:
             self._phase = _HEAD
             self._arm(self._limits.header_timeout_s)
-        self._try_head(max(0, self._filled - nbytes - 3))
+        try:
+            self._try_head(max(0, self._filled - nbytes - 3))
+        except Exception:  # a parser bug must cost one connection, not the server
+            logger.exception("http: cannot parse a request")
+            self._fail(400, "bad-request", "malformed request")
 
     def eof_received(self) -> bool | None:
         # A half-closed client gets its in-flight response, then the connection closes.
@@ -405,7 +409,7 @@ class _Conn(asyncio.BufferedProtocol):
         raw = headers.get("content-length")
         if raw is None:
             return 0
-        if not raw.isdigit() or len(raw) > 19:
+        if not (raw.isascii() and raw.isdigit()) or len(raw) > 19:
             raise _ProtocolError(
                 400, "bad-content-length", f"malformed Content-Length {raw[:32]!r}"
             )

@@ -418,7 +418,7 @@ class InferenceApp:
         hl_raw = request.headers.get(HEADER_LENGTH)
         header_len: int | None = None
         if hl_raw is not None:
-            if not hl_raw.isdigit():
+            if not (hl_raw.isascii() and hl_raw.isdigit()):
                 raise InvalidInputError(
                     f"Inference-Header-Content-Length {hl_raw[:32]!r} is not a number",
                     code="bad-header-length",

@@ -157,6 +157,7 @@ def test_large_body_and_expect_continue(echo_srv: tuple[ServerThread, Echo]) -> 
         (b"GET / HTTP/1.1\r\nno colon here\r\n\r\n", 400, "bad-header"),
         (b"GET / HTTP/1.1\r\nBad Name: v\r\n\r\n", 400, "bad-header"),
         (b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n", 400, "bad-content-length"),
+        (b"POST / HTTP/1.1\r\nContent-Length: \xb2\r\n\r\n", 400, "bad-content-length"),
         (b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400,
          "bad-content-length"),
         (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n", 411,

@@ -350,7 +350,7 @@ def _post(path: Path, url: str, body: bytes, extra: str = "") -> bytes:
     head = (
         f"POST {url} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
         f"{extra}Content-Length: {len(body)}\r\n\r\n"
-    ).encode()
+    ).encode("latin-1")
     return raw(path, head + body)
 
 
@@ -427,10 +427,10 @@ def test_binary_header_errors(stack: tuple[ServerThread, DictRegistry]) -> None:
     bad_hl = "Inference-Header-Content-Length: 99999\r\n"
     doc = body_of(_post(srv.path, "/v2/models/tiny/infer", good, bad_hl))
     assert doc["code"] == "bad-header-length"
-    doc = body_of(
-        _post(srv.path, "/v2/models/tiny/infer", good, "Inference-Header-Content-Length: x\r\n")
-    )
-    assert doc["code"] == "bad-header-length"
+    for bad in ("x", "\xb2"):  # latin-1 superscript two: isdigit() but not a number
+        hdr = f"Inference-Header-Content-Length: {bad}\r\n"
+        doc = body_of(_post(srv.path, "/v2/models/tiny/infer", good, hdr))
+        assert doc["code"] == "bad-header-length"
 
 
 def test_overload_gives_503_retry_after(stack: tuple[ServerThread, DictRegistry]) -> None:
