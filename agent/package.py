@@ -984,4 +984,53 @@ def inspect(pkg: Path, limits: Limits | None = None) -> dict[str, Any]:
     return doc
 
 
-__all__ = ["CONTAINER_PATH", "Limits", "PackSpec", "inspect", "pack", "unpack", "verify"]
+def read_manifest(
+    pkg: Path, trust: TrustStore | None = None, limits: Limits | None = None
+) -> Manifest:
+    """The package's manifest; its signature is verified when ``trust`` is given."""
+    with _open(pkg, limits or Limits(), trust) as opened:
+        return opened.manifest
+
+
+def make_envelope(
+    pkg: Path,
+    *,
+    signing_key: Ed25519PrivateKey,
+    keyring: Keyring,
+    encrypt_for: Sequence[X25519PublicKey] = (),
+    psks: Sequence[tuple[str, bytes]] = (),
+) -> bytes:
+    """A signed key envelope giving new recipients access to an existing package.
+
+    The data key is unwrapped with a key from ``keyring`` (one of the package's existing
+    recipients) and wrapped for each new device / fleet key with the package context,
+    so the package itself is not touched or re-signed.
+    """
+    trust = TrustStore()
+    trust.add(signing_key.public_key())
+    manifest = read_manifest(pkg, trust)
+    enc = manifest.encryption
+    if enc is None:
+        raise PackageError(
+            f"{manifest.package_id} is not encrypted; it needs no envelope", code="not-encrypted"
+        )
+    if not encrypt_for and not psks:
+        raise PackageError("an envelope needs at least one new recipient", code="usage")
+    ctx = crypto.package_context(manifest.name, manifest.version, enc.alg, enc.chunk_size)
+    data_key = crypto.unwrap_any(list(enc.recipients), keyring, ctx)
+    entries = [crypto.wrap_for_device(data_key, pub, key_id(pub), ctx) for pub in encrypt_for]
+    entries += [crypto.wrap_with_psk(data_key, secret, kid, ctx) for kid, secret in psks]
+    return crypto.make_envelope(entries, manifest.package_id, signing_key)
+
+
+__all__ = [
+    "CONTAINER_PATH",
+    "Limits",
+    "PackSpec",
+    "inspect",
+    "make_envelope",
+    "pack",
+    "read_manifest",
+    "unpack",
+    "verify",
+]

@@ -218,3 +218,86 @@ def test_real_model_cli_round_trip(tmp_path: Path, ppocr_det: Path) -> None:
     a = ort.InferenceSession(str(ppocr_det), providers=["CPUExecutionProvider"])
     b = ort.InferenceSession(str(det), providers=["CPUExecutionProvider"])
     np.testing.assert_array_equal(a.run(None, {"x": x})[0], b.run(None, {"x": x})[0])
+
+
+def test_envelope_add(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    sk, sign_dir, dev_dir = _keys(tmp_path)
+    assert main(["keygen", "--kind", "device", "--out", str(tmp_path / "dev2")]) == 0
+    model = tmp_path / "w.bin"
+    model.write_bytes(b"weights" * 100)
+    pkg = tmp_path / "p.emp"
+    assert (
+        main(
+            [
+                "pack",
+                "--model",
+                str(model),
+                "--name",
+                "env",
+                "--version",
+                "1",
+                "--signing-key",
+                str(sk),
+                "--encrypt-for",
+                str(dev_dir),
+                "-o",
+                str(pkg),
+            ]
+        )
+        == 0
+    )
+    before = pkg.read_bytes()
+    # the new device cannot unpack yet
+    assert (
+        main(
+            [
+                "unpack",
+                str(pkg),
+                "--trust",
+                str(sign_dir),
+                "--device-key",
+                str(tmp_path / "dev2"),
+                "-o",
+                str(tmp_path / "u"),
+            ]
+        )
+        != 0
+    )
+    env = tmp_path / "dev2.envelope"
+    assert (
+        main(
+            [
+                "envelope",
+                "add",
+                str(pkg),
+                "--signing-key",
+                str(sk),
+                "--key",
+                str(dev_dir),
+                "--encrypt-for",
+                str(tmp_path / "dev2"),
+                "-o",
+                str(env),
+            ]
+        )
+        == 0
+    )
+    assert pkg.read_bytes() == before  # the package was not touched
+    assert (
+        main(
+            [
+                "unpack",
+                str(pkg),
+                "--trust",
+                str(sign_dir),
+                "--device-key",
+                str(tmp_path / "dev2"),
+                "--envelope",
+                str(env),
+                "-o",
+                str(tmp_path / "u"),
+            ]
+        )
+        == 0
+    )
+    assert (tmp_path / "u" / "Model" / "w.bin").read_bytes() == model.read_bytes()

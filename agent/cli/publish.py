@@ -159,6 +159,33 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_unpack)
 
+    p = sub.add_parser("envelope", help="detached key envelopes (add recipients later)")
+    esub = p.add_subparsers(dest="envelope_command", required=True, metavar="ACTION")
+    e = esub.add_parser(
+        "add",
+        help="give more devices access to an encrypted package without re-signing it",
+    )
+    e.add_argument("package", type=Path, metavar="PKG")
+    e.add_argument(
+        "--signing-key",
+        required=True,
+        type=Path,
+        metavar="K",
+        help="the publisher key that signed the package (signs the envelope)",
+    )
+    e.add_argument(
+        "--key",
+        action="append",
+        required=True,
+        type=Path,
+        metavar="K",
+        help="a device .key / fleet .psk the package is already encrypted for",
+    )
+    e.add_argument("--encrypt-for", action="append", default=[], type=Path, metavar="PUB")
+    e.add_argument("--psk", action="append", default=[], type=Path, metavar="FILE")
+    e.add_argument("-o", "--output", required=True, type=Path, metavar="FILE")
+    e.set_defaults(func=_envelope_add)
+
 
 class _Progress:
     """``\\r``-updated byte counter on stderr, only when stdout is a terminal."""
@@ -347,4 +374,26 @@ def _unpack(args: argparse.Namespace) -> int:
         )
     else:
         print(f"unpacked {manifest.name} version {manifest.version} into {args.output}")
+    return 0
+
+
+def _envelope_add(args: argparse.Namespace) -> int:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from agent.errors import KeyFileError
+    from agent.keys import Keyring, load_private, load_psk
+    from agent.package import make_envelope
+
+    sk = load_private(args.signing_key)
+    if not isinstance(sk, Ed25519PrivateKey):
+        raise KeyFileError(f"{args.signing_key} is not an Ed25519 signing key", code="key-type")
+    data = make_envelope(
+        args.package,
+        signing_key=sk,
+        keyring=Keyring.from_paths(args.key),
+        encrypt_for=_pubs(args.encrypt_for),
+        psks=[load_psk(p) for p in args.psk],
+    )
+    args.output.write_bytes(data)
+    print(f"wrote key envelope {args.output}")
     return 0
