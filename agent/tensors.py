@@ -192,9 +192,13 @@ def _flatten(data: Any, name: str) -> list[Any]:
 
 def _decode_bytes(raw: memoryview, shape: tuple[int, ...], name: str) -> np.ndarray[Any, Any]:
     n = _count(shape)
+    size = raw.nbytes
+    if n * 4 > size:  # every element has a 4-byte length: refuse before allocating
+        raise InvalidInputError(
+            f"tensor {name!r}: {size} bytes cannot hold {n} BYTES elements", code="bad-shape"
+        )
     out = np.empty(n, dtype=object)
     pos = 0
-    size = raw.nbytes
     for i in range(n):
         if pos + 4 > size:
             raise InvalidInputError(

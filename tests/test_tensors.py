@@ -126,10 +126,15 @@ def test_bad_binary_layouts() -> None:
     with pytest.raises(InvalidInputError, match="'x'"):
         decode_request(wb + b"1234", len(wb))
     trunc = {"inputs": [{"name": "s", "datatype": "BYTES", "shape": [2],
-                         "parameters": {"binary_data_size": 6}}]}  # fmt: skip
+                         "parameters": {"binary_data_size": 9}}]}  # fmt: skip
     tb = json.dumps(trunc).encode()
     with pytest.raises(InvalidInputError, match="truncated"):
-        decode_request(tb + b"\x01\x00\x00\x00ab", len(tb))
+        decode_request(tb + b"\x01\x00\x00\x00a\x09\x00\x00\x00", len(tb))
+    huge = {"inputs": [{"name": "s", "datatype": "BYTES", "shape": [10**12],
+                        "parameters": {"binary_data_size": 4}}]}  # fmt: skip
+    hb2 = json.dumps(huge).encode()
+    with pytest.raises(InvalidInputError, match="cannot hold"):
+        decode_request(hb2 + b"\x00" * 4, len(hb2))
 
 
 @pytest.mark.parametrize(
