@@ -137,7 +137,12 @@ class TarReader:
             return None
         if self.current is not None:
             self._skip(self._remaining, f"the data of {self.current.path!r}")
-            self._skip(self._pad, f"the padding of {self.current.path!r}")
+            if self._pad:
+                pad = self._read_exact(self._pad, f"the padding of {self.current.path!r}")
+                if pad.count(0) != len(pad):
+                    raise FormatError(
+                        f"non-zero padding after {self.current.path!r}", code="tar-padding"
+                    )
             self._remaining = self._pad = 0
             self.current = None
         block = self._read_exact(BLOCK, "a tar header")

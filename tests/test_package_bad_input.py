@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from agent import container as C
 from agent.errors import (
@@ -377,6 +379,12 @@ CASES: list[tuple[str, Callable[[Env], bytes], type[Exception], str]] = [
     ("pax extension header", special(tarfile.XHDTYPE, "Program/pax"), UnsafeEntryError, "tar-type"),
     ("header checksum", lambda env: flip(env.pkg, 150), FormatError, "tar-checksum"),
     (
+        "non-zero tar padding",
+        lambda env: flip(env.pkg, offsets(env.pkg)["manifest.sig"][0] - 1),
+        FormatError,
+        "tar-padding",
+    ),
+    (
         "data after end marker",
         lambda env: env.pkg + b"junk" + bytes(508),
         FormatError,
@@ -483,3 +491,31 @@ def test_verify_refuses_too(env: Env, tmp_path: Path, name: str) -> None:
     pkg.write_bytes(mutate(env))
     with pytest.raises(PackageError):
         verify(pkg, env.trust)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+def test_any_byte_flip_or_cut(
+    env: Env, tmp_path_factory: pytest.TempPathFactory, data: st.DataObject
+) -> None:
+    """A flipped byte or a cut anywhere: our error (never another exception, never a hang),
+    or — only where the byte is not significant — the identical output."""
+    raw = bytearray(env.pkg)
+    if data.draw(st.booleans()):
+        pos = data.draw(st.integers(0, len(raw) - 1))
+        raw[pos] ^= data.draw(st.integers(1, 255))
+    else:
+        raw = raw[: data.draw(st.integers(0, len(raw) - 1))]
+    tmp = tmp_path_factory.mktemp("flip")
+    pkg = tmp / "x.emp"
+    pkg.write_bytes(bytes(raw))
+    try:
+        unpack(pkg, tmp / "out", trust=env.trust, keyring=env.keyring)
+    except PackageError:
+        assert sorted(p.name for p in tmp.iterdir()) == ["x.emp"]
+        return
+    assert (tmp / "out" / "Model" / "model.bin").read_bytes() == (
+        env.root / "model.bin"
+    ).read_bytes()
