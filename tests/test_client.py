@@ -127,3 +127,33 @@ def test_cli_subprocess(served: ServerThread, tmp_path: Path) -> None:
     assert json.loads(p.stdout)["outputs"]["a_out"] == {
         "shape": [3], "dtype": "int32", "data": [1, 2, 3]
     }  # fmt: skip
+
+
+def test_no_blind_retry_on_a_fresh_connection(tmp_path: Path) -> None:
+    """A server that closes a fresh connection without answering may have run the
+    request: the client reports it instead of sending it again."""
+    import socket
+    import threading
+
+    path = tmp_path / "rude.sock"
+    lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lsock.bind(str(path))
+    lsock.listen()
+    accepted: list[bytes] = []
+
+    def serve() -> None:
+        for _ in range(2):
+            try:
+                conn, _ = lsock.accept()
+            except OSError:
+                return
+            accepted.append(conn.recv(65536))
+            conn.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    with pytest.raises(ConnectionResetError, match="without answering"):
+        Client(str(path), timeout=5).infer("m", {"x": np.zeros(1, np.float32)})
+    lsock.close()
+    t.join(5)
+    assert len(accepted) == 1 and accepted[0].startswith(b"POST /v2/models/m/infer")
