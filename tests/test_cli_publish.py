@@ -214,6 +214,11 @@ def test_real_model_cli_round_trip(tmp_path: Path, ppocr_det: Path) -> None:
     det = out / "Model" / ppocr_det.name
     assert det.read_bytes() == ppocr_det.read_bytes()
     assert (out / "Program" / "Scripts" / "run.py").is_file()
+    from runtime.loader import read_package  # the runtime accepts the unpacked layout
+
+    info = read_package(out)
+    assert (info.name, info.version, info.backend) == ("ppocr-det", "1", "onnxruntime")
+    assert info.entry_model == ppocr_det.name and info.run_script is not None
     x = np.random.default_rng(0).random((1, 3, 96, 96), dtype=np.float32)
     a = ort.InferenceSession(str(ppocr_det), providers=["CPUExecutionProvider"])
     b = ort.InferenceSession(str(det), providers=["CPUExecutionProvider"])
