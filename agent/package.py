@@ -171,6 +171,21 @@ def _residual_module() -> Any:
         ) from None
 
 
+def _encode_patch(base: Path, target: Path, out: BinaryIO, spec: PackSpec) -> Any:
+    """``agent.residual.encode_patch`` with the pack options (samples when supported)."""
+    import inspect as _inspect
+
+    encode = _residual_module().encode_patch
+    kwargs: dict[str, Any] = {
+        "bits": spec.bits,
+        "group_size": spec.group_size,
+        "max_rel_err": spec.max_rel_err,
+    }
+    if spec.samples_dir is not None and "samples" in _inspect.signature(encode).parameters:
+        kwargs["samples"] = spec.samples_dir
+    return encode(base, target, out, **kwargs)
+
+
 def _walk_source(root: Path, prefix: str) -> list[tuple[str, Path, int]]:
     """Regular files under ``root`` as (member path, file, mode); refuses links."""
     if not root.is_dir():
@@ -350,15 +365,7 @@ def _pack(spec: PackSpec, out: Path, work: Path) -> Manifest:
                 residual = True
                 src = work / f"patch-{i}"
                 with open(src, "wb") as pf:
-                    info = _residual_module().encode_patch(
-                        base_models[name],
-                        path,
-                        pf,
-                        bits=spec.bits,
-                        group_size=spec.group_size,
-                        max_rel_err=spec.max_rel_err,
-                        samples=spec.samples_dir,
-                    )
+                    info = _encode_patch(base_models[name], path, pf, spec)
                 extra = {
                     "base_digest": info.base_digest,
                     "target_digest": info.target_digest,

@@ -321,3 +321,75 @@ def test_tflite_meta_generated(tmp_path: Path, keys, hand_tflite: Path) -> None:
     rc = tech["runtime_config"]
     assert rc["backend"] == "litert" and rc["entry_model"] == hand_tflite.name
     assert rc["inputs"][0]["shape"][-1] == 3 and len(rc["outputs"]) >= 2
+
+
+def _tiny_onnx(path: Path, w: np.ndarray, b: np.ndarray) -> None:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Add", ["h", "b"], ["y"])],
+        "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, w.shape[0]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, w.shape[1]])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    onnx.save(model, str(path))
+
+
+def test_residual_chain(tmp_path: Path, keys) -> None:  # type: ignore[no-untyped-def]
+    """v1 full → v2 residual on v1 (base given as .emp) → v3 residual on v2 (as a dir)."""
+    pytest.importorskip("agent.residual")
+    import onnxruntime as ort
+
+    sk, trust, dev, ring = keys
+    rng = np.random.default_rng(3)
+    w = rng.normal(0, 1, (256, 128)).astype(np.float32)
+    b = rng.normal(0, 1, (128,)).astype(np.float32)
+    files = []
+    for i in range(3):
+        p = tmp_path / f"m{i}.onnx"
+        _tiny_onnx(p, w + i * 0.01 * rng.normal(0, 1, w.shape).astype(np.float32), b)
+        files.append(p)
+    common = {"signing_keys": [sk], "encrypt_for": [dev.public_key()], "name": "chain"}
+    pack(PackSpec(models=[files[0]], version=1, **common), tmp_path / "v1.emp")
+    unpack(tmp_path / "v1.emp", tmp_path / "u1", trust=trust, keyring=ring)
+    m2 = pack(
+        PackSpec(
+            models=[files[1]], version=2, base=tmp_path / "v1.emp", base_keyring=ring, **common
+        ),
+        tmp_path / "v2.emp",
+    )
+    assert m2.base is not None and (m2.base.name, m2.base.version) == ("chain", 1)
+    assert m2.models[0].residual and m2.models[0].name == "m0.onnx"
+    assert m2.models[0].base_digest and m2.models[0].target_digest
+    with pytest.raises(BaseMismatchError):
+        unpack(tmp_path / "v2.emp", tmp_path / "u2", trust=trust, keyring=ring)
+    assert not (tmp_path / "u2").exists()
+    unpack(
+        tmp_path / "v2.emp", tmp_path / "u2", trust=trust, keyring=ring, base_dir=tmp_path / "u1"
+    )
+    m3 = pack(
+        PackSpec(models=[files[2]], version=3, base=tmp_path / "u2", **common), tmp_path / "v3.emp"
+    )
+    with pytest.raises(BaseMismatchError) as info:  # v3 patches v2, not v1
+        unpack(
+            tmp_path / "v3.emp",
+            tmp_path / "u3",
+            trust=trust,
+            keyring=ring,
+            base_dir=tmp_path / "u1",
+        )
+    assert info.value.code == "base-version"
+    unpack(
+        tmp_path / "v3.emp", tmp_path / "u3", trust=trust, keyring=ring, base_dir=tmp_path / "u2"
+    )
+    assert m3.base is not None and m3.base.version == 2
+    x = rng.normal(0, 1, (1, 256)).astype(np.float32)
+    want = ort.InferenceSession(str(files[2])).run(None, {"x": x})[0]
+    got = ort.InferenceSession(str(tmp_path / "u3" / "Model" / "m0.onnx")).run(None, {"x": x})[0]
+    cos = float(np.dot(want.ravel(), got.ravel()) / np.linalg.norm(want) / np.linalg.norm(got))
+    assert cos > 0.999
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
