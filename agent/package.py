@@ -171,6 +171,18 @@ def _residual_module() -> Any:
         ) from None
 
 
+def _jsonable(d: Any) -> dict[str, Any] | None:
+    """A plain-JSON copy of a report dict (numpy scalars become numbers), or None."""
+    if not d:
+        return None
+
+    def conv(o: Any) -> Any:
+        return o.item() if hasattr(o, "item") else str(o)
+
+    out: dict[str, Any] = json.loads(json.dumps(dict(d), default=conv, allow_nan=False))
+    return out
+
+
 def _encode_patch(base: Path, target: Path, out: BinaryIO, spec: PackSpec) -> Any:
     """``agent.residual.encode_patch`` with the pack options (samples when supported)."""
     import inspect as _inspect
@@ -369,8 +381,8 @@ def _pack(spec: PackSpec, out: Path, work: Path) -> Manifest:
                 extra = {
                     "base_digest": info.base_digest,
                     "target_digest": info.target_digest,
-                    "fidelity": info.fidelity,
-                    "stats": dict(info.stats or {}) or None,
+                    "fidelity": _jsonable(getattr(info, "fidelity", None)),
+                    "stats": _jsonable(getattr(info, "stats", None)),
                 }
             writer.begin_model(
                 i,
