@@ -26,6 +26,7 @@ import hashlib
 import importlib
 import json
 import logging
+import math
 import os
 import queue
 import shutil
@@ -172,14 +173,24 @@ def _residual_module() -> Any:
 
 
 def _jsonable(d: Any) -> dict[str, Any] | None:
-    """A plain-JSON copy of a report dict (numpy scalars become numbers), or None."""
+    """A plain-JSON copy of a report dict (numpy scalars become numbers, NaN None)."""
     if not d:
         return None
 
-    def conv(o: Any) -> Any:
-        return o.item() if hasattr(o, "item") else str(o)
+    def clean(o: Any) -> Any:
+        if isinstance(o, dict):
+            return {str(k): clean(v) for k, v in o.items()}
+        if isinstance(o, list | tuple):
+            return [clean(v) for v in o]
+        if hasattr(o, "item") and not isinstance(o, str | bytes):
+            o = o.item()
+        if isinstance(o, float):
+            return o if math.isfinite(o) else None
+        if o is None or isinstance(o, bool | int | str):
+            return o
+        return str(o)
 
-    out: dict[str, Any] = json.loads(json.dumps(dict(d), default=conv, allow_nan=False))
+    out: dict[str, Any] = clean(dict(d))
     return out
 
 
