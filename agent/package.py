@@ -713,7 +713,14 @@ class _Out:
         for p in parts[:-1]:
             d = d / p
             if d not in self.dirs:
-                os.mkdir(d, 0o755)
+                try:
+                    os.mkdir(d, 0o755)
+                except FileExistsError:
+                    raise UnsafeEntryError(
+                        f"{rel} needs {d.relative_to(self.root)} to be a directory, but it "
+                        "is a file",
+                        code="entry-duplicate",
+                    ) from None
                 self.dirs.add(d)
         return d / parts[-1]
 
