@@ -545,6 +545,46 @@ def _check_member_path(path: str, kind: str) -> None:
         ) from None
 
 
+_THREAD_MIN = 16 << 20  # members at least this large are hashed on a second thread
+
+
+class _Sha256Inline:
+    def __init__(self) -> None:
+        self._h = hashlib.sha256()
+
+    def update(self, data: bytes) -> None:
+        self._h.update(data)
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+
+class _Sha256Thread:
+    """SHA-256 on a helper thread (hashlib releases the GIL), so hashing the stored bytes
+    overlaps with decrypting and decompressing them. At most ``depth`` pieces wait."""
+
+    def __init__(self, depth: int = 8) -> None:
+        self._h = hashlib.sha256()
+        self._q: queue.Queue[bytes | None] = queue.Queue(depth)
+        self._thread = threading.Thread(target=self._run, name="unpack-hash", daemon=True)
+        self._thread.start()
+        self._digest: str | None = None
+
+    def _run(self) -> None:
+        while (piece := self._q.get()) is not None:
+            self._h.update(piece)
+
+    def update(self, data: bytes) -> None:
+        self._q.put(data)
+
+    def hexdigest(self) -> str:
+        if self._digest is None:
+            self._q.put(None)
+            self._thread.join()
+            self._digest = self._h.hexdigest()
+        return self._digest
+
+
 FileHandler = Callable[[FileEntry, MemberReader], None]
 
 
@@ -579,18 +619,21 @@ def _walk(opened: _Opened, on_file: FileHandler, progress: Progress | None = Non
                 code="entry-size",
             )
         seen.add(entry.path)
-        h = hashlib.sha256()
+        h = _Sha256Thread() if fe.size >= _THREAD_MIN else _Sha256Inline()
 
-        def update(data: bytes, _h: Any = h) -> None:
+        def update(data: bytes, _h: _Sha256Inline | _Sha256Thread = h) -> None:
             _h.update(data)
             if progress is not None:
                 progress(len(data))
 
         reader = MemberReader(tar, update)
-        on_file(fe, reader)
-        while reader.read(_COPY):
-            pass
-        if h.hexdigest() != fe.sha256:
+        try:
+            on_file(fe, reader)
+            while reader.read(_COPY):
+                pass
+        finally:
+            digest = h.hexdigest()
+        if digest != fe.sha256:
             raise IntegrityError(
                 f"{entry.path}: SHA-256 does not match the manifest", code="entry-digest"
             )
