@@ -901,17 +901,18 @@ def _unpack_into(
 
 
 class _HashWriter:
-    """Hash and write decoded pieces on a second thread.
+    """Hash and write decoded pieces on two helper threads.
 
     ``hashlib`` and ``os.write`` release the GIL, so hashing and writing the output
-    overlap with decryption and decompression on the calling thread. The queue holds at
-    most ``depth`` pieces (each <= ``_COPY`` bytes), which bounds the extra memory.
+    overlap with each other and with decryption and decompression on the calling thread.
+    Each queue holds at most ``depth`` pieces (each <= ``_COPY`` bytes), which bounds the
+    extra memory.
     """
 
     def __init__(self, fd: int, depth: int = 4) -> None:
         self._fd = fd
         self._q: queue.Queue[bytes | None] = queue.Queue(depth)
-        self._h = hashlib.sha256()
+        self._hash = _Sha256Thread(depth)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="unpack-writer", daemon=True)
         self._thread.start()
@@ -921,7 +922,6 @@ class _HashWriter:
             if self._error is not None:
                 continue
             try:
-                self._h.update(piece)
                 _write_all(self._fd, piece)
             except BaseException as exc:  # re-raised on the calling thread
                 self._error = exc
@@ -929,22 +929,25 @@ class _HashWriter:
     def put(self, piece: bytes) -> None:
         if self._error is not None:
             raise self._error
+        self._hash.update(piece)
         self._q.put(piece)
 
     def close(self) -> str:
         """Wait for the writes; returns the SHA-256 hex digest of everything put."""
         self._q.put(None)
         self._thread.join()
+        digest = self._hash.hexdigest()
         if self._error is not None:
             raise self._error
-        return self._h.hexdigest()
+        return digest
 
     def abort(self) -> None:
-        """Stop the thread if ``close`` was not reached (idempotent)."""
+        """Stop the threads if ``close`` was not reached (idempotent)."""
         if self._thread.is_alive():
             self._error = self._error or PackageError("unpack aborted", code="aborted")
             self._q.put(None)
             self._thread.join()
+        self._hash.hexdigest()
 
 
 def _decode_container(
