@@ -393,3 +393,80 @@ def test_residual_chain(tmp_path: Path, keys) -> None:  # type: ignore[no-untype
     cos = float(np.dot(want.ravel(), got.ravel()) / np.linalg.norm(want) / np.linalg.norm(got))
     assert cos > 0.999
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+class _XorResidual:
+    """Stand-in with the agent.residual API (byte-wise XOR patches), so the package
+    layer's residual wiring is exercised even where the real module is absent."""
+
+    class PatchInfo:
+        def __init__(self, base_digest: str, target_digest: str) -> None:
+            self.base_digest, self.target_digest = base_digest, target_digest
+            self.fidelity = {"cosine_min": np.float32(1.0)}
+            self.stats = {"tensors": np.int64(1)}
+
+    @staticmethod
+    def digest(data: bytes) -> str:
+        import hashlib
+
+        return "sha256:" + hashlib.sha256(data).hexdigest()
+
+    def encode_patch(self, base: Path, target: Path, out, *, bits, group_size, max_rel_err):  # type: ignore[no-untyped-def]
+        a, b = base.read_bytes(), target.read_bytes()
+        out.write(bytes(x ^ y for x, y in zip(a, b, strict=True)))
+        return self.PatchInfo(self.digest(a), self.digest(b))
+
+    def apply_patch(
+        self,
+        base: Path,
+        patch,
+        out: Path,
+        *,
+        expected_base_digest,  # type: ignore[no-untyped-def]
+        expected_target_digest,
+    ) -> str:
+        a = base.read_bytes()
+        if self.digest(a) != expected_base_digest:
+            raise BaseMismatchError("wrong base", code="base-mismatch")
+        b = bytes(x ^ y for x, y in zip(a, patch.read(), strict=True))
+        out.write_bytes(b)
+        return self.digest(b)
+
+
+def test_residual_wiring(tmp_path: Path, keys, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    import sys
+
+    monkeypatch.setitem(sys.modules, "agent.residual", _XorResidual())
+    sk, trust, dev, ring = keys
+    v1m, v2m = _model(tmp_path, 20_000, "v1.bin"), tmp_path / "v2.bin"
+    data = bytearray(v1m.read_bytes())
+    data[100:200] = bytes(100)
+    v2m.write_bytes(bytes(data))
+    common = {"signing_keys": [sk], "encrypt_for": [dev.public_key()], "name": "wire"}
+    pack(PackSpec(models=[v1m], version=1, **common), tmp_path / "v1.emp")
+    m2 = pack(
+        PackSpec(models=[v2m], version=2, base=tmp_path / "v1.emp", base_keyring=ring, **common),
+        tmp_path / "v2.emp",
+    )
+    mi = m2.models[0]
+    assert mi.encoding == ("residual", "aes-256-gcm") and mi.name == "v1.bin"
+    assert mi.fidelity == {"cosine_min": 1.0} and mi.stats == {"tensors": 1}
+    assert m2.base is not None and (m2.base.name, m2.base.version) == ("wire", 1)
+    unpack(tmp_path / "v1.emp", tmp_path / "u1", trust=trust, keyring=ring)
+    unpack(
+        tmp_path / "v2.emp", tmp_path / "u2", trust=trust, keyring=ring, base_dir=tmp_path / "u1"
+    )
+    assert (tmp_path / "u2" / "Model" / "v1.bin").read_bytes() == v2m.read_bytes()
+    assert not (tmp_path / "u2" / ".patches").exists()
+    # a base that is not the one the patch was made against: refused, nothing left
+    (tmp_path / "u1" / "Model" / "v1.bin").write_bytes(bytes(len(data)))
+    with pytest.raises(BaseMismatchError):
+        unpack(
+            tmp_path / "v2.emp",
+            tmp_path / "u3",
+            trust=trust,
+            keyring=ring,
+            base_dir=tmp_path / "u1",
+        )
+    assert not (tmp_path / "u3").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
