@@ -32,7 +32,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _has_worker() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("runtime.worker") is not None
+
+
+#: Tests that serve a model need the runtime's worker processes (runtime/worker.py).
+needs_worker = pytest.mark.skipif(
+    not _has_worker(), reason="runtime.worker (model worker processes) is not in the tree yet"
+)
 
 PackageSpec = Path | tuple[str, str, Path]
 

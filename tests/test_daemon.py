@@ -21,6 +21,7 @@ from tests.daemon_util import (
     DaemonProc,
     http_unix,
     infer_json,
+    needs_worker,
     start_daemon,
     tiny_model_dir,
 )
@@ -42,6 +43,7 @@ def _get(d: DaemonProc, path: str) -> tuple[int, Any]:
     return status, json.loads(body) if body else None
 
 
+@needs_worker
 def test_ready_status_and_watchdog(daemon: DaemonProc) -> None:
     assert "READY=1" in daemon.messages
     assert any(m.startswith("STATUS=serving 1 models: tiny:1") for m in daemon.messages)
@@ -52,6 +54,7 @@ def test_ready_status_and_watchdog(daemon: DaemonProc) -> None:
     assert daemon.control_sock.stat().st_mode & 0o777 == 0o600
 
 
+@needs_worker
 def test_v2_endpoints(daemon: DaemonProc) -> None:
     assert _get(daemon, "/v2/health/live")[0] == 200
     assert _get(daemon, "/v2/health/ready")[0] == 200
@@ -75,6 +78,7 @@ def test_v2_endpoints(daemon: DaemonProc) -> None:
     assert status == 404 and "error" in err
 
 
+@needs_worker
 def test_curl_on_both_sockets(daemon: DaemonProc) -> None:
     curl = shutil.which("curl")
     if curl is None:
@@ -103,6 +107,7 @@ def test_curl_on_both_sockets(daemon: DaemonProc) -> None:
     assert models[0]["pid"] and models[0]["rss_bytes"] > 0
 
 
+@needs_worker
 def test_cli_status_models_metrics(daemon: DaemonProc) -> None:
     infer_json(daemon.infer_sock, "tiny", np.ones((1, 4), np.float32))
     res = daemon.cli("status")
@@ -143,6 +148,7 @@ def test_cli_status_models_metrics(daemon: DaemonProc) -> None:
     assert status == 405
 
 
+@needs_worker
 def test_check_with_empty_inbox_and_no_trust(daemon: DaemonProc) -> None:
     res = daemon.cli("check")
     assert res.returncode == 0, res.stderr
@@ -175,6 +181,7 @@ def _inflight(d: DaemonProc) -> int:
     return int(json.loads(body)["models"][0]["inflight"])
 
 
+@needs_worker
 def test_sighup_reload_then_sigterm_drains(tmp_path: Path) -> None:
     src = tiny_model_dir(tmp_path / "src", "tiny", "1", slow=True)
     d = start_daemon(tmp_path / "w", [src])
@@ -215,6 +222,7 @@ def test_sighup_reload_then_sigterm_drains(tmp_path: Path) -> None:
         d.kill()
 
 
+@needs_worker
 def test_stale_sockets_and_kill9_restart(tmp_path: Path) -> None:
     work = tmp_path / "w"
     (work / "run").mkdir(parents=True)

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon_util import DaemonProc, make_package, signing_key, start_daemon
+from tests.daemon_util import DaemonProc, make_package, needs_worker, signing_key, start_daemon
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, needs_worker]
 
 CLIENTS = 16
 REQUESTS = 2000
