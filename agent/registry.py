@@ -34,6 +34,9 @@ __all__ = [
     "WorkerModel",
 ]
 
+# Worker states in which a model takes requests.
+READY_STATES = frozenset({"ready", "serving", "running"})
+
 # Seconds; tuned for sub-millisecond tiny models up to multi-second CNNs on slow boxes.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 
@@ -104,7 +107,7 @@ class WorkerModel:
         if self._retired:
             # a request that fetched this model just before a swap is forwarded
             return self._successor is not None and self._successor.ready
-        return self.worker.state == "ready"
+        return self.worker.state in READY_STATES
 
     def metadata(self) -> dict[str, Any]:
         if self._metadata is None:
