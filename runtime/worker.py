@@ -1,0 +1,450 @@
+"""One child process per loaded model version (see docs/RUNTIME.md, "Worker processes").
+
+The daemon never imports an inference engine: :class:`ModelWorker` spawns
+``python -m runtime.worker_main`` (a fresh interpreter, no fork of the threaded
+daemon), talks to it over a Unix socketpair with small framed messages and moves
+tensors of 64 KiB or more through a pre-allocated memfd arena (:mod:`runtime.ipc`).
+
+Crash isolation: when the child dies (kill -9, segfault, OOM, memory cap) every request
+in flight fails with ``WorkerError(code="worker-crashed", status 503)`` and the worker
+restarts with exponential backoff (``restart_backoff`` = (first, cap) seconds); state goes
+``restarting`` then ``ready``. A request arriving while the worker restarts waits for it
+(bounded by its timeout, or 30 s) and then fails with ``ModelNotReadyError``.
+
+Memory: a parent-side psutil watchdog kills and restarts a child whose RSS exceeds
+``memory_limit_bytes`` (RLIMIT_AS is unusable with ORT arenas); the requests in flight
+fail with ``WorkerError(code="worker-memory")``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.errors import ModelNotReadyError, WorkerError
+from runtime import ipc
+from runtime.config import RuntimeConfig
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_LOADER = "runtime.loader:open_model"
+DEFAULT_SELF_TEST = "runtime.loader:self_test"
+RESTART_WAIT = 30.0
+WATCH_INTERVAL = 0.25
+
+
+class _Child:
+    """One incarnation: process, channel, reader thread and its pending requests."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], chan: ipc.Channel):
+        self.proc = proc
+        self.chan = chan
+        self.pending: dict[int, tuple[Future[Any], int | None]] = {}
+        self.lock = threading.Lock()
+        self.dead = False
+        self.kill_reason: tuple[str, str] | None = None
+
+
+class ModelWorker:
+    """A model served by a child process; thread-safe and asyncio-safe."""
+
+    def __init__(
+        self,
+        name: str,
+        version: str,
+        model_dir: Path,
+        config: RuntimeConfig,
+        *,
+        cache_dir: Path,
+        memory_limit_bytes: int | None = None,
+        max_concurrency: int = 4,
+        restart_backoff: tuple[float, float] = (0.5, 30.0),
+        loader: str = DEFAULT_LOADER,
+        self_test_fn: str = DEFAULT_SELF_TEST,
+        shm_slot_bytes: int = 16 * 1024 * 1024,
+    ):
+        self.name = name
+        self.version = version
+        self.model_dir = Path(model_dir)
+        self.config = config
+        self.cache_dir = Path(cache_dir)
+        self.memory_limit_bytes = memory_limit_bytes
+        self.max_concurrency = max(1, max_concurrency)
+        self.restart_backoff = restart_backoff
+        self.loader = loader
+        self.self_test_fn = self_test_fn
+        self.state = "stopped"
+        self._arena = ipc.ShmArena(self.max_concurrency, shm_slot_bytes)
+        self._child: _Child | None = None
+        self._meta: dict[str, Any] = {}
+        self._ids = itertools.count(1)
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._failures = 0
+        self._stats: dict[str, Any] = {
+            "requests": 0,
+            "errors": 0,
+            "restarts": 0,
+            "shm_tensors_in": 0,
+            "shm_tensors_out": 0,
+            "last_error": None,
+        }
+        self._watchdog: threading.Thread | None = None
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    @property
+    def pid(self) -> int | None:
+        c = self._child
+        return c.proc.pid if c is not None and not c.dead else None
+
+    def start(self, timeout: float = 120.0) -> None:
+        """Spawn the child, load and warm up the model; WorkerError carries its failure."""
+        with self._cv:
+            self._stopping = False
+            self.state = "starting"
+        try:
+            self._spawn(timeout)
+        except BaseException:
+            with self._cv:
+                self.state = "failed"
+                self._cv.notify_all()
+            raise
+        with self._cv:
+            self.state = "ready"
+            self._cv.notify_all()
+        if self._watchdog is None and self.memory_limit_bytes is not None:
+            self._watchdog = threading.Thread(
+                target=self._watch, name=f"watch-{self.name}", daemon=True
+            )
+            self._watchdog.start()
+
+    def _spawn(self, timeout: float) -> None:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        env = dict(os.environ)
+        root = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        try:
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "runtime.worker_main",
+                    str(child.fileno()),
+                    str(self._arena.fd),
+                ],
+                pass_fds=(child.fileno(), self._arena.fd),
+                env=env,
+                stdin=subprocess.DEVNULL,
+                close_fds=True,
+            )
+        finally:
+            child.close()
+        chan = ipc.Channel(parent)
+        init = {
+            "model_dir": self.model_dir,
+            "config": self.config,
+            "cache_dir": self.cache_dir,
+            "loader": self.loader,
+            "self_test": self.self_test_fn,
+            "slots": self._arena.slots,
+            "slot_bytes": self._arena.slot_bytes,
+            "max_concurrency": self.max_concurrency,
+        }
+        chan.send({"op": "init"}, [pickle.dumps(init)])
+        parent.settimeout(timeout)
+        try:
+            header, _ = chan.recv()
+        except (ipc.ChannelClosed, TimeoutError) as exc:
+            proc.kill()
+            rc = proc.wait()
+            chan.close()
+            if isinstance(exc, TimeoutError):
+                raise WorkerError(
+                    f"{self.name} {self.version}: worker did not become ready in {timeout:g} s",
+                    code="worker-timeout",
+                ) from None
+            raise WorkerError(
+                f"{self.name} {self.version}: worker process died while loading "
+                f"({_describe_exit(rc)})",
+                code="worker-crashed",
+            ) from None
+        parent.settimeout(None)
+        if header.get("op") != "ready":
+            err = header.get("err") or {}
+            proc.wait()
+            chan.close()
+            raise WorkerError(
+                f"{self.name} {self.version}: {err.get('msg', 'worker failed to start')}",
+                code=str(err.get("code", "worker")),
+            )
+        self._meta = dict(header.get("meta") or {})
+        c = _Child(proc, chan)
+        self._child = c
+        threading.Thread(
+            target=self._read, args=(c,), name=f"worker-{self.name}", daemon=True
+        ).start()
+        logger.info("%s %s: worker ready (pid %d)", self.name, self.version, proc.pid)
+
+    def stop(self, drain_timeout: float = 10.0) -> None:
+        """Refuse new requests, let in-flight ones finish (bounded), then end the child."""
+        with self._cv:
+            self._stopping = True
+            self.state = "stopped"
+            self._cv.notify_all()
+        c = self._child
+        if c is None:
+            return
+        deadline = time.monotonic() + drain_timeout
+        while time.monotonic() < deadline:
+            with c.lock:
+                if not c.pending or c.dead:
+                    break
+            time.sleep(0.01)
+        with contextlib.suppress(OSError):
+            c.chan.send({"op": "shutdown"})
+        try:
+            c.proc.wait(max(0.1, min(5.0, deadline - time.monotonic() + 1.0)))
+        except subprocess.TimeoutExpired:
+            c.kill_reason = ("worker-stopped", "worker stopped before the request finished")
+            c.proc.kill()
+            c.proc.wait()
+        self._fail_pending(c, "worker-stopped", f"{self.name} {self.version}: worker stopped")
+        c.chan.close()
+
+    # --- child death and restart ------------------------------------------------------
+
+    def _read(self, c: _Child) -> None:
+        while True:
+            try:
+                h, p = c.chan.recv()
+            except ipc.ChannelClosed:
+                break
+            rid = h.get("id")
+            with c.lock:
+                entry = c.pending.pop(rid, None) if isinstance(rid, int) else None
+            if entry is None:
+                continue
+            fut, slot = entry
+            try:
+                if h.get("op") == "result":
+                    out = ipc.decode(h["t"], p, self._arena, copy=True)
+                    self._stats["shm_tensors_out"] += int(h.get("shm", 0))
+                    result: Any = out if "n" not in h else int(h["n"])
+                    fut.set_result(result)
+                else:
+                    fut.set_exception(ipc.error_from_dict(h.get("err") or {}))
+            except Exception as exc:  # a malformed frame fails that request only
+                if not fut.done():
+                    fut.set_exception(WorkerError(f"bad reply from worker: {exc}"))
+            finally:
+                if slot is not None:
+                    self._arena.release(slot)
+        rc = c.proc.wait()
+        c.dead = True
+        c.chan.close()
+        if c.kill_reason is not None:
+            code, why = c.kill_reason
+        else:
+            code, why = "worker-crashed", f"worker process died ({_describe_exit(rc)})"
+        self._fail_pending(c, code, f"{self.name} {self.version}: {why}; request not served")
+        with self._cv:
+            if self._stopping or self._child is not c:
+                return
+            self.state = "restarting"
+            self._stats["last_error"] = why
+            self._cv.notify_all()
+        logger.error("%s %s: %s; restarting", self.name, self.version, why)
+        threading.Thread(target=self._restart, name=f"restart-{self.name}", daemon=True).start()
+
+    def _fail_pending(self, c: _Child, code: str, msg: str) -> None:
+        with c.lock:
+            items = list(c.pending.values())
+            c.pending.clear()
+        for fut, slot in items:
+            if not fut.done():
+                fut.set_exception(WorkerError(msg, code=code))
+            if slot is not None:
+                self._arena.release(slot)
+
+    def _restart(self) -> None:
+        first, cap = self.restart_backoff
+        while True:
+            delay = min(cap, first * (2 ** min(self._failures, 30)))
+            time.sleep(delay)
+            with self._cv:
+                if self._stopping:
+                    return
+            try:
+                self._spawn(120.0)
+            except Exception as exc:
+                self._failures += 1
+                self._stats["last_error"] = str(exc)
+                logger.error("%s %s: restart failed: %s", self.name, self.version, exc)
+                continue
+            with self._cv:
+                self._stats["restarts"] += 1
+                self._failures = 0
+                if self._stopping:
+                    self.state = "stopped"
+                else:
+                    self.state = "ready"
+                self._cv.notify_all()
+            if self._stopping and self._child is not None:
+                self.stop(0.0)
+            return
+
+    def _watch(self) -> None:
+        import psutil
+
+        limit = self.memory_limit_bytes
+        while not self._stopping and limit is not None:
+            time.sleep(WATCH_INTERVAL)
+            c = self._child
+            if c is None or c.dead or self.state != "ready":
+                continue
+            try:
+                rss = psutil.Process(c.proc.pid).memory_info().rss
+            except psutil.Error:
+                continue
+            if rss > limit:
+                why = f"worker RSS {rss >> 20} MiB exceeded the {limit >> 20} MiB memory limit"
+                logger.error("%s %s: %s; killing it", self.name, self.version, why)
+                c.kill_reason = ("worker-memory", why)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(c.proc.pid, signal.SIGKILL)
+
+    # --- requests ---------------------------------------------------------------------
+
+    def _ready_child(self, timeout: float | None) -> _Child:
+        wait = RESTART_WAIT if timeout is None else timeout
+        with self._cv:
+            ok = self._cv.wait_for(lambda: self.state in ("ready", "stopped", "failed"), wait)
+            c = self._child
+            if not ok or self.state != "ready" or c is None or c.dead:
+                raise ModelNotReadyError(
+                    f"model {self.name} version {self.version} is {self.state}"
+                )
+            return c
+
+    def _submit(
+        self, header: dict[str, Any], inputs: dict[str, np.ndarray] | None, timeout: float | None
+    ) -> Future[Any]:
+        c = self._ready_child(timeout)
+        fut: Future[Any] = Future()
+        rid = next(self._ids)
+        slot = None
+        if inputs is not None and any(
+            isinstance(v, np.ndarray) and v.nbytes >= ipc.SHM_MIN for v in inputs.values()
+        ):
+            slot = self._arena.acquire(timeout)
+            if slot is None:
+                raise ModelNotReadyError(f"model {self.name}: no free transfer slot")
+        try:
+            descs, parts, n_shm = ipc.encode(inputs or {}, self._arena, slot)
+        except BaseException:
+            if slot is not None:
+                self._arena.release(slot)
+            raise
+        header.update(id=rid, t=descs, slot=slot)
+        with c.lock:
+            if c.dead:
+                if slot is not None:
+                    self._arena.release(slot)
+                raise WorkerError(f"{self.name} {self.version}: worker died", code="worker-crashed")
+            c.pending[rid] = (fut, slot)
+        self._stats["requests"] += 1
+        self._stats["shm_tensors_in"] += n_shm
+        with contextlib.suppress(OSError):  # the reader sees a death and fails this request
+            c.chan.send(header, parts)
+        return fut
+
+    def predict(
+        self, inputs: dict[str, np.ndarray], timeout: float | None = None
+    ) -> dict[str, np.ndarray]:
+        """Run one request in the child; errors come back as the child's agent.errors class."""
+        fut = self._submit({"op": "predict"}, inputs, timeout)
+        try:
+            out: dict[str, np.ndarray] = fut.result(timeout)
+        except FutureTimeout:
+            self._stats["errors"] += 1
+            raise WorkerError(
+                f"{self.name}: no answer in {timeout} s", code="worker-timeout"
+            ) from None
+        except BaseException as exc:
+            self._stats["errors"] += 1
+            self._stats["last_error"] = str(exc)
+            raise
+        return out
+
+    async def apredict(
+        self, inputs: dict[str, np.ndarray], timeout: float | None = None
+    ) -> dict[str, np.ndarray]:
+        """Asyncio form of :meth:`predict` (no thread per request once the worker is ready)."""
+        if self.state == "ready":
+            fut = self._submit({"op": "predict"}, inputs, timeout)
+        else:
+            loop = asyncio.get_running_loop()
+            fut = await loop.run_in_executor(None, self._submit, {"op": "predict"}, inputs, timeout)
+        try:
+            out: dict[str, np.ndarray] = await asyncio.wait_for(asyncio.wrap_future(fut), timeout)
+        except TimeoutError:
+            self._stats["errors"] += 1
+            raise WorkerError(
+                f"{self.name}: no answer in {timeout} s", code="worker-timeout"
+            ) from None
+        except BaseException as exc:
+            self._stats["errors"] += 1
+            self._stats["last_error"] = str(exc)
+            raise
+        return out
+
+    def metadata(self) -> dict[str, Any]:
+        return dict(self._meta)
+
+    def self_test(self) -> None:
+        """Run Meta-info/samples in the child; raises the child's error on mismatch."""
+        self._submit({"op": "self_test"}, None, None).result()
+
+    def rss_bytes(self) -> int:
+        import psutil
+
+        pid = self.pid
+        if pid is None:
+            return 0
+        try:
+            return int(psutil.Process(pid).memory_info().rss)
+        except psutil.Error:
+            return 0
+
+    def stats(self) -> dict[str, Any]:
+        c = self._child
+        in_flight = len(c.pending) if c is not None else 0
+        return {**self._stats, "rss": self.rss_bytes(), "in_flight": in_flight, "state": self.state}
+
+
+def _describe_exit(rc: int | None) -> str:
+    if rc is None:
+        return "still running"
+    if rc < 0:
+        try:
+            return f"killed by {signal.Signals(-rc).name}"
+        except ValueError:
+            return f"killed by signal {-rc}"
+    return f"exit code {rc}"

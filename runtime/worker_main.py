@@ -1,0 +1,102 @@
+"""Child entry point of a model worker: ``python -m runtime.worker_main SOCK_FD SHM_FD``.
+
+Only this process imports the inference engines. It reads one ``init`` frame (pickled
+settings from its own parent), opens the model, warms it up, answers ``ready`` with the
+KServe metadata (or ``error`` with the failure and exits 1), then serves ``predict``
+frames on a thread pool of ``max_concurrency`` until ``shutdown`` or EOF.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import os
+import pickle
+import socket
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from runtime import ipc
+
+logger = logging.getLogger("runtime.worker_main")
+
+
+def _import(spec: str) -> Any:
+    mod, _, attr = spec.partition(":")
+    return getattr(importlib.import_module(mod), attr)
+
+
+def main(argv: list[str]) -> int:
+    logging.basicConfig(
+        level=os.environ.get("EDGEWARD_WORKER_LOG", "WARNING"),
+        format="worker[%(process)d] %(levelname)s %(name)s: %(message)s",
+    )
+    sock = socket.socket(fileno=int(argv[0]))
+    chan = ipc.Channel(sock)
+    try:
+        _header, payload = chan.recv()
+    except ipc.ChannelClosed:
+        return 1
+    init: dict[str, Any] = pickle.loads(payload)
+    arena = ipc.ShmArena(init["slots"], init["slot_bytes"], fd=int(argv[1]))
+    try:
+        opener = _import(init["loader"])
+        servable = opener(init["model_dir"], init["config"], cache_dir=init["cache_dir"])
+        warm = getattr(servable, "warmup", None)
+        if callable(warm):
+            warm()
+        meta = servable.metadata()
+    except BaseException as exc:  # report any start failure to the parent, then exit
+        chan.send({"op": "error", "err": ipc.error_to_dict(exc)})
+        return 1
+    chan.send({"op": "ready", "meta": meta, "pid": os.getpid()})
+    pool = ThreadPoolExecutor(max_workers=init["max_concurrency"], thread_name_prefix="predict")
+
+    def run(h: dict[str, Any], p: bytearray) -> None:
+        rid = h["id"]
+        slot = h.get("slot")
+        try:
+            inputs = ipc.decode(h["t"], p, arena, copy=False)
+            outputs = servable.predict(inputs)
+            descs, parts, n_shm = ipc.encode(outputs, arena, slot)
+            chan.send({"op": "result", "id": rid, "t": descs, "shm": n_shm}, parts)
+        except ipc.ChannelClosed:
+            return
+        except BaseException as exc:
+            with contextlib.suppress(OSError):
+                chan.send({"op": "fail", "id": rid, "err": ipc.error_to_dict(exc)})
+
+    def run_self_test(h: dict[str, Any]) -> None:
+        try:
+            fn = _import(init["self_test"])
+            n = fn(servable, init["model_dir"])
+            chan.send({"op": "result", "id": h["id"], "t": [], "n": n})
+        except BaseException as exc:
+            chan.send({"op": "fail", "id": h["id"], "err": ipc.error_to_dict(exc)})
+
+    while True:
+        try:
+            h, p = chan.recv()
+        except ipc.ChannelClosed:
+            break
+        op = h.get("op")
+        if op == "predict":
+            pool.submit(run, h, p)
+        elif op == "self_test":
+            pool.submit(run_self_test, h)
+        elif op == "shutdown":
+            break
+    pool.shutdown(wait=True)
+    try:
+        servable.close()
+    finally:
+        chan.close()
+    return 0
+
+
+if __name__ == "__main__":
+    code = main(sys.argv[1:])
+    sys.stdout.flush()
+    os._exit(code)  # skip interpreter teardown of native engines (slow, sometimes crashy)

@@ -1,0 +1,229 @@
+"""ModelWorker with real child processes: real models, real kill -9, real segfaults."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.errors import (
+    InvalidInputError,
+    ModelNotReadyError,
+    RuntimeBackendError,
+    WorkerError,
+)
+from runtime import RuntimeConfig, open_model
+from runtime.worker import ModelWorker
+from tests.test_runtime_loader import make_package
+
+L = "tests.test_runtime_worker_loaders"
+CLS_X = np.random.default_rng(7).random((1, 3, 48, 192), dtype=np.float32)
+
+
+def _toy(tmp_path: Path, **kw: object) -> ModelWorker:
+    d = tmp_path / "toy"
+    d.mkdir(exist_ok=True)
+    return ModelWorker(
+        "toy",
+        "1",
+        d,
+        RuntimeConfig(),
+        cache_dir=tmp_path / "c",
+        loader=f"{L}:toy",
+        self_test_fn=f"{L}:toy_self_test",
+        restart_backoff=(0.05, 0.5),
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def _wait_state(w: ModelWorker, state: str, limit: float = 30.0) -> None:
+    end = time.monotonic() + limit
+    while w.state != state and time.monotonic() < end:
+        time.sleep(0.02)
+    assert w.state == state
+
+
+def test_onnx_same_outputs_large_via_shm(tmp_path: Path, ppocr_det: Path) -> None:
+    pkg = make_package(tmp_path / "pkg", ppocr_det, name="det", version="2")
+    cache = tmp_path / "cache"
+    x = np.random.default_rng(1).random((1, 3, 224, 224), dtype=np.float32)
+    s = open_model(pkg, RuntimeConfig(), cache_dir=cache)
+    want = s.predict({"x": x})
+    s.close()
+    w = ModelWorker("det", "2", pkg, RuntimeConfig(), cache_dir=cache)
+    w.start()
+    try:
+        assert w.state == "ready" and w.pid is not None and w.pid != os.getpid()
+        assert w.metadata()["name"] == "det"
+        got = w.predict({"x": x})
+        assert set(got) == set(want)
+        for k in want:
+            np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-5)
+        st = w.stats()
+        assert st["shm_tensors_in"] == 1 and st["shm_tensors_out"] >= 1
+        assert st["requests"] == 1 and st["rss"] > 0
+        got2 = asyncio.run(w.apredict({"x": x}))
+        np.testing.assert_allclose(got2[k], want[k], rtol=1e-4, atol=1e-5)
+        with pytest.raises(InvalidInputError) as ei:
+            w.predict({"nope": x})
+        assert ei.value.status == 400
+        assert w.predict({"x": x}).keys() == want.keys()  # still serving
+    finally:
+        w.stop()
+    assert w.state == "stopped" and w.pid is None
+
+
+def test_tflite_same_outputs(tmp_path: Path, hand_tflite: Path) -> None:
+    pkg = make_package(tmp_path / "pkg", hand_tflite, backend="litert")
+    cache = tmp_path / "cache"
+    s = open_model(pkg, RuntimeConfig(), cache_dir=cache)
+    spec = s.metadata()["inputs"][0]
+    shape = [d if d > 0 else 1 for d in spec["shape"]]
+    x = np.random.default_rng(2).random(shape, dtype=np.float32)
+    want = s.predict({spec["name"]: x})
+    s.close()
+    w = ModelWorker("m", "1", pkg, RuntimeConfig(), cache_dir=cache)
+    w.start()
+    try:
+        got = w.predict({spec["name"]: x})
+        for k in want:
+            np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6)
+        assert w.stats()["shm_tensors_in"] == 1  # 224x224x3 float32 > 64 KiB
+    finally:
+        w.stop()
+
+
+def test_kill_9_in_flight_fail_then_restart(tmp_path: Path) -> None:
+    w = _toy(tmp_path)
+    w.start()
+    try:
+        pid0 = w.pid
+        assert pid0 is not None
+        errors: list[BaseException] = []
+
+        def slow() -> None:
+            try:
+                w.predict({"x": np.ones(3), "sleep": np.array([5.0])})
+            except BaseException as exc:
+                errors.append(exc)
+
+        ts = [threading.Thread(target=slow) for _ in range(3)]
+        for t in ts:
+            t.start()
+        end = time.monotonic() + 10
+        while w.stats()["in_flight"] < 3 and time.monotonic() < end:
+            time.sleep(0.01)
+        os.kill(pid0, signal.SIGKILL)
+        for t in ts:
+            t.join(10)
+        assert len(errors) == 3
+        for e in errors:
+            assert isinstance(e, WorkerError) and e.code == "worker-crashed" and e.status == 503
+            assert "SIGKILL" in e.message
+        # A request issued now waits for the restart and succeeds.
+        out = w.predict({"x": np.arange(4.0)}, timeout=20)
+        np.testing.assert_array_equal(out["y"], np.arange(4.0) * 2)
+        assert int(out["pid"][0]) != pid0 and w.pid != pid0
+        assert w.state == "ready" and w.stats()["restarts"] == 1
+        assert "SIGKILL" in str(w.stats()["last_error"])
+    finally:
+        w.stop()
+
+
+def test_stream_survives_kill(tmp_path: Path) -> None:
+    w = _toy(tmp_path)
+    w.start()
+    try:
+        ok, failed = 0, 0
+        for i in range(60):
+            if i == 20:
+                os.kill(w.pid or 0, signal.SIGKILL)
+            try:
+                big = np.full((300, 300), float(i), dtype=np.float32)  # via shm
+                out = w.predict({"x": big}, timeout=20)
+                assert out["y"][0, 0] == 2 * i
+                ok += 1
+            except (WorkerError, ModelNotReadyError):
+                failed += 1
+        assert ok >= 55 and w.stats()["restarts"] == 1
+    finally:
+        w.stop()
+
+
+def test_child_errors_keep_class_and_code(tmp_path: Path) -> None:
+    w = _toy(tmp_path)
+    w.start()
+    try:
+        with pytest.raises(InvalidInputError) as ei:
+            w.predict({"z": np.ones(2)})
+        assert ei.value.code == "missing-input" and "'x'" in ei.value.message
+        w.self_test()
+        (w.model_dir / "bad").touch()
+        with pytest.raises(RuntimeBackendError) as e2:
+            w.self_test()
+        assert e2.value.code == "self-test"
+        assert w.stats()["errors"] == 1
+    finally:
+        w.stop()
+
+
+def test_segfault_loader_is_clear_error(tmp_path: Path) -> None:
+    w = _toy(tmp_path)
+    w.loader = f"{L}:segfault"
+    with pytest.raises(WorkerError) as ei:
+        w.start(timeout=60)
+    assert ei.value.code == "worker-crashed" and "SIGSEGV" in ei.value.message
+    assert w.state == "failed"
+    with pytest.raises(ModelNotReadyError):
+        w.predict({"x": np.ones(1)}, timeout=0.1)
+
+
+def test_failing_start_carries_child_error(tmp_path: Path) -> None:
+    w = _toy(tmp_path)
+    w.loader = f"{L}:failing"
+    with pytest.raises(WorkerError) as ei:
+        w.start(timeout=60)
+    assert ei.value.code == "converter-stage" and "onnxsim failed" in ei.value.message
+
+
+def test_memory_cap_restarts(tmp_path: Path) -> None:
+    w = _toy(tmp_path, memory_limit_bytes=200 << 20)
+    w.start()
+    try:
+        pid0 = w.pid
+        assert w.rss_bytes() < 200 << 20
+        with pytest.raises(WorkerError) as ei:
+            w.predict({"hog": np.array([400])}, timeout=25)
+        assert ei.value.code == "worker-memory" and "memory limit" in ei.value.message
+        out = w.predict({"x": np.ones(2)}, timeout=20)
+        assert out["y"].tolist() == [2.0, 2.0] and w.pid != pid0
+    finally:
+        w.stop()
+
+
+def test_stop_drains(tmp_path: Path) -> None:
+    w = _toy(tmp_path)
+    w.start()
+    res: list[object] = []
+    t = threading.Thread(
+        target=lambda: res.append(w.predict({"x": np.ones(1), "sleep": np.array([0.5])}))
+    )
+    t.start()
+    end = time.monotonic() + 10
+    while w.stats()["in_flight"] < 1 and time.monotonic() < end:
+        time.sleep(0.01)
+    pid = w.pid
+    w.stop(drain_timeout=10)
+    t.join(5)
+    assert len(res) == 1 and isinstance(res[0], dict)
+    assert w.state == "stopped" and pid is not None
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    with pytest.raises(ModelNotReadyError):
+        w.predict({"x": np.ones(1)}, timeout=0.1)

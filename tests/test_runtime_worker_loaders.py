@@ -1,0 +1,64 @@
+"""Stand-in loaders the worker child imports by ``module:function`` (no tests here).
+
+They exercise failure paths a real package cannot produce on demand: a native crash
+while loading, a failing start, and a servable that grabs memory on request.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.errors import ConverterError, InvalidInputError
+
+
+def segfault(model_dir: Path, config: Any, *, cache_dir: Path) -> Any:
+    ctypes.string_at(0)  # SIGSEGV in native code
+    raise AssertionError("unreachable")
+
+
+def failing(model_dir: Path, config: Any, *, cache_dir: Path) -> Any:
+    raise ConverterError("stage onnxsim failed: bad graph", code="converter-stage")
+
+
+class Toy:
+    """Echo/sum servable: ``x`` -> ``y = x * 2``; ``hog`` (MiB) allocates and holds."""
+
+    def __init__(self) -> None:
+        self._held: list[np.ndarray] = []
+
+    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if "hog" in inputs:
+            mib = int(inputs["hog"].reshape(-1)[0])
+            a = np.ones(mib << 20, dtype=np.uint8)
+            self._held.append(a)
+            time.sleep(30)
+            return {"y": a[:1]}
+        if "sleep" in inputs:
+            time.sleep(float(inputs["sleep"].reshape(-1)[0]))
+        if "x" not in inputs:
+            raise InvalidInputError("input 'x' is missing", code="missing-input")
+        return {"y": inputs["x"] * 2, "pid": np.array([os.getpid()])}
+
+    def metadata(self) -> dict[str, Any]:
+        return {"name": "toy", "versions": ["1"], "platform": "toy", "inputs": [], "outputs": []}
+
+    def close(self) -> None:
+        self._held.clear()
+
+
+def toy(model_dir: Path, config: Any, *, cache_dir: Path) -> Any:
+    return Toy()
+
+
+def toy_self_test(servable: Any, model_dir: Path) -> int:
+    if (Path(model_dir) / "bad").exists():
+        from agent.errors import RuntimeBackendError
+
+        raise RuntimeBackendError("sample s.npz output y differs", code="self-test")
+    return 1
