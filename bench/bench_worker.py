@@ -1,0 +1,142 @@
+"""Worker benchmark (issue 4): what the process boundary costs.
+
+Same model, same run, same ``RuntimeConfig`` (intra-op threads 1, so 4 callers on the
+2-core box contend the same way in both cases):
+
+- ``worker_added_p50_us_224``: p50 latency of one caller through :class:`ModelWorker`
+  minus p50 of in-process ``Servable.predict``, for a 1x3x224x224 float32 input
+  (~600 KB, crosses through the shared-memory slots) into a small generated CNN.
+- ``worker_throughput_ratio_4c``: requests/s with 4 concurrent callers through the
+  worker divided by 4 threads calling the in-process servable (goal >= 0.9).
+
+``EDGEWARD_BENCH_QUICK=1`` cuts the request counts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _make_cnn(path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    chans = [3, 16, 32, 64]
+    nodes, inits = [], []
+    prev = "x"
+    for i in range(3):
+        w = (rng.standard_normal((chans[i + 1], chans[i], 3, 3)) * 0.1).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        nodes.append(
+            helper.make_node("Conv", [prev, f"w{i}"], [f"c{i}"], strides=[2, 2], pads=[1, 1, 1, 1])
+        )
+        nodes.append(helper.make_node("Relu", [f"c{i}"], [f"r{i}"]))
+        prev = f"r{i}"
+    nodes.append(helper.make_node("GlobalAveragePool", [prev], ["y"]))
+    graph = helper.make_graph(
+        nodes,
+        "cnn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 224, 224])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64, 1, 1])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    onnx.save(model, str(path))
+
+
+def _package(root: Path) -> Path:
+    if root.exists():
+        shutil.rmtree(root)
+    (root / "Model").mkdir(parents=True)
+    (root / "Meta-info").mkdir()
+    _make_cnn(root / "Model" / "cnn.onnx")
+    (root / "manifest.json").write_text(
+        json.dumps({"name": "cnn", "version": "1", "models": [{"id": 0, "name": "cnn.onnx"}]})
+    )
+    tech = {"runtime_config": {"backend": "onnxruntime"}}
+    (root / "Meta-info" / "technicalinfo.json").write_text(json.dumps(tech))
+    (root / "Meta-info" / "managementinfo.json").write_text(json.dumps({"name": "cnn"}))
+    return root
+
+
+def _p50_us(fn: Any, x: np.ndarray, n: int) -> float:
+    for _ in range(max(5, n // 10)):
+        fn({"x": x})
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn({"x": x})
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e6
+
+
+def _throughput(fn: Any, x: np.ndarray, per_thread: int, threads: int = 4) -> float:
+    barrier = threading.Barrier(threads + 1)
+
+    def loop() -> None:
+        barrier.wait()
+        for _ in range(per_thread):
+            fn({"x": x})
+
+    ts = [threading.Thread(target=loop) for _ in range(threads)]
+    for t in ts:
+        t.start()
+    barrier.wait()
+    t0 = time.perf_counter()
+    for t in ts:
+        t.join()
+    return threads * per_thread / (time.perf_counter() - t0)
+
+
+def run(work: Path) -> dict[str, float]:
+    from runtime import RuntimeConfig, open_model
+    from runtime.worker import ModelWorker
+
+    quick = os.environ.get("EDGEWARD_BENCH_QUICK") == "1"
+    n_lat = 60 if quick else 400
+    per_thread = 25 if quick else 150
+    work.mkdir(parents=True, exist_ok=True)
+    pkg = _package(work / "pkg")
+    cache = work / "cache"
+    cfg = RuntimeConfig.from_dict({"onnx": {"intra_op_threads": 1, "inter_op_threads": 1}})
+    x = np.random.default_rng(1).random((1, 3, 224, 224), dtype=np.float32)
+
+    servable = open_model(pkg, cfg, cache_dir=cache)
+    worker = ModelWorker("cnn", "1", pkg, cfg, cache_dir=cache, max_concurrency=4)
+    worker.start()
+    try:
+        np.testing.assert_allclose(
+            worker.predict({"x": x})["y"], servable.predict({"x": x})["y"], rtol=1e-5
+        )
+        p50_in = _p50_us(servable.predict, x, n_lat)
+        p50_w = _p50_us(worker.predict, x, n_lat)
+        # Interleave the throughput runs so drift on the shared box hits both.
+        tin, tw = [], []
+        for _ in range(2):
+            tin.append(_throughput(servable.predict, x, per_thread))
+            tw.append(_throughput(worker.predict, x, per_thread))
+        thr_in, thr_w = max(tin), max(tw)
+        assert worker.stats()["shm_tensors_in"] > 0
+    finally:
+        worker.stop()
+        servable.close()
+    added = p50_w - p50_in
+    ratio = thr_w / thr_in
+    print(f"in-process p50 {p50_in:.0f} us, worker p50 {p50_w:.0f} us: added {added:.0f} us")
+    print(f"4 callers: in-process {thr_in:.1f} req/s, worker {thr_w:.1f} req/s: ratio {ratio:.3f}")
+    return {"worker_added_p50_us_224": added, "worker_throughput_ratio_4c": ratio}
+
+
+if __name__ == "__main__":
+    print(run(Path(__file__).resolve().parent / "work" / "worker"))
