@@ -47,7 +47,9 @@ class WorkerLike(Protocol):
     name: str
     version: str
     state: str
-    pid: int | None
+
+    @property
+    def pid(self) -> int | None: ...
 
     def start(self, timeout: float = ...) -> None: ...
     async def apredict(self, inputs: Any, timeout: float | None = ...) -> Any: ...
