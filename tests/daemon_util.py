@@ -25,6 +25,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -143,6 +144,19 @@ def install_into_store(state_dir: Path, spec: PackageSpec, trust: Sequence[Path]
     return name
 
 
+def run_dir(work: Path) -> Path:
+    """Directory for the daemon's sockets: ``work/run``, or a short path under /tmp
+    derived from ``work`` when that would exceed the 108-byte Unix socket path limit
+    (pytest-xdist's tmp paths are long)."""
+    run = work / "run"
+    if len(os.fsencode(str(run / ".control.sock.4194304.tmp"))) <= 100:
+        return run
+    import hashlib
+
+    digest = hashlib.sha256(os.fsencode(str(work.resolve()))).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"ew-{digest}"
+
+
 def write_config(
     work: Path,
     *,
@@ -158,7 +172,7 @@ def write_config(
 ) -> Path:
     """A config whose paths all live under ``work``."""
     state = work / "state"
-    run = work / "run"
+    run = run_dir(work)
     inbox = work / "inbox"
     for d in (state, run, inbox):
         d.mkdir(parents=True, exist_ok=True)
@@ -349,8 +363,8 @@ def start_daemon(
         proc=proc,
         work=work,
         config=config,
-        infer_sock=work / "run" / "infer.sock",
-        control_sock=work / "run" / "control.sock",
+        infer_sock=run_dir(work) / "infer.sock",
+        control_sock=run_dir(work) / "control.sock",
         notify_path=notify_path,
         log_path=log_path,
         _nsock=nsock,

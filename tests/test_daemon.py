@@ -22,6 +22,7 @@ from tests.daemon_util import (
     http_unix,
     infer_json,
     needs_worker,
+    run_dir,
     start_daemon,
     tiny_model_dir,
 )
@@ -225,11 +226,13 @@ def test_sighup_reload_then_sigterm_drains(tmp_path: Path) -> None:
 @needs_worker
 def test_stale_sockets_and_kill9_restart(tmp_path: Path) -> None:
     work = tmp_path / "w"
-    (work / "run").mkdir(parents=True)
+    run = run_dir(work)
+    run.mkdir(parents=True, exist_ok=True)
     # stale socket files of a dead daemon (bound, never unlinked)
     for name in ("infer.sock", "control.sock"):
+        (run / name).unlink(missing_ok=True)
         s = socket.socket(socket.AF_UNIX)
-        s.bind(str(work / "run" / name))
+        s.bind(str(run / name))
         s.close()
     src1 = tiny_model_dir(tmp_path / "src", "tiny", "1", scale=2.0)
     src2 = tiny_model_dir(tmp_path / "src", "tiny", "2", scale=3.0)
