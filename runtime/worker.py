@@ -49,6 +49,10 @@ RESTART_WAIT = 30.0
 WATCH_INTERVAL = 0.25
 
 
+class _Busy(Exception):
+    """No free transfer slot right now (``apredict`` then waits on a thread)."""
+
+
 class _Child:
     """One incarnation: process, channel, reader thread and its pending requests."""
 
@@ -245,7 +249,8 @@ class ModelWorker:
             try:
                 if h.get("op") == "result":
                     out = ipc.decode(h["t"], p, self._arena, copy=True)
-                    self._stats["shm_tensors_out"] += int(h.get("shm", 0))
+                    with self._cv:
+                        self._stats["shm_tensors_out"] += int(h.get("shm", 0))
                     result: Any = out if "n" not in h else int(h["n"])
                     fut.set_result(result)
                 else:
@@ -344,16 +349,23 @@ class ModelWorker:
             return c
 
     def _submit(
-        self, header: dict[str, Any], inputs: dict[str, np.ndarray] | None, timeout: float | None
+        self,
+        header: dict[str, Any],
+        inputs: dict[str, np.ndarray] | None,
+        timeout: float | None,
+        *,
+        nowait: bool = False,
     ) -> Future[Any]:
-        c = self._ready_child(timeout)
+        c = self._ready_child(0.0 if nowait else timeout)
         fut: Future[Any] = Future()
         rid = next(self._ids)
         slot = None
         if inputs is not None and any(
             isinstance(v, np.ndarray) and v.nbytes >= ipc.SHM_MIN for v in inputs.values()
         ):
-            slot = self._arena.acquire(timeout)
+            slot = self._arena.acquire(0.0 if nowait else timeout)
+            if slot is None and nowait:
+                raise _Busy
             if slot is None:
                 raise ModelNotReadyError(f"model {self.name}: no free transfer slot")
         try:
@@ -369,8 +381,9 @@ class ModelWorker:
                     self._arena.release(slot)
                 raise WorkerError(f"{self.name} {self.version}: worker died", code="worker-crashed")
             c.pending[rid] = (fut, slot)
-        self._stats["requests"] += 1
-        self._stats["shm_tensors_in"] += n_shm
+        with self._cv:
+            self._stats["requests"] += 1
+            self._stats["shm_tensors_in"] += n_shm
         with contextlib.suppress(OSError):  # the reader sees a death and fails this request
             c.chan.send(header, parts)
         return fut
@@ -383,13 +396,12 @@ class ModelWorker:
         try:
             out: dict[str, np.ndarray] = fut.result(timeout)
         except FutureTimeout:
-            self._stats["errors"] += 1
+            self._count_error(TimeoutError("timeout"))
             raise WorkerError(
                 f"{self.name}: no answer in {timeout} s", code="worker-timeout"
             ) from None
         except BaseException as exc:
-            self._stats["errors"] += 1
-            self._stats["last_error"] = str(exc)
+            self._count_error(exc)
             raise
         return out
 
@@ -397,25 +409,30 @@ class ModelWorker:
         self, inputs: dict[str, np.ndarray], timeout: float | None = None
     ) -> dict[str, np.ndarray]:
         """Asyncio form of :meth:`predict` (no thread per request once the worker is ready)."""
-        if self.state == "ready":
-            fut = self._submit({"op": "predict"}, inputs, timeout)
-        else:
+        try:
+            fut = self._submit({"op": "predict"}, inputs, timeout, nowait=True)
+        except (_Busy, ModelNotReadyError):  # restarting or all slots busy: wait off-loop
             loop = asyncio.get_running_loop()
             fut = await loop.run_in_executor(None, self._submit, {"op": "predict"}, inputs, timeout)
         try:
             out: dict[str, np.ndarray] = await asyncio.wait_for(asyncio.wrap_future(fut), timeout)
         except TimeoutError:
-            self._stats["errors"] += 1
+            self._count_error(TimeoutError("timeout"))
             raise WorkerError(
                 f"{self.name}: no answer in {timeout} s", code="worker-timeout"
             ) from None
         except BaseException as exc:
-            self._stats["errors"] += 1
-            self._stats["last_error"] = str(exc)
+            self._count_error(exc)
             raise
         return out
 
+    def _count_error(self, exc: BaseException) -> None:
+        with self._cv:
+            self._stats["errors"] += 1
+            self._stats["last_error"] = str(exc)
+
     def metadata(self) -> dict[str, Any]:
+        """KServe v2 metadata the child reported when it became ready."""
         return dict(self._meta)
 
     def self_test(self) -> None:

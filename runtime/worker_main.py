@@ -33,6 +33,9 @@ def main(argv: list[str]) -> int:
         level=os.environ.get("EDGEWARD_WORKER_LOG", "WARNING"),
         format="worker[%(process)d] %(levelname)s %(name)s: %(message)s",
     )
+    # Hand the GIL over quickly: the reader thread must not wait 5 ms behind a predict
+    # thread in Python code while a frame is waiting.
+    sys.setswitchinterval(0.0005)
     sock = socket.socket(fileno=int(argv[0]))
     chan = ipc.Channel(sock)
     try:

@@ -227,3 +227,19 @@ def test_stop_drains(tmp_path: Path) -> None:
         os.kill(pid, 0)
     with pytest.raises(ModelNotReadyError):
         w.predict({"x": np.ones(1)}, timeout=0.1)
+
+
+def test_apredict_concurrent_more_than_slots(tmp_path: Path) -> None:
+    w = _toy(tmp_path, max_concurrency=2)
+    w.start()
+
+    async def many() -> list[dict[str, np.ndarray]]:
+        xs = [np.full((200, 200), float(i), dtype=np.float32) for i in range(8)]
+        return await asyncio.gather(*(w.apredict({"x": x}, timeout=20) for x in xs))
+
+    try:
+        outs = asyncio.run(many())
+        assert [float(o["y"][5, 5]) for o in outs] == [2.0 * i for i in range(8)]
+        assert w.stats()["shm_tensors_in"] == 8 and w.stats()["in_flight"] == 0
+    finally:
+        w.stop()
