@@ -107,6 +107,7 @@ class ModelWorker:
             "restarts": 0,
             "shm_tensors_in": 0,
             "shm_tensors_out": 0,
+            "child_busy_us": 0,  # time the child spent decoding, predicting, encoding
             "last_error": None,
         }
         self._watchdog: threading.Thread | None = None
@@ -251,6 +252,7 @@ class ModelWorker:
                     out = ipc.decode(h["t"], p, self._arena, copy=True)
                     with self._cv:
                         self._stats["shm_tensors_out"] += int(h.get("shm", 0))
+                        self._stats["child_busy_us"] += int(h.get("us", 0))
                     result: Any = out if "n" not in h else int(h["n"])
                     fut.set_result(result)
                 else:

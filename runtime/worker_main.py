@@ -15,6 +15,7 @@ import os
 import pickle
 import socket
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -61,10 +62,12 @@ def main(argv: list[str]) -> int:
         rid = h["id"]
         slot = h.get("slot")
         try:
+            t0 = time.perf_counter()
             inputs = ipc.decode(h["t"], p, arena, copy=False)
             outputs = servable.predict(inputs)
             descs, parts, n_shm = ipc.encode(outputs, arena, slot)
-            chan.send({"op": "result", "id": rid, "t": descs, "shm": n_shm}, parts)
+            dt = round((time.perf_counter() - t0) * 1e6)
+            chan.send({"op": "result", "id": rid, "t": descs, "shm": n_shm, "us": dt}, parts)
         except ipc.ChannelClosed:
             return
         except BaseException as exc:
