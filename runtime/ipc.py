@@ -70,7 +70,7 @@ class Channel:
                 raise ChannelClosed(f"frame header of {hl} bytes")
             header = json.loads(bytes(self._recv_exact(hl)))
             payload = self._recv_exact(pl) if pl else bytearray()
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # a garbled stream is as good as a dead peer
             raise ChannelClosed(str(exc)) from exc
         if not isinstance(header, dict):
             raise ChannelClosed("frame header is not an object")
@@ -95,6 +95,7 @@ class ShmArena:
         self.mm = mmap.mmap(fd, size)
         self._free = list(range(slots))
         self._cv = threading.Condition()
+        self.closed = False
 
     def acquire(self, timeout: float | None) -> int | None:
         with self._cv:
@@ -108,6 +109,7 @@ class ShmArena:
             self._cv.notify()
 
     def close(self) -> None:
+        self.closed = True
         # BufferError: a view is still alive; the mapping goes with the process.
         with contextlib.suppress(BufferError):
             self.mm.close()

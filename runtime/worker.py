@@ -94,6 +94,7 @@ class ModelWorker:
         self.loader = loader
         self.self_test_fn = self_test_fn
         self.state = "stopped"
+        self.shm_slot_bytes = shm_slot_bytes
         self._arena = ipc.ShmArena(self.max_concurrency, shm_slot_bytes)
         self._child: _Child | None = None
         self._meta: dict[str, Any] = {}
@@ -124,6 +125,8 @@ class ModelWorker:
         with self._cv:
             self._stopping = False
             self.state = "starting"
+            if self._arena.closed:  # started again after stop()
+                self._arena = ipc.ShmArena(self.max_concurrency, self.shm_slot_bytes)
         try:
             self._spawn(timeout)
         except BaseException:
@@ -215,6 +218,7 @@ class ModelWorker:
             self._cv.notify_all()
         c = self._child
         if c is None:
+            self._arena.close()
             return
         deadline = time.monotonic() + drain_timeout
         while time.monotonic() < deadline:
@@ -232,6 +236,7 @@ class ModelWorker:
             c.proc.wait()
         self._fail_pending(c, "worker-stopped", f"{self.name} {self.version}: worker stopped")
         c.chan.close()
+        self._arena.close()  # shm pages are freed with the last mapping
 
     # --- child death and restart ------------------------------------------------------
 

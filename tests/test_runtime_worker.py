@@ -243,3 +243,16 @@ def test_apredict_concurrent_more_than_slots(tmp_path: Path) -> None:
         assert w.stats()["shm_tensors_in"] == 8 and w.stats()["in_flight"] == 0
     finally:
         w.stop()
+
+
+def test_restart_after_stop_gets_fresh_arena(tmp_path: Path) -> None:
+    w = _toy(tmp_path)
+    w.start()
+    w.stop()
+    w.start()
+    try:
+        big = np.ones((300, 300), dtype=np.float32)
+        assert float(w.predict({"x": big})["y"][0, 0]) == 2.0
+        assert w.stats()["shm_tensors_in"] == 1
+    finally:
+        w.stop()
