@@ -3,7 +3,7 @@
 Only this process imports the inference engines. It reads one ``init`` frame (pickled
 settings from its own parent), opens the model, warms it up, answers ``ready`` with the
 KServe metadata (or ``error`` with the failure and exits 1), then serves ``predict``
-frames on a thread pool of ``max_concurrency`` until ``shutdown`` or EOF.
+frames on ``max_concurrency`` threads until ``shutdown`` or EOF.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import os
 import pickle
 import socket
 import sys
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from runtime import ipc
@@ -56,7 +56,6 @@ def main(argv: list[str]) -> int:
         chan.send({"op": "error", "err": ipc.error_to_dict(exc)})
         return 1
     chan.send({"op": "ready", "meta": meta, "pid": os.getpid()})
-    pool = ThreadPoolExecutor(max_workers=init["max_concurrency"], thread_name_prefix="predict")
 
     def run(h: dict[str, Any], p: bytearray) -> None:
         rid = h["id"]
@@ -82,19 +81,37 @@ def main(argv: list[str]) -> int:
         except BaseException as exc:
             chan.send({"op": "fail", "id": h["id"], "err": ipc.error_to_dict(exc)})
 
-    while True:
-        try:
-            h, p = chan.recv()
-        except ipc.ChannelClosed:
-            break
-        op = h.get("op")
-        if op == "predict":
-            pool.submit(run, h, p)
-        elif op == "self_test":
-            pool.submit(run_self_test, h)
-        elif op == "shutdown":
-            break
-    pool.shutdown(wait=True)
+    # Leader/follower: each of the max_concurrency threads takes the reader role in
+    # turn, reads one frame, hands the role on and serves that frame itself, so a
+    # request costs no extra thread hand-off inside the child.
+    recv_lock = threading.Lock()
+
+    def serve() -> None:
+        while True:
+            with recv_lock:
+                try:
+                    h, p = chan.recv()
+                except ipc.ChannelClosed:
+                    return
+                op = h.get("op")
+                if op == "shutdown":
+                    # Stop reading; requests already received still send their answers.
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RD)
+                    return
+            if op == "predict":
+                run(h, p)
+            elif op == "self_test":
+                run_self_test(h)
+
+    threads = [
+        threading.Thread(target=serve, name=f"predict-{i}", daemon=True)
+        for i in range(max(1, int(init["max_concurrency"])))
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
     try:
         servable.close()
     finally:
