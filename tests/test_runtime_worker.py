@@ -256,3 +256,17 @@ def test_restart_after_stop_gets_fresh_arena(tmp_path: Path) -> None:
         assert w.stats()["shm_tensors_in"] == 1
     finally:
         w.stop()
+
+
+def test_parent_does_not_import_engines() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, runtime.worker; "
+        "print(any(m in sys.modules for m in ('onnxruntime', 'ai_edge_litert', 'tflite_runtime')))"
+    )
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
