@@ -832,24 +832,45 @@ class _DecryptingReader(io.RawIOBase):
             key, alg, chunk_aad(entry.header, preamble), chunk_size, prefix
         )
         self._step = chunk_size + crypto.TAG_SIZE
-        self._buf = b""
+        self._buf = memoryview(b"")
+        self._pos = 0
         self._eof = False
 
     def readable(self) -> bool:
         return True
 
-    def read(self, size: int | None = -1) -> bytes:
-        while not self._buf and not self._eof:
+    def _fill(self) -> bool:
+        """Decrypt the next chunk when the current one is used up; False at the end."""
+        while self._pos >= len(self._buf):
+            if self._eof:
+                return False
             data = self._raw.read(self._step)
             if data:
-                self._buf = self._dec.update(data)
+                self._buf = memoryview(self._dec.update(data))
             else:
-                self._buf = self._dec.finalize()
+                self._buf = memoryview(self._dec.finalize())
                 self._eof = True
+            self._pos = 0
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        # An offset into the decrypted chunk instead of re-slicing it on every read:
+        # the zstd reader asks for 128 KiB at a time out of 1 MiB chunks.
+        if not self._fill():
+            return b""
         if size is None or size < 0:
-            size = len(self._buf)
-        out, self._buf = self._buf[:size], self._buf[size:]
+            size = len(self._buf) - self._pos
+        out = bytes(self._buf[self._pos : self._pos + size])
+        self._pos += len(out)
         return out
+
+    def readinto(self, b: Any) -> int:
+        if not self._fill():
+            return 0
+        n = min(len(b), len(self._buf) - self._pos)
+        memoryview(b).cast("B")[:n] = self._buf[self._pos : self._pos + n]
+        self._pos += n
+        return n
 
 
 __all__ = [
