@@ -212,25 +212,24 @@ def test_meta_dir_validated_at_pack(tmp_path: Path, keys) -> None:  # type: igno
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
-def test_residual_needs_base(tmp_path: Path, keys) -> None:  # type: ignore[no-untyped-def]
-    """A residual package refuses to unpack without its base (checked before writing)."""
+def test_residual_unavailable(tmp_path: Path, keys, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """Without the residual module (a trimmed install) a residual pack is one clear error."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "agent.residual", None)  # import now raises ImportError
     sk, trust, _, _ = keys
     base_model = _model(tmp_path, 10_000, "base.bin")
     out = tmp_path / "v1.emp"
     pack(PackSpec(models=[base_model], name="res", version=1, signing_keys=[sk]), out)
     u = tmp_path / "v1"
     unpack(out, u, trust=trust)
-    try:
-        import agent.residual  # noqa: F401
-    except ImportError:
-        with pytest.raises(ResidualError) as info:
-            pack(
-                PackSpec(models=[base_model], name="res", version=2, signing_keys=[sk], base=u),
-                tmp_path / "v2.emp",
-            )
-        assert info.value.code == "residual-unavailable"
-        return
-    pytest.skip("agent.residual present: covered by the residual round trip")
+    with pytest.raises(ResidualError) as info:
+        pack(
+            PackSpec(models=[base_model], name="res", version=2, signing_keys=[sk], base=u),
+            tmp_path / "v2.emp",
+        )
+    assert info.value.code == "residual-unavailable"
+    assert not (tmp_path / "v2.emp").exists()
 
 
 def test_base_mismatch_errors(tmp_path: Path) -> None:
