@@ -1,0 +1,208 @@
+"""Quantised Δ and the exact dequantisation shared by publisher and device.
+
+Both sides run :func:`dequant_add` on the same integers and scales, so B' is the same
+bytes everywhere: ``d = float32(q) * scale`` (one numpy multiply, rounded to float32),
+then ``b = a_f32 + d`` (a separate numpy add, rounded to float32; numpy never fuses
+them), then round-to-nearest-even into the storage dtype. Chunking does not change the
+result because every step is element-wise.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+# Internal dtype codes (FORMAT.md "Residual patch stream", dtype table).
+OPAQUE, F32, F16, BF16, F64 = 0, 1, 2, 3, 4
+I8, U8, I16, U16, I32, U32, I64, U64, BOOL = 10, 11, 12, 13, 14, 15, 16, 17, 18
+
+FLOATS = frozenset({F32, F16, BF16})  # dtypes that take a quantised Δ
+ITEMSIZE = {
+    OPAQUE: 1,
+    F32: 4,
+    F16: 2,
+    BF16: 2,
+    F64: 8,
+    I8: 1,
+    U8: 1,
+    I16: 2,
+    U16: 2,
+    I32: 4,
+    U32: 4,
+    I64: 8,
+    U64: 8,
+    BOOL: 1,
+}
+# Unsigned integer of the same width: integer deltas wrap modulo 2**bits.
+WRAP: dict[int, np.dtype[Any]] = {
+    1: np.dtype("<u1"),
+    2: np.dtype("<u2"),
+    4: np.dtype("<u4"),
+    8: np.dtype("<u8"),
+}
+QMAX = {8: 127, 4: 7, 2: 1, 1: 1}
+BITS = (1, 2, 4, 8)
+
+F32Array = npt.NDArray[np.float32]
+I8Array = npt.NDArray[np.int8]
+U8Array = npt.NDArray[np.uint8]
+
+
+def to_f32(raw: U8Array | memoryview | bytes, dtype: int) -> F32Array:
+    """Little-endian storage bytes → float32 (exact for f16 and bf16)."""
+    if dtype == F32:
+        return np.frombuffer(raw, dtype="<f4").astype(np.float32, copy=True)
+    if dtype == F16:
+        return np.frombuffer(raw, dtype="<f2").astype(np.float32)
+    if dtype == BF16:
+        bits = np.frombuffer(raw, dtype="<u2").astype(np.uint32)
+        np.left_shift(bits, 16, out=bits)
+        return bits.view(np.float32)
+    raise ValueError(f"dtype {dtype} has no float32 view")
+
+
+def bf16_rne(x: F32Array) -> npt.NDArray[np.uint16]:
+    """float32 → bfloat16 bits, round to nearest even on the float32 bit pattern.
+
+    ``u + 0x7FFF + ((u >> 16) & 1)`` then ``>> 16``; NaN keeps its sign and becomes the
+    quiet NaN ``0x7FC0`` (| sign) so no NaN rounds to infinity.
+    """
+    u = x.view(np.uint32).astype(np.uint64)
+    r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    nan = np.isnan(x)
+    if nan.any():
+        r[nan] = ((u[nan] >> 16) & 0x8000).astype(np.uint16) | np.uint16(0x7FC0)
+    return r
+
+
+def from_f32(x: F32Array, dtype: int) -> U8Array:
+    """float32 → little-endian storage bytes (RNE), as a uint8 array (no copy)."""
+    if dtype == F32:
+        return x.astype("<f4", copy=False).view(np.uint8)
+    if dtype == F16:
+        return x.astype("<f2").view(np.uint8)
+    if dtype == BF16:
+        return bf16_rne(x).astype("<u2", copy=False).view(np.uint8)
+    raise ValueError(f"dtype {dtype} is not a float storage type")
+
+
+def mul_scales(qf: F32Array, scales: F32Array, block: int, e0: int) -> None:
+    """In place ``qf[i] *= scales[(e0 + i) // block]`` (float32 multiply)."""
+    n = len(qf)
+    i = 0
+    off = e0 % block
+    if off:
+        k = min(block - off, n)
+        np.multiply(qf[:k], scales[e0 // block], out=qf[:k])
+        i = k
+    m = (n - i) // block
+    if m:
+        b0 = (e0 + i) // block
+        v = qf[i : i + m * block].reshape(m, block)
+        np.multiply(v, scales[b0 : b0 + m, None], out=v)
+        i += m * block
+    if i < n:
+        np.multiply(qf[i:], scales[(e0 + i) // block], out=qf[i:])
+
+
+def dequant_add(a: F32Array, q: I8Array, scales: F32Array, block: int, e0: int) -> F32Array:
+    """B' (float32) for elements ``e0 .. e0+len(q)``: ``a + float32(q) * scale``."""
+    d = q.astype(np.float32)
+    mul_scales(d, scales, block, e0)
+    np.add(a, d, out=d)
+    return d
+
+
+def pack(q: I8Array, bits: int) -> bytes:
+    """Dense little-endian packing: element i sits at bit ``(i * bits) % 8`` of byte
+    ``i * bits // 8``; 4- and 2-bit values are stored as ``q + 2**(bits-1)``, 1-bit
+    values as ``q > 0``."""
+    if bits == 8:
+        return q.astype(np.int8, copy=False).tobytes()
+    if bits == 1:
+        return np.packbits(q > 0, bitorder="little").tobytes()
+    per = 8 // bits
+    u = (q.astype(np.int16) + (1 << (bits - 1))).astype(np.uint8)
+    pad = (-len(u)) % per
+    if pad:
+        u = np.concatenate([u, np.zeros(pad, np.uint8)])
+    u = u.reshape(-1, per)
+    out = np.zeros(len(u), np.uint8)
+    for j in range(per):
+        out |= u[:, j] << np.uint8(j * bits)
+    return out.tobytes()
+
+
+def packed_size(n: int, bits: int) -> int:
+    return (n * bits + 7) // 8
+
+
+def unpack(data: bytes | memoryview, bits: int, n: int) -> I8Array:
+    """Inverse of :func:`pack` for the first ``n`` elements."""
+    raw = np.frombuffer(data, dtype=np.uint8)
+    if bits == 8:
+        return raw[:n].view(np.int8)
+    if bits == 1:
+        u = np.unpackbits(raw, count=n, bitorder="little").view(np.int8)
+        q: I8Array = u * np.int8(2) - np.int8(1)
+        return q
+    per = 8 // bits
+    mask = np.uint8((1 << bits) - 1)
+    out = np.empty((len(raw), per), np.uint8)
+    for j in range(per):
+        np.bitwise_and(raw >> np.uint8(j * bits), mask, out=out[:, j])
+    res: I8Array = out.reshape(-1)[:n].view(np.int8) - np.int8(1 << (bits - 1))
+    return res
+
+
+def block_length(bits: int, shape: tuple[int, ...], group_size: int) -> int:
+    """Elements per scale: a group for int4, a row (first axis) otherwise."""
+    n = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    if bits == 4:
+        return max(1, min(group_size, n))
+    if len(shape) >= 2 and shape[0] > 0:
+        return max(1, n // shape[0])
+    return max(1, n)
+
+
+def quantize(delta: npt.NDArray[np.float64], bits: int, block: int) -> tuple[F32Array, I8Array]:
+    """Symmetric quantisation of Δ in blocks of ``block`` elements → (scales, q).
+
+    8/4 bits: scale = absmax / qmax. 2 bits: the clipping ratio with the least squared
+    error per block is chosen from a few candidates. 1 bit: q = sign, scale = mean |Δ|
+    (the least-squares scale for signs).
+    """
+    n = len(delta)
+    nb = -(-n // block)
+    pad = nb * block - n
+    d = np.concatenate([delta, np.zeros(pad)]) if pad else delta
+    m = d.reshape(nb, block)
+    if bits == 1:
+        cnt = np.full(nb, block, np.float64)
+        if pad:
+            cnt[-1] = block - pad
+        scales = (np.abs(m).sum(axis=1) / cnt).astype(np.float32)
+        q = np.where(m >= 0, 1, -1).astype(np.int8)
+        return scales, q.reshape(-1)[:n]
+    qmax = QMAX[bits]
+    absmax = np.abs(m).max(axis=1)
+    ratios = (1.0, 0.8, 0.65, 0.5, 0.4) if bits == 2 else (1.0,)
+    best_s = best_q = best_e = None
+    for r in ratios:
+        s = (absmax * r / qmax).astype(np.float32)
+        safe = np.where(s > 0, s, 1).astype(np.float64)
+        q = np.clip(np.rint(m / safe[:, None]), -qmax, qmax).astype(np.int8)
+        q[s == 0] = 0
+        err = ((q * s.astype(np.float64)[:, None] - m) ** 2).sum(axis=1)
+        if best_e is None:
+            best_s, best_q, best_e = s, q, err
+        else:
+            assert best_s is not None and best_q is not None
+            better = err < best_e
+            best_s = np.where(better, s, best_s)
+            best_q = np.where(better[:, None], q, best_q)
+            best_e = np.minimum(err, best_e)
+    assert best_s is not None and best_q is not None
+    return best_s.astype(np.float32), best_q.reshape(-1)[:n].astype(np.int8)

@@ -1,0 +1,893 @@
+"""Residual patch streams: encode (publisher) and apply (device).
+
+A patch rebuilds the *target's* files: the target with every tensor payload cut out
+(the skeleton, one zstd frame per file) plus one record per payload saying how to fill
+that hole from the base — skip (copy the base tensor), quantised Δ (base + dequantised
+Δ), integer Δ (exact, wrapping), or full (new bytes). Structure changes of any kind
+therefore just work, and the output has the target's byte layout. The byte format is in
+docs/FORMAT.md ("Residual patch stream"); the design in docs/RESIDUAL.md.
+
+The device never loads a model: base tensors are read from memory maps chunk by chunk,
+the output is written chunk by chunk to temp files next to ``out`` and renamed into
+place only when the digest of what was written equals the expected target digest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import logging
+import mmap
+import os
+import secrets
+import struct
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, cast
+
+import numpy as np
+
+from agent.errors import (
+    BaseMismatchError,
+    EdgewardError,
+    FormatError,
+    ResidualError,
+    TargetDigestError,
+)
+
+from . import quant
+from .layout import Hole, Layout, element_count, scan
+
+logger = logging.getLogger(__name__)
+
+MAGIC = b"EWRP"
+TRAILER = b"EWRT"
+VERSION = 1
+FORMATS = {"onnx": 1, "tflite": 2}
+SKIP, FULL, QUANT, IDELTA = 1, 2, 3, 4
+KIND_NAMES = {SKIP: "skip", FULL: "full", QUANT: "quant", IDELTA: "idelta"}
+END_FILE = 0
+
+CHUNK = 1 << 22  # elements per dequantisation chunk (16 MiB of float32), a multiple of 8
+IO_CHUNK = 1 << 24  # bytes per copy step
+MAX_SKELETON = 1 << 30  # compressed skeleton bytes held in memory on the device
+MAX_KEY = 1 << 16
+MAX_NDIM = 32
+MAX_FILES = 1 << 10
+ZSTD_LEVEL = 9
+PAGE = mmap.PAGESIZE
+
+
+def _zstd() -> Any:
+    import zstandard
+
+    return zstandard
+
+
+def _bad(what: str) -> FormatError:
+    return FormatError(f"corrupt residual patch: {what}", code="residual-format")
+
+
+# --- canonical digest ----------------------------------------------------------------
+
+
+@dataclass
+class _Digest:
+    """Canonical weights digest: tensors sorted by key, then each file's skeleton.
+
+    ``sha256("edgeward-weights-v1\\0" || u8 format || u32 n || for each tensor in key
+    order (UTF-8 bytes): u16 len, key, u8 dtype, u8 ndim, u64 dims…, u64 nbytes,
+    sha256(payload) || u16 files || for each file: u16 len, name, u64 len,
+    sha256(skeleton))``, integers little-endian. Per-part hashes let both sides hash in
+    whatever order they meet the bytes.
+    """
+
+    format: str
+    tensors: dict[bytes, bytes] = field(default_factory=dict)
+    files: list[bytes] = field(default_factory=list)
+
+    def tensor(self, h: Hole, sha: bytes) -> None:
+        k = h.key.encode()
+        self.tensors[k] = (
+            struct.pack("<HB", len(k), h.dtype)
+            + k
+            + struct.pack(f"<B{len(h.shape)}Q", len(h.shape), *h.shape)
+            + struct.pack("<Q", h.nbytes)
+            + sha
+        )
+
+    def file(self, name: str, skeleton_len: int, sha: bytes) -> None:
+        n = name.encode()
+        self.files.append(struct.pack("<H", len(n)) + n + struct.pack("<Q", skeleton_len) + sha)
+
+    def value(self) -> str:
+        h = hashlib.sha256(b"edgeward-weights-v1\x00")
+        h.update(struct.pack("<BI", FORMATS[self.format], len(self.tensors)))
+        for k in sorted(self.tensors):
+            h.update(self.tensors[k])
+        h.update(struct.pack("<H", len(self.files)))
+        for f in self.files:
+            h.update(f)
+        return "sha256:" + h.hexdigest()
+
+
+def _segments(layout: Layout, i: int) -> Iterator[tuple[Hole | None, int, int]]:
+    """(hole or None for skeleton, offset, length) covering file ``i`` in order."""
+    pos = 0
+    for h in layout.file_holes(i):
+        if h.offset > pos:
+            yield None, pos, h.offset - pos
+        yield h, h.offset, h.nbytes
+        pos = h.offset + h.nbytes
+    if pos < layout.sizes[i]:
+        yield None, pos, layout.sizes[i] - pos
+
+
+def _layout_digest(layout: Layout) -> str:
+    dig = _Digest(layout.format)
+    buf = bytearray(IO_CHUNK)
+    view = memoryview(buf)
+    for i, path in enumerate(layout.paths):
+        skel = hashlib.sha256()
+        skel_len = 0
+        with open(path, "rb") as f:
+            for hole, off, n in _segments(layout, i):
+                f.seek(off)
+                h = hashlib.sha256() if hole is not None else skel
+                left = n
+                while left:
+                    got = f.readinto(view[: min(left, IO_CHUNK)])
+                    if not got:
+                        raise ResidualError(f"{path} shrank while reading", code="residual-io")
+                    h.update(view[:got])
+                    left -= got
+                if hole is not None:
+                    dig.tensor(hole, h.digest())
+                else:
+                    skel_len += n
+        dig.file(layout.names[i], skel_len, skel.digest())
+    return dig.value()
+
+
+def weights_digest(model: Path) -> str:
+    """``sha256:<hex>`` of a model's tensors and skeleton in canonical form (see
+    :class:`_Digest`); reads the files sequentially with a fixed buffer."""
+    return _layout_digest(scan(Path(model)))
+
+
+# --- reading the patch ---------------------------------------------------------------
+
+
+class _In:
+    """Exact reads from the patch stream; short reads are corruption, not EOF."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f = f
+
+    def exact(self, n: int) -> bytes:
+        out = bytearray()
+        while len(out) < n:
+            got = self.f.read(min(n - len(out), IO_CHUNK))
+            if not got:
+                raise _bad("truncated")
+            out += got
+        return bytes(out)
+
+    def unpack(self, fmt: str) -> tuple[Any, ...]:
+        return struct.unpack(fmt, self.exact(struct.calcsize(fmt)))
+
+    def string(self) -> str:
+        (n,) = self.unpack("<H")
+        try:
+            return self.exact(n).decode("utf-8")
+        except UnicodeDecodeError:
+            raise _bad("name is not UTF-8") from None
+
+
+class _Sub(io.RawIOBase):
+    """At most ``left`` bytes of the underlying stream (one zstd frame)."""
+
+    def __init__(self, f: BinaryIO, left: int) -> None:
+        self.f, self.left = f, left
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        n = min(len(b), self.left)
+        if n <= 0:
+            return 0
+        got = self.f.read(n)
+        if not got:
+            raise _bad("truncated")
+        b[: len(got)] = got
+        self.left -= len(got)
+        return len(got)
+
+    def drain(self) -> None:
+        while self.left:
+            self.readinto(bytearray(min(self.left, IO_CHUNK)))
+
+
+class _Frame:
+    """Streaming decompression of one length-prefixed zstd frame of known size."""
+
+    def __init__(self, f: BinaryIO, size: int) -> None:
+        (comp,) = _In(f).unpack("<Q")
+        self.sub = _Sub(f, comp)
+        self.reader = (
+            _zstd()
+            .ZstdDecompressor()
+            .stream_reader(self.sub, read_size=1 << 20, read_across_frames=False)
+        )
+        self.left = size
+
+    def read(self, n: int) -> bytes:
+        if n > self.left:
+            raise _bad("record longer than declared")
+        out = bytearray()
+        try:
+            while len(out) < n:
+                got = self.reader.read(n - len(out))
+                if not got:
+                    raise _bad("compressed data ends early")
+                out += got
+        except _zstd().ZstdError as exc:
+            raise _bad(f"zstd: {exc}") from None
+        self.left -= n
+        return bytes(out)
+
+    def close(self) -> None:
+        if self.left:
+            raise _bad("compressed data ends early")
+        try:
+            extra = self.reader.read(1)
+        except _zstd().ZstdError as exc:
+            raise _bad(f"zstd: {exc}") from None
+        if extra:
+            raise _bad("compressed data longer than declared")
+        self.sub.drain()
+
+
+# --- records ---------------------------------------------------------------------------
+
+
+@dataclass
+class _Record:
+    kind: int
+    skel_pos: int
+    hole: Hole  # key, dtype and shape of the target tensor; offset/file unused
+    bits: int = 0
+    block: int = 0
+
+
+def _write_record_head(out: BinaryIO, r: _Record) -> None:
+    k = r.hole.key.encode()
+    out.write(struct.pack("<BQH", r.kind, r.skel_pos, len(k)) + k)
+    out.write(
+        struct.pack(f"<BB{len(r.hole.shape)}Q", r.hole.dtype, len(r.hole.shape), *r.hole.shape)
+    )
+    out.write(struct.pack("<Q", r.hole.nbytes))
+    if r.kind == QUANT:
+        out.write(struct.pack("<BQ", r.bits, r.block))
+
+
+def _read_record_head(rd: _In, kind: int) -> _Record:
+    if kind not in KIND_NAMES:
+        raise _bad(f"unknown record kind {kind}")
+    (skel_pos,) = rd.unpack("<Q")
+    key = rd.string()
+    dtype, ndim = rd.unpack("<BB")
+    if dtype not in quant.ITEMSIZE or ndim > MAX_NDIM:
+        raise _bad(f"tensor {key!r}: bad dtype {dtype} or rank {ndim}")
+    shape = tuple(rd.unpack(f"<{ndim}Q")) if ndim else ()
+    (nbytes,) = rd.unpack("<Q")
+    if any(d >= 1 << 48 for d in shape) or element_count(shape) * quant.ITEMSIZE[dtype] != nbytes:
+        raise _bad(f"tensor {key!r}: shape and size disagree")
+    if dtype == quant.OPAQUE and shape != (nbytes,):
+        raise _bad(f"tensor {key!r}: opaque bytes with a shape")
+    r = _Record(kind, skel_pos, Hole(key, dtype, shape, 0, 0, nbytes))
+    if kind == QUANT:
+        r.bits, r.block = rd.unpack("<BQ")
+        if r.bits not in quant.BITS or r.block < 1 or dtype not in quant.FLOATS:
+            raise _bad(f"tensor {key!r}: bad quantisation header")
+    return r
+
+
+# --- the shared fill code (publisher and device) ---------------------------------------
+
+Chunk = bytes | memoryview | np.ndarray[Any, Any]
+Sink = Callable[[Chunk], None]
+
+
+def _fill_quant(
+    base: Callable[[int, int], memoryview],
+    rec: _Record,
+    read: Callable[[int], bytes],
+    sink: Sink,
+) -> None:
+    """B' of a quantised-Δ record, chunk by chunk: scales, then packed q (FORMAT.md)."""
+    h = rec.hole
+    n = element_count(h.shape)
+    isz = quant.ITEMSIZE[h.dtype]
+    nscales = -(-n // rec.block)
+    scales = np.frombuffer(read(4 * nscales), dtype="<f4").astype(np.float32)
+    for e0 in range(0, n, CHUNK):
+        k = min(CHUNK, n - e0)
+        q = quant.unpack(read(quant.packed_size(k, rec.bits)), rec.bits, k)
+        a = quant.to_f32(base(e0 * isz, k * isz), h.dtype)
+        sink(quant.from_f32(quant.dequant_add(a, q, scales, rec.block, e0), h.dtype))
+
+
+def _fill_idelta(
+    base: Callable[[int, int], memoryview], rec: _Record, read: Callable[[int], bytes], sink: Sink
+) -> None:
+    """Exact integer Δ: ``b = a + Δ`` modulo 2**(8·itemsize), little-endian."""
+    h = rec.hole
+    isz = quant.ITEMSIZE[h.dtype]
+    wrap = quant.WRAP[isz]
+    step = CHUNK * 8
+    for o in range(0, h.nbytes, step):
+        k = min(step, h.nbytes - o)
+        a = np.frombuffer(base(o, k), dtype=wrap)
+        d = np.frombuffer(read(k), dtype=wrap).copy()
+        np.add(d, a, out=d)
+        sink(d.view(np.uint8))
+
+
+def _fill_copy(n: int, read: Callable[[int], bytes | memoryview], sink: Sink) -> None:
+    for o in range(0, n, IO_CHUNK):
+        sink(read(min(IO_CHUNK, n - o)))
+
+
+# --- encode ----------------------------------------------------------------------------
+
+
+@dataclass
+class PatchInfo:
+    """What ``encode_patch`` made: digests, the model format, statistics, fidelity."""
+
+    base_digest: str
+    target_digest: str
+    format: str
+    stats: dict[str, Any]
+    fidelity: dict[str, Any] | None = None
+
+
+class _Maps:
+    """Read-only memory maps of a layout's files, released range by range."""
+
+    def __init__(self, layout: Layout) -> None:
+        self.maps: list[mmap.mmap | None] = []
+        for p, size in zip(layout.paths, layout.sizes, strict=True):
+            if size == 0:
+                self.maps.append(None)
+                continue
+            with open(p, "rb") as f:
+                self.maps.append(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+
+    def reader(self, h: Hole) -> Callable[[int, int], memoryview]:
+        mm = self.maps[h.file]
+
+        def read(off: int, n: int) -> memoryview:
+            if mm is None or off + n > h.nbytes or h.offset + off + n > len(mm):
+                raise ResidualError(f"base tensor {h.key!r} is shorter than needed")
+            return memoryview(mm)[h.offset + off : h.offset + off + n]
+
+        return read
+
+    def release(self, h: Hole) -> None:
+        """Drop the tensor's pages from this process (keeps RSS near one chunk)."""
+        mm = self.maps[h.file]
+        if mm is None or h.nbytes < PAGE:
+            return
+        start = h.offset - h.offset % PAGE
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            mm.madvise(mmap.MADV_DONTNEED, start, min(len(mm), h.offset + h.nbytes) - start)
+
+    def close(self) -> None:
+        for mm in self.maps:
+            if mm is not None:
+                with contextlib.suppress(BufferError):
+                    mm.close()
+
+
+def _rel_err(target: np.ndarray[Any, Any], got: np.ndarray[Any, Any]) -> float:
+    """||B' − B||₂ / ||B||₂ in float64 (inf if B is zero and B' is not)."""
+    t = target.astype(np.float64)
+    diff = float(np.linalg.norm(got.astype(np.float64) - t))
+    norm = float(np.linalg.norm(t))
+    if norm == 0:
+        return 0.0 if diff == 0 else float("inf")
+    return diff / norm
+
+
+def _encode_quant(
+    a_raw: memoryview,
+    b_raw: memoryview,
+    h: Hole,
+    bits: int,
+    group_size: int,
+) -> tuple[_Record, bytes, list[bytes], float]:
+    """(record, uncompressed payload, B' chunks, relative error) at ``bits``."""
+    a = quant.to_f32(a_raw, h.dtype)
+    b = quant.to_f32(b_raw, h.dtype)
+    delta = b.astype(np.float64) - a.astype(np.float64)
+    block = quant.block_length(bits, h.shape, group_size)
+    scales, q = quant.quantize(delta, bits, block)
+    payload = scales.astype("<f4").tobytes() + quant.pack(q, bits)
+    rec = _Record(QUANT, 0, h, bits, block)
+    pos = 0
+
+    def read(n: int) -> bytes:
+        nonlocal pos
+        pos += n
+        return payload[pos - n : pos]
+
+    chunks: list[bytes] = []
+    _fill_quant(lambda o, n: a_raw[o : o + n], rec, read, lambda c: chunks.append(bytes(c)))
+    got = quant.to_f32(b"".join(chunks), h.dtype)
+    return rec, payload, chunks, _rel_err(b, got)
+
+
+def _compress(data: bytes | memoryview) -> bytes:
+    z = _zstd()
+    threads = -1 if len(data) > 1 << 24 else 0
+    out: bytes = z.ZstdCompressor(
+        level=ZSTD_LEVEL, write_checksum=True, write_content_size=True, threads=threads
+    ).compress(data)
+    return out
+
+
+def encode_patch(
+    base: Path,
+    target: Path,
+    out: BinaryIO,
+    *,
+    bits: int = 8,
+    group_size: int = 128,
+    max_rel_err: float | None = None,
+    samples: Path | None = None,
+    reconstruct: Path | None = None,
+) -> PatchInfo:
+    """Write a patch that turns ``base`` into B' ≈ ``target`` to ``out``.
+
+    Args:
+        bits: Δ width tried first (8: per-row int8, 4: int4 per group, 2/1: per row).
+        group_size: elements per int4 scale (128 or 64).
+        max_rel_err: a tensor whose ||B'−B||₂/||B||₂ exceeds this goes at the next
+            wider width (1→2→4→8), then as full bytes.
+        samples: directory of ``*.npz`` inputs; B and B' are run on them and compared.
+        reconstruct: also write B' (exactly what the device will produce) to this path
+            (external data files next to it); used by tests and the fidelity report.
+
+    Returns the digests (target = digest of B'), the format and statistics.
+    """
+    if bits not in quant.BITS:
+        raise ResidualError(f"bits must be one of 8, 4, 2, 1, not {bits}", code="residual-option")
+    if group_size < 1 or group_size > 1 << 20:
+        raise ResidualError(f"group size {group_size} out of range", code="residual-option")
+    if max_rel_err is not None and not max_rel_err >= 0:
+        raise ResidualError("max_rel_err must be ≥ 0", code="residual-option")
+    base, target = Path(base), Path(target)
+    if samples is not None and reconstruct is None:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="edgeward-residual-") as tmp:
+            return encode_patch(
+                base,
+                target,
+                out,
+                bits=bits,
+                group_size=group_size,
+                max_rel_err=max_rel_err,
+                samples=samples,
+                reconstruct=Path(tmp) / target.name,
+            )
+    bl, tl = scan(base), scan(target)
+    if bl.format != tl.format:
+        raise ResidualError(
+            f"base is {bl.format} but target is {tl.format}", code="residual-unsupported"
+        )
+    base_digest = _layout_digest(bl)
+    base_by_key = bl.by_key()
+    if len(tl.paths) > MAX_FILES:
+        raise ResidualError("too many external data files", code="residual-unsupported")
+    ladder = [b for b in quant.BITS if b >= bits]
+    stats: dict[str, Any] = {
+        "tensors": len(tl.holes),
+        "skip": 0,
+        "full": 0,
+        "idelta": 0,
+        **{f"q{b}": 0 for b in quant.BITS},
+        "fallbacks": 0,
+        "bytes": {k: 0 for k in ("skeleton", "skip", "full", "idelta", "quant", "header")},
+        "bytes_per_width": {f"q{b}": 0 for b in quant.BITS},
+        "max_rel_err": 0.0,
+        "target_bytes": sum(tl.sizes),
+        "bits": bits,
+        "group_size": group_size,
+    }
+    wrote = 0
+
+    def put(data: bytes, what: str) -> None:
+        nonlocal wrote
+        out.write(data)
+        wrote += len(data)
+        stats["bytes"][what] += len(data)
+
+    dig = _Digest(tl.format)
+    recon: list[BinaryIO] = []
+    recon_paths: list[tuple[Path, Path]] = []
+    bmaps, tmaps = _Maps(bl), _Maps(tl)
+    try:
+        if reconstruct is not None:
+            for i, name in enumerate(tl.names):
+                final = Path(reconstruct) if i == 0 else Path(reconstruct).parent / name
+                part = final.with_name(f".{final.name}.{secrets.token_hex(4)}.part")
+                recon_paths.append((part, final))
+                recon.append(open(part, "wb"))  # noqa: SIM115 - closed below
+        head = MAGIC + struct.pack("<BBH", VERSION, FORMATS[tl.format], 0)
+        head += bytes.fromhex(base_digest.split(":", 1)[1])
+        head += struct.pack("<H", len(tl.paths))
+        for i, name in enumerate(tl.names):
+            raw_name = name.encode()
+            head += struct.pack("<H", len(raw_name)) + raw_name
+            head += struct.pack("<QQ", tl.sizes[i], tl.skeleton_size(i))
+        put(head, "header")
+        for i in range(len(tl.paths)):
+            tmm = tmaps.maps[i]
+            tview = memoryview(tmm) if tmm is not None else memoryview(b"")
+            skel = b"".join(bytes(tview[o : o + n]) for hh, o, n in _segments(tl, i) if hh is None)
+            dig.file(tl.names[i], len(skel), hashlib.sha256(skel).digest())
+            comp = _compress(skel)
+            put(struct.pack("<Q", len(comp)) + comp, "skeleton")
+            skel_pos = 0
+            for hole, off, n in _segments(tl, i):
+                if hole is None:
+                    if recon:
+                        recon[i].write(tview[off : off + n])
+                    skel_pos += n
+                    continue
+                tdata = tview[off : off + n]
+                h = hole
+                bh = base_by_key.get(h.key)
+                braw = bmaps.reader(bh)(0, bh.nbytes) if bh is not None else None
+                same = bh is not None and bh.dtype == h.dtype and bh.shape == h.shape
+                chunks: list[bytes | memoryview] = [tdata]
+                if same and braw is not None and braw == tdata:
+                    rec = _Record(SKIP, skel_pos, h)
+                    body = b""
+                    stats["skip"] += 1
+                elif same and braw is not None and h.dtype in quant.FLOATS:
+                    rec, body, chunks = _choose_quant(
+                        braw,
+                        tdata,
+                        h,
+                        ladder,
+                        group_size=group_size,
+                        max_rel_err=max_rel_err,
+                        stats=stats,
+                    )
+                    rec.skel_pos = skel_pos
+                elif (
+                    bh is not None
+                    and braw is not None
+                    and bh.dtype == h.dtype
+                    and bh.nbytes == h.nbytes
+                    and h.dtype not in quant.FLOATS
+                    and h.dtype != quant.F64
+                ):
+                    rec = _Record(IDELTA, skel_pos, h)
+                    wrap = quant.WRAP[quant.ITEMSIZE[h.dtype]]
+                    d = np.frombuffer(tdata, wrap) - np.frombuffer(braw, wrap)
+                    body = d.tobytes()
+                    stats["idelta"] += 1
+                else:
+                    rec = _Record(FULL, skel_pos, h)
+                    body = bytes(tdata)
+                    stats["full"] += 1
+                hb = io.BytesIO()
+                _write_record_head(hb, rec)
+                put(hb.getvalue(), "header")
+                if rec.kind != SKIP:
+                    comp = _compress(body)
+                    what = "quant" if rec.kind == QUANT else KIND_NAMES[rec.kind]
+                    put(struct.pack("<Q", len(comp)) + comp, what)
+                    if rec.kind == QUANT:
+                        stats["bytes_per_width"][f"q{rec.bits}"] += len(comp) + 8
+                sha = hashlib.sha256()
+                for c in chunks:
+                    sha.update(c)
+                    if recon:
+                        recon[i].write(c)
+                dig.tensor(h, sha.digest())
+                if bh is not None:
+                    bmaps.release(bh)
+            put(struct.pack("<B", END_FILE), "header")
+        target_digest = dig.value()
+        put(TRAILER + bytes.fromhex(target_digest.split(":", 1)[1]), "header")
+        for f in recon:
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+        for part, final in recon_paths:
+            os.replace(part, final)
+        recon_paths = []
+    finally:
+        bmaps.close()
+        tmaps.close()
+        for f in recon:
+            f.close()
+        for part, _ in recon_paths:
+            with contextlib.suppress(OSError):
+                part.unlink()
+    stats["patch_bytes"] = wrote
+    stats["ratio"] = wrote / max(1, stats["target_bytes"])
+    info = PatchInfo(base_digest, target_digest, tl.format, stats)
+    if samples is not None:
+        from .fidelity import compare
+
+        assert reconstruct is not None
+        info.fidelity = compare(target, Path(reconstruct), Path(samples), tl.format)
+    logger.info(
+        "residual patch %s → %s: %d bytes (%.1f%% of target)",
+        base_digest[:19],
+        target_digest[:19],
+        wrote,
+        100 * stats["ratio"],
+    )
+    return info
+
+
+def _choose_quant(
+    braw: memoryview,
+    tdata: memoryview,
+    h: Hole,
+    ladder: list[int],
+    *,
+    group_size: int,
+    max_rel_err: float | None,
+    stats: dict[str, Any],
+) -> tuple[_Record, bytes, list[bytes | memoryview]]:
+    """The narrowest width within ``max_rel_err`` whose payload beats full bytes."""
+    for n, b in enumerate(ladder):
+        rec, body, chunks, err = _encode_quant(braw, tdata, h, b, group_size)
+        if len(body) >= h.nbytes:
+            break
+        if max_rel_err is not None and err > max_rel_err:
+            continue
+        stats[f"q{b}"] += 1
+        stats["fallbacks"] += 1 if n else 0
+        stats["max_rel_err"] = max(stats["max_rel_err"], err)
+        return rec, body, list(chunks)
+    stats["full"] += 1
+    if len(ladder) > 1 or max_rel_err is not None:
+        stats["fallbacks"] += 1
+    return _Record(FULL, 0, h), bytes(tdata), [tdata]
+
+
+# --- apply -----------------------------------------------------------------------------
+
+
+@dataclass
+class _Header:
+    format: str
+    base_digest: str
+    names: list[str]
+    sizes: list[int]
+    skeleton_sizes: list[int]
+
+
+def _read_header(rd: _In) -> _Header:
+    if rd.exact(4) != MAGIC:
+        raise _bad("not a residual patch (bad magic)")
+    version, fmt, flags = rd.unpack("<BBH")
+    if version != VERSION:
+        raise FormatError(
+            f"residual patch version {version} is not supported", code="residual-version"
+        )
+    names = {v: k for k, v in FORMATS.items()}
+    if fmt not in names or flags:
+        raise _bad("unknown format or flags")
+    base_digest = "sha256:" + rd.exact(32).hex()
+    (nfiles,) = rd.unpack("<H")
+    if not 1 <= nfiles <= MAX_FILES:
+        raise _bad("file count")
+    hdr = _Header(names[fmt], base_digest, [], [], [])
+    from .layout import safe_location
+
+    for i in range(nfiles):
+        name = rd.string()
+        if (i == 0) != (name == ""):
+            raise _bad("file names")
+        if i:
+            try:
+                safe_location(name)
+            except ResidualError:
+                raise _bad(f"unsafe external file name {name!r}") from None
+            if name in hdr.names:
+                raise _bad("duplicate file name")
+        size, skel = rd.unpack("<QQ")
+        if skel > size:
+            raise _bad("skeleton larger than file")
+        hdr.names.append(name)
+        hdr.sizes.append(size)
+        hdr.skeleton_sizes.append(skel)
+    return hdr
+
+
+def apply_patch(
+    base: Path,
+    patch: BinaryIO,
+    out: Path,
+    *,
+    expected_base_digest: str | None,
+    expected_target_digest: str | None,
+) -> str:
+    """Rebuild the target at ``out`` from ``base`` and a patch stream; return its digest.
+
+    Raises BaseMismatchError (base untouched, nothing written) when the base is not the
+    one the patch (or the caller) names, TargetDigestError when the result does not
+    check out, FormatError-type errors for corrupt patches. Output goes to temp files
+    next to ``out``, renamed into place after the digest check.
+    """
+    base, out = Path(base), Path(out)
+    rd = _In(patch)
+    hdr = _read_header(rd)
+    bl = scan(base)
+    found = _layout_digest(bl)
+    for want in (hdr.base_digest, expected_base_digest):
+        if want is not None and want != found:
+            raise BaseMismatchError(
+                f"patch needs base {want}, {base} has {found}", code="base-mismatch"
+            )
+    if bl.format != hdr.format:
+        raise BaseMismatchError(f"patch is for {hdr.format}, base is {bl.format}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    finals = [out if i == 0 else out.parent / n for i, n in enumerate(hdr.names)]
+    tmps = [f.with_name(f".{f.name}.{secrets.token_hex(4)}.part") for f in finals]
+    files: list[BinaryIO] = []
+    maps = _Maps(bl)
+    ok = False
+    try:
+        for t in tmps:
+            files.append(open(t, "xb"))  # noqa: SIM115 - closed in finally
+        digest = _apply_stream(rd, hdr, bl, maps, files)
+        tail = rd.exact(4 + 32)
+        if tail[:4] != TRAILER:
+            raise _bad("missing trailer")
+        if patch.read(1):
+            raise _bad("bytes after the trailer")
+        named = "sha256:" + tail[4:].hex()
+        for want in (named, expected_target_digest):
+            if want is not None and want != digest:
+                raise TargetDigestError(
+                    f"patched model digest {digest} is not the expected {want}",
+                    code="target-digest",
+                )
+        for f in files:
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+        for t, f2 in zip(tmps, finals, strict=True):
+            os.replace(t, f2)
+        dfd = os.open(out.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        ok = True
+        return digest
+    except EdgewardError:
+        raise
+    except (OSError, ValueError, OverflowError, MemoryError, struct.error) as exc:
+        raise ResidualError(f"cannot apply residual patch: {exc}", code="residual-io") from exc
+    finally:
+        maps.close()
+        for f in files:
+            f.close()
+        if not ok:
+            for t in tmps:
+                with contextlib.suppress(OSError):
+                    t.unlink()
+
+
+class _OutFile:
+    """One output file: skeleton bytes and hole bytes written in order, size-capped."""
+
+    def __init__(self, f: BinaryIO, size: int, skeleton: _Frame, skeleton_size: int) -> None:
+        self.f, self.size, self.written = f, size, 0
+        self.skeleton, self.skeleton_size, self.skeleton_done = skeleton, skeleton_size, 0
+        self.skeleton_sha = hashlib.sha256()
+
+    def write(self, data: Chunk, sha: Any) -> None:
+        self.written += len(data)
+        if self.written > self.size:
+            raise _bad("output longer than declared")
+        self.f.write(cast(Any, data))
+        sha.update(data)
+
+    def copy_skeleton(self, upto: int) -> None:
+        if upto < self.skeleton_done or upto > self.skeleton_size:
+            raise _bad("record position out of order")
+        while self.skeleton_done < upto:
+            n = min(IO_CHUNK, upto - self.skeleton_done)
+            self.write(self.skeleton.read(n), self.skeleton_sha)
+            self.skeleton_done += n
+
+
+def _apply_stream(rd: _In, hdr: _Header, bl: Layout, maps: _Maps, files: list[BinaryIO]) -> str:
+    base_by_key = bl.by_key()
+    dig = _Digest(hdr.format)
+    seen: set[str] = set()
+    for i, f in enumerate(files):
+        (comp_len,) = rd.unpack("<Q")
+        if comp_len > MAX_SKELETON:
+            raise _bad("skeleton too large")
+        comp = rd.exact(comp_len)
+        frame = _Frame(
+            cast(BinaryIO, io.BytesIO(struct.pack("<Q", comp_len) + comp)), hdr.skeleton_sizes[i]
+        )
+        of = _OutFile(f, hdr.sizes[i], frame, hdr.skeleton_sizes[i])
+        while True:
+            (kind,) = rd.unpack("<B")
+            if kind == END_FILE:
+                break
+            rec = _read_record_head(rd, kind)
+            if rec.hole.key in seen:
+                raise _bad(f"tensor {rec.hole.key!r} twice")
+            seen.add(rec.hole.key)
+            of.copy_skeleton(rec.skel_pos)
+            dig.tensor(rec.hole, _apply_record(rd, rec, base_by_key, maps, of))
+        of.copy_skeleton(hdr.skeleton_sizes[i])
+        frame.close()
+        if of.written != hdr.sizes[i]:
+            raise _bad("output size differs from the declared size")
+        dig.file(hdr.names[i], hdr.skeleton_sizes[i], of.skeleton_sha.digest())
+    return dig.value()
+
+
+def _apply_record(
+    rd: _In, rec: _Record, base_by_key: dict[str, Hole], maps: _Maps, of: _OutFile
+) -> bytes:
+    """Write one tensor; returns the sha256 of its bytes."""
+    h = rec.hole
+    sha = hashlib.sha256()
+    bh = base_by_key.get(h.key)
+
+    def sink(data: Chunk) -> None:
+        of.write(data, sha)
+
+    if rec.kind == FULL:
+        frame = _Frame(rd.f, h.nbytes)
+        _fill_copy(h.nbytes, frame.read, sink)
+        frame.close()
+        return sha.digest()
+    if bh is None or bh.dtype != h.dtype or bh.nbytes != h.nbytes:
+        raise BaseMismatchError(
+            f"base has no tensor {h.key!r} of the patched type and size", code="base-mismatch"
+        )
+    base = maps.reader(bh)
+    if rec.kind == SKIP:
+        _copy_base(base, h.nbytes, sink)
+    else:
+        size = h.nbytes
+        if rec.kind == QUANT:
+            n = element_count(h.shape)
+            size = 4 * (-(-n // rec.block)) + quant.packed_size(n, rec.bits)
+        frame = _Frame(rd.f, size)
+        if rec.kind == IDELTA:
+            _fill_idelta(base, rec, frame.read, sink)
+        else:
+            _fill_quant(base, rec, frame.read, sink)
+        frame.close()
+    maps.release(bh)
+    return sha.digest()
+
+
+def _copy_base(read: Callable[[int, int], memoryview], n: int, sink: Sink) -> None:
+    for o in range(0, n, IO_CHUNK):
+        sink(read(o, min(IO_CHUNK, n - o)))
