@@ -1,0 +1,350 @@
+"""Residual patches on real ONNX models (PP-OCR det): round trips, layouts, refusals.
+
+The "fine-tuned" target is the real model with its weights perturbed through
+onnx.numpy_helper; every round trip checks that the device's output is byte-identical to
+the publisher's reconstruction and that onnxruntime gives nearly the target's outputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from agent.errors import BaseMismatchError, EdgewardError, FormatError, TargetDigestError
+from agent.residual import PatchInfo, apply_patch, encode_patch, quant, weights_digest
+
+
+def _perturb(model: onnx.ModelProto, scale: float, seed: int) -> onnx.ModelProto:
+    """Copy with every float tensor (Constant values and initializers) nudged."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    rng = np.random.default_rng(seed)
+    tensors = list(m.graph.initializer) + [
+        a.t
+        for n in m.graph.node
+        if n.op_type == "Constant"
+        for a in n.attribute
+        if a.name == "value"
+    ]
+    for t in tensors:
+        a = numpy_helper.to_array(t)
+        if a.dtype != np.float32 or a.size < 16:  # small ones include Resize scales
+            continue
+        noise = rng.normal(0, 1, a.shape) * scale * (np.abs(a).mean() + 1e-6)
+        t.CopyFrom(numpy_helper.from_array((a + noise).astype(np.float32), t.name))
+    m.ir_version = 10
+    return m
+
+
+def _to_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The same graph with its Constant nodes turned into graph initializers."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    keep = []
+    for n in m.graph.node:
+        if n.op_type == "Constant" and n.attribute[0].name == "value":
+            t = onnx.TensorProto()
+            t.CopyFrom(n.attribute[0].t)
+            t.name = n.output[0]
+            m.graph.initializer.append(t)
+        else:
+            keep.append(n)
+    del m.graph.node[:]
+    m.graph.node.extend(keep)
+    m.ir_version = 10
+    return m
+
+
+def _save(model: onnx.ModelProto, path: Path, external: str | None = None) -> Path:
+    if external:
+        onnx.save(
+            model,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=external,
+            size_threshold=256,
+        )
+    else:
+        onnx.save(model, str(path))
+    return path
+
+
+def _run(path: Path, x: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    out: np.ndarray[Any, Any] = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    return out
+
+
+def _cos(a: np.ndarray[Any, Any], b: np.ndarray[Any, Any]) -> float:
+    x, y = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    return float(x @ y / np.linalg.norm(x) / np.linalg.norm(y))
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def det(ppocr_det: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    d = tmp_path_factory.mktemp("det")
+    model = onnx.load(str(ppocr_det))
+    # compare logits: the final sigmoid saturates to ~0 on synthetic inputs
+    assert model.graph.node[-1].op_type == "Sigmoid"
+    logits = model.graph.node[-1].input[0]
+    del model.graph.node[-1]
+    model.graph.output[0].name = logits
+    init = _to_initializers(model)
+    x = np.random.default_rng(0).normal(0, 1, (1, 3, 64, 64)).astype(np.float32)
+    return {
+        "dir": d,
+        "base": _save(model, d / "base.onnx"),
+        "target": _save(_perturb(model, 0.02, 1), d / "target.onnx"),
+        "base_init": _save(init, d / "base_init.onnx"),
+        "target_init": init,
+        "target_init_perturbed": _perturb(init, 0.02, 2),
+        "x": x,
+    }
+
+
+def _round_trip(base: Path, target: Path, work: Path, **kw: Any) -> tuple[PatchInfo, bytes, Path]:
+    buf = io.BytesIO()
+    recon = work / "recon" / target.name
+    recon.parent.mkdir(parents=True, exist_ok=True)
+    info = encode_patch(base, target, buf, reconstruct=recon, **kw)
+    out = work / "device" / target.name
+    got = apply_patch(
+        base,
+        io.BytesIO(buf.getvalue()),
+        out,
+        expected_base_digest=info.base_digest,
+        expected_target_digest=info.target_digest,
+    )
+    assert got == info.target_digest == weights_digest(out) == weights_digest(recon)
+    assert info.base_digest == weights_digest(base)
+    assert out.read_bytes() == recon.read_bytes()  # publisher B' == device B'
+    return info, buf.getvalue(), out
+
+
+def test_constants_round_trip_int8(det: dict[str, Any], tmp_path: Path) -> None:
+    info, patch, out = _round_trip(det["base"], det["target"], tmp_path)
+    s = info.stats
+    assert info.format == "onnx" and s["tensors"] == 336
+    assert s["q8"] > 100 and s["q4"] == 0 and s["skip"] + s["full"] + s["q8"] == 336
+    assert len(patch) < 0.35 * det["target"].stat().st_size
+    want, got = _run(det["target"], det["x"]), _run(out, det["x"])
+    assert _cos(want, got) > 0.999
+    assert out.stat().st_size == det["target"].stat().st_size
+
+
+def test_identical_models_are_all_skips(det: dict[str, Any], tmp_path: Path) -> None:
+    info, patch, out = _round_trip(det["base"], det["base"], tmp_path)
+    assert info.stats["skip"] == info.stats["tensors"] and info.target_digest == info.base_digest
+    assert out.read_bytes() == det["base"].read_bytes()
+    assert len(patch) < 30_000
+
+
+def test_external_data_and_layout_change(det: dict[str, Any], tmp_path: Path) -> None:
+    """Base with inline initializers, target with external data: the device writes the
+    target's layout (model + w.data next to it); tensors are matched by name."""
+    src = tmp_path / "src"
+    src.mkdir()
+    target = _save(det["target_init_perturbed"], src / "t.onnx", external="w.data")
+    info, _, out = _round_trip(det["base_init"], target, tmp_path, bits=4)
+    assert (out.parent / "w.data").read_bytes() == (tmp_path / "recon" / "w.data").read_bytes()
+    assert info.stats["q4"] > 100
+    assert _cos(_run(target, det["x"]), _run(out, det["x"])) > 0.99
+    # and external → external (base from the external-data target itself)
+    info2, _, out2 = _round_trip(target, target, tmp_path / "again")
+    assert info2.stats["skip"] == info2.stats["tensors"]
+    assert (out2.parent / "w.data").read_bytes() == (src / "w.data").read_bytes()
+
+
+def test_graph_change_new_node_and_initializer(det: dict[str, Any], tmp_path: Path) -> None:
+    m = onnx.ModelProto()
+    m.CopyFrom(det["target_init_perturbed"])
+    out_name = m.graph.output[0].name
+    m.graph.node[-1].output[0] = "pre_scale"
+    m.graph.initializer.append(numpy_helper.from_array(np.array([0.5], np.float32), "k_new"))
+    m.graph.node.append(helper.make_node("Mul", ["pre_scale", "k_new"], [out_name]))
+    target = _save(m, tmp_path / "changed.onnx")
+    info, _, out = _round_trip(det["base_init"], target, tmp_path)
+    assert info.stats["full"] >= 1
+    want, got = _run(target, det["x"]), _run(out, det["x"])
+    assert _cos(want, got) > 0.999
+    plain = _run(_save(det["target_init_perturbed"], tmp_path / "plain.onnx"), det["x"])
+    np.testing.assert_allclose(want, 0.5 * plain, rtol=1e-5, atol=1e-5)  # the new node acts
+    assert _cos(got, plain) > 0.999 and np.abs(got).max() < 0.6 * np.abs(plain).max()
+
+
+def test_wrong_base_refused(det: dict[str, Any], tmp_path: Path) -> None:
+    buf = io.BytesIO()
+    info = encode_patch(det["base"], det["target"], buf)
+    wrong = tmp_path / "wrong.onnx"
+    shutil.copy(det["target"], wrong)
+    before = _sha(wrong)
+    out = tmp_path / "out" / "m.onnx"
+    with pytest.raises(BaseMismatchError) as e:
+        apply_patch(
+            wrong,
+            io.BytesIO(buf.getvalue()),
+            out,
+            expected_base_digest=None,
+            expected_target_digest=info.target_digest,
+        )
+    assert e.value.code == "base-mismatch"
+    assert info.base_digest in e.value.message and weights_digest(wrong) in e.value.message
+    assert _sha(wrong) == before and not out.exists()
+    assert not out.parent.exists() or list(out.parent.iterdir()) == []
+    # the right base, but the caller expects another one
+    with pytest.raises(BaseMismatchError):
+        apply_patch(
+            det["base"],
+            io.BytesIO(buf.getvalue()),
+            out,
+            expected_base_digest="sha256:" + "0" * 64,
+            expected_target_digest=None,
+        )
+    assert not out.exists()
+
+
+def test_wrong_expected_target_refused(det: dict[str, Any], tmp_path: Path) -> None:
+    buf = io.BytesIO()
+    encode_patch(det["base"], det["target"], buf)
+    out = tmp_path / "m.onnx"
+    with pytest.raises(TargetDigestError):
+        apply_patch(
+            det["base"],
+            io.BytesIO(buf.getvalue()),
+            out,
+            expected_base_digest=None,
+            expected_target_digest="sha256:" + "1" * 64,
+        )
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("where", [0.3, 0.6, 0.95])
+def test_corrupt_patch_refused(det: dict[str, Any], tmp_path: Path, where: float) -> None:
+    buf = io.BytesIO()
+    info = encode_patch(det["base"], det["target"], buf)
+    data = buf.getvalue()
+    flipped = bytearray(data)
+    flipped[int(len(data) * where)] ^= 0x10
+    for bad in (bytes(flipped), data[: int(len(data) * where)]):
+        out = tmp_path / "m.onnx"
+        with pytest.raises(EdgewardError) as e:
+            apply_patch(
+                det["base"],
+                io.BytesIO(bad),
+                out,
+                expected_base_digest=info.base_digest,
+                expected_target_digest=info.target_digest,
+            )
+        assert isinstance(e.value, FormatError | TargetDigestError | BaseMismatchError)
+        assert list(tmp_path.iterdir()) == []
+
+
+def test_max_rel_err_fallback(det: dict[str, Any], tmp_path: Path) -> None:
+    loose, _, _ = _round_trip(det["base"], det["target"], tmp_path / "a", bits=1)
+    assert loose.stats["fallbacks"] == 0 and loose.stats["q1"] > 100
+    tight, _, _ = _round_trip(
+        det["base"],
+        det["target"],
+        tmp_path / "b",
+        bits=1,
+        max_rel_err=loose.stats["max_rel_err"] / 2,
+    )
+    assert tight.stats["fallbacks"] > 0 and tight.stats["q1"] < loose.stats["q1"]
+    assert tight.stats["q2"] + tight.stats["q4"] + tight.stats["q8"] > 0
+    assert tight.stats["max_rel_err"] <= loose.stats["max_rel_err"] / 2
+    exact, _, out = _round_trip(det["base"], det["target"], tmp_path / "c", max_rel_err=0.0)
+    assert exact.stats["q8"] == 0 and out.read_bytes() == det["target"].read_bytes()
+
+
+def test_widths_and_group_sizes(det: dict[str, Any], tmp_path: Path) -> None:
+    sizes, errs = {}, {}
+    for bits, g in ((8, 128), (4, 128), (4, 64), (2, 128), (1, 128)):
+        info, patch, out = _round_trip(
+            det["base"], det["target"], tmp_path / f"{bits}-{g}", bits=bits, group_size=g
+        )
+        assert info.stats[f"q{bits}"] > 100
+        sizes[bits, g], errs[bits, g] = len(patch), info.stats["max_rel_err"]
+        assert _cos(_run(det["target"], det["x"]), _run(out, det["x"])) > 0.98
+    assert sizes[1, 128] < sizes[2, 128] < sizes[4, 128] < sizes[4, 64] < sizes[8, 128]
+    assert errs[8, 128] < errs[4, 64] < errs[4, 128] < errs[2, 128]
+
+
+def test_fidelity_report(det: dict[str, Any], tmp_path: Path) -> None:
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    for i in range(2):
+        x = np.random.default_rng(i).normal(0, 1, (1, 3, 64, 64)).astype(np.float32)
+        np.savez(samples / f"s{i}.npz", **{"input:x": x})
+    info = encode_patch(det["base"], det["target"], io.BytesIO(), bits=4, samples=samples)
+    f = info.fidelity
+    assert f is not None and f["samples"] == 2
+    assert all(isinstance(v, float) for k, v in f.items() if k != "samples")
+    assert 0.99 < f["cosine_min"] <= f["cosine_mean"] <= 1.0 + 1e-9
+    assert 0 < f["max_abs_diff"] < 5.0 and 0.5 < f["top1_agreement"] <= 1.0
+
+
+# --- arithmetic --------------------------------------------------------------------
+
+
+def test_bf16_rne_matches_ml_dtypes() -> None:
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    rng = np.random.default_rng(0)
+    x = np.concatenate(
+        [
+            rng.normal(0, 1e3, 10_000).astype(np.float32),
+            np.array(
+                [0.0, -0.0, np.inf, -np.inf, 1e-40, 3.4e38, 1.00390625, 1.01171875], np.float32
+            ),
+            rng.integers(0, 2**32, 10_000, dtype=np.uint64).astype(np.uint32).view(np.float32),
+        ]
+    )
+    got = quant.bf16_rne(x)
+    with np.errstate(invalid="ignore"):
+        want = x.astype(ml_dtypes.bfloat16).view(np.uint16)
+    finite = ~np.isnan(x)
+    assert np.array_equal(got[finite], want[finite])
+    assert np.all((got[~finite] & 0x7FFF) == 0x7FC0)
+
+
+def test_dequant_is_separate_multiply_then_add() -> None:
+    rng = np.random.default_rng(1)
+    a = rng.normal(0, 1, 1000).astype(np.float32)
+    q = rng.integers(-127, 128, 1000).astype(np.int8)
+    s = rng.uniform(1e-4, 1e-2, 8).astype(np.float32)
+    got = quant.dequant_add(a, q, s, 128, 0)
+    for i in range(0, 1000, 37):
+        d = np.float32(np.float32(q[i]) * s[i // 128])
+        assert got[i] == np.float32(a[i] + d)
+    # chunk boundaries inside a block give the same bits
+    parts = [
+        quant.dequant_add(a[o : o + 300], q[o : o + 300], s, 128, o) for o in range(0, 1000, 300)
+    ]
+    assert np.array_equal(np.concatenate(parts), got)
+
+
+@pytest.mark.parametrize("bits", quant.BITS)
+@pytest.mark.parametrize("n", [1, 7, 8, 129, 1000])
+def test_pack_round_trip(bits: int, n: int) -> None:
+    rng = np.random.default_rng(n)
+    lo = -1 if bits == 1 else -quant.QMAX[bits]
+    q = rng.integers(lo, quant.QMAX[bits] + 1, n).astype(np.int8)
+    if bits == 1:
+        q[q == 0] = 1
+    packed = quant.pack(q, bits)
+    assert len(packed) == quant.packed_size(n, bits)
+    assert np.array_equal(quant.unpack(packed, bits, n), q)
