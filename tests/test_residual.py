@@ -65,8 +65,10 @@ def _to_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def _save(model: onnx.ModelProto, path: Path, external: str | None = None) -> Path:
     if external:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)  # onnx.save rewrites the proto in place for external data
         onnx.save(
-            model,
+            copy,
             str(path),
             save_as_external_data=True,
             all_tensors_to_one_file=True,
