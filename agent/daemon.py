@@ -81,6 +81,9 @@ class Daemon:
             self._runtime_config,
             cache_dir=self.cfg.paths.resolved_cache_dir,
             memory_limit_bytes=limit * 1024 * 1024 if limit else None,
+            # Replies are read by the daemon's event loop (one wake-up per reply instead of
+            # a reader thread that then wakes the loop); see docs/RUNTIME.md.
+            loop=_running_loop(),
         )
         return worker
 
@@ -387,3 +390,10 @@ def run(config_path: Path) -> int:
 
     asyncio.run(_main())
     return 0
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None

@@ -161,7 +161,11 @@ def encode(
 
 
 def decode(
-    descs: list[dict[str, Any]], payload: bytearray, arena: ShmArena | None, *, copy: bool
+    descs: list[dict[str, Any]],
+    payload: bytearray | memoryview,
+    arena: ShmArena | None,
+    *,
+    copy: bool,
 ) -> dict[str, np.ndarray]:
     """Rebuild arrays; shm tensors are views unless ``copy`` (the slot will be reused)."""
     out: dict[str, np.ndarray] = {}

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import logging
 import os
 import pickle
@@ -63,6 +64,11 @@ class _Child:
         self.lock = threading.Lock()
         self.dead = False
         self.kill_reason: tuple[str, str] | None = None
+        # Event-loop reader state (loop mode): the frame being read.
+        self.attached = False
+        self.rbuf = bytearray(ipc.HEAD.size)
+        self.rgot = 0
+        self.hlen = -1  # header length of the frame being read; -1 = reading its prefix
 
 
 class ModelWorker:
@@ -82,6 +88,7 @@ class ModelWorker:
         loader: str = DEFAULT_LOADER,
         self_test_fn: str = DEFAULT_SELF_TEST,
         shm_slot_bytes: int = 16 * 1024 * 1024,
+        loop: asyncio.AbstractEventLoop | None = None,
     ):
         self.name = name
         self.version = version
@@ -112,6 +119,10 @@ class ModelWorker:
             "last_error": None,
         }
         self._watchdog: threading.Thread | None = None
+        # Loop mode: replies are read by this event loop (add_reader) instead of a reader
+        # thread, so an apredict reply wakes the loop directly, not a thread that then
+        # wakes the loop. Synchronous callers still work from any other thread.
+        self._loop = loop
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -205,9 +216,12 @@ class ModelWorker:
         self._meta = dict(header.get("meta") or {})
         c = _Child(proc, chan)
         self._child = c
-        threading.Thread(
-            target=self._read, args=(c,), name=f"worker-{self.name}", daemon=True
-        ).start()
+        if self._loop is not None:
+            self._call_in_loop(self._attach, c)
+        else:
+            threading.Thread(
+                target=self._read, args=(c,), name=f"worker-{self.name}", daemon=True
+            ).start()
         logger.info("%s %s: worker ready (pid %d)", self.name, self.version, proc.pid)
 
     def stop(self, drain_timeout: float = 10.0) -> None:
@@ -235,53 +249,186 @@ class ModelWorker:
             c.proc.kill()
             c.proc.wait()
         self._fail_pending(c, "worker-stopped", f"{self.name} {self.version}: worker stopped")
-        c.chan.close()
+        self._close_chan(c)
         self._arena.close()  # shm pages are freed with the last mapping
 
     # --- child death and restart ------------------------------------------------------
 
     def _read(self, c: _Child) -> None:
+        """Reader thread (no event loop given): one frame after the other."""
         while True:
             try:
                 h, p = c.chan.recv()
             except ipc.ChannelClosed:
                 break
-            rid = h.get("id")
-            with c.lock:
-                entry = c.pending.pop(rid, None) if isinstance(rid, int) else None
-            if entry is None:
-                continue
-            fut, slot = entry
+            self._deliver(c, h, p)
+        self._gone(c)
+
+    def _deliver(self, c: _Child, h: dict[str, Any], p: bytearray | memoryview) -> None:
+        """Settle the request a reply frame answers and free its slot."""
+        rid = h.get("id")
+        with c.lock:
+            entry = c.pending.pop(rid, None) if isinstance(rid, int) else None
+        if entry is None:
+            return
+        fut, slot = entry
+        try:
+            if h.get("op") == "result":
+                out = ipc.decode(h["t"], p, self._arena, copy=True)
+                with self._cv:
+                    self._stats["shm_tensors_out"] += int(h.get("shm", 0))
+                    self._stats["child_busy_us"] += int(h.get("us", 0))
+                result: Any = out if "n" not in h else int(h["n"])
+                self._settle(fut, result, None)
+            else:
+                self._settle(fut, None, ipc.error_from_dict(h.get("err") or {}))
+        except Exception as exc:  # a malformed frame fails that request only
+            self._settle(fut, None, WorkerError(f"bad reply from worker: {exc}"))
+        finally:
+            if slot is not None:
+                self._arena.release(slot)
+
+    def _settle(self, fut: Any, result: Any, exc: BaseException | None) -> None:
+        """Complete a concurrent or an asyncio future from whichever thread we are on."""
+        if isinstance(fut, asyncio.Future):
+            loop = fut.get_loop()
+            if _running_loop() is loop:
+                _set_future(fut, result, exc)
+            else:
+                with contextlib.suppress(RuntimeError):  # loop closed: nobody waits
+                    loop.call_soon_threadsafe(_set_future, fut, result, exc)
+            return
+        if fut.done():
+            return
+        if exc is None:
+            fut.set_result(result)
+        else:
+            fut.set_exception(exc)
+
+    # --- loop mode: the event loop reads the replies ----------------------------------
+
+    def _call_in_loop(self, fn: Any, *args: Any) -> None:
+        loop = self._loop
+        assert loop is not None
+        if _running_loop() is loop:
+            fn(*args)
+        else:
             try:
-                if h.get("op") == "result":
-                    out = ipc.decode(h["t"], p, self._arena, copy=True)
-                    with self._cv:
-                        self._stats["shm_tensors_out"] += int(h.get("shm", 0))
-                        self._stats["child_busy_us"] += int(h.get("us", 0))
-                    result: Any = out if "n" not in h else int(h["n"])
-                    fut.set_result(result)
-                else:
-                    fut.set_exception(ipc.error_from_dict(h.get("err") or {}))
-            except Exception as exc:  # a malformed frame fails that request only
-                if not fut.done():
-                    fut.set_exception(WorkerError(f"bad reply from worker: {exc}"))
-            finally:
-                if slot is not None:
-                    self._arena.release(slot)
+                loop.call_soon_threadsafe(fn, *args)
+            except RuntimeError:  # the loop is closed: fall back to a reader thread
+                self._loop = None
+                if fn == self._attach:
+                    threading.Thread(
+                        target=self._read, args=args, name=f"worker-{self.name}", daemon=True
+                    ).start()
+
+    def _attach(self, c: _Child) -> None:
+        if c.dead or c.attached:
+            return
+        assert self._loop is not None
+        c.attached = True
+        self._loop.add_reader(c.chan.sock.fileno(), self._on_readable, c)
+
+    def _detach(self, c: _Child) -> None:
+        if c.attached:
+            c.attached = False
+            assert self._loop is not None
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(c.chan.sock.fileno())
+
+    def _on_readable(self, c: _Child) -> None:
+        """Read what the socket holds without blocking; deliver every complete frame."""
+        sock = c.chan.sock
+        while c.attached:
+            view = memoryview(c.rbuf)
+            try:
+                n = sock.recv_into(view[c.rgot :], 0, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                n = 0
+            if n == 0 and len(view) > c.rgot:  # EOF: the child is gone
+                self._detach(c)
+                threading.Thread(target=self._gone, args=(c,), daemon=True).start()
+                return
+            c.rgot += n
+            if c.rgot < len(c.rbuf):
+                continue
+            if c.hlen < 0:
+                hl, pl = ipc.HEAD.unpack(c.rbuf)
+                if hl > ipc.MAX_HEADER or hl == 0:
+                    self._garbled(c)
+                    return
+                c.hlen = hl
+                c.rbuf = bytearray(hl + pl)
+                c.rgot = 0
+                continue
+            body, hl = c.rbuf, c.hlen
+            c.rbuf, c.rgot, c.hlen = bytearray(ipc.HEAD.size), 0, -1
+            try:
+                header = json.loads(body[:hl])
+            except ValueError:
+                header = None
+            if not isinstance(header, dict):
+                self._garbled(c)
+                return
+            self._deliver(c, header, memoryview(body)[hl:])
+
+    def _garbled(self, c: _Child) -> None:
+        """A garbled stream is as good as a dead child: kill it, restart."""
+        self._detach(c)
+        logger.error("%s %s: garbled frame from the worker; killing it", self.name, self.version)
+        with contextlib.suppress(OSError):
+            c.proc.kill()
+        threading.Thread(target=self._gone, args=(c,), daemon=True).start()
+
+    def _close_chan(self, c: _Child) -> None:
+        """Close the socket; in loop mode only after the loop stopped watching its fd
+        (a closed fd left in the selector would break the next socket with that number)."""
+        if self._loop is None or not c.attached:
+            c.chan.close()
+            return
+        if _running_loop() is self._loop:
+            self._detach(c)
+            c.chan.close()
+            return
+        done = threading.Event()
+
+        def close() -> None:
+            self._detach(c)
+            c.chan.close()
+            done.set()
+
+        try:
+            self._loop.call_soon_threadsafe(close)
+        except RuntimeError:  # loop closed: its selector is gone too
+            c.chan.close()
+            return
+        if not done.wait(5.0):
+            logger.warning(
+                "%s %s: event loop did not release the worker socket", self.name, self.version
+            )
+
+    def _gone(self, c: _Child) -> None:
+        """The child's end of the socket closed: fail its requests, restart it."""
         rc = c.proc.wait()
-        c.dead = True
-        c.chan.close()
         if c.kill_reason is not None:
             code, why = c.kill_reason
         else:
             code, why = "worker-crashed", f"worker process died ({_describe_exit(rc)})"
-        self._fail_pending(c, code, f"{self.name} {self.version}: {why}; request not served")
+        # State first, then the failures: a caller retrying at once must see
+        # "restarting" (and wait for it), not a dead child behind a "ready" state.
         with self._cv:
-            if self._stopping or self._child is not c:
-                return
-            self.state = "restarting"
-            self._stats["last_error"] = why
-            self._cv.notify_all()
+            c.dead = True
+            restart = not self._stopping and self._child is c
+            if restart:
+                self.state = "restarting"
+                self._stats["last_error"] = why
+                self._cv.notify_all()
+        self._close_chan(c)
+        self._fail_pending(c, code, f"{self.name} {self.version}: {why}; request not served")
+        if not restart:
+            return
         logger.error("%s %s: %s; restarting", self.name, self.version, why)
         threading.Thread(target=self._restart, name=f"restart-{self.name}", daemon=True).start()
 
@@ -290,8 +437,7 @@ class ModelWorker:
             items = list(c.pending.values())
             c.pending.clear()
         for fut, slot in items:
-            if not fut.done():
-                fut.set_exception(WorkerError(msg, code=code))
+            self._settle(fut, None, WorkerError(msg, code=code))
             if slot is not None:
                 self._arena.release(slot)
 
@@ -362,9 +508,16 @@ class ModelWorker:
         timeout: float | None,
         *,
         nowait: bool = False,
-    ) -> Future[Any]:
+        fut: Any = None,
+    ) -> Any:
+        """Send one request; returns ``fut`` (an asyncio future of the worker's loop) or a
+        new ``concurrent.futures.Future``, settled when the reply comes."""
+        if fut is None and self._loop is not None and _running_loop() is self._loop:
+            # The loop reads the replies: blocking it on one would wait forever.
+            raise RuntimeError("on the worker's event loop use apredict, not predict")
         c = self._ready_child(0.0 if nowait else timeout)
-        fut: Future[Any] = Future()
+        if fut is None:
+            fut = Future()
         rid = next(self._ids)
         slot = None
         if inputs is not None and any(
@@ -416,13 +569,22 @@ class ModelWorker:
         self, inputs: dict[str, np.ndarray], timeout: float | None = None
     ) -> dict[str, np.ndarray]:
         """Asyncio form of :meth:`predict` (no thread per request once the worker is ready)."""
+        loop = asyncio.get_running_loop()
+        waiter: Any
         try:
-            fut = self._submit({"op": "predict"}, inputs, timeout, nowait=True)
+            if loop is self._loop:  # loop mode: the loop itself settles this future
+                waiter = self._submit(
+                    {"op": "predict"}, inputs, timeout, nowait=True, fut=loop.create_future()
+                )
+            else:
+                waiter = asyncio.wrap_future(
+                    self._submit({"op": "predict"}, inputs, timeout, nowait=True)
+                )
         except (_Busy, ModelNotReadyError):  # restarting or all slots busy: wait off-loop
-            loop = asyncio.get_running_loop()
-            fut = await loop.run_in_executor(None, self._submit, {"op": "predict"}, inputs, timeout)
+            cf = await loop.run_in_executor(None, self._submit, {"op": "predict"}, inputs, timeout)
+            waiter = asyncio.wrap_future(cf)
         try:
-            out: dict[str, np.ndarray] = await asyncio.wait_for(asyncio.wrap_future(fut), timeout)
+            out: dict[str, np.ndarray] = await asyncio.wait_for(waiter, timeout)
         except TimeoutError:
             self._count_error(TimeoutError("timeout"))
             raise WorkerError(
@@ -461,6 +623,22 @@ class ModelWorker:
         c = self._child
         in_flight = len(c.pending) if c is not None else 0
         return {**self._stats, "rss": self.rss_bytes(), "in_flight": in_flight, "state": self.state}
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+def _set_future(fut: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+    if fut.done():  # cancelled (timeout) meanwhile
+        return
+    if exc is None:
+        fut.set_result(result)
+    else:
+        fut.set_exception(exc)
 
 
 def _describe_exit(rc: int | None) -> str:

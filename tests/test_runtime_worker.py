@@ -272,3 +272,53 @@ def test_parent_does_not_import_engines() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_loop_mode_replies_read_by_the_event_loop(tmp_path: Path) -> None:
+    """loop=...: the event loop reads the replies (no reader thread); kill -9 in flight,
+    restart, sync callers from other threads and stop/start all keep working."""
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        w = _toy(tmp_path, loop=loop, max_concurrency=2)
+        await loop.run_in_executor(None, w.start)
+        try:
+            assert not any(t.name == "worker-toy" for t in threading.enumerate())
+            xs = [np.full((200, 200), float(i), dtype=np.float32) for i in range(6)]  # shm
+            small = [np.arange(3.0) + i for i in range(6)]  # inline
+            outs = await asyncio.gather(*(w.apredict({"x": x}, timeout=20) for x in xs + small))
+            assert [float(o["y"].reshape(-1)[5]) for o in outs[:6]] == [2.0 * i for i in range(6)]
+            for i, o in enumerate(outs[6:]):
+                np.testing.assert_array_equal(o["y"], (np.arange(3.0) + i) * 2)
+            # a synchronous caller on another thread is answered by the loop
+            sync = await loop.run_in_executor(None, w.predict, {"x": np.ones(2)})
+            np.testing.assert_array_equal(sync["y"], [2.0, 2.0])
+            with pytest.raises(RuntimeError, match="apredict"):
+                w.predict({"x": np.ones(2)})
+            pid0 = w.pid
+            slow = [
+                asyncio.ensure_future(w.apredict({"x": np.ones(1), "sleep": np.array([5.0])}))
+                for _ in range(2)
+            ]
+            while w.stats()["in_flight"] < 2:
+                await asyncio.sleep(0.01)
+            os.kill(pid0 or 0, signal.SIGKILL)
+            for f in slow:
+                with pytest.raises(WorkerError) as info:
+                    await f
+                assert info.value.code == "worker-crashed" and "SIGKILL" in info.value.message
+            out = await w.apredict({"x": np.arange(4.0)}, timeout=20)
+            np.testing.assert_array_equal(out["y"], np.arange(4.0) * 2)
+            assert w.pid != pid0 and w.stats()["restarts"] == 1
+        finally:
+            await loop.run_in_executor(None, w.stop)
+        # stopped and started again: the new socket (maybe the same fd number) is watched
+        await loop.run_in_executor(None, w.start)
+        try:
+            out = await w.apredict({"x": np.ones(5)}, timeout=20)
+            np.testing.assert_array_equal(out["y"], np.full(5, 2.0))
+        finally:
+            await loop.run_in_executor(None, w.stop)
+        assert w.stats()["in_flight"] == 0
+
+    asyncio.run(scenario())
