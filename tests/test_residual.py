@@ -291,7 +291,7 @@ def test_fidelity_report(det: dict[str, Any], tmp_path: Path) -> None:
     samples.mkdir()
     for i in range(2):
         x = np.random.default_rng(i).normal(0, 1, (1, 3, 64, 64)).astype(np.float32)
-        np.savez(samples / f"s{i}.npz", **{"input:x": x})
+        np.savez(samples / f"s{i}.npz", **{"input:x": x})  # type: ignore[arg-type]
     info = encode_patch(det["base"], det["target"], io.BytesIO(), bits=4, samples=samples)
     f = info.fidelity
     assert f is not None and f["samples"] == 2
