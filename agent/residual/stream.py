@@ -189,13 +189,18 @@ class _In:
 class _Sub(io.RawIOBase):
     """At most ``left`` bytes of the underlying stream (one zstd frame)."""
 
-    def __init__(self, f: BinaryIO, left: int) -> None:
-        self.f, self.left = f, left
+    def __init__(self, f: BinaryIO, left: int, prefix: bytes = b"") -> None:
+        self.f, self.left, self.prefix = f, left, prefix
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, b: Any) -> int:
+        if self.prefix:
+            n = min(len(b), len(self.prefix))
+            b[:n] = self.prefix[:n]
+            self.prefix = self.prefix[n:]
+            return n
         n = min(len(b), self.left)
         if n <= 0:
             return 0
@@ -215,8 +220,16 @@ class _Frame:
     """Streaming decompression of one length-prefixed zstd frame of known size."""
 
     def __init__(self, f: BinaryIO, size: int) -> None:
-        (comp,) = _In(f).unpack("<Q")
-        self.sub = _Sub(f, comp)
+        rd = _In(f)
+        (comp,) = rd.unpack("<Q")
+        if comp < 6:
+            raise _bad("compressed frame too short")
+        head = rd.exact(5)
+        # zstd frame magic, and the descriptor must announce the content checksum (bit
+        # 2) so that no flipped bit can silently drop the integrity check
+        if head[:4] != b"\x28\xb5\x2f\xfd" or not head[4] & 0x04:
+            raise _bad("not a checksummed zstd frame")
+        self.sub = _Sub(f, comp - 5, head)
         self.reader = (
             _zstd()
             .ZstdDecompressor()
