@@ -254,6 +254,41 @@ def encode_tensor(
     return obj, None
 
 
+# Significant digits that round-trip each float width through decimal text.
+_FLOAT_DIGITS = {2: "%.5g,", 4: "%.9g,"}
+
+
+def _json_tensor(name: str, arr: np.ndarray[Any, Any]) -> str:
+    """One tensor as JSON text, for the JSON (non-binary) form.
+
+    Why not ``json.dumps(arr.tolist())``: a float32 value becomes a Python float whose
+    shortest repr needs up to 17 digits, and CPython spends ~0.6 us per number writing and
+    again reading them (a [1, 4096] float32 tensor: ~3 ms each way). ``%.9g`` (``%.5g``
+    for FP16) round-trips the value exactly in about half the characters, formats 3x
+    faster and parses 3x faster. Tensors with non-finite values or -0.0 keep the
+    ``json.dumps`` spelling.
+    """
+    fmt = _FLOAT_DIGITS.get(arr.itemsize) if arr.dtype.kind == "f" else None
+    if (
+        fmt is None
+        or arr.size == 0
+        or not np.isfinite(arr).all()
+        or (np.signbit(arr) & (arr == 0)).any()  # "%g" writes -0.0 as "-0", an integer
+    ):
+        obj, _ = encode_tensor(name, arr, binary=False)
+        return json.dumps(obj, separators=(",", ":"))
+    obj = {"name": name, "datatype": datatype_of(arr, name=name), "shape": list(arr.shape)}
+    data = (fmt * arr.size) % tuple(arr.reshape(-1).tolist())
+    return json.dumps(obj, separators=(",", ":"))[:-1] + ',"data":[' + data[:-1] + "]}"
+
+
+def _join_doc(doc: dict[str, Any], key: str, tensors: list[str]) -> bytes:
+    """``doc`` with ``key`` = the tensors' JSON texts, as one compact JSON document."""
+    head = json.dumps(doc, separators=(",", ":"))
+    sep = "" if head == "{}" else ","
+    return (head[:-1] + sep + '"' + key + '":[' + ",".join(tensors) + "]}").encode()
+
+
 @dataclass
 class RequestedOutput:
     """One entry of a request's ``outputs`` list."""
@@ -375,13 +410,15 @@ def encode_response(
     parameters: dict[str, Any] | None = None,
 ) -> tuple[list[Any], int | None]:
     """Outputs (name, array, binary?) → (body parts, header length or None if JSON only)."""
-    objs: list[dict[str, Any]] = []
+    objs: list[str] = []
     raws: list[Any] = []
     for name, arr, binary in outputs:
-        obj, raw = encode_tensor(name, arr, binary=binary)
-        objs.append(obj)
-        if raw is not None:
+        if binary:
+            obj, raw = encode_tensor(name, arr, binary=True)
+            objs.append(json.dumps(obj, separators=(",", ":")))
             raws.append(raw)
+        else:
+            objs.append(_json_tensor(name, arr))
     doc: dict[str, Any] = {"model_name": model_name}
     if model_version is not None:
         doc["model_version"] = model_version
@@ -389,8 +426,7 @@ def encode_response(
         doc["id"] = request_id
     if parameters:
         doc["parameters"] = parameters
-    doc["outputs"] = objs
-    head = json.dumps(doc, separators=(",", ":")).encode()
+    head = _join_doc(doc, "outputs", objs)
     if not raws:
         return [head], None
     return [head, *raws], len(head)
@@ -406,18 +442,20 @@ def encode_request(
     parameters: Mapping[str, Any] | None = None,
 ) -> tuple[list[Any], int | None]:
     """Client side: arrays → (body parts, header length or None)."""
-    specs: list[dict[str, Any]] = []
+    specs: list[str] = []
     raws: list[Any] = []
     for name, arr in inputs.items():
         a = np.asarray(arr)
-        obj, raw = encode_tensor(name, a, binary=binary)
-        specs.append(obj)
-        if raw is not None:
+        if binary:
+            obj, raw = encode_tensor(name, a, binary=True)
+            specs.append(json.dumps(obj, separators=(",", ":")))
             raws.append(raw)
+        else:
+            specs.append(_json_tensor(name, a))
     params: dict[str, Any] = dict(parameters or {})
     if binary_output:
         params["binary_data_output"] = True
-    doc: dict[str, Any] = {"inputs": specs}
+    doc: dict[str, Any] = {}
     if request_id is not None:
         doc["id"] = request_id
     if params:
@@ -426,7 +464,7 @@ def encode_request(
         doc["outputs"] = [
             {"name": o, "parameters": {"binary_data": binary_output}} for o in outputs
         ]
-    head = json.dumps(doc, separators=(",", ":")).encode()
+    head = _join_doc(doc, "inputs", specs)
     if not raws:
         return [head], None
     return [head, *raws], len(head)

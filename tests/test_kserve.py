@@ -306,6 +306,29 @@ def test_all_dtypes_round_trip(stack: tuple[ServerThread, DictRegistry], binary:
             np.testing.assert_array_equal(got, a)
 
 
+def test_json_floats_round_trip_bit_exact(stack: tuple[ServerThread, DictRegistry]) -> None:
+    """JSON tensors write FP32/FP16 with 9/5 significant digits: still bit-exact, both
+    ways, over the whole range (subnormals, max, tiny), and -0.0/NaN/inf keep JSON's
+    spelling."""
+    srv, _ = stack
+    c = Client(str(srv.path), binary=False)
+    rng = np.random.default_rng(3)
+    inputs: dict[str, np.ndarray] = {}
+    for dt in (np.float32, np.float16, np.float64):
+        fi = np.finfo(dt)
+        with np.errstate(over="ignore"):
+            a = (rng.standard_normal(400) * 10.0 ** rng.integers(-45, 39, 400)).astype(dt)
+        a = np.where(np.isfinite(a) & (a != 0), a, fi.max).astype(dt)  # the fast path
+        a[:3] = [fi.max, fi.tiny, fi.smallest_subnormal]
+        inputs[np.dtype(dt).name] = a.reshape(20, 20)
+    inputs["special"] = np.array([1.5, -0.0, np.nan, np.inf, -np.inf], np.float32)
+    out = c.infer("echo", inputs)
+    for name, a in inputs.items():
+        got = out[f"{name}_out"]
+        assert got.dtype == a.dtype and got.shape == a.shape, name
+        assert got.tobytes() == a.tobytes(), name
+
+
 def test_curl_endpoints(stack: tuple[ServerThread, DictRegistry]) -> None:
     curl = shutil.which("curl")
     assert curl, "curl is required"
