@@ -20,8 +20,10 @@ import io
 import logging
 import mmap
 import os
+import queue
 import secrets
 import struct
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,8 +52,8 @@ SKIP, FULL, QUANT, IDELTA = 1, 2, 3, 4
 KIND_NAMES = {SKIP: "skip", FULL: "full", QUANT: "quant", IDELTA: "idelta"}
 END_FILE = 0
 
-CHUNK = 1 << 22  # elements per dequantisation chunk (16 MiB of float32), a multiple of 8
-IO_CHUNK = 1 << 24  # bytes per copy step
+CHUNK = 1 << 20  # elements per dequantisation chunk (4 MiB of float32), a multiple of 8
+IO_CHUNK = 1 << 22  # bytes per copy step
 MAX_SKELETON = 1 << 30  # compressed skeleton bytes held in memory on the device
 MAX_KEY = 1 << 16
 MAX_NDIM = 32
@@ -764,11 +766,12 @@ def apply_patch(
     tmps = [f.with_name(f".{f.name}.{secrets.token_hex(4)}.part") for f in finals]
     files: list[BinaryIO] = []
     maps = _Maps(bl)
+    writer = _Writer()
     ok = False
     try:
         for t in tmps:
             files.append(open(t, "xb"))  # noqa: SIM115 - closed in finally
-        digest = _apply_stream(rd, hdr, bl, maps, files)
+        digest = _apply_stream(rd, hdr, bl, maps, files, writer=writer)
         tail = rd.exact(4 + 32)
         if tail[:4] != TRAILER:
             raise _bad("missing trailer")
@@ -799,6 +802,7 @@ def apply_patch(
     except (OSError, ValueError, OverflowError, MemoryError, struct.error) as exc:
         raise ResidualError(f"cannot apply residual patch: {exc}", code="residual-io") from exc
     finally:
+        writer.stop()
         maps.close()
         for f in files:
             f.close()
@@ -808,11 +812,61 @@ def apply_patch(
                     t.unlink()
 
 
+class _Writer:
+    """Writes and hashes output chunks on a helper thread, so file I/O and SHA-256
+    (both release the GIL) overlap the decoding on the calling thread. Chunks are never
+    modified after they are queued; the queue is short, so memory stays a few chunks."""
+
+    def __init__(self) -> None:
+        self.q: queue.Queue[tuple[Any, ...] | None] = queue.Queue(maxsize=4)
+        self.error: BaseException | None = None
+        self.abandon = False
+        self.thread = threading.Thread(target=self._run, name="residual-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (task := self.q.get()) is not None:
+            if self.error is not None or self.abandon:
+                continue
+            try:
+                if task[0] == "w":
+                    _, f, data, sha = task
+                    f.write(data)
+                    sha.update(data)
+                else:
+                    task[1]()
+            except BaseException as exc:  # handed to the caller in check()
+                self.error = exc
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def put(self, *task: Any) -> None:
+        self.check()
+        self.q.put(task)
+
+    def finish(self) -> None:
+        """Wait for every queued chunk; re-raise a write error."""
+        self.q.put(None)
+        self.thread.join()
+        self.check()
+
+    def stop(self) -> None:
+        """Drop what is queued (error path) and wait for the thread."""
+        if self.thread.is_alive():
+            self.abandon = True
+            self.q.put(None)
+            self.thread.join()
+
+
 class _OutFile:
     """One output file: skeleton bytes and hole bytes written in order, size-capped."""
 
-    def __init__(self, f: BinaryIO, size: int, skeleton: _Frame, skeleton_size: int) -> None:
-        self.f, self.size, self.written = f, size, 0
+    def __init__(
+        self, f: BinaryIO, size: int, skeleton: _Frame, skeleton_size: int, writer: _Writer
+    ) -> None:
+        self.f, self.size, self.written, self.writer = f, size, 0, writer
         self.skeleton, self.skeleton_size, self.skeleton_done = skeleton, skeleton_size, 0
         self.skeleton_sha = hashlib.sha256()
 
@@ -820,8 +874,7 @@ class _OutFile:
         self.written += len(data)
         if self.written > self.size:
             raise _bad("output longer than declared")
-        self.f.write(cast(Any, data))
-        sha.update(data)
+        self.writer.put("w", self.f, data, sha)
 
     def copy_skeleton(self, upto: int) -> None:
         if upto < self.skeleton_done or upto > self.skeleton_size:
@@ -832,7 +885,9 @@ class _OutFile:
             self.skeleton_done += n
 
 
-def _apply_stream(rd: _In, hdr: _Header, bl: Layout, maps: _Maps, files: list[BinaryIO]) -> str:
+def _apply_stream(
+    rd: _In, hdr: _Header, bl: Layout, maps: _Maps, files: list[BinaryIO], *, writer: _Writer
+) -> str:
     base_by_key = bl.by_key()
     dig = _Digest(hdr.format)
     seen: set[str] = set()
@@ -844,7 +899,7 @@ def _apply_stream(rd: _In, hdr: _Header, bl: Layout, maps: _Maps, files: list[Bi
         frame = _Frame(
             cast(BinaryIO, io.BytesIO(struct.pack("<Q", comp_len) + comp)), hdr.skeleton_sizes[i]
         )
-        of = _OutFile(f, hdr.sizes[i], frame, hdr.skeleton_sizes[i])
+        of = _OutFile(f, hdr.sizes[i], frame, hdr.skeleton_sizes[i], writer)
         while True:
             (kind,) = rd.unpack("<B")
             if kind == END_FILE:
@@ -854,19 +909,26 @@ def _apply_stream(rd: _In, hdr: _Header, bl: Layout, maps: _Maps, files: list[Bi
                 raise _bad(f"tensor {rec.hole.key!r} twice")
             seen.add(rec.hole.key)
             of.copy_skeleton(rec.skel_pos)
-            dig.tensor(rec.hole, _apply_record(rd, rec, base_by_key, maps, of))
+            sha = _apply_record(rd, rec, base_by_key, maps, of)
+            writer.put("call", lambda h=rec.hole, sha=sha: dig.tensor(h, sha.digest()))
         of.copy_skeleton(hdr.skeleton_sizes[i])
         frame.close()
         if of.written != hdr.sizes[i]:
             raise _bad("output size differs from the declared size")
-        dig.file(hdr.names[i], hdr.skeleton_sizes[i], of.skeleton_sha.digest())
+        writer.put(
+            "call",
+            lambda i=i, sha=of.skeleton_sha: dig.file(
+                hdr.names[i], hdr.skeleton_sizes[i], sha.digest()
+            ),
+        )
+    writer.finish()
     return dig.value()
 
 
 def _apply_record(
     rd: _In, rec: _Record, base_by_key: dict[str, Hole], maps: _Maps, of: _OutFile
-) -> bytes:
-    """Write one tensor; returns the sha256 of its bytes."""
+) -> Any:
+    """Queue one tensor's bytes; returns the sha256 object the writer feeds."""
     h = rec.hole
     sha = hashlib.sha256()
     bh = base_by_key.get(h.key)
@@ -878,7 +940,7 @@ def _apply_record(
         frame = _Frame(rd.f, h.nbytes)
         _fill_copy(h.nbytes, frame.read, sink)
         frame.close()
-        return sha.digest()
+        return sha
     if bh is None or bh.dtype != h.dtype or bh.nbytes != h.nbytes:
         raise BaseMismatchError(
             f"base has no tensor {h.key!r} of the patched type and size", code="base-mismatch"
@@ -898,7 +960,7 @@ def _apply_record(
             _fill_quant(base, rec, frame.read, sink)
         frame.close()
     maps.release(bh)
-    return sha.digest()
+    return sha
 
 
 def _copy_base(read: Callable[[int, int], memoryview], n: int, sink: Sink) -> None:
