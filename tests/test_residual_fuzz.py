@@ -19,7 +19,7 @@ from tests.test_residual_tflite import build_fc_int8
 
 FUZZ = settings(
     max_examples=150,
-    deadline=2000,
+    deadline=None,  # the 300 s pytest timeout catches hangs; timings on shared CI vary
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 
