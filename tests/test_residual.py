@@ -350,3 +350,53 @@ def test_pack_round_trip(bits: int, n: int) -> None:
     packed = quant.pack(q, bits)
     assert len(packed) == quant.packed_size(n, bits)
     assert np.array_equal(quant.unpack(packed, bits, n), q)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 1])
+def test_large_tensors_cross_chunks(tmp_path: Path, bits: int) -> None:
+    """Tensors over one dequantisation chunk (2^20 elements) with rows and groups that
+    straddle chunk boundaries, in float32, float16 and bfloat16: device == publisher,
+    and every element is within half a quantisation step of the target."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(bits)
+    shape = (1031, 1100)
+    kinds = {"f32": np.float32, "f16": np.float16, "bf16": ml_dtypes.bfloat16}
+    paths = []
+    for version in range(2):
+        inits, nodes, outs = [], [], []
+        for name, dt in kinds.items():
+            a = np.random.default_rng(5).normal(0, 1, shape).astype(np.float32)
+            if version:
+                a += rng.normal(0, 0.01, shape).astype(np.float32)
+            raw = a.astype(dt).tobytes()
+            code = {"f32": onnx.TensorProto.FLOAT, "f16": onnx.TensorProto.FLOAT16}.get(
+                name, onnx.TensorProto.BFLOAT16
+            )
+            inits.append(helper.make_tensor(name, code, shape, raw, raw=True))
+            nodes.append(helper.make_node("Identity", [name], [f"y_{name}"]))
+            outs.append(helper.make_tensor_value_info(f"y_{name}", code, shape))
+        m = helper.make_model(helper.make_graph(nodes, "big", [], outs, inits))
+        m.ir_version = 10
+        paths.append(_save(m, tmp_path / f"v{version}.onnx"))
+    info, _, out = _round_trip(paths[0], paths[1], tmp_path, bits=bits)
+    assert info.stats[f"q{bits}"] == 3
+    got = {t.name: t for t in onnx.load(str(out)).graph.initializer}
+    want = {t.name: t for t in onnx.load(str(paths[1])).graph.initializer}
+    for name, dt in kinds.items():
+        b = np.frombuffer(want[name].raw_data, dt).astype(np.float64).reshape(shape)
+        a = np.frombuffer(
+            {t.name: t for t in onnx.load(str(paths[0])).graph.initializer}[name].raw_data, dt
+        ).astype(np.float64)
+        r = np.frombuffer(got[name].raw_data, dt).astype(np.float64).reshape(shape)
+        err = np.abs(r - b)
+        if bits == 8:  # per row: within half a step plus the storage rounding
+            step = np.abs(b - a.reshape(shape)).max(axis=1, keepdims=True) / 127
+        elif bits == 4:  # per group of 128 flattened elements
+            d = np.abs(b - a.reshape(shape)).ravel()
+            pad = np.concatenate([d, np.zeros(-len(d) % 128)])
+            step = np.repeat(pad.reshape(-1, 128).max(axis=1) / 7, 128)[: len(d)].reshape(shape)
+        else:
+            continue
+        ulp = np.abs(b) * {"f32": 2**-23, "f16": 2**-10, "bf16": 2**-7}[name]
+        assert np.all(err <= step / 2 * 1.001 + ulp + 1e-7), name
