@@ -80,23 +80,24 @@ class _Digest:
     """Canonical weights digest: tensors sorted by key, then each file's skeleton.
 
     ``sha256("edgeward-weights-v1\\0" || u8 format || u32 n || for each tensor in key
-    order (UTF-8 bytes): u16 len, key, u8 dtype, u8 ndim, u64 dims…, u64 nbytes,
-    sha256(payload) || u16 files || for each file: u16 len, name, u64 len,
-    sha256(skeleton))``, integers little-endian. Per-part hashes let both sides hash in
-    whatever order they meet the bytes.
+    order (UTF-8 bytes): u16 len, u8 dtype, key, u8 ndim, u64 dims…, u64 nbytes, u16
+    file, u64 skeleton position, sha256(payload) || u16 files || for each file: u16 len,
+    name, u64 len, sha256(skeleton))``, integers little-endian (FORMAT.md). Positions
+    bind where each payload sits, so the digest fixes every byte of every file; per-part
+    hashes let both sides hash in whatever order they meet the bytes.
     """
 
     format: str
     tensors: dict[bytes, bytes] = field(default_factory=dict)
     files: list[bytes] = field(default_factory=list)
 
-    def tensor(self, h: Hole, sha: bytes) -> None:
+    def tensor(self, h: Hole, sha: bytes, file: int, skel_pos: int) -> None:
         k = h.key.encode()
         self.tensors[k] = (
             struct.pack("<HB", len(k), h.dtype)
             + k
             + struct.pack(f"<B{len(h.shape)}Q", len(h.shape), *h.shape)
-            + struct.pack("<Q", h.nbytes)
+            + struct.pack("<QHQ", h.nbytes, file, skel_pos)
             + sha
         )
 
@@ -146,7 +147,7 @@ def _layout_digest(layout: Layout) -> str:
                     h.update(view[:got])
                     left -= got
                 if hole is not None:
-                    dig.tensor(hole, h.digest())
+                    dig.tensor(hole, h.digest(), i, skel_len)
                 else:
                     skel_len += n
         dig.file(layout.names[i], skel_len, skel.digest())
@@ -618,7 +619,7 @@ def encode_patch(
                     sha.update(c)
                     if recon:
                         recon[i].write(c)
-                dig.tensor(h, sha.digest())
+                dig.tensor(h, sha.digest(), i, rec.skel_pos)
                 if bh is not None:
                     bmaps.release(bh)
             put(struct.pack("<B", END_FILE), "header")
@@ -753,14 +754,14 @@ def apply_patch(
     rd = _In(patch)
     hdr = _read_header(rd)
     bl = scan(base)
-    found = _layout_digest(bl)
-    for want in (hdr.base_digest, expected_base_digest):
-        if want is not None and want != found:
-            raise BaseMismatchError(
-                f"patch needs base {want}, {base} has {found}", code="base-mismatch"
-            )
-    if bl.format != hdr.format:
+    base_check = _BaseCheck(bl, base, (hdr.base_digest, expected_base_digest))
+    if expected_base_digest not in (None, hdr.base_digest) or bl.format != hdr.format:
+        base_check.check()  # refused before anything is written
         raise BaseMismatchError(f"patch is for {hdr.format}, base is {bl.format}")
+    # The base digest is computed on a helper thread while the patch is applied; the
+    # output stays in temp files until it has been checked, and a wrong base is what
+    # gets reported even when it also made the patch fail in another way.
+    base_check.start()
     out.parent.mkdir(parents=True, exist_ok=True)
     finals = [out if i == 0 else out.parent / n for i, n in enumerate(hdr.names)]
     tmps = [f.with_name(f".{f.name}.{secrets.token_hex(4)}.part") for f in finals]
@@ -771,7 +772,13 @@ def apply_patch(
     try:
         for t in tmps:
             files.append(open(t, "xb"))  # noqa: SIM115 - closed in finally
-        digest = _apply_stream(rd, hdr, bl, maps, files, writer=writer)
+        try:
+            digest = _apply_stream(rd, hdr, bl, maps, files, writer=writer)
+        except BaseException:
+            writer.stop()
+            base_check.check()
+            raise
+        base_check.check()
         tail = rd.exact(4 + 32)
         if tail[:4] != TRAILER:
             raise _bad("missing trailer")
@@ -803,6 +810,7 @@ def apply_patch(
         raise ResidualError(f"cannot apply residual patch: {exc}", code="residual-io") from exc
     finally:
         writer.stop()
+        base_check.join()
         maps.close()
         for f in files:
             f.close()
@@ -860,6 +868,41 @@ class _Writer:
             self.thread.join()
 
 
+class _BaseCheck:
+    """The base digest, computed on a helper thread, compared with what is required."""
+
+    def __init__(self, layout: Layout, path: Path, wants: tuple[str | None, ...]) -> None:
+        self.layout, self.path, self.wants = layout, path, wants
+        self.found: str | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="residual-base", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self.found = _layout_digest(self.layout)
+        except BaseException as exc:  # re-raised by check()
+            self.error = exc
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def join(self) -> None:
+        if self.thread.is_alive():
+            self.thread.join()
+
+    def check(self) -> None:
+        if self.thread.ident is None:
+            self._run()
+        self.join()
+        if self.error is not None:
+            raise self.error
+        for want in self.wants:
+            if want is not None and want != self.found:
+                raise BaseMismatchError(
+                    f"patch needs base {want}, {self.path} has {self.found}", code="base-mismatch"
+                )
+
+
 class _OutFile:
     """One output file: skeleton bytes and hole bytes written in order, size-capped."""
 
@@ -910,7 +953,12 @@ def _apply_stream(
             seen.add(rec.hole.key)
             of.copy_skeleton(rec.skel_pos)
             sha = _apply_record(rd, rec, base_by_key, maps, of)
-            writer.put("call", lambda h=rec.hole, sha=sha: dig.tensor(h, sha.digest()))
+            writer.put(
+                "call",
+                lambda h=rec.hole, sha=sha, pos=rec.skel_pos, i=i: dig.tensor(
+                    h, sha.digest(), i, pos
+                ),
+            )
         of.copy_skeleton(hdr.skeleton_sizes[i])
         frame.close()
         if of.written != hdr.sizes[i]:
