@@ -53,7 +53,7 @@ U8Array = npt.NDArray[np.uint8]
 def to_f32(raw: U8Array | memoryview | bytes, dtype: int) -> F32Array:
     """Little-endian storage bytes → float32 (exact for f16 and bf16)."""
     if dtype == F32:
-        return np.frombuffer(raw, dtype="<f4").astype(np.float32, copy=True)
+        return np.frombuffer(raw, dtype="<f4").view(np.float32)  # read-only view, no copy
     if dtype == F16:
         return np.frombuffer(raw, dtype="<f2").astype(np.float32)
     if dtype == BF16:
@@ -88,29 +88,31 @@ def from_f32(x: F32Array, dtype: int) -> U8Array:
     raise ValueError(f"dtype {dtype} is not a float storage type")
 
 
-def mul_scales(qf: F32Array, scales: F32Array, block: int, e0: int) -> None:
-    """In place ``qf[i] *= scales[(e0 + i) // block]`` (float32 multiply)."""
-    n = len(qf)
+def mul_scales(q: I8Array, scales: F32Array, block: int, e0: int, out: F32Array) -> None:
+    """``out[i] = float32(q[i]) * scales[(e0 + i) // block]``: the int8 → float32 cast is
+    exact and the multiply runs in float32 (ufunc loop ``ff->f``)."""
+    n = len(q)
     i = 0
     off = e0 % block
     if off:
         k = min(block - off, n)
-        np.multiply(qf[:k], scales[e0 // block], out=qf[:k])
+        np.multiply(q[:k], scales[e0 // block], out=out[:k], dtype=np.float32)
         i = k
     m = (n - i) // block
     if m:
         b0 = (e0 + i) // block
-        v = qf[i : i + m * block].reshape(m, block)
-        np.multiply(v, scales[b0 : b0 + m, None], out=v)
+        v = out[i : i + m * block].reshape(m, block)
+        qv = q[i : i + m * block].reshape(m, block)
+        np.multiply(qv, scales[b0 : b0 + m, None], out=v, dtype=np.float32)
         i += m * block
     if i < n:
-        np.multiply(qf[i:], scales[(e0 + i) // block], out=qf[i:])
+        np.multiply(q[i:], scales[(e0 + i) // block], out=out[i:], dtype=np.float32)
 
 
 def dequant_add(a: F32Array, q: I8Array, scales: F32Array, block: int, e0: int) -> F32Array:
     """B' (float32) for elements ``e0 .. e0+len(q)``: ``a + float32(q) * scale``."""
-    d = q.astype(np.float32)
-    mul_scales(d, scales, block, e0)
+    d = np.empty(len(q), np.float32)
+    mul_scales(q, scales, block, e0, d)
     np.add(a, d, out=d)
     return d
 

@@ -55,7 +55,7 @@ END_FILE = 0
 CHUNK = 1 << 20  # elements per dequantisation chunk (4 MiB of float32), a multiple of 8
 IO_CHUNK = 1 << 22  # bytes per copy step
 MAX_SKELETON = 1 << 30  # compressed skeleton bytes held in memory on the device
-MAX_KEY = 1 << 16
+ONESHOT = 1 << 24  # frames up to this decompressed size are decoded in one call
 MAX_NDIM = 32
 MAX_FILES = 1 << 10
 ZSTD_LEVEL = 9
@@ -232,17 +232,37 @@ class _Frame:
         # 2) so that no flipped bit can silently drop the integrity check
         if head[:4] != b"\x28\xb5\x2f\xfd" or not head[4] & 0x04:
             raise _bad("not a checksummed zstd frame")
+        self.left = size
+        self.whole: memoryview | None = None
+        if size <= ONESHOT and comp <= ONESHOT + (1 << 20):
+            # small frames: one call, no stream bookkeeping (most tensors)
+            data = head + rd.exact(comp - 5)
+            z = _zstd()
+            try:
+                if z.frame_content_size(data) != size:
+                    raise _bad("frame size differs from the record")
+                dobj = z.ZstdDecompressor().decompressobj()
+                out = dobj.decompress(data)
+            except z.ZstdError as exc:
+                raise _bad(f"zstd: {exc}") from None
+            if len(out) != size or not dobj.eof or dobj.unused_data:
+                raise _bad("compressed frame does not match its record")
+            self.whole, self.pos = memoryview(out), 0
+            return
         self.sub = _Sub(f, comp - 5, head)
         self.reader = (
             _zstd()
             .ZstdDecompressor()
             .stream_reader(self.sub, read_size=1 << 20, read_across_frames=False)
         )
-        self.left = size
 
-    def read(self, n: int) -> bytes:
+    def read(self, n: int) -> bytes | memoryview:
         if n > self.left:
             raise _bad("record longer than declared")
+        if self.whole is not None:
+            self.left -= n
+            self.pos += n
+            return self.whole[self.pos - n : self.pos]
         out = bytearray()
         try:
             while len(out) < n:
@@ -258,6 +278,8 @@ class _Frame:
     def close(self) -> None:
         if self.left:
             raise _bad("compressed data ends early")
+        if self.whole is not None:
+            return
         try:
             extra = self.reader.read(1)
         except _zstd().ZstdError as exc:
@@ -321,7 +343,7 @@ Sink = Callable[[Chunk], None]
 def _fill_quant(
     base: Callable[[int, int], memoryview],
     rec: _Record,
-    read: Callable[[int], bytes],
+    read: Callable[[int], bytes | memoryview],
     sink: Sink,
 ) -> None:
     """B' of a quantised-Δ record, chunk by chunk: scales, then packed q (FORMAT.md)."""
@@ -338,7 +360,10 @@ def _fill_quant(
 
 
 def _fill_idelta(
-    base: Callable[[int, int], memoryview], rec: _Record, read: Callable[[int], bytes], sink: Sink
+    base: Callable[[int, int], memoryview],
+    rec: _Record,
+    read: Callable[[int], bytes | memoryview],
+    sink: Sink,
 ) -> None:
     """Exact integer Δ: ``b = a + Δ`` modulo 2**(8·itemsize), little-endian."""
     h = rec.hole
