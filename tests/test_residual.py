@@ -400,3 +400,59 @@ def test_large_tensors_cross_chunks(tmp_path: Path, bits: int) -> None:
             continue
         ulp = np.abs(b) * {"f32": 2**-23, "f16": 2**-10, "bf16": 2**-7}[name]
         assert np.all(err <= step / 2 * 1.001 + ulp + 1e-7), name
+
+
+def test_raw_files_are_exact(tmp_path: Path) -> None:
+    """Files that are neither ONNX nor TFLite travel as one exact integer delta (same
+    size) or as full bytes."""
+    rng = np.random.default_rng(9)
+    a = tmp_path / "a.bin"
+    a.write_bytes(rng.bytes(50_000))
+    data = bytearray(a.read_bytes())
+    data[1000:1100] = bytes(100)
+    for name, content in (("same.bin", bytes(data)), ("longer.bin", bytes(data) + b"tail")):
+        b = tmp_path / name
+        b.write_bytes(content)
+        info, patch, out = _round_trip(a, b, tmp_path / name.split(".")[0])
+        assert info.format == "raw" and out.read_bytes() == content
+        assert info.stats["idelta" if name == "same.bin" else "full"] == 1
+        if name == "same.bin":
+            assert len(patch) < 2_000
+
+
+def test_output_may_not_replace_the_base(det: dict[str, Any], tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    base = _save(det["target_init_perturbed"], src / "m.onnx", external="w.data")
+    buf = io.BytesIO()
+    encode_patch(base, base, buf)
+    before = (src / "w.data").read_bytes()
+    for out in (base, src / "other.onnx"):  # the second would replace w.data
+        with pytest.raises(EdgewardError) as e:
+            apply_patch(
+                base,
+                io.BytesIO(buf.getvalue()),
+                out,
+                expected_base_digest=None,
+                expected_target_digest=None,
+            )
+        assert e.value.code == "residual-output"
+    assert (src / "w.data").read_bytes() == before
+    assert sorted(p.name for p in src.iterdir()) == ["m.onnx", "w.data"]
+
+
+def test_unusable_base_is_a_base_mismatch(det: dict[str, Any], tmp_path: Path) -> None:
+    buf = io.BytesIO()
+    info = encode_patch(det["base"], det["target"], buf)
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\xff" * 100)
+    with pytest.raises(BaseMismatchError) as e:
+        apply_patch(
+            bad,
+            io.BytesIO(buf.getvalue()),
+            tmp_path / "o.onnx",
+            expected_base_digest=None,
+            expected_target_digest=None,
+        )
+    assert info.base_digest in e.value.message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx"]

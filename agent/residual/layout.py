@@ -111,8 +111,17 @@ def check_holes(layout: Layout) -> None:
             end = h.offset + h.nbytes
 
 
+def raw_layout(path: Path, size: int) -> Layout:
+    """Any other file: one opaque payload (exact integer delta or full bytes)."""
+    layout = Layout("raw", [path], [""], [size])
+    if size:
+        layout.holes.append(Hole("data", quant.OPAQUE, (size,), 0, 0, size))
+    return layout
+
+
 def scan(path: Path) -> Layout:
-    """Layout of an ONNX or TFLite model, chosen by the file's contents."""
+    """Layout of a model: TFLite by its ``TFL3`` identifier, ONNX by its ``.onnx`` suffix
+    (or, for other names, if it parses as ONNX with weights), anything else raw."""
     from . import onnx_io, tflite_io
 
     path = Path(path)
@@ -126,7 +135,15 @@ def scan(path: Path) -> Layout:
         layout = tflite_io.scan(path)
     elif path.suffix.lower() in (".tflite", ".lite"):
         raise FormatError(f"{path} is not a TFLite flatbuffer", code="residual-format")
-    else:
+    elif path.suffix.lower() == ".onnx":
         layout = onnx_io.scan(path)
+    else:
+        try:
+            layout = onnx_io.scan(path)
+        except (FormatError, ResidualError):
+            layout = raw_layout(path, size)
+        else:
+            if not layout.holes:
+                layout = raw_layout(path, size)
     check_holes(layout)
     return layout

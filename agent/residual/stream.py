@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 MAGIC = b"EWRP"
 TRAILER = b"EWRT"
 VERSION = 1
-FORMATS = {"onnx": 1, "tflite": 2}
+FORMATS = {"onnx": 1, "tflite": 2, "raw": 3}
 SKIP, FULL, QUANT, IDELTA = 1, 2, 3, 4
 KIND_NAMES = {SKIP: "skip", FULL: "full", QUANT: "quant", IDELTA: "idelta"}
 END_FILE = 0
@@ -668,7 +668,7 @@ def encode_patch(
     stats["patch_bytes"] = wrote
     stats["ratio"] = wrote / max(1, stats["target_bytes"])
     info = PatchInfo(base_digest, target_digest, tl.format, stats)
-    if samples is not None:
+    if samples is not None and tl.format != "raw":
         from .fidelity import compare
 
         assert reconstruct is not None
@@ -778,7 +778,20 @@ def apply_patch(
     base, out = Path(base), Path(out)
     rd = _In(patch)
     hdr = _read_header(rd)
-    bl = scan(base)
+    try:
+        bl = scan(base)
+    except (FormatError, ResidualError) as exc:
+        raise BaseMismatchError(
+            f"patch needs base {hdr.base_digest}, {base} is not a usable model ({exc})",
+            code="base-mismatch",
+        ) from None
+    finals = [out if i == 0 else out.parent / n for i, n in enumerate(hdr.names)]
+    inputs = {os.path.realpath(p) for p in bl.paths}
+    if any(os.path.realpath(f) in inputs for f in finals):
+        raise ResidualError(
+            f"output {out} would overwrite the base model or its data files",
+            code="residual-output",
+        )
     base_check = _BaseCheck(bl, base, (hdr.base_digest, expected_base_digest))
     if expected_base_digest not in (None, hdr.base_digest) or bl.format != hdr.format:
         base_check.check()  # refused before anything is written
@@ -788,7 +801,6 @@ def apply_patch(
     # gets reported even when it also made the patch fail in another way.
     base_check.start()
     out.parent.mkdir(parents=True, exist_ok=True)
-    finals = [out if i == 0 else out.parent / n for i, n in enumerate(hdr.names)]
     tmps = [f.with_name(f".{f.name}.{secrets.token_hex(4)}.part") for f in finals]
     files: list[BinaryIO] = []
     maps = _Maps(bl)
