@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import pickle
+import select
 import signal
 import socket
 import subprocess
@@ -54,8 +55,21 @@ class _Busy(Exception):
     """No free transfer slot right now (``apredict`` then waits on a thread)."""
 
 
+class _Follower:
+    """A synchronous caller waiting for its reply (thread mode)."""
+
+    __slots__ = ("child", "ev", "fut", "rid")
+
+    def __init__(self) -> None:
+        self.ev = threading.Event()  # set: reply settled, or promoted to reader
+        self.fut: Future[Any] = Future()
+        self.fut.add_done_callback(lambda _f: self.ev.set())
+        self.rid = 0
+        self.child: _Child | None = None
+
+
 class _Child:
-    """One incarnation: process, channel, reader thread and its pending requests."""
+    """One incarnation: process, channel, reader state and its pending requests."""
 
     def __init__(self, proc: subprocess.Popen[bytes], chan: ipc.Channel):
         self.proc = proc
@@ -69,6 +83,14 @@ class _Child:
         self.rbuf = bytearray(ipc.HEAD.size)
         self.rgot = 0
         self.hlen = -1  # header length of the frame being read; -1 = reading its prefix
+        # Thread mode (leader/follower): whoever waits reads. ``leader`` = someone holds
+        # the reader role; ``followers`` = sync callers waiting; ``n_async`` = pending
+        # requests nobody waits on synchronously (apredict), read by the async reader.
+        self.role_cv = threading.Condition()
+        self.leader = False
+        self.eof = False
+        self.followers: dict[int, _Follower] = {}
+        self.n_async = 0
 
 
 class ModelWorker:
@@ -219,9 +241,7 @@ class ModelWorker:
         if self._loop is not None:
             self._call_in_loop(self._attach, c)
         else:
-            threading.Thread(
-                target=self._read, args=(c,), name=f"worker-{self.name}", daemon=True
-            ).start()
+            self._start_threads(c)
         logger.info("%s %s: worker ready (pid %d)", self.name, self.version, proc.pid)
 
     def stop(self, drain_timeout: float = 10.0) -> None:
@@ -254,15 +274,111 @@ class ModelWorker:
 
     # --- child death and restart ------------------------------------------------------
 
-    def _read(self, c: _Child) -> None:
-        """Reader thread (no event loop given): one frame after the other."""
-        while True:
-            try:
-                h, p = c.chan.recv()
-            except ipc.ChannelClosed:
-                break
-            self._deliver(c, h, p)
+    # --- thread mode: callers read their own replies (leader/follower) -----------------
+    #
+    # A synchronous caller that finds the reader role free takes it and reads frames until
+    # its own reply is in, settling the others' on the way; then it hands the role to a
+    # waiting caller (or to the async reader). A lone caller thus gets its reply without
+    # any thread hand-off. The async reader thread only reads while apredict requests
+    # (which cannot block on the socket) are pending; a monitor thread waits for the
+    # child's exit, so a death is noticed even when nobody is reading.
+
+    def _start_threads(self, c: _Child) -> None:
+        for target, what in ((self._monitor, "monitor"), (self._async_reader, "reader")):
+            threading.Thread(
+                target=target, args=(c,), name=f"worker-{self.name}-{what}", daemon=True
+            ).start()
+
+    def _monitor(self, c: _Child) -> None:
+        c.proc.wait()
+        with c.role_cv:
+            c.eof = True
+            c.role_cv.notify_all()
         self._gone(c)
+
+    def _read_one(self, c: _Child, deadline: float | None) -> bool:
+        """Read and deliver one frame as the role holder; False on EOF or deadline."""
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not _readable(c.chan.sock, remaining):
+                return remaining > 0
+        try:
+            h, p = c.chan.recv()
+        except ipc.ChannelClosed:
+            with c.role_cv:
+                c.eof = True
+                c.role_cv.notify_all()
+            # EOF: the monitor sees the exit. A garbled stream from a live child: kill it.
+            threading.Thread(target=_reap, args=(c.proc,), daemon=True).start()
+            return False
+        self._deliver(c, h, p)
+        return True
+
+    def _hand_over(self, c: _Child) -> None:
+        """Give up the reader role: to a waiting sync caller, else to the async reader."""
+        with c.role_cv:
+            c.leader = False
+            if c.eof:
+                return
+            for f in c.followers.values():
+                if not f.fut.done():
+                    f.ev.set()
+                    return
+            if c.n_async:
+                c.role_cv.notify_all()
+
+    def _wait_sync(self, c: _Child, f: _Follower, timeout: float | None) -> bool:
+        """Wait for ``f``'s reply, reading the socket when the role is free; False on
+        timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while not f.fut.done():
+                with c.role_cv:
+                    lead = not c.leader and not c.eof
+                    if lead:
+                        c.leader = True
+                if lead:
+                    try:
+                        while not f.fut.done() and self._read_one(c, deadline):
+                            pass
+                    finally:
+                        self._hand_over(c)
+                    if f.fut.done() or c.eof:
+                        continue
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return f.fut.done()
+                f.ev.wait(remaining)
+                f.ev.clear()
+            return True
+        finally:
+            with c.role_cv:
+                c.followers.pop(f.rid, None)
+                handover = not c.leader
+            if handover:  # we may have been promoted after our reply came: pass it on
+                self._hand_over(c)
+
+    def _async_reader(self, c: _Child) -> None:
+        while True:
+            with c.role_cv:
+                while not c.eof and (c.leader or not c.n_async):
+                    c.role_cv.wait()
+                if c.eof:
+                    return
+                c.leader = True
+            try:
+                while True:
+                    with c.role_cv:
+                        if not c.n_async:
+                            break
+                    if not self._read_one(c, None):
+                        break
+            finally:
+                self._hand_over(c)
+
+    def _async_done(self, c: _Child) -> None:
+        with c.role_cv:
+            c.n_async -= 1
 
     def _deliver(self, c: _Child, h: dict[str, Any], p: bytearray | memoryview) -> None:
         """Settle the request a reply frame answers and free its slot."""
@@ -318,9 +434,7 @@ class ModelWorker:
             except RuntimeError:  # the loop is closed: fall back to a reader thread
                 self._loop = None
                 if fn == self._attach:
-                    threading.Thread(
-                        target=self._read, args=args, name=f"worker-{self.name}", daemon=True
-                    ).start()
+                    self._start_threads(*args)
 
     def _attach(self, c: _Child) -> None:
         if c.dead or c.attached:
@@ -509,6 +623,7 @@ class ModelWorker:
         *,
         nowait: bool = False,
         fut: Any = None,
+        follower: _Follower | None = None,
     ) -> Any:
         """Send one request; returns ``fut`` (an asyncio future of the worker's loop) or a
         new ``concurrent.futures.Future``, settled when the reply comes."""
@@ -516,7 +631,9 @@ class ModelWorker:
             # The loop reads the replies: blocking it on one would wait forever.
             raise RuntimeError("on the worker's event loop use apredict, not predict")
         c = self._ready_child(0.0 if nowait else timeout)
-        if fut is None:
+        if follower is not None:
+            fut = follower.fut
+        elif fut is None:
             fut = Future()
         rid = next(self._ids)
         slot = None
@@ -541,6 +658,17 @@ class ModelWorker:
                     self._arena.release(slot)
                 raise WorkerError(f"{self.name} {self.version}: worker died", code="worker-crashed")
             c.pending[rid] = (fut, slot)
+        if self._loop is None:  # thread mode: who reads this reply
+            with c.role_cv:
+                if follower is not None:
+                    follower.rid = rid
+                    follower.child = c
+                    c.followers[rid] = follower
+                else:
+                    c.n_async += 1
+                    c.role_cv.notify_all()
+            if follower is None:
+                fut.add_done_callback(lambda _f: self._async_done(c))
         with self._cv:
             self._stats["requests"] += 1
             self._stats["shm_tensors_in"] += n_shm
@@ -552,9 +680,8 @@ class ModelWorker:
         self, inputs: dict[str, np.ndarray], timeout: float | None = None
     ) -> dict[str, np.ndarray]:
         """Run one request in the child; errors come back as the child's agent.errors class."""
-        fut = self._submit({"op": "predict"}, inputs, timeout)
         try:
-            out: dict[str, np.ndarray] = fut.result(timeout)
+            out: dict[str, np.ndarray] = self._call({"op": "predict"}, inputs, timeout)
         except FutureTimeout:
             self._count_error(TimeoutError("timeout"))
             raise WorkerError(
@@ -606,7 +733,33 @@ class ModelWorker:
 
     def self_test(self) -> None:
         """Run Meta-info/samples in the child; raises the child's error on mismatch."""
-        self._submit({"op": "self_test"}, None, None).result()
+        self._call({"op": "self_test"}, None, None)
+
+    def _call(
+        self, header: dict[str, Any], inputs: dict[str, np.ndarray] | None, timeout: float | None
+    ) -> Any:
+        """Synchronous request: in thread mode the caller may read its own reply."""
+        if self._loop is not None:
+            return self._submit(header, inputs, timeout).result(timeout)
+        f = _Follower()
+        self._submit(header, inputs, timeout, follower=f)
+        c = f.child
+        if c is None or not self._wait_sync(c, f, timeout):
+            self._abandon(c, f)
+            raise FutureTimeout
+        return f.fut.result(0)
+
+    def _abandon(self, c: _Child | None, f: _Follower) -> None:
+        """A timed-out sync request: the async reader reads its late reply (and so frees
+        its slot) even if no other caller comes."""
+        if c is None:
+            return
+        with c.role_cv:
+            if f.fut.done():
+                return
+            c.n_async += 1
+            c.role_cv.notify_all()
+        f.fut.add_done_callback(lambda _f: self._async_done(c))
 
     def rss_bytes(self) -> int:
         import psutil
@@ -623,6 +776,21 @@ class ModelWorker:
         c = self._child
         in_flight = len(c.pending) if c is not None else 0
         return {**self._stats, "rss": self.rss_bytes(), "in_flight": in_flight, "state": self.state}
+
+
+def _readable(sock: socket.socket, timeout: float) -> bool:
+    p = select.poll()
+    p.register(sock, select.POLLIN)
+    return bool(p.poll(max(0, int(timeout * 1000) + 1)))
+
+
+def _reap(proc: subprocess.Popen[bytes]) -> None:
+    """After EOF or a garbled frame: a child still alive a second later is killed."""
+    try:
+        proc.wait(1.0)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(OSError):
+            proc.kill()
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

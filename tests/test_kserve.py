@@ -327,6 +327,12 @@ def test_json_floats_round_trip_bit_exact(stack: tuple[ServerThread, DictRegistr
         got = out[f"{name}_out"]
         assert got.dtype == a.dtype and got.shape == a.shape, name
         assert got.tobytes() == a.tobytes(), name
+    # whole values stay float literals ("2.0", not "2"), as json.dumps writes them
+    from agent.tensors import encode_request
+
+    parts, _ = encode_request({"w": np.array([2.0, 0.0, -7.0, 0.5], np.float32)}, binary=False)
+    data = json.loads(parts[0])["inputs"][0]["data"]
+    assert data == [2.0, 0.0, -7.0, 0.5] and all(isinstance(v, float) for v in data)
 
 
 def test_curl_endpoints(stack: tuple[ServerThread, DictRegistry]) -> None:

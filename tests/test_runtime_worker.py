@@ -322,3 +322,42 @@ def test_loop_mode_replies_read_by_the_event_loop(tmp_path: Path) -> None:
         assert w.stats()["in_flight"] == 0
 
     asyncio.run(scenario())
+
+
+def test_thread_mode_callers_read_replies_mixed_sync_async_and_timeouts(tmp_path: Path) -> None:
+    """No event loop given: sync callers take turns reading the socket for everybody,
+    apredict callers are served by the async reader; a timed-out reader hands the role
+    on, so later and concurrent requests still get their replies."""
+    w = _toy(tmp_path, max_concurrency=4)
+    w.start()
+    try:
+        with pytest.raises(WorkerError) as info:  # the reader role holder times out
+            w.predict({"x": np.ones(1), "sleep": np.array([1.0])}, timeout=0.2)
+        assert info.value.code == "worker-timeout"
+        results: dict[int, float] = {}
+
+        def sync(i: int) -> None:
+            for k in range(20):
+                x = np.full(3 if k % 2 else 20000, float(i * 100 + k))  # inline and shm
+                results[i * 100 + k] = float(w.predict({"x": x}, timeout=20)["y"][0])
+
+        async def many() -> list[dict[str, np.ndarray]]:
+            xs = [np.full(5, float(1000 + i)) for i in range(30)]
+            return await asyncio.gather(*(w.apredict({"x": x}, timeout=20) for x in xs))
+
+        ts = [threading.Thread(target=sync, args=(i,)) for i in range(3)]
+        for t in ts:
+            t.start()
+        outs = asyncio.run(many())
+        for t in ts:
+            t.join(30)
+        assert sorted(results) == [i * 100 + k for i in range(3) for k in range(20)]
+        assert all(v == 2 * k for k, v in results.items())
+        assert [float(o["y"][0]) for o in outs] == [2.0 * (1000 + i) for i in range(30)]
+        # the timed-out request's late reply is read although nobody else asks any more
+        end = time.monotonic() + 10
+        while w.stats()["in_flight"] and time.monotonic() < end:
+            time.sleep(0.02)
+        assert w.stats()["in_flight"] == 0
+    finally:
+        w.stop()
