@@ -225,22 +225,27 @@ class _Frame:
     def __init__(self, f: BinaryIO, size: int) -> None:
         rd = _In(f)
         (comp,) = rd.unpack("<Q")
-        if comp < 6:
+        if comp < 9:
             raise _bad("compressed frame too short")
-        head = rd.exact(5)
+        head = rd.exact(min(comp, 18))  # 18 = the longest zstd frame header
         # zstd frame magic, and the descriptor must announce the content checksum (bit
-        # 2) so that no flipped bit can silently drop the integrity check
+        # 2) so that no flipped bit can silently drop the integrity check, and the
+        # content size, which must be the record's (no decompression bombs)
+        z = _zstd()
         if head[:4] != b"\x28\xb5\x2f\xfd" or not head[4] & 0x04:
             raise _bad("not a checksummed zstd frame")
+        try:
+            declared = z.frame_content_size(head)
+        except z.ZstdError as exc:
+            raise _bad(f"zstd: {exc}") from None
+        if declared != size:
+            raise _bad("frame size differs from the record")
         self.left = size
         self.whole: memoryview | None = None
         if size <= ONESHOT and comp <= ONESHOT + (1 << 20):
             # small frames: one call, no stream bookkeeping (most tensors)
-            data = head + rd.exact(comp - 5)
-            z = _zstd()
+            data = head + rd.exact(comp - len(head))
             try:
-                if z.frame_content_size(data) != size:
-                    raise _bad("frame size differs from the record")
                 dobj = z.ZstdDecompressor().decompressobj()
                 out = dobj.decompress(data)
             except z.ZstdError as exc:
@@ -249,7 +254,7 @@ class _Frame:
                 raise _bad("compressed frame does not match its record")
             self.whole, self.pos = memoryview(out), 0
             return
-        self.sub = _Sub(f, comp - 5, head)
+        self.sub = _Sub(f, comp - len(head), head)
         self.reader = (
             _zstd()
             .ZstdDecompressor()
@@ -1038,6 +1043,8 @@ def _apply_record(
         if rec.kind == QUANT:
             n = element_count(h.shape)
             size = 4 * (-(-n // rec.block)) + quant.packed_size(n, rec.bits)
+            if size >= h.nbytes:  # the publisher sends such tensors full
+                raise _bad(f"tensor {h.key!r}: quantised record not smaller than the tensor")
         frame = _Frame(rd.f, size)
         if rec.kind == IDELTA:
             _fill_idelta(base, rec, frame.read, sink)
