@@ -415,14 +415,29 @@ class _Maps:
                 self.maps.append(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
 
     def reader(self, h: Hole) -> Callable[[int, int], memoryview]:
+        """Chunk reader for one base tensor; each call drops the pages of the chunk
+        before (they were read, they need not stay mapped: RSS stays near one chunk)."""
         mm = self.maps[h.file]
+        prev = [0, 0]
 
         def read(off: int, n: int) -> memoryview:
             if mm is None or off + n > h.nbytes or h.offset + off + n > len(mm):
                 raise ResidualError(f"base tensor {h.key!r} is shorter than needed")
+            if prev[1]:
+                self._drop(mm, h.offset + prev[0], prev[1])
+            prev[:] = [off, n]
             return memoryview(mm)[h.offset + off : h.offset + off + n]
 
         return read
+
+    @staticmethod
+    def _drop(mm: mmap.mmap, start: int, n: int) -> None:
+        """MADV_DONTNEED on the whole pages inside [start, start + n)."""
+        a = -(-start // PAGE) * PAGE
+        b = (start + n) // PAGE * PAGE
+        if b > a:
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                mm.madvise(mmap.MADV_DONTNEED, a, b - a)
 
     def release(self, h: Hole) -> None:
         """Drop the tensor's pages from this process (keeps RSS near one chunk)."""
