@@ -456,3 +456,26 @@ def test_unusable_base_is_a_base_mismatch(det: dict[str, Any], tmp_path: Path) -
         )
     assert info.base_digest in e.value.message
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx"]
+
+
+def test_digest_and_header_follow_format_md(tmp_path: Path) -> None:
+    """The canonical digest and the stream header, recomputed from FORMAT.md by hand."""
+    import struct
+
+    payload = b"edgeward" * 100
+    f = tmp_path / "w.bin"
+    f.write_bytes(payload)
+    sha = hashlib.sha256
+    d = b"edgeward-weights-v1\x00" + struct.pack("<BI", 3, 1)
+    d += struct.pack("<HB", 4, 0) + b"data" + struct.pack("<BQ", 1, len(payload))
+    d += struct.pack("<QHQ", len(payload), 0, 0) + sha(payload).digest()
+    d += struct.pack("<H", 1) + struct.pack("<H", 0) + struct.pack("<Q", 0) + sha(b"").digest()
+    want = "sha256:" + sha(d).hexdigest()
+    assert weights_digest(f) == want
+    buf = io.BytesIO()
+    info = encode_patch(f, f, buf)
+    raw = buf.getvalue()
+    assert raw[:8] == b"EWRP\x01\x03\x00\x00" and raw[8:40].hex() == want[7:]
+    assert raw[40:42] == b"\x01\x00" and raw[42:44] == b"\x00\x00"  # one file, name ""
+    assert struct.unpack("<QQ", raw[44:60]) == (len(payload), 0)
+    assert raw[-36:-32] == b"EWRT" and raw[-32:].hex() == info.target_digest[7:]
