@@ -2,11 +2,12 @@
 
 Only ModelProto.graph (field 7) → GraphProto.initializer (field 5) → TensorProto is
 read: dims (1), data_type (2), name (8), raw_data (9), external_data (13),
-data_location (14). Weights held by top-level ``Constant`` nodes (GraphProto.node 1 →
-NodeProto op_type 4 == "Constant", attribute 5 → AttributeProto name 1 == "value",
-t 5), as exporters such as Paddle2ONNX write them, count too, keyed by the node's
-first output. Initializers in subgraphs and functions, and tensors stored as
-float_data/int32_data/…, are left in the skeleton (copied as bytes).
+data_location (14), and packed float_data (4) / double_data (10) of FLOAT / DOUBLE
+tensors, whose bytes are laid out exactly like raw_data. Weights held by top-level
+``Constant`` nodes (GraphProto.node 1 → NodeProto op_type 4 == "Constant", attribute 5
+→ AttributeProto name 1 == "value", t 5), as exporters such as Paddle2ONNX write them,
+count too, keyed by the node's first output. Initializers in subgraphs and functions, and tensors stored as
+int32_data/int64_data/… (varints), are left in the skeleton (copied as bytes).
 """
 
 from __future__ import annotations
@@ -92,6 +93,7 @@ def _tensor(
     dt = 0
     name = ""
     raw: tuple[int, int] | None = None
+    packed: tuple[int, int, int] | None = None
     ext: dict[str, str] = {}
     loc = 0
     for fn, wt, a, b, v in _fields(buf, start, end, path):
@@ -109,6 +111,10 @@ def _tensor(
             name = bytes(buf[a:b]).decode("utf-8", "replace")
         elif fn == 9 and wt == 2:
             raw = (a, b - a)
+        elif fn in (4, 10) and wt == 2 and raw is None:
+            # packed float_data (fixed32) / double_data (fixed64): the same bytes as
+            # raw_data would hold, so the payload is a hole just the same
+            packed = (a, b - a, fn)
         elif fn == 13 and wt == 2:
             k = val = ""
             for fn2, wt2, a2, b2, _ in _fields(buf, a, b, path):
@@ -118,6 +124,8 @@ def _tensor(
             ext[k] = val
         elif fn == 14 and wt == 0:
             loc = v
+    if raw is None and packed is not None and (packed[2], dt) in ((4, 1), (10, 11)):
+        raw = packed[:2]
     return name, dt, tuple(dims), raw, ext, loc
 
 
