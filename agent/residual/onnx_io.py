@@ -6,8 +6,9 @@ data_location (14), and packed float_data (4) / double_data (10) of FLOAT / DOUB
 tensors, whose bytes are laid out exactly like raw_data. Weights held by top-level
 ``Constant`` nodes (GraphProto.node 1 → NodeProto op_type 4 == "Constant", attribute 5
 → AttributeProto name 1 == "value", t 5), as exporters such as Paddle2ONNX write them,
-count too, keyed by the node's first output. Initializers in subgraphs and functions, and tensors stored as
-int32_data/int64_data/… (varints), are left in the skeleton (copied as bytes).
+count too, keyed by the node's first output. Initializers in subgraphs and functions,
+and tensors stored as int32_data/int64_data/… (varints), are left in the skeleton
+(copied as bytes).
 """
 
 from __future__ import annotations
