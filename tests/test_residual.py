@@ -295,7 +295,10 @@ def test_fidelity_report(det: dict[str, Any], tmp_path: Path) -> None:
     info = encode_patch(det["base"], det["target"], io.BytesIO(), bits=4, samples=samples)
     f = info.fidelity
     assert f is not None and f["samples"] == 2
-    assert all(isinstance(v, float) for k, v in f.items() if k != "samples")
+    assert f["nonfinite_outputs"] == 0
+    assert all(
+        isinstance(v, float) for k, v in f.items() if k not in ("samples", "nonfinite_outputs")
+    )
     assert 0.99 < f["cosine_min"] <= f["cosine_mean"] <= 1.0 + 1e-9
     assert 0 < f["max_abs_diff"] < 5.0 and 0.5 < f["top1_agreement"] <= 1.0
 
@@ -500,3 +503,36 @@ def test_float_data_tensors(ppocr_cls: Path, tmp_path: Path) -> None:
     assert info.stats["q8"] >= changed and len(patch) < 0.4 * target.stat().st_size
     x = np.random.default_rng(0).uniform(-1, 1, (1, 3, 48, 192)).astype(np.float32)
     assert _cos(_run(target, x), _run(out, x)) > 0.999
+
+
+def test_positive_tensors_stay_positive(tmp_path: Path) -> None:
+    """Low widths may not make a strictly positive tensor (e.g. BatchNorm variances)
+    non-positive: such a tensor goes at a wider width or full."""
+    rng = np.random.default_rng(12)
+    var = rng.uniform(1e-4, 1.0, (64, 32)).astype(np.float32)
+    paths = []
+    for i, raw in enumerate((var, var * (1 + rng.normal(0, 0.2, var.shape)).astype(np.float32))):
+        v = np.abs(raw) + np.float32(1e-5)
+        g = helper.make_graph(
+            [helper.make_node("Sqrt", ["var"], ["y"])],
+            "pos",
+            [],
+            [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, list(v.shape))],
+            [numpy_helper.from_array(v, "var")],
+        )
+        m = helper.make_model(g)
+        m.ir_version = 10
+        paths.append(_save(m, tmp_path / f"p{i}.onnx"))
+    info, _, out = _round_trip(paths[0], paths[1], tmp_path, bits=1)
+    assert info.stats["fallbacks"] == 1 and info.stats["q1"] == 0
+    r = numpy_helper.to_array(onnx.load(str(out)).graph.initializer[0])
+    assert r.min() > 0 and np.isfinite(_run_noinput(out)).all()
+
+
+def _run_noinput(path: Path) -> np.ndarray[Any, Any]:
+    import onnxruntime as ort
+
+    out: np.ndarray[Any, Any] = ort.InferenceSession(
+        str(path), providers=["CPUExecutionProvider"]
+    ).run(None, {})[0]
+    return out

@@ -4,7 +4,9 @@ Samples are ``*.npz`` files with ``input:<name>`` arrays (``output:<name>`` arra
 ignored here: B itself is the reference). ONNX runs on onnxruntime (CPU), TFLite on
 ai_edge_litert. Metrics over every sample and output: the largest absolute difference,
 the smallest and mean cosine similarity of the flattened outputs, and for outputs with
-a class axis (rank ≥ 2, last axis > 1) the share of positions whose argmax agrees.
+a class axis (rank ≥ 2, last axis > 1) the share of positions whose argmax agrees. An
+output where B' has inf/NaN and B has not counts in ``nonfinite_outputs`` with cosine
+−1 and makes ``max_abs_diff`` infinite.
 """
 
 from __future__ import annotations
@@ -75,14 +77,19 @@ def compare(target: Path, patched: Path, samples: Path, fmt: str) -> dict[str, A
         ref, got = make(Path(target)), make(Path(patched))
         cos: list[float] = []
         max_abs = 0.0
-        agree = total = 0
+        agree = total = nonfinite = 0
         data = _samples(samples)
         for ins in data:
             for a, b in zip(ref(ins), got(ins), strict=True):
                 x = a.astype(np.float64).ravel()
                 y = b.astype(np.float64).ravel()
+                if not np.all(np.isfinite(y[np.isfinite(x)])):
+                    nonfinite += 1  # B' produced inf/NaN where B did not: the worst case
+                    cos.append(-1.0)
+                    max_abs = float("inf")
+                    continue
                 if x.size:
-                    max_abs = max(max_abs, float(np.max(np.abs(x - y))))
+                    max_abs = max(max_abs, float(np.nanmax(np.abs(x - y))))
                 nx, ny = float(np.linalg.norm(x)), float(np.linalg.norm(y))
                 cos.append(1.0 if nx == ny == 0 else float(x @ y) / (nx * ny or 1.0))
                 if a.ndim >= 2 and a.shape[-1] > 1:
@@ -97,6 +104,7 @@ def compare(target: Path, patched: Path, samples: Path, fmt: str) -> dict[str, A
         "max_abs_diff": max_abs,
         "cosine_min": min(cos) if cos else 1.0,
         "cosine_mean": float(np.mean(cos)) if cos else 1.0,
+        "nonfinite_outputs": nonfinite,
     }
     if total:
         report["top1_agreement"] = agree / total

@@ -490,6 +490,11 @@ def _encode_quant(
     chunks: list[bytes] = []
     _fill_quant(lambda o, n: a_raw[o : o + n], rec, read, lambda c: chunks.append(bytes(c)))
     got = quant.to_f32(b"".join(chunks), h.dtype)
+    finite = np.isfinite(b)
+    if not np.all(np.isfinite(got[finite])) or (b.size and b.min() > 0 and got.min() <= 0):
+        # a width that turns a finite weight into inf/NaN, or makes a strictly positive
+        # tensor (variances, scales) non-positive, is never acceptable
+        return rec, payload, chunks, float("inf")
     return rec, payload, chunks, _rel_err(b, got)
 
 
@@ -713,20 +718,22 @@ def _choose_quant(
     max_rel_err: float | None,
     stats: dict[str, Any],
 ) -> tuple[_Record, bytes, list[bytes | memoryview]]:
-    """The narrowest width within ``max_rel_err`` whose payload beats full bytes."""
-    for n, b in enumerate(ladder):
+    """The narrowest width within ``max_rel_err`` (and keeping values finite and
+    positive tensors positive) whose payload beats full bytes."""
+    rejected = 0
+    for b in ladder:
         rec, body, chunks, err = _encode_quant(braw, tdata, h, b, group_size)
         if len(body) >= h.nbytes:
             break
-        if max_rel_err is not None and err > max_rel_err:
+        if err == float("inf") or (max_rel_err is not None and err > max_rel_err):
+            rejected = 1
             continue
         stats[f"q{b}"] += 1
-        stats["fallbacks"] += 1 if n else 0
+        stats["fallbacks"] += rejected
         stats["max_rel_err"] = max(stats["max_rel_err"], err)
         return rec, body, list(chunks)
     stats["full"] += 1
-    if len(ladder) > 1 or max_rel_err is not None:
-        stats["fallbacks"] += 1
+    stats["fallbacks"] += rejected
     return _Record(FULL, 0, h), bytes(tdata), [tdata]
 
 
