@@ -12,12 +12,15 @@ the tool is used.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import shlex
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -42,6 +45,7 @@ class _Demo:
     def __init__(self, work: Path) -> None:
         self.work = work
         self.exe = [sys.executable, "-m", "agent"]
+        self.run = _run_dir(work)
 
     def step(self, title: str) -> None:
         print(f"\n== {title}", flush=True)
@@ -57,6 +61,16 @@ class _Demo:
         if not capture and proc.stdout.strip():
             print(proc.stdout.rstrip())
         return proc.stdout
+
+
+def _run_dir(work: Path) -> Path:
+    """``work/run``, or a short directory in /tmp when that path is too long for
+    AF_UNIX socket names (108 bytes)."""
+    run = work / "run"
+    if len(os.fsencode(run / "control.sock")) < 100:
+        return run
+    digest = hashlib.sha256(os.fsencode(work)).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"edgeward-demo-{digest}"
 
 
 def _keypair(work: Path, kind: str) -> tuple[Path, Path]:
@@ -130,10 +144,9 @@ def _text_image() -> Any:
     return img
 
 
-def _write_config(work: Path) -> Path:
+def _write_config(work: Path, run_dir: Path) -> Path:
     """A daemon config whose paths all live under the demo's work dir."""
     cfg = work / "edgeward.toml"
-    run_dir = work / "run"
     run_dir.mkdir(exist_ok=True)
     cfg.write_text(
         f"""# written by `edgeward demo`; keys as in configs/edgeward.toml
@@ -191,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
     d.cli("inspect", v1)
 
     d.step("3. the daemon, on a local inbox repository")
-    cfg = _write_config(work)
+    cfg = _write_config(work, d.run)
     log = (work / "agent.log").open("w")
     daemon = subprocess.Popen(
         [*d.exe, "agent", "--config", str(cfg)], stdout=log, stderr=subprocess.STDOUT
@@ -209,10 +222,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"\n(daemon log: {work / 'agent.log'})")
         if not args.keep:
             shutil.rmtree(work / "state", ignore_errors=True)
+            if d.run != work / "run":
+                shutil.rmtree(d.run, ignore_errors=True)
 
 
 def _control(d: _Demo) -> Path:
-    return d.work / "run" / "control.sock"
+    return d.run / "control.sock"
 
 
 def _wait_ready(d: _Demo, daemon: subprocess.Popen[bytes]) -> None:
@@ -304,7 +319,7 @@ def _infer(sock: Path) -> dict[str, Any]:
 def _device_half(
     d: _Demo, daemon: subprocess.Popen[bytes], *, model: Path, v1: Path, common: list[str | Path]
 ) -> int:
-    sock = d.work / "run" / "infer.sock"
+    sock = d.run / "infer.sock"
     _wait_ready(d, daemon)
     shutil.copy(v1, d.work / "inbox" / v1.name)
     d.cli("check", "--control-socket", _control(d))
