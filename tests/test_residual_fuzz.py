@@ -105,17 +105,36 @@ def test_model_scanners(tmp_path: Path, data: bytes, suffix: str) -> None:
 def test_model_byte_changes(
     pair: tuple[Path, bytes, str], tmp_path: Path, pos: int, val: int
 ) -> None:
-    """A base differing in any byte is refused (base digest covers every byte)."""
-    base, patch, _ = pair
+    """A base differing in any byte is refused with ``verify_base`` (the base digest
+    covers every byte). By default the base is only hashed when the output fails its
+    digest: a change in a tensor the patch reads (here all exact integer deltas) is
+    refused, any other change (skeleton bytes) can only yield the exact target."""
+    base, patch, target = pair
     data = bytearray(base.read_bytes())
-    changed = data[pos % len(data)] != val
-    data[pos % len(data)] = val
+    at = pos % len(data)
+    changed = data[at] != val
+    data[at] = val
     p = tmp_path / "m.tflite"
     p.write_bytes(bytes(data))
     out = tmp_path / "o.tflite"
     if changed:
         with pytest.raises(EdgewardError):
             apply_patch(
-                p, io.BytesIO(patch), out, expected_base_digest=None, expected_target_digest=None
+                p,
+                io.BytesIO(patch),
+                out,
+                expected_base_digest=None,
+                expected_target_digest=None,
+                verify_base=True,
             )
         assert not out.exists()
+        read = any(h.offset <= at < h.offset + h.nbytes for h in scan(base).holes)
+        try:
+            got = apply_patch(
+                p, io.BytesIO(patch), out, expected_base_digest=None, expected_target_digest=None
+            )
+        except EdgewardError:
+            assert not out.exists()
+        else:
+            assert not read and got == target == weights_digest(out)
+            out.unlink()

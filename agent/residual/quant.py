@@ -109,9 +109,12 @@ def mul_scales(q: I8Array, scales: F32Array, block: int, e0: int, out: F32Array)
         np.multiply(q[i:], scales[(e0 + i) // block], out=out[i:], dtype=np.float32)
 
 
-def dequant_add(a: F32Array, q: I8Array, scales: F32Array, block: int, e0: int) -> F32Array:
-    """B' (float32) for elements ``e0 .. e0+len(q)``: ``a + float32(q) * scale``."""
-    d = np.empty(len(q), np.float32)
+def dequant_add(
+    a: F32Array, q: I8Array, scales: F32Array, block: int, e0: int, *, out: F32Array | None = None
+) -> F32Array:
+    """B' (float32) for elements ``e0 .. e0+len(q)``: ``a + float32(q) * scale``, into
+    ``out`` if given (the device reuses buffers; the bytes are the same)."""
+    d = np.empty(len(q), np.float32) if out is None else out
     mul_scales(q, scales, block, e0, d)
     np.add(a, d, out=d)
     return d

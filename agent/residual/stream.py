@@ -170,7 +170,12 @@ class _In:
         self.f = f
 
     def exact(self, n: int) -> bytes:
-        out = bytearray()
+        first = self.f.read(min(n, 1 << 25))  # one read, no copy, for sane lengths
+        if len(first) == n:
+            return first
+        out = bytearray(first)
+        if not first and n:
+            raise _bad("truncated")
         while len(out) < n:
             got = self.f.read(min(n - len(out), IO_CHUNK))
             if not got:
@@ -362,30 +367,6 @@ def _fill_quant(
         q = quant.unpack(read(quant.packed_size(k, rec.bits)), rec.bits, k)
         a = quant.to_f32(base(e0 * isz, k * isz), h.dtype)
         sink(quant.from_f32(quant.dequant_add(a, q, scales, rec.block, e0), h.dtype))
-
-
-def _fill_idelta(
-    base: Callable[[int, int], memoryview],
-    rec: _Record,
-    read: Callable[[int], bytes | memoryview],
-    sink: Sink,
-) -> None:
-    """Exact integer Δ: ``b = a + Δ`` modulo 2**(8·itemsize), little-endian."""
-    h = rec.hole
-    isz = quant.ITEMSIZE[h.dtype]
-    wrap = quant.WRAP[isz]
-    step = CHUNK * 8
-    for o in range(0, h.nbytes, step):
-        k = min(step, h.nbytes - o)
-        a = np.frombuffer(base(o, k), dtype=wrap)
-        d = np.frombuffer(read(k), dtype=wrap).copy()
-        np.add(d, a, out=d)
-        sink(d.view(np.uint8))
-
-
-def _fill_copy(n: int, read: Callable[[int], bytes | memoryview], sink: Sink) -> None:
-    for o in range(0, n, IO_CHUNK):
-        sink(read(min(IO_CHUNK, n - o)))
 
 
 # --- encode ----------------------------------------------------------------------------
@@ -794,6 +775,7 @@ def apply_patch(
     *,
     expected_base_digest: str | None,
     expected_target_digest: str | None,
+    verify_base: bool = False,
 ) -> str:
     """Rebuild the target at ``out`` from ``base`` and a patch stream; return its digest.
 
@@ -801,6 +783,12 @@ def apply_patch(
     one the patch (or the caller) names, TargetDigestError when the result does not
     check out, FormatError-type errors for corrupt patches. Output goes to temp files
     next to ``out``, renamed into place after the digest check.
+
+    The base is not hashed when the result checks out: the target digest covers every
+    output byte, so a base that passes produced exactly the target. Only when something
+    fails is the base digest computed, to tell a wrong base from a bad patch.
+    ``verify_base=True`` also hashes the base on success (on a helper thread) and
+    refuses a base that differs in bytes the output does not depend on (RESIDUAL.md).
     """
     base, out = Path(base), Path(out)
     rd = _In(patch)
@@ -823,42 +811,41 @@ def apply_patch(
     if expected_base_digest not in (None, hdr.base_digest) or bl.format != hdr.format:
         base_check.check()  # refused before anything is written
         raise BaseMismatchError(f"patch is for {hdr.format}, base is {bl.format}")
-    # The base digest is computed on a helper thread while the patch is applied; the
-    # output stays in temp files until it has been checked, and a wrong base is what
-    # gets reported even when it also made the patch fail in another way.
-    base_check.start()
+    if verify_base:
+        base_check.start()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmps = [f.with_name(f".{f.name}.{secrets.token_hex(4)}.part") for f in finals]
-    files: list[BinaryIO] = []
+    fds: list[int] = []
     maps = _Maps(bl)
     writer = _Writer()
     ok = False
     try:
-        for t in tmps:
-            files.append(open(t, "xb"))  # noqa: SIM115 - closed in finally
         try:
-            digest = _apply_stream(rd, hdr, bl, maps, files, writer=writer)
-        except BaseException:
+            for t in tmps:
+                fds.append(os.open(t, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            digest = _apply_stream(rd, hdr, bl, maps, fds, writer=writer)
+            tail = rd.exact(4 + 32)
+            if tail[:4] != TRAILER:
+                raise _bad("missing trailer")
+            if patch.read(1):
+                raise _bad("bytes after the trailer")
+            named = "sha256:" + tail[4:].hex()
+            for want in (named, expected_target_digest):
+                if want is not None and want != digest:
+                    raise TargetDigestError(
+                        f"patched model digest {digest} is not the expected {want}",
+                        code="target-digest",
+                    )
+        except Exception:
+            # Something failed: a wrong base is what gets reported, also when it made
+            # the patch fail in another way (the base is hashed only now).
             writer.stop()
             base_check.check()
             raise
-        base_check.check()
-        tail = rd.exact(4 + 32)
-        if tail[:4] != TRAILER:
-            raise _bad("missing trailer")
-        if patch.read(1):
-            raise _bad("bytes after the trailer")
-        named = "sha256:" + tail[4:].hex()
-        for want in (named, expected_target_digest):
-            if want is not None and want != digest:
-                raise TargetDigestError(
-                    f"patched model digest {digest} is not the expected {want}",
-                    code="target-digest",
-                )
-        for f in files:
-            f.flush()
-            os.fsync(f.fileno())
-            f.close()
+        if verify_base:
+            base_check.check()
+        for fd in fds:
+            os.fsync(fd)
         for t, f2 in zip(tmps, finals, strict=True):
             os.replace(t, f2)
         dfd = os.open(out.parent, os.O_RDONLY)
@@ -876,50 +863,81 @@ def apply_patch(
         writer.stop()
         base_check.join()
         maps.close()
-        for f in files:
-            f.close()
+        for fd in fds:
+            os.close(fd)
         if not ok:
             for t in tmps:
                 with contextlib.suppress(OSError):
                     t.unlink()
 
 
+DEV_CHUNK = 1 << 18  # elements per device dequantisation step: 1 MiB of float32 (in L2)
+POOL = 6  # output buffers of DEV_CHUNK float32 in flight between writing and hashing
+
+
+def _write_all(fd: int, data: Any) -> None:
+    view = memoryview(data).cast("B")
+    while len(view):
+        n = os.write(fd, view)
+        view = view[n:]
+
+
 class _Writer:
-    """Writes and hashes output chunks on a helper thread, so file I/O and SHA-256
-    (both release the GIL) overlap the decoding on the calling thread. Chunks are never
-    modified after they are queued; the queue is short, so memory stays a few chunks."""
+    """Output chunks are written on the calling thread (``os.write`` from the buffer,
+    no copies) and hashed on a helper thread (hashlib releases the GIL for large
+    buffers), so SHA-256 overlaps the decoding. Pooled buffers return to the pool once
+    hashed; other chunks are never modified after they are queued."""
 
     def __init__(self) -> None:
-        self.q: queue.Queue[tuple[Any, ...] | None] = queue.Queue(maxsize=4)
+        self.q: queue.Queue[tuple[Any, ...] | None] = queue.Queue(maxsize=2 * POOL)
+        self.free: queue.SimpleQueue[np.ndarray[Any, Any]] = queue.SimpleQueue()
+        for _ in range(POOL):
+            self.free.put(np.empty(4 * DEV_CHUNK, np.uint8))
         self.error: BaseException | None = None
         self.abandon = False
-        self.thread = threading.Thread(target=self._run, name="residual-writer", daemon=True)
+        self.thread = threading.Thread(target=self._run, name="residual-hash", daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
         while (task := self.q.get()) is not None:
-            if self.error is not None or self.abandon:
-                continue
-            try:
-                if task[0] == "w":
-                    _, f, data, sha = task
-                    f.write(data)
-                    sha.update(data)
-                else:
+            if task[0] == "h":
+                _, sha, data, pooled = task
+                if self.error is None and not self.abandon:
+                    try:
+                        sha.update(data)
+                    except BaseException as exc:  # handed to the caller in check()
+                        self.error = exc
+                if pooled is not None:
+                    self.free.put(pooled)
+            elif self.error is None and not self.abandon:
+                try:
                     task[1]()
-            except BaseException as exc:  # handed to the caller in check()
-                self.error = exc
+                except BaseException as exc:
+                    self.error = exc
+            del task
 
     def check(self) -> None:
         if self.error is not None:
             raise self.error
+
+    def buffer(self) -> np.ndarray[Any, Any]:
+        """A free uint8 buffer of 4·DEV_CHUNK bytes (waits for the hasher if need be)."""
+        self.check()
+        return self.free.get()
+
+    def release(self, buf: np.ndarray[Any, Any]) -> None:
+        self.free.put(buf)
+
+    def write(self, fd: int, data: Chunk, sha: Any, pooled: Any = None) -> None:
+        _write_all(fd, data)
+        self.put("h", sha, data, pooled)
 
     def put(self, *task: Any) -> None:
         self.check()
         self.q.put(task)
 
     def finish(self) -> None:
-        """Wait for every queued chunk; re-raise a write error."""
+        """Wait for every queued chunk; re-raise a hashing error."""
         self.q.put(None)
         self.thread.join()
         self.check()
@@ -933,7 +951,8 @@ class _Writer:
 
 
 class _BaseCheck:
-    """The base digest, computed on a helper thread, compared with what is required."""
+    """The base digest, compared with what is required: computed only on the error
+    path (or on a helper thread with ``verify_base``)."""
 
     def __init__(self, layout: Layout, path: Path, wants: tuple[str | None, ...]) -> None:
         self.layout, self.path, self.wants = layout, path, wants
@@ -971,17 +990,19 @@ class _OutFile:
     """One output file: skeleton bytes and hole bytes written in order, size-capped."""
 
     def __init__(
-        self, f: BinaryIO, size: int, skeleton: _Frame, skeleton_size: int, writer: _Writer
+        self, fd: int, size: int, skeleton: _Frame, skeleton_size: int, writer: _Writer
     ) -> None:
-        self.f, self.size, self.written, self.writer = f, size, 0, writer
+        self.fd, self.size, self.written, self.writer = fd, size, 0, writer
         self.skeleton, self.skeleton_size, self.skeleton_done = skeleton, skeleton_size, 0
         self.skeleton_sha = hashlib.sha256()
 
-    def write(self, data: Chunk, sha: Any) -> None:
-        self.written += len(data)
+    def write(self, data: Chunk, sha: Any, pooled: Any = None) -> None:
+        self.written += memoryview(cast(Any, data)).nbytes
         if self.written > self.size:
+            if pooled is not None:
+                self.writer.release(pooled)
             raise _bad("output longer than declared")
-        self.writer.put("w", self.f, data, sha)
+        self.writer.write(self.fd, data, sha, pooled)
 
     def copy_skeleton(self, upto: int) -> None:
         if upto < self.skeleton_done or upto > self.skeleton_size:
@@ -993,12 +1014,12 @@ class _OutFile:
 
 
 def _apply_stream(
-    rd: _In, hdr: _Header, bl: Layout, maps: _Maps, files: list[BinaryIO], *, writer: _Writer
+    rd: _In, hdr: _Header, bl: Layout, maps: _Maps, fds: list[int], *, writer: _Writer
 ) -> str:
     base_by_key = bl.by_key()
     dig = _Digest(hdr.format)
     seen: set[str] = set()
-    for i, f in enumerate(files):
+    for i, fd in enumerate(fds):
         (comp_len,) = rd.unpack("<Q")
         if comp_len > MAX_SKELETON:
             raise _bad("skeleton too large")
@@ -1006,7 +1027,7 @@ def _apply_stream(
         frame = _Frame(
             cast(BinaryIO, io.BytesIO(struct.pack("<Q", comp_len) + comp)), hdr.skeleton_sizes[i]
         )
-        of = _OutFile(f, hdr.sizes[i], frame, hdr.skeleton_sizes[i], writer)
+        of = _OutFile(fd, hdr.sizes[i], frame, hdr.skeleton_sizes[i], writer)
         while True:
             (kind,) = rd.unpack("<B")
             if kind == END_FILE:
@@ -1040,17 +1061,14 @@ def _apply_stream(
 def _apply_record(
     rd: _In, rec: _Record, base_by_key: dict[str, Hole], maps: _Maps, of: _OutFile
 ) -> Any:
-    """Queue one tensor's bytes; returns the sha256 object the writer feeds."""
+    """Write one tensor's bytes; returns the sha256 object the hasher feeds."""
     h = rec.hole
     sha = hashlib.sha256()
     bh = base_by_key.get(h.key)
-
-    def sink(data: Chunk) -> None:
-        of.write(data, sha)
-
     if rec.kind == FULL:
         frame = _Frame(rd.f, h.nbytes)
-        _fill_copy(h.nbytes, frame.read, sink)
+        for o in range(0, h.nbytes, IO_CHUNK):
+            of.write(frame.read(min(IO_CHUNK, h.nbytes - o)), sha)
         frame.close()
         return sha
     if bh is None or bh.dtype != h.dtype or bh.nbytes != h.nbytes:
@@ -1059,7 +1077,8 @@ def _apply_record(
         )
     base = maps.reader(bh)
     if rec.kind == SKIP:
-        _copy_base(base, h.nbytes, sink)
+        for o in range(0, h.nbytes, IO_CHUNK):
+            of.write(base(o, min(IO_CHUNK, h.nbytes - o)), sha)
     else:
         size = h.nbytes
         if rec.kind == QUANT:
@@ -1069,14 +1088,61 @@ def _apply_record(
                 raise _bad(f"tensor {h.key!r}: quantised record not smaller than the tensor")
         frame = _Frame(rd.f, size)
         if rec.kind == IDELTA:
-            _fill_idelta(base, rec, frame.read, sink)
+            _apply_idelta(base, rec, frame, of, sha)
         else:
-            _fill_quant(base, rec, frame.read, sink)
+            _apply_quant(base, rec, frame, of, sha)
         frame.close()
     maps.release(bh)
     return sha
 
 
-def _copy_base(read: Callable[[int, int], memoryview], n: int, sink: Sink) -> None:
-    for o in range(0, n, IO_CHUNK):
-        sink(read(o, min(IO_CHUNK, n - o)))
+def _apply_quant(
+    base: Callable[[int, int], memoryview], rec: _Record, frame: _Frame, of: _OutFile, sha: Any
+) -> None:
+    """Device side of :func:`_fill_quant`: the same arithmetic (``quant.dequant_add``)
+    into pooled buffers of DEV_CHUNK elements that stay in cache while they are
+    written and hashed."""
+    h = rec.hole
+    n = element_count(h.shape)
+    isz = quant.ITEMSIZE[h.dtype]
+    nscales = -(-n // rec.block)
+    scales = np.frombuffer(frame.read(4 * nscales), dtype="<f4").astype(np.float32)
+    for e0 in range(0, n, DEV_CHUNK):
+        k = min(DEV_CHUNK, n - e0)
+        q = quant.unpack(frame.read(quant.packed_size(k, rec.bits)), rec.bits, k)
+        a = quant.to_f32(base(e0 * isz, k * isz), h.dtype)
+        buf = of.writer.buffer()
+        d = buf.view(np.float32)[:k]
+        try:
+            quant.dequant_add(a, q, scales, rec.block, e0, out=d)
+        except BaseException:
+            of.writer.release(buf)
+            raise
+        if h.dtype == quant.F32:
+            of.write(d, sha, buf)
+        else:
+            data = quant.from_f32(d, h.dtype)
+            of.writer.release(buf)
+            of.write(data, sha)
+
+
+def _apply_idelta(
+    base: Callable[[int, int], memoryview], rec: _Record, frame: _Frame, of: _OutFile, sha: Any
+) -> None:
+    """Exact integer Δ: ``b = a + Δ`` modulo 2**(8·itemsize), little-endian, in pooled
+    buffers."""
+    h = rec.hole
+    wrap = quant.WRAP[quant.ITEMSIZE[h.dtype]]
+    step = 4 * DEV_CHUNK
+    for o in range(0, h.nbytes, step):
+        k = min(step, h.nbytes - o)
+        a = np.frombuffer(base(o, k), dtype=wrap)
+        buf = of.writer.buffer()
+        d = buf[:k].view(wrap)
+        try:
+            d[...] = np.frombuffer(frame.read(k), dtype=wrap)
+            np.add(d, a, out=d)
+        except BaseException:
+            of.writer.release(buf)
+            raise
+        of.write(d, sha, buf)
