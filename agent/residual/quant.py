@@ -144,7 +144,7 @@ def packed_size(n: int, bits: int) -> int:
     return (n * bits + 7) // 8
 
 
-def unpack(data: bytes | memoryview, bits: int, n: int) -> I8Array:
+def unpack(data: bytes | memoryview | U8Array, bits: int, n: int) -> I8Array:
     """Inverse of :func:`pack` for the first ``n`` elements."""
     raw = np.frombuffer(data, dtype=np.uint8)
     if bits == 8:

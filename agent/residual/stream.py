@@ -55,7 +55,7 @@ END_FILE = 0
 CHUNK = 1 << 20  # elements per dequantisation chunk (4 MiB of float32), a multiple of 8
 IO_CHUNK = 1 << 22  # bytes per copy step
 MAX_SKELETON = 1 << 30  # compressed skeleton bytes held in memory on the device
-ONESHOT = 1 << 24  # frames up to this decompressed size are decoded in one call
+ONESHOT = 1 << 16  # frames up to this size are decoded in one call, larger ones streamed
 MAX_NDIM = 32
 MAX_FILES = 1 << 10
 ZSTD_LEVEL = 9
@@ -219,6 +219,20 @@ class _Sub(io.RawIOBase):
         self.left -= len(got)
         return len(got)
 
+    def read(self, size: int = -1) -> bytes:
+        """What the zstd stream reader calls: one read of the source, no extra copy."""
+        if self.prefix:
+            out, self.prefix = self.prefix, b""
+            return out
+        n = self.left if size < 0 else min(size, self.left)
+        if n <= 0:
+            return b""
+        got = self.f.read(n)
+        if not got:
+            raise _bad("truncated")
+        self.left -= len(got)
+        return got
+
     def drain(self) -> None:
         while self.left:
             self.readinto(bytearray(min(self.left, IO_CHUNK)))
@@ -247,7 +261,7 @@ class _Frame:
             raise _bad("frame size differs from the record")
         self.left = size
         self.whole: memoryview | None = None
-        if size <= ONESHOT and comp <= ONESHOT + (1 << 20):
+        if size <= ONESHOT and comp <= 2 * ONESHOT:
             # small frames: one call, no stream bookkeeping (most tensors)
             data = head + rd.exact(comp - len(head))
             try:
@@ -273,17 +287,32 @@ class _Frame:
             self.left -= n
             self.pos += n
             return self.whole[self.pos - n : self.pos]
-        out = bytearray()
+        out = bytearray(n)
+        self.readinto(out)
+        return bytes(out)
+
+    def readinto(self, buf: Any) -> None:
+        """Fill ``buf`` (any writable buffer) with the next ``len`` decompressed bytes:
+        large frames decode straight into the caller's reusable buffer."""
+        view = memoryview(buf).cast("B")
+        n = len(view)
+        if n > self.left:
+            raise _bad("record longer than declared")
+        if self.whole is not None:
+            view[:] = self.whole[self.pos : self.pos + n]
+            self.pos += n
+            self.left -= n
+            return
+        got = 0
         try:
-            while len(out) < n:
-                got = self.reader.read(n - len(out))
-                if not got:
+            while got < n:
+                k = self.reader.readinto(view[got:])
+                if not k:
                     raise _bad("compressed data ends early")
-                out += got
+                got += k
         except _zstd().ZstdError as exc:
             raise _bad(f"zstd: {exc}") from None
         self.left -= n
-        return bytes(out)
 
     def close(self) -> None:
         if self.left:
@@ -883,29 +912,46 @@ def _write_all(fd: int, data: Any) -> None:
 
 
 class _Writer:
-    """Output chunks are written on the calling thread (``os.write`` from the buffer,
-    no copies) and hashed on a helper thread (hashlib releases the GIL for large
-    buffers), so SHA-256 overlaps the decoding. Pooled buffers return to the pool once
-    hashed; other chunks are never modified after they are queued."""
+    """Output chunks go through two helper threads: one writes them (``os.write`` from
+    the buffer, no copies), the next hashes them; file I/O and SHA-256 release the GIL,
+    so both overlap the decoding on the calling thread. Pooled buffers return to the
+    pool once hashed; other chunks are never modified after they are queued."""
 
     def __init__(self) -> None:
-        self.q: queue.Queue[tuple[Any, ...] | None] = queue.Queue(maxsize=2 * POOL)
+        self.wq: queue.Queue[tuple[Any, ...] | None] = queue.Queue(maxsize=2 * POOL)
+        self.hq: queue.Queue[tuple[Any, ...] | None] = queue.Queue(maxsize=2 * POOL)
         self.free: queue.SimpleQueue[np.ndarray[Any, Any]] = queue.SimpleQueue()
         for _ in range(POOL):
-            self.free.put(np.empty(4 * DEV_CHUNK, np.uint8))
+            self.free.put(_take_buffer())
+        self.qbuf = _take_buffer()  # packed q of one chunk, used on the calling thread
         self.error: BaseException | None = None
-        self.abandon = False
-        self.thread = threading.Thread(target=self._run, name="residual-hash", daemon=True)
-        self.thread.start()
+        self.abandon = self.returned = False
+        self.threads = [
+            threading.Thread(target=self._write, name="residual-write", daemon=True),
+            threading.Thread(target=self._hash, name="residual-hash", daemon=True),
+        ]
+        for t in self.threads:
+            t.start()
 
-    def _run(self) -> None:
-        while (task := self.q.get()) is not None:
-            if task[0] == "h":
-                _, sha, data, pooled = task
+    def _write(self) -> None:
+        while (task := self.wq.get()) is not None:
+            if task[0] == "w" and self.error is None and not self.abandon:
+                try:
+                    _write_all(task[1], task[2])
+                except BaseException as exc:  # handed to the caller in check()
+                    self.error = exc
+            self.hq.put(task)
+            del task
+        self.hq.put(None)
+
+    def _hash(self) -> None:
+        while (task := self.hq.get()) is not None:
+            if task[0] == "w":
+                _, _, data, sha, pooled = task
                 if self.error is None and not self.abandon:
                     try:
                         sha.update(data)
-                    except BaseException as exc:  # handed to the caller in check()
+                    except BaseException as exc:
                         self.error = exc
                 if pooled is not None:
                     self.free.put(pooled)
@@ -929,25 +975,46 @@ class _Writer:
         self.free.put(buf)
 
     def write(self, fd: int, data: Chunk, sha: Any, pooled: Any = None) -> None:
-        _write_all(fd, data)
-        self.put("h", sha, data, pooled)
+        self.put("w", fd, data, sha, pooled)
 
     def put(self, *task: Any) -> None:
         self.check()
-        self.q.put(task)
+        self.wq.put(task)
+
+    def _join(self) -> None:
+        self.wq.put(None)
+        for t in self.threads:
+            t.join()
 
     def finish(self) -> None:
-        """Wait for every queued chunk; re-raise a hashing error."""
-        self.q.put(None)
-        self.thread.join()
+        """Wait for every queued chunk; re-raise a write or hashing error."""
+        self._join()
         self.check()
 
     def stop(self) -> None:
-        """Drop what is queued (error path) and wait for the thread."""
-        if self.thread.is_alive():
+        """Drop what is queued (error path), wait for the threads, return the buffers."""
+        if self.threads[1].is_alive():
             self.abandon = True
-            self.q.put(None)
-            self.thread.join()
+            self._join()
+        if self.returned:
+            return
+        self.returned = True
+        bufs = [self.qbuf]
+        while not self.free.empty():
+            bufs.append(self.free.get())
+        with _SPARE_LOCK:
+            _SPARE.extend(bufs[: 2 * POOL - len(_SPARE)])
+
+
+_SPARE: list[np.ndarray[Any, Any]] = []  # buffers kept between applies (no page faults)
+_SPARE_LOCK = threading.Lock()
+
+
+def _take_buffer() -> np.ndarray[Any, Any]:
+    with _SPARE_LOCK:
+        if _SPARE:
+            return _SPARE.pop()
+    return np.empty(4 * DEV_CHUNK, np.uint8)
 
 
 class _BaseCheck:
@@ -1067,8 +1134,15 @@ def _apply_record(
     bh = base_by_key.get(h.key)
     if rec.kind == FULL:
         frame = _Frame(rd.f, h.nbytes)
-        for o in range(0, h.nbytes, IO_CHUNK):
-            of.write(frame.read(min(IO_CHUNK, h.nbytes - o)), sha)
+        step = 4 * DEV_CHUNK
+        for o in range(0, h.nbytes, step):
+            buf = of.writer.buffer()
+            try:
+                frame.readinto(buf[: min(step, h.nbytes - o)])
+            except BaseException:
+                of.writer.release(buf)
+                raise
+            of.write(buf[: min(step, h.nbytes - o)], sha, buf)
         frame.close()
         return sha
     if bh is None or bh.dtype != h.dtype or bh.nbytes != h.nbytes:
@@ -1109,7 +1183,9 @@ def _apply_quant(
     scales = np.frombuffer(frame.read(4 * nscales), dtype="<f4").astype(np.float32)
     for e0 in range(0, n, DEV_CHUNK):
         k = min(DEV_CHUNK, n - e0)
-        q = quant.unpack(frame.read(quant.packed_size(k, rec.bits)), rec.bits, k)
+        packed = of.writer.qbuf[: quant.packed_size(k, rec.bits)]
+        frame.readinto(packed)
+        q = quant.unpack(packed, rec.bits, k)
         a = quant.to_f32(base(e0 * isz, k * isz), h.dtype)
         buf = of.writer.buffer()
         d = buf.view(np.float32)[:k]
@@ -1140,7 +1216,7 @@ def _apply_idelta(
         buf = of.writer.buffer()
         d = buf[:k].view(wrap)
         try:
-            d[...] = np.frombuffer(frame.read(k), dtype=wrap)
+            frame.readinto(d)
             np.add(d, a, out=d)
         except BaseException:
             of.writer.release(buf)
