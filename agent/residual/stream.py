@@ -241,7 +241,7 @@ class _Sub(io.RawIOBase):
 class _Frame:
     """Streaming decompression of one length-prefixed zstd frame of known size."""
 
-    def __init__(self, f: BinaryIO, size: int) -> None:
+    def __init__(self, f: BinaryIO, size: int, dctx: Any = None) -> None:
         rd = _In(f)
         (comp,) = rd.unpack("<Q")
         if comp < 9:
@@ -265,7 +265,7 @@ class _Frame:
             # small frames: one call, no stream bookkeeping (most tensors)
             data = head + rd.exact(comp - len(head))
             try:
-                dobj = z.ZstdDecompressor().decompressobj()
+                dobj = (dctx or z.ZstdDecompressor()).decompressobj()
                 out = dobj.decompress(data)
             except z.ZstdError as exc:
                 raise _bad(f"zstd: {exc}") from None
@@ -274,10 +274,8 @@ class _Frame:
             self.whole, self.pos = memoryview(out), 0
             return
         self.sub = _Sub(f, comp - len(head), head)
-        self.reader = (
-            _zstd()
-            .ZstdDecompressor()
-            .stream_reader(self.sub, read_size=1 << 20, read_across_frames=False)
+        self.reader = (dctx or z.ZstdDecompressor()).stream_reader(
+            self.sub, read_size=1 << 20, read_across_frames=False
         )
 
     def read(self, n: int) -> bytes | memoryview:
@@ -1062,6 +1060,7 @@ class _OutFile:
         self.fd, self.size, self.written, self.writer = fd, size, 0, writer
         self.skeleton, self.skeleton_size, self.skeleton_done = skeleton, skeleton_size, 0
         self.skeleton_sha = hashlib.sha256()
+        self.dctx = _zstd().ZstdDecompressor()  # one per file: frames are read in turn
 
     def write(self, data: Chunk, sha: Any, pooled: Any = None) -> None:
         self.written += memoryview(cast(Any, data)).nbytes
@@ -1133,7 +1132,7 @@ def _apply_record(
     sha = hashlib.sha256()
     bh = base_by_key.get(h.key)
     if rec.kind == FULL:
-        frame = _Frame(rd.f, h.nbytes)
+        frame = _Frame(rd.f, h.nbytes, of.dctx)
         step = 4 * DEV_CHUNK
         for o in range(0, h.nbytes, step):
             buf = of.writer.buffer()
@@ -1160,7 +1159,7 @@ def _apply_record(
             size = 4 * (-(-n // rec.block)) + quant.packed_size(n, rec.bits)
             if size >= h.nbytes:  # the publisher sends such tensors full
                 raise _bad(f"tensor {h.key!r}: quantised record not smaller than the tensor")
-        frame = _Frame(rd.f, size)
+        frame = _Frame(rd.f, size, of.dctx)
         if rec.kind == IDELTA:
             _apply_idelta(base, rec, frame, of, sha)
         else:
