@@ -20,6 +20,7 @@ from onnx import helper, numpy_helper
 
 from agent.errors import BaseMismatchError, EdgewardError, FormatError, TargetDigestError
 from agent.residual import PatchInfo, apply_patch, encode_patch, quant, weights_digest
+from agent.residual.layout import scan
 
 
 def _perturb(model: onnx.ModelProto, scale: float, seed: int) -> onnx.ModelProto:
@@ -218,6 +219,55 @@ def test_wrong_base_refused(det: dict[str, Any], tmp_path: Path) -> None:
             expected_target_digest=None,
         )
     assert not out.exists()
+
+
+def test_base_checked_through_the_output(det: dict[str, Any], tmp_path: Path) -> None:
+    """The base is hashed only when the output fails: a base differing in a weight the
+    patch reads is refused naming both digests; one differing only in its skeleton (a
+    byte the output does not depend on) yields the exact target, unless verify_base."""
+    model = onnx.load(str(det["base"]))
+    model.producer_name = "edgeward-test"
+    base = _save(model, tmp_path / "base.onnx")
+    buf = io.BytesIO()
+    info = encode_patch(base, det["target"], buf)
+    assert info.stats["q8"] > 0
+    data = base.read_bytes()
+    big = max(scan(base).holes, key=lambda h: h.nbytes)
+    weight = bytearray(data)
+    i = big.offset + big.nbytes // 2 // 4 * 4
+    weight[i : i + 4] = np.float32(123.0).tobytes()  # no rounding can absorb this
+    skel = bytearray(data)
+    assert data.count(b"edgeward-test") == 1
+    j = data.index(b"edgeward-test")
+    skel[j : j + 1] = b"E"
+    for changed, refused in ((weight, True), (skel, False)):
+        p = tmp_path / "b.onnx"
+        p.write_bytes(bytes(changed))
+        out = tmp_path / "o" / "m.onnx"
+        for verify in (False, True):
+            if refused or verify:
+                with pytest.raises(BaseMismatchError) as e:
+                    apply_patch(
+                        p,
+                        io.BytesIO(buf.getvalue()),
+                        out,
+                        expected_base_digest=info.base_digest,
+                        expected_target_digest=info.target_digest,
+                        verify_base=verify,
+                    )
+                assert info.base_digest in e.value.message
+                assert weights_digest(p) in e.value.message
+                assert not out.exists()
+            else:
+                got = apply_patch(
+                    p,
+                    io.BytesIO(buf.getvalue()),
+                    out,
+                    expected_base_digest=info.base_digest,
+                    expected_target_digest=info.target_digest,
+                )
+                assert got == info.target_digest == weights_digest(out)
+                out.unlink()
 
 
 def test_wrong_expected_target_refused(det: dict[str, Any], tmp_path: Path) -> None:

@@ -863,11 +863,13 @@ def apply_patch(
                         f"patched model digest {digest} is not the expected {want}",
                         code="target-digest",
                     )
-        except Exception:
+        except Exception as exc:
             # Something failed: a wrong base is what gets reported, also when it made
-            # the patch fail in another way (the base is hashed only now).
+            # the patch fail in another way (the base is hashed only now). A failing
+            # disk or memory is not the base's doing.
             writer.stop()
-            base_check.check()
+            if not isinstance(exc, OSError | MemoryError):
+                base_check.check()
             raise
         if verify_base:
             base_check.check()
