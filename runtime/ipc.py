@@ -41,16 +41,54 @@ class Channel:
         self._lock = threading.Lock()
 
     def send(self, header: dict[str, Any], payload: list[bytes | memoryview] | None = None) -> None:
-        hb = json.dumps(header, separators=(",", ":")).encode()
-        parts: list[bytes | memoryview] = list(payload or [])
-        plen = sum(len(p) for p in parts)
-        bufs: list[bytes | memoryview] = [HEAD.pack(len(hb), plen), hb, *parts]
+        bufs = _frame(header, payload)
         with self._lock:
-            total = sum(len(b) for b in bufs)
-            sent = self.sock.sendmsg(bufs)
-            if sent < total:  # large payloads: finish with sendall on the remainder
-                rest = b"".join(bytes(b) for b in bufs)[sent:]
-                self.sock.sendall(rest)
+            self._send_all(bufs)
+
+    def send_nowait(
+        self, header: dict[str, Any], payload: list[bytes | memoryview] | None = None
+    ) -> tuple[str, list[memoryview]]:
+        """Send a frame without ever blocking (for an event loop that also reads replies:
+        blocking there while the peer blocks sending to us would deadlock both).
+
+        Returns ``("sent", [])``; ``("later", bufs)`` when nothing went out (lock busy or
+        socket full): pass ``bufs`` to :meth:`send_bufs` from a thread that may block; or
+        ``("rest", bufs)`` when part of the frame went out: the lock is still held and
+        :meth:`finish` must send ``bufs`` (from a thread that may block).
+        """
+        bufs = [memoryview(b).cast("B") for b in _frame(header, payload)]
+        if not self._lock.acquire(blocking=False):
+            return "later", bufs
+        try:
+            sent = self.sock.sendmsg(bufs, [], socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            self._lock.release()
+            return "later", bufs
+        except BaseException:
+            self._lock.release()
+            raise
+        rest = _skip(bufs, sent)
+        if not rest:
+            self._lock.release()
+            return "sent", []
+        return "rest", rest
+
+    def send_bufs(self, bufs: list[memoryview]) -> None:
+        with self._lock:
+            self._send_all(bufs)
+
+    def finish(self, rest: list[memoryview]) -> None:
+        """Send the rest of a frame :meth:`send_nowait` started; releases its lock."""
+        try:
+            self._send_all(rest)
+        finally:
+            self._lock.release()
+
+    def _send_all(self, bufs: list[Any]) -> None:
+        views = [memoryview(b).cast("B") for b in bufs]
+        while views:
+            sent = self.sock.sendmsg(views[:512])
+            views = _skip(views, sent)
 
     def _recv_exact(self, n: int) -> bytearray:
         buf = bytearray(n)
@@ -79,6 +117,25 @@ class Channel:
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.close()
+
+
+def _frame(header: dict[str, Any], payload: list[bytes | memoryview] | None) -> list[Any]:
+    hb = json.dumps(header, separators=(",", ":")).encode()
+    parts: list[bytes | memoryview] = list(payload or [])
+    plen = sum(memoryview(p).nbytes for p in parts)
+    return [HEAD.pack(len(hb), plen), hb, *parts]
+
+
+def _skip(views: list[memoryview], sent: int) -> list[memoryview]:
+    """The buffers left after ``sent`` bytes of ``views`` went out."""
+    i = 0
+    while i < len(views) and sent >= views[i].nbytes:
+        sent -= views[i].nbytes
+        i += 1
+    rest = views[i:]
+    if rest and sent:
+        rest[0] = rest[0][sent:]
+    return rest
 
 
 class ShmArena:

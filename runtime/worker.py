@@ -624,6 +624,7 @@ class ModelWorker:
         nowait: bool = False,
         fut: Any = None,
         follower: _Follower | None = None,
+        defer_send: bool = False,
     ) -> Any:
         """Send one request; returns ``fut`` (an asyncio future of the worker's loop) or a
         new ``concurrent.futures.Future``, settled when the reply comes."""
@@ -672,6 +673,8 @@ class ModelWorker:
         with self._cv:
             self._stats["requests"] += 1
             self._stats["shm_tensors_in"] += n_shm
+        if defer_send:
+            return fut, c, header, parts
         with contextlib.suppress(OSError):  # the reader sees a death and fails this request
             c.chan.send(header, parts)
         return fut
@@ -700,9 +703,15 @@ class ModelWorker:
         waiter: Any
         try:
             if loop is self._loop:  # loop mode: the loop itself settles this future
-                waiter = self._submit(
-                    {"op": "predict"}, inputs, timeout, nowait=True, fut=loop.create_future()
+                waiter, c, header, parts = self._submit(
+                    {"op": "predict"},
+                    inputs,
+                    timeout,
+                    nowait=True,
+                    fut=loop.create_future(),
+                    defer_send=True,
                 )
+                await self._send_from_loop(loop, c, header, parts)
             else:
                 waiter = asyncio.wrap_future(
                     self._submit({"op": "predict"}, inputs, timeout, nowait=True)
@@ -721,6 +730,21 @@ class ModelWorker:
             self._count_error(exc)
             raise
         return out
+
+    async def _send_from_loop(
+        self, loop: asyncio.AbstractEventLoop, c: _Child, header: dict[str, Any], parts: Any
+    ) -> None:
+        """Send without blocking the loop: the loop also reads the replies, and a child
+        blocked sending a big reply reads no more requests, so a loop blocked in send
+        would deadlock both. What does not go out at once is sent from a thread."""
+        try:
+            state, bufs = c.chan.send_nowait(header, parts)
+            if state == "later":
+                await loop.run_in_executor(None, c.chan.send_bufs, bufs)
+            elif state == "rest":
+                await loop.run_in_executor(None, c.chan.finish, bufs)
+        except OSError:  # the reader sees the death and fails this request
+            pass
 
     def _count_error(self, exc: BaseException) -> None:
         with self._cv:

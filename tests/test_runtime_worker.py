@@ -361,3 +361,40 @@ def test_thread_mode_callers_read_replies_mixed_sync_async_and_timeouts(tmp_path
         assert w.stats()["in_flight"] == 0
     finally:
         w.stop()
+
+
+def test_loop_mode_big_inline_frames_do_not_deadlock(tmp_path: Path) -> None:
+    """Tensors bigger than a slot travel inline (MBs each way) while every child thread
+    is busy sending a reply: the loop must keep reading while its sends are pending."""
+    made: list[ModelWorker] = []
+    errors: list[BaseException] = []
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        w = _toy(tmp_path, loop=loop, max_concurrency=3, shm_slot_bytes=1 << 20)
+        made.append(w)
+        await loop.run_in_executor(None, w.start)
+        try:
+            xs = [np.full(400_000, float(i)) for i in range(6)]  # 3.2 MB > slot: inline
+            xs += [np.full(7_500, float(i)) for i in range(6)]  # 60 KB: inline
+            outs = await asyncio.gather(*(w.apredict({"x": x}, timeout=30) for x in xs))
+            for x, o in zip(xs, outs, strict=True):
+                np.testing.assert_array_equal(o["y"], x * 2)
+            assert w.stats()["shm_tensors_in"] == 0
+        finally:
+            await loop.run_in_executor(None, w.stop)
+
+    def run() -> None:
+        try:
+            asyncio.run(scenario())
+        except BaseException as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(40)
+    if t.is_alive():  # deadlocked: kill the child so the stuck send returns, then fail
+        os.kill(made[0].pid or 0, signal.SIGKILL)
+        t.join(10)
+        pytest.fail("event loop and worker child deadlocked on big inline frames")
+    assert not errors, errors
