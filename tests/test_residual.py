@@ -347,7 +347,9 @@ def test_fidelity_report(det: dict[str, Any], tmp_path: Path) -> None:
     assert f is not None and f["samples"] == 2
     assert f["nonfinite_outputs"] == 0
     assert all(
-        isinstance(v, float) for k, v in f.items() if k not in ("samples", "nonfinite_outputs")
+        isinstance(v, float)
+        for k, v in f.items()
+        if k not in ("samples", "sample_rows", "nonfinite_outputs")
     )
     assert 0.99 < f["cosine_min"] <= f["cosine_mean"] <= 1.0 + 1e-9
     assert 0 < f["max_abs_diff"] < 5.0 and 0.5 < f["top1_agreement"] <= 1.0

@@ -3,7 +3,8 @@
 Samples are ``*.npz`` files with ``input:<name>`` arrays (``output:<name>`` arrays are
 ignored here: B itself is the reference). ONNX runs on onnxruntime (CPU), TFLite on
 ai_edge_litert. Metrics over every sample and output: the largest absolute difference,
-the smallest and mean cosine similarity of the flattened outputs, and for outputs with
+the smallest and mean cosine similarity per sample (a batched output is split along
+axis 0), and for outputs with
 a class axis (rank ≥ 2, last axis > 1) the share of positions whose argmax agrees. An
 output where B' has inf/NaN and B has not counts in ``nonfinite_outputs`` with cosine
 −1 and makes ``max_abs_diff`` infinite.
@@ -79,19 +80,25 @@ def compare(target: Path, patched: Path, samples: Path, fmt: str) -> dict[str, A
         max_abs = 0.0
         agree = total = nonfinite = 0
         data = _samples(samples)
+        rows = 0
         for ins in data:
             for a, b in zip(ref(ins), got(ins), strict=True):
-                x = a.astype(np.float64).ravel()
-                y = b.astype(np.float64).ravel()
-                if not np.all(np.isfinite(y[np.isfinite(x)])):
-                    nonfinite += 1  # B' produced inf/NaN where B did not: the worst case
-                    cos.append(-1.0)
-                    max_abs = float("inf")
-                    continue
-                if x.size:
-                    max_abs = max(max_abs, float(np.nanmax(np.abs(x - y))))
-                nx, ny = float(np.linalg.norm(x)), float(np.linalg.norm(y))
-                cos.append(1.0 if nx == ny == 0 else float(x @ y) / (nx * ny or 1.0))
+                # One cosine per sample: a batched output (rank >= 2) is split along
+                # axis 0, so one bad sample in a batch of 64 is not averaged away.
+                n = a.shape[0] if a.ndim >= 2 and a.shape[0] > 0 else 1
+                xs = a.astype(np.float64).reshape(n, -1)
+                ys = b.astype(np.float64).reshape(n, -1)
+                rows += n
+                for x, y in zip(xs, ys, strict=True):
+                    if not np.all(np.isfinite(y[np.isfinite(x)])):
+                        nonfinite += 1  # B' produced inf/NaN where B did not: the worst case
+                        cos.append(-1.0)
+                        max_abs = float("inf")
+                        continue
+                    if x.size:
+                        max_abs = max(max_abs, float(np.nanmax(np.abs(x - y))))
+                    nx, ny = float(np.linalg.norm(x)), float(np.linalg.norm(y))
+                    cos.append(1.0 if nx == ny == 0 else float(x @ y) / (nx * ny or 1.0))
                 if a.ndim >= 2 and a.shape[-1] > 1:
                     agree += int(np.sum(np.argmax(a, -1) == np.argmax(b, -1)))
                     total += int(np.prod(a.shape[:-1]))
@@ -101,6 +108,7 @@ def compare(target: Path, patched: Path, samples: Path, fmt: str) -> dict[str, A
         raise ResidualError(f"fidelity run failed: {exc}", code="residual-fidelity") from exc
     report: dict[str, Any] = {
         "samples": len(data),
+        "sample_rows": rows,
         "max_abs_diff": max_abs,
         "cosine_min": min(cos) if cos else 1.0,
         "cosine_mean": float(np.mean(cos)) if cos else 1.0,
