@@ -9,10 +9,20 @@ from collections.abc import Callable
 from typing import Any
 
 
+def _vm_hwm_kb() -> float:
+    """This process's own peak RSS. ``ru_maxrss`` is not: Linux carries it over from the
+    parent across vfork+exec, so a child of a driver that once peaked high reports the
+    driver's peak."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return float(line.split()[1])
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # not Linux
+
+
 def _child(fn: Callable[..., Any], args: tuple[Any, ...], q: Any) -> None:
     result = fn(*args)
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    q.put((result, peak_kb / 1024.0))
+    q.put((result, _vm_hwm_kb() / 1024.0))
 
 
 def peak_rss_mb(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
