@@ -2,22 +2,107 @@
 
 Each area module exposes ``run(work: Path) -> dict[str, float]`` and prints its own
 human-readable lines (every figure as a ratio against an anchor measured in the same
-run). The numbers are merged into ``bench/results.json``.
+run). The numbers are merged into ``bench/results.json``; a full run (all areas) also
+rewrites ``BENCHMARKS.md`` with the table of figures against the issues' goals and the
+whole transcript, so the document always matches the command that produced it.
 Select areas with ``python -m bench.run unpack residual``.
 """
 
 from __future__ import annotations
 
 import importlib
+import io
 import json
 import math
+import os
 import platform
 import sys
 import time
 from pathlib import Path
+from typing import TextIO
 
 AREAS = ("unpack", "residual", "worker", "socket")
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+# key: (what it is, goal as (op, value) or None, issue)
+FIGURES: dict[str, tuple[str, tuple[str, float] | None, int]] = {
+    "unpack_throughput_ratio": ("unpack MB/s / (SHA-256 + AES-256-GCM) MB/s", (">=", 0.5), 2),
+    "unpack_peak_rss_mb": ("peak RSS unpacking a >= 1 GiB package, MB", ("<=", 200), 2),
+    "patch_int8_size_ratio": ("int8 patch / full signed .emp", ("<=", 0.20), 3),
+    "patch_int8_cosine_min": ("min per-sample output cosine B vs B' (int8)", (">=", 0.9999), 3),
+    "patch_int4_size_ratio": ("int4 patch / full signed .emp", ("<=", 0.12), 3),
+    "patch_int4_cosine_min": ("min per-sample output cosine (int4; goal is top-1)", None, 3),
+    "patch_vs_zstd_patch_from": ("zstd -19 --patch-from size / our int8 patch", (">=", 3.0), 3),
+    "patch_apply_ratio": ("apply GB/s / numpy a += q*s GB/s", (">=", 0.5), 3),
+    "patch_apply_peak_rss_mb": ("peak RSS applying to a 512 MiB model, MB", ("<=", 260), 3),
+    "worker_added_p50_us_224": ("worker vs in-process, 224x224x3 CNN, added p50 us", None, 4),
+    "worker_throughput_ratio_4c": ("worker / in-process throughput, 4 callers", (">=", 0.9), 4),
+    "socket_added_p50_us_tiny_binary": ("tiny model, binary tensors, added p50 us", ("<=", 150), 5),
+    "socket_added_p99_us_tiny_binary": ("tiny model, binary tensors, added p99 us", None, 5),
+    "socket_added_p50_us_tiny_json": ("tiny model, JSON tensors, added p50 us", None, 5),
+    "socket_added_p50_us_224": ("224x224x3 CNN over the socket, added p50 us", None, 5),
+    "socket_throughput_ratio_4c": ("socket / in-process throughput, 4 clients", (">=", 0.9), 5),
+    "daemon_idle_rss_mb": ("daemon idle RSS without model workers, MB", ("<=", 60), 5),
+}
+
+
+class _Tee(io.TextIOBase):
+    """Echo to the terminal and keep a copy for BENCHMARKS.md."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out, self.buf = out, io.StringIO()
+
+    def write(self, s: str) -> int:
+        self.out.write(s)
+        self.out.flush()
+        return self.buf.write(s)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
+def _met(value: float, goal: tuple[str, float] | None) -> str:
+    if goal is None:
+        return "—"
+    op, target = goal
+    ok = value >= target if op == ">=" else value <= target
+    return f"{op} {target:g}: {'met' if ok else '**missed**'}"
+
+
+def _write_doc(results: dict[str, float], transcript: str, started: str) -> None:
+    rows = [
+        f"| `{key}` | {what} | {results[key]:.4g} | {_met(results[key], goal)} | #{issue} |"
+        for key, (what, goal, issue) in FIGURES.items()
+        if key in results
+    ]
+    cpu = os.cpu_count()
+    doc = f"""# Benchmarks
+
+Produced by `make bench` (= `python -m bench.run`, all areas) on {started}:
+{platform.machine()}, {cpu} CPUs, Python {platform.python_version()}. This file and
+`bench/results.json` are written by that command; do not edit them by hand. Every figure
+is a ratio or a difference against an anchor measured in the same run (in-process
+onnxruntime, hashlib + cryptography on the same bytes, `zstd --patch-from`, numpy), so
+the numbers compare across machines better than absolute times do. Single runs on a
+shared 2-vCPU VM vary by about ±15% on the throughput ratios and more on p99.
+
+| key | figure | value | goal | issue |
+|---|---|---:|---|---|
+{chr(10).join(rows)}
+
+Where a goal is missed, the area's document says why and what it would take:
+[docs/PACKAGE.md](docs/PACKAGE.md) (unpack), [docs/RESIDUAL.md](docs/RESIDUAL.md)
+(apply speed), [docs/RUNTIME.md](docs/RUNTIME.md) (worker),
+[docs/DAEMON.md](docs/DAEMON.md) and [docs/PROTOCOL.md](docs/PROTOCOL.md) (socket).
+
+## Transcript
+
+```
+{transcript.rstrip()}
+```
+"""
+    (ROOT / "BENCHMARKS.md").write_text(doc)
 
 
 def main(argv: list[str]) -> int:
@@ -26,19 +111,28 @@ def main(argv: list[str]) -> int:
     work.mkdir(exist_ok=True)
     out = HERE / "results.json"
     results: dict[str, float] = json.loads(out.read_text()) if out.exists() else {}
-    print(f"# edgeward bench on {platform.machine()} {platform.python_version()}")
-    for area in areas:
-        mod = importlib.import_module(f"bench.bench_{area}")
-        t0 = time.perf_counter()
-        print(f"\n## {area}")
-        figures = mod.run(work / area)
-        for key, value in figures.items():
-            if not isinstance(value, (int, float)) or not math.isfinite(float(value)):
-                raise SystemExit(f"bench {area}: {key} is not a finite number: {value!r}")
-            results[key] = float(value)
-        print(f"({area} took {time.perf_counter() - t0:.1f} s)")
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    tee = _Tee(sys.stdout)
+    real_stdout, sys.stdout = sys.stdout, tee
+    try:
+        print(f"# edgeward bench on {platform.machine()} {platform.python_version()}")
+        for area in areas:
+            mod = importlib.import_module(f"bench.bench_{area}")
+            t0 = time.perf_counter()
+            print(f"\n## {area}")
+            figures = mod.run(work / area)
+            for key, value in figures.items():
+                if not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+                    raise SystemExit(f"bench {area}: {key} is not a finite number: {value!r}")
+                results[key] = float(value)
+            print(f"({area} took {time.perf_counter() - t0:.1f} s)")
+    finally:
+        sys.stdout = real_stdout
     out.write_text(json.dumps(dict(sorted(results.items())), indent=2) + "\n")
     print(f"\nwrote {out}")
+    if set(areas) == set(AREAS):
+        _write_doc(results, tee.buf.getvalue(), started)
+        print(f"wrote {ROOT / 'BENCHMARKS.md'}")
     return 0
 
 

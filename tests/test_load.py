@@ -97,7 +97,13 @@ def bad_request(path: Path, kind: str) -> tuple[int, dict[str, object]]:
     """Send one malformed request on its own connection; return (status, JSON body)."""
     c = Conn(path)
     try:
-        c.sock.sendall(BAD[kind])
+        try:
+            c.sock.sendall(BAD[kind])
+        except (BrokenPipeError, ConnectionResetError):
+            # The server answers a header flood once it has read past its limit and
+            # closes; the rest of our send then fails, but its answer is still readable.
+            if kind != "header-flood":
+                raise
         if kind == "lying-length":
             c.sock.shutdown(socket.SHUT_WR)
         status, body = c.response()

@@ -67,7 +67,7 @@ def _run_dir(work: Path) -> Path:
     """``work/run``, or a short directory in /tmp when that path is too long for
     AF_UNIX socket names (108 bytes)."""
     run = work / "run"
-    if len(os.fsencode(run / "control.sock")) < 100:
+    if len(os.fsencode(run)) <= 64:  # room for the daemon's ".infer.sock.<pid>.tmp"
         return run
     digest = hashlib.sha256(os.fsencode(work)).hexdigest()[:12]
     return Path(tempfile.gettempdir()) / f"edgeward-demo-{digest}"
