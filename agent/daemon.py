@@ -383,6 +383,9 @@ def run(config_path: Path) -> int:
     """Load the config and run the daemon until it is stopped. Returns the exit code."""
     cfg = load_config(config_path)
     _setup_logging(cfg.daemon.log_level)
+    from agent.malloc import tune_malloc
+
+    tune_malloc()
 
     async def _main() -> None:
         daemon = Daemon(cfg)

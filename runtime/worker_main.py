@@ -40,6 +40,9 @@ def main(argv: list[str]) -> int:
     # Hand the GIL over quickly: the reader thread must not wait 5 ms behind a predict
     # thread in Python code while a frame is waiting.
     sys.setswitchinterval(0.0005)
+    from agent.malloc import tune_malloc
+
+    tune_malloc()  # per-request tensors reuse heap pages (see agent/malloc.py)
     sock = socket.socket(fileno=int(argv[0]))
     chan = ipc.Channel(sock)
     try:
