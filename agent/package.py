@@ -303,6 +303,37 @@ def _resolve_base(spec: PackSpec, work: Path) -> tuple[BaseRef, dict[str, Path]]
     return BaseRef(bm.name, bm.version), {m.name: base / "Model" / m.name for m in bm.models}
 
 
+def _carried_external_data(
+    models: list[tuple[str, Path, str]], base_models: dict[str, Path]
+) -> dict[str, str]:
+    """{external data model name: the ONNX model whose residual patch writes it}.
+
+    An ONNX model with external data is packed as the .onnx file plus its data files.
+    In a residual update the ONNX patch already carries every tensor of those files
+    (quantised, like inline weights) and ``apply_patch`` writes them next to the model,
+    so sending the data files again as exact byte deltas would only cost size. They are
+    left out of the residual package; the target digest of the .onnx covers them.
+    """
+    if not base_models:
+        return {}
+    try:
+        from agent.residual.layout import scan
+    except ImportError:  # reported as residual-unavailable when the patch is made
+        return {}
+
+    by_file = {path.resolve(): name for name, path, _fmt in models}
+    carried: dict[str, str] = {}
+    for name, path, fmt in models:
+        if fmt != "onnx" or name not in base_models:
+            continue
+        layout = scan(path)
+        for rel, ext_path in zip(layout.names[1:], layout.paths[1:], strict=True):
+            ext = by_file.get(Path(ext_path).resolve())
+            if ext is not None and ext == rel and ext != name:
+                carried[ext] = name
+    return carried
+
+
 def _is_package(path: Path) -> bool:
     with open(path, "rb") as f:
         block = f.read(512)
@@ -356,6 +387,8 @@ def _pack(spec: PackSpec, out: Path, work: Path) -> Manifest:
         raise PackageError(f"model names repeat: {names}", code="model-name")
 
     meta_sources = _meta_sources(spec, models)
+    carried = _carried_external_data(models, base_models)
+    models = [m for m in models if m[0] not in carried]
     program_sources = (
         []
         if spec.program_dir is None
@@ -389,11 +422,15 @@ def _pack(spec: PackSpec, out: Path, work: Path) -> Manifest:
                 src = work / f"patch-{i}"
                 with open(src, "wb") as pf:
                     info = _encode_patch(base_models[name], path, pf, spec)
+                stats = _jsonable(getattr(info, "stats", None)) or {}
+                ext = sorted(k for k, v in carried.items() if v == name)
+                if ext:
+                    stats["external_data"] = ext  # written by this model's patch
                 extra = {
                     "base_digest": info.base_digest,
                     "target_digest": info.target_digest,
                     "fidelity": _jsonable(getattr(info, "fidelity", None)),
-                    "stats": _jsonable(getattr(info, "stats", None)),
+                    "stats": stats or None,
                 }
             writer.begin_model(
                 i,
@@ -1039,13 +1076,26 @@ def _apply_patches(
                 expected_target_digest=mi.target_digest,
             )
         patch.unlink()
-        fd = os.open(target, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        for written in (target, *_external_written(mi)):
+            if not (target.parent / written.name).is_file():
+                raise IntegrityError(
+                    f"model {mi.name!r}: the patch did not produce {written.name!r}, "
+                    "which the manifest says it carries",
+                    code="external-data-missing",
+                )
+            fd = os.open(target.parent / written.name, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
     shutil.rmtree(out.root / ".patches", ignore_errors=True)
     out.dirs.discard(out.root / ".patches")
+
+
+def _external_written(mi: ModelInfo) -> list[Path]:
+    """External data files the model's patch wrote next to it (see pack)."""
+    names = (mi.stats or {}).get("external_data") or []
+    return [Path(check_path(f"Model/{n}")) for n in names if isinstance(n, str)]
 
 
 def inspect(pkg: Path, limits: Limits | None = None) -> dict[str, Any]:

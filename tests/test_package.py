@@ -469,3 +469,62 @@ def test_residual_wiring(tmp_path: Path, keys, monkeypatch: pytest.MonkeyPatch) 
         )
     assert not (tmp_path / "u3").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def _external_onnx(d: Path, w: np.ndarray) -> list[Path]:
+    """A MatMul model whose weight lives in an external data file next to it."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    d.mkdir(parents=True)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])],
+        "ext",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, w.shape[0]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, w.shape[1]])],
+        [numpy_helper.from_array(w, "W")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    onnx.save(
+        model, str(d / "m.onnx"), save_as_external_data=True, location="m.onnx.data",
+        size_threshold=0,
+    )  # fmt: skip
+    return [d / "m.onnx", d / "m.onnx.data"]
+
+
+def test_residual_onnx_external_data(tmp_path: Path, keys) -> None:  # type: ignore[no-untyped-def]
+    """An ONNX model packed with its external data file: the residual package carries the
+    data file's tensors inside the .onnx patch (quantised), not as a second full delta."""
+    import onnxruntime as ort
+
+    sk, trust, _, _ = keys
+    rng = np.random.default_rng(5)
+    w = rng.normal(0, 1, (512, 512)).astype(np.float32)
+    versions = [w, w + 0.01 * rng.normal(0, 1, w.shape).astype(np.float32)]
+    versions.append(versions[1] + 0.01 * rng.normal(0, 1, w.shape).astype(np.float32))
+    src = [_external_onnx(tmp_path / f"src{i}", v) for i, v in enumerate(versions)]
+    common = {"signing_keys": [sk], "name": "ext"}
+    pack(PackSpec(models=src[0], version=1, **common), tmp_path / "v1.emp")
+    unpack(tmp_path / "v1.emp", tmp_path / "u1", trust=trust)
+    m2 = pack(
+        PackSpec(models=src[1], version=2, base=tmp_path / "u1", **common), tmp_path / "v2.emp"
+    )
+    assert [m.name for m in m2.models] == ["m.onnx"]
+    assert m2.models[0].stats is not None
+    assert m2.models[0].stats["external_data"] == ["m.onnx.data"]
+    assert (tmp_path / "v2.emp").stat().st_size < 0.4 * (tmp_path / "v1.emp").stat().st_size
+    unpack(tmp_path / "v2.emp", tmp_path / "u2", trust=trust, base_dir=tmp_path / "u1")
+    pack(PackSpec(models=src[2], version=3, base=tmp_path / "u2", **common), tmp_path / "v3.emp")
+    unpack(tmp_path / "v3.emp", tmp_path / "u3", trust=trust, base_dir=tmp_path / "u2")
+    assert sorted(p.name for p in (tmp_path / "u3" / "Model").iterdir()) == [
+        "m.onnx",
+        "m.onnx.data",
+    ]
+    x = rng.normal(0, 1, (1, 512)).astype(np.float32)
+    want = ort.InferenceSession(str(src[2][0])).run(None, {"x": x})[0]
+    got = ort.InferenceSession(str(tmp_path / "u3" / "Model" / "m.onnx")).run(None, {"x": x})[0]
+    cos = float(np.dot(want.ravel(), got.ravel()) / np.linalg.norm(want) / np.linalg.norm(got))
+    assert cos > 0.9999
+    # the base's files are untouched by both updates
+    assert (tmp_path / "u1" / "Model" / "m.onnx.data").read_bytes() == src[0][1].read_bytes()
