@@ -48,7 +48,10 @@ def _make_model(path: Path, size: int) -> None:
 
 def _unpack_child(pkg: str, out: str, trust: str, device: str) -> float:
     from agent.keys import Keyring, TrustStore
+    from agent.malloc import tune_malloc
     from agent.package import unpack
+
+    tune_malloc()  # as in the daemon (whose updater unpacks) and the edgeward CLI
 
     t0 = time.perf_counter()
     unpack(

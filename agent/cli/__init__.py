@@ -43,6 +43,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from agent.malloc import tune_malloc
+
+    tune_malloc()  # pack/unpack stream 4 MiB pieces: reuse heap pages (agent/malloc.py)
     try:
         rc = args.func(args)
     except EdgewardError as exc:
