@@ -144,6 +144,7 @@ def run(work: Path) -> dict[str, float]:
     )
     pack_s = time.perf_counter() - t0
     model.unlink()  # only the package stays: unpack reads what a device would get
+    os.sync()  # the package's writeback would otherwise compete with what is measured
     pkg_mb = pkg.stat().st_size / 1e6
     print(f"package {pkg_mb:.0f} MB (model {size / 1e6:.0f} MB), packed in {pack_s:.1f} s")
 
