@@ -73,3 +73,40 @@ def test_patch_wrong_base_is_one_line_error(
     assert not out.exists()
     rc = main(["patch", str(base), str(tmp_path / "missing.ewr"), "-o", str(out)])
     assert rc != 0 and "[residual-io]" in capsys.readouterr().err
+
+
+def test_patch_verify_base_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A base differing only in bytes the output does not use (the producer name) gives
+    the exact target by default; ``--verify-base`` refuses it."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    def save(w: np.ndarray, producer: str, path: Path) -> Path:
+        graph = helper.make_graph(
+            [helper.make_node("MatMul", ["x", "W"], ["y"])],
+            "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])],
+            [numpy_helper.from_array(w, "W")],
+        )
+        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        m.ir_version, m.producer_name = 10, producer
+        onnx.save(m, str(path))
+        return path
+
+    w = np.random.default_rng(0).normal(0, 1, (64, 64)).astype(np.float32)
+    base = save(w, "publisher", tmp_path / "a.onnx")
+    target = save(w * 1.01, "publisher", tmp_path / "b.onnx")
+    other = save(w, "Publisher", tmp_path / "a2.onnx")  # same weights, one skeleton byte
+    patch = tmp_path / "p.ewr"
+    assert main(["diff", str(base), str(target), "-o", str(patch)]) == 0
+    capsys.readouterr()
+    out = tmp_path / "o.onnx"
+    assert main(["patch", str(other), str(patch), "-o", str(out)]) == 0
+    assert out.exists()
+    out.unlink()
+    rc = main(["patch", str(other), str(patch), "-o", str(out), "--verify-base"])
+    assert rc != 0 and "[base-mismatch]" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(["patch", str(base), str(patch), "-o", str(out), "--verify-base"]) == 0

@@ -51,6 +51,12 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("-o", "--output", required=True, type=Path, metavar="OUT")
     p.add_argument("--expect-base", metavar="D", help="required base digest (sha256:…)")
     p.add_argument("--expect-target", metavar="D", help="required target digest (sha256:…)")
+    p.add_argument(
+        "--verify-base",
+        action="store_true",
+        help="hash the whole base first and refuse any difference (default: the base is "
+        "checked through the output's digest, and hashed only when that fails)",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_patch)
 
@@ -130,6 +136,7 @@ def _patch(args: argparse.Namespace) -> int:
             args.output,
             expected_base_digest=args.expect_base,
             expected_target_digest=args.expect_target,
+            verify_base=args.verify_base,
         )
     if args.json:
         print(json.dumps({"output": str(args.output), "target_digest": digest}))
