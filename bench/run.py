@@ -2,10 +2,12 @@
 
 Each area module exposes ``run(work: Path) -> dict[str, float]`` and prints its own
 human-readable lines (every figure as a ratio against an anchor measured in the same
-run). The numbers are merged into ``bench/results.json``; a full run (all areas) also
-rewrites ``BENCHMARKS.md`` with the table of figures against the issues' goals and the
-whole transcript, so the document always matches the command that produced it.
-Select areas with ``python -m bench.run unpack residual``.
+run). The whole set runs ``EDGEWARD_BENCH_REPEAT`` times (default 3) and each key
+records the median: single runs on a shared 2-vCPU VM swing by ±20%. The numbers are
+merged into ``bench/results.json``; a full run (all areas) also rewrites
+``BENCHMARKS.md`` with the table of figures (median and range) against the issues'
+goals and the whole transcript, so the document always matches the command that
+produced it. Select areas with ``python -m bench.run unpack residual``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -70,25 +73,34 @@ def _met(value: float, goal: tuple[str, float] | None) -> str:
     return f"{op} {target:g}: {'met' if ok else '**missed**'}"
 
 
-def _write_doc(results: dict[str, float], transcript: str, started: str) -> None:
-    rows = [
-        f"| `{key}` | {what} | {results[key]:.4g} | {_met(results[key], goal)} | #{issue} |"
-        for key, (what, goal, issue) in FIGURES.items()
-        if key in results
-    ]
+def _write_doc(
+    results: dict[str, float], spread: dict[str, list[float]], transcript: str, started: str
+) -> None:
+    rows = []
+    for key, (what, goal, issue) in FIGURES.items():
+        if key not in results:
+            continue
+        vals = spread.get(key) or [results[key]]
+        rng = f"{min(vals):.4g}–{max(vals):.4g}" if len(vals) > 1 else ""
+        rows.append(
+            f"| `{key}` | {what} | {results[key]:.4g} | {rng} | {_met(results[key], goal)} "
+            f"| #{issue} |"
+        )
     cpu = os.cpu_count()
+    runs = max((len(v) for v in spread.values()), default=1)
     doc = f"""# Benchmarks
 
-Produced by `make bench` (= `python -m bench.run`, all areas) on {started}:
-{platform.machine()}, {cpu} CPUs, Python {platform.python_version()}. This file and
-`bench/results.json` are written by that command; do not edit them by hand. Every figure
-is a ratio or a difference against an anchor measured in the same run (in-process
-onnxruntime, hashlib + cryptography on the same bytes, `zstd --patch-from`, numpy), so
-the numbers compare across machines better than absolute times do. Single runs on a
-shared 2-vCPU VM vary by about ±15% on the throughput ratios and more on p99.
+Produced by `make bench` (= `python -m bench.run`, all areas, {runs} runs, median per
+key) on {started}: {platform.machine()}, {cpu} CPUs, Python {platform.python_version()}.
+This file and `bench/results.json` are written by that command; do not edit them by
+hand. Every figure is a ratio or a difference against an anchor measured in the same
+run (in-process onnxruntime, hashlib + cryptography on the same bytes,
+`zstd --patch-from`, numpy), so the numbers compare across machines better than
+absolute times do. The range column shows how much single runs on this shared 2-vCPU
+VM swing.
 
-| key | figure | value | goal | issue |
-|---|---|---:|---|---|
+| key | figure | median | range | goal | issue |
+|---|---|---:|---|---|---|
 {chr(10).join(rows)}
 
 Where a goal is missed, the area's document says why and what it would take:
@@ -112,26 +124,31 @@ def main(argv: list[str]) -> int:
     out = HERE / "results.json"
     results: dict[str, float] = json.loads(out.read_text()) if out.exists() else {}
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    repeat = max(1, int(os.environ.get("EDGEWARD_BENCH_REPEAT", "3")))
+    spread: dict[str, list[float]] = {}
     tee = _Tee(sys.stdout)
     real_stdout, sys.stdout = sys.stdout, tee
     try:
         print(f"# edgeward bench on {platform.machine()} {platform.python_version()}")
-        for area in areas:
-            mod = importlib.import_module(f"bench.bench_{area}")
-            t0 = time.perf_counter()
-            print(f"\n## {area}")
-            figures = mod.run(work / area)
-            for key, value in figures.items():
-                if not isinstance(value, (int, float)) or not math.isfinite(float(value)):
-                    raise SystemExit(f"bench {area}: {key} is not a finite number: {value!r}")
-                results[key] = float(value)
-            print(f"({area} took {time.perf_counter() - t0:.1f} s)")
+        for r in range(repeat):
+            for area in areas:
+                mod = importlib.import_module(f"bench.bench_{area}")
+                t0 = time.perf_counter()
+                print(f"\n## {area} (run {r + 1} of {repeat})")
+                figures = mod.run(work / area)
+                for key, value in figures.items():
+                    if not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+                        raise SystemExit(f"bench {area}: {key} is not a finite number: {value!r}")
+                    spread.setdefault(key, []).append(float(value))
+                print(f"({area} took {time.perf_counter() - t0:.1f} s)")
     finally:
         sys.stdout = real_stdout
+    for key, vals in spread.items():
+        results[key] = statistics.median(vals)
     out.write_text(json.dumps(dict(sorted(results.items())), indent=2) + "\n")
     print(f"\nwrote {out}")
     if set(areas) == set(AREAS):
-        _write_doc(results, tee.buf.getvalue(), started)
+        _write_doc(results, spread, tee.buf.getvalue(), started)
         print(f"wrote {ROOT / 'BENCHMARKS.md'}")
     return 0
 
