@@ -519,3 +519,40 @@ def test_any_byte_flip_or_cut(
     assert (tmp / "out" / "Model" / "model.bin").read_bytes() == (
         env.root / "model.bin"
     ).read_bytes()
+
+
+def test_decoded_digest_checked_on_request(env: Env, tmp_path: Path) -> None:
+    """The decoded model is pinned by the signed container hash and the AEAD tags;
+    ``verify_decoded`` also holds it to ``models[].sha256`` (a publisher's manifest that
+    disagrees with its own container is then refused)."""
+
+    def wrong_sha(doc: dict) -> None:
+        doc["models"][0]["sha256"] = "0" * 64
+
+    bad = tmp_path / "bad.emp"
+    bad.write_bytes(signed_edit(wrong_sha)(env))
+    out = tmp_path / "strict"
+    with pytest.raises(IntegrityError) as info:
+        unpack(bad, out, trust=env.trust, keyring=env.keyring, verify_decoded=True)
+    assert info.value.code == "model-digest" and not out.exists()
+    unpack(bad, tmp_path / "default", trust=env.trust, keyring=env.keyring)
+    model = (env.root / "model.bin").read_bytes()
+    assert (tmp_path / "default" / "Model" / "model.bin").read_bytes() == model
+
+
+def test_zstd_checksum_catches_altered_plaintext(env: Env, tmp_path: Path) -> None:
+    """Unencrypted zstd: a byte changed inside a stored (raw) block still decodes, the
+    container is re-signed, so only the frame's content checksum can notice — it does."""
+    model = env.root / "model.bin"
+    plain = tmp_path / "plain.emp"
+    pack(PackSpec(models=[model], name="plain", version=1, signing_keys=[env.sk]), plain)
+    items = members(plain.read_bytes())
+    cont = bytearray(dict(items)[CONTAINER_PATH])
+    cont[DATA0 + 100] ^= 0x01  # inside the first block: the random half is stored raw
+    bad = tmp_path / "bad.emp"
+    bad.write_bytes(resign(env, replace_member(items, CONTAINER_PATH, bytes(cont))))
+    out = tmp_path / "out"
+    with pytest.raises(FormatError) as info:
+        unpack(bad, out, trust=env.trust)
+    assert info.value.code == "zstd-corrupt" and not out.exists()
+    assert "checksum" in info.value.message

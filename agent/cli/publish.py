@@ -155,6 +155,12 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         help="detached key envelope adding recipients",
     )
     p.add_argument("--base", type=Path, metavar="DIR", help="unpacked base for residual updates")
+    p.add_argument(
+        "--verify-decoded",
+        action="store_true",
+        help="also hash each decoded model against models[].sha256 (the container's signed "
+        "hash, AEAD tags and zstd checksums already pin it)",
+    )
     p.add_argument("-o", "--output", required=True, type=Path, metavar="DIR")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_unpack)
@@ -358,6 +364,7 @@ def _unpack(args: argparse.Namespace) -> int:
             base_dir=args.base,
             envelopes=args.envelope,
             progress=progress,
+            verify_decoded=args.verify_decoded,
         )
     finally:
         progress.close()
