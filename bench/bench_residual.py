@@ -13,6 +13,8 @@ Figures, each against an anchor measured in the same run:
   B and of B' (``apply_patch`` output) over 64 fine-tune-task samples, with top-1 agreement.
   int8 is per row without fallback; int4 is groups of 64 with the per-tensor fallback at
   5% relative error (plain int4 / 128 without fallback is printed for information).
+  ``patch_int8_top1_agreement`` / ``patch_int4_top1_agreement`` (extra keys): the share of
+  samples whose top-1 class is the same for B and B'.
 - ``patch_vs_zstd_patch_from``: ``zstd -19 --patch-from=A B`` bytes / our int8 patch bytes.
 - ``patch_apply_ratio``: GB/s of fp32 weights written by ``apply_patch`` (int8 patch of the
   pair, output on tmpfs, best of several) / GB/s of numpy ``a += q.astype(np.float32) * s``
@@ -584,6 +586,7 @@ def run(work: Path) -> dict[str, float]:
             print(f"        stats {info.stats}")
             fig[f"patch_{key}_size_ratio"] = ratio
             fig[f"patch_{key}_cosine_min"] = cos
+            fig[f"patch_{key}_top1_agreement"] = top1  # the int4 goal is stated in top-1
             if bits == 8:
                 apply_s = secs
         print(

@@ -36,6 +36,8 @@ FIGURES: dict[str, tuple[str, tuple[str, float] | None, int]] = {
     "patch_int8_cosine_min": ("min per-sample output cosine B vs B' (int8)", (">=", 0.9999), 3),
     "patch_int4_size_ratio": ("int4 patch / full signed .emp", ("<=", 0.12), 3),
     "patch_int4_cosine_min": ("min per-sample output cosine (int4; goal is top-1)", None, 3),
+    "patch_int8_top1_agreement": ("top-1 agreement B vs B' over 64 samples (int8)", None, 3),
+    "patch_int4_top1_agreement": ("top-1 agreement B vs B' over 64 samples (int4)", (">=", 1.0), 3),
     "patch_vs_zstd_patch_from": ("zstd -19 --patch-from size / our int8 patch", (">=", 3.0), 3),
     "patch_apply_ratio": ("apply GB/s / numpy a += q*s GB/s", (">=", 0.5), 3),
     "patch_apply_peak_rss_mb": ("peak RSS applying to a 512 MiB model, MB", ("<=", 260), 3),
