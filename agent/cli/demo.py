@@ -230,15 +230,19 @@ def _control(d: _Demo) -> Path:
     return d.run / "control.sock"
 
 
+def _check_alive(d: _Demo, daemon: subprocess.Popen[bytes]) -> None:
+    if daemon.poll() is not None:
+        raise EdgewardError(
+            f"the daemon exited with {daemon.returncode}; see {d.work / 'agent.log'}",
+            code="demo",
+        )
+
+
 def _wait_ready(d: _Demo, daemon: subprocess.Popen[bytes]) -> None:
     """Until the control socket answers (systemd would wait for READY=1 instead)."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        if daemon.poll() is not None:
-            raise EdgewardError(
-                f"the daemon exited with {daemon.returncode}; see {d.work / 'agent.log'}",
-                code="demo",
-            )
+        _check_alive(d, daemon)
         probe = subprocess.run(
             [*d.exe, "status", "--json", "--control-socket", str(_control(d))],
             capture_output=True,
@@ -253,11 +257,7 @@ def _wait_ready(d: _Demo, daemon: subprocess.Popen[bytes]) -> None:
 def _wait_version(d: _Demo, version: str, daemon: subprocess.Popen[bytes]) -> None:
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
-        if daemon.poll() is not None:
-            raise EdgewardError(
-                f"the daemon exited with {daemon.returncode}; see {d.work / 'agent.log'}",
-                code="demo",
-            )
+        _check_alive(d, daemon)
         try:
             out = subprocess.run(
                 [*d.exe, "models", "--json", "--control-socket", str(_control(d))],
