@@ -64,6 +64,9 @@ class InferenceConfig:
     # Requests running at once per model; more wait in a bounded queue, beyond it 503.
     max_concurrent_per_model: int = 8
     max_queue_per_model: int = 64
+    # Hand a kept-alive inference connection to the model's worker, which then answers
+    # its requests itself (no relay through the daemon; runtime/direct.py).
+    lend_connections: bool = True
     # Passed to agent.http.HTTPLimits (keys as that dataclass names them).
     limits: dict[str, Any] = field(default_factory=dict)
 

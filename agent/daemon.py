@@ -84,8 +84,24 @@ class Daemon:
             # Replies are read by the daemon's event loop (one wake-up per reply instead of
             # a reader thread that then wakes the loop); see docs/RUNTIME.md.
             loop=_running_loop(),
+            lend=self._lend_settings(),
         )
         return worker
+
+    def _lend_settings(self) -> dict[str, Any] | None:
+        """What a worker needs to answer lent inference connections as this daemon would
+        (HTTP limits, admission), or None when lending is off."""
+        from agent.http import HTTPLimits
+        from runtime.direct import limits_settings
+
+        inf = self.cfg.inference
+        if not inf.lend_connections:
+            return None
+        try:
+            limits = HTTPLimits(**inf.limits)
+        except (TypeError, EdgewardError):  # _bind reports bad limits
+            return None
+        return limits_settings(limits, (inf.max_concurrent_per_model, inf.max_queue_per_model))
 
     # --- lifecycle -----------------------------------------------------------------
 
@@ -162,13 +178,15 @@ class Daemon:
             ) from None
         for sock_path in (inf.socket, self.cfg.control.socket):
             sock_path.parent.mkdir(parents=True, exist_ok=True)
+        app = InferenceApp(
+            self.registry,
+            max_concurrent_per_model=inf.max_concurrent_per_model,
+            max_queue_per_model=inf.max_queue_per_model,
+        )
         infer_server = UnixHTTPServer(
             str(inf.socket),
-            InferenceApp(
-                self.registry,
-                max_concurrent_per_model=inf.max_concurrent_per_model,
-                max_queue_per_model=inf.max_queue_per_model,
-            ),
+            app,
+            lender_for=app.lender_for if inf.lend_connections else None,
             limits=limits,
             mode=inf.mode,
             group=inf.group,

@@ -36,6 +36,7 @@ import struct
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 from urllib.parse import unquote
 
 from agent.errors import ConfigError, EdgewardError
@@ -44,12 +45,18 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "HTTPLimits",
+    "Lender",
+    "LentConnection",
     "PeerCred",
+    "ProtocolError",
     "Request",
     "Response",
     "SocketInUseError",
     "UnixHTTPServer",
+    "content_length",
     "json_response",
+    "parse_head",
+    "render_response",
 ]
 
 Body = bytes | bytearray | memoryview
@@ -120,6 +127,36 @@ class Response:
 Handler = Callable[[Request], Awaitable[Response]]
 
 
+class LentConnection(Protocol):
+    """What a borrower calls back, on the server's event loop, about a lent connection."""
+
+    def lent_returned(self, data: bytes, here: bool) -> None:
+        """The borrower stopped serving; ``data`` = bytes it read and did not answer (the
+        start of the next request). ``here``: answer that request in the server (one the
+        borrower does not handle), lending again only after it."""
+
+    def lent_closed(self) -> None:
+        """The borrower answered the last request and the connection is done."""
+
+    def lent_crashed(self, state: int, code: str, message: str) -> None:
+        """The borrower died. ``state``: 0 idle between requests, 1 a request was read
+        and not answered, 2 its answer was partly written."""
+
+
+class Lender(Protocol):
+    """A process that can serve a connection itself (a model worker, see
+    runtime/direct.py): the server keeps its own descriptor and stops reading it."""
+
+    def lend(self, fd: int, data: bytes, conn: LentConnection) -> bool:
+        """Start serving ``fd`` from ``data`` (the request just read); False: not now."""
+
+    def recall(self) -> None:
+        """Give every lent connection back once its request in flight is answered."""
+
+
+LenderFor = Callable[[str, str, dict[str, str]], "Lender | None"]
+
+
 class SocketInUseError(EdgewardError):
     """Another live process already serves on the socket path."""
 
@@ -165,7 +202,7 @@ _SMALL_BODY = 64 * 1024  # bytes; below this a response is joined into one write
 _PEERCRED = struct.Struct("3i")
 
 # Connection phases (h11-style: everything that moves a connection lives in _Conn).
-_IDLE, _HEAD, _BODY, _HANDLING, _CLOSED = range(5)
+_IDLE, _HEAD, _BODY, _HANDLING, _CLOSED, _LENT = range(6)
 
 
 def _status_line(status: int) -> bytes:
@@ -175,7 +212,32 @@ def _status_line(status: int) -> bytes:
     return line
 
 
-class _ProtocolError(Exception):
+def render_response(resp: Response, keep_alive: bool) -> list[Body]:
+    """Status line, headers and body as buffers to write in order (a small response is
+    joined into one buffer: one write, one packet). Framing headers are the server's."""
+    body = resp.body
+    parts: Sequence[Body]
+    if isinstance(body, (bytes, bytearray, memoryview)):
+        parts = (body,)
+        length = len(body) if not isinstance(body, memoryview) else body.nbytes
+    else:
+        parts = body
+        length = sum(p.nbytes if isinstance(p, memoryview) else len(p) for p in parts)
+    head: list[Body] = [_status_line(resp.status)]
+    for k, v in resp.headers.items():
+        if k.lower() in ("content-length", "connection", "transfer-encoding"):
+            continue  # framing is the server's business
+        head.append(f"{k}: {v}\r\n".encode("latin-1"))
+    head.append(b"content-length: %d\r\n" % length)
+    head.append(_KEEP_ALIVE if keep_alive else _CLOSE)
+    head.append(b"\r\n")
+    if length <= _SMALL_BODY:
+        head.extend(parts)
+        return [b"".join(head)]
+    return [b"".join(head), *parts]
+
+
+class ProtocolError(Exception):
     """A request that cannot be parsed; answered and the connection closed."""
 
     def __init__(self, status: int, code: str, message: str) -> None:
@@ -185,40 +247,64 @@ class _ProtocolError(Exception):
         self.message = message
 
 
-def _parse_head(head: str, limits: HTTPLimits) -> tuple[str, str, str, str, dict[str, str]]:
+def parse_head(head: str, limits: HTTPLimits) -> tuple[str, str, str, str, dict[str, str]]:
     """Request line and headers → (method, path, query, version, headers). No regex."""
     lines = head.split("\r\n")
     parts = lines[0].split(" ")
     if len(parts) != 3 or not parts[0] or not parts[1]:
-        raise _ProtocolError(400, "bad-request-line", f"malformed request line {lines[0][:80]!r}")
+        raise ProtocolError(400, "bad-request-line", f"malformed request line {lines[0][:80]!r}")
     method, target, version = parts
     if version not in ("HTTP/1.1", "HTTP/1.0"):
         if version.startswith("HTTP/"):
-            raise _ProtocolError(505, "http-version", f"unsupported HTTP version {version[:16]!r}")
-        raise _ProtocolError(400, "bad-request-line", f"malformed request line {lines[0][:80]!r}")
+            raise ProtocolError(505, "http-version", f"unsupported HTTP version {version[:16]!r}")
+        raise ProtocolError(400, "bad-request-line", f"malformed request line {lines[0][:80]!r}")
     if not method.isalpha() or not method.isupper():
-        raise _ProtocolError(400, "bad-request-line", f"malformed method {method[:16]!r}")
+        raise ProtocolError(400, "bad-request-line", f"malformed method {method[:16]!r}")
     if len(lines) - 1 > limits.max_headers:
-        raise _ProtocolError(
+        raise ProtocolError(
             431, "too-many-headers", f"more than {limits.max_headers} header fields"
         )
     headers: dict[str, str] = {}
     for line in lines[1:]:
         name, sep, value = line.partition(":")
         if not sep or not name or name != name.strip() or " " in name or "\t" in name:
-            raise _ProtocolError(400, "bad-header", f"malformed header line {line[:80]!r}")
+            raise ProtocolError(400, "bad-header", f"malformed header line {line[:80]!r}")
         key = name.lower()
         value = value.strip()
         prev = headers.get(key)
         if prev is not None:
             if key == "content-length" and prev != value:
-                raise _ProtocolError(400, "bad-content-length", "conflicting Content-Length")
+                raise ProtocolError(400, "bad-content-length", "conflicting Content-Length")
             value = prev + ", " + value if key != "content-length" else value
         headers[key] = value
     path, _, query = target.partition("?")
     if "%" in path:
         path = unquote(path)
     return method, path, query, version, headers
+
+
+def content_length(headers: dict[str, str], limits: HTTPLimits) -> int:
+    """The request body's length; ProtocolError for chunked, malformed or too large."""
+    te = headers.get("transfer-encoding")
+    if te is not None:
+        raise ProtocolError(
+            411,
+            "length-required",
+            f"Transfer-Encoding {te[:32]!r} request bodies are not supported; send Content-Length",
+        )
+    raw = headers.get("content-length")
+    if raw is None:
+        return 0
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 19:
+        raise ProtocolError(400, "bad-content-length", f"malformed Content-Length {raw[:32]!r}")
+    length = int(raw)
+    if length > limits.max_body_bytes:
+        raise ProtocolError(
+            413,
+            "payload-too-large",
+            f"request body of {length} bytes exceeds the limit of {limits.max_body_bytes} bytes",
+        )
+    return length
 
 
 class _Conn(asyncio.BufferedProtocol):
@@ -233,8 +319,10 @@ class _Conn(asyncio.BufferedProtocol):
         "_deadline",
         "_filled",
         "_keep_alive",
+        "_lender",
         "_limits",
         "_loop",
+        "_no_lend",
         "_peer",
         "_pending",
         "_phase",
@@ -269,6 +357,8 @@ class _Conn(asyncio.BufferedProtocol):
         self._write_paused = False
         self._write_ready: asyncio.Future[None] | None = None
         self._closing = False
+        self._lender: Lender | None = None  # who has this connection while _LENT
+        self._no_lend = False  # answer the next request here (the borrower gave it back)
 
     # --- asyncio callbacks -----------------------------------------------------------
 
@@ -364,9 +454,9 @@ class _Conn(asyncio.BufferedProtocol):
             return
         try:
             head = self._buf[:end].decode("latin-1")
-            method, path, query, version, headers = _parse_head(head, self._limits)
+            method, path, query, version, headers = parse_head(head, self._limits)
             length = self._content_length(headers)
-        except _ProtocolError as exc:
+        except ProtocolError as exc:
             self._fail(exc.status, exc.code, exc.message)
             return
         conn_hdr = headers.get("connection", "").lower()
@@ -375,6 +465,12 @@ class _Conn(asyncio.BufferedProtocol):
         elif "close" in conn_hdr:
             self._keep_alive = False
         start = end + 4
+        srv = self._server
+        if srv.lender_for is not None and not (self._no_lend or srv._closing or self._closing):
+            lender = srv.lender_for(method, path, headers)
+            if lender is not None and self._lend(lender):
+                return
+        self._no_lend = False
         self._pending = (method, path, query, version, headers)
         have = self._filled - start
         if have >= length:
@@ -398,30 +494,7 @@ class _Conn(asyncio.BufferedProtocol):
             self._transport.write(_CONTINUE)
 
     def _content_length(self, headers: dict[str, str]) -> int:
-        te = headers.get("transfer-encoding")
-        if te is not None:
-            raise _ProtocolError(
-                411,
-                "length-required",
-                f"Transfer-Encoding {te[:32]!r} request bodies are not supported; "
-                "send Content-Length",
-            )
-        raw = headers.get("content-length")
-        if raw is None:
-            return 0
-        if not (raw.isascii() and raw.isdigit()) or len(raw) > 19:
-            raise _ProtocolError(
-                400, "bad-content-length", f"malformed Content-Length {raw[:32]!r}"
-            )
-        length = int(raw)
-        if length > self._limits.max_body_bytes:
-            raise _ProtocolError(
-                413,
-                "payload-too-large",
-                f"request body of {length} bytes exceeds the limit of "
-                f"{self._limits.max_body_bytes} bytes",
-            )
-        return length
+        return content_length(headers, self._limits)
 
     def _shift(self, n: int) -> None:
         """Drop the first ``n`` bytes of the scratch buffer (keep pipelined bytes)."""
@@ -436,6 +509,61 @@ class _Conn(asyncio.BufferedProtocol):
         self._body_filled = 0
         assert body is not None
         self._dispatch(body)
+
+    # --- lending (runtime/direct.py) -------------------------------------------------
+
+    def _lend(self, lender: Lender) -> bool:
+        """Hand the connection, from the start of the request just parsed, to ``lender``."""
+        transport = self._transport
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if transport is None or sock is None or transport.get_write_buffer_size():
+            return False
+        transport.pause_reading()
+        if not lender.lend(sock.fileno(), bytes(self._buf[: self._filled]), self):
+            transport.resume_reading()
+            return False
+        self._filled = 0
+        self._phase = _LENT
+        self._lender = lender
+        self._cancel_timer()
+        return True
+
+    def lent_returned(self, data: bytes, here: bool) -> None:
+        if self._phase != _LENT or self._transport is None:
+            return
+        self._lender = None
+        if self._closing or self._server._closing:
+            self._close_after_write()
+            return
+        self._buf[: len(data)] = data
+        self._filled = len(data)
+        self._no_lend = here
+        self._phase = _IDLE
+        self._arm(self._limits.keepalive_timeout_s)
+        self._transport.resume_reading()
+        if self._filled:
+            self._phase = _HEAD
+            self._arm(self._limits.header_timeout_s)
+            self._try_head(0)
+
+    def lent_closed(self) -> None:
+        if self._phase == _LENT:
+            self._lender = None
+            self._close_after_write()
+
+    def lent_crashed(self, state: int, code: str, message: str) -> None:
+        if self._phase != _LENT or self._transport is None:
+            return
+        self._lender = None
+        if state == 0:
+            self.lent_returned(b"", False)
+        elif state == 1:  # the request was read and not answered: say so, as for others
+            self._phase = _HANDLING
+            self._write(json_response(503, {"error": message, "code": code}), False)
+            self._close_after_write()
+        else:  # half an answer is on the wire: only closing tells the client
+            self._phase = _CLOSED
+            self._transport.abort()
 
     def _dispatch(self, body: Body) -> None:
         assert self._pending is not None and self._transport is not None
@@ -480,29 +608,8 @@ class _Conn(asyncio.BufferedProtocol):
 
     def _write(self, resp: Response, keep_alive: bool) -> None:
         assert self._transport is not None
-        body = resp.body
-        parts: Sequence[Body]
-        if isinstance(body, (bytes, bytearray, memoryview)):
-            parts = (body,)
-            length = len(body) if not isinstance(body, memoryview) else body.nbytes
-        else:
-            parts = body
-            length = sum(p.nbytes if isinstance(p, memoryview) else len(p) for p in parts)
-        head: list[Body] = [_status_line(resp.status)]
-        for k, v in resp.headers.items():
-            if k.lower() in ("content-length", "connection", "transfer-encoding"):
-                continue  # framing is the server's business
-            head.append(f"{k}: {v}\r\n".encode("latin-1"))
-        head.append(b"content-length: %d\r\n" % length)
-        head.append(_KEEP_ALIVE if keep_alive else _CLOSE)
-        head.append(b"\r\n")
-        if length <= _SMALL_BODY:
-            head.extend(parts)
-            self._transport.write(b"".join(head))
-        else:
-            self._transport.write(b"".join(head))
-            for p in parts:
-                self._transport.write(p)
+        for part in render_response(resp, keep_alive):
+            self._transport.write(part)
 
     def _close_after_write(self) -> None:
         self._phase = _CLOSED
@@ -535,8 +642,8 @@ class _Conn(asyncio.BufferedProtocol):
 
     def _timeout(self) -> None:
         self._timer = None
-        if self._phase in (_HANDLING, _CLOSED):
-            return  # re-armed when the response is written
+        if self._phase in (_HANDLING, _CLOSED, _LENT):
+            return  # re-armed when the response is written or the connection is back
         if self._loop.time() < self._deadline:
             self._timer = self._loop.call_at(self._deadline, self._timeout)
             return
@@ -554,6 +661,8 @@ class _Conn(asyncio.BufferedProtocol):
     def shutdown(self) -> None:
         """Close now if idle; otherwise close after the in-flight response."""
         self._closing = True
+        if self._phase == _LENT and self._lender is not None:
+            self._lender.recall()  # it comes back after its answer and is closed then
         if self._phase in (_IDLE, _HEAD, _BODY):
             self._close_after_write()
 
@@ -576,12 +685,15 @@ class UnixHTTPServer:
         path: str | Path,
         handler: Handler,
         *,
+        lender_for: LenderFor | None = None,
         limits: HTTPLimits | None = None,
         mode: int = 0o660,
         group: str | None = None,
     ) -> None:
         self.path = Path(path)
         self.handler = handler
+        # Who may serve an inference connection itself (the model's worker), or None.
+        self.lender_for = lender_for
         self.limits = limits if limits is not None else HTTPLimits()
         self.mode = mode
         self.group = group

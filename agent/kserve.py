@@ -37,7 +37,7 @@ from agent.errors import (
     ModelNotReadyError,
     OverloadedError,
 )
-from agent.http import Request, Response, json_response
+from agent.http import Lender, Request, Response, json_response
 
 if TYPE_CHECKING:
     import numpy as np
@@ -60,6 +60,11 @@ __all__ = [
     "Registry",
     "ServedModel",
     "error_response",
+    "header_length",
+    "infer_response",
+    "input_specs",
+    "select_outputs",
+    "validate_inputs",
 ]
 
 EXTENSIONS = ["binary_tensor_data", "health", "model_metadata"]
@@ -220,18 +225,8 @@ class DataPlane:
             return self._specs[key]
         except KeyError:
             pass
-        specs: dict[str, _InputSpec] | None = None
         try:
-            meta = m.metadata()
-            raw = meta.get("inputs")
-            if isinstance(raw, list) and raw:
-                specs = {}
-                for s in raw:
-                    shape = s.get("shape")
-                    specs[str(s["name"])] = _InputSpec(
-                        str(s.get("datatype", "")).upper(),
-                        tuple(int(d) for d in shape) if isinstance(shape, list) else None,
-                    )
+            specs = input_specs(m.metadata())
         except Exception:  # metadata of unusual shape: let the backend validate instead
             logger.debug("model %s: cannot read input metadata", m.name, exc_info=True)
             specs = None
@@ -241,38 +236,7 @@ class DataPlane:
         return specs
 
     def _validate(self, m: Any, inputs: Mapping[str, np.ndarray[Any, Any]]) -> None:
-        specs = self._input_specs(m)
-        if specs is None:
-            return
-        from agent.tensors import datatype_of
-
-        for name, arr in inputs.items():
-            spec = specs.get(name)
-            if spec is None:
-                raise InvalidInputError(
-                    f"model {m.name!r} has no input {name!r}; inputs: {', '.join(specs)}",
-                    code="unknown-input",
-                )
-            dt = datatype_of(arr, name=name)
-            if spec.datatype and dt != spec.datatype:
-                raise InvalidInputError(
-                    f"input {name!r}: datatype {dt} does not match the model's {spec.datatype}",
-                    code="bad-datatype",
-                )
-            if spec.shape is not None and (
-                len(spec.shape) != arr.ndim
-                or any(w >= 0 and w != g for w, g in zip(spec.shape, arr.shape, strict=True))
-            ):
-                raise InvalidInputError(
-                    f"input {name!r}: shape {list(arr.shape)} does not match the model's "
-                    f"{list(spec.shape)} (-1 = any)",
-                    code="bad-shape",
-                )
-        missing = [n for n in specs if n not in inputs]
-        if missing:
-            raise InvalidInputError(
-                f"model {m.name!r}: missing input(s) {', '.join(missing)}", code="missing-input"
-            )
+        validate_inputs(m.name, self._input_specs(m), inputs)
 
     async def infer(self, name: str, version: str | None, req: InferRequest) -> InferResult:
         m = self.model(name, version)
@@ -287,10 +251,10 @@ class DataPlane:
             result = await m.infer(req.inputs, req.parameters)
         finally:
             gate.release()
-        return InferResult(m.name, m.version, req.id, _select(result, req))
+        return InferResult(m.name, m.version, req.id, select_outputs(result, req))
 
 
-def _select(
+def select_outputs(
     result: Mapping[str, np.ndarray[Any, Any]], req: InferRequest
 ) -> list[tuple[str, np.ndarray[Any, Any], bool]]:
     import numpy as np
@@ -307,6 +271,87 @@ def _select(
         binary = req.binary_output if o.binary is None else o.binary
         out.append((o.name, np.asarray(result[o.name]), binary))
     return out
+
+
+def input_specs(meta: Mapping[str, Any]) -> dict[str, _InputSpec] | None:
+    """The model's inputs from its v2 metadata (None: no usable list, the backend checks)."""
+    raw = meta.get("inputs")
+    if not isinstance(raw, list) or not raw:
+        return None
+    specs = {}
+    for s in raw:
+        shape = s.get("shape")
+        specs[str(s["name"])] = _InputSpec(
+            str(s.get("datatype", "")).upper(),
+            tuple(int(d) for d in shape) if isinstance(shape, list) else None,
+        )
+    return specs
+
+
+def validate_inputs(
+    model: str, specs: dict[str, _InputSpec] | None, inputs: Mapping[str, np.ndarray[Any, Any]]
+) -> None:
+    """400 naming the input whose name, datatype or shape the model does not take."""
+    if specs is None:
+        return
+    from agent.tensors import datatype_of
+
+    for name, arr in inputs.items():
+        spec = specs.get(name)
+        if spec is None:
+            raise InvalidInputError(
+                f"model {model!r} has no input {name!r}; inputs: {', '.join(specs)}",
+                code="unknown-input",
+            )
+        dt = datatype_of(arr, name=name)
+        if spec.datatype and dt != spec.datatype:
+            raise InvalidInputError(
+                f"input {name!r}: datatype {dt} does not match the model's {spec.datatype}",
+                code="bad-datatype",
+            )
+        if spec.shape is not None and (
+            len(spec.shape) != arr.ndim
+            or any(w >= 0 and w != g for w, g in zip(spec.shape, arr.shape, strict=True))
+        ):
+            raise InvalidInputError(
+                f"input {name!r}: shape {list(arr.shape)} does not match the model's "
+                f"{list(spec.shape)} (-1 = any)",
+                code="bad-shape",
+            )
+    missing = [n for n in specs if n not in inputs]
+    if missing:
+        raise InvalidInputError(
+            f"model {model!r}: missing input(s) {', '.join(missing)}", code="missing-input"
+        )
+
+
+def header_length(headers: Mapping[str, str]) -> int | None:
+    """The ``Inference-Header-Content-Length`` value (None: the body is all JSON)."""
+    raw = headers.get(HEADER_LENGTH)
+    if raw is None:
+        return None
+    if not (raw.isascii() and raw.isdigit()):
+        raise InvalidInputError(
+            f"Inference-Header-Content-Length {raw[:32]!r} is not a number",
+            code="bad-header-length",
+        )
+    return int(raw)
+
+
+def infer_response(res: InferResult) -> Response:
+    """The 200 response for an inference result (JSON, or binary tensor extension)."""
+    from agent.tensors import encode_response
+
+    parts, out_hl = encode_response(
+        res.model_name, res.model_version, res.outputs, request_id=res.id
+    )
+    if out_hl is None:
+        return Response(200, {"content-type": _JSON}, parts[0])
+    return Response(
+        200,
+        {"content-type": _OCTET, "inference-header-content-length": str(out_hl)},
+        parts,
+    )
 
 
 def _package_version() -> str:
@@ -369,6 +414,28 @@ class InferenceApp:
                 500, {"error": f"internal error: {type(exc).__name__}", "code": "internal"}
             )
 
+    def lender_for(self, method: str, path: str, headers: dict[str, str]) -> Lender | None:
+        """The worker that may serve this connection itself from this request on (an
+        inference on a ready model whose worker lends, see runtime/direct.py), or None:
+        the request is answered here."""
+        if method != "POST" or not path.endswith("/infer"):
+            return None
+        parts = path.split("/")
+        if len(parts) == 5 and parts[:3] == ["", "v2", "models"]:
+            name, version = parts[3], None
+        elif len(parts) == 7 and parts[:3] == ["", "v2", "models"] and parts[4] == "versions":
+            name, version = parts[3], parts[5]
+        else:
+            return None
+        if not name or version == "":
+            return None
+        try:
+            m = self.plane.model(name, version)
+        except EdgewardError:
+            return None
+        get = getattr(m, "lender", None)
+        return get() if callable(get) else None
+
     async def _route(self, request: Request) -> Response:
         parts = request.path.split("/")
         # ["", "v2", ...]; a trailing slash is tolerated.
@@ -415,29 +482,11 @@ class InferenceApp:
     async def _infer(self, request: Request, name: str, version: str | None) -> Response:
         # Look the model up before decoding: an unknown model is 404 whatever the body.
         self.plane.model(name, version)
-        hl_raw = request.headers.get(HEADER_LENGTH)
-        header_len: int | None = None
-        if hl_raw is not None:
-            if not (hl_raw.isascii() and hl_raw.isdigit()):
-                raise InvalidInputError(
-                    f"Inference-Header-Content-Length {hl_raw[:32]!r} is not a number",
-                    code="bad-header-length",
-                )
-            header_len = int(hl_raw)
-        from agent.tensors import decode_request, encode_response
+        header_len = header_length(request.headers)
+        from agent.tensors import decode_request
 
         req = decode_request(request.body, header_len)
-        res = await self.plane.infer(name, version, req)
-        parts, out_hl = encode_response(
-            res.model_name, res.model_version, res.outputs, request_id=res.id
-        )
-        if out_hl is None:
-            return Response(200, {"content-type": _JSON}, parts[0])
-        return Response(
-            200,
-            {"content-type": _OCTET, "inference-header-content-length": str(out_hl)},
-            parts,
-        )
+        return infer_response(await self.plane.infer(name, version, req))
 
 
 def _allow(method: str, allowed: str, path: str) -> None:

@@ -102,6 +102,9 @@ class WorkerModel:
         self._idle = asyncio.Event()
         self._idle.set()
         self._metadata: dict[str, Any] | None = None
+        sink = getattr(worker, "set_stats_sink", None)
+        if callable(sink):  # requests the worker answers on lent connections
+            sink(self._merge_stats)
 
     @property
     def ready(self) -> bool:
@@ -139,17 +142,42 @@ class WorkerModel:
             if self.inflight == 0:
                 self._idle.set()
 
+    def lender(self) -> Any:
+        """The worker, if it may serve inference connections itself now (see
+        runtime/direct.py); None: requests are relayed to it."""
+        if self._retired or not getattr(self.worker, "lends", False):
+            return None
+        return self.worker
+
+    def _merge_stats(self, d: dict[str, Any]) -> None:
+        st = self.stats
+        st.requests += int(d.get("n", 0))
+        st.errors += int(d.get("e", 0))
+        st.latency_sum += float(d.get("s", 0.0))
+        for i, k in enumerate(d.get("b", [])[: len(st.buckets)]):
+            st.buckets[i] += int(k)
+
     def retire(self, successor: WorkerModel | None) -> None:
-        """Stop taking new requests; later callers go to ``successor``."""
+        """Stop taking new requests; later callers go to ``successor``; lent connections
+        come back after their request in flight (and go to the successor's worker)."""
         self._retired = True
         self._successor = successor
+        recall = getattr(self.worker, "recall", None)
+        if callable(recall):
+            recall()
 
     async def drained(self, timeout: float) -> bool:
-        """Wait until no request is in flight; False if ``timeout`` passed first."""
+        """Wait until no request is in flight (relayed, or on a lent connection); False if
+        ``timeout`` passed first."""
+        deadline = time.monotonic() + timeout
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
         except TimeoutError:
             return False
+        while getattr(self.worker, "lent", 0):
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.005)
         return True
 
     def describe(self) -> dict[str, Any]:
@@ -169,7 +197,7 @@ class WorkerModel:
             "since": self.since,
             "pid": self.worker.pid,
             "rss_bytes": rss,
-            "inflight": self.inflight,
+            "inflight": self.inflight + int(getattr(self.worker, "lent_busy", 0)),
             "restarts": int(stats.get("restarts", 0)),
             "path": str(self.model_dir),
         }

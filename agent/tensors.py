@@ -337,6 +337,41 @@ def _header_json(body: Any, header_len: int | None) -> tuple[Any, memoryview]:
     return obj, rest
 
 
+# Parsed JSON headers of binary-tensor messages, keyed by their bytes. A program calling
+# one model sends the same header on every request (names, datatypes, shapes, sizes), so
+# the JSON parse and the per-tensor checks run once per header, not once per request.
+# Only headers whose tensors are all binary and not BYTES are kept (their arrays are
+# then views of the body at fixed offsets); the body length is checked on every hit.
+_PLANS_MAX = 256
+_Tensors = tuple[tuple[str, "np.dtype[Any]", tuple[int, ...], int, int], ...]
+
+
+@dataclass(frozen=True)
+class _RequestPlan:
+    tensors: _Tensors  # (name, dtype, shape, offset, count) after the header
+    total: int  # bytes of binary data after the header
+    id: str | None
+    parameters: dict[str, Any]
+    outputs: list[RequestedOutput] | None
+    binary_output: bool
+
+
+_request_plans: dict[bytes, _RequestPlan] = {}
+
+
+def _remember(cache: dict[bytes, Any], key: bytes, plan: Any) -> None:
+    if len(cache) >= _PLANS_MAX:
+        cache.clear()  # a program with this many distinct headers gains nothing here
+    cache[key] = plan
+
+
+def _frombuffer(rest: memoryview, tensors: _Tensors) -> dict[str, np.ndarray[Any, Any]]:
+    return {
+        name: np.frombuffer(rest, dtype=dt, count=n, offset=off).reshape(shape)
+        for name, dt, shape, off, n in tensors
+    }
+
+
 def decode_request(body: Any, header_len: int | None = None) -> InferRequest:
     """Request body (+ the ``Inference-Header-Content-Length`` value) → InferRequest.
 
@@ -344,6 +379,19 @@ def decode_request(body: Any, header_len: int | None = None) -> InferRequest:
         InvalidInputError: bad JSON, bad tensors (naming them), binary sizes that do
             not add up to the body.
     """
+    if header_len is not None:
+        view = memoryview(body)
+        if 0 <= header_len <= view.nbytes:
+            key = view[:header_len].tobytes()
+            plan = _request_plans.get(key)
+            if plan is not None and view.nbytes - header_len == plan.total:
+                return InferRequest(
+                    _frombuffer(view[header_len:], plan.tensors),
+                    plan.id,
+                    dict(plan.parameters),
+                    None if plan.outputs is None else list(plan.outputs),
+                    plan.binary_output,
+                )
     obj, rest = _header_json(body, header_len)
     if not isinstance(obj, dict):
         raise InvalidInputError("request body must be a JSON object", code="bad-json")
@@ -358,6 +406,7 @@ def decode_request(body: Any, header_len: int | None = None) -> InferRequest:
         raise InvalidInputError("'inputs' must be a non-empty list of tensors", code="bad-json")
     inputs: dict[str, np.ndarray[Any, Any]] = {}
     pos = 0
+    planned: list[tuple[str, np.dtype[Any], tuple[int, ...], int, int]] | None = []
     for spec in specs:
         if not isinstance(spec, dict):
             raise InvalidInputError("every input must be a JSON object", code="bad-json")
@@ -383,6 +432,10 @@ def decode_request(body: Any, header_len: int | None = None) -> InferRequest:
         if name in inputs:
             raise InvalidInputError(f"input {name!r} given twice", code="bad-tensor")
         inputs[name] = arr
+        if planned is not None and raw is not None and spec.get("datatype") != "BYTES":
+            planned.append((name, arr.dtype, arr.shape, pos - raw.nbytes, arr.size))
+        else:
+            planned = None
     if pos != rest.nbytes:
         raise InvalidInputError(
             f"{rest.nbytes - pos} bytes of binary data not claimed by any input's binary_data_size",
@@ -400,12 +453,16 @@ def decode_request(body: Any, header_len: int | None = None) -> InferRequest:
             op = o.get("parameters") or {}
             b = op.get("binary_data") if isinstance(op, dict) else None
             outputs.append(RequestedOutput(o["name"], None if b is None else bool(b)))
+    binary_output = bool(params.get("binary_data_output", False))
+    if planned is not None and header_len is not None:
+        plan = _RequestPlan(tuple(planned), pos, req_id, dict(params), outputs, binary_output)
+        _remember(_request_plans, memoryview(body)[:header_len].tobytes(), plan)
     return InferRequest(
         inputs=inputs,
         id=req_id,
         parameters=params,
-        outputs=outputs,
-        binary_output=bool(params.get("binary_data_output", False)),
+        outputs=None if outputs is None else list(outputs),
+        binary_output=binary_output,
     )
 
 
@@ -418,6 +475,17 @@ def encode_response(
     parameters: dict[str, Any] | None = None,
 ) -> tuple[list[Any], int | None]:
     """Outputs (name, array, binary?) → (body parts, header length or None if JSON only)."""
+    key = None
+    if not parameters and all(b and a.dtype.kind in _PLAIN_KINDS for _, a, b in outputs):
+        key = (
+            model_name,
+            model_version,
+            request_id,
+            tuple((n, a.dtype, a.shape) for n, a, _ in outputs),
+        )
+        head = _response_heads.get(key)
+        if head is not None:
+            return [head, *(_raw(a) for _, a, _ in outputs)], len(head)
     objs: list[str] = []
     raws: list[Any] = []
     for name, arr, binary in outputs:
@@ -437,7 +505,25 @@ def encode_response(
     head = _join_doc(doc, "outputs", objs)
     if not raws:
         return [head], None
+    if key is not None:
+        if len(_response_heads) >= _PLANS_MAX:
+            _response_heads.clear()
+        _response_heads[key] = head
     return [head, *raws], len(head)
+
+
+# Response headers by (model, version, id, outputs' names, dtypes and shapes): the same
+# outputs give the same header, so it is written once.
+_response_heads: dict[Any, bytes] = {}
+_PLAIN_KINDS = frozenset("biuf")  # numeric and bool: raw little-endian bytes, no BYTES
+
+
+def _raw(arr: np.ndarray[Any, Any]) -> Any:
+    """The binary form of a numeric array (as encode_tensor makes it)."""
+    want = DATATYPES[datatype_of(arr)]
+    if arr.dtype != want or not arr.flags.c_contiguous:
+        arr = np.ascontiguousarray(arr, dtype=want)
+    return memoryview(arr.data).cast("B") if arr.size else memoryview(b"")
 
 
 def encode_request(
@@ -450,6 +536,15 @@ def encode_request(
     parameters: Mapping[str, Any] | None = None,
 ) -> tuple[list[Any], int | None]:
     """Client side: arrays → (body parts, header length or None)."""
+    key = None
+    if binary and not parameters:
+        arrays = [(n, np.asarray(a)) for n, a in inputs.items()]
+        if all(a.dtype.kind in _PLAIN_KINDS for _, a in arrays):
+            sig = tuple((n, a.dtype, a.shape) for n, a in arrays)
+            key = (sig, binary_output, None if outputs is None else tuple(outputs), request_id)
+            head = _request_heads.get(key)
+            if head is not None:
+                return [head, *(_raw(a) for _, a in arrays)], len(head)
     specs: list[str] = []
     raws: list[Any] = []
     for name, arr in inputs.items():
@@ -475,18 +570,34 @@ def encode_request(
     head = _join_doc(doc, "inputs", specs)
     if not raws:
         return [head], None
+    if key is not None:
+        if len(_request_heads) >= _PLANS_MAX:
+            _request_heads.clear()
+        _request_heads[key] = head
     return [head, *raws], len(head)
+
+
+_request_heads: dict[Any, bytes] = {}
 
 
 def decode_response(
     body: Any, header_len: int | None = None
 ) -> tuple[dict[str, Any], dict[str, np.ndarray[Any, Any]]]:
     """Client side: response body → (the JSON document, outputs by name)."""
+    key = None
+    if header_len is not None:
+        view = memoryview(body)
+        if 0 <= header_len <= view.nbytes:
+            key = view[:header_len].tobytes()
+            hit = _response_plans.get(key)
+            if hit is not None and view.nbytes - header_len == hit[2]:
+                return dict(hit[0]), _frombuffer(view[header_len:], hit[1])
     obj, rest = _header_json(body, header_len)
     if not isinstance(obj, dict) or not isinstance(obj.get("outputs"), list):
         raise InvalidInputError("response has no 'outputs' list", code="bad-response")
     out: dict[str, np.ndarray[Any, Any]] = {}
     pos = 0
+    planned: list[tuple[str, np.dtype[Any], tuple[int, ...], int, int]] | None = []
     for spec in obj["outputs"]:
         tparams = spec.get("parameters") or {}
         size = tparams.get("binary_data_size")
@@ -494,5 +605,15 @@ def decode_response(
         if size is not None:
             raw = rest[pos : pos + int(size)]
             pos += int(size)
-        out[spec["name"]] = decode_tensor(spec, raw)
+        arr = decode_tensor(spec, raw)
+        out[spec["name"]] = arr
+        if planned is not None and raw is not None and spec.get("datatype") != "BYTES":
+            planned.append((spec["name"], arr.dtype, arr.shape, pos - raw.nbytes, arr.size))
+        else:
+            planned = None
+    if key is not None and planned is not None and pos == rest.nbytes:
+        _remember(_response_plans, key, (dict(obj), tuple(planned), pos))
     return obj, out
+
+
+_response_plans: dict[bytes, tuple[dict[str, Any], _Tensors, int]] = {}

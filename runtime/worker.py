@@ -40,8 +40,9 @@ from typing import Any
 import numpy as np
 
 from agent.errors import ModelNotReadyError, WorkerError
-from runtime import ipc
+from runtime import direct, ipc
 from runtime.config import RuntimeConfig
+from runtime.direct import Lending
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +112,7 @@ class ModelWorker:
         self_test_fn: str = DEFAULT_SELF_TEST,
         shm_slot_bytes: int = 16 * 1024 * 1024,
         loop: asyncio.AbstractEventLoop | None = None,
+        lend: dict[str, Any] | None = None,
     ):
         self.name = name
         self.version = version
@@ -145,6 +147,11 @@ class ModelWorker:
         # thread, so an apredict reply wakes the loop directly, not a thread that then
         # wakes the loop. Synchronous callers still work from any other thread.
         self._loop = loop
+        # Lent connections (runtime/direct.py): the child answers inference connections
+        # the daemon hands it; only with an event loop (the daemon's), which settles them.
+        self._lending: Lending | None = None
+        if lend is not None and loop is not None:
+            self._lending = Lending(name, version, lend)
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -157,6 +164,8 @@ class ModelWorker:
         """Spawn the child, load and warm up the model; WorkerError carries its failure."""
         with self._cv:
             self._stopping = False
+            if self._lending is not None:
+                self._lending.recalled = False
             self.state = "starting"
             if self._arena.closed:  # started again after stop()
                 self._arena = ipc.ShmArena(self.max_concurrency, self.shm_slot_bytes)
@@ -178,6 +187,8 @@ class ModelWorker:
 
     def _spawn(self, timeout: float) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        lend_pair = direct.channel_pair() if self._lending is not None else None
+        extra = (lend_pair[1].fileno(),) if lend_pair is not None else ()
         env = dict(os.environ)
         root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
@@ -189,14 +200,17 @@ class ModelWorker:
                     "runtime.worker_main",
                     str(child.fileno()),
                     str(self._arena.fd),
+                    *(str(fd) for fd in extra),
                 ],
-                pass_fds=(child.fileno(), self._arena.fd),
+                pass_fds=(child.fileno(), self._arena.fd, *extra),
                 env=env,
                 stdin=subprocess.DEVNULL,
                 close_fds=True,
             )
         finally:
             child.close()
+            if lend_pair is not None:
+                lend_pair[1].close()
         chan = ipc.Channel(parent)
         init = {
             "model_dir": self.model_dir,
@@ -242,6 +256,11 @@ class ModelWorker:
             self._call_in_loop(self._attach, c)
         else:
             self._start_threads(c)
+        if lend_pair is not None:
+            if header.get("lends") and self._lending is not None:
+                self._call_in_loop(self._lending.attach, lend_pair[0], self._loop)
+            else:
+                lend_pair[0].close()
         logger.info("%s %s: worker ready (pid %d)", self.name, self.version, proc.pid)
 
     def stop(self, drain_timeout: float = 10.0) -> None:
@@ -255,6 +274,12 @@ class ModelWorker:
             self._arena.close()
             return
         deadline = time.monotonic() + drain_timeout
+        lending = self._lending
+        if lending is not None:
+            # Lent connections come back once their request in flight is answered.
+            self._call_in_loop(lending.recall)
+            if _running_loop() is not self._loop:
+                lending.wait_unlent(drain_timeout)
         while time.monotonic() < deadline:
             with c.lock:
                 if not c.pending or c.dead:
@@ -269,6 +294,9 @@ class ModelWorker:
             c.proc.kill()
             c.proc.wait()
         self._fail_pending(c, "worker-stopped", f"{self.name} {self.version}: worker stopped")
+        if lending is not None:
+            msg = f"{self.name} {self.version}: worker stopped; request not served"
+            self._call_in_loop(lending.child_gone, "worker-stopped", msg)
         self._close_chan(c)
         self._arena.close()  # shm pages are freed with the last mapping
 
@@ -541,6 +569,9 @@ class ModelWorker:
                 self._cv.notify_all()
         self._close_chan(c)
         self._fail_pending(c, code, f"{self.name} {self.version}: {why}; request not served")
+        if self._lending is not None and not self._stopping:  # stop() settles its own
+            msg = f"{self.name} {self.version}: {why}; request not served"
+            self._call_in_loop(self._lending.child_gone, code, msg)
         if not restart:
             return
         logger.error("%s %s: %s; restarting", self.name, self.version, why)
@@ -745,6 +776,40 @@ class ModelWorker:
                 await loop.run_in_executor(None, c.chan.finish, bufs)
         except OSError:  # the reader sees the death and fails this request
             pass
+
+    # --- lent connections (runtime/direct.py), on the daemon's event loop ---------------
+
+    @property
+    def lends(self) -> bool:
+        """True if inference connections may be handed to this worker now."""
+        lg = self._lending
+        return lg is not None and lg.sock is not None and not lg.recalled and self.state == "ready"
+
+    @property
+    def lent(self) -> int:
+        """Connections the child holds now."""
+        return self._lending.count if self._lending is not None else 0
+
+    @property
+    def lent_busy(self) -> int:
+        """Requests in flight on lent connections (read by the child, not yet answered)."""
+        return self._lending.busy if self._lending is not None else 0
+
+    def lend(self, fd: int, data: bytes, conn: Any) -> bool:
+        return (
+            self._lending is not None
+            and self.state == "ready"
+            and self._lending.lend(fd, data, conn)
+        )
+
+    def recall(self) -> None:
+        if self._lending is not None:
+            self._lending.recall()
+
+    def set_stats_sink(self, sink: Any) -> None:
+        """``sink(counters)`` gets the child's counts of requests it answered itself."""
+        if self._lending is not None:
+            self._lending.stats_sink = sink
 
     def _count_error(self, exc: BaseException) -> None:
         with self._cv:

@@ -61,7 +61,13 @@ def main(argv: list[str]) -> int:
     except BaseException as exc:  # report any start failure to the parent, then exit
         chan.send({"op": "error", "err": ipc.error_to_dict(exc)})
         return 1
-    chan.send({"op": "ready", "meta": meta, "pid": os.getpid()})
+    lending = None
+    if len(argv) > 2:  # the daemon lends inference connections (runtime/direct.py)
+        from runtime.direct import DirectServer
+
+        lending = DirectServer(socket.socket(fileno=int(argv[2])), servable, meta)
+        lending.start()
+    chan.send({"op": "ready", "meta": meta, "pid": os.getpid(), "lends": lending is not None})
 
     def run(h: dict[str, Any], p: bytearray) -> None:
         rid = h["id"]

@@ -1,0 +1,612 @@
+"""Lent connections: a model's worker answers its inference requests on the client's
+own connection (docs/RUNTIME.md, "Lent connections").
+
+Why: relaying every request client → daemon → worker → daemon → client costs two more
+process wake-ups and the daemon's Python on each request — several times the run time
+of a small model. So the daemon parses the first request of a kept-alive connection
+and, when it is an inference on a model whose worker lends, passes the socket
+(SCM_RIGHTS) and the bytes read so far to that worker. A thread of the worker answers
+that request and the following ones itself; a request it does not serve (another model
+or path, ``Expect``) goes back to the daemon with the bytes read, which answers it and
+may lend the connection again afterwards.
+
+The daemon keeps its own descriptor of every lent connection (it stops reading it) and
+a shared byte per connection saying what the worker is doing with it. When the worker
+dies (kill -9, segfault, memory cap) the daemon answers a request that was read and not
+answered with a 503 ``worker-crashed`` error, as it does for relayed requests, closes a
+connection whose answer was cut short and takes idle ones back. Hot swap and shutdown
+recall the connections: each comes back as soon as its request in flight is answered.
+
+Channel (a ``SOCK_SEQPACKET`` pair per worker process; one message = struct ``"!I"``
+JSON length, the JSON header, raw data):
+
+* daemon → worker: ``hello`` (name, version, HTTP limits, admission; with the state
+  memfd), ``lend {cid, slot}`` + bytes read (with the connection's descriptor),
+  ``recall``;
+* worker → daemon: ``return {cid, here}`` + bytes read and not answered, ``closed
+  {cid}``, ``stats {n, e, s, b}`` (requests, errors, latency sum and histogram since
+  the last one; batched every 0.2 s while requests come).
+
+State byte per slot: 0 idle between requests, 1 a request read and not answered, 2 its
+answer partly written. The descriptor's O_NONBLOCK flag is shared with the daemon's
+copy, so the worker never makes it blocking: it waits with ``poll``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import mmap
+import os
+import select
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+from agent.errors import EdgewardError, OverloadedError
+
+logger = logging.getLogger(__name__)
+
+MSG = struct.Struct("!I")
+MAX_MSG = 1 << 20  # bytes; lend/return data is at most one scratch buffer (≤ 64 KiB + head)
+MAX_LENT = 4096  # connections one worker may hold (one state byte each)
+CHANNEL_BUF = 2 << 20  # SO_SNDBUF/SO_RCVBUF of the channel
+STATS_EVERY = 0.2  # seconds between stats messages while requests come
+IDLE, BUSY, WRITING = 0, 1, 2
+
+
+def pack(head: dict[str, Any], data: bytes | bytearray | memoryview = b"") -> bytes:
+    j = json.dumps(head, separators=(",", ":")).encode()
+    return b"".join((MSG.pack(len(j)), j, data))
+
+
+def unpack(msg: bytes) -> tuple[dict[str, Any], memoryview]:
+    (n,) = MSG.unpack_from(msg)
+    head = json.loads(msg[MSG.size : MSG.size + n])
+    if not isinstance(head, dict):
+        raise ValueError("message header is not an object")
+    return head, memoryview(msg)[MSG.size + n :]
+
+
+def channel_pair() -> tuple[socket.socket, socket.socket]:
+    """(daemon end, worker end) with buffers big enough for any one message."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    for s in (a, b):
+        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            with contextlib.suppress(OSError):
+                s.setsockopt(socket.SOL_SOCKET, opt, CHANNEL_BUF)
+    return a, b
+
+
+# --- daemon side ---------------------------------------------------------------------
+
+
+class Lending:
+    """The daemon's half for one ``ModelWorker``: lends connections to its current child
+    process and settles them when they come back, close, or the child dies. Every
+    method except :meth:`wait_unlent` runs on the daemon's event loop."""
+
+    def __init__(self, name: str, version: str, settings: dict[str, Any]):
+        self.name = name
+        self.version = version
+        self.settings = settings  # {"limits": HTTPLimits fields, "gate": [limit, queue]}
+        fd = os.memfd_create("edgeward-lent", 0)
+        os.ftruncate(fd, MAX_LENT)
+        self._state_fd = fd
+        self.state = mmap.mmap(fd, MAX_LENT)
+        self._free = list(range(MAX_LENT))
+        self._cids = 0
+        self.sock: socket.socket | None = None  # channel to the current child
+        self._lent: dict[int, tuple[Any, int]] = {}  # cid → (LentConnection, slot)
+        self.recalled = False
+        self.unlent = threading.Event()
+        self.unlent.set()
+        self.stats_sink: Callable[[dict[str, Any]], None] | None = None
+        self._loop: Any = None
+
+    @property
+    def count(self) -> int:
+        return len(self._lent)
+
+    @property
+    def busy(self) -> int:
+        """Lent connections with a request read and not yet answered."""
+        st = self.state
+        return sum(1 for _conn, slot in self._lent.values() if st[slot] != IDLE)
+
+    def attach(self, sock: socket.socket, loop: Any) -> None:
+        """A new child is up: greet it with the settings and the state memfd."""
+        self.sock = sock
+        self._loop = loop
+        sock.setblocking(False)
+        hello = {"op": "hello", "name": self.name, "version": self.version, **self.settings}
+        socket.send_fds(sock, [pack(hello)], [self._state_fd])
+        loop.add_reader(sock.fileno(), self._readable, sock)
+
+    def lend(self, fd: int, data: bytes, conn: Any) -> bool:
+        sock = self.sock
+        if sock is None or self.recalled or not self._free:
+            return False
+        self._cids += 1
+        cid = self._cids
+        slot = self._free.pop()
+        self.state[slot] = BUSY
+        try:
+            socket.send_fds(
+                sock,
+                [pack({"op": "lend", "cid": cid, "slot": slot}, data)],
+                [fd],
+                socket.MSG_DONTWAIT,
+            )
+        except OSError:  # channel full or child gone: the daemon answers this one itself
+            self._free.append(slot)
+            return False
+        self._lent[cid] = (conn, slot)
+        self.unlent.clear()
+        return True
+
+    def recall(self) -> None:
+        """Every lent connection comes back after its request in flight; none are lent
+        from now on."""
+        self.recalled = True
+        if self.sock is not None:
+            # a dead child's connections are settled by child_gone
+            with contextlib.suppress(OSError):
+                self.sock.send(pack({"op": "recall"}), socket.MSG_DONTWAIT)
+
+    def wait_unlent(self, timeout: float) -> bool:
+        """From a thread other than the loop's: True once no connection is lent."""
+        return self.unlent.wait(timeout)
+
+    def _readable(self, sock: socket.socket) -> None:
+        while True:
+            try:
+                msg, fds, _flags, _addr = socket.recv_fds(sock, MAX_MSG, 1, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                msg, fds = b"", []
+            for fd in fds:  # the worker never sends descriptors
+                os.close(fd)
+            if not msg:  # the child is gone; child_gone settles what is still lent
+                self._detach(sock)
+                return
+            try:
+                head, data = unpack(msg)
+            except ValueError:
+                logger.error("%s %s: garbled lent-connection message", self.name, self.version)
+                continue
+            op = head.get("op")
+            if op == "stats":
+                if self.stats_sink is not None:
+                    self.stats_sink(head)
+                continue
+            entry = self._lent.pop(head.get("cid"), None)  # type: ignore[arg-type]
+            if entry is None:
+                continue
+            conn, slot = entry
+            self._free.append(slot)
+            if op == "return":
+                conn.lent_returned(bytes(data), bool(head.get("here")))
+            else:
+                conn.lent_closed()
+            if not self._lent:
+                self.unlent.set()
+
+    def _detach(self, sock: socket.socket) -> None:
+        if self._loop is not None:
+            with contextlib.suppress(ValueError, OSError):
+                self._loop.remove_reader(sock.fileno())
+
+    def child_gone(self, code: str, message: str) -> None:
+        """The child exited: read what it said last, then settle the rest by state."""
+        sock = self.sock
+        self.sock = None
+        if sock is not None:
+            self._readable(sock)
+            self._detach(sock)
+            sock.close()
+        lent, self._lent = self._lent, {}
+        for conn, slot in lent.values():
+            state = self.state[slot]
+            self._free.append(slot)
+            try:
+                conn.lent_crashed(state, code, message)
+            except Exception:
+                logger.exception("settling a lent connection failed")
+        self.unlent.set()
+
+    def close(self) -> None:
+        with contextlib.suppress(BufferError):
+            self.state.close()
+        os.close(self._state_fd)
+
+
+# --- worker side ---------------------------------------------------------------------
+
+
+class _Gate:
+    """At most ``limit`` predictions at once, at most ``queue`` waiting; beyond: 503."""
+
+    def __init__(self, limit: int, queue: int) -> None:
+        self.limit = max(1, limit)
+        self.queue = max(0, queue)
+        self.active = 0
+        self.waiting = 0
+        self.cv = threading.Condition()
+
+    def acquire(self, model: str) -> None:
+        with self.cv:
+            if self.active < self.limit and not self.waiting:
+                self.active += 1
+                return
+            if self.waiting >= self.queue:
+                raise OverloadedError(
+                    f"model {model!r} is overloaded ({self.active} running, "
+                    f"{self.waiting} queued); retry later",
+                    retry_after=1.0,
+                )
+            self.waiting += 1
+            try:
+                while self.active >= self.limit:
+                    self.cv.wait()
+            finally:
+                self.waiting -= 1
+            self.active += 1
+
+    def release(self) -> None:
+        with self.cv:
+            self.active -= 1
+            self.cv.notify()
+
+
+class DirectServer:
+    """The worker's half: a thread per lent connection, answering its requests."""
+
+    def __init__(self, sock: socket.socket, servable: Any, meta: dict[str, Any]) -> None:
+        from agent.http import HTTPLimits
+        from agent.kserve import input_specs
+        from agent.registry import LATENCY_BUCKETS
+
+        self.sock = sock
+        self.servable = servable
+        self.meta = meta
+        try:
+            self.specs = input_specs(meta)
+        except Exception:
+            self.specs = None
+        self.name = ""
+        self.version = ""
+        self.paths: tuple[str, str] = ("", "")
+        self.limits = HTTPLimits()
+        self.gate = _Gate(4, 64)
+        self.state: mmap.mmap | None = None
+        self.recalled = False
+        self.wake_r, self.wake_w = os.pipe()
+        self._send_lock = threading.Lock()
+        self._buckets = LATENCY_BUCKETS
+        self._stats_lock = threading.Lock()
+        self._stats_ev = threading.Event()
+        self._n = self._e = 0
+        self._s = 0.0
+        self._b = [0] * len(LATENCY_BUCKETS)
+
+    def start(self) -> None:
+        threading.Thread(target=self._serve, name="lent-connections", daemon=True).start()
+        threading.Thread(target=self._stats_loop, name="lent-stats", daemon=True).start()
+
+    def send(self, head: dict[str, Any], data: bytes | bytearray | memoryview = b"") -> None:
+        with self._send_lock:
+            self.sock.send(pack(head, data))
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                msg, fds, _flags, _addr = socket.recv_fds(self.sock, MAX_MSG, 2)
+            except OSError:
+                return
+            if not msg:  # the daemon is gone
+                for fd in fds:
+                    os.close(fd)
+                return
+            head, data = unpack(msg)
+            op = head.get("op")
+            if op == "hello" and fds:
+                self._hello(head, fds.pop(0))
+            elif op == "lend" and fds:
+                fd = fds.pop(0)
+                cid, slot = int(head["cid"]), int(head["slot"])
+                if self.recalled or self.state is None:
+                    os.close(fd)
+                    self.send({"op": "return", "cid": cid, "here": False}, data)
+                else:
+                    conn = _Lent(self, cid, slot, fd, bytes(data))
+                    threading.Thread(target=conn.run, name=f"lent-{cid}", daemon=True).start()
+            elif op == "recall":
+                self.recalled = True
+                os.write(self.wake_w, b"r")  # stays readable: wakes every idle connection
+            for fd in fds:
+                os.close(fd)
+
+    def _hello(self, head: dict[str, Any], state_fd: int) -> None:
+        from agent.http import HTTPLimits
+
+        self.name = str(head["name"])
+        self.version = str(head["version"])
+        self.paths = (
+            f"/v2/models/{self.name}/infer",
+            f"/v2/models/{self.name}/versions/{self.version}/infer",
+        )
+        self.limits = HTTPLimits(**head.get("limits", {}))
+        limit, queue = head.get("gate", [4, 64])
+        self.gate = _Gate(int(limit), int(queue))
+        self.state = mmap.mmap(state_fd, MAX_LENT)
+        os.close(state_fd)
+
+    # --- one request ------------------------------------------------------------------
+
+    def handle(self, headers: dict[str, str], body: bytearray) -> Any:
+        """One inference → the HTTP response, errors as v2 error JSON (as the daemon)."""
+        from agent.kserve import (
+            InferResult,
+            error_response,
+            header_length,
+            infer_response,
+            select_outputs,
+            validate_inputs,
+        )
+        from agent.tensors import decode_request
+        from runtime import ipc
+
+        try:
+            req = decode_request(body, header_length(headers))
+            validate_inputs(self.name, self.specs, req.inputs)
+            self.gate.acquire(self.name)
+            t0 = time.perf_counter()
+            ok = False
+            try:
+                out = self.servable.predict(req.inputs)
+                ok = True
+            finally:
+                self.gate.release()
+                self._observe(time.perf_counter() - t0, ok)
+            res = InferResult(self.name, self.version, req.id, select_outputs(out, req))
+            return infer_response(res)
+        except EdgewardError as exc:
+            return error_response(exc)
+        except Exception as exc:  # as the relayed path reports an engine's own exception
+            logger.warning("%s %s: %s", self.name, self.version, exc)
+            err = ipc.error_from_dict(ipc.error_to_dict(exc))
+            assert isinstance(err, EdgewardError)
+            return error_response(err)
+
+    def _observe(self, seconds: float, ok: bool) -> None:
+        with self._stats_lock:
+            self._n += 1
+            self._e += not ok
+            self._s += seconds
+            for i, bound in enumerate(self._buckets):
+                if seconds <= bound:
+                    self._b[i] += 1
+                    break
+        if not self._stats_ev.is_set():
+            self._stats_ev.set()
+
+    def _stats_loop(self) -> None:
+        """Batched counters for the daemon's /metrics; no wake-ups while idle."""
+        while True:
+            self._stats_ev.wait()
+            time.sleep(STATS_EVERY)
+            with self._stats_lock:
+                self._stats_ev.clear()
+                head = {"op": "stats", "n": self._n, "e": self._e, "s": self._s, "b": self._b}
+                self._n = self._e = 0
+                self._s = 0.0
+                self._b = [0] * len(self._buckets)
+            try:
+                self.send(head)
+            except OSError:
+                return
+
+
+class _Lent:
+    """One lent connection, served on its own thread until it closes or goes back."""
+
+    def __init__(self, srv: DirectServer, cid: int, slot: int, fd: int, data: bytes) -> None:
+        self.srv = srv
+        self.cid = cid
+        self.slot = slot
+        self.sock = socket.socket(fileno=fd)
+        self.sock.setblocking(False)  # already: O_NONBLOCK is shared with the daemon's copy
+        lim = srv.limits
+        self.buf = bytearray(max(64 * 1024, lim.max_header_bytes + 4, len(data)))
+        self.view = memoryview(self.buf)
+        self.buf[: len(data)] = data
+        self.filled = len(data)
+        self.idle_poll = select.poll()
+        self.idle_poll.register(self.sock, select.POLLIN)
+        self.idle_poll.register(srv.wake_r, select.POLLIN)
+        self.busy_poll = select.poll()
+        self.busy_poll.register(self.sock, select.POLLIN)
+        self.out_poll = select.poll()
+        self.out_poll.register(self.sock, select.POLLOUT)
+
+    def run(self) -> None:
+        try:
+            self._serve()
+        except Exception:
+            logger.exception("lent connection %d failed", self.cid)
+            self._closed()
+
+    def _set(self, state: int) -> None:
+        st = self.srv.state
+        if st is not None:
+            st[self.slot] = state
+
+    # --- reading ------------------------------------------------------------------
+
+    def _recv(self, into: memoryview, deadline: float | None, idle: bool) -> int:
+        """Bytes read into ``into``; 0 on EOF, -1 on timeout, -2 on recall (idle only)."""
+        while True:
+            try:
+                return self.sock.recv_into(into)
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:
+                return 0
+            if deadline is None:
+                ms = -1
+            else:
+                ms = int((deadline - time.monotonic()) * 1000) + 1
+                if ms <= 0:
+                    return -1
+            events = (self.idle_poll if idle else self.busy_poll).poll(ms)
+            if not events:
+                return -1
+            if idle and all(fd == self.srv.wake_r for fd, _ in events):
+                return -2
+
+    def _serve(self) -> None:
+        from agent.http import ProtocolError, content_length, parse_head
+
+        srv = self.srv
+        lim = srv.limits
+        buf = self.buf
+        while True:
+            if not self.filled:  # between requests
+                if srv.recalled:
+                    return self._give_back(False)
+                self._set(IDLE)
+                n = self._recv(self.view, time.monotonic() + lim.keepalive_timeout_s, True)
+                if n == -2:
+                    continue
+                if n <= 0:  # EOF, or idle past the keep-alive timeout: close, as the server
+                    return self._closed()
+                self._set(BUSY)
+                self.filled = n
+            deadline = time.monotonic() + lim.header_timeout_s
+            end = buf.find(b"\r\n\r\n", 0, self.filled)
+            while end < 0:
+                if self.filled > lim.max_header_bytes:
+                    return self._fail(
+                        431,
+                        "headers-too-large",
+                        f"request headers exceed {lim.max_header_bytes} bytes",
+                    )
+                n = self._recv(self.view[self.filled :], deadline, False)
+                if n == 0:
+                    return self._closed()
+                if n < 0:
+                    return self._fail(408, "header-timeout", "request headers not received in time")
+                self.filled += n
+                end = buf.find(b"\r\n\r\n", max(0, self.filled - n - 3), self.filled)
+            if end == 0:  # a request needs a request line: let the daemon sort it out
+                return self._give_back(True)
+            try:
+                method, path, _q, version, headers = parse_head(buf[:end].decode("latin-1"), lim)
+                length = content_length(headers, lim)
+            except ProtocolError as exc:
+                return self._fail(exc.status, exc.code, exc.message)
+            if method != "POST" or path not in srv.paths or "expect" in headers:
+                return self._give_back(True)  # not ours: the daemon answers it
+            conn_hdr = headers.get("connection", "").lower()
+            keep = "keep-alive" in conn_hdr if version == "HTTP/1.0" else "close" not in conn_hdr
+            body = self._read_body(end + 4, length)
+            if body is None:
+                return None
+            resp = srv.handle(headers, body)
+            if not self._write(resp, keep):
+                return self._closed()
+            self._set(BUSY if self.filled else IDLE)
+            if not keep:
+                return self._closed()
+
+    def _read_body(self, start: int, length: int) -> bytearray | None:
+        """The body (a copy: the scratch buffer is reused); None if the connection ended."""
+        deadline = time.monotonic() + self.srv.limits.body_timeout_s
+        total = start + length
+        if total <= len(self.buf):
+            while self.filled < total:
+                n = self._recv(self.view[self.filled :], deadline, False)
+                if n <= 0:
+                    self._body_failed(n)
+                    return None
+                self.filled += n
+            body = self.buf[start:total]
+            rest = self.filled - total
+            if rest:
+                self.buf[:rest] = self.buf[total : self.filled]
+            self.filled = rest
+            return body
+        body = bytearray(length)
+        have = self.filled - start
+        body[:have] = self.buf[start : self.filled]
+        self.filled = 0
+        view = memoryview(body)
+        while have < length:
+            n = self._recv(view[have:], deadline, False)
+            if n <= 0:
+                self._body_failed(n)
+                return None
+            have += n
+        return body
+
+    def _body_failed(self, n: int) -> None:
+        if n == 0:
+            self._closed()
+        else:
+            self._fail(
+                408, "body-timeout", "request body shorter than its Content-Length or too slow"
+            )
+
+    # --- writing and endings ----------------------------------------------------------
+
+    def _write(self, resp: Any, keep: bool) -> bool:
+        from agent.http import render_response
+
+        self._set(WRITING)
+        views = [memoryview(b).cast("B") for b in render_response(resp, keep)]
+        deadline = time.monotonic() + self.srv.limits.body_timeout_s
+        while views:
+            try:
+                sent = self.sock.sendmsg(views)
+            except (BlockingIOError, InterruptedError):
+                ms = int((deadline - time.monotonic()) * 1000) + 1
+                if ms <= 0 or not self.out_poll.poll(ms):
+                    return False
+                continue
+            except OSError:
+                return False
+            while sent:
+                if sent >= views[0].nbytes:
+                    sent -= views.pop(0).nbytes
+                else:
+                    views[0] = views[0][sent:]
+                    sent = 0
+        return True
+
+    def _fail(self, status: int, code: str, message: str) -> None:
+        """A protocol error: answer it and close, as the daemon's server does."""
+        from agent.http import json_response
+
+        self._write(json_response(status, {"error": message, "code": code}), False)
+        self._closed()
+
+    def _give_back(self, here: bool) -> None:
+        data = bytes(self.buf[: self.filled])
+        self.sock.close()  # our descriptor only; the daemon's copy keeps the connection
+        self.srv.send({"op": "return", "cid": self.cid, "here": here}, data)
+
+    def _closed(self) -> None:
+        self.sock.close()
+        self.srv.send({"op": "closed", "cid": self.cid})
+
+
+def limits_settings(limits: Any, gate: tuple[int, int]) -> dict[str, Any]:
+    """The ``hello`` settings from the daemon's HTTPLimits and admission numbers."""
+    return {"limits": asdict(limits), "gate": list(gate)}
