@@ -185,6 +185,8 @@ def _error_class(code: str, status: int) -> type[errors.EdgewardError]:
     ):
         if cls.code == code:
             return cls
+    if code.startswith("worker-"):  # worker-crashed, worker-memory, worker-timeout, ...
+        return errors.WorkerError
     if status == 404:
         return errors.ModelNotFoundError
     if status == 413:

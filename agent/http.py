@@ -132,8 +132,8 @@ class LentConnection(Protocol):
 
     def lent_returned(self, data: bytes, here: bool) -> None:
         """The borrower stopped serving; ``data`` = bytes it read and did not answer (the
-        start of the next request). ``here``: answer that request in the server (one the
-        borrower does not handle), lending again only after it."""
+        start of the next request). ``here``: the borrower does not handle that request
+        (another model, another endpoint): it is not lent back to the same borrower."""
 
     def lent_closed(self) -> None:
         """The borrower answered the last request and the connection is done."""
@@ -322,11 +322,11 @@ class _Conn(asyncio.BufferedProtocol):
         "_lender",
         "_limits",
         "_loop",
-        "_no_lend",
         "_peer",
         "_pending",
         "_phase",
         "_read_paused",
+        "_returned_by",
         "_server",
         "_timer",
         "_transport",
@@ -358,7 +358,8 @@ class _Conn(asyncio.BufferedProtocol):
         self._write_ready: asyncio.Future[None] | None = None
         self._closing = False
         self._lender: Lender | None = None  # who has this connection while _LENT
-        self._no_lend = False  # answer the next request here (the borrower gave it back)
+        # The borrower that gave this request back as not its own: not lent to it again.
+        self._returned_by: Lender | None = None
 
     # --- asyncio callbacks -----------------------------------------------------------
 
@@ -466,11 +467,12 @@ class _Conn(asyncio.BufferedProtocol):
             self._keep_alive = False
         start = end + 4
         srv = self._server
-        if srv.lender_for is not None and not (self._no_lend or srv._closing or self._closing):
+        if srv.lender_for is not None and not (srv._closing or self._closing):
             lender = srv.lender_for(method, path, headers)
-            if lender is not None and self._lend(lender):
+            if lender is not None and lender is not self._returned_by and self._lend(lender):
+                self._returned_by = None
                 return
-        self._no_lend = False
+        self._returned_by = None
         self._pending = (method, path, query, version, headers)
         have = self._filled - start
         if have >= length:
@@ -531,13 +533,13 @@ class _Conn(asyncio.BufferedProtocol):
     def lent_returned(self, data: bytes, here: bool) -> None:
         if self._phase != _LENT or self._transport is None:
             return
-        self._lender = None
+        lender, self._lender = self._lender, None
         if self._closing or self._server._closing:
             self._close_after_write()
             return
         self._buf[: len(data)] = data
         self._filled = len(data)
-        self._no_lend = here
+        self._returned_by = lender if here else None
         self._phase = _IDLE
         self._arm(self._limits.keepalive_timeout_s)
         self._transport.resume_reading()

@@ -199,6 +199,7 @@ class WorkerModel:
             "rss_bytes": rss,
             "inflight": self.inflight + int(getattr(self.worker, "lent_busy", 0)),
             "restarts": int(stats.get("restarts", 0)),
+            "lent_connections": int(getattr(self.worker, "lent", 0)),
             "path": str(self.model_dir),
         }
 

@@ -168,9 +168,11 @@ def write_config(
     check_on_start: bool = False,
     drain_timeout: float = 10.0,
     limits: dict[str, Any] | None = None,
+    lend: bool = True,
     extra: str = "",
 ) -> Path:
-    """A config whose paths all live under ``work``."""
+    """A config whose paths all live under ``work``; ``lend=False`` relays every request
+    through the daemon (no lent connections, runtime/direct.py)."""
     state = work / "state"
     run = run_dir(work)
     inbox = work / "inbox"
@@ -188,6 +190,7 @@ keys_dir = ""
 socket = "{run / "infer.sock"}"
 mode = "0660"
 group = "{group}"
+lend_connections = {str(lend).lower()}
 
 [inference.limits]
 {lim}

@@ -1,0 +1,310 @@
+"""Lent connections (runtime/direct.py): the model's worker answers kept-alive inference
+connections itself. Real daemon, real worker processes, real sockets, real kill -9."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from agent.client import Client
+from agent.errors import InvalidInputError, ModelNotFoundError, WorkerError
+from tests.daemon_util import (
+    DaemonProc,
+    http_unix,
+    needs_worker,
+    start_daemon,
+    tiny_model_dir,
+)
+
+pytestmark = needs_worker
+
+
+def _models(d: DaemonProc) -> dict[str, dict[str, Any]]:
+    _s, _h, body = http_unix(d.control_sock, "GET", "/models")
+    return {m["name"]: m for m in json.loads(body)["models"]}
+
+
+def _wait(cond: Any, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+class RawConn:
+    """One kept-alive HTTP/1.1 connection, requests written by hand (pipelining too)."""
+
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(30)
+        self.sock.connect(str(path))
+        self.buf = b""
+
+    @staticmethod
+    def infer_bytes(model: str, x: list[list[float]], extra: str = "") -> bytes:
+        doc = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [len(x), len(x[0])],
+                           "data": [v for row in x for v in row]}]}  # fmt: skip
+        body = json.dumps(doc).encode()
+        head = (
+            f"POST /v2/models/{model}/infer HTTP/1.1\r\nhost: x\r\n"
+            f"content-type: application/json\r\n{extra}content-length: {len(body)}\r\n\r\n"
+        )
+        return head.encode() + body
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def read(self) -> tuple[int, dict[str, str], bytes]:
+        while b"\r\n\r\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("closed")
+            self.buf += chunk
+        head, _, rest = self.buf.partition(b"\r\n\r\n")
+        lines = head.decode().split("\r\n")
+        headers = {k.lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
+        n = int(headers["content-length"])
+        while len(rest) < n:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("closed mid-body")
+            rest += chunk
+        self.buf = rest[n:]
+        return int(lines[0].split()[1]), headers, rest[:n]
+
+    def infer(self, model: str, x: list[list[float]]) -> tuple[int, Any]:
+        self.send(self.infer_bytes(model, x))
+        status, _h, body = self.read()
+        return status, json.loads(body)
+
+    def closed_by_peer(self) -> bool:
+        self.sock.settimeout(5)
+        try:
+            return self.sock.recv(1) == b""
+        except ConnectionResetError:
+            return True
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProc]:
+    root = tmp_path_factory.mktemp("lent")
+    a = tiny_model_dir(root / "src", "tiny", "1", scale=2.0, slow=True)
+    b = tiny_model_dir(root / "src", "other", "1", scale=3.0)
+    d = start_daemon(root / "w", [a, b])
+    yield d
+    d.stop()
+
+
+def test_the_worker_serves_a_lent_connection_and_hands_back_what_it_does_not(
+    two: DaemonProc,
+) -> None:
+    c = RawConn(two.infer_sock)
+    try:
+        assert c.infer("tiny", [[1, 2, 3, 4]]) == (200, c.infer("tiny", [[1, 2, 3, 4]])[1])
+        assert _models(two)["tiny"]["lent_connections"] == 1
+        # another model on the same connection: tiny's worker hands it back, the daemon
+        # lends it to other's worker
+        status, out = c.infer("other", [[1, 1, 1, 1]])
+        assert status == 200 and out["outputs"][0]["data"] == [3, 3, 3, 3]
+        assert out["model_name"] == "other"
+        _wait(lambda: _models(two)["other"]["lent_connections"] == 1, "other to hold it")
+        assert _models(two)["tiny"]["lent_connections"] == 0
+        # a metadata request is the daemon's; then tiny again, versioned this time
+        c.send(b"GET /v2/models/tiny HTTP/1.1\r\nhost: x\r\n\r\n")
+        status, _h, body = c.read()
+        assert status == 200 and json.loads(body)["name"] == "tiny"
+        c.send(c.infer_bytes("tiny/versions/1", [[0.5, 1, 1, 1]]))
+        status, _h, body = c.read()
+        assert status == 200 and json.loads(body)["outputs"][0]["data"] == [1, 2, 2, 2]
+        # two requests in one write (pipelined): both answered, in order
+        c.send(c.infer_bytes("tiny", [[1, 1, 1, 1]]) + c.infer_bytes("tiny", [[5, 5, 5, 5]]))
+        first, second = c.read(), c.read()
+        assert json.loads(first[2])["outputs"][0]["data"] == [2, 2, 2, 2]
+        assert json.loads(second[2])["outputs"][0]["data"] == [10, 10, 10, 10]
+    finally:
+        c.close()
+    _wait(lambda: _models(two)["tiny"]["lent_connections"] == 0, "the closed connection")
+
+
+def test_errors_on_a_lent_connection_are_v2_errors_and_keep_it_usable(two: DaemonProc) -> None:
+    c = RawConn(two.infer_sock)
+    try:
+        assert c.infer("tiny", [[1, 1, 1, 1]])[0] == 200  # now lent
+        status, out = c.infer("tiny", [[1, 1, 1]])  # wrong shape
+        assert status == 400 and out["code"] == "bad-shape" and "'x'" in out["error"]
+        c.send(b"POST /v2/models/tiny/infer HTTP/1.1\r\ncontent-length: 5\r\n\r\n{nope")
+        status, _h, body = c.read()
+        assert status == 400 and json.loads(body)["code"] == "bad-json"
+        status, out = c.infer("missing", [[1, 1, 1, 1]])  # not the worker's: 404 by the daemon
+        assert status == 404 and out["code"] == "model-not-found"
+        assert c.infer("tiny", [[2, 2, 2, 2]]) == (200, c.infer("tiny", [[2, 2, 2, 2]])[1])
+        # a body over the limit: 413 and the connection closes, as the daemon does
+        c.send(b"POST /v2/models/tiny/infer HTTP/1.1\r\ncontent-length: 999999999999\r\n\r\n")
+        status, _h, body = c.read()
+        assert status == 413 and json.loads(body)["code"] == "payload-too-large"
+        assert c.closed_by_peer()
+    finally:
+        c.close()
+
+
+def test_binary_requests_and_metrics_count_what_the_worker_answered(two: DaemonProc) -> None:
+    def served() -> float:
+        _s, _h, body = http_unix(two.control_sock, "GET", "/metrics")
+        for line in body.decode().splitlines():
+            if line.startswith("edgeward_requests_total") and 'model="other"' in line:
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    before = served()
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    with Client(str(two.infer_sock)) as client:
+        for i in range(20):
+            out = client.infer("other", {"x": x + i})
+            np.testing.assert_array_equal(out["y"], (x + i) * 3)
+        with pytest.raises(InvalidInputError, match="'x'"):
+            client.infer("other", {"x": np.zeros((1, 4), np.float64)})
+        with pytest.raises(ModelNotFoundError):
+            client.infer("other", {"x": x}, version="7")
+        np.testing.assert_array_equal(client.infer("other", {"x": x})["y"], x * 3)
+    _wait(lambda: served() >= before + 21, "the worker's counts in /metrics")
+
+
+def _worker_pid(d: DaemonProc, model: str) -> int:
+    pid = _models(d)[model]["pid"]
+    assert isinstance(pid, int)
+    return pid
+
+
+def test_kill9_of_the_worker_fails_only_the_request_in_flight(tmp_path: Path) -> None:
+    src = tiny_model_dir(tmp_path / "src", "tiny", "1", slow=True)
+    d = start_daemon(tmp_path / "w", [src])
+    busy, idle = RawConn(d.infer_sock), RawConn(d.infer_sock)
+    try:
+        assert busy.infer("tiny", [[1, 1, 1, 1]])[0] == 200
+        assert idle.infer("tiny", [[1, 1, 1, 1]])[0] == 200
+        assert _models(d)["tiny"]["lent_connections"] == 2
+        result: dict[str, Any] = {}
+
+        def slow() -> None:
+            busy.send(busy.infer_bytes("tiny", [[-5.0, 1, 1, 1]]))
+            result["r"] = busy.read()
+
+        t = threading.Thread(target=slow)
+        t.start()
+        _wait(lambda: _models(d)["tiny"]["inflight"] == 1, "the slow request in the worker")
+        pid = _worker_pid(d, "tiny")
+        os.kill(pid, signal.SIGKILL)
+        t.join(30)
+        status, headers, body = result["r"]
+        err = json.loads(body)
+        assert status == 503 and err["code"] == "worker-crashed", err
+        assert "SIGKILL" in err["error"] and "request not served" in err["error"]
+        assert headers["connection"] == "close" and busy.closed_by_peer()
+        # the idle lent connection went back to the daemon and stays usable: 503
+        # model-not-ready while the worker restarts, then answers again
+        deadline = time.monotonic() + 30
+        while True:
+            status, out = idle.infer("tiny", [[3, 3, 3, 3]])
+            if status == 200:
+                break
+            assert status == 503 and out["code"] == "model-not-ready", out
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert out["outputs"][0]["data"] == [6, 6, 6, 6]
+        assert _worker_pid(d, "tiny") != pid
+        _wait(lambda: _models(d)["tiny"]["lent_connections"] == 1, "the lent connection again")
+    finally:
+        busy.close()
+        idle.close()
+        d.stop()
+
+
+def test_lending_off_relays_through_the_daemon(tmp_path: Path) -> None:
+    src = tiny_model_dir(tmp_path / "src", "tiny", "1", slow=True)
+    d = start_daemon(tmp_path / "w", [src], lend=False)
+    c = RawConn(d.infer_sock)
+    try:
+        for _ in range(3):
+            status, out = c.infer("tiny", [[1, 2, 3, 4]])
+            assert status == 200 and out["outputs"][0]["data"] == [2, 4, 6, 8]
+        assert _models(d)["tiny"]["lent_connections"] == 0
+        result: dict[str, Any] = {}
+
+        def slow() -> None:
+            c.send(c.infer_bytes("tiny", [[-5.0, 1, 1, 1]]))
+            result["r"] = c.read()
+
+        t = threading.Thread(target=slow)
+        t.start()
+        _wait(lambda: _models(d)["tiny"]["inflight"] == 1, "the slow request")
+        os.kill(_worker_pid(d, "tiny"), signal.SIGKILL)
+        t.join(30)
+        status, _h, body = result["r"]
+        assert status == 503 and json.loads(body)["code"] == "worker-crashed"
+    finally:
+        c.close()
+        d.stop()
+
+
+def test_sigterm_waits_for_the_answer_on_a_lent_connection(tmp_path: Path) -> None:
+    src = tiny_model_dir(tmp_path / "src", "tiny", "1", slow=True)
+    d = start_daemon(tmp_path / "w", [src])
+    c = RawConn(d.infer_sock)
+    try:
+        assert c.infer("tiny", [[1, 1, 1, 1]])[0] == 200
+        result: dict[str, Any] = {}
+
+        def slow() -> None:
+            c.send(c.infer_bytes("tiny", [[-1.5, 1, 1, 1]]))
+            result["r"] = c.read()
+
+        t = threading.Thread(target=slow)
+        t.start()
+        _wait(lambda: _models(d)["tiny"]["inflight"] == 1, "the slow request")
+        d.proc.send_signal(signal.SIGTERM)
+        t.join(30)
+        status, _h, body = result["r"]
+        assert status == 200 and json.loads(body)["outputs"][0]["data"] == [-3, 2, 2, 2]
+        assert c.closed_by_peer()
+        assert d.proc.wait(30) == 0
+    finally:
+        c.close()
+        d.kill()
+
+
+def test_worker_error_names_the_crash_for_the_client(tmp_path: Path) -> None:
+    """The Python client raises WorkerError for a request cut by a worker crash."""
+    src = tiny_model_dir(tmp_path / "src", "tiny", "1", slow=True)
+    d = start_daemon(tmp_path / "w", [src])
+    try:
+        client = Client(str(d.infer_sock))
+        client.infer("tiny", {"x": np.ones((1, 4), np.float32)})
+        errors: list[BaseException] = []
+
+        def slow() -> None:
+            try:
+                client.infer("tiny", {"x": np.full((1, 4), -5.0, np.float32)})
+            except BaseException as exc:
+                errors.append(exc)
+
+        t = threading.Thread(target=slow)
+        t.start()
+        _wait(lambda: _models(d)["tiny"]["inflight"] == 1, "the slow request")
+        os.kill(_worker_pid(d, "tiny"), signal.SIGKILL)
+        t.join(30)
+        assert len(errors) == 1 and isinstance(errors[0], WorkerError), errors
+    finally:
+        d.stop()
