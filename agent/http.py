@@ -537,6 +537,9 @@ class _Conn(asyncio.BufferedProtocol):
         if self._closing or self._server._closing:
             self._close_after_write()
             return
+        if len(data) > len(self._buf):  # the borrower read further than we would have
+            self._buf = bytearray(len(data))
+            self._view = memoryview(self._buf)
         self._buf[: len(data)] = data
         self._filled = len(data)
         self._returned_by = lender if here else None

@@ -191,10 +191,15 @@ class Lending:
                 continue
             conn, slot = entry
             self._free.append(slot)
-            if op == "return":
-                conn.lent_returned(bytes(data), bool(head.get("here")))
-            else:
-                conn.lent_closed()
+            try:
+                if op == "return":
+                    conn.lent_returned(bytes(data), bool(head.get("here")))
+                else:
+                    conn.lent_closed()
+            except Exception:  # a bug must cost this connection, not the others
+                logger.exception("%s %s: taking a connection back failed", self.name, self.version)
+                with contextlib.suppress(Exception):
+                    conn.abort()
             if not self._lent:
                 self.unlent.set()
 

@@ -122,6 +122,10 @@ def test_the_worker_serves_a_lent_connection_and_hands_back_what_it_does_not(
         assert out["model_name"] == "other"
         _wait(lambda: _models(two)["other"]["lent_connections"] == 1, "other to hold it")
         assert _models(two)["tiny"]["lent_connections"] == 0
+        # a body larger than any scratch buffer after a hand-back (the worker read ahead)
+        status, out = c.infer("tiny", [[1, 1, 1, 1]])
+        status, out = c.infer("other", [[1, 2, 3, 4]] * 6000)
+        assert status == 200 and out["outputs"][0]["data"] == [3, 6, 9, 12] * 6000
         # a metadata request is the daemon's; then tiny again, versioned this time
         c.send(b"GET /v2/models/tiny HTTP/1.1\r\nhost: x\r\n\r\n")
         status, _h, body = c.read()
