@@ -294,6 +294,8 @@ class DirectServer:
         self.recalled = False
         self.wake_r, self.wake_w = os.pipe()
         self._send_lock = threading.Lock()
+        # Parsed request heads by their bytes (read-only once stored).
+        self.heads: dict[bytes, tuple[str, str, str, dict[str, str], int]] = {}
         self._buckets = LATENCY_BUCKETS
         self._stats_lock = threading.Lock()
         self._stats_ev = threading.Event()
@@ -456,14 +458,19 @@ class _Lent:
     # --- reading ------------------------------------------------------------------
 
     def _recv(self, into: memoryview, deadline: float | None, idle: bool) -> int:
-        """Bytes read into ``into``; 0 on EOF, -1 on timeout, -2 on recall (idle only)."""
+        """Bytes read into ``into``; 0 on EOF, -1 on timeout, -2 on recall (idle only).
+        Idle (an answer just went out), the next request is rarely there yet: wait first
+        instead of a read that fails with EAGAIN."""
+        wait = idle
         while True:
-            try:
-                return self.sock.recv_into(into)
-            except (BlockingIOError, InterruptedError):
-                pass
-            except OSError:
-                return 0
+            if not wait:
+                try:
+                    return self.sock.recv_into(into)
+                except (BlockingIOError, InterruptedError):
+                    pass
+                except OSError:
+                    return 0
+            wait = False
             if deadline is None:
                 ms = -1
             else:
@@ -512,11 +519,19 @@ class _Lent:
                 end = buf.find(b"\r\n\r\n", max(0, self.filled - n - 3), self.filled)
             if end == 0:  # a request needs a request line: let the daemon sort it out
                 return self._give_back(True)
-            try:
-                method, path, _q, version, headers = parse_head(buf[:end].decode("latin-1"), lim)
-                length = content_length(headers, lim)
-            except ProtocolError as exc:
-                return self._fail(exc.status, exc.code, exc.message)
+            raw_head = bytes(buf[:end])
+            parsed = srv.heads.get(raw_head)
+            if parsed is None:
+                try:
+                    method, path, _q, version, headers = parse_head(raw_head.decode("latin-1"), lim)
+                    length = content_length(headers, lim)
+                except ProtocolError as exc:
+                    return self._fail(exc.status, exc.code, exc.message)
+                parsed = (method, path, version, headers, length)
+                if len(srv.heads) >= 256:
+                    srv.heads.clear()
+                srv.heads[raw_head] = parsed  # a program repeats the same head
+            method, path, version, headers, length = parsed
             if method != "POST" or path not in srv.paths or "expect" in headers:
                 return self._give_back(True)  # not ours: the daemon answers it
             conn_hdr = headers.get("connection", "").lower()
