@@ -1,7 +1,10 @@
 """Inference socket overhead: KServe v2 over the Unix socket vs in-process onnxruntime.
 
 Anchor: the same ONNX model run in this process with onnxruntime, in the same run.
-Measured: ``agent.client.Client`` → the daemon's inference socket → worker → back.
+Measured: ``agent.client.Client`` → the daemon's inference socket → back. The daemon
+lends the kept-alive connection to the model's worker, which answers it itself
+(docs/PROTOCOL.md, "Lent connections"); the tiny case is also run with lending off
+(every request relayed daemon → worker → daemon) for comparison.
 
 * tiny model (``y = x * 2`` on a [1, 4096] float32 tensor = 16 KiB, well under 0.2 ms):
   added p50/p99 with the binary tensor extension, added p50 with JSON tensors;
@@ -283,6 +286,22 @@ def _daemon_idle_rss(work: Path) -> float:
         d.stop()
 
 
+def _relayed(work: Path, tiny_dir: Path, anchor: Callable[[], Any], x: np.ndarray, n: int) -> float:
+    """Added p50 of the tiny binary request when the daemon relays every request (no
+    lent connections): what lending saves, measured in the same run."""
+    from agent.client import Client
+    from tests.daemon_util import start_daemon
+
+    shutil.rmtree(work / "relayed", ignore_errors=True)
+    d = start_daemon(work / "relayed", [("tiny", "1", tiny_dir)], lend=False)
+    try:
+        c = Client(str(d.infer_sock))
+        a, b = _paired_lat(anchor, lambda: c.infer("tiny", {"x": x}), max(n // 3, 100))
+        return (_pct(b, 0.5) - _pct(a, 0.5)) * 1e6
+    finally:
+        d.stop()
+
+
 def run(work: Path) -> dict[str, float]:
 
     from agent.client import Client
@@ -347,6 +366,9 @@ def run(work: Path) -> dict[str, float]:
         )
     finally:
         server.stop()
+    relayed = (
+        _relayed(work, tiny_dir, tiny_ip, tiny_x, n_tiny) if mode.startswith("daemon") else None
+    )
     idle_rss = _daemon_idle_rss(work)
 
     us = 1e6
@@ -377,6 +399,12 @@ def run(work: Path) -> dict[str, float]:
         f"(median ratio of {rounds} interleaved rounds {res['socket_throughput_ratio_4c']:.3f}, "
         "goal >= 0.9)"
     )
+    if relayed is not None:
+        res["socket_added_p50_us_tiny_binary_relayed"] = relayed
+        print(
+            f"same tiny requests with lend_connections = false (every request relayed "
+            f"daemon -> worker -> daemon): +{relayed:.1f} us p50"
+        )
     print(
         f"daemon idle RSS {idle_rss:.1f} MB ({idle_rss / 60:.2f}x of the 60 MB budget); "
         f"median in-process tiny {statistics.median(ip_tiny) * us:.1f} us"
