@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.daemon_util import DaemonProc, make_package, needs_worker, signing_key, start_daemon
@@ -218,10 +219,13 @@ def test_16x2000_with_malformed_rss_flat(tmp_path: Path) -> None:
         warm = hammer(d.infer_sock, 150, bad_every=10)
         assert warm.failures == [], warm.failures[:5]
         rss_warm = d.rss_bytes()
+        (worker,) = psutil.Process(d.proc.pid).children()  # answers lent connections
+        worker_warm = worker.memory_info().rss
         t0 = time.monotonic()
         tally = hammer(d.infer_sock, REQUESTS, bad_every=BAD_EVERY)
         elapsed = time.monotonic() - t0
         rss_end = d.rss_bytes()
+        worker_end = worker.memory_info().rss
         assert tally.failures == [], tally.failures[:10]
         expected_bad = CLIENTS * (REQUESTS // BAD_EVERY)
         assert tally.good == CLIENTS * REQUESTS - expected_bad
@@ -230,9 +234,11 @@ def test_16x2000_with_malformed_rss_flat(tmp_path: Path) -> None:
         assert tally.served_by == Counter({"2.0": tally.good})
         assert d.proc.poll() is None
         assert rss_end - rss_warm < 20 * 1024 * 1024, (rss_warm, rss_end)
+        assert worker_end - worker_warm < 20 * 1024 * 1024, (worker_warm, worker_end)
         print(
             f"\n{tally.good} good + {expected_bad} bad requests in {elapsed:.1f}s; "
-            f"daemon RSS {rss_warm / 1e6:.1f} -> {rss_end / 1e6:.1f} MB"
+            f"daemon RSS {rss_warm / 1e6:.1f} -> {rss_end / 1e6:.1f} MB, worker "
+            f"{worker_warm / 1e6:.1f} -> {worker_end / 1e6:.1f} MB"
         )
     finally:
         d.stop()
