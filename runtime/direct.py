@@ -108,6 +108,7 @@ class Lending:
         self.unlent.set()
         self.stats_sink: Callable[[dict[str, Any]], None] | None = None
         self._loop: Any = None
+        self.closed = False
 
     @property
     def count(self) -> int:
@@ -116,6 +117,8 @@ class Lending:
     @property
     def busy(self) -> int:
         """Lent connections with a request read and not yet answered."""
+        if self.closed:
+            return 0
         st = self.state
         return sum(1 for _conn, slot in self._lent.values() if st[slot] != IDLE)
 
@@ -218,7 +221,7 @@ class Lending:
             sock.close()
         lent, self._lent = self._lent, {}
         for conn, slot in lent.values():
-            state = self.state[slot]
+            state = self.state[slot] if not self.closed else BUSY
             self._free.append(slot)
             try:
                 conn.lent_crashed(state, code, message)
@@ -227,6 +230,11 @@ class Lending:
         self.unlent.set()
 
     def close(self) -> None:
+        """Free the state memfd (the worker is stopped; nothing is lent any more)."""
+        if self.closed:
+            return
+        self.closed = True
+        self.recalled = True
         with contextlib.suppress(BufferError):
             self.state.close()
         os.close(self._state_fd)

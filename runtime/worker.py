@@ -164,8 +164,10 @@ class ModelWorker:
         """Spawn the child, load and warm up the model; WorkerError carries its failure."""
         with self._cv:
             self._stopping = False
-            if self._lending is not None:
-                self._lending.recalled = False
+            lg = self._lending
+            if lg is not None and lg.closed:  # started again after stop()
+                self._lending = Lending(self.name, self.version, lg.settings)
+                self._lending.stats_sink = lg.stats_sink
             self.state = "starting"
             if self._arena.closed:  # started again after stop()
                 self._arena = ipc.ShmArena(self.max_concurrency, self.shm_slot_bytes)
@@ -297,6 +299,7 @@ class ModelWorker:
         if lending is not None:
             msg = f"{self.name} {self.version}: worker stopped; request not served"
             self._call_in_loop(lending.child_gone, "worker-stopped", msg)
+            self._call_in_loop(lending.close)  # after child_gone (FIFO): its memfd
         self._close_chan(c)
         self._arena.close()  # shm pages are freed with the last mapping
 

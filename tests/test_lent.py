@@ -312,3 +312,29 @@ def test_worker_error_names_the_crash_for_the_client(tmp_path: Path) -> None:
         assert len(errors) == 1 and isinstance(errors[0], WorkerError), errors
     finally:
         d.stop()
+
+
+def test_swaps_leak_no_descriptors(tmp_path: Path) -> None:
+    """Every worker's lent-connection channel and state memfd go with it."""
+    src1 = tiny_model_dir(tmp_path / "src", "tiny", "1", scale=2.0)
+    src2 = tiny_model_dir(tmp_path / "src", "tiny", "2", scale=3.0)
+    d = start_daemon(tmp_path / "w", [src1, src2])
+    c = RawConn(d.infer_sock)
+    try:
+
+        def fds() -> int:
+            return len(os.listdir(f"/proc/{d.proc.pid}/fd"))
+
+        def swap_and_check() -> None:
+            before = c.infer("tiny", [[1, 1, 1, 1]])[1]["model_version"]
+            assert d.cli("rollback", "tiny").returncode == 0
+            _wait(lambda: c.infer("tiny", [[1, 1, 1, 1]])[1]["model_version"] != before, "swap")
+
+        swap_and_check()
+        base = fds()
+        for _ in range(4):
+            swap_and_check()
+        assert fds() <= base + 1, (base, fds())
+    finally:
+        c.close()
+        d.stop()
