@@ -53,9 +53,12 @@ from agent.errors import EdgewardError, OverloadedError
 logger = logging.getLogger(__name__)
 
 MSG = struct.Struct("!I")
-MAX_MSG = 1 << 20  # bytes; lend/return data is at most one scratch buffer (≤ 64 KiB + head)
+# Bytes of a request that travel with a lend or a return. A stock kernel caps socket
+# buffers (net.core.wmem_max, 208 KiB), and a SOCK_SEQPACKET message must fit in one.
+MAX_DATA = 128 * 1024
+MAX_MSG = MAX_DATA + 4096  # + the JSON header
 MAX_LENT = 4096  # connections one worker may hold (one state byte each)
-CHANNEL_BUF = 2 << 20  # SO_SNDBUF/SO_RCVBUF of the channel
+CHANNEL_BUF = 1 << 20  # SO_SNDBUF/SO_RCVBUF asked for (the kernel may grant less)
 STATS_EVERY = 0.2  # seconds between stats messages while requests come
 IDLE, BUSY, WRITING = 0, 1, 2
 
@@ -133,7 +136,7 @@ class Lending:
 
     def lend(self, fd: int, data: bytes, conn: Any) -> bool:
         sock = self.sock
-        if sock is None or self.recalled or not self._free:
+        if sock is None or self.recalled or not self._free or len(data) > MAX_DATA:
             return False
         self._cids += 1
         cid = self._cids
@@ -439,7 +442,8 @@ class _Lent:
         self.sock = socket.socket(fileno=fd)
         self.sock.setblocking(False)  # already: O_NONBLOCK is shared with the daemon's copy
         lim = srv.limits
-        self.buf = bytearray(max(64 * 1024, lim.max_header_bytes + 4, len(data)))
+        size = max(64 * 1024, min(lim.max_header_bytes + 4, MAX_DATA), len(data))
+        self.buf = bytearray(size)  # ≤ MAX_DATA: what is read here can always go back
         self.view = memoryview(self.buf)
         self.buf[: len(data)] = data
         self.filled = len(data)
@@ -518,6 +522,8 @@ class _Lent:
                         "headers-too-large",
                         f"request headers exceed {lim.max_header_bytes} bytes",
                     )
+                if self.filled >= len(buf):  # a head bigger than our buffer: the daemon's
+                    return self._give_back(True)
                 n = self._recv(self.view[self.filled :], deadline, False)
                 if n == 0:
                     return self._closed()
