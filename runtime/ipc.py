@@ -101,13 +101,16 @@ class Channel:
             got += k
         return buf
 
-    def recv(self) -> tuple[dict[str, Any], bytearray]:
+    def recv(self) -> tuple[dict[str, Any], memoryview]:
+        """One frame: the header and a view of the payload (header and payload come in
+        one read)."""
         try:
             hl, pl = HEAD.unpack(self._recv_exact(HEAD.size))
             if hl > MAX_HEADER:
                 raise ChannelClosed(f"frame header of {hl} bytes")
-            header = json.loads(bytes(self._recv_exact(hl)))
-            payload = self._recv_exact(pl) if pl else bytearray()
+            body = self._recv_exact(hl + pl)
+            header = json.loads(body[:hl])
+            payload = memoryview(body)[hl:]
         except (OSError, ValueError) as exc:  # a garbled stream is as good as a dead peer
             raise ChannelClosed(str(exc)) from exc
         if not isinstance(header, dict):
@@ -156,6 +159,8 @@ class ShmArena:
 
     def acquire(self, timeout: float | None) -> int | None:
         with self._cv:
+            if self._free:
+                return self._free.pop()
             if not self._cv.wait_for(lambda: bool(self._free), timeout):
                 return None
             return self._free.pop()

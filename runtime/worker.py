@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import pickle
+import queue
 import select
 import signal
 import socket
@@ -56,14 +57,22 @@ class _Busy(Exception):
 
 
 class _Follower:
-    """A synchronous caller waiting for its reply (thread mode)."""
+    """A synchronous caller waiting for its reply (thread mode).
 
-    __slots__ = ("child", "ev", "fut", "rid")
+    Lighter than a Future plus an Event (both Python-level Conditions): the outcome sits
+    in plain attributes, set under the child's ``role_cv``, and each wake-up (reply
+    settled, or promoted to reader) is a token in a C ``SimpleQueue``, so none is lost
+    and a stale one only costs the waiter one more look at its state.
+    """
+
+    __slots__ = ("abandoned", "child", "done", "exc", "q", "result", "rid")
 
     def __init__(self) -> None:
-        self.ev = threading.Event()  # set: reply settled, or promoted to reader
-        self.fut: Future[Any] = Future()
-        self.fut.add_done_callback(lambda _f: self.ev.set())
+        self.q: queue.SimpleQueue[None] = queue.SimpleQueue()
+        self.done = False
+        self.result: Any = None
+        self.exc: BaseException | None = None
+        self.abandoned = False  # timed out: the async reader reads the late reply
         self.rid = 0
         self.child: _Child | None = None
 
@@ -140,6 +149,7 @@ class ModelWorker:
             "child_busy_us": 0,  # time the child spent decoding, predicting, encoding
             "last_error": None,
         }
+        self._stats_lock = threading.Lock()  # the per-request counters
         self._watchdog: threading.Thread | None = None
         # Loop mode: replies are read by this event loop (add_reader) instead of a reader
         # thread, so an apredict reply wakes the loop directly, not a thread that then
@@ -321,8 +331,8 @@ class ModelWorker:
             if c.eof:
                 return
             for f in c.followers.values():
-                if not f.fut.done():
-                    f.ev.set()
+                if not f.done:
+                    f.q.put(None)
                     return
             if c.n_async:
                 c.role_cv.notify_all()
@@ -332,24 +342,24 @@ class ModelWorker:
         timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            while not f.fut.done():
+            while not f.done:
                 with c.role_cv:
                     lead = not c.leader and not c.eof
                     if lead:
                         c.leader = True
                 if lead:
                     try:
-                        while not f.fut.done() and self._read_one(c, deadline):
+                        while not f.done and self._read_one(c, deadline):
                             pass
                     finally:
                         self._hand_over(c)
-                    if f.fut.done() or c.eof:
+                    if f.done or c.eof:
                         continue
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
-                    return f.fut.done()
-                f.ev.wait(remaining)
-                f.ev.clear()
+                    return f.done
+                with contextlib.suppress(queue.Empty):
+                    f.q.get(True, remaining)
             return True
         finally:
             with c.role_cv:
@@ -391,7 +401,7 @@ class ModelWorker:
         try:
             if h.get("op") == "result":
                 out = ipc.decode(h["t"], p, self._arena, copy=True)
-                with self._cv:
+                with self._stats_lock:
                     self._stats["shm_tensors_out"] += int(h.get("shm", 0))
                     self._stats["child_busy_us"] += int(h.get("us", 0))
                 result: Any = out if "n" not in h else int(h["n"])
@@ -405,7 +415,19 @@ class ModelWorker:
                 self._arena.release(slot)
 
     def _settle(self, fut: Any, result: Any, exc: BaseException | None) -> None:
-        """Complete a concurrent or an asyncio future from whichever thread we are on."""
+        """Complete a sync caller's slot, or a concurrent or an asyncio future, from
+        whichever thread we are on."""
+        if type(fut) is _Follower:
+            c = fut.child
+            assert c is not None
+            with c.role_cv:
+                if fut.done:
+                    return
+                fut.result, fut.exc, fut.done = result, exc, True
+                if fut.abandoned:
+                    c.n_async -= 1
+            fut.q.put(None)
+            return
         if isinstance(fut, asyncio.Future):
             loop = fut.get_loop()
             if _running_loop() is loop:
@@ -605,6 +627,9 @@ class ModelWorker:
     # --- requests ---------------------------------------------------------------------
 
     def _ready_child(self, timeout: float | None) -> _Child:
+        c = self._child
+        if self.state == "ready" and c is not None and not c.dead:
+            return c  # the common case, without the Condition
         wait = RESTART_WAIT if timeout is None else timeout
         with self._cv:
             ok = self._cv.wait_for(lambda: self.state in ("ready", "stopped", "failed"), wait)
@@ -632,11 +657,13 @@ class ModelWorker:
             # The loop reads the replies: blocking it on one would wait forever.
             raise RuntimeError("on the worker's event loop use apredict, not predict")
         c = self._ready_child(0.0 if nowait else timeout)
+        rid = next(self._ids)
         if follower is not None:
-            fut = follower.fut
+            fut = follower
+            follower.rid = rid
+            follower.child = c  # before it can be settled (a death fails it at once)
         elif fut is None:
             fut = Future()
-        rid = next(self._ids)
         slot = None
         if inputs is not None and any(
             isinstance(v, np.ndarray) and v.nbytes >= ipc.SHM_MIN for v in inputs.values()
@@ -662,15 +689,13 @@ class ModelWorker:
         if self._loop is None:  # thread mode: who reads this reply
             with c.role_cv:
                 if follower is not None:
-                    follower.rid = rid
-                    follower.child = c
                     c.followers[rid] = follower
                 else:
                     c.n_async += 1
                     c.role_cv.notify_all()
             if follower is None:
                 fut.add_done_callback(lambda _f: self._async_done(c))
-        with self._cv:
+        with self._stats_lock:
             self._stats["requests"] += 1
             self._stats["shm_tensors_in"] += n_shm
         if defer_send:
@@ -747,7 +772,7 @@ class ModelWorker:
             pass
 
     def _count_error(self, exc: BaseException) -> None:
-        with self._cv:
+        with self._stats_lock:
             self._stats["errors"] += 1
             self._stats["last_error"] = str(exc)
 
@@ -771,7 +796,9 @@ class ModelWorker:
         if c is None or not self._wait_sync(c, f, timeout):
             self._abandon(c, f)
             raise FutureTimeout
-        return f.fut.result(0)
+        if f.exc is not None:
+            raise f.exc
+        return f.result
 
     def _abandon(self, c: _Child | None, f: _Follower) -> None:
         """A timed-out sync request: the async reader reads its late reply (and so frees
@@ -779,11 +806,11 @@ class ModelWorker:
         if c is None:
             return
         with c.role_cv:
-            if f.fut.done():
+            if f.done:
                 return
+            f.abandoned = True  # _settle takes it off n_async again
             c.n_async += 1
             c.role_cv.notify_all()
-        f.fut.add_done_callback(lambda _f: self._async_done(c))
 
     def rss_bytes(self) -> int:
         import psutil

@@ -63,7 +63,7 @@ def main(argv: list[str]) -> int:
         return 1
     chan.send({"op": "ready", "meta": meta, "pid": os.getpid()})
 
-    def run(h: dict[str, Any], p: bytearray) -> None:
+    def run(h: dict[str, Any], p: memoryview) -> None:
         rid = h["id"]
         slot = h.get("slot")
         try:
