@@ -80,10 +80,11 @@ class _Follower:
 class _Child:
     """One incarnation: process, channel, reader state and its pending requests."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], chan: ipc.Channel):
+    def __init__(self, proc: subprocess.Popen[bytes], chan: ipc.Channel, lanes: list[ipc.Channel]):
         self.proc = proc
         self.chan = chan
-        self.pending: dict[int, tuple[Future[Any], int | None]] = {}
+        self.lanes = lanes  # thread mode: one socket per shm slot for sync predicts
+        self.pending: dict[int, tuple[Any, int | None]] = {}  # (future or _Follower, slot)
         self.lock = threading.Lock()
         self.dead = False
         self.kill_reason: tuple[str, str] | None = None
@@ -188,6 +189,17 @@ class ModelWorker:
 
     def _spawn(self, timeout: float) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Thread mode: a socketpair per slot ("lane"), so a sync caller sends its request
+        # and blocks on its own reply; the kernel wakes exactly that thread, and one child
+        # thread per lane serves it (no reader role to pass on either side).
+        pairs = (
+            [
+                socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+                for _ in range(self._arena.slots)
+            ]
+            if self._loop is None
+            else []
+        )
         env = dict(os.environ)
         root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
@@ -200,14 +212,22 @@ class ModelWorker:
                     str(child.fileno()),
                     str(self._arena.fd),
                 ],
-                pass_fds=(child.fileno(), self._arena.fd),
+                pass_fds=(child.fileno(), self._arena.fd, *(b.fileno() for _, b in pairs)),
                 env=env,
                 stdin=subprocess.DEVNULL,
                 close_fds=True,
             )
+        except BaseException:
+            for a, _ in pairs:
+                a.close()
+            raise
         finally:
             child.close()
+            lane_fds = [b.fileno() for _, b in pairs]
+            for _, b in pairs:
+                b.close()
         chan = ipc.Channel(parent)
+        lanes = [ipc.Channel(a) for a, _ in pairs]
         init = {
             "model_dir": self.model_dir,
             "config": self.config,
@@ -217,6 +237,7 @@ class ModelWorker:
             "slots": self._arena.slots,
             "slot_bytes": self._arena.slot_bytes,
             "max_concurrency": self.max_concurrency,
+            "lanes": lane_fds,
         }
         chan.send({"op": "init"}, [pickle.dumps(init)])
         parent.settimeout(timeout)
@@ -226,6 +247,8 @@ class ModelWorker:
             proc.kill()
             rc = proc.wait()
             chan.close()
+            for lane in lanes:
+                lane.close()
             if isinstance(exc, TimeoutError):
                 raise WorkerError(
                     f"{self.name} {self.version}: worker did not become ready in {timeout:g} s",
@@ -241,12 +264,14 @@ class ModelWorker:
             err = header.get("err") or {}
             proc.wait()
             chan.close()
+            for lane in lanes:
+                lane.close()
             raise WorkerError(
                 f"{self.name} {self.version}: {err.get('msg', 'worker failed to start')}",
                 code=str(err.get("code", "worker")),
             )
         self._meta = dict(header.get("meta") or {})
-        c = _Child(proc, chan)
+        c = _Child(proc, chan, lanes)
         self._child = c
         if self._loop is not None:
             self._call_in_loop(self._attach, c)
@@ -399,20 +424,27 @@ class ModelWorker:
             return
         fut, slot = entry
         try:
+            result, exc = self._outcome(h, p)
+            self._settle(fut, result, exc)
+        finally:
+            if slot is not None:
+                self._arena.release(slot)
+
+    def _outcome(
+        self, h: dict[str, Any], p: bytearray | memoryview
+    ) -> tuple[Any, BaseException | None]:
+        """(result, None) or (None, error) of a reply frame; call before its slot is freed
+        (shm outputs are copied out)."""
+        try:
             if h.get("op") == "result":
                 out = ipc.decode(h["t"], p, self._arena, copy=True)
                 with self._stats_lock:
                     self._stats["shm_tensors_out"] += int(h.get("shm", 0))
                     self._stats["child_busy_us"] += int(h.get("us", 0))
-                result: Any = out if "n" not in h else int(h["n"])
-                self._settle(fut, result, None)
-            else:
-                self._settle(fut, None, ipc.error_from_dict(h.get("err") or {}))
+                return (out if "n" not in h else int(h["n"])), None
+            return None, ipc.error_from_dict(h.get("err") or {})
         except Exception as exc:  # a malformed frame fails that request only
-            self._settle(fut, None, WorkerError(f"bad reply from worker: {exc}"))
-        finally:
-            if slot is not None:
-                self._arena.release(slot)
+            return None, WorkerError(f"bad reply from worker: {exc}")
 
     def _settle(self, fut: Any, result: Any, exc: BaseException | None) -> None:
         """Complete a sync caller's slot, or a concurrent or an asyncio future, from
@@ -521,6 +553,8 @@ class ModelWorker:
     def _close_chan(self, c: _Child) -> None:
         """Close the socket; in loop mode only after the loop stopped watching its fd
         (a closed fd left in the selector would break the next socket with that number)."""
+        for lane in c.lanes:
+            lane.close()
         if self._loop is None or not c.attached:
             c.chan.close()
             return
@@ -787,9 +821,14 @@ class ModelWorker:
     def _call(
         self, header: dict[str, Any], inputs: dict[str, np.ndarray] | None, timeout: float | None
     ) -> Any:
-        """Synchronous request: in thread mode the caller may read its own reply."""
+        """Synchronous request: in thread mode a predict goes through its slot's lane;
+        other requests share the socket, and the caller may read its own reply there."""
         if self._loop is not None:
             return self._submit(header, inputs, timeout).result(timeout)
+        if header.get("op") == "predict":
+            lc = self._ready_child(timeout)
+            if lc.lanes:
+                return self._lane_call(lc, header, inputs, timeout)
         f = _Follower()
         self._submit(header, inputs, timeout, follower=f)
         c = f.child
@@ -799,6 +838,93 @@ class ModelWorker:
         if f.exc is not None:
             raise f.exc
         return f.result
+
+    def _lane_call(
+        self,
+        c: _Child,
+        header: dict[str, Any],
+        inputs: dict[str, np.ndarray] | None,
+        timeout: float | None,
+    ) -> Any:
+        """Sync request on the lane of its slot: send, then block reading the reply.
+
+        The request is in ``c.pending`` too (with no slot: the caller frees it), so a
+        child death fails it through :meth:`_gone` with the usual code and message."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        slot = self._arena.acquire(timeout)
+        if slot is None:
+            raise ModelNotReadyError(f"model {self.name}: no free transfer slot")
+        lane = c.lanes[slot]
+        rid = next(self._ids)
+        f = _Follower()
+        f.rid, f.child = rid, c
+        try:
+            descs, parts, n_shm = ipc.encode(inputs or {}, self._arena, slot)
+            header.update(id=rid, t=descs, slot=slot)
+            with c.lock:
+                if c.dead:
+                    raise WorkerError(
+                        f"{self.name} {self.version}: worker died", code="worker-crashed"
+                    )
+                c.pending[rid] = (f, None)
+        except BaseException:
+            self._arena.release(slot)
+            raise
+        with self._stats_lock:
+            self._stats["requests"] += 1
+            self._stats["shm_tensors_in"] += n_shm
+        with contextlib.suppress(OSError):  # a death shows as EOF below
+            lane.send(header, parts)
+        try:
+            while True:
+                if deadline is not None:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0 or not _readable(lane.sock, remaining):
+                        break
+                h, p = lane.recv()
+                if h.get("id") == rid:
+                    with c.lock:
+                        c.pending.pop(rid, None)
+                    try:
+                        result, exc = self._outcome(h, p)
+                    finally:
+                        self._arena.release(slot)
+                    if exc is not None:
+                        raise exc
+                    return result
+        except ipc.ChannelClosed:
+            if c.proc.poll() is None:  # a garbled stream from a live child: kill it
+                threading.Thread(target=_reap, args=(c.proc,), daemon=True).start()
+            while not f.done:  # _gone fails it once the child has exited
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                with contextlib.suppress(queue.Empty):
+                    f.q.get(True, left)
+            if f.done:
+                self._arena.release(slot)
+                if f.exc is not None:
+                    raise f.exc from None
+                return f.result
+        # Timed out: the slot stays taken until the late reply (or the child's end).
+        threading.Thread(target=self._drain_lane, args=(c, lane, rid, slot), daemon=True).start()
+        raise FutureTimeout
+
+    def _drain_lane(self, c: _Child, lane: ipc.Channel, rid: int, slot: int) -> None:
+        """After a timeout: read the late reply, then free the slot (its lane with it)."""
+        try:
+            while True:
+                h, _p = lane.recv()
+                if h.get("id") == rid:
+                    break
+        except ipc.ChannelClosed:
+            if c.proc.poll() is None:
+                _reap(c.proc)
+            c.proc.wait()
+        finally:
+            with c.lock:
+                c.pending.pop(rid, None)
+            self._arena.release(slot)
 
     def _abandon(self, c: _Child | None, f: _Follower) -> None:
         """A timed-out sync request: the async reader reads its late reply (and so frees
@@ -831,7 +957,10 @@ class ModelWorker:
 
 def _readable(sock: socket.socket, timeout: float) -> bool:
     p = select.poll()
-    p.register(sock, select.POLLIN)
+    try:
+        p.register(sock, select.POLLIN)
+    except (ValueError, OSError):  # closed meanwhile: the read reports it
+        return True
     return bool(p.poll(max(0, int(timeout * 1000) + 1)))
 
 
