@@ -309,9 +309,11 @@ class ModelWorker:
 
     # --- child death and restart ------------------------------------------------------
 
-    # --- thread mode: callers read their own replies (leader/follower) -----------------
+    # --- thread mode: callers read their own replies ---------------------------------
     #
-    # A synchronous caller that finds the reader role free takes it and reads frames until
+    # A sync predict uses its slot's lane (_lane_call): send, block on the reply. On the
+    # shared socket (self_test) a synchronous caller that finds the reader role free takes
+    # it and reads frames until
     # its own reply is in, settling the others' on the way; then it hands the role to a
     # waiting caller (or to the async reader). A lone caller thus gets its reply without
     # any thread hand-off. The async reader thread only reads while apredict requests
