@@ -115,3 +115,30 @@ def test_stop_answers_lane_requests_in_flight(tmp_path: Path) -> None:
     assert sorted(float(r["y"][0]) for r in res) == [0.0, 2.0]  # type: ignore[index]
     with pytest.raises(ProcessLookupError):
         os.kill(pid or 0, 0)
+
+
+def test_lane_frames_of_every_size(tmp_path: Path) -> None:
+    """Inline frames below and above one read, shm tensors, and tensors bigger than the
+    slot (inline, MBs each way) all cross a lane intact, from several threads."""
+    w = _toy(tmp_path, max_concurrency=3, shm_slot_bytes=1 << 20)
+    w.start()
+    try:
+        sizes = [1, 100, 600, 5_000, 40_000, 400_000]  # 8 B ... 3.2 MB (> slot: inline)
+        bad: list[str] = []
+
+        def call(i: int) -> None:
+            for n in sizes:
+                x = np.arange(n, dtype=np.float64) + i
+                out = w.predict({"x": x}, timeout=30)
+                if not np.array_equal(out["y"], x * 2):
+                    bad.append(f"{i}/{n}")
+
+        ts = [threading.Thread(target=call, args=(i,)) for i in range(3)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(60)
+        assert not bad and not any(t.is_alive() for t in ts)
+        assert w.stats()["shm_tensors_in"] == 3  # only the 320 KB ones fit a 1 MiB slot
+    finally:
+        w.stop()
