@@ -877,23 +877,9 @@ class ModelWorker:
             self._stats["shm_tensors_in"] += n_shm
         with contextlib.suppress(OSError):  # a death shows as EOF below
             lane.send(header, parts)
+        reply = None
         try:
-            while True:
-                if deadline is not None:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0 or not _readable(lane.sock, remaining):
-                        break
-                h, p = lane.recv()
-                if h.get("id") == rid:
-                    with c.lock:
-                        c.pending.pop(rid, None)
-                    try:
-                        result, exc = self._outcome(h, p)
-                    finally:
-                        self._arena.release(slot)
-                    if exc is not None:
-                        raise exc
-                    return result
+            reply = _lane_reply(lane, rid, deadline)
         except ipc.ChannelClosed:
             if c.proc.poll() is None:  # a garbled stream from a live child: kill it
                 threading.Thread(target=_reap, args=(c.proc,), daemon=True).start()
@@ -908,9 +894,25 @@ class ModelWorker:
                 if f.exc is not None:
                     raise f.exc from None
                 return f.result
-        # Timed out: the slot stays taken until the late reply (or the child's end).
+        except BaseException:  # interrupted while waiting: the lane goes to a drainer
+            self._start_drain(c, lane, rid, slot)
+            raise
+        if reply is None:  # timed out: the slot stays taken until the late reply
+            self._start_drain(c, lane, rid, slot)
+            raise FutureTimeout
+        h, p = reply
+        with c.lock:
+            c.pending.pop(rid, None)
+        try:
+            result, exc = self._outcome(h, p)
+        finally:
+            self._arena.release(slot)
+        if exc is not None:
+            raise exc
+        return result
+
+    def _start_drain(self, c: _Child, lane: ipc.Channel, rid: int, slot: int) -> None:
         threading.Thread(target=self._drain_lane, args=(c, lane, rid, slot), daemon=True).start()
-        raise FutureTimeout
 
     def _drain_lane(self, c: _Child, lane: ipc.Channel, rid: int, slot: int) -> None:
         """After a timeout: read the late reply, then free the slot (its lane with it)."""
@@ -964,6 +966,20 @@ def _readable(sock: socket.socket, timeout: float) -> bool:
     except (ValueError, OSError):  # closed meanwhile: the read reports it
         return True
     return bool(p.poll(max(0, int(timeout * 1000) + 1)))
+
+
+def _lane_reply(
+    lane: ipc.Channel, rid: int, deadline: float | None
+) -> tuple[dict[str, Any], memoryview] | None:
+    """The reply to ``rid`` on a lane, or None at the deadline; ChannelClosed on EOF."""
+    while True:
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not _readable(lane.sock, remaining):
+                return None
+        h, p = lane.recv()
+        if h.get("id") == rid:
+            return h, p
 
 
 def _reap(proc: subprocess.Popen[bytes]) -> None:
