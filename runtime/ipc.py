@@ -34,10 +34,17 @@ class ChannelClosed(Exception):
 
 
 class Channel:
-    """One side of the framed socket; ``send`` is thread-safe, ``recv`` is single-reader."""
+    """One side of the framed socket; ``send`` is thread-safe, ``recv`` is single-reader.
 
-    def __init__(self, sock: socket.socket):
+    With ``wsock`` frames are sent on that socket and read from ``sock`` (a lane: two
+    one-way socketpairs). On a two-way socket, the peer consuming what we sent wakes
+    our blocked reader for nothing (the kernel's write-space wake-up shares the reader's
+    wait queue): a second sleep and wake per request on each side.
+    """
+
+    def __init__(self, sock: socket.socket, wsock: socket.socket | None = None):
         self.sock = sock
+        self.wsock = wsock if wsock is not None else sock
         self._lock = threading.Lock()
 
     def send(self, header: dict[str, Any], payload: list[bytes | memoryview] | None = None) -> None:
@@ -60,7 +67,7 @@ class Channel:
         if not self._lock.acquire(blocking=False):
             return "later", bufs
         try:
-            sent = self.sock.sendmsg(bufs, [], socket.MSG_DONTWAIT)
+            sent = self.wsock.sendmsg(bufs, [], socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
             self._lock.release()
             return "later", bufs
@@ -87,7 +94,7 @@ class Channel:
     def _send_all(self, bufs: list[Any]) -> None:
         views = [memoryview(b).cast("B") for b in bufs]
         while views:
-            sent = self.sock.sendmsg(views[:512])
+            sent = self.wsock.sendmsg(views[:512])
             views = _skip(views, sent)
 
     def _recv_exact(self, n: int) -> bytearray:
@@ -120,6 +127,9 @@ class Channel:
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.close()
+        if self.wsock is not self.sock:
+            with contextlib.suppress(OSError):
+                self.wsock.close()
 
 
 def _frame(header: dict[str, Any], payload: list[bytes | memoryview] | None) -> list[Any]:

@@ -189,13 +189,14 @@ class ModelWorker:
 
     def _spawn(self, timeout: float) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        # Thread mode: a socketpair per slot ("lane"), so a sync caller sends its request
-        # and blocks on its own reply; the kernel wakes exactly that thread, and one child
-        # thread per lane serves it (no reader role to pass on either side).
+        # Thread mode: per slot a "lane", so a sync caller sends its request and blocks
+        # on its own reply; the kernel wakes exactly that thread, and one child thread per
+        # lane serves it (no reader role to pass on either side). A lane is two one-way
+        # socketpairs, requests and replies (see ipc.Channel: the write-space wake-up).
         pairs = (
             [
                 socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-                for _ in range(self._arena.slots)
+                for _ in range(2 * self._arena.slots)
             ]
             if self._loop is None
             else []
@@ -223,11 +224,13 @@ class ModelWorker:
             raise
         finally:
             child.close()
-            lane_fds = [b.fileno() for _, b in pairs]
+            # Lane i: the child reads requests from pairs[2i], writes replies to [2i + 1].
+            fds = [b.fileno() for _, b in pairs]
+            lane_fds = [fds[i : i + 2] for i in range(0, len(fds), 2)]
             for _, b in pairs:
                 b.close()
         chan = ipc.Channel(parent)
-        lanes = [ipc.Channel(a) for a, _ in pairs]
+        lanes = [ipc.Channel(pairs[i + 1][0], wsock=pairs[i][0]) for i in range(0, len(pairs), 2)]
         init = {
             "model_dir": self.model_dir,
             "config": self.config,

@@ -135,7 +135,10 @@ def main(argv: list[str]) -> int:
 
     # Lanes (thread mode): one socket per shm slot, served by its own thread; the
     # parent's sync caller blocks on its lane, so a request wakes one thread each side.
-    lanes = [ipc.Channel(socket.socket(fileno=fd)) for fd in init.get("lanes") or ()]
+    lanes = [
+        ipc.Channel(socket.socket(fileno=rfd), wsock=socket.socket(fileno=wfd))
+        for rfd, wfd in init.get("lanes") or ()
+    ]
 
     def serve_lane(lane: ipc.Channel) -> None:
         while True:
