@@ -3,8 +3,9 @@
 Only this process imports the inference engines. It reads one ``init`` frame (pickled
 settings from its own parent), opens the model, warms it up, answers ``ready`` with the
 KServe metadata (or ``error`` with the failure and exits 1), then serves ``predict``
-frames on ``max_concurrency`` threads, plus one thread per lane (thread mode: a
-socketpair per shm slot, fds listed in the init frame), until ``shutdown`` or EOF.
+frames on ``max_concurrency`` threads, plus one thread per lane (thread mode: a request
+and a reply socketpair per shm slot, fds listed in the init frame), until ``shutdown``
+or EOF.
 """
 
 from __future__ import annotations
