@@ -114,6 +114,15 @@ def _throughput(fn: Any, x: np.ndarray, per_thread: int, threads: int = 4) -> fl
     return threads * per_thread / (time.perf_counter() - t0)
 
 
+def _cpu_s(pid: int | None = None) -> float:
+    """CPU seconds (user + system, all threads) of this process or of ``pid``."""
+    if pid is None:
+        t = os.times()
+        return t.user + t.system
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run(work: Path) -> dict[str, float]:
     from runtime import RuntimeConfig, open_model
     from runtime.worker import ModelWorker
@@ -138,9 +147,18 @@ def run(work: Path) -> dict[str, float]:
         p50_in, p50_w = _paired_p50_us(servable.predict, worker.predict, x, n_lat)
         # Interleave the throughput runs so drift on the shared box hits both.
         tin, tw = [], []
+        cpu_in, cpu_parent, cpu_child = 0.0, 0.0, 0.0  # diagnostics: CPU per request
         for _ in range(rounds):
+            c0 = _cpu_s()
             tin.append(_throughput(servable.predict, x, per_thread))
+            c1, k1 = _cpu_s(), _cpu_s(worker.pid)
             tw.append(_throughput(worker.predict, x, per_thread))
+            c2, k2 = _cpu_s(), _cpu_s(worker.pid)
+            cpu_in, cpu_parent, cpu_child = (
+                cpu_in + c1 - c0,
+                cpu_parent + c2 - c1,
+                cpu_child + k2 - k1,
+            )
         thr_in, thr_w = statistics.median(tin), statistics.median(tw)
         ratio = statistics.median(w / i for w, i in zip(tw, tin, strict=True))
         assert worker.stats()["shm_tensors_in"] > 0
@@ -152,6 +170,12 @@ def run(work: Path) -> dict[str, float]:
     print(
         f"4 callers: in-process {thr_in:.1f} req/s, worker {thr_w:.1f} req/s: "
         f"median ratio of {rounds} interleaved rounds {ratio:.3f}"
+    )
+    n = rounds * 4 * per_thread / 1e6
+    print(
+        f"CPU per request (4 callers): in-process {cpu_in / n:.0f} us; worker: parent "
+        f"{cpu_parent / n:.0f} us + child {cpu_child / n:.0f} us "
+        f"(overhead {(cpu_parent + cpu_child - cpu_in) / n:.0f} us)"
     )
     return {"worker_added_p50_us_224": added, "worker_throughput_ratio_4c": ratio}
 

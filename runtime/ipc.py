@@ -34,10 +34,17 @@ class ChannelClosed(Exception):
 
 
 class Channel:
-    """One side of the framed socket; ``send`` is thread-safe, ``recv`` is single-reader."""
+    """One side of the framed socket; ``send`` is thread-safe, ``recv`` is single-reader.
 
-    def __init__(self, sock: socket.socket):
+    With ``wsock`` frames are sent on that socket and read from ``sock`` (a lane: two
+    one-way socketpairs). On a two-way socket, the peer consuming what we sent wakes
+    our blocked reader for nothing (the kernel's write-space wake-up shares the reader's
+    wait queue): a second sleep and wake per request on each side.
+    """
+
+    def __init__(self, sock: socket.socket, wsock: socket.socket | None = None):
         self.sock = sock
+        self.wsock = wsock if wsock is not None else sock
         self._lock = threading.Lock()
 
     def send(self, header: dict[str, Any], payload: list[bytes | memoryview] | None = None) -> None:
@@ -60,7 +67,7 @@ class Channel:
         if not self._lock.acquire(blocking=False):
             return "later", bufs
         try:
-            sent = self.sock.sendmsg(bufs, [], socket.MSG_DONTWAIT)
+            sent = self.wsock.sendmsg(bufs, [], socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
             self._lock.release()
             return "later", bufs
@@ -87,7 +94,7 @@ class Channel:
     def _send_all(self, bufs: list[Any]) -> None:
         views = [memoryview(b).cast("B") for b in bufs]
         while views:
-            sent = self.sock.sendmsg(views[:512])
+            sent = self.wsock.sendmsg(views[:512])
             views = _skip(views, sent)
 
     def _recv_exact(self, n: int) -> bytearray:
@@ -101,13 +108,16 @@ class Channel:
             got += k
         return buf
 
-    def recv(self) -> tuple[dict[str, Any], bytearray]:
+    def recv(self) -> tuple[dict[str, Any], memoryview]:
+        """One frame: the header and a view of the payload (header and payload come in
+        one read)."""
         try:
             hl, pl = HEAD.unpack(self._recv_exact(HEAD.size))
             if hl > MAX_HEADER:
                 raise ChannelClosed(f"frame header of {hl} bytes")
-            header = json.loads(bytes(self._recv_exact(hl)))
-            payload = self._recv_exact(pl) if pl else bytearray()
+            body = self._recv_exact(hl + pl)
+            header = json.loads(body[:hl])
+            payload = memoryview(body)[hl:]
         except (OSError, ValueError) as exc:  # a garbled stream is as good as a dead peer
             raise ChannelClosed(str(exc)) from exc
         if not isinstance(header, dict):
@@ -117,6 +127,9 @@ class Channel:
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.close()
+        if self.wsock is not self.sock:
+            with contextlib.suppress(OSError):
+                self.wsock.close()
 
 
 def _frame(header: dict[str, Any], payload: list[bytes | memoryview] | None) -> list[Any]:
@@ -156,6 +169,8 @@ class ShmArena:
 
     def acquire(self, timeout: float | None) -> int | None:
         with self._cv:
+            if self._free:
+                return self._free.pop()
             if not self._cv.wait_for(lambda: bool(self._free), timeout):
                 return None
             return self._free.pop()

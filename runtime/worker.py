@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import pickle
+import queue
 import select
 import signal
 import socket
@@ -57,14 +58,22 @@ class _Busy(Exception):
 
 
 class _Follower:
-    """A synchronous caller waiting for its reply (thread mode)."""
+    """A synchronous caller waiting for its reply (thread mode).
 
-    __slots__ = ("child", "ev", "fut", "rid")
+    Lighter than a Future plus an Event (both Python-level Conditions): the outcome sits
+    in plain attributes, set under the child's ``role_cv``, and each wake-up (reply
+    settled, or promoted to reader) is a token in a C ``SimpleQueue``, so none is lost
+    and a stale one only costs the waiter one more look at its state.
+    """
+
+    __slots__ = ("abandoned", "child", "done", "exc", "q", "result", "rid")
 
     def __init__(self) -> None:
-        self.ev = threading.Event()  # set: reply settled, or promoted to reader
-        self.fut: Future[Any] = Future()
-        self.fut.add_done_callback(lambda _f: self.ev.set())
+        self.q: queue.SimpleQueue[None] = queue.SimpleQueue()
+        self.done = False
+        self.result: Any = None
+        self.exc: BaseException | None = None
+        self.abandoned = False  # timed out: the async reader reads the late reply
         self.rid = 0
         self.child: _Child | None = None
 
@@ -72,10 +81,11 @@ class _Follower:
 class _Child:
     """One incarnation: process, channel, reader state and its pending requests."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], chan: ipc.Channel):
+    def __init__(self, proc: subprocess.Popen[bytes], chan: ipc.Channel, lanes: list[ipc.Channel]):
         self.proc = proc
         self.chan = chan
-        self.pending: dict[int, tuple[Future[Any], int | None]] = {}
+        self.lanes = lanes  # thread mode: one socket per shm slot for sync predicts
+        self.pending: dict[int, tuple[Any, int | None]] = {}  # (future or _Follower, slot)
         self.lock = threading.Lock()
         self.dead = False
         self.kill_reason: tuple[str, str] | None = None
@@ -142,6 +152,7 @@ class ModelWorker:
             "child_busy_us": 0,  # time the child spent decoding, predicting, encoding
             "last_error": None,
         }
+        self._stats_lock = threading.Lock()  # the per-request counters
         self._watchdog: threading.Thread | None = None
         # Loop mode: replies are read by this event loop (add_reader) instead of a reader
         # thread, so an apredict reply wakes the loop directly, not a thread that then
@@ -191,6 +202,18 @@ class ModelWorker:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         lend_pair = direct.channel_pair() if self._lending is not None else None
         extra = (lend_pair[1].fileno(),) if lend_pair is not None else ()
+        # Thread mode: per slot a "lane", so a sync caller sends its request and blocks
+        # on its own reply; the kernel wakes exactly that thread, and one child thread per
+        # lane serves it (no reader role to pass on either side). A lane is two one-way
+        # socketpairs, requests and replies (see ipc.Channel: the write-space wake-up).
+        pairs = (
+            [
+                socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+                for _ in range(2 * self._arena.slots)
+            ]
+            if self._loop is None
+            else []
+        )
         env = dict(os.environ)
         root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
@@ -204,16 +227,31 @@ class ModelWorker:
                     str(self._arena.fd),
                     *(str(fd) for fd in extra),
                 ],
-                pass_fds=(child.fileno(), self._arena.fd, *extra),
+                pass_fds=(
+                    child.fileno(),
+                    self._arena.fd,
+                    *extra,
+                    *(b.fileno() for _, b in pairs),
+                ),
                 env=env,
                 stdin=subprocess.DEVNULL,
                 close_fds=True,
             )
+        except BaseException:
+            for a, _ in pairs:
+                a.close()
+            raise
         finally:
             child.close()
             if lend_pair is not None:
                 lend_pair[1].close()
+            # Lane i: the child reads requests from pairs[2i], writes replies to [2i + 1].
+            fds = [b.fileno() for _, b in pairs]
+            lane_fds = [fds[i : i + 2] for i in range(0, len(fds), 2)]
+            for _, b in pairs:
+                b.close()
         chan = ipc.Channel(parent)
+        lanes = [ipc.Channel(pairs[i + 1][0], wsock=pairs[i][0]) for i in range(0, len(pairs), 2)]
         init = {
             "model_dir": self.model_dir,
             "config": self.config,
@@ -223,6 +261,7 @@ class ModelWorker:
             "slots": self._arena.slots,
             "slot_bytes": self._arena.slot_bytes,
             "max_concurrency": self.max_concurrency,
+            "lanes": lane_fds,
         }
         chan.send({"op": "init"}, [pickle.dumps(init)])
         parent.settimeout(timeout)
@@ -232,6 +271,10 @@ class ModelWorker:
             proc.kill()
             rc = proc.wait()
             chan.close()
+            for lane in lanes:
+                lane.close()
+            if lend_pair is not None:
+                lend_pair[0].close()
             if isinstance(exc, TimeoutError):
                 raise WorkerError(
                     f"{self.name} {self.version}: worker did not become ready in {timeout:g} s",
@@ -247,12 +290,16 @@ class ModelWorker:
             err = header.get("err") or {}
             proc.wait()
             chan.close()
+            for lane in lanes:
+                lane.close()
+            if lend_pair is not None:
+                lend_pair[0].close()
             raise WorkerError(
                 f"{self.name} {self.version}: {err.get('msg', 'worker failed to start')}",
                 code=str(err.get("code", "worker")),
             )
         self._meta = dict(header.get("meta") or {})
-        c = _Child(proc, chan)
+        c = _Child(proc, chan, lanes)
         self._child = c
         if self._loop is not None:
             self._call_in_loop(self._attach, c)
@@ -305,9 +352,11 @@ class ModelWorker:
 
     # --- child death and restart ------------------------------------------------------
 
-    # --- thread mode: callers read their own replies (leader/follower) -----------------
+    # --- thread mode: callers read their own replies ---------------------------------
     #
-    # A synchronous caller that finds the reader role free takes it and reads frames until
+    # A sync predict uses its slot's lane (_lane_call): send, block on the reply. On the
+    # shared socket (self_test) a synchronous caller that finds the reader role free takes
+    # it and reads frames until
     # its own reply is in, settling the others' on the way; then it hands the role to a
     # waiting caller (or to the async reader). A lone caller thus gets its reply without
     # any thread hand-off. The async reader thread only reads while apredict requests
@@ -352,8 +401,8 @@ class ModelWorker:
             if c.eof:
                 return
             for f in c.followers.values():
-                if not f.fut.done():
-                    f.ev.set()
+                if not f.done:
+                    f.q.put(None)
                     return
             if c.n_async:
                 c.role_cv.notify_all()
@@ -363,24 +412,24 @@ class ModelWorker:
         timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            while not f.fut.done():
+            while not f.done:
                 with c.role_cv:
                     lead = not c.leader and not c.eof
                     if lead:
                         c.leader = True
                 if lead:
                     try:
-                        while not f.fut.done() and self._read_one(c, deadline):
+                        while not f.done and self._read_one(c, deadline):
                             pass
                     finally:
                         self._hand_over(c)
-                    if f.fut.done() or c.eof:
+                    if f.done or c.eof:
                         continue
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
-                    return f.fut.done()
-                f.ev.wait(remaining)
-                f.ev.clear()
+                    return f.done
+                with contextlib.suppress(queue.Empty):
+                    f.q.get(True, remaining)
             return True
         finally:
             with c.role_cv:
@@ -420,23 +469,42 @@ class ModelWorker:
             return
         fut, slot = entry
         try:
-            if h.get("op") == "result":
-                out = ipc.decode(h["t"], p, self._arena, copy=True)
-                with self._cv:
-                    self._stats["shm_tensors_out"] += int(h.get("shm", 0))
-                    self._stats["child_busy_us"] += int(h.get("us", 0))
-                result: Any = out if "n" not in h else int(h["n"])
-                self._settle(fut, result, None)
-            else:
-                self._settle(fut, None, ipc.error_from_dict(h.get("err") or {}))
-        except Exception as exc:  # a malformed frame fails that request only
-            self._settle(fut, None, WorkerError(f"bad reply from worker: {exc}"))
+            result, exc = self._outcome(h, p)
+            self._settle(fut, result, exc)
         finally:
             if slot is not None:
                 self._arena.release(slot)
 
+    def _outcome(
+        self, h: dict[str, Any], p: bytearray | memoryview
+    ) -> tuple[Any, BaseException | None]:
+        """(result, None) or (None, error) of a reply frame; call before its slot is freed
+        (shm outputs are copied out)."""
+        try:
+            if h.get("op") == "result":
+                out = ipc.decode(h["t"], p, self._arena, copy=True)
+                with self._stats_lock:
+                    self._stats["shm_tensors_out"] += int(h.get("shm", 0))
+                    self._stats["child_busy_us"] += int(h.get("us", 0))
+                return (out if "n" not in h else int(h["n"])), None
+            return None, ipc.error_from_dict(h.get("err") or {})
+        except Exception as exc:  # a malformed frame fails that request only
+            return None, WorkerError(f"bad reply from worker: {exc}")
+
     def _settle(self, fut: Any, result: Any, exc: BaseException | None) -> None:
-        """Complete a concurrent or an asyncio future from whichever thread we are on."""
+        """Complete a sync caller's slot, or a concurrent or an asyncio future, from
+        whichever thread we are on."""
+        if type(fut) is _Follower:
+            c = fut.child
+            assert c is not None
+            with c.role_cv:
+                if fut.done:
+                    return
+                fut.result, fut.exc, fut.done = result, exc, True
+                if fut.abandoned:
+                    c.n_async -= 1
+            fut.q.put(None)
+            return
         if isinstance(fut, asyncio.Future):
             loop = fut.get_loop()
             if _running_loop() is loop:
@@ -530,6 +598,8 @@ class ModelWorker:
     def _close_chan(self, c: _Child) -> None:
         """Close the socket; in loop mode only after the loop stopped watching its fd
         (a closed fd left in the selector would break the next socket with that number)."""
+        for lane in c.lanes:
+            lane.close()
         if self._loop is None or not c.attached:
             c.chan.close()
             return
@@ -639,6 +709,9 @@ class ModelWorker:
     # --- requests ---------------------------------------------------------------------
 
     def _ready_child(self, timeout: float | None) -> _Child:
+        c = self._child
+        if self.state == "ready" and c is not None and not c.dead:
+            return c  # the common case, without the Condition
         wait = RESTART_WAIT if timeout is None else timeout
         with self._cv:
             ok = self._cv.wait_for(lambda: self.state in ("ready", "stopped", "failed"), wait)
@@ -666,11 +739,13 @@ class ModelWorker:
             # The loop reads the replies: blocking it on one would wait forever.
             raise RuntimeError("on the worker's event loop use apredict, not predict")
         c = self._ready_child(0.0 if nowait else timeout)
+        rid = next(self._ids)
         if follower is not None:
-            fut = follower.fut
+            fut = follower
+            follower.rid = rid
+            follower.child = c  # before it can be settled (a death fails it at once)
         elif fut is None:
             fut = Future()
-        rid = next(self._ids)
         slot = None
         if inputs is not None and any(
             isinstance(v, np.ndarray) and v.nbytes >= ipc.SHM_MIN for v in inputs.values()
@@ -696,15 +771,13 @@ class ModelWorker:
         if self._loop is None:  # thread mode: who reads this reply
             with c.role_cv:
                 if follower is not None:
-                    follower.rid = rid
-                    follower.child = c
                     c.followers[rid] = follower
                 else:
                     c.n_async += 1
                     c.role_cv.notify_all()
             if follower is None:
                 fut.add_done_callback(lambda _f: self._async_done(c))
-        with self._cv:
+        with self._stats_lock:
             self._stats["requests"] += 1
             self._stats["shm_tensors_in"] += n_shm
         if defer_send:
@@ -815,7 +888,7 @@ class ModelWorker:
             self._lending.stats_sink = sink
 
     def _count_error(self, exc: BaseException) -> None:
-        with self._cv:
+        with self._stats_lock:
             self._stats["errors"] += 1
             self._stats["last_error"] = str(exc)
 
@@ -830,16 +903,112 @@ class ModelWorker:
     def _call(
         self, header: dict[str, Any], inputs: dict[str, np.ndarray] | None, timeout: float | None
     ) -> Any:
-        """Synchronous request: in thread mode the caller may read its own reply."""
+        """Synchronous request: in thread mode a predict goes through its slot's lane;
+        other requests share the socket, and the caller may read its own reply there."""
         if self._loop is not None:
             return self._submit(header, inputs, timeout).result(timeout)
+        if header.get("op") == "predict":
+            lc = self._ready_child(timeout)
+            if lc.lanes:
+                return self._lane_call(lc, header, inputs, timeout)
         f = _Follower()
         self._submit(header, inputs, timeout, follower=f)
         c = f.child
         if c is None or not self._wait_sync(c, f, timeout):
             self._abandon(c, f)
             raise FutureTimeout
-        return f.fut.result(0)
+        if f.exc is not None:
+            raise f.exc
+        return f.result
+
+    def _lane_call(
+        self,
+        c: _Child,
+        header: dict[str, Any],
+        inputs: dict[str, np.ndarray] | None,
+        timeout: float | None,
+    ) -> Any:
+        """Sync request on the lane of its slot: send, then block reading the reply.
+
+        The request is in ``c.pending`` too (with no slot: the caller frees it), so a
+        child death fails it through :meth:`_gone` with the usual code and message."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        slot = self._arena.acquire(timeout)
+        if slot is None:
+            raise ModelNotReadyError(f"model {self.name}: no free transfer slot")
+        lane = c.lanes[slot]
+        rid = next(self._ids)
+        f = _Follower()
+        f.rid, f.child = rid, c
+        try:
+            descs, parts, n_shm = ipc.encode(inputs or {}, self._arena, slot)
+            header.update(id=rid, t=descs, slot=slot)
+            with c.lock:
+                if c.dead:
+                    raise WorkerError(
+                        f"{self.name} {self.version}: worker died", code="worker-crashed"
+                    )
+                c.pending[rid] = (f, None)
+        except BaseException:
+            self._arena.release(slot)
+            raise
+        with self._stats_lock:
+            self._stats["requests"] += 1
+            self._stats["shm_tensors_in"] += n_shm
+        with contextlib.suppress(OSError):  # a death shows as EOF below
+            lane.send(header, parts)
+        reply = None
+        try:
+            reply = _lane_reply(lane, rid, deadline)
+        except ipc.ChannelClosed:
+            if c.proc.poll() is None:  # a garbled stream from a live child: kill it
+                threading.Thread(target=_reap, args=(c.proc,), daemon=True).start()
+            while not f.done:  # _gone fails it once the child has exited
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                with contextlib.suppress(queue.Empty):
+                    f.q.get(True, left)
+            if f.done:
+                self._arena.release(slot)
+                if f.exc is not None:
+                    raise f.exc from None
+                return f.result
+        except BaseException:  # interrupted while waiting: the lane goes to a drainer
+            self._start_drain(c, lane, rid, slot)
+            raise
+        if reply is None:  # timed out: the slot stays taken until the late reply
+            self._start_drain(c, lane, rid, slot)
+            raise FutureTimeout
+        h, p = reply
+        with c.lock:
+            c.pending.pop(rid, None)
+        try:
+            result, exc = self._outcome(h, p)
+        finally:
+            self._arena.release(slot)
+        if exc is not None:
+            raise exc
+        return result
+
+    def _start_drain(self, c: _Child, lane: ipc.Channel, rid: int, slot: int) -> None:
+        threading.Thread(target=self._drain_lane, args=(c, lane, rid, slot), daemon=True).start()
+
+    def _drain_lane(self, c: _Child, lane: ipc.Channel, rid: int, slot: int) -> None:
+        """After a timeout: read the late reply, then free the slot (its lane with it)."""
+        try:
+            while True:
+                h, _p = lane.recv()
+                if h.get("id") == rid:
+                    break
+        except ipc.ChannelClosed:
+            if c.proc.poll() is None:
+                _reap(c.proc)
+            c.proc.wait()
+        finally:
+            with c.lock:
+                c.pending.pop(rid, None)
+            self._arena.release(slot)
 
     def _abandon(self, c: _Child | None, f: _Follower) -> None:
         """A timed-out sync request: the async reader reads its late reply (and so frees
@@ -847,11 +1016,11 @@ class ModelWorker:
         if c is None:
             return
         with c.role_cv:
-            if f.fut.done():
+            if f.done:
                 return
+            f.abandoned = True  # _settle takes it off n_async again
             c.n_async += 1
             c.role_cv.notify_all()
-        f.fut.add_done_callback(lambda _f: self._async_done(c))
 
     def rss_bytes(self) -> int:
         import psutil
@@ -872,8 +1041,25 @@ class ModelWorker:
 
 def _readable(sock: socket.socket, timeout: float) -> bool:
     p = select.poll()
-    p.register(sock, select.POLLIN)
+    try:
+        p.register(sock, select.POLLIN)
+    except (ValueError, OSError):  # closed meanwhile: the read reports it
+        return True
     return bool(p.poll(max(0, int(timeout * 1000) + 1)))
+
+
+def _lane_reply(
+    lane: ipc.Channel, rid: int, deadline: float | None
+) -> tuple[dict[str, Any], memoryview] | None:
+    """The reply to ``rid`` on a lane, or None at the deadline; ChannelClosed on EOF."""
+    while True:
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not _readable(lane.sock, remaining):
+                return None
+        h, p = lane.recv()
+        if h.get("id") == rid:
+            return h, p
 
 
 def _reap(proc: subprocess.Popen[bytes]) -> None:

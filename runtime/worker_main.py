@@ -3,7 +3,9 @@
 Only this process imports the inference engines. It reads one ``init`` frame (pickled
 settings from its own parent), opens the model, warms it up, answers ``ready`` with the
 KServe metadata (or ``error`` with the failure and exits 1), then serves ``predict``
-frames on ``max_concurrency`` threads until ``shutdown`` or EOF.
+frames on ``max_concurrency`` threads, plus one thread per lane (thread mode: a request
+and a reply socketpair per shm slot, fds listed in the init frame), until ``shutdown``
+or EOF.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ def main(argv: list[str]) -> int:
         lending.start()
     chan.send({"op": "ready", "meta": meta, "pid": os.getpid(), "lends": lending is not None})
 
-    def run(h: dict[str, Any], p: bytearray) -> None:
+    def run(h: dict[str, Any], p: memoryview, out: ipc.Channel = chan) -> None:
         rid = h["id"]
         slot = h.get("slot")
         try:
@@ -78,12 +80,12 @@ def main(argv: list[str]) -> int:
             outputs = servable.predict(inputs)
             descs, parts, n_shm = ipc.encode(outputs, arena, slot)
             dt = round((time.perf_counter() - t0) * 1e6)
-            chan.send({"op": "result", "id": rid, "t": descs, "shm": n_shm, "us": dt}, parts)
+            out.send({"op": "result", "id": rid, "t": descs, "shm": n_shm, "us": dt}, parts)
         except ipc.ChannelClosed:
             return
         except BaseException as exc:
             with contextlib.suppress(OSError):
-                chan.send({"op": "fail", "id": rid, "err": ipc.error_to_dict(exc)})
+                out.send({"op": "fail", "id": rid, "err": ipc.error_to_dict(exc)})
 
     def run_self_test(h: dict[str, Any]) -> None:
         try:
@@ -138,13 +140,38 @@ def main(argv: list[str]) -> int:
                 elif op == "self_test":
                     run_self_test(h)
 
+    # Lanes (thread mode): one socket per shm slot, served by its own thread; the
+    # parent's sync caller blocks on its lane, so a request wakes one thread each side.
+    lanes = [
+        ipc.Channel(socket.socket(fileno=rfd), wsock=socket.socket(fileno=wfd))
+        for rfd, wfd in init.get("lanes") or ()
+    ]
+
+    def serve_lane(lane: ipc.Channel) -> None:
+        while True:
+            try:
+                h, p = lane.recv()
+            except ipc.ChannelClosed:
+                return
+            if h.get("op") == "predict":
+                run(h, p, lane)
+
     threads = [
         threading.Thread(target=serve, name=f"predict-{i}", daemon=True)
         for i in range(max(1, int(init["max_concurrency"])))
     ]
-    for t in threads:
+    lane_threads = [
+        threading.Thread(target=serve_lane, args=(lane,), name=f"lane-{i}", daemon=True)
+        for i, lane in enumerate(lanes)
+    ]
+    for t in threads + lane_threads:
         t.start()
     for t in threads:
+        t.join()
+    for lane in lanes:  # shutdown: lane requests already received still get answers
+        with contextlib.suppress(OSError):
+            lane.sock.shutdown(socket.SHUT_RD)
+    for t in lane_threads:
         t.join()
     try:
         servable.close()

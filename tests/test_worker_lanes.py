@@ -1,0 +1,144 @@
+"""Thread mode lanes: a sync predict uses its shm slot's own socket (real child process)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.errors import WorkerError
+from runtime.worker import ModelWorker
+from tests.test_runtime_worker import _toy, _wait_state
+
+
+def _in_flight_zero(w: ModelWorker, limit: float = 10.0) -> None:
+    end = time.monotonic() + limit
+    while w.stats()["in_flight"] and time.monotonic() < end:
+        time.sleep(0.02)
+    assert w.stats()["in_flight"] == 0
+
+
+def test_timed_out_lane_keeps_its_slot_until_the_late_reply(tmp_path: Path) -> None:
+    """One slot: the next caller waits for the late reply to free the lane, then gets
+    its own answer (not the stale one)."""
+    w = _toy(tmp_path, max_concurrency=1)
+    w.start()
+    try:
+        with pytest.raises(WorkerError) as info:
+            w.predict({"x": np.ones(2), "sleep": np.array([0.5])}, timeout=0.1)
+        assert info.value.code == "worker-timeout"
+        assert w.stats()["in_flight"] == 1  # the slot's lane still awaits that reply
+        out = w.predict({"x": np.full(3, 7.0)}, timeout=20)
+        assert out["y"].tolist() == [14.0, 14.0, 14.0]
+        _in_flight_zero(w)
+        assert w.stats()["errors"] == 1
+    finally:
+        w.stop()
+
+
+def test_kill_9_fails_lane_requests_with_shm_inputs_then_lanes_of_new_child(
+    tmp_path: Path,
+) -> None:
+    w = _toy(tmp_path, max_concurrency=3)
+    w.start()
+    try:
+        pid0 = w.pid
+        errors: list[BaseException] = []
+
+        def slow(i: int) -> None:
+            big = np.full(40_000, float(i))  # 320 KB: through the slot
+            try:
+                w.predict({"x": big, "sleep": np.array([5.0])})
+            except BaseException as exc:
+                errors.append(exc)
+
+        ts = [threading.Thread(target=slow, args=(i,)) for i in range(3)]
+        for t in ts:
+            t.start()
+        end = time.monotonic() + 10
+        while w.stats()["in_flight"] < 3 and time.monotonic() < end:
+            time.sleep(0.01)
+        os.kill(pid0 or 0, signal.SIGKILL)
+        for t in ts:
+            t.join(10)
+        assert len(errors) == 3
+        for e in errors:
+            assert isinstance(e, WorkerError) and e.code == "worker-crashed"
+            assert "SIGKILL" in e.message
+        _wait_state(w, "ready")
+        outs: dict[int, float] = {}
+
+        def fast(i: int) -> None:
+            for k in range(10):
+                x = np.full(40_000 if k % 2 else 3, float(i * 10 + k))
+                out = w.predict({"x": x}, timeout=20)
+                assert int(out["pid"][0]) != pid0
+                outs[i * 10 + k] = float(out["y"][-1])
+
+        ts = [threading.Thread(target=fast, args=(i,)) for i in range(3)]
+        for t in ts:
+            t.start()
+        w.self_test()  # shares the main socket with nothing else meanwhile
+        for t in ts:
+            t.join(30)
+        assert outs == {n: 2.0 * n for n in range(30)}
+        assert w.stats()["shm_tensors_in"] > 0 and w.stats()["restarts"] == 1
+        _in_flight_zero(w)
+    finally:
+        w.stop()
+
+
+def test_stop_answers_lane_requests_in_flight(tmp_path: Path) -> None:
+    w = _toy(tmp_path, max_concurrency=2)
+    w.start()
+    res: list[object] = []
+
+    def call(v: float) -> None:
+        res.append(w.predict({"x": np.full(20_000, v), "sleep": np.array([0.4])}))
+
+    ts = [threading.Thread(target=call, args=(float(i),)) for i in range(2)]
+    for t in ts:
+        t.start()
+    end = time.monotonic() + 10
+    while w.stats()["in_flight"] < 2 and time.monotonic() < end:
+        time.sleep(0.01)
+    pid = w.pid
+    w.stop(drain_timeout=10)
+    for t in ts:
+        t.join(5)
+    assert len(res) == 2
+    assert sorted(float(r["y"][0]) for r in res) == [0.0, 2.0]  # type: ignore[index]
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid or 0, 0)
+
+
+def test_lane_frames_of_every_size(tmp_path: Path) -> None:
+    """Inline frames below and above one read, shm tensors, and tensors bigger than the
+    slot (inline, MBs each way) all cross a lane intact, from several threads."""
+    w = _toy(tmp_path, max_concurrency=3, shm_slot_bytes=1 << 20)
+    w.start()
+    try:
+        sizes = [1, 100, 600, 5_000, 40_000, 400_000]  # 8 B ... 3.2 MB (> slot: inline)
+        bad: list[str] = []
+
+        def call(i: int) -> None:
+            for n in sizes:
+                x = np.arange(n, dtype=np.float64) + i
+                out = w.predict({"x": x}, timeout=30)
+                if not np.array_equal(out["y"], x * 2):
+                    bad.append(f"{i}/{n}")
+
+        ts = [threading.Thread(target=call, args=(i,)) for i in range(3)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(60)
+        assert not bad and not any(t.is_alive() for t in ts)
+        assert w.stats()["shm_tensors_in"] == 3  # only the 320 KB ones fit a 1 MiB slot
+    finally:
+        w.stop()
