@@ -95,13 +95,18 @@ class _Connection:
     ) -> tuple[int, dict[str, str], bytearray]:
         sock = self.sock if self.sock is not None else self._connect()
         length = sum(memoryview(p).nbytes for p in parts)
-        head = [f"{method} {path} HTTP/1.1\r\nhost: localhost\r\n"]
-        for k, v in headers.items():
-            head.append(f"{k}: {v}\r\n")
-        if length or method in ("POST", "PUT"):
-            head.append(f"content-length: {length}\r\n")
-        head.append("\r\n")
-        out = ["".join(head).encode("latin-1"), *parts]
+        key = (method, path, tuple(headers.items()), length)
+        request_head = _heads.get(key)
+        if request_head is None:
+            head = [f"{method} {path} HTTP/1.1\r\nhost: localhost\r\n"]
+            for k, v in headers.items():
+                head.append(f"{k}: {v}\r\n")
+            if length or method in ("POST", "PUT"):
+                head.append(f"content-length: {length}\r\n")
+            head.append("\r\n")
+            request_head = "".join(head).encode("latin-1")
+            _remember(_heads, key, request_head)
+        out = [request_head, *parts]
         # On a send error either the server answered early and closed (413 for a body over its
         # limit: the answer is readable) or it had closed this idle connection
         # (nothing to read: _StaleConnectionError, the caller reconnects).
@@ -128,12 +133,16 @@ class _Connection:
             buf += chunk
             if len(buf) > 1 << 20:
                 raise ConnectionError("response headers too large")
-        lines = buf[:end].decode("latin-1").split("\r\n")
-        status = int(lines[0].split(" ", 2)[1])
-        rh: dict[str, str] = {}
-        for line in lines[1:]:
-            k, _, v = line.partition(":")
-            rh[k.strip().lower()] = v.strip()
+        raw_head = bytes(buf[:end])
+        parsed = _response_heads.get(raw_head)
+        if parsed is None:
+            lines = raw_head.decode("latin-1").split("\r\n")
+            parsed = (int(lines[0].split(" ", 2)[1]), {})
+            for line in lines[1:]:
+                k, _, v = line.partition(":")
+                parsed[1][k.strip().lower()] = v.strip()
+            _remember(_response_heads, raw_head, parsed)
+        status, rh = parsed[0], dict(parsed[1])
         length = int(rh.get("content-length", "0"))
         start = end + 4
         have = len(buf) - start
@@ -158,6 +167,18 @@ class _Connection:
         else:
             self.reused = True
         return status, rh, body
+
+
+# A program calling one model sends and gets back the same heads over and over: they
+# are built and parsed once (bounded; cleared when full).
+_heads: dict[tuple[Any, ...], bytes] = {}
+_response_heads: dict[bytes, tuple[int, dict[str, str]]] = {}
+
+
+def _remember(cache: dict[Any, Any], key: Any, value: Any) -> None:
+    if len(cache) >= 256:
+        cache.clear()
+    cache[key] = value
 
 
 def _send_all(sock: socket.socket, parts: list[Any]) -> None:

@@ -49,6 +49,26 @@ from dataclasses import asdict
 from typing import Any
 
 from agent.errors import EdgewardError, OverloadedError
+from agent.http import (
+    HTTPLimits,
+    ProtocolError,
+    content_length,
+    json_response,
+    parse_head,
+    render_response,
+)
+from agent.kserve import (
+    InferResult,
+    error_response,
+    header_length,
+    infer_response,
+    input_specs,
+    select_outputs,
+    validate_inputs,
+)
+from agent.registry import LATENCY_BUCKETS
+from agent.tensors import decode_request
+from runtime import ipc
 
 logger = logging.getLogger(__name__)
 
@@ -285,10 +305,6 @@ class DirectServer:
     """The worker's half: a thread per lent connection, answering its requests."""
 
     def __init__(self, sock: socket.socket, servable: Any, meta: dict[str, Any]) -> None:
-        from agent.http import HTTPLimits
-        from agent.kserve import input_specs
-        from agent.registry import LATENCY_BUCKETS
-
         self.sock = sock
         self.servable = servable
         self.meta = meta
@@ -352,8 +368,6 @@ class DirectServer:
                 os.close(fd)
 
     def _hello(self, head: dict[str, Any], state_fd: int) -> None:
-        from agent.http import HTTPLimits
-
         self.name = str(head["name"])
         self.version = str(head["version"])
         self.paths = (
@@ -370,17 +384,6 @@ class DirectServer:
 
     def handle(self, headers: dict[str, str], body: bytearray) -> Any:
         """One inference → the HTTP response, errors as v2 error JSON (as the daemon)."""
-        from agent.kserve import (
-            InferResult,
-            error_response,
-            header_length,
-            infer_response,
-            select_outputs,
-            validate_inputs,
-        )
-        from agent.tensors import decode_request
-        from runtime import ipc
-
         try:
             req = decode_request(body, header_length(headers))
             validate_inputs(self.name, self.specs, req.inputs)
@@ -496,8 +499,6 @@ class _Lent:
                 return -2
 
     def _serve(self) -> None:
-        from agent.http import ProtocolError, content_length, parse_head
-
         srv = self.srv
         lim = srv.limits
         buf = self.buf
@@ -601,8 +602,6 @@ class _Lent:
     # --- writing and endings ----------------------------------------------------------
 
     def _write(self, resp: Any, keep: bool) -> bool:
-        from agent.http import render_response
-
         self._set(WRITING)
         views = [memoryview(b).cast("B") for b in render_response(resp, keep)]
         deadline = time.monotonic() + self.srv.limits.body_timeout_s
@@ -626,8 +625,6 @@ class _Lent:
 
     def _fail(self, status: int, code: str, message: str) -> None:
         """A protocol error: answer it and close, as the daemon's server does."""
-        from agent.http import json_response
-
         self._write(json_response(status, {"error": message, "code": code}), False)
         self._closed()
 
