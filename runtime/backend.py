@@ -141,6 +141,16 @@ def validate_inputs(
     return out
 
 
+def _signature(
+    inputs: Mapping[str, Any],
+) -> tuple[tuple[str, np.dtype[Any], tuple[int, ...]], ...] | None:
+    """What validate_inputs looks at, if every input is already an ndarray; else None."""
+    if not isinstance(inputs, dict):
+        return None
+    sig = tuple((n, v.dtype, v.shape) for n, v in inputs.items() if type(v) is np.ndarray)
+    return sig if len(sig) == len(inputs) else None
+
+
 def _dt_name(dt: np.dtype[Any]) -> str:
     try:
         return f"{v2_datatype(dt)} ({dt})"
@@ -165,6 +175,9 @@ class Backend(ABC):
         self._inputs: list[TensorSpec] = []
         self._outputs: list[TensorSpec] = []
         self._ready = False
+        # Input signatures (name, dtype, shape of every input) that passed
+        # validate_inputs: a program sends the same shapes on every call.
+        self._valid: set[tuple[tuple[str, np.dtype[Any], tuple[int, ...]], ...]] = set()
 
     @property
     def ready(self) -> bool:
@@ -205,7 +218,14 @@ class Backend(ABC):
             raise RuntimeBackendError(
                 f"{self.kind}: model {self.model_path.name} is not loaded", code="not-loaded"
             )
+        sig = _signature(inputs)
+        if sig is not None and sig in self._valid:
+            return self._run(dict(inputs))
         arrays = validate_inputs(inputs, self._inputs, model=self.model_path.name)
+        if sig is not None:
+            if len(self._valid) >= 64:
+                self._valid.clear()
+            self._valid.add(sig)
         return self._run(arrays)
 
     def unload(self) -> None:
