@@ -67,6 +67,9 @@ class InferenceConfig:
     # Hand a kept-alive inference connection to the model's worker, which then answers
     # its requests itself (no relay through the daemon; runtime/direct.py).
     lend_connections: bool = True
+    # Microseconds a worker thread polls for a connection's next request after a short
+    # answer before it sleeps (adaptive; 0 = always sleep). See runtime/direct.py.
+    lend_spin_us: int = 200
     # Passed to agent.http.HTTPLimits (keys as that dataclass names them).
     limits: dict[str, Any] = field(default_factory=dict)
 
@@ -256,6 +259,7 @@ def _validate(cfg: Config) -> None:
     _positive("daemon.drain_timeout", d.drain_timeout, allow_zero=True)
     _positive("inference.max_concurrent_per_model", cfg.inference.max_concurrent_per_model)
     _positive("inference.max_queue_per_model", cfg.inference.max_queue_per_model, allow_zero=True)
+    _positive("inference.lend_spin_us", cfg.inference.lend_spin_us, allow_zero=True)
     _positive("daemon.worker_start_timeout", d.worker_start_timeout)
     if d.worker_memory_limit_mb is not None:
         _positive("daemon.worker_memory_limit_mb", d.worker_memory_limit_mb)

@@ -101,7 +101,8 @@ class Daemon:
             limits = HTTPLimits(**inf.limits)
         except (TypeError, EdgewardError):  # _bind reports bad limits
             return None
-        return limits_settings(limits, (inf.max_concurrent_per_model, inf.max_queue_per_model))
+        gate = (inf.max_concurrent_per_model, inf.max_queue_per_model)
+        return limits_settings(limits, gate, inf.lend_spin_us)
 
     # --- lifecycle -----------------------------------------------------------------
 

@@ -338,3 +338,22 @@ def test_swaps_leak_no_descriptors(tmp_path: Path) -> None:
     finally:
         c.close()
         d.stop()
+
+
+def test_worker_idles_after_a_burst(two: DaemonProc) -> None:
+    """The worker polls briefly for a connection's next request (lend_spin_us) and then
+    sleeps: once requests stop, its threads use no CPU, with the connection still open."""
+    import psutil
+
+    worker = psutil.Process(_worker_pid(two, "other"))
+    x = np.ones((1, 4), np.float32)
+    with Client(str(two.infer_sock)) as client:
+        for _ in range(200):
+            client.infer("other", {"x": x})
+        time.sleep(0.5)  # the stats batch goes out, every spin has ended
+        before = worker.cpu_times()
+        time.sleep(1.0)
+        after = worker.cpu_times()
+        assert _models(two)["other"]["lent_connections"] == 1
+    used = (after.user + after.system) - (before.user + before.system)
+    assert used < 0.05, f"an idle worker used {used * 1000:.0f} ms of CPU in 1 s"
