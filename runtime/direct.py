@@ -308,7 +308,6 @@ class DirectServer:
     def __init__(self, sock: socket.socket, servable: Any, meta: dict[str, Any]) -> None:
         self.sock = sock
         self.servable = servable
-        self.meta = meta
         try:
             self.specs = input_specs(meta)
         except Exception:
