@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from agent import errors
-from agent.tensors import decode_response, encode_request
+from agent.tensors import decode_response, encode_request, remember
 
 __all__ = ["DEFAULT_SOCKET", "Client", "UnixHTTPConnection"]
 
@@ -105,7 +105,7 @@ class _Connection:
                 head.append(f"content-length: {length}\r\n")
             head.append("\r\n")
             request_head = "".join(head).encode("latin-1")
-            _remember(_heads, key, request_head)
+            remember(_heads, key, request_head)
         out = [request_head, *parts]
         # On a send error either the server answered early and closed (413 for a body over its
         # limit: the answer is readable) or it had closed this idle connection
@@ -141,7 +141,7 @@ class _Connection:
             for line in lines[1:]:
                 k, _, v = line.partition(":")
                 parsed[1][k.strip().lower()] = v.strip()
-            _remember(_response_heads, raw_head, parsed)
+            remember(_response_heads, raw_head, parsed)
         status, rh = parsed[0], dict(parsed[1])
         length = int(rh.get("content-length", "0"))
         start = end + 4
@@ -173,12 +173,6 @@ class _Connection:
 # are built and parsed once (bounded; cleared when full).
 _heads: dict[tuple[Any, ...], bytes] = {}
 _response_heads: dict[bytes, tuple[int, dict[str, str]]] = {}
-
-
-def _remember(cache: dict[Any, Any], key: Any, value: Any) -> None:
-    if len(cache) >= 256:
-        cache.clear()
-    cache[key] = value
 
 
 def _send_all(sock: socket.socket, parts: list[Any]) -> None:

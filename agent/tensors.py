@@ -359,7 +359,8 @@ class _RequestPlan:
 _request_plans: dict[bytes, _RequestPlan] = {}
 
 
-def _remember(cache: dict[bytes, Any], key: bytes, plan: Any) -> None:
+def remember(cache: dict[Any, Any], key: Any, plan: Any) -> None:
+    """Store in a bounded cache of repeated message heads (client and server)."""
     if len(cache) >= _PLANS_MAX:
         cache.clear()  # a program with this many distinct headers gains nothing here
     cache[key] = plan
@@ -379,6 +380,7 @@ def decode_request(body: Any, header_len: int | None = None) -> InferRequest:
         InvalidInputError: bad JSON, bad tensors (naming them), binary sizes that do
             not add up to the body.
     """
+    key = None
     if header_len is not None:
         view = memoryview(body)
         if 0 <= header_len <= view.nbytes:
@@ -454,9 +456,9 @@ def decode_request(body: Any, header_len: int | None = None) -> InferRequest:
             b = op.get("binary_data") if isinstance(op, dict) else None
             outputs.append(RequestedOutput(o["name"], None if b is None else bool(b)))
     binary_output = bool(params.get("binary_data_output", False))
-    if planned is not None and header_len is not None:
+    if planned is not None and key is not None:
         plan = _RequestPlan(tuple(planned), pos, req_id, dict(params), outputs, binary_output)
-        _remember(_request_plans, memoryview(body)[:header_len].tobytes(), plan)
+        remember(_request_plans, key, plan)
     return InferRequest(
         inputs=inputs,
         id=req_id,
@@ -506,9 +508,7 @@ def encode_response(
     if not raws:
         return [head], None
     if key is not None:
-        if len(_response_heads) >= _PLANS_MAX:
-            _response_heads.clear()
-        _response_heads[key] = head
+        remember(_response_heads, key, head)
     return [head, *raws], len(head)
 
 
@@ -571,9 +571,7 @@ def encode_request(
     if not raws:
         return [head], None
     if key is not None:
-        if len(_request_heads) >= _PLANS_MAX:
-            _request_heads.clear()
-        _request_heads[key] = head
+        remember(_request_heads, key, head)
     return [head, *raws], len(head)
 
 
@@ -612,7 +610,7 @@ def decode_response(
         else:
             planned = None
     if key is not None and planned is not None and pos == rest.nbytes:
-        _remember(_response_plans, key, (dict(obj), tuple(planned), pos))
+        remember(_response_plans, key, (dict(obj), tuple(planned), pos))
     return obj, out
 
 
