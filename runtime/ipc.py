@@ -5,10 +5,15 @@ compact JSON header, then the raw payload. Tensors smaller than :data:`SHM_MIN` 
 inline in the payload; larger ones go through a memfd mapping that both processes hold,
 split into one fixed slot per concurrent request, allocated once per worker and reused
 (no SharedMemory created or unlinked per request, so no resource_tracker involvement).
+
+Shared regions (:class:`SharedRegion`) are memfds a caller writes its inputs into
+directly: the child maps them read-only (the fd crosses once, by ``SCM_RIGHTS``), and an
+input that lies inside one travels as (region, offset) with no copy at all.
 """
 
 from __future__ import annotations
 
+import array
 import contextlib
 import json
 import mmap
@@ -27,6 +32,8 @@ HEAD = struct.Struct("!II")
 SHM_MIN = 64 * 1024
 ALIGN = 64
 MAX_HEADER = 16 * 1024 * 1024
+MAX_FDS = 8  # file descriptors one frame may carry (SCM_RIGHTS)
+_JSON = json.JSONEncoder(separators=(",", ":"))
 
 
 class ChannelClosed(Exception):
@@ -42,14 +49,27 @@ class Channel:
     wait queue): a second sleep and wake per request on each side.
     """
 
-    def __init__(self, sock: socket.socket, wsock: socket.socket | None = None):
+    def __init__(
+        self, sock: socket.socket, wsock: socket.socket | None = None, *, fds: bool = False
+    ):
         self.sock = sock
         self.wsock = wsock if wsock is not None else sock
+        self.accept_fds = fds  # frames may carry fds: they come in the header as "_fds"
         self._lock = threading.Lock()
 
-    def send(self, header: dict[str, Any], payload: list[bytes | memoryview] | None = None) -> None:
+    def send(
+        self,
+        header: dict[str, Any],
+        payload: list[bytes | memoryview] | None = None,
+        fds: list[int] | None = None,
+    ) -> None:
+        """Send one frame; ``fds`` go with its first byte (the peer needs ``fds=True``)."""
         bufs = _frame(header, payload)
         with self._lock:
+            if fds:
+                views = [memoryview(b).cast("B") for b in bufs]
+                anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+                bufs = _skip(views, self.wsock.sendmsg(views, anc))
             self._send_all(bufs)
 
     def send_nowait(
@@ -108,20 +128,44 @@ class Channel:
             got += k
         return buf
 
+    def _recv_prefix_fds(self, fds: list[int]) -> bytearray:
+        """The frame prefix, collecting any fds that came with it."""
+        buf = bytearray(HEAD.size)
+        view = memoryview(buf)
+        got = 0
+        space = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
+        while got < HEAD.size:
+            k, anc, _flags, _addr = self.sock.recvmsg_into([view[got:]], space)
+            for level, kind, data in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    a = array.array("i")
+                    a.frombytes(data[: len(data) - len(data) % a.itemsize])
+                    fds.extend(a)
+            if k == 0:
+                raise ChannelClosed("peer closed the connection")
+            got += k
+        return buf
+
     def recv(self) -> tuple[dict[str, Any], memoryview]:
         """One frame: the header and a view of the payload (header and payload come in
         one read)."""
+        fds: list[int] = []
         try:
-            hl, pl = HEAD.unpack(self._recv_exact(HEAD.size))
+            prefix = self._recv_prefix_fds(fds) if self.accept_fds else self._recv_exact(HEAD.size)
+            hl, pl = HEAD.unpack(prefix)
             if hl > MAX_HEADER:
                 raise ChannelClosed(f"frame header of {hl} bytes")
             body = self._recv_exact(hl + pl)
             header = json.loads(body[:hl])
             payload = memoryview(body)[hl:]
-        except (OSError, ValueError) as exc:  # a garbled stream is as good as a dead peer
+            if not isinstance(header, dict):
+                raise ValueError("frame header is not an object")
+        except (OSError, ValueError, ChannelClosed) as exc:  # garbled = a dead peer
+            for fd in fds:
+                os.close(fd)
             raise ChannelClosed(str(exc)) from exc
-        if not isinstance(header, dict):
-            raise ChannelClosed("frame header is not an object")
+        if fds:
+            header["_fds"] = fds
         return header, payload
 
     def close(self) -> None:
@@ -133,7 +177,7 @@ class Channel:
 
 
 def _frame(header: dict[str, Any], payload: list[bytes | memoryview] | None) -> list[Any]:
-    hb = json.dumps(header, separators=(",", ":")).encode()
+    hb = _JSON.encode(header).encode()
     parts: list[bytes | memoryview] = list(payload or [])
     plen = sum(memoryview(p).nbytes for p in parts)
     return [HEAD.pack(len(hb), plen), hb, *parts]
@@ -166,6 +210,8 @@ class ShmArena:
         self._free = list(range(slots))
         self._cv = threading.Condition()
         self.closed = False
+        # Shared regions by id: SharedRegion in the parent, MappedRegion in the child.
+        self.regions: dict[int, Any] = {}
 
     def acquire(self, timeout: float | None) -> int | None:
         with self._cv:
@@ -189,18 +235,96 @@ class ShmArena:
             os.close(self.fd)
 
 
+class SharedRegion:
+    """A memfd the caller fills directly; inputs inside it reach the worker uncopied.
+
+    Made by :meth:`runtime.worker.ModelWorker.shared_region`, which also maps it into
+    the worker (read-only there). Arrays from :meth:`ndarray` stay valid after
+    :meth:`close`, but are copied again from then on.
+    """
+
+    def __init__(self, rid: int, nbytes: int, on_close: Any = None):
+        if nbytes <= 0:
+            raise ValueError("a shared region needs at least one byte")
+        self.id = rid
+        self.size = nbytes
+        self.fd = os.memfd_create(f"edgeward-region-{rid}", 0)
+        try:
+            os.ftruncate(self.fd, nbytes)
+            self.mm = mmap.mmap(self.fd, nbytes)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.addr = np.frombuffer(self.mm, np.uint8).__array_interface__["data"][0]
+        self.closed = False
+        self._on_close = on_close
+
+    def ndarray(
+        self, shape: tuple[int, ...] | list[int], dtype: Any, offset: int = 0
+    ) -> np.ndarray:
+        """A writable C-contiguous array over ``[offset, offset + its size)`` of the region."""
+        dt = np.dtype(dtype)
+        count = int(np.prod(shape, dtype=np.int64))
+        if offset < 0 or offset + count * dt.itemsize > self.size:
+            raise ValueError(
+                f"{count * dt.itemsize} bytes at offset {offset} exceed the region ({self.size})"
+            )
+        return np.frombuffer(self.mm, dt, count, offset).reshape(shape)
+
+    def locate(self, arr: np.ndarray) -> int | None:
+        """Offset of ``arr``'s data in this region, or None if it is not all inside."""
+        if self.closed or not arr.flags.c_contiguous:
+            return None
+        off = int(arr.__array_interface__["data"][0]) - self.addr
+        return off if off >= 0 and off + arr.nbytes <= self.size else None
+
+    def close(self) -> None:
+        """Unmap it from the worker and free it (the pages go with the last array)."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._on_close is not None:
+            self._on_close(self)
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+        with contextlib.suppress(BufferError):  # arrays still use it: freed with them
+            self.mm.close()
+
+
+class MappedRegion:
+    """The worker's read-only mapping of a :class:`SharedRegion` (from its fd)."""
+
+    def __init__(self, fd: int, nbytes: int):
+        try:
+            if os.fstat(fd).st_size < nbytes:
+                raise ValueError(f"shared region fd holds fewer than {nbytes} bytes")
+            self.mm = mmap.mmap(fd, nbytes, prot=mmap.PROT_READ)
+        finally:
+            os.close(fd)
+        self.size = nbytes
+
+    def locate(self, arr: np.ndarray) -> int | None:
+        return None  # read-only here: outputs never go into a region
+
+    def close(self) -> None:
+        with contextlib.suppress(BufferError):  # a request still reads it: freed after
+            self.mm.close()
+
+
 def encode(
     arrays: dict[str, Any], arena: ShmArena | None, slot: int | None
 ) -> tuple[list[dict[str, Any]], list[bytes | memoryview], int]:
-    """Describe ``arrays`` for a frame; big ones are copied into the slot.
+    """Describe ``arrays`` for a frame; big ones are copied into the slot, unless they
+    lie in a shared region of the arena (then only their place is sent).
 
-    Returns (tensor descriptors, inline payload parts, number of tensors sent via shm).
+    Returns (tensor descriptors, inline payload parts, number of tensors copied to shm).
     """
     descs: list[dict[str, Any]] = []
     parts: list[bytes | memoryview] = []
     inline_off = 0
     shm_off = 0
     n_shm = 0
+    regions = arena.regions if arena is not None else None
     for name, value in arrays.items():
         arr = value if isinstance(value, np.ndarray) else np.asarray(value)
         if arr.dtype.hasobject:
@@ -211,6 +335,15 @@ def encode(
             continue
         nbytes = arr.nbytes
         d: dict[str, Any] = {"n": name, "t": arr.dtype.str, "s": list(arr.shape), "l": nbytes}
+        if regions and nbytes:
+            for region in list(regions.values()):
+                off = region.locate(arr)
+                if off is not None:
+                    d.update(e="reg", r=region.id, o=off)
+                    break
+            if "e" in d:
+                descs.append(d)
+                continue
         if (
             arena is not None
             and slot is not None
@@ -258,6 +391,22 @@ def decode(
                 raise ChannelClosed("shared-memory tensor without an arena")
             a = np.frombuffer(arena.mm, dtype=dtype, count=count, offset=off).reshape(shape)
             out[name] = a.copy() if copy else a
+        elif d["e"] == "reg":
+            rid = d.get("r")
+            region = arena.regions.get(rid) if arena is not None and type(rid) is int else None
+            if region is None:
+                raise InvalidInputError(
+                    f"input {name!r} is in shared region {d.get('r')}, unknown to the worker",
+                    code="invalid-input",
+                )
+            if off < 0 or off + ln > region.size or count * dtype.itemsize != ln:
+                raise InvalidInputError(
+                    f"input {name!r}: {ln} bytes at {off} outside shared region {d['r']}",
+                    code="invalid-input",
+                )
+            out[name] = np.frombuffer(region.mm, dtype=dtype, count=count, offset=off).reshape(
+                shape
+            )
         else:
             a = np.frombuffer(payload, dtype=dtype, count=count, offset=off).reshape(shape)
             out[name] = a

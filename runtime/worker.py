@@ -137,6 +137,8 @@ class ModelWorker:
         self.state = "stopped"
         self.shm_slot_bytes = shm_slot_bytes
         self._arena = ipc.ShmArena(self.max_concurrency, shm_slot_bytes)
+        self._region_ids = itertools.count(1)
+        self._regions_lock = threading.Lock()  # registering vs spawning a child
         self._child: _Child | None = None
         self._meta: dict[str, Any] = {}
         self._ids = itertools.count(1)
@@ -149,6 +151,7 @@ class ModelWorker:
             "restarts": 0,
             "shm_tensors_in": 0,
             "shm_tensors_out": 0,
+            "region_tensors_in": 0,  # inputs read in place from a shared region
             "child_busy_us": 0,  # time the child spent decoding, predicting, encoding
             "last_error": None,
         }
@@ -181,7 +184,9 @@ class ModelWorker:
                 self._lending.stats_sink = lg.stats_sink
             self.state = "starting"
             if self._arena.closed:  # started again after stop()
+                regions = self._arena.regions
                 self._arena = ipc.ShmArena(self.max_concurrency, self.shm_slot_bytes)
+                self._arena.regions = regions
         try:
             self._spawn(timeout)
         except BaseException:
@@ -214,6 +219,8 @@ class ModelWorker:
             if self._loop is None
             else []
         )
+        with self._regions_lock:  # a region added later is mapped by shared_region()
+            regions = [(r.id, r.fd, r.size) for r in self._arena.regions.values()]
         env = dict(os.environ)
         root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
@@ -232,6 +239,7 @@ class ModelWorker:
                     self._arena.fd,
                     *extra,
                     *(b.fileno() for _, b in pairs),
+                    *(fd for _, fd, _ in regions),
                 ),
                 env=env,
                 stdin=subprocess.DEVNULL,
@@ -262,6 +270,7 @@ class ModelWorker:
             "slot_bytes": self._arena.slot_bytes,
             "max_concurrency": self.max_concurrency,
             "lanes": lane_fds,
+            "regions": regions,
         }
         chan.send({"op": "init"}, [pickle.dumps(init)])
         parent.settimeout(timeout)
@@ -732,6 +741,7 @@ class ModelWorker:
         fut: Any = None,
         follower: _Follower | None = None,
         defer_send: bool = False,
+        fds: list[int] | None = None,
     ) -> Any:
         """Send one request; returns ``fut`` (an asyncio future of the worker's loop) or a
         new ``concurrent.futures.Future``, settled when the reply comes."""
@@ -777,13 +787,15 @@ class ModelWorker:
                     c.role_cv.notify_all()
             if follower is None:
                 fut.add_done_callback(lambda _f: self._async_done(c))
+        n_reg = sum(d.get("e") == "reg" for d in descs) if self._arena.regions else 0
         with self._stats_lock:
             self._stats["requests"] += 1
             self._stats["shm_tensors_in"] += n_shm
+            self._stats["region_tensors_in"] += n_reg
         if defer_send:
             return fut, c, header, parts
         with contextlib.suppress(OSError):  # the reader sees a death and fails this request
-            c.chan.send(header, parts)
+            c.chan.send(header, parts, fds)
         return fut
 
     def predict(
@@ -900,19 +912,56 @@ class ModelWorker:
         """Run Meta-info/samples in the child; raises the child's error on mismatch."""
         self._call({"op": "self_test"}, None, None)
 
+    # --- shared regions (zero-copy inputs) ----------------------------------------------
+
+    def shared_region(self, nbytes: int, timeout: float = 30.0) -> ipc.SharedRegion:
+        """Memory the caller writes inputs into, shared with the worker: an input array
+        that lies inside it (``region.ndarray(...)``) is not copied per request, only its
+        place is sent (Triton's system shared memory, without the HTTP registration).
+
+        The worker maps it read-only, and again after a restart. Until the request is
+        answered the caller must not rewrite the data it passed; ``region.close()``
+        unmaps it (arrays from it are then copied as any private array)."""
+        region = ipc.SharedRegion(next(self._region_ids), nbytes, on_close=self._unmap)
+        with self._regions_lock:
+            self._arena.regions[region.id] = region
+        try:
+            if self.state in ("ready", "starting", "restarting"):
+                # Idempotent in the child: a child spawned meanwhile may already have it.
+                self._call(
+                    {"op": "map", "r": region.id, "size": nbytes}, None, timeout, [region.fd]
+                )
+        except BaseException:
+            region.close()
+            raise
+        return region
+
+    def _unmap(self, region: ipc.SharedRegion) -> None:
+        with self._regions_lock:
+            self._arena.regions.pop(region.id, None)
+        c = self._child
+        if c is None or c.dead or self.state != "ready":
+            return  # a new child is not given it
+        with contextlib.suppress(Exception):  # a dying child forgets it anyway
+            self._call({"op": "unmap", "r": region.id}, None, 10.0)
+
     def _call(
-        self, header: dict[str, Any], inputs: dict[str, np.ndarray] | None, timeout: float | None
+        self,
+        header: dict[str, Any],
+        inputs: dict[str, np.ndarray] | None,
+        timeout: float | None,
+        fds: list[int] | None = None,
     ) -> Any:
         """Synchronous request: in thread mode a predict goes through its slot's lane;
         other requests share the socket, and the caller may read its own reply there."""
         if self._loop is not None:
-            return self._submit(header, inputs, timeout).result(timeout)
+            return self._submit(header, inputs, timeout, fds=fds).result(timeout)
         if header.get("op") == "predict":
             lc = self._ready_child(timeout)
             if lc.lanes:
                 return self._lane_call(lc, header, inputs, timeout)
         f = _Follower()
-        self._submit(header, inputs, timeout, follower=f)
+        self._submit(header, inputs, timeout, follower=f, fds=fds)
         c = f.child
         if c is None or not self._wait_sync(c, f, timeout):
             self._abandon(c, f)
@@ -952,9 +1001,11 @@ class ModelWorker:
         except BaseException:
             self._arena.release(slot)
             raise
+        n_reg = sum(d.get("e") == "reg" for d in descs) if self._arena.regions else 0
         with self._stats_lock:
             self._stats["requests"] += 1
             self._stats["shm_tensors_in"] += n_shm
+            self._stats["region_tensors_in"] += n_reg
         with contextlib.suppress(OSError):  # a death shows as EOF below
             lane.send(header, parts)
         reply = None

@@ -5,7 +5,8 @@ settings from its own parent), opens the model, warms it up, answers ``ready`` w
 KServe metadata (or ``error`` with the failure and exits 1), then serves ``predict``
 frames on ``max_concurrency`` threads, plus one thread per lane (thread mode: a request
 and a reply socketpair per shm slot, fds listed in the init frame), until ``shutdown``
-or EOF.
+or EOF. Shared regions (zero-copy inputs) come listed in the init frame, or later as a
+``map`` frame carrying the memfd.
 """
 
 from __future__ import annotations
@@ -46,13 +47,15 @@ def main(argv: list[str]) -> int:
 
     tune_malloc()  # per-request tensors reuse heap pages (see agent/malloc.py)
     sock = socket.socket(fileno=int(argv[0]))
-    chan = ipc.Channel(sock)
+    chan = ipc.Channel(sock, fds=True)  # shared regions arrive as fds (op "map")
     try:
         _header, payload = chan.recv()
     except ipc.ChannelClosed:
         return 1
     init: dict[str, Any] = pickle.loads(payload)
     arena = ipc.ShmArena(init["slots"], init["slot_bytes"], fd=int(argv[1]))
+    for rid, fd, size in init.get("regions") or ():
+        arena.regions[int(rid)] = ipc.MappedRegion(int(fd), int(size))
     try:
         opener = _import(init["loader"])
         servable = opener(init["model_dir"], init["config"], cache_dir=init["cache_dir"])
@@ -86,6 +89,26 @@ def main(argv: list[str]) -> int:
         except BaseException as exc:
             with contextlib.suppress(OSError):
                 out.send({"op": "fail", "id": rid, "err": ipc.error_to_dict(exc)})
+
+    def map_region(h: dict[str, Any]) -> None:
+        """``map``: a shared region's fd (read-only here); ``unmap``: forget it."""
+        fds = list(h.get("_fds") or ())
+        try:
+            rid = int(h["r"])
+            if h["op"] == "unmap":
+                old = arena.regions.pop(rid, None)
+                if old is not None:
+                    old.close()
+            elif rid not in arena.regions:  # a child spawned meanwhile has it already
+                if len(fds) != 1:
+                    raise ValueError(f"map: expected one fd, got {len(fds)}")
+                arena.regions[rid] = ipc.MappedRegion(fds.pop(), int(h["size"]))
+            chan.send({"op": "result", "id": h["id"], "t": []})
+        except BaseException as exc:
+            chan.send({"op": "fail", "id": h["id"], "err": ipc.error_to_dict(exc)})
+        finally:
+            for fd in fds:
+                os.close(fd)
 
     def run_self_test(h: dict[str, Any]) -> None:
         try:
@@ -139,6 +162,11 @@ def main(argv: list[str]) -> int:
                     cost["ema"] = us if ema < 0 else ema + 0.2 * (us - ema)
                 elif op == "self_test":
                     run_self_test(h)
+                elif op in ("map", "unmap"):
+                    map_region(h)
+                else:
+                    for fd in h.get("_fds") or ():
+                        os.close(fd)
 
     # Lanes (thread mode): one socket per shm slot, served by its own thread; the
     # parent's sync caller blocks on its lane, so a request wakes one thread each side.

@@ -27,7 +27,8 @@ def failing(model_dir: Path, config: Any, *, cache_dir: Path) -> Any:
 
 
 class Toy:
-    """Echo/sum servable: ``x`` -> ``y = x * 2``; ``hog`` (MiB) allocates and holds."""
+    """Echo/sum servable: ``x`` -> ``y = x * 2``; ``hog`` (MiB) allocates and holds;
+    ``scribble`` overwrites ``x`` in place first."""
 
     def __init__(self) -> None:
         self._held: list[np.ndarray] = []
@@ -43,6 +44,8 @@ class Toy:
             time.sleep(float(inputs["sleep"].reshape(-1)[0]))
         if "x" not in inputs:
             raise InvalidInputError("input 'x' is missing", code="missing-input")
+        if "scribble" in inputs:  # a run script that writes into its input
+            inputs["x"][...] = -1
         return {"y": inputs["x"] * 2, "pid": np.array([os.getpid()])}
 
     def metadata(self) -> dict[str, Any]:
