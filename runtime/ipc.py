@@ -251,9 +251,17 @@ class SharedRegion:
         self.fd = os.memfd_create(f"edgeward-region-{rid}", 0)
         try:
             os.ftruncate(self.fd, nbytes)
+            # What the worker gets: a read-only open of the same memfd, so neither a bug
+            # nor a hostile run script there can map it writable and change our data.
+            self.ro_fd = os.open(f"/proc/self/fd/{self.fd}", os.O_RDONLY | os.O_CLOEXEC)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        try:
             self.mm = mmap.mmap(self.fd, nbytes)
         except BaseException:
             os.close(self.fd)
+            os.close(self.ro_fd)
             raise
         self.addr = np.frombuffer(self.mm, np.uint8).__array_interface__["data"][0]
         self.closed = False
@@ -285,8 +293,9 @@ class SharedRegion:
         self.closed = True
         if self._on_close is not None:
             self._on_close(self)
-        with contextlib.suppress(OSError):
-            os.close(self.fd)
+        for fd in (self.fd, self.ro_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
         with contextlib.suppress(BufferError):  # arrays still use it: freed with them
             self.mm.close()
 

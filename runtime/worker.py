@@ -220,7 +220,7 @@ class ModelWorker:
             else []
         )
         with self._regions_lock:  # a region added later is mapped by shared_region()
-            regions = [(r.id, r.fd, r.size) for r in self._arena.regions.values()]
+            regions = [(r.id, r.ro_fd, r.size) for r in self._arena.regions.values()]
         env = dict(os.environ)
         root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
@@ -929,7 +929,7 @@ class ModelWorker:
             if self.state in ("ready", "starting", "restarting"):
                 # Idempotent in the child: a child spawned meanwhile may already have it.
                 self._call(
-                    {"op": "map", "r": region.id, "size": nbytes}, None, timeout, [region.fd]
+                    {"op": "map", "r": region.id, "size": nbytes}, None, timeout, [region.ro_fd]
                 )
         except BaseException:
             region.close()

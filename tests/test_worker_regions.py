@@ -177,3 +177,20 @@ def test_decode_refuses_unknown_regions_and_out_of_bounds_places() -> None:
         fd2 = os.memfd_create("t2", 0)
         ipc.MappedRegion(fd2, 64)  # a region smaller than claimed is refused
     arena.close()
+
+
+def test_the_worker_gets_a_descriptor_it_cannot_map_writable(tmp_path: Path) -> None:
+    """The fd handed to the child is a read-only open of the memfd: even code in the
+    worker that maps it itself cannot write the caller's data."""
+    import mmap
+
+    region = ipc.SharedRegion(1, 4096)
+    try:
+        with pytest.raises(PermissionError):
+            mmap.mmap(region.ro_fd, 4096)  # shared and writable
+        ro = mmap.mmap(region.ro_fd, 4096, prot=mmap.PROT_READ)
+        region.ndarray((4,), np.uint8)[...] = 9
+        assert ro[:4] == b"\x09" * 4  # the same pages
+        ro.close()
+    finally:
+        region.close()
