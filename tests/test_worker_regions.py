@@ -50,6 +50,31 @@ def test_onnx_input_from_a_region_is_not_copied_and_gives_the_same_outputs(
         w.stop()
 
 
+def test_litert_input_from_a_region_gives_the_same_outputs(
+    tmp_path: Path, hand_tflite: Path
+) -> None:
+    """LiteRT copies inputs into its own tensors: a read-only region view is fine."""
+    pkg = make_package(tmp_path / "pkg", hand_tflite, backend="litert")
+    s = open_model(pkg, RuntimeConfig(), cache_dir=tmp_path / "c")
+    spec = s.metadata()["inputs"][0]
+    x = np.random.default_rng(4).random([max(1, int(d)) for d in spec["shape"]], np.float32)
+    want = s.predict({spec["name"]: x})
+    s.close()
+    w = ModelWorker("hand", "1", pkg, RuntimeConfig(), cache_dir=tmp_path / "c")
+    w.start()
+    try:
+        region = w.shared_region(x.nbytes)
+        xr = region.ndarray(x.shape, np.float32)
+        xr[...] = x
+        got = w.predict({spec["name"]: xr})
+        for k in want:
+            np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6)
+        assert w.stats()["region_tensors_in"] == 1
+        region.close()
+    finally:
+        w.stop()
+
+
 def test_region_outlives_a_kill_9_and_a_region_made_before_start(tmp_path: Path) -> None:
     w = _toy(tmp_path)
     early = w.shared_region(800)  # not started yet: handed over in the init frame
