@@ -249,19 +249,17 @@ class SharedRegion:
         self.id = rid
         self.size = nbytes
         self.fd = os.memfd_create(f"edgeward-region-{rid}", 0)
+        self.ro_fd = -1
         try:
             os.ftruncate(self.fd, nbytes)
             # What the worker gets: a read-only open of the same memfd, so neither a bug
             # nor a hostile run script there can map it writable and change our data.
             self.ro_fd = os.open(f"/proc/self/fd/{self.fd}", os.O_RDONLY | os.O_CLOEXEC)
-        except BaseException:
-            os.close(self.fd)
-            raise
-        try:
             self.mm = mmap.mmap(self.fd, nbytes)
         except BaseException:
-            os.close(self.fd)
-            os.close(self.ro_fd)
+            for fd in (self.fd, self.ro_fd):
+                if fd >= 0:
+                    os.close(fd)
             raise
         self.addr = np.frombuffer(self.mm, np.uint8).__array_interface__["data"][0]
         self.closed = False
@@ -312,28 +310,37 @@ class MappedRegion:
             os.close(fd)
         self.size = nbytes
 
-    def locate(self, arr: np.ndarray) -> int | None:
-        return None  # read-only here: outputs never go into a region
-
     def close(self) -> None:
         with contextlib.suppress(BufferError):  # a request still reads it: freed after
             self.mm.close()
 
 
-def encode(
-    arrays: dict[str, Any], arena: ShmArena | None, slot: int | None
-) -> tuple[list[dict[str, Any]], list[bytes | memoryview], int]:
-    """Describe ``arrays`` for a frame; big ones are copied into the slot, unless they
-    lie in a shared region of the arena (then only their place is sent).
+def _in_region(regions: dict[int, SharedRegion], arr: np.ndarray) -> tuple[int, int] | None:
+    """(region id, offset) of the region ``arr`` lies in, if any."""
+    for region in list(regions.values()):  # another thread may add or close one
+        off = region.locate(arr)
+        if off is not None:
+            return region.id, off
+    return None
 
-    Returns (tensor descriptors, inline payload parts, number of tensors copied to shm).
+
+def encode(
+    arrays: dict[str, Any],
+    arena: ShmArena | None,
+    slot: int | None,
+    regions: dict[int, SharedRegion] | None = None,
+) -> tuple[list[dict[str, Any]], list[bytes | memoryview], int, int]:
+    """Describe ``arrays`` for a frame; big ones are copied into the slot, unless they
+    lie in one of ``regions`` (then only their place is sent).
+
+    Returns (tensor descriptors, inline payload parts, number of tensors copied to shm,
+    number of tensors left in a region).
     """
     descs: list[dict[str, Any]] = []
     parts: list[bytes | memoryview] = []
     inline_off = 0
     shm_off = 0
-    n_shm = 0
-    regions = arena.regions if arena is not None else None
+    n_shm = n_reg = 0
     for name, value in arrays.items():
         arr = value if isinstance(value, np.ndarray) else np.asarray(value)
         if arr.dtype.hasobject:
@@ -344,15 +351,12 @@ def encode(
             continue
         nbytes = arr.nbytes
         d: dict[str, Any] = {"n": name, "t": arr.dtype.str, "s": list(arr.shape), "l": nbytes}
-        if regions and nbytes:
-            for region in list(regions.values()):
-                off = region.locate(arr)
-                if off is not None:
-                    d.update(e="reg", r=region.id, o=off)
-                    break
-            if "e" in d:
-                descs.append(d)
-                continue
+        place = _in_region(regions, arr) if regions and nbytes else None
+        if place is not None:
+            d.update(e="reg", r=place[0], o=place[1])
+            descs.append(d)
+            n_reg += 1
+            continue
         if (
             arena is not None
             and slot is not None
@@ -371,7 +375,7 @@ def encode(
             parts.append(memoryview(c.reshape(-1).view(np.uint8)) if nbytes else b"")  # type: ignore[arg-type]
             inline_off += nbytes
         descs.append(d)
-    return descs, parts, n_shm
+    return descs, parts, n_shm, n_reg
 
 
 def decode(

@@ -766,7 +766,9 @@ class ModelWorker:
             if slot is None:
                 raise ModelNotReadyError(f"model {self.name}: no free transfer slot")
         try:
-            descs, parts, n_shm = ipc.encode(inputs or {}, self._arena, slot)
+            descs, parts, n_shm, n_reg = ipc.encode(
+                inputs or {}, self._arena, slot, self._arena.regions
+            )
         except BaseException:
             if slot is not None:
                 self._arena.release(slot)
@@ -787,11 +789,7 @@ class ModelWorker:
                     c.role_cv.notify_all()
             if follower is None:
                 fut.add_done_callback(lambda _f: self._async_done(c))
-        n_reg = sum(d.get("e") == "reg" for d in descs) if self._arena.regions else 0
-        with self._stats_lock:
-            self._stats["requests"] += 1
-            self._stats["shm_tensors_in"] += n_shm
-            self._stats["region_tensors_in"] += n_reg
+        self._count_request(n_shm, n_reg)
         if defer_send:
             return fut, c, header, parts
         with contextlib.suppress(OSError):  # the reader sees a death and fails this request
@@ -899,6 +897,12 @@ class ModelWorker:
         if self._lending is not None:
             self._lending.stats_sink = sink
 
+    def _count_request(self, n_shm: int, n_reg: int) -> None:
+        with self._stats_lock:
+            self._stats["requests"] += 1
+            self._stats["shm_tensors_in"] += n_shm
+            self._stats["region_tensors_in"] += n_reg
+
     def _count_error(self, exc: BaseException) -> None:
         with self._stats_lock:
             self._stats["errors"] += 1
@@ -990,7 +994,9 @@ class ModelWorker:
         f = _Follower()
         f.rid, f.child = rid, c
         try:
-            descs, parts, n_shm = ipc.encode(inputs or {}, self._arena, slot)
+            descs, parts, n_shm, n_reg = ipc.encode(
+                inputs or {}, self._arena, slot, self._arena.regions
+            )
             header.update(id=rid, t=descs, slot=slot)
             with c.lock:
                 if c.dead:
@@ -1001,11 +1007,7 @@ class ModelWorker:
         except BaseException:
             self._arena.release(slot)
             raise
-        n_reg = sum(d.get("e") == "reg" for d in descs) if self._arena.regions else 0
-        with self._stats_lock:
-            self._stats["requests"] += 1
-            self._stats["shm_tensors_in"] += n_shm
-            self._stats["region_tensors_in"] += n_reg
+        self._count_request(n_shm, n_reg)
         with contextlib.suppress(OSError):  # a death shows as EOF below
             lane.send(header, parts)
         reply = None

@@ -81,7 +81,7 @@ def main(argv: list[str]) -> int:
             t0 = time.perf_counter()
             inputs = ipc.decode(h["t"], p, arena, copy=False)
             outputs = servable.predict(inputs)
-            descs, parts, n_shm = ipc.encode(outputs, arena, slot)
+            descs, parts, n_shm, _ = ipc.encode(outputs, arena, slot)
             dt = round((time.perf_counter() - t0) * 1e6)
             out.send({"op": "result", "id": rid, "t": descs, "shm": n_shm, "us": dt}, parts)
         except ipc.ChannelClosed:
