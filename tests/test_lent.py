@@ -98,6 +98,25 @@ class RawConn:
         self.sock.close()
 
 
+def _answer_while(
+    d: DaemonProc, conn: RawConn, row: list[float], act: Any
+) -> tuple[int, dict[str, str], bytes]:
+    """Send a slow tiny request on ``conn``; once it is in flight, ``act()``; the answer."""
+    result: dict[str, Any] = {}
+
+    def slow() -> None:
+        conn.send(conn.infer_bytes("tiny", [row]))
+        result["r"] = conn.read()
+
+    t = threading.Thread(target=slow)
+    t.start()
+    _wait(lambda: _models(d)["tiny"]["inflight"] == 1, "the slow request in the worker")
+    act()
+    t.join(30)
+    status, headers, body = result["r"]
+    return status, headers, body
+
+
 @pytest.fixture(scope="module")
 def two(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProc]:
     root = tmp_path_factory.mktemp("lent")
@@ -200,19 +219,10 @@ def test_kill9_of_the_worker_fails_only_the_request_in_flight(tmp_path: Path) ->
         assert busy.infer("tiny", [[1, 1, 1, 1]])[0] == 200
         assert idle.infer("tiny", [[1, 1, 1, 1]])[0] == 200
         assert _models(d)["tiny"]["lent_connections"] == 2
-        result: dict[str, Any] = {}
-
-        def slow() -> None:
-            busy.send(busy.infer_bytes("tiny", [[-5.0, 1, 1, 1]]))
-            result["r"] = busy.read()
-
-        t = threading.Thread(target=slow)
-        t.start()
-        _wait(lambda: _models(d)["tiny"]["inflight"] == 1, "the slow request in the worker")
         pid = _worker_pid(d, "tiny")
-        os.kill(pid, signal.SIGKILL)
-        t.join(30)
-        status, headers, body = result["r"]
+        status, headers, body = _answer_while(
+            d, busy, [-5.0, 1, 1, 1], lambda: os.kill(pid, signal.SIGKILL)
+        )
         err = json.loads(body)
         assert status == 503 and err["code"] == "worker-crashed", err
         assert "SIGKILL" in err["error"] and "request not served" in err["error"]
@@ -245,18 +255,10 @@ def test_lending_off_relays_through_the_daemon(tmp_path: Path) -> None:
             status, out = c.infer("tiny", [[1, 2, 3, 4]])
             assert status == 200 and out["outputs"][0]["data"] == [2, 4, 6, 8]
         assert _models(d)["tiny"]["lent_connections"] == 0
-        result: dict[str, Any] = {}
-
-        def slow() -> None:
-            c.send(c.infer_bytes("tiny", [[-5.0, 1, 1, 1]]))
-            result["r"] = c.read()
-
-        t = threading.Thread(target=slow)
-        t.start()
-        _wait(lambda: _models(d)["tiny"]["inflight"] == 1, "the slow request")
-        os.kill(_worker_pid(d, "tiny"), signal.SIGKILL)
-        t.join(30)
-        status, _h, body = result["r"]
+        pid = _worker_pid(d, "tiny")
+        status, _h, body = _answer_while(
+            d, c, [-5.0, 1, 1, 1], lambda: os.kill(pid, signal.SIGKILL)
+        )
         assert status == 503 and json.loads(body)["code"] == "worker-crashed"
     finally:
         c.close()
@@ -269,18 +271,9 @@ def test_sigterm_waits_for_the_answer_on_a_lent_connection(tmp_path: Path) -> No
     c = RawConn(d.infer_sock)
     try:
         assert c.infer("tiny", [[1, 1, 1, 1]])[0] == 200
-        result: dict[str, Any] = {}
-
-        def slow() -> None:
-            c.send(c.infer_bytes("tiny", [[-1.5, 1, 1, 1]]))
-            result["r"] = c.read()
-
-        t = threading.Thread(target=slow)
-        t.start()
-        _wait(lambda: _models(d)["tiny"]["inflight"] == 1, "the slow request")
-        d.proc.send_signal(signal.SIGTERM)
-        t.join(30)
-        status, _h, body = result["r"]
+        status, _h, body = _answer_while(
+            d, c, [-1.5, 1, 1, 1], lambda: d.proc.send_signal(signal.SIGTERM)
+        )
         assert status == 200 and json.loads(body)["outputs"][0]["data"] == [-3, 2, 2, 2]
         assert c.closed_by_peer()
         assert d.proc.wait(30) == 0
