@@ -81,7 +81,7 @@ class _Follower:
 class _Child:
     """One incarnation: process, channel, reader state and its pending requests."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], chan: ipc.Channel, lanes: list[ipc.Channel]):
+    def __init__(self, proc: subprocess.Popen[bytes], chan: ipc.Channel, lanes: list[ipc.Lane]):
         self.proc = proc
         self.chan = chan
         self.lanes = lanes  # thread mode: one socket per shm slot for sync predicts
@@ -259,7 +259,7 @@ class ModelWorker:
             for _, b in pairs:
                 b.close()
         chan = ipc.Channel(parent)
-        lanes = [ipc.Channel(pairs[i + 1][0], wsock=pairs[i][0]) for i in range(0, len(pairs), 2)]
+        lanes = [ipc.Lane(pairs[i + 1][0], pairs[i][0]) for i in range(0, len(pairs), 2)]
         init = {
             "model_dir": self.model_dir,
             "config": self.config,
@@ -485,16 +485,24 @@ class ModelWorker:
                 self._arena.release(slot)
 
     def _outcome(
-        self, h: dict[str, Any], p: bytearray | memoryview
+        self,
+        h: dict[str, Any],
+        p: bytearray | memoryview,
+        tensors: list[ipc.Tensor] | None = None,
+        us: int | None = None,
     ) -> tuple[Any, BaseException | None]:
         """(result, None) or (None, error) of a reply frame; call before its slot is freed
-        (shm outputs are copied out)."""
+        (shm outputs are copied out). A lane reply comes with its descriptors compiled
+        and the child's busy time outside the header."""
         try:
             if h.get("op") == "result":
-                out = ipc.decode(h["t"], p, self._arena, copy=True)
+                if tensors is None:
+                    out = ipc.decode(h["t"], p, self._arena, copy=True)
+                else:
+                    out = ipc.decode(tensors, p, self._arena, copy=True, compiled=True)
                 with self._stats_lock:
                     self._stats["shm_tensors_out"] += int(h.get("shm", 0))
-                    self._stats["child_busy_us"] += int(h.get("us", 0))
+                    self._stats["child_busy_us"] += int(h.get("us", 0) if us is None else us)
                 return (out if "n" not in h else int(h["n"])), None
             return None, ipc.error_from_dict(h.get("err") or {})
         except Exception as exc:  # a malformed frame fails that request only
@@ -997,7 +1005,7 @@ class ModelWorker:
             descs, parts, n_shm, n_reg = ipc.encode(
                 inputs or {}, self._arena, slot, self._arena.regions
             )
-            header.update(id=rid, t=descs, slot=slot)
+            header["t"] = descs
             with c.lock:
                 if c.dead:
                     raise WorkerError(
@@ -1009,7 +1017,7 @@ class ModelWorker:
             raise
         self._count_request(n_shm, n_reg)
         with contextlib.suppress(OSError):  # a death shows as EOF below
-            lane.send(header, parts)
+            lane.send(rid, slot, header, parts)
         reply = None
         try:
             reply = _lane_reply(lane, rid, deadline)
@@ -1033,26 +1041,25 @@ class ModelWorker:
         if reply is None:  # timed out: the slot stays taken until the late reply
             self._start_drain(c, lane, rid, slot)
             raise FutureTimeout
-        h, p = reply
+        h, tensors, us, p = reply
         with c.lock:
             c.pending.pop(rid, None)
         try:
-            result, exc = self._outcome(h, p)
+            result, exc = self._outcome(h, p, tensors, us)
         finally:
             self._arena.release(slot)
         if exc is not None:
             raise exc
         return result
 
-    def _start_drain(self, c: _Child, lane: ipc.Channel, rid: int, slot: int) -> None:
+    def _start_drain(self, c: _Child, lane: ipc.Lane, rid: int, slot: int) -> None:
         threading.Thread(target=self._drain_lane, args=(c, lane, rid, slot), daemon=True).start()
 
-    def _drain_lane(self, c: _Child, lane: ipc.Channel, rid: int, slot: int) -> None:
+    def _drain_lane(self, c: _Child, lane: ipc.Lane, rid: int, slot: int) -> None:
         """After a timeout: read the late reply, then free the slot (its lane with it)."""
         try:
             while True:
-                h, _p = lane.recv()
-                if h.get("id") == rid:
+                if lane.recv()[0] == rid:
                     break
         except ipc.ChannelClosed:
             if c.proc.poll() is None:
@@ -1102,17 +1109,18 @@ def _readable(sock: socket.socket, timeout: float) -> bool:
 
 
 def _lane_reply(
-    lane: ipc.Channel, rid: int, deadline: float | None
-) -> tuple[dict[str, Any], memoryview] | None:
-    """The reply to ``rid`` on a lane, or None at the deadline; ChannelClosed on EOF."""
+    lane: ipc.Lane, rid: int, deadline: float | None
+) -> tuple[dict[str, Any], list[ipc.Tensor], int, bytearray] | None:
+    """(header, tensors, child busy us, payload) of the reply to ``rid`` on a lane, or
+    None at the deadline; ChannelClosed on EOF."""
     while True:
         if deadline is not None:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not _readable(lane.sock, remaining):
                 return None
-        h, p = lane.recv()
-        if h.get("id") == rid:
-            return h, p
+        got, us, h, tensors, p = lane.recv()
+        if got == rid:
+            return h, tensors, us, p
 
 
 def _reap(proc: subprocess.Popen[bytes]) -> None:

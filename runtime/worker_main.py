@@ -4,7 +4,8 @@ Only this process imports the inference engines. It reads one ``init`` frame (pi
 settings from its own parent), opens the model, warms it up, answers ``ready`` with the
 KServe metadata (or ``error`` with the failure and exits 1), then serves ``predict``
 frames on ``max_concurrency`` threads, plus one thread per lane (thread mode: a request
-and a reply socketpair per shm slot, fds listed in the init frame), until ``shutdown``
+and a reply socketpair per shm slot, fds listed in the init frame, :class:`ipc.Lane`
+frames), until ``shutdown``
 or EOF. Shared regions (zero-copy inputs) come listed in the init frame, or later as a
 ``map`` frame carrying the memfd.
 """
@@ -74,7 +75,7 @@ def main(argv: list[str]) -> int:
         lending.start()
     chan.send({"op": "ready", "meta": meta, "pid": os.getpid(), "lends": lending is not None})
 
-    def run(h: dict[str, Any], p: memoryview, out: ipc.Channel = chan) -> None:
+    def run(h: dict[str, Any], p: memoryview) -> None:
         rid = h["id"]
         slot = h.get("slot")
         try:
@@ -83,12 +84,12 @@ def main(argv: list[str]) -> int:
             outputs = servable.predict(inputs)
             descs, parts, n_shm, _ = ipc.encode(outputs, arena, slot)
             dt = round((time.perf_counter() - t0) * 1e6)
-            out.send({"op": "result", "id": rid, "t": descs, "shm": n_shm, "us": dt}, parts)
+            chan.send({"op": "result", "id": rid, "t": descs, "shm": n_shm, "us": dt}, parts)
         except ipc.ChannelClosed:
             return
         except BaseException as exc:
             with contextlib.suppress(OSError):
-                out.send({"op": "fail", "id": rid, "err": ipc.error_to_dict(exc)})
+                chan.send({"op": "fail", "id": rid, "err": ipc.error_to_dict(exc)})
 
     def map_region(h: dict[str, Any]) -> None:
         """``map``: a shared region's fd (read-only here); ``unmap``: forget it."""
@@ -171,18 +172,38 @@ def main(argv: list[str]) -> int:
     # Lanes (thread mode): one socket per shm slot, served by its own thread; the
     # parent's sync caller blocks on its lane, so a request wakes one thread each side.
     lanes = [
-        ipc.Channel(socket.socket(fileno=rfd), wsock=socket.socket(fileno=wfd))
+        ipc.Lane(socket.socket(fileno=rfd), socket.socket(fileno=wfd))
         for rfd, wfd in init.get("lanes") or ()
     ]
 
-    def serve_lane(lane: ipc.Channel) -> None:
+    def run_lane(lane: ipc.Lane, rid: int, slot: int, tensors: list[ipc.Tensor], p: Any) -> None:
+        """As ``run``, in a lane's frames (the id and slot come in the frame prefix, the
+        busy time goes back in it). A function, so the inputs (views of a shared region,
+        maybe) are let go when the answer is out and an unmap can free the region."""
+        try:
+            t0 = time.perf_counter()
+            inputs = ipc.decode(tensors, p, arena, copy=False, compiled=True)
+            outputs = servable.predict(inputs)
+            descs, parts, n_shm, _ = ipc.encode(outputs, arena, slot)
+            us = round((time.perf_counter() - t0) * 1e6)
+            reply: tuple[int, dict[str, Any], list[Any]] = (
+                us,
+                {"op": "result", "t": descs, "shm": n_shm},
+                parts,
+            )
+        except BaseException as exc:
+            reply = (0, {"op": "fail", "err": ipc.error_to_dict(exc)}, [])
+        with contextlib.suppress(OSError):  # the parent is gone: the lane reads EOF next
+            lane.send(rid, *reply)
+
+    def serve_lane(lane: ipc.Lane) -> None:
         while True:
             try:
-                h, p = lane.recv()
+                rid, slot, h, tensors, p = lane.recv()
             except ipc.ChannelClosed:
                 return
             if h.get("op") == "predict":
-                run(h, p, lane)
+                run_lane(lane, rid, slot, tensors, p)
 
     threads = [
         threading.Thread(target=serve, name=f"predict-{i}", daemon=True)

@@ -28,7 +28,8 @@ def failing(model_dir: Path, config: Any, *, cache_dir: Path) -> Any:
 
 class Toy:
     """Echo/sum servable: ``x`` -> ``y = x * 2``; ``hog`` (MiB) allocates and holds;
-    ``scribble`` overwrites ``x`` in place first."""
+    ``scribble`` overwrites ``x`` in place first; ``oserror`` fails as a run script that
+    cannot open a file does."""
 
     def __init__(self) -> None:
         self._held: list[np.ndarray] = []
@@ -42,6 +43,8 @@ class Toy:
             return {"y": a[:1]}
         if "sleep" in inputs:
             time.sleep(float(inputs["sleep"].reshape(-1)[0]))
+        if "oserror" in inputs:
+            raise FileNotFoundError(2, "No such file or directory", "labels.txt")
         if "x" not in inputs:
             raise InvalidInputError("input 'x' is missing", code="missing-input")
         if "scribble" in inputs:  # a run script that writes into its input

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.errors import WorkerError
+from agent.errors import InvalidInputError, RuntimeBackendError, WorkerError
 from runtime.worker import ModelWorker
 from tests.test_runtime_worker import _toy, _wait_state
 
@@ -140,5 +140,28 @@ def test_lane_frames_of_every_size(tmp_path: Path) -> None:
             t.join(60)
         assert not bad and not any(t.is_alive() for t in ts)
         assert w.stats()["shm_tensors_in"] == 3  # only the 320 KB ones fit a 1 MiB slot
+    finally:
+        w.stop()
+
+
+def test_model_errors_on_a_lane_answer_that_request_only(tmp_path: Path) -> None:
+    """An OSError raised by the model (like a run script missing a file) and a bad input
+    are answered on the lane with their message; the lane then serves the next request,
+    and a header seen before (parsed from the lane's cache) still decodes right."""
+    w = _toy(tmp_path, max_concurrency=1)
+    w.start()
+    try:
+        big = np.arange(20_000, dtype=np.float64)  # 160 KB: through the shm slot
+        for _ in range(2):
+            with pytest.raises(RuntimeBackendError, match=r"labels\.txt") as info:
+                w.predict({"x": big, "oserror": np.ones(1)}, timeout=20)
+            assert info.value.status == 500
+            with pytest.raises(InvalidInputError, match="'x' is missing"):
+                w.predict({"z": np.ones(2)}, timeout=20)
+            np.testing.assert_array_equal(w.predict({"x": big}, timeout=20)["y"], big * 2)
+            np.testing.assert_array_equal(w.predict({"x": big + 1}, timeout=20)["y"], big * 2 + 2)
+        st = w.stats()
+        assert (st["errors"], st["requests"], st["in_flight"]) == (4, 8, 0)
+        assert st["child_busy_us"] > 0  # the busy time crosses in the lane frame prefix
     finally:
         w.stop()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -156,6 +157,11 @@ def test_map_and_unmap_leak_no_descriptors(tmp_path: Path) -> None:
             region.ndarray((8,), np.float64)[...] = float(i)
             assert w.predict({"x": region.ndarray((8,), np.float64)})["y"][0] == 2.0 * i
             region.close()
+        # The child's mapping (and the fd the mmap holds) goes when the thread that
+        # answered the last request has let go of its inputs, a moment after its reply.
+        end = time.monotonic() + 5.0
+        while _fds(w.pid) != child0 and time.monotonic() < end:
+            time.sleep(0.01)
         assert (_fds(w.pid), _fds(os.getpid())) == (child0, parent0)
     finally:
         w.stop()
