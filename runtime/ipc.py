@@ -35,7 +35,8 @@ from agent.errors import InvalidInputError
 HEAD = struct.Struct("!II")
 LANE_HEAD = struct.Struct("!IIQI")  # header length, payload length, request id, aux
 LANE_BUF = 64 * 1024  # a lane reads a frame up to this size in one call
-LANE_CACHE = 64  # distinct headers a lane keeps parsed
+LANE_CACHE = 64  # distinct headers a lane keeps encoded and parsed
+_CACHEABLE = frozenset(("op", "t", "shm"))
 SHM_MIN = 64 * 1024
 ALIGN = 64
 MAX_HEADER = 16 * 1024 * 1024
@@ -204,11 +205,12 @@ class Lane:
         self._buf = bytearray(LANE_BUF)
         self._view = memoryview(self._buf)
         self._parsed: dict[bytes, tuple[dict[str, Any], list[Tensor]]] = {}
+        self._encoded: dict[tuple[Any, ...], bytes] = {}
 
     def send(
         self, rid: int, aux: int, header: dict[str, Any], payload: list[Any] | None = None
     ) -> None:
-        hb = _JSON.encode(header).encode()
+        hb = self._encode(header)
         parts = [memoryview(b).cast("B") for b in payload or ()]
         head = LANE_HEAD.pack(len(hb), sum(v.nbytes for v in parts), rid, aux) + hb
         if not parts:
@@ -261,6 +263,27 @@ class Lane:
         except (OSError, ValueError, TypeError, KeyError) as exc:  # garbled = a dead peer
             raise ChannelClosed(str(exc)) from exc
         return rid, aux, header, tensors, payload
+
+    def _encode(self, header: dict[str, Any]) -> bytes:
+        """The JSON of a header; that of a ``predict`` or ``result`` (op, descriptors and
+        their count in shm only) is kept, keyed by its values."""
+        if header.keys() <= _CACHEABLE and "t" in header:
+            try:
+                key = (
+                    header["op"],
+                    header.get("shm"),
+                    *(tuple(d.items()) for d in header["t"]),
+                )
+                hb = self._encoded.get(key)
+            except TypeError:  # a value that is not hashable: no cache
+                return _JSON.encode(header).encode()
+            if hb is None:
+                hb = _JSON.encode(header).encode()
+                if len(self._encoded) >= LANE_CACHE:
+                    self._encoded.clear()
+                self._encoded[key] = hb
+            return hb
+        return _JSON.encode(header).encode()
 
     def _parse(self, hb: bytes) -> tuple[dict[str, Any], list[Tensor]]:
         hit = self._parsed.get(hb)
@@ -457,7 +480,7 @@ def encode(
             inline_off += len(data)
             continue
         nbytes = arr.nbytes
-        d: dict[str, Any] = {"n": name, "t": arr.dtype.str, "s": list(arr.shape), "l": nbytes}
+        d: dict[str, Any] = {"n": name, "t": arr.dtype.str, "s": arr.shape, "l": nbytes}
         place = _in_region(regions, arr) if regions and nbytes else None
         if place is not None:
             d.update(e="reg", r=place[0], o=place[1])

@@ -96,3 +96,25 @@ def test_garbled_frames_close_the_lane(
     raw.shutdown(socket.SHUT_WR)
     with pytest.raises(ipc.ChannelClosed):
         receiver.recv()
+
+
+def test_headers_kept_encoded_still_say_each_tensor_s_shape_and_place(
+    pair: tuple[ipc.Lane, ipc.Lane, socket.socket],
+) -> None:
+    """The sender keeps a header's JSON keyed by its values: tensors with the same bytes
+    but another shape, type or place must not reuse it."""
+    sender, receiver, _ = pair
+    arena = ipc.ShmArena(2, 1 << 20)
+    try:
+        base = np.arange(24_000, dtype=np.float32)  # 96 KB: through a slot
+        cases = [base, base.reshape(4, 6000), base.view(np.int32), base.reshape(4, 6000)]
+        for slot, x in [(0, c) for c in cases] + [(1, base)]:
+            descs, parts, n_shm, _ = ipc.encode({"x": x}, arena, slot)
+            sender.send(slot, 0, {"op": "result", "t": descs, "shm": n_shm}, parts)
+            _, _, h, tensors, payload = receiver.recv()
+            assert h["shm"] == 1
+            out = ipc.decode(tensors, payload, arena, copy=True, compiled=True)["x"]
+            assert out.dtype == x.dtype and out.shape == x.shape
+            np.testing.assert_array_equal(out, x)
+    finally:
+        arena.close()
