@@ -6,8 +6,10 @@ while loading, a failing start, and a servable that grabs memory on request.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
+import stat
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,7 @@ def failing(model_dir: Path, config: Any, *, cache_dir: Path) -> Any:
 class Toy:
     """Echo/sum servable: ``x`` -> ``y = x * 2``; ``hog`` (MiB) allocates and holds;
     ``scribble`` overwrites ``x`` in place first; ``oserror`` fails as a run script that
-    cannot open a file does."""
+    cannot open a file does; ``garble`` writes junk into every socket it has, then hangs."""
 
     def __init__(self) -> None:
         self._held: list[np.ndarray] = []
@@ -43,6 +45,12 @@ class Toy:
             return {"y": a[:1]}
         if "sleep" in inputs:
             time.sleep(float(inputs["sleep"].reshape(-1)[0]))
+        if "garble" in inputs:
+            for name in os.listdir("/proc/self/fd"):
+                with contextlib.suppress(OSError):
+                    if stat.S_ISSOCK(os.fstat(int(name)).st_mode):
+                        os.write(int(name), b"\xff" * 64)
+            time.sleep(30)
         if "oserror" in inputs:
             raise FileNotFoundError(2, "No such file or directory", "labels.txt")
         if "x" not in inputs:

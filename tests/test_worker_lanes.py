@@ -165,3 +165,24 @@ def test_model_errors_on_a_lane_answer_that_request_only(tmp_path: Path) -> None
         assert st["child_busy_us"] > 0  # the busy time crosses in the lane frame prefix
     finally:
         w.stop()
+
+
+def test_junk_on_a_lane_kills_the_child_and_fails_only_its_requests(tmp_path: Path) -> None:
+    """A child that writes junk where its reply belongs is as good as dead: the caller
+    gets ``worker-crashed`` at once (not at its timeout), the child is killed, and the
+    new one serves."""
+    w = _toy(tmp_path, max_concurrency=2)
+    w.start()
+    try:
+        pid0 = w.pid
+        t0 = time.monotonic()
+        with pytest.raises(WorkerError) as info:
+            w.predict({"x": np.ones(3), "garble": np.ones(1)}, timeout=25)
+        assert info.value.code == "worker-crashed" and time.monotonic() - t0 < 15
+        _wait_state(w, "ready")
+        assert w.pid != pid0
+        assert w.predict({"x": np.ones(3)}, timeout=20)["y"].tolist() == [2.0] * 3
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid0 or 0, 0)
+    finally:
+        w.stop()
