@@ -242,10 +242,11 @@ class DaemonProc:
         return self.work / "inbox"
 
     def _listen(self) -> None:
-        assert self._nsock is not None
+        sock = self._nsock  # stop() clears the attribute (and closes it) meanwhile
+        assert sock is not None
         while True:
             try:
-                data = self._nsock.recv(4096)
+                data = sock.recv(4096)
             except OSError:
                 return
             if not data:
