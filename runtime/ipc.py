@@ -211,12 +211,19 @@ class Lane:
         self, rid: int, aux: int, header: dict[str, Any], payload: list[Any] | None = None
     ) -> None:
         hb = self._encode(header)
-        parts = [memoryview(b).cast("B") for b in payload or ()]
-        head = LANE_HEAD.pack(len(hb), sum(v.nbytes for v in parts), rid, aux) + hb
-        if not parts:
-            self.wsock.sendall(head)
+        if not payload:
+            self.wsock.sendall(LANE_HEAD.pack(len(hb), 0, rid, aux) + hb)
             return
+        parts = [memoryview(b).cast("B") for b in payload]
+        total = 0
+        for v in parts:
+            total += v.nbytes
+        head = LANE_HEAD.pack(len(hb), total, rid, aux) + hb
         views = [memoryview(head), *parts]
+        sent = self.wsock.sendmsg(views[:512])
+        if sent == len(head) + total:
+            return  # the common case: all of it in one call
+        views = _skip(views, sent)
         while views:
             views = _skip(views, self.wsock.sendmsg(views[:512]))
 
@@ -337,8 +344,9 @@ class ShmArena:
             os.ftruncate(fd, size)
         self.fd = fd
         self.mm = mmap.mmap(fd, size)
-        self._free = list(range(slots))
+        self._free = list(range(slots))  # a stack: the slot used last (warm) goes next
         self._cv = threading.Condition()
+        self._waiting = 0
         self.closed = False
         # Shared regions by id: SharedRegion in the parent, MappedRegion in the child.
         self.regions: dict[int, Any] = {}
@@ -347,14 +355,19 @@ class ShmArena:
         with self._cv:
             if self._free:
                 return self._free.pop()
-            if not self._cv.wait_for(lambda: bool(self._free), timeout):
-                return None
+            self._waiting += 1
+            try:
+                if not self._cv.wait_for(lambda: bool(self._free), timeout):
+                    return None
+            finally:
+                self._waiting -= 1
             return self._free.pop()
 
     def release(self, slot: int) -> None:
         with self._cv:
             self._free.append(slot)
-            self._cv.notify()
+            if self._waiting:  # Condition.notify is Python code: only when needed
+                self._cv.notify()
 
     def close(self) -> None:
         self.closed = True
