@@ -127,13 +127,7 @@ class Channel:
 
     def _recv_exact(self, n: int) -> bytearray:
         buf = bytearray(n)
-        view = memoryview(buf)
-        got = 0
-        while got < n:
-            k = self.sock.recv_into(view[got:], n - got)
-            if k == 0:
-                raise ChannelClosed("peer closed the connection")
-            got += k
+        _read_at_least(self.sock, memoryview(buf), 0, n)
         return buf
 
     def _recv_prefix_fds(self, fds: list[int]) -> bytearray:
@@ -234,37 +228,21 @@ class Lane:
         a second frame behind the first or a malformed header raise ChannelClosed."""
         buf, view, n = self._buf, self._view, LANE_HEAD.size
         try:
-            got = 0
-            while got < n:
-                k = self.sock.recv_into(view[got:])
-                if k == 0:
-                    raise ChannelClosed("peer closed the connection")
-                got += k
+            got = _read_at_least(self.sock, view, 0, n)
             hl, pl, rid, aux = LANE_HEAD.unpack_from(buf)
             if hl > MAX_HEADER:
                 raise ChannelClosed(f"frame header of {hl} bytes")
             end = n + hl + pl
             if end <= len(buf):
-                while got < end:
-                    k = self.sock.recv_into(view[got:end])
-                    if k == 0:
-                        raise ChannelClosed("peer closed the connection")
-                    got += k
-                if got > end:  # one frame at a time: anything more is garbage
-                    raise ChannelClosed("a lane frame followed by more bytes")
+                if _read_at_least(self.sock, view, got, end) > end:
+                    raise ChannelClosed("a lane frame followed by more bytes")  # one at a time
                 hb = bytes(view[n : n + hl])
                 payload = bytearray(view[n + hl : end])
             else:
                 whole = bytearray(end - n)
                 whole[: got - n] = view[n:got]
-                wv = memoryview(whole)
-                filled = got - n
-                while filled < len(whole):
-                    k = self.sock.recv_into(wv[filled:])
-                    if k == 0:
-                        raise ChannelClosed("peer closed the connection")
-                    filled += k
-                hb = bytes(wv[:hl])
+                _read_at_least(self.sock, memoryview(whole), got - n, end - n)
+                hb = bytes(whole[:hl])
                 payload = whole[hl:]
             header, tensors = self._parse(hb)
         except (OSError, ValueError, TypeError, KeyError) as exc:  # garbled = a dead peer
@@ -311,6 +289,16 @@ class Lane:
         for s in (self.sock, self.wsock):
             with contextlib.suppress(OSError):
                 s.close()
+
+
+def _read_at_least(sock: socket.socket, view: memoryview, got: int, need: int) -> int:
+    """Fill ``view`` from ``got`` until at least ``need`` bytes are in; the new count."""
+    while got < need:
+        k = sock.recv_into(view[got:])
+        if k == 0:
+            raise ChannelClosed("peer closed the connection")
+        got += k
+    return got
 
 
 def _frame(header: dict[str, Any], payload: list[bytes | memoryview] | None) -> list[Any]:
