@@ -31,11 +31,11 @@ from typing import Any, cast
 import numpy as np
 
 from agent.errors import InvalidInputError
+from agent.tensors import remember
 
 HEAD = struct.Struct("!II")
 LANE_HEAD = struct.Struct("!IIQI")  # header length, payload length, request id, aux
 LANE_BUF = 64 * 1024  # a lane reads a frame up to this size in one call
-LANE_CACHE = 64  # distinct headers a lane keeps encoded and parsed
 _CACHEABLE = frozenset(("op", "t", "shm"))
 SHM_MIN = 64 * 1024
 ALIGN = 64
@@ -264,9 +264,7 @@ class Lane:
                 return _JSON.encode(header).encode()
             if hb is None:
                 hb = _JSON.encode(header).encode()
-                if len(self._encoded) >= LANE_CACHE:
-                    self._encoded.clear()
-                self._encoded[key] = hb
+                remember(self._encoded, key, hb)
             return hb
         return _JSON.encode(header).encode()
 
@@ -277,12 +275,10 @@ class Lane:
         header = json.loads(hb)
         if not isinstance(header, dict):
             raise ValueError("frame header is not an object")
-        op = header.get("op")
-        tensors = compile_descs(header["t"]) if op in ("predict", "result") else []
-        if op in ("predict", "result"):
-            if len(self._parsed) >= LANE_CACHE:
-                self._parsed.clear()
-            self._parsed[hb] = (header, tensors)
+        if header.get("op") not in ("predict", "result"):
+            return header, []  # errors: rare, and their messages differ
+        tensors = compile_descs(header["t"])
+        remember(self._parsed, hb, (header, tensors))
         return header, tensors
 
     def close(self) -> None:
