@@ -201,3 +201,13 @@ class UpdateError(EdgewardError):
 
 class PreflightError(UpdateError):
     code = "preflight"
+
+
+# --- repository ---------------------------------------------------------------------
+
+
+class RepositoryError(UpdateError):
+    """The repository, its metadata or a download from it is unusable or untrusted."""
+
+    code = "repository"
+    status = 502
