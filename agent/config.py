@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import grp
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from agent.errors import ConfigError
 
@@ -27,6 +29,7 @@ __all__ = [
     "DaemonConfig",
     "InferenceConfig",
     "PathsConfig",
+    "RepositoryConfig",
     "UpdatesConfig",
     "check_groups",
     "load_config",
@@ -92,6 +95,35 @@ class UpdatesConfig:
     jitter: float = 0.1  # fraction of the interval, spread so a fleet does not stampede
     check_on_start: bool = True
     keep_failed: bool = True  # leave refused packages in the inbox (renamed *.rejected)
+    # Seconds after an activation during which a crash of the new worker or an error
+    # rate above health_max_error_rate rolls back on its own and marks the version bad.
+    health_window_s: float = 60.0  # 0 = no health window
+    health_max_error_rate: float = 0.5  # fraction of requests failed
+    health_min_requests: int = 4  # the rate counts only after this many requests
+
+
+@dataclass(frozen=True)
+class RepositoryConfig:
+    """The TUF repository the daemon follows (absent section = inbox only).
+
+    The repository is a static tree: ``<url>/metadata/*.json`` and ``<url>/targets/``.
+    """
+
+    # Mirrors, tried in order for metadata and packages; https:// only.
+    urls: tuple[str, ...] = ()
+    channel: str = "stable"
+    # The root.json provisioned with the box: the anchor of all trust in the repository.
+    root: Path = Path("/etc/edgeward/repository-root.json")
+    ca_bundle: Path | None = None  # PEM CAs for the server certificate; None = system CAs
+    client_cert: Path | None = None  # PEM client certificate (mTLS); key in client_key
+    client_key: Path | None = None
+    connect_timeout: float = 10.0  # seconds
+    read_timeout: float = 30.0  # seconds without a byte before a download is cut
+    max_metadata_bytes: int = 1 << 20  # cap for each of timestamp/snapshot/targets/root
+    max_download_bytes: int = 16 << 30  # cap for one package, whatever metadata declares
+    retries: int = 4  # attempts per download after the first, exponential backoff
+    backoff_s: float = 1.0  # first retry delay; doubles, with +-50 % jitter
+    backoff_max_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -113,6 +145,7 @@ class Config:
     control: ControlConfig = field(default_factory=ControlConfig)
     updates: UpdatesConfig = field(default_factory=UpdatesConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    repository: RepositoryConfig | None = None  # None: no [repository] section
     # Passed to runtime.config.RuntimeConfig.from_dict.
     runtime: dict[str, Any] = field(default_factory=dict)
     # Passed to agent.package.Limits (keys as that dataclass names them).
@@ -164,6 +197,12 @@ def _convert(key: str, tp: str, value: Any) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}", code="config-type")
         return value
+    if base.startswith("tuple"):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(
+                f"{key}: expected a list of strings, got {value!r}", code="config-type"
+            )
+        return tuple(value)
     if base.startswith("dict"):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a table, got {value!r}", code="config-type")
@@ -227,6 +266,7 @@ def parse_config(data: dict[str, Any], *, source: Path | None = None) -> Config:
         "control": ControlConfig,
         "updates": UpdatesConfig,
         "daemon": DaemonConfig,
+        "repository": RepositoryConfig,
     }
     passthrough = {"runtime", "package_limits"}
     kwargs: dict[str, Any] = {}
@@ -268,8 +308,52 @@ def _validate(cfg: Config) -> None:
             f"daemon.log_level: got {d.log_level!r}; allowed: {', '.join(_LOG_LEVELS)}",
             code="config-value",
         )
+    _positive("updates.health_window_s", u.health_window_s, allow_zero=True)
+    if not 0 < u.health_max_error_rate <= 1:
+        raise ConfigError(
+            f"updates.health_max_error_rate: must be a fraction in (0, 1], "
+            f"got {u.health_max_error_rate}",
+            code="config-range",
+        )
+    _positive("updates.health_min_requests", u.health_min_requests)
+    if cfg.repository is not None:
+        _validate_repository(cfg.repository)
     if cfg.inference.socket == cfg.control.socket:
         raise ConfigError("control.socket: must differ from inference.socket", code="config-value")
+
+
+_CHANNEL_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+
+
+def _validate_repository(r: RepositoryConfig) -> None:
+    if not r.urls:
+        raise ConfigError(
+            "repository.urls: at least one https:// URL is needed (or drop [repository])",
+            code="config-value",
+        )
+    for url in r.urls:
+        parts = urlsplit(url)
+        if parts.scheme != "https" or not parts.hostname or parts.query or parts.fragment:
+            raise ConfigError(
+                f"repository.urls: {url!r} is not an https:// URL without query or fragment",
+                code="config-value",
+            )
+    if not _CHANNEL_RE.match(r.channel):
+        raise ConfigError(
+            f"repository.channel: {r.channel!r}; allowed: lower-case letters, digits, '.', "
+            "'_' and '-' (e.g. stable, canary)",
+            code="config-value",
+        )
+    if (r.client_cert is None) != (r.client_key is None):
+        raise ConfigError(
+            "repository.client_cert and repository.client_key: set both or neither",
+            code="config-value",
+        )
+    for key in ("connect_timeout", "read_timeout", "backoff_s", "backoff_max_s"):
+        _positive(f"repository.{key}", getattr(r, key))
+    for key in ("max_metadata_bytes", "max_download_bytes"):
+        _positive(f"repository.{key}", getattr(r, key))
+    _positive("repository.retries", r.retries, allow_zero=True)
 
 
 def check_groups(cfg: Config) -> None:

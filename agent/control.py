@@ -166,6 +166,36 @@ def render_metrics(daemon: Daemon) -> str:
     lines.append(f"edgeward_update_checks_total {up.checks}")
     head("edgeward_update_failures_total", "counter", "Update checks or installs that failed.")
     lines.append(f"edgeward_update_failures_total {up.check_failures}")
+    head("edgeward_update_check_results_total", "counter", "Update checks by outcome.")
+    for outcome, n in sorted(up.outcomes.items()):
+        lines.append(f'edgeward_update_check_results_total{{outcome="{outcome}"}} {n}')
+    repo = up.status()
+    if repo:
+        head(
+            "edgeward_repository_bytes_downloaded_total",
+            "counter",
+            "Package bytes downloaded from the repository.",
+        )
+        lines.append(f"edgeward_repository_bytes_downloaded_total {repo['bytes_downloaded']}")
+        head(
+            "edgeward_repository_metadata_bytes_total",
+            "counter",
+            "Metadata bytes downloaded from the repository.",
+        )
+        lines.append(f"edgeward_repository_metadata_bytes_total {repo['metadata_bytes']}")
+        head("edgeward_repository_resumes_total", "counter", "Downloads resumed with Range.")
+        lines.append(f"edgeward_repository_resumes_total {repo['resumes']}")
+        head(
+            "edgeward_repository_metadata_expires_seconds",
+            "gauge",
+            "Unix time each trusted metadata role expires.",
+        )
+        for role, ts in sorted(repo["expires"].items()):
+            lines.append(
+                f'edgeward_repository_metadata_expires_seconds{{role="{_esc(role)}"}} {ts:.0f}'
+            )
+        head("edgeward_repository_error", "gauge", "1 when the last repository check failed.")
+        lines.append(f"edgeward_repository_error {int(repo['last_error'] is not None)}")
     head("edgeward_daemon_rss_bytes", "gauge", "Resident memory of the daemon process.")
     lines.append(f"edgeward_daemon_rss_bytes {daemon.rss_bytes()}")
     head("edgeward_daemon_start_time_seconds", "gauge", "Unix time the daemon started.")

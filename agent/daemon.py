@@ -385,6 +385,7 @@ class Daemon:
             "updates": {n: m.to_dict() for n, m in sorted(self.updater.machines.items())},
             "last_check": last.to_dict() if last is not None else None,
             "checks": self.updater.checks,
+            "repository": self.updater.status() or None,
         }
 
 

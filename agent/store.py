@@ -6,6 +6,7 @@ Layout::
     models/<name>/current -> versions/<version>
     models/<name>/previous -> versions/<version>
     staging/                            work in progress (unpack targets); wiped at start
+                                        except resumable downloads (<name>-<version>.part)
     cache/                              runtime converter cache
     journal.json                        per-model update state, written atomically
 
@@ -136,6 +137,8 @@ class Store:
             d.mkdir(parents=True, exist_ok=True)
         removed = 0
         for entry in list(self.staging_dir.iterdir()):
+            if _resumable(entry):
+                continue
             _remove(entry)
             removed += 1
         for model_dir in self._model_dirs():
@@ -302,6 +305,18 @@ class Store:
     def write_journal(self, data: dict[str, Any]) -> None:
         """Replace the journal atomically (temp + fsync + rename + fsync dir)."""
         write_atomic(self.journal_path, json.dumps(data, indent=1, sort_keys=True).encode())
+
+
+def _resumable(entry: Path) -> bool:
+    """A partial download and its record (``<name>-<version>.part`` + ``.part.json``)
+    survive a restart so the download resumes; either alone is debris."""
+    if not entry.is_file() or entry.is_symlink():
+        return False
+    if entry.name.endswith(".part"):
+        return entry.with_name(entry.name + ".json").is_file()
+    if entry.name.endswith(".part.json"):
+        return entry.with_name(entry.name[: -len(".json")]).is_file()
+    return False
 
 
 def _remove(path: Path) -> None:
