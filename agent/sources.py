@@ -64,6 +64,7 @@ class Source(Protocol):
 
     label: str
     downloads: bool  # fetch() transfers the package ("downloading" state)
+    up_to_date: list[str]  # after scan(): installed models it offers nothing newer for
 
     def scan(self, view: StoreView) -> tuple[list[Candidate], dict[str, str]]: ...
     def fetch(self, cand: Candidate) -> Path: ...
@@ -80,6 +81,7 @@ class InboxSource:
     downloads = False
 
     def __init__(self, cfg: Config, trust: Any, limits: Any) -> None:
+        self.up_to_date: list[str] = []  # the inbox reports older files as candidates
         self.cfg = cfg
         self.trust = trust
         self.limits = limits
@@ -232,6 +234,7 @@ class RepositorySource:
         self.staging = staging
         self.state = RepositoryState()
         self.listing: Listing | None = None
+        self.up_to_date: list[str] = []
 
     def part_path(self, cand: Candidate) -> Path:
         return self.staging / f"{cand.name}-{cand.version}.part"
@@ -254,6 +257,7 @@ class RepositorySource:
         st.offers = [o.to_dict() for o in listing.offers]
         out: list[Candidate] = []
         wanted: set[str] = set()
+        self.up_to_date = []
         for name in sorted({o.fields.model for o in listing.offers}):
             current = view.current(name)
             digests = view.weights_digests(name, current) if current else None
@@ -267,6 +271,8 @@ class RepositorySource:
             )
             if offer is None:
                 logger.debug("repository: %s: %s", name, why)
+                if current is not None:
+                    self.up_to_date.append(name)
                 continue
             f = offer.fields
             logger.info("repository: %s version %s chosen: %s", name, f.version, why)

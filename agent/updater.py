@@ -429,6 +429,7 @@ class Updater:
             self.last_check = res
             return res
         offered: list[tuple[Candidate, Source]] = []
+        up_to_date: set[str] = set()
         for src in self._sources(trust, limits):
             if isinstance(src, InboxSource) and not src.has_packages():
                 continue
@@ -440,10 +441,12 @@ class Updater:
                 continue
             res.failed.update(bad)
             offered.extend((c, src) for c in cands)
+            up_to_date.update(src.up_to_date)
         best: dict[str, tuple[Candidate, Source]] = {}
         for c, src in offered:  # sources in order: on a tie the inbox (local) wins
             if c.name not in best or version_key(c.version) > version_key(best[c.name][0].version):
                 best[c.name] = (c, src)
+        res.unchanged.extend(sorted(up_to_date - set(best)))
         for name, (cand, src) in sorted(best.items()):
             current = self.store.current(name)
             if current is not None and version_key(cand.version) <= version_key(current):

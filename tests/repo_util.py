@@ -1,0 +1,375 @@
+"""Test helpers for the device side of the TUF repository.
+
+:class:`TufRepo` writes a static repository with ``tuf.api.metadata`` directly (the way
+``edgeward repo`` lays it out: ``metadata/`` and ``targets/``, consistent snapshots,
+content-addressed target files) and keeps every published version, so tests can stage
+attacks (rollback, freeze, mix-and-match, bad signatures). :class:`Nginx` serves a
+directory over HTTPS on 127.0.0.1 with ``trustme`` certificates and writes an access log
+of the body bytes it sent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from securesystemslib.signer import CryptoSigner
+from tuf.api.metadata import (
+    Metadata,
+    MetaFile,
+    Root,
+    Snapshot,
+    TargetFile,
+    Targets,
+    Timestamp,
+)
+from tuf.api.serialization.json import JSONSerializer
+
+from agent.repository.fields import TargetFields, target_path
+
+NGINX = Path("/usr/sbin/nginx")
+ROLES = ("root", "targets", "snapshot", "timestamp")
+
+
+def _future(days: float) -> datetime:
+    return (datetime.now(UTC) + timedelta(days=days)).replace(microsecond=0)
+
+
+@dataclass
+class TufRepo:
+    """A TUF repository on disk with one key per role (threshold 1 unless set)."""
+
+    root_dir: Path
+    signers: dict[str, list[CryptoSigner]] = field(default_factory=dict)
+    md: dict[str, Metadata[Any]] = field(default_factory=dict)
+    history: dict[str, dict[int, bytes]] = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, root_dir: Path) -> TufRepo:
+        repo = cls(root_dir)
+        (root_dir / "metadata").mkdir(parents=True, exist_ok=True)
+        (root_dir / "targets").mkdir(parents=True, exist_ok=True)
+        root = Root(expires=_future(365), consistent_snapshot=True)
+        for role in ROLES:
+            s = CryptoSigner.generate_ed25519()
+            repo.signers[role] = [s]
+            root.add_key(s.public_key, role)
+        repo.md["root"] = Metadata(root)
+        repo.md["targets"] = Metadata(Targets(expires=_future(90)))
+        repo.md["snapshot"] = Metadata(Snapshot(expires=_future(7)))
+        repo.md["timestamp"] = Metadata(Timestamp(expires=_future(1)))
+        repo._write("root")
+        repo.publish()
+        return repo
+
+    @property
+    def root_json(self) -> Path:
+        return self.root_dir / "metadata" / "1.root.json"
+
+    def _sign(self, role: str) -> bytes:
+        md = self.md[role]
+        md.signatures.clear()
+        for s in self.signers[role]:
+            md.sign(s, append=True)
+        return md.to_bytes(JSONSerializer(compact=True))
+
+    def _write(self, role: str, data: bytes | None = None) -> bytes:
+        data = self._sign(role) if data is None else data
+        ver = self.md[role].signed.version
+        self.history.setdefault(role, {})[ver] = data
+        meta = self.root_dir / "metadata"
+        if role != "timestamp":
+            (meta / f"{ver}.{role}.json").write_bytes(data)
+        if role in ("timestamp", "root"):
+            (meta / f"{role}.json").write_bytes(data)
+        return data
+
+    def add(self, pkg: Path, fields: TargetFields, *, length: int | None = None) -> TargetFile:
+        """Copy ``pkg`` in as a content-addressed target with ``fields`` (not published)."""
+        data = pkg.read_bytes()
+        path = target_path(fields)
+        digest = hashlib.sha256(data).hexdigest()
+        d, _, base = path.rpartition("/")
+        dest = self.root_dir / "targets" / d / f"{digest}.{base}"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(data)
+        tf = TargetFile(
+            length if length is not None else len(data),
+            {"sha256": digest},
+            path,
+            unrecognized_fields={"custom": fields.to_custom()},
+        )
+        self.md["targets"].signed.targets[path] = tf
+        return tf
+
+    def served_file(self, tf: TargetFile) -> Path:
+        d, _, base = tf.path.rpartition("/")
+        return self.root_dir / "targets" / d / f"{tf.hashes['sha256']}.{base}"
+
+    def publish(self, *, bump: tuple[str, ...] = ("targets", "snapshot", "timestamp")) -> None:
+        """New versions of targets → snapshot → timestamp, signed and written."""
+        if "targets" in bump:
+            self.md["targets"].signed.version += 1
+            self._write("targets")
+        if "snapshot" in bump:
+            snap = self.md["snapshot"].signed
+            snap.meta["targets.json"] = MetaFile(version=self.md["targets"].signed.version)
+            snap.version += 1
+            self._write("snapshot")
+        if "timestamp" in bump:
+            ts = self.md["timestamp"].signed
+            ts.snapshot_meta = MetaFile(version=self.md["snapshot"].signed.version)
+            ts.version += 1
+            self._write("timestamp")
+
+    def put_raw(self, role: str, data: bytes, version: int | None = None) -> None:
+        """Serve ``data`` as ``role`` (an attack: old bytes, foreign signatures...)."""
+        meta = self.root_dir / "metadata"
+        if role == "timestamp":
+            (meta / "timestamp.json").write_bytes(data)
+        else:
+            assert version is not None
+            (meta / f"{version}.{role}.json").write_bytes(data)
+
+    def sign_with(self, role: str, signers: list[CryptoSigner], **changes: Any) -> bytes:
+        """Bytes of ``role`` with ``changes`` applied and signed by ``signers`` only
+        (the repository's own state is left as it was)."""
+        md = Metadata.from_bytes(self.md[role].to_bytes())
+        for k, v in changes.items():
+            setattr(md.signed, k, v)
+        md.signatures.clear()
+        for s in signers:
+            md.sign(s, append=True)
+        return md.to_bytes(JSONSerializer(compact=True))
+
+
+# --- nginx -------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Certs:
+    ca_pem: Path
+    cert_pem: Path
+    key_pem: Path
+
+
+def make_certs(work: Path, *, expired: bool = False, host: str = "127.0.0.1") -> Certs:
+    import trustme
+
+    work.mkdir(parents=True, exist_ok=True)
+    ca = trustme.CA()
+    kw: dict[str, Any] = {}
+    if expired:
+        kw = {
+            "not_before": datetime.now(UTC) - timedelta(days=30),
+            "not_after": datetime.now(UTC) - timedelta(days=1),
+        }
+    leaf = ca.issue_cert(host, **kw)
+    c = Certs(work / "ca.pem", work / "server.pem", work / "server.key")
+    ca.cert_pem.write_to_path(str(c.ca_pem))
+    leaf.private_key_pem.write_to_path(str(c.key_pem))
+    with open(c.cert_pem, "wb") as fh:
+        for blob in leaf.cert_chain_pems:
+            fh.write(blob.bytes())
+    return c
+
+
+@dataclass
+class Nginx:
+    """nginx serving ``root`` over HTTPS on 127.0.0.1 (``start``/``stop`` by PID)."""
+
+    work: Path
+    root: Path
+    certs: Certs
+    port: int = 0
+    limit_rate: str | None = None  # e.g. "2m" (bytes/s) for the whole server
+    extra: str = ""  # more directives in the server block
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}/"
+
+    @property
+    def access_log(self) -> Path:
+        return self.work / "access.log"
+
+    def _conf(self) -> Path:
+        self.work.mkdir(parents=True, exist_ok=True)
+        rate = f"limit_rate {self.limit_rate};" if self.limit_rate else ""
+        # as root, nginx workers drop to "nobody", who cannot read a pytest tmp dir
+        user = "user root;" if os.geteuid() == 0 else ""
+        conf = self.work / "nginx.conf"
+        conf.write_text(f"""
+daemon off;
+{user}
+worker_processes 1;
+pid {self.work}/nginx.pid;
+error_log {self.work}/error.log warn;
+events {{ worker_connections 64; }}
+http {{
+  log_format bytes '$request_method $uri $status $body_bytes_sent $http_range';
+  access_log {self.access_log} bytes;
+  client_body_temp_path {self.work}/tmp;
+  proxy_temp_path {self.work}/tmp;
+  fastcgi_temp_path {self.work}/tmp;
+  uwsgi_temp_path {self.work}/tmp;
+  scgi_temp_path {self.work}/tmp;
+  types {{ application/json json; }}
+  default_type application/octet-stream;
+  keepalive_timeout 30;
+  server {{
+    listen 127.0.0.1:{self.port} ssl;
+    ssl_certificate {self.certs.cert_pem};
+    ssl_certificate_key {self.certs.key_pem};
+    root {self.root};
+    {rate}
+    {self.extra}
+  }}
+}}
+""")
+        (self.work / "tmp").mkdir(exist_ok=True)
+        return conf
+
+    def start(self) -> Nginx:
+        if not self.port:
+            self.port = free_port()
+        conf = self._conf()
+        self.proc = subprocess.Popen(
+            [str(NGINX), "-c", str(conf), "-p", str(self.work)],
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.work / "stderr.log", "ab"),  # noqa: SIM115
+        )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError((self.work / "stderr.log").read_text())
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5),
+            ):
+                return self
+            time.sleep(0.05)
+        raise TimeoutError("nginx did not listen")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def restart(self, **changes: Any) -> None:
+        self.stop()
+        for k, v in changes.items():
+            setattr(self, k, v)
+        self.start()
+
+    def log_lines(self) -> list[tuple[str, str, int, int, str]]:
+        """(method, uri, status, body bytes, range header) per request."""
+        out = []
+        with contextlib.suppress(FileNotFoundError):
+            for line in self.access_log.read_text().splitlines():
+                parts = line.split(" ", 4)
+                if len(parts) >= 4:
+                    rng = parts[4] if len(parts) > 4 else "-"
+                    out.append((parts[0], parts[1], int(parts[2]), int(parts[3]), rng))
+        return out
+
+    def bytes_for(self, suffix: str) -> int:
+        """Body bytes sent for URIs ending with ``suffix``."""
+        return sum(n for _m, uri, _s, n, _r in self.log_lines() if uri.endswith(suffix))
+
+
+def write_repo_config(
+    work: Path, nginx: Nginx, repo: TufRepo, *, channel: str = "stable", **extra: Any
+) -> str:
+    """The ``[repository]`` table for tests (appended to the daemon config)."""
+    lines = [
+        "[repository]",
+        f'urls = ["{nginx.url}"]',
+        f'channel = "{channel}"',
+        f'root = "{repo.root_json}"',
+        f'ca_bundle = "{nginx.certs.ca_pem}"',
+    ]
+    defaults = {"connect_timeout": 5.0, "read_timeout": 10.0, "backoff_s": 0.1, "retries": 2}
+    defaults.update(extra)
+    for k, v in defaults.items():
+        lines.append(f"{k} = {json.dumps(v)}")
+    return "\n".join(lines) + "\n"
+
+
+def part_files(state: Path) -> list[str]:
+    d = state / "staging"
+    return sorted(os.listdir(d)) if d.is_dir() else []
+
+
+def rm(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def fields_of(pkg: Path, channels: tuple[str, ...] = ("stable",)) -> TargetFields:
+    """The target fields of a package, read from its manifest (as ``edgeward repo add``)."""
+    from agent.package import read_manifest
+
+    man = read_manifest(pkg)
+    if man.base is None:
+        return TargetFields(str(man.name), str(man.version), channels)
+    digests = {m.name: str(m.base_digest) for m in man.models if m.base_digest}
+    return TargetFields(
+        str(man.name),
+        str(man.version),
+        channels,
+        kind="residual",
+        base_version=str(man.base.version),
+        base_digests=digests,
+    )
+
+
+def make_residual(
+    work: Path, key: Path, name: str, version: str, base: Path, *, scale: float
+) -> Path:
+    """A signed residual ``.emp`` of the tiny model against the package ``base``."""
+    from tests.daemon_util import edgeward, tiny_model_dir
+
+    src = tiny_model_dir(work / "src-res", name, version, scale=scale)
+    out = work / "pkgs" / f"{name}-{version}-from-base.emp"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    edgeward(
+        "pack",
+        "--model",
+        str(src / "Model" / "tiny.onnx"),
+        "--name",
+        name,
+        "--version",
+        version,
+        "--signing-key",
+        str(key),
+        "--samples",
+        str(src / "Meta-info" / "samples"),
+        "--base",
+        str(base),
+        "-o",
+        str(out),
+    )
+    return out
