@@ -113,6 +113,21 @@ class TufRepo:
         self.md["targets"].signed.targets[path] = tf
         return tf
 
+    def remove(self, path: str) -> None:
+        """Drop a target from the targets role (publish() to take effect)."""
+        self.md["targets"].signed.targets.pop(path, None)
+
+    def new_root(self) -> None:
+        """Sign and write the next root version (after changes to ``md["root"]``) with
+        the keys of the current root and the new one, as a rotation does."""
+        old = list(self.signers["root"])
+        self.md["root"].signed.version += 1
+        md = self.md["root"]
+        md.signatures.clear()
+        for s in old:
+            md.sign(s, append=True)
+        self._write("root", md.to_bytes(JSONSerializer(compact=True)))
+
     def served_file(self, tf: TargetFile) -> Path:
         d, _, base = tf.path.rpartition("/")
         return self.root_dir / "targets" / d / f"{tf.hashes['sha256']}.{base}"
@@ -168,13 +183,17 @@ class Certs:
     ca_pem: Path
     cert_pem: Path
     key_pem: Path
+    ca: Any = None  # the trustme.CA, to issue more leaves (expired, other host)
 
 
-def make_certs(work: Path, *, expired: bool = False, host: str = "127.0.0.1") -> Certs:
+def make_certs(
+    work: Path, *, expired: bool = False, host: str = "127.0.0.1", ca: Any = None
+) -> Certs:
+    """A CA and a server certificate for ``host`` (``ca``: reuse that CA)."""
     import trustme
 
     work.mkdir(parents=True, exist_ok=True)
-    ca = trustme.CA()
+    ca = ca if ca is not None else trustme.CA()
     kw: dict[str, Any] = {}
     if expired:
         kw = {
@@ -182,7 +201,7 @@ def make_certs(work: Path, *, expired: bool = False, host: str = "127.0.0.1") ->
             "not_after": datetime.now(UTC) - timedelta(days=1),
         }
     leaf = ca.issue_cert(host, **kw)
-    c = Certs(work / "ca.pem", work / "server.pem", work / "server.key")
+    c = Certs(work / "ca.pem", work / "server.pem", work / "server.key", ca)
     ca.cert_pem.write_to_path(str(c.ca_pem))
     leaf.private_key_pem.write_to_path(str(c.key_pem))
     with open(c.cert_pem, "wb") as fh:

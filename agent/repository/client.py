@@ -37,6 +37,7 @@ from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import requests
+import urllib3
 from tuf.api import exceptions as tuf_exc
 from tuf.api._payload import TargetFile
 from tuf.ngclient.config import UpdaterConfig
@@ -167,7 +168,18 @@ class RequestsFetcher(FetcherInterface):
         window_start = time.monotonic()
         window_bytes = 0
         floor = _MIN_RATE * self.cfg.read_timeout
-        for piece in resp.iter_content(_CHUNK):
+        raw = resp.raw
+        while True:
+            # read1: whatever one recv gives, so a trickling server is seen trickling
+            # (read(n) would wait for n bytes, and the read timeout never fires)
+            try:
+                piece = raw.read1(_CHUNK, decode_content=False)
+            except urllib3.exceptions.ReadTimeoutError as exc:
+                raise requests.exceptions.ReadTimeout(str(exc)) from None
+            except (urllib3.exceptions.ProtocolError, OSError) as exc:
+                raise requests.exceptions.ConnectionError(str(exc)) from None
+            if not piece:
+                return
             self.stats.add(len(piece), metadata=metadata)
             window_bytes += len(piece)
             now = time.monotonic()
@@ -482,6 +494,10 @@ class RepositoryClient:
                             synced = pos
                 except requests.RequestException as exc:
                     raise _Cut(_why(exc)) from None
+                except RepositoryError as exc:
+                    if exc.code != "repo-slow":
+                        raise
+                    raise _Cut(exc.message) from None
                 finally:
                     fh.flush()
                     os.fsync(fh.fileno())
