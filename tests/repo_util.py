@@ -3,21 +3,16 @@
 :class:`TufRepo` writes a static repository with ``tuf.api.metadata`` directly (the way
 ``edgeward repo`` lays it out: ``metadata/`` and ``targets/``, consistent snapshots,
 content-addressed target files) and keeps every published version, so tests can stage
-attacks (rollback, freeze, mix-and-match, bad signatures). :class:`Nginx` serves a
-directory over HTTPS on 127.0.0.1 with ``trustme`` certificates and writes an access log
-of the body bytes it sent.
+attacks (rollback, freeze, mix-and-match, bad signatures). ``tests.nginx_util.Nginx``
+serves it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -37,8 +32,8 @@ from tuf.api.metadata import (
 from tuf.api.serialization.json import JSONSerializer
 
 from agent.repository.fields import TargetFields, target_path
+from tests.nginx_util import Nginx
 
-NGINX = Path("/usr/sbin/nginx")
 ROLES = ("root", "targets", "snapshot", "timestamp")
 
 
@@ -169,155 +164,14 @@ class TufRepo:
         return md.to_bytes(JSONSerializer(compact=True))
 
 
-# --- nginx -------------------------------------------------------------------------
+# --- serving it ----------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class Certs:
-    ca_pem: Path
-    cert_pem: Path
-    key_pem: Path
-    ca: Any = None  # the trustme.CA, to issue more leaves (expired, other host)
-
-
-def make_certs(
-    work: Path, *, expired: bool = False, host: str = "127.0.0.1", ca: Any = None
-) -> Certs:
-    """A CA and a server certificate for ``host`` (``ca``: reuse that CA)."""
-    import trustme
-
-    work.mkdir(parents=True, exist_ok=True)
-    ca = ca if ca is not None else trustme.CA()
-    kw: dict[str, Any] = {}
-    if expired:
-        kw = {
-            "not_before": datetime.now(UTC) - timedelta(days=30),
-            "not_after": datetime.now(UTC) - timedelta(days=1),
-        }
-    leaf = ca.issue_cert(host, **kw)
-    c = Certs(work / "ca.pem", work / "server.pem", work / "server.key", ca)
-    ca.cert_pem.write_to_path(str(c.ca_pem))
-    leaf.private_key_pem.write_to_path(str(c.key_pem))
-    with open(c.cert_pem, "wb") as fh:
-        for blob in leaf.cert_chain_pems:
-            fh.write(blob.bytes())
-    return c
-
-
-@dataclass
-class Nginx:
-    """nginx serving ``root`` over HTTPS on 127.0.0.1 (``start``/``stop`` by PID)."""
-
-    work: Path
-    root: Path
-    certs: Certs
-    port: int = 0
-    limit_rate: str | None = None  # e.g. "2m" (bytes/s) for the whole server
-    extra: str = ""  # more directives in the server block
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"https://127.0.0.1:{self.port}/"
-
-    @property
-    def access_log(self) -> Path:
-        return self.work / "access.log"
-
-    def _conf(self) -> Path:
-        self.work.mkdir(parents=True, exist_ok=True)
-        rate = f"limit_rate {self.limit_rate};" if self.limit_rate else ""
-        # as root, nginx workers drop to "nobody", who cannot read a pytest tmp dir
-        user = "user root;" if os.geteuid() == 0 else ""
-        conf = self.work / "nginx.conf"
-        conf.write_text(f"""
-daemon off;
-{user}
-worker_processes 1;
-pid {self.work}/nginx.pid;
-error_log {self.work}/error.log warn;
-events {{ worker_connections 64; }}
-http {{
-  log_format bytes '$request_method $uri $status $body_bytes_sent $http_range';
-  access_log {self.access_log} bytes;
-  client_body_temp_path {self.work}/tmp;
-  proxy_temp_path {self.work}/tmp;
-  fastcgi_temp_path {self.work}/tmp;
-  uwsgi_temp_path {self.work}/tmp;
-  scgi_temp_path {self.work}/tmp;
-  types {{ application/json json; }}
-  default_type application/octet-stream;
-  keepalive_timeout 30;
-  server {{
-    listen 127.0.0.1:{self.port} ssl;
-    ssl_certificate {self.certs.cert_pem};
-    ssl_certificate_key {self.certs.key_pem};
-    root {self.root};
-    {rate}
-    {self.extra}
-  }}
-}}
-""")
-        (self.work / "tmp").mkdir(exist_ok=True)
-        return conf
-
-    def start(self) -> Nginx:
-        if not self.port:
-            self.port = free_port()
-        conf = self._conf()
-        self.proc = subprocess.Popen(
-            [str(NGINX), "-c", str(conf), "-p", str(self.work)],
-            stdout=subprocess.DEVNULL,
-            stderr=open(self.work / "stderr.log", "ab"),  # noqa: SIM115
-        )
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError((self.work / "stderr.log").read_text())
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5),
-            ):
-                return self
-            time.sleep(0.05)
-        raise TimeoutError("nginx did not listen")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-    def restart(self, **changes: Any) -> None:
-        self.stop()
-        for k, v in changes.items():
-            setattr(self, k, v)
-        self.start()
-
-    def log_lines(self) -> list[tuple[str, str, int, int, str]]:
-        """(method, uri, status, body bytes, range header) per request."""
-        out = []
-        with contextlib.suppress(FileNotFoundError):
-            for line in self.access_log.read_text().splitlines():
-                parts = line.split(" ", 4)
-                if len(parts) >= 4:
-                    rng = parts[4] if len(parts) > 4 else "-"
-                    out.append((parts[0], parts[1], int(parts[2]), int(parts[3]), rng))
-        return out
-
-    def bytes_for(self, suffix: str) -> int:
-        """Body bytes sent for URIs ending with ``suffix``."""
-        return sum(n for _m, uri, _s, n, _r in self.log_lines() if uri.endswith(suffix))
+def bytes_for(nginx: Nginx, suffix: str, *, settle: float = 0.3) -> int:
+    """Body bytes nginx sent for paths ending with ``suffix`` (its log line is written
+    after the response, so give it a moment)."""
+    time.sleep(settle)
+    return sum(e.body_bytes for e in nginx.log() if e.path.endswith(suffix))
 
 
 def write_repo_config(
@@ -326,10 +180,10 @@ def write_repo_config(
     """The ``[repository]`` table for tests (appended to the daemon config)."""
     lines = [
         "[repository]",
-        f'urls = ["{nginx.url}"]',
+        f'urls = ["{nginx.url}/"]',
         f'channel = "{channel}"',
         f'root = "{repo.root_json}"',
-        f'ca_bundle = "{nginx.certs.ca_pem}"',
+        f'ca_bundle = "{nginx.ca_bundle}"',
     ]
     defaults = {"connect_timeout": 5.0, "read_timeout": 10.0, "backoff_s": 0.1, "retries": 2}
     defaults.update(extra)

@@ -26,12 +26,11 @@ from tests.daemon_util import (
     start_daemon,
     write_config,
 )
+from tests.nginx_util import Nginx, needs_nginx
 from tests.repo_util import (
-    NGINX,
-    Nginx,
     TufRepo,
+    bytes_for,
     fields_of,
-    make_certs,
     make_residual,
     part_files,
     write_repo_config,
@@ -40,7 +39,7 @@ from tests.repo_util import (
 pytestmark = [
     pytest.mark.e2e,
     needs_worker,
-    pytest.mark.skipif(not NGINX.exists(), reason="nginx is not installed"),
+    needs_nginx,
 ]
 
 
@@ -78,7 +77,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[tuple[TufRepo, Nginx]]:
     repo = TufRepo.create(tmp_path / "repo")
-    nginx = Nginx(tmp_path / "nginx", tmp_path / "repo", make_certs(tmp_path / "certs")).start()
+    nginx = Nginx(tmp_path / "nginx", tmp_path / "repo")
     try:
         yield repo, nginx
     finally:
@@ -157,8 +156,8 @@ def test_full_then_residual_chain_by_poll_and_check(
         assert t.scales[0] == 2.0 and t.scales[-1] == 3.0, t.scales
         chosen = st["repository"]["chosen"]["tiny"]  # type: ignore[index]
         assert chosen["kind"] == "residual" and "residual from 1" in chosen["why"]
-        assert nginx.bytes_for("tiny-2-from-1.emp") == world.residual["2"].stat().st_size
-        assert nginx.bytes_for("tiny-2.emp") == 0
+        assert bytes_for(nginx, "tiny-2-from-1.emp") == world.residual["2"].stat().st_size
+        assert bytes_for(nginx, "tiny-2.emp") == 0
         assert part_files(d.state_dir) == []
     finally:
         d.stop()
@@ -176,18 +175,19 @@ def test_full_then_residual_chain_by_poll_and_check(
             time.sleep(0.5)
         assert t.failures == []
         assert t.scales[0] == 3.0 and t.scales[-1] == 4.0, t.scales
-        assert nginx.bytes_for("tiny-3-from-2.emp") == world.residual["3"].stat().st_size
-        assert nginx.bytes_for("tiny-3.emp") == 0
+        assert bytes_for(nginx, "tiny-3-from-2.emp") == world.residual["3"].stat().st_size
+        assert bytes_for(nginx, "tiny-3.emp") == 0
         models = json.loads(d.cli("models", "--json").stdout)["models"]
         assert models[0]["update"]["kind"] == "residual"
         metrics = http_unix(d.control_sock, "GET", "/metrics")[2].decode()
         assert "edgeward_repository_bytes_downloaded_total" in metrics
         assert 'edgeward_repository_metadata_expires_seconds{role="timestamp"}' in metrics
         # nothing new: an idle check fetches the timestamp (and asks for the next root)
-        before = len(nginx.log_lines())
+        time.sleep(0.3)
+        before = len(nginx.log())
         assert json.loads(d.cli("check", "--json").stdout)["unchanged"] == ["tiny"]
-        idle = nginx.log_lines()[before:]
-        assert sorted(uri for _m, uri, *_ in idle) == [
+        idle = nginx.wait_log(before + 2)[before:]
+        assert sorted(e.path for e in idle) == [
             "/metadata/2.root.json",
             "/metadata/timestamp.json",
         ]
@@ -213,7 +213,7 @@ def test_residual_not_matching_the_box_takes_the_full_package(
         st = json.loads(d.cli("status", "--json").stdout)
         chosen = st["repository"]["chosen"]["tiny"]
         assert chosen["kind"] == "full" and "needs base 2, the box has 1" in chosen["why"]
-        assert nginx.bytes_for("tiny-3-from-2.emp") == 0
-        assert nginx.bytes_for("tiny-3.emp") == world.full["3"].stat().st_size
+        assert bytes_for(nginx, "tiny-3-from-2.emp") == 0
+        assert bytes_for(nginx, "tiny-3.emp") == world.full["3"].stat().st_size
     finally:
         d.stop()

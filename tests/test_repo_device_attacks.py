@@ -27,12 +27,10 @@ from tests.daemon_util import (
     start_daemon,
     write_config,
 )
+from tests.nginx_util import Nginx, needs_nginx, new_ca
 from tests.repo_util import (
-    NGINX,
-    Nginx,
     TufRepo,
     fields_of,
-    make_certs,
     part_files,
     write_repo_config,
 )
@@ -40,7 +38,7 @@ from tests.repo_util import (
 pytestmark = [
     pytest.mark.e2e,
     needs_worker,
-    pytest.mark.skipif(not NGINX.exists(), reason="nginx is not installed"),
+    needs_nginx,
 ]
 
 
@@ -97,7 +95,7 @@ def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Box]:
     repo = TufRepo.create(work / "repo")
     repo.add(pkgs["1"], fields_of(pkgs["1"]))
     repo.publish()
-    nginx = Nginx(work / "nginx", work / "repo", make_certs(work / "certs")).start()
+    nginx = Nginx(work / "nginx", work / "repo")
     rtable = write_repo_config(work, nginx, repo, read_timeout=3.0, retries=1, backoff_s=0.1)
     cfg = write_config(work / "d", trust_dir=trust, extra=rtable, check_on_start=True)
     d = start_daemon(work / "d", config=cfg)
@@ -242,42 +240,40 @@ def test_package_with_wrong_hash(box: Box) -> None:
 
 def test_stalled_server_is_cut(box: Box) -> None:
     undo = _offer_v2(box)
-    box.nginx.restart(extra="location /targets/ { limit_rate 16; }")
+    box.nginx.reconfigure(extra_server="location /targets/ { limit_rate 16; }")
     try:
         box.refused("repo-download", "slow-retrieval")
     finally:
-        box.nginx.restart(extra="")
+        box.nginx.reconfigure(extra_server="")
     undo()
 
 
 def test_redirect_to_another_host(box: Box) -> None:
     undo = _offer_v2(box)
     port = box.nginx.port
-    box.nginx.restart(
-        extra=f"location /targets/ {{ return 302 https://localhost:{port}$request_uri; }}"
-    )
+    box.nginx.reconfigure(redirects={"/targets/": f"https://localhost:{port}"})
     try:
         box.refused("repo-redirect", "another origin")
     finally:
-        box.nginx.restart(extra="")
+        box.nginx.reconfigure(extra_server="")
     undo()
 
 
 @pytest.mark.parametrize("kind", ["expired", "wrong-host", "unknown-ca"])
 def test_bad_tls_certificate(box: Box, kind: str) -> None:
-    good = box.nginx.certs
-    certs_dir = box.work / f"certs-{kind}"
-    if kind == "expired":
-        bad = make_certs(certs_dir, expired=True, ca=good.ca)
-    elif kind == "wrong-host":
-        bad = make_certs(certs_dir, host="example.org", ca=good.ca)
-    else:
-        bad = make_certs(certs_dir)
-    box.nginx.restart(certs=bad)
     why = {"expired": "has expired", "wrong-host": "mismatch", "unknown-ca": "issuer"}[kind]
+    if kind == "unknown-ca":  # the same port, a certificate from a CA the box never saw
+        box.nginx.stop()
+        other = Nginx(box.work / "nginx-other", box.repo.root_dir, port=box.nginx.port, ca=new_ca())
+    else:
+        box.nginx.reconfigure(cert=kind)
     try:
         reason = box.refused("repo-download", "TLS verification failed")
         assert why in reason, reason
     finally:
-        box.nginx.restart(certs=good)
+        if kind == "unknown-ca":
+            other.stop()
+            box.nginx.start()
+        else:
+            box.nginx.reconfigure(cert="good")
     box.clean()
