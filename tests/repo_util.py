@@ -246,3 +246,49 @@ def make_residual(
         str(out),
     )
     return out
+
+
+def big_onnx(path: Path, *, mib: int, seed: int = 0) -> Path:
+    """``y = max(x @ W, axis=1)`` with a random (incompressible) ``W`` of about ``mib`` MiB:
+    a package large enough to cut a download half-way."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    k = mib * (1 << 20) // 16
+    w = np.random.default_rng(seed).standard_normal((4, k)).astype(np.float32)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["z"]),
+        helper.make_node("ReduceMax", ["z"], ["y"], keepdims=1, axes=[1]),
+    ]
+    graph = helper.make_graph(nodes, "big", [x], [y], initializer=[numpy_helper.from_array(w, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def big_package(work: Path, key: Path, name: str, version: str, *, mib: int, seed: int) -> Path:
+    """A signed ``.emp`` around :func:`big_onnx` (no self-test samples)."""
+    from tests.daemon_util import edgeward
+
+    model = big_onnx(work / f"big-{version}" / "big.onnx", mib=mib, seed=seed)
+    out = work / "pkgs" / f"{name}-{version}.emp"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    edgeward(
+        "pack",
+        "--model",
+        str(model),
+        "--name",
+        name,
+        "--version",
+        version,
+        "--signing-key",
+        str(key),
+        "-o",
+        str(out),
+    )
+    return out
