@@ -224,6 +224,8 @@ class Daemon:
             t.cancel()
         if self._check_task is not None:
             self._check_task.cancel()
+        if self.updater is not None:
+            self.updater.close()
         await asyncio.gather(
             *(s.close(self.cfg.daemon.drain_timeout) for s in self._servers),
             return_exceptions=True,

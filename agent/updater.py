@@ -661,6 +661,13 @@ class Updater:
             logger.info("rolled back %s from version %s to %s", name, cur, prev)
             return {"name": name, "current": prev, "previous": cur}
 
+    def close(self) -> None:
+        """Stop a running health window and the repository session (daemon shutdown)."""
+        if self._watch is not None:
+            self._watch.cancel()
+        if self._repo is not None:
+            self._repo.client.close()
+
     def status(self) -> dict[str, Any]:
         """The repository part of ``/status`` (None without a repository)."""
         repo = self._repo if self.cfg.repository is not None else None
