@@ -22,6 +22,7 @@ is retried on the next check (a partial download resumes).
 from __future__ import annotations
 
 import asyncio
+import errno
 import importlib
 import json
 import logging
@@ -543,12 +544,31 @@ class Updater:
             src.settle(cand, reason, final=final)
             raise
         except Exception as exc:  # a bug or an OSError must not kill the daemon
-            reason = f"[internal] {type(exc).__name__}: {exc}"
-            logger.exception("update of %s to version %s failed", name, version)
+            stage = m.state
+            full = isinstance(exc, OSError) and exc.errno == errno.ENOSPC
+            if full:
+                # reclaim first (the partial download and the half-unpacked version go),
+                # then say how much there is, so the numbers are the ones after cleanup
+                src.settle(cand, "disk full", final=True)
+                if staging is not None:
+                    shutil.rmtree(staging, ignore_errors=True)
+                message = (
+                    f"disk full in {self.store.root} while {stage} {name} version {version} "
+                    f"({cand.size // 2**20} MiB package): "
+                    f"{disk_free(self.store.root) // 2**20} MiB free after cleanup"
+                )
+                reason = f"[disk-full] {message}"
+                logger.error("update of %s to version %s failed: %s", name, version, reason)
+            else:
+                reason = f"[internal] {type(exc).__name__}: {exc}"
+                logger.exception("update of %s to version %s failed", name, version)
             m.advance("failed", error=reason)
             if installed and self.store.current(name) != version:
                 self.store.remove_version(name, version)
-            src.settle(cand, reason, final=False)
+            if not full:
+                src.settle(cand, reason, final=False)
+            if full:
+                raise UpdateError(message, code="disk-full") from exc
             raise UpdateError(reason, code="internal") from exc
         finally:
             if staging is not None:
