@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -169,15 +170,16 @@ def choose(
     name: str,
     channel: str,
     current: str | None,
-    digests: dict[str, str] | None,
-    is_bad: Any,
+    digests: Callable[[], dict[str, str]],
+    is_bad: Callable[[str, str], bool],
 ) -> tuple[Offer | None, str]:
     """Pick the package to install for ``name`` (pure; the reason is logged).
 
     The newest version in ``channel`` above ``current`` that is not marked bad; of it,
     the residual package when its base is exactly what the box has (base version equal
     to ``current`` and base digests equal to the installed models' weights digests),
-    else the full package.
+    else the full package. ``digests()`` (hashing the installed models, once) is called
+    only when a residual package's base version matches.
     """
     mine = [o for o in offers if o.fields.model == name and channel in o.fields.channels]
     newer = sorted(
@@ -200,7 +202,7 @@ def choose(
         if current is None or r.fields.base_version != current:
             why_not = f"residual needs base {r.fields.base_version}, the box has {current}"
             continue
-        if digests is None or r.fields.base_digests != digests:
+        if r.fields.base_digests != digests():
             why_not = f"residual base digests differ from the installed version {current}'s"
             continue
         return r, f"residual from {current} ({r.length} bytes)"
@@ -260,7 +262,10 @@ class RepositorySource:
         self.up_to_date = []
         for name in sorted({o.fields.model for o in listing.offers}):
             current = view.current(name)
-            digests = view.weights_digests(name, current) if current else None
+
+            def digests(name: str = name, current: str | None = current) -> dict[str, str]:
+                return view.weights_digests(name, current) if current else {}
+
             offer, why = choose(
                 listing.offers,
                 name=name,
