@@ -276,7 +276,7 @@ class Store:
         removed = []
         for version in self.versions(name):
             if version not in keep:
-                _remove(self.version_dir(name, version))
+                _discard(self.version_dir(name, version))
                 removed.append(version)
         if removed:
             fsync_dir(self.models_dir / name / "versions")
@@ -287,7 +287,7 @@ class Store:
         """Delete one version that is not linked (a failed activation)."""
         if version in (self.current(name), self.previous(name)):
             raise StoreError(f"{name} {version} is in use", code="store-in-use")
-        _remove(self.version_dir(name, version))
+        _discard(self.version_dir(name, version))
 
     # --- journal -------------------------------------------------------------------
 
@@ -317,6 +317,18 @@ def _resumable(entry: Path) -> bool:
     if entry.name.endswith(".part.json"):
         return entry.with_name(entry.name[: -len(".json")]).is_file()
     return False
+
+
+def _discard(vdir: Path) -> None:
+    """Delete a version directory so a crash never leaves it half-deleted under its own
+    name: rename it to a ``.tmp-`` name first (atomic; :meth:`Store.open` removes such
+    entries), then delete the renamed tree."""
+    if not vdir.is_dir():
+        return
+    doomed = vdir.parent / f".tmp-del-{vdir.name}-{os.getpid()}-{time.monotonic_ns()}"
+    os.rename(vdir, doomed)
+    fsync_dir(vdir.parent)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _remove(path: Path) -> None:

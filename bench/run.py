@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-AREAS = ("unpack", "residual", "worker", "socket")
+AREAS = ("unpack", "residual", "worker", "socket", "update")
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
@@ -55,6 +55,11 @@ FIGURES: dict[str, tuple[str, tuple[str, float] | None, int]] = {
     "socket_added_p50_us_224": ("224x224x3 CNN over the socket, added p50 us", None, 5),
     "socket_throughput_ratio_4c": ("socket / in-process throughput, 4 clients", (">=", 0.9), 5),
     "daemon_idle_rss_mb": ("daemon idle RSS without model workers, MB", ("<=", 60), 5),
+    "update_full_ratio": ("(curl + unpack + session) / daemon trigger->serving", (">=", 0.8), 12),
+    "update_residual_wire_ratio": ("bytes served, residual / full update", ("<=", 0.2), 12),
+    "update_residual_time_ratio": ("trigger->serving at 2 MB/s, residual / full", ("<=", 0.3), 12),
+    "update_idle_check_bytes": ("bytes on the wire for a check with nothing new", ("<=", 2048), 12),
+    "update_kill9_points": ("kill -9 points survived, 0 inconsistent", (">=", 200), 12),
 }
 
 TRANSCRIPTS = HERE / "transcripts"
