@@ -611,3 +611,60 @@ def test_parse_duration() -> None:
     for bad in ("", "0", "-1d", "1y", "1.5h"):
         with pytest.raises(RepositoryError):
             parse_duration(bad)
+
+
+# --- crash safety -------------------------------------------------------------------------
+
+
+def test_an_interrupted_publish_leaves_the_old_repository_and_no_reused_version(
+    tmp_path: Path, keys: dict[str, Path], pkgs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A publish that dies before timestamp.json (the file that makes a version visible)
+    serves the old version; the retry neither loses the staged package nor reuses the
+    orphaned version numbers a CDN may have cached."""
+    import agent.repository.publisher as publisher
+
+    repo = _init(tmp_path / "repo", keys)
+    with pytest.raises(RepositoryError) as info:
+        repo.refresh(_signers(keys))
+    assert info.value.code == "repo-unpublished"
+    repo.add([pkgs["v1"]])
+    repo.publish(_signers(keys))
+    repo.add([pkgs["v2"]])
+    real = publisher.write_atomic
+
+    def dies_at(name: str):  # type: ignore[no-untyped-def]
+        def write(path: Path, data: bytes, mode: int = 0o644) -> None:
+            if path.name == name:
+                raise OSError(28, "No space left on device")
+            real(path, data, mode)
+
+        return write
+
+    monkeypatch.setattr(publisher, "write_atomic", dies_at("timestamp.json"))
+    with pytest.raises(OSError):
+        repo.publish(_signers(keys))
+    st = repo.status()
+    assert {r: st["roles"][r]["version"] for r in ROLES} == dict.fromkeys(ROLES, 1)
+    assert [d["path"] for d in st["staged"]] == ["ocr/2/ocr-2.emp"]
+    assert (repo.metadata_dir / "2.targets.json").exists()  # orphan, never referenced
+    monkeypatch.setattr(publisher, "write_atomic", real)
+    ch = repo.publish(_signers(keys))
+    assert ch.versions == {"targets": 3, "snapshot": 3, "timestamp": 2}
+    assert ch.added == ("ocr/2/ocr-2.emp",)
+
+    # a rotation that dies between <v>.root.json and root.json: devices already see
+    # 2.root.json, so the next command takes it as the root in force and repairs root.json
+    monkeypatch.setattr(publisher, "write_atomic", dies_at("root.json"))
+    with pytest.raises(OSError):
+        repo.rotate(
+            "root",
+            old_key=public_key(keys["root"]),
+            new_key=load_signer(keys["root2"]),
+            root_signers=[load_signer(keys["root"])],
+        )
+    monkeypatch.setattr(publisher, "write_atomic", real)
+    assert Metadata.from_file(str(repo.metadata_dir / "root.json")).signed.version == 1
+    assert repo.status()["roles"]["root"]["version"] == 2
+    repo.publish(_signers(keys))
+    assert Metadata.from_file(str(repo.metadata_dir / "root.json")).signed.version == 2

@@ -308,10 +308,27 @@ class Repository:
         except Exception as exc:  # python-tuf raises several kinds on malformed input
             raise _fail(f"{path} is not valid TUF metadata: {exc}", "repo-corrupt") from exc
 
-    def _load(self) -> _State:
+    def _versions_on_disk(self, role: str) -> list[int]:
+        """Versions of ``<v>.<role>.json`` present, ascending."""
+        pattern = re.compile(rf"^([0-9]{{1,19}})\.{role}\.json$")
+        found = (pattern.match(p.name) for p in self.metadata_dir.iterdir())
+        return sorted(int(m.group(1)) for m in found if m)
+
+    def _next_version(self, role: str, current: int | None) -> int:
+        """Never reuse a version number, even one an interrupted command left unreferenced
+        (a CDN may have cached it under that immutable name)."""
+        return max([current or 0, *self._versions_on_disk(role)]) + 1
+
+    def _load(self, *, repair: bool = True) -> _State:
         if not (self.metadata_dir / "root.json").is_file():
             raise self._not_a_repo()
-        root: Metadata[Root] = self._load_md("root.json")
+        # Devices walk <v>.root.json, so the newest of those is the root in force; a
+        # rotation interrupted before it replaced root.json is completed here.
+        roots = self._versions_on_disk("root")
+        root: Metadata[Root] = self._load_md(f"{roots[-1]}.root.json" if roots else "root.json")
+        if repair and roots and self._load_md("root.json").signed.version != root.signed.version:
+            logger.warning("root.json lags %d.root.json: repairing", root.signed.version)
+            self._write_root(root)
         targets: Metadata[Targets] | None = None
         snapshot: Metadata[Snapshot] | None = None
         timestamp: Metadata[Timestamp] | None = None
@@ -319,6 +336,8 @@ class Repository:
             timestamp = self._load_md("timestamp.json")
             sv = timestamp.signed.snapshot_meta.version
             snapshot = self._load_md(f"{sv}.snapshot.json")
+            if "targets.json" not in snapshot.signed.meta:
+                raise _fail(f"{sv}.snapshot.json does not list targets.json", "repo-corrupt")
             tv = snapshot.signed.meta["targets.json"].version
             targets = self._load_md(f"{tv}.targets.json")
         expiry, staged = self._load_settings()
@@ -407,7 +426,7 @@ class Repository:
             entries.update(add or {})
             targets = Metadata(
                 Targets(
-                    version=(old.version + 1) if old else 1,
+                    version=self._next_version("targets", old.version if old else None),
                     expires=now + st.expiry["targets"],
                     targets=entries,
                 )
@@ -421,7 +440,7 @@ class Repository:
             old_s = st.snapshot.signed if st.snapshot else None
             snapshot = Metadata(
                 Snapshot(
-                    version=(old_s.version + 1) if old_s else 1,
+                    version=self._next_version("snapshot", old_s.version if old_s else None),
                     expires=now + st.expiry["snapshot"],
                     meta={"targets.json": MetaFile(version=st.targets.signed.version)},
                 )
@@ -648,6 +667,11 @@ class Repository:
         t = _now(now)
         with self._locked():
             st = self._load()
+            if st.timestamp is None:
+                raise _fail(
+                    f"{self.path} has not been published yet: run edgeward repo publish",
+                    "repo-unpublished",
+                )
             st.expiry = self._expiry_with(st.expiry, expiry)
             horizon = t + within
             versions: dict[str, int] = {}
@@ -743,7 +767,7 @@ class Repository:
     def status(self, now: datetime | None = None) -> dict[str, Any]:
         """Versions, expiries, keys and targets by model, channel and kind."""
         t = _now(now)
-        st = self._load()
+        st = self._load(repair=False)
         root = st.root.signed
         roles: dict[str, Any] = {}
         for r in ROLES:
