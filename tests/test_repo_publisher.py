@@ -668,3 +668,39 @@ def test_an_interrupted_publish_leaves_the_old_repository_and_no_reused_version(
     assert repo.status()["roles"]["root"]["version"] == 2
     repo.publish(_signers(keys))
     assert Metadata.from_file(str(repo.metadata_dir / "root.json")).signed.version == 2
+
+
+@needs_nginx
+@pytest.mark.e2e
+def test_the_documented_nginx_locations_cache_and_hide_the_right_files(
+    tmp_path: Path, keys: dict[str, Path], pkgs: dict[str, Path]
+) -> None:
+    """docs/REPOSITORY.md's nginx example: timestamp.json is revalidated, the versioned
+    files are immutable, the publisher's own files are not served."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "REPOSITORY.md").read_text()
+    block = doc.split("```nginx", 1)[1].split("```", 1)[0]
+    locations = "\n".join(ln for ln in block.splitlines() if ln.strip().startswith("location"))
+    assert locations.count("location") == 5
+    repo = _init(tmp_path / "repo", keys)
+    repo.add([pkgs["v1"]])
+    repo.publish(_signers(keys))
+    (served,) = (repo.targets_dir / "ocr" / "1").iterdir()
+    with Nginx(tmp_path / "nginx", repo.path, extra_server=locations) as web:
+
+        def get(path: str) -> requests.Response:
+            return requests.get(f"{web.url}{path}", verify=str(web.ca_bundle), timeout=10)
+
+        assert get("/metadata/timestamp.json").headers["Cache-Control"] == "no-cache"
+        assert get("/metadata/root.json").headers["Cache-Control"] == "no-cache"
+        for path in ("/metadata/1.snapshot.json", f"/targets/ocr/1/{served.name}"):
+            r = get(path)
+            assert r.status_code == 200 and "immutable" in r.headers["Cache-Control"]
+        assert get("/publisher.json").status_code == 404
+        assert get("/.publisher.lock").status_code == 404
+        r = requests.get(
+            f"{web.url}/targets/ocr/1/{served.name}",
+            headers={"Range": "bytes=10-"},
+            verify=str(web.ca_bundle),
+            timeout=10,
+        )
+        assert r.status_code == 206 and r.content == served.read_bytes()[10:]
