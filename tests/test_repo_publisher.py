@@ -704,3 +704,42 @@ def test_the_documented_nginx_locations_cache_and_hide_the_right_files(
             timeout=10,
         )
         assert r.status_code == 206 and r.content == served.read_bytes()[10:]
+
+
+@needs_nginx
+@pytest.mark.e2e
+def test_rollback_and_a_revoked_key_are_refused(
+    tmp_path: Path, keys: dict[str, Path], pkgs: dict[str, Path]
+) -> None:
+    """A device that saw timestamp v2 refuses v1 served again (rollback); after the
+    timestamp key is rotated, a timestamp signed by the old key is refused too."""
+    repo = _init(tmp_path / "repo", keys)
+    repo.add([pkgs["v1"]])
+    repo.publish(_signers(keys))
+    old_timestamp = (repo.metadata_dir / "timestamp.json").read_bytes()
+    repo.add([pkgs["v2"]])
+    repo.publish(_signers(keys))
+    root_v1 = (repo.metadata_dir / "1.root.json").read_bytes()
+    ts = repo.metadata_dir / "timestamp.json"
+    with Nginx(tmp_path / "nginx", repo.path) as web:
+        _device(tmp_path / "dev", web, root_v1).refresh()
+        new_timestamp = ts.read_bytes()
+        ts.write_bytes(old_timestamp)
+        with pytest.raises(tuf_errors.BadVersionNumberError):
+            _device(tmp_path / "dev", web, root_v1).refresh()
+        ts.write_bytes(new_timestamp)
+        repo.rotate(
+            "timestamp",
+            old_key=public_key(keys["timestamp"]),
+            new_key=load_signer(keys["timestamp2"]),
+            root_signers=[load_signer(keys["root"])],
+        )
+        dev = _device(tmp_path / "dev", web, root_v1)
+        dev.refresh()  # walks to root v2, takes timestamp v3 signed by the new key
+        # the attacker holding the old timestamp key signs a "newer" timestamp
+        forged = Metadata.from_bytes(ts.read_bytes())
+        forged.signed.version += 10
+        forged.sign(load_signer(keys["timestamp"]))
+        ts.write_bytes(forged.to_bytes())
+        with pytest.raises(tuf_errors.UnsignedMetadataError):
+            _device(tmp_path / "dev", web, root_v1).refresh()
