@@ -97,6 +97,15 @@ def pkgs(tmp_path_factory: pytest.TempPathFactory, keys: dict[str, Path]) -> dic
                 models=[m], name="ocr", version=v, signing_keys=[sk], base=out[f"v{v - 1}"]
             )
             pack(spec, out[f"r{v}"])
+        if v == 2:  # residuals a repository cannot offer: on a bare file, on another package
+            out["bare2"] = d / "ocr-2-from-file.emp"
+            spec = PackSpec(
+                models=[m], name="ocr", version=2, signing_keys=[sk], base=d / "m1" / "det.onnx"
+            )
+            pack(spec, out["bare2"])
+            out["other2"] = d / "other-2.emp"
+            spec = PackSpec(models=[m], name="other", version=2, signing_keys=[sk], base=out["v1"])
+            pack(spec, out["other2"])
     return out
 
 
@@ -560,6 +569,10 @@ def test_bad_inputs_give_one_clear_line(
     assert "junk.emp" in _one_line_error(rc, err, "tar-format")
     rc, _, err = _cli(["repo", "add", str(repo), str(pkgs["r2"])], capsys)
     assert "full ocr 2" in _one_line_error(rc, err, "repo-no-full")
+    rc, _, err = _cli(["repo", "add", str(repo), str(pkgs["bare2"])], capsys)
+    assert "--base BASE.emp" in _one_line_error(rc, err, "repo-residual-base")
+    rc, _, err = _cli(["repo", "add", str(repo), str(pkgs["other2"])], capsys)
+    assert "'ocr'" in _one_line_error(rc, err, "repo-residual-base")
     stranger = str(keys["stranger"].with_suffix(".pub"))
     rc, _, err = _cli(["repo", "add", str(repo), str(pkgs["v1"]), "--trust", stranger], capsys)
     _one_line_error(rc, err, "unknown-signer")

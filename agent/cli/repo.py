@@ -277,6 +277,8 @@ def _add(args: argparse.Namespace) -> int:
         + f") for {', '.join(d['channels'])}: {d['path']}"
         for d in items
     ]
+    if trust is None:
+        lines.append("package signatures not checked (no --trust)")
     lines.append("run edgeward repo publish to make them visible")
     return _print(args, {"staged": items, "verified": trust is not None}, "\n".join(lines))
 

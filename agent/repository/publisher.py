@@ -5,7 +5,7 @@ host (``docs/REPOSITORY.md``)::
 
     DIR/metadata/1.root.json … N.root.json, root.json    root chain (offline keys)
     DIR/metadata/<v>.targets.json, <v>.snapshot.json      consistent snapshots
-    DIR/metadata/timestamp.json                           the only file that changes name-in-place
+    DIR/metadata/timestamp.json                           rewritten by every publish
     DIR/targets/<model>/<version>/<sha256>.<file>.emp     content-addressed packages
     DIR/publisher.json                                    expiries and staged targets (not served)
 
@@ -33,7 +33,7 @@ import logging
 import os
 import re
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -409,9 +409,12 @@ class Repository:
         now: datetime,
         *,
         add: Mapping[str, TargetFile] | None = None,
+        before_timestamp: Callable[[], None] | None = None,
     ) -> dict[str, int]:
         """New versions of ``roles`` (and of every role after them in the chain),
-        signed with ``signers`` and written targets → snapshot → timestamp."""
+        signed with ``signers`` and written targets → snapshot → [``before_timestamp``,
+        a rotation's new root] → timestamp. Every key is checked before anything is
+        written. The chain always ends with the timestamp."""
         todo: set[str] = set()
         for r in roles:
             todo.update(_CHAIN.get(r, (r,)))
@@ -450,6 +453,8 @@ class Repository:
             st.snapshot = snapshot
             versions["snapshot"] = snapshot.signed.version
         assert st.snapshot is not None
+        if before_timestamp is not None:
+            before_timestamp()
         if "timestamp" in todo:
             old_t = st.timestamp.signed if st.timestamp else None
             timestamp = Metadata(
@@ -746,20 +751,16 @@ class Repository:
 
             sign_with = list(root_signers) + ([new_key] if role == "root" else [])
             new_root = self._new_root(st, sign_with, t, edit)
-            online: dict[str, Signer | None] = dict(signers or {})
-            follow: set[str] = set()
-            if role in ONLINE_ROLES and st.timestamp is not None:
-                online[role] = new_key
-                follow = {role}
-                # check the online keys against the new root before writing anything
-                chain = _CHAIN.get(role, (role,))
-                for r in chain:
-                    self._check_signer(new_root.signed, r, online.get(r), f"{r}-key")
-            self._write_root(new_root)
-            st.root = new_root
+            st.root = new_root  # the re-signed roles are checked against the new root
             versions = {"root": new_root.signed.version}
-            if follow:
-                versions.update(self._resign(st, follow, online, t))
+            if role in ONLINE_ROLES and st.timestamp is not None:
+                online: dict[str, Signer | None] = {**(signers or {}), role: new_key}
+                resigned = self._resign(
+                    st, {role}, online, t, before_timestamp=lambda: self._write_root(new_root)
+                )
+                versions.update(resigned)
+            else:
+                self._write_root(new_root)
             self._save_settings(st.expiry, st.staged)
         logger.info("rotated the %s key: %s -> %s", role, key_name(old_key), key_name(new_pub))
         return Changes(versions)
@@ -846,6 +847,12 @@ def _fields_of(manifest: Manifest, pkg: Path, channels: Sequence[str]) -> Target
             raise _fail(
                 f"{pkg.name}: a residual against a bare model file (no base version) cannot "
                 "be offered; pack it with --base BASE.emp",
+                "repo-residual-base",
+            )
+        if manifest.base.name != manifest.name:
+            raise _fail(
+                f"{pkg.name}: {manifest.name} {manifest.version} patches package "
+                f"{manifest.base.name!r}; a repository offers residuals on the same model only",
                 "repo-residual-base",
             )
         base_version = str(manifest.base.version)
