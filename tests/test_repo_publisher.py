@@ -548,6 +548,9 @@ def test_bad_inputs_give_one_clear_line(
     repo = tmp_path / "repo"
     rc, _, err = _cli(["repo", "status", str(repo)], capsys)
     assert "repo init" in _one_line_error(rc, err, "repo-missing")
+    rc, _, err = _cli(["repo", "add", str(tmp_path), str(pkgs["v1"])], capsys)
+    _one_line_error(rc, err, "repo-missing")
+    assert not (tmp_path / LOCK_FILE).exists()
     online = [a for r in ROLES for a in (f"--{r}-key", str(keys[r]))]
     init = ["repo", "init", str(repo), "--root-key", str(keys["root"]), *online]
     rc, _, err = _cli([*init, "--root-threshold", "2"], capsys)

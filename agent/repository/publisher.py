@@ -263,7 +263,7 @@ class Repository:
         for s in root_signers:
             md.sign(s, append=True)
         repo.path.mkdir(parents=True, exist_ok=True)
-        with repo._locked():
+        with repo._locked(creating=True):
             repo.metadata_dir.mkdir(exist_ok=True)
             repo.targets_dir.mkdir(exist_ok=True)
             repo._save_settings(exp, {})
@@ -274,11 +274,10 @@ class Repository:
     # -- loading --------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        try:
-            fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-        except FileNotFoundError:
-            raise self._not_a_repo() from None
+    def _locked(self, *, creating: bool = False) -> Iterator[None]:
+        if not creating and not (self.metadata_dir / "root.json").is_file():
+            raise self._not_a_repo()  # and leave no lock file in a directory that is not ours
+        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
