@@ -292,3 +292,59 @@ def big_package(work: Path, key: Path, name: str, version: str, *, mib: int, see
         str(out),
     )
     return out
+
+
+@dataclass
+class PubRepo:
+    """A repository built by the publisher CLI (``edgeward repo``), one key per role."""
+
+    root_dir: Path
+    keys: dict[str, Path]  # role -> private key
+    trust: Path  # package signers' public key, for ``repo add --trust``
+
+    @classmethod
+    def create(cls, work: Path, trust: Path) -> PubRepo:
+        from tests.daemon_util import edgeward
+
+        keys: dict[str, Path] = {}
+        for role in ROLES:
+            kdir = work / "tuf-keys" / role
+            edgeward("keygen", "--kind", "signing", "--out", str(kdir))
+            keys[role] = next(kdir.glob("*.key"))
+        root = work / "pubrepo"
+        edgeward(
+            "repo",
+            "init",
+            str(root),
+            "--root-key",
+            str(keys["root"]),
+            *(
+                a
+                for r in ("targets", "snapshot", "timestamp")
+                for a in (f"--{r}-key", str(keys[r].with_suffix(".pub")))
+            ),
+        )
+        return cls(root, keys, next(trust.glob("*.pub")))
+
+    @property
+    def root_json(self) -> Path:
+        return self.root_dir / "metadata" / "1.root.json"
+
+    def add(self, *pkgs: Path) -> None:
+        from tests.daemon_util import edgeward
+
+        edgeward("repo", "add", str(self.root_dir), *map(str, pkgs), "--trust", str(self.trust))
+
+    def publish(self) -> None:
+        from tests.daemon_util import edgeward
+
+        edgeward(
+            "repo",
+            "publish",
+            str(self.root_dir),
+            *(
+                a
+                for r in ("targets", "snapshot", "timestamp")
+                for a in (f"--{r}-key", str(self.keys[r]))
+            ),
+        )

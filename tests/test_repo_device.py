@@ -1,4 +1,5 @@
-"""The daemon follows a TUF repository over HTTPS (real nginx, real daemon process).
+"""The daemon follows a TUF repository over HTTPS (real nginx, real daemon process), a
+repository built by the publisher CLI (``edgeward repo init | add | publish``).
 
 A full install, then a residual chain v1 → v2 → v3 picked up by polling and by
 ``edgeward check`` with inference traffic running; the bytes nginx served for each
@@ -28,9 +29,8 @@ from tests.daemon_util import (
 )
 from tests.nginx_util import Nginx, needs_nginx
 from tests.repo_util import (
-    TufRepo,
+    PubRepo,
     bytes_for,
-    fields_of,
     make_residual,
     part_files,
     write_repo_config,
@@ -75,16 +75,17 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
 
 
 @pytest.fixture
-def served(tmp_path: Path) -> Iterator[tuple[TufRepo, Nginx]]:
-    repo = TufRepo.create(tmp_path / "repo")
-    nginx = Nginx(tmp_path / "nginx", tmp_path / "repo")
+def served(tmp_path: Path, world: World) -> Iterator[tuple[PubRepo, Nginx]]:
+    """A repository built and published by ``edgeward repo``, served by nginx."""
+    repo = PubRepo.create(tmp_path, world.trust)
+    nginx = Nginx(tmp_path / "nginx", repo.root_dir)
     try:
         yield repo, nginx
     finally:
         nginx.stop()
 
 
-def _daemon(tmp_path: Path, world: World, repo: TufRepo, nginx: Nginx, **kw: object) -> DaemonProc:
+def _daemon(tmp_path: Path, world: World, repo: PubRepo, nginx: Nginx, **kw: object) -> DaemonProc:
     rtable = write_repo_config(tmp_path, nginx, repo, **kw.pop("repo", {}))  # type: ignore[arg-type]
     cfg = write_config(tmp_path / "d", trust_dir=world.trust, extra=rtable, **kw)  # type: ignore[arg-type]
     return start_daemon(tmp_path / "d", config=cfg)
@@ -136,10 +137,10 @@ def wait_version(d: DaemonProc, version: str, timeout: float = 120.0) -> dict[st
 
 
 def test_full_then_residual_chain_by_poll_and_check(
-    tmp_path: Path, world: World, served: tuple[TufRepo, Nginx]
+    tmp_path: Path, world: World, served: tuple[PubRepo, Nginx]
 ) -> None:
     repo, nginx = served
-    repo.add(world.full["1"], fields_of(world.full["1"]))
+    repo.add(world.full["1"])
     repo.publish()
     d = _daemon(tmp_path, world, repo, nginx, check_interval=1.0, check_on_start=True)
     try:
@@ -147,8 +148,7 @@ def test_full_then_residual_chain_by_poll_and_check(
         assert st["repository"]["chosen"]["tiny"]["kind"] == "full"  # type: ignore[index]
         with Traffic(d) as t:
             time.sleep(0.5)
-            for pkg in (world.full["2"], world.residual["2"]):
-                repo.add(pkg, fields_of(pkg))
+            repo.add(world.full["2"], world.residual["2"])
             repo.publish()
             st = wait_version(d, "2")
             time.sleep(0.5)
@@ -164,8 +164,7 @@ def test_full_then_residual_chain_by_poll_and_check(
     # the same box, now checked by hand only: v3 comes with `edgeward check`
     d = _daemon(tmp_path, world, repo, nginx, check_interval=0.0, check_on_start=False)
     try:
-        for pkg in (world.full["3"], world.residual["3"]):
-            repo.add(pkg, fields_of(pkg))
+        repo.add(world.full["3"], world.residual["3"])
         repo.publish()
         with Traffic(d) as t:
             time.sleep(0.5)
@@ -196,17 +195,16 @@ def test_full_then_residual_chain_by_poll_and_check(
 
 
 def test_residual_not_matching_the_box_takes_the_full_package(
-    tmp_path: Path, world: World, served: tuple[TufRepo, Nginx]
+    tmp_path: Path, world: World, served: tuple[PubRepo, Nginx]
 ) -> None:
     """A box on v1 offered v3 (residual from 2 only matches v2): the full v3 is fetched."""
     repo, nginx = served
-    repo.add(world.full["1"], fields_of(world.full["1"]))
+    repo.add(world.full["1"])
     repo.publish()
     d = _daemon(tmp_path, world, repo, nginx, check_interval=0.0, check_on_start=True)
     try:
         wait_version(d, "1")
-        for pkg in (world.full["3"], world.residual["3"]):
-            repo.add(pkg, fields_of(pkg))
+        repo.add(world.full["3"], world.residual["3"])
         repo.publish()
         r = d.cli("check", "--json")
         assert json.loads(r.stdout)["installed"] == {"tiny": "3"}, r.stdout + d.log()
