@@ -39,10 +39,8 @@ from urllib.parse import urljoin, urlsplit
 import requests
 import urllib3
 from tuf.api import exceptions as tuf_exc
-from tuf.api._payload import TargetFile
-from tuf.ngclient.config import UpdaterConfig
-from tuf.ngclient.fetcher import FetcherInterface
-from tuf.ngclient.updater import Updater
+from tuf.api.metadata import TargetFile
+from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
 
 from agent.config import RepositoryConfig
 from agent.errors import RepositoryError
