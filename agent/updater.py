@@ -473,6 +473,16 @@ class Updater:
         m = self.machine(name)
         m.advance("checking", target=version)
         m.kind, m.why = cand.kind, cand.why
+        took: dict[str, float] = {}
+        mark = time.monotonic()
+
+        def step(state: str) -> None:  # advance, and time the stage that ends
+            nonlocal mark
+            now = time.monotonic()
+            took[m.state] = took.get(m.state, 0.0) + now - mark
+            mark = now
+            m.advance(state)
+
         loop = asyncio.get_running_loop()
         package = importlib.import_module("agent.package")
         staging: Path | None = None
@@ -484,11 +494,11 @@ class Updater:
             self._preflight_disk(cand, src, base_dir)
             path = cand.path
             if src.downloads:
-                m.advance("downloading")
+                step("downloading")
                 self._extend_timeout(max(300.0, cand.size / 1e5))
                 path = await loop.run_in_executor(None, src.fetch, cand)
             assert path is not None
-            m.advance("verifying")
+            step("verifying")
             manifest = await loop.run_in_executor(
                 None, lambda: package.read_manifest(path, trust, limits)
             )
@@ -498,7 +508,7 @@ class Updater:
                     f"expected {name} version {version}",
                     code="changed",
                 )
-            m.advance("unpacking")
+            step("unpacking")
             staging = self.store.staging(prefix=f"{name}-{version}-")
             out = staging / "pkg"
             keyring = self._keyring()
@@ -512,19 +522,26 @@ class Updater:
             self._preflight_memory(out)
             vdir = self.store.install(name, version, out)
             installed = True
-            m.advance("converting")
+            step("converting")
             self._extend_timeout(self.cfg.daemon.worker_start_timeout + 30)
             async with self.registry.lock(name):
                 model = await self.registry.prepare(name, version, vdir)
-                m.advance("staged")
-                m.advance("activating")
+                step("staged")
+                step("activating")
                 self.store.activate(name, version)
                 await self.registry.activate(model, self.cfg.daemon.drain_timeout)
             m.version = version
-            m.advance("active")
+            step("active")
             self.store.gc(name)
             src.settle(cand, None, final=True)
-            logger.info("updated %s to version %s (%s, %s)", name, version, cand.source, cand.why)
+            logger.info(
+                "updated %s to version %s (%s, %s); %s",
+                name,
+                version,
+                cand.source,
+                cand.why,
+                ", ".join(f"{k} {v:.2f}s" for k, v in took.items()),
+            )
             self._start_health_window(name, version, current)
         except EdgewardError as exc:
             reason = f"[{exc.code}] {exc.message}"

@@ -252,6 +252,7 @@ def run(work: Path) -> dict[str, float]:
     from agent.keys import load_private
     from tests.daemon_util import signing_key
 
+    work = work.resolve()  # nginx gets absolute paths
     shutil.rmtree(work / "full", ignore_errors=True)
     shutil.rmtree(work / "keys", ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
