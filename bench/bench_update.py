@@ -154,13 +154,13 @@ def _full_ratio(work: Path, key: Any, trust: Path) -> dict[str, float]:
         nginx.stop()
 
 
-def _pair(work: Path) -> tuple[Path, Path, Path]:
+def _pair(work: Path) -> tuple[Path, Path]:
     """The fine-tune pair of bench_residual (trained once, cached beside its own)."""
     from bench import bench_residual as br
 
     cache = work.parent / "residual" / "cache" / br.PAIR_VERSION
     br._build_pair(cache)
-    return cache / "A.onnx", cache / "B.onnx", cache / "samples"
+    return cache / "A.onnx", cache / "B.onnx"
 
 
 def _residual_ratios(work: Path, key: Any, trust: Path) -> dict[str, float]:
