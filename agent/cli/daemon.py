@@ -181,9 +181,11 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"{name}: up to date")
         for name, why in sorted(data.get("failed", {}).items()):
             print(f"{name}: failed: {why}", file=sys.stderr)
-        if not any(data.get(k) for k in ("installed", "unchanged", "failed")):
+        for name, why in sorted(data.get("deferred", {}).items()):
+            print(f"{name}: waiting: {why}", file=sys.stderr)
+        if not any(data.get(k) for k in ("installed", "unchanged", "failed", "deferred")):
             print("no packages in the inbox")
-    return 1 if data.get("failed") else 0
+    return 1 if data.get("failed") or data.get("deferred") else 0
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
