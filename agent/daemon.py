@@ -31,6 +31,7 @@ from agent.errors import ConfigError, EdgewardError, local_fault
 from agent.registry import ModelRegistry, WorkerLike
 from agent.sdnotify import Notifier, watchdog_interval
 from agent.store import Store
+from agent.textsafe import escape_log_records
 from agent.updater import Updater
 
 logger = logging.getLogger(__name__)
@@ -401,6 +402,7 @@ def _setup_logging(level: str) -> None:
         root.setLevel(lvl)
     if not root.handlers:
         logging.basicConfig(level=lvl, format="%(levelname)s %(name)s: %(message)s")
+    escape_log_records(root)  # inbox file names and labels are chosen by others
 
 
 def run(config_path: Path) -> int:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -30,7 +29,7 @@ from typing import Any
 from agent.config import Config
 from agent.errors import EdgewardError, PreflightError, UpdateError, local_fault
 from agent.registry import ModelRegistry
-from agent.store import Store, check_name, version_key
+from agent.store import Store, check_name, reject_file, version_key
 
 logger = logging.getLogger(__name__)
 
@@ -345,7 +344,7 @@ class Updater:
         for path in sorted(inbox.glob("*.emp")):
             seen.add(path)
             try:
-                st = path.stat()
+                st = path.lstat()  # a link is refused as such, never followed
             except OSError:
                 continue
             stamp = (st.st_size, st.st_mtime_ns)
@@ -355,7 +354,7 @@ class Updater:
             else:
                 try:
                     kwargs = {"limits": limits} if limits is not None else {}
-                    manifest = package.verify(path, trust, **kwargs)
+                    manifest = package.verify(path, trust, nofollow=True, **kwargs)
                     name = check_name("name", str(manifest.name))
                     version = check_name("version", str(manifest.version))
                     result = _Candidate(path, name, version, stamp)
@@ -474,7 +473,9 @@ class Updater:
         try:
             m.advance("verifying")
             kwargs = {"limits": limits} if limits is not None else {}
-            await loop.run_in_executor(None, lambda: package.verify(cand.path, trust, **kwargs))
+            await loop.run_in_executor(
+                None, lambda: package.verify(cand.path, trust, nofollow=True, **kwargs)
+            )
             m.advance("unpacking")
             self._preflight(cand.path)
             staging = self.store.staging(prefix=f"{name}-{version}-")
@@ -485,7 +486,13 @@ class Updater:
             manifest = await loop.run_in_executor(
                 None,
                 lambda: package.unpack(
-                    cand.path, out, trust=trust, keyring=keyring, base_dir=base_dir, **kwargs
+                    cand.path,
+                    out,
+                    trust=trust,
+                    keyring=keyring,
+                    base_dir=base_dir,
+                    nofollow=True,
+                    **kwargs,
                 ),
             )
             if str(manifest.name) != name or str(manifest.version) != version:
@@ -555,16 +562,7 @@ class Updater:
 
     def _reject(self, path: Path, reason: str) -> None:
         """Move a refused package aside so the next check does not retry it forever."""
-        if not path.exists():
-            return
-        try:
-            if self.cfg.updates.keep_failed:
-                os.replace(path, path.with_name(path.name + ".rejected"))
-                path.with_name(path.name + ".rejected.reason").write_text(reason + "\n")
-            else:
-                path.unlink()
-        except OSError as exc:
-            logger.warning("cannot move refused package %s aside: %s", path, exc)
+        reject_file(path, reason, keep=self.cfg.updates.keep_failed)
 
     def _extend_timeout(self, seconds: float) -> None:
         if self._extend is not None:
