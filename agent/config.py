@@ -92,6 +92,10 @@ class UpdatesConfig:
     jitter: float = 0.1  # fraction of the interval, spread so a fleet does not stampede
     check_on_start: bool = True
     keep_failed: bool = True  # leave refused packages in the inbox (renamed *.rejected)
+    # A local fault (disk full, unreadable device key, bad config) is retried after this
+    # many seconds, doubling per consecutive fault up to retry_backoff_max.
+    retry_backoff: float = 60.0
+    retry_backoff_max: float = 3600.0
 
 
 @dataclass(frozen=True)
@@ -251,6 +255,8 @@ def parse_config(data: dict[str, Any], *, source: Path | None = None) -> Config:
 def _validate(cfg: Config) -> None:
     u, d = cfg.updates, cfg.daemon
     _positive("updates.check_interval", u.check_interval, allow_zero=True)
+    _positive("updates.retry_backoff", u.retry_backoff, allow_zero=True)
+    _positive("updates.retry_backoff_max", u.retry_backoff_max, allow_zero=True)
     if not 0 <= u.jitter <= 1:
         raise ConfigError(
             f"updates.jitter: must be a fraction between 0 and 1, got {u.jitter}",

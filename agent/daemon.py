@@ -27,10 +27,11 @@ from typing import Any
 
 from agent.config import Config, check_groups, load_config
 from agent.control import ControlApp
-from agent.errors import ConfigError, EdgewardError
+from agent.errors import ConfigError, EdgewardError, local_fault
 from agent.registry import ModelRegistry, WorkerLike
 from agent.sdnotify import Notifier, watchdog_interval
 from agent.store import Store
+from agent.textsafe import escape_log_records
 from agent.updater import Updater
 
 logger = logging.getLogger(__name__)
@@ -148,6 +149,7 @@ class Daemon:
             return
         except EdgewardError as exc:
             logger.error("model %s version %s does not start: %s", name, cur, exc.message)
+            why, local = f"[{exc.code}] {exc.message}", local_fault(exc)
         prev = self.store.previous(name)
         if prev is None or prev == cur:
             logger.error("model %s has no previous version; it is not served", name)
@@ -163,6 +165,8 @@ class Daemon:
         m = self.updater.machine(name)
         m.version = prev
         m.advance("rolled-back", error=f"version {cur} failed to start")
+        if local is None:  # a fault of this device's is no reason to refuse the version
+            self.updater.mark_bad(name, cur, f"failed to start, rolled back: {why}")
         logger.warning("model %s rolled back to version %s", name, prev)
 
     async def _bind(self) -> None:
@@ -267,10 +271,10 @@ class Daemon:
         u = self.cfg.updates
         return u.check_interval * (1 + random.uniform(-u.jitter, u.jitter))  # noqa: S311
 
-    async def _safe_check(self) -> None:
+    async def _safe_check(self, *, retry_deferred: bool = False) -> None:
         """A check from a timer or signal: failures are logged, never fatal."""
         try:
-            await self.updater.check()
+            await self.updater.check(retry_deferred=retry_deferred)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -286,11 +290,13 @@ class Daemon:
             await asyncio.sleep(self._next_delay())
             await self._safe_check()
 
-    def trigger_check(self) -> None:
+    def trigger_check(self, *, retry_deferred: bool = False) -> None:
         """Start a check in the background (coalesced by the updater's lock)."""
         if self._check_task is not None and not self._check_task.done():
             return
-        self._check_task = asyncio.get_running_loop().create_task(self._safe_check())
+        self._check_task = asyncio.get_running_loop().create_task(
+            self._safe_check(retry_deferred=retry_deferred)
+        )
 
     def _on_sighup(self) -> None:
         logger.info("SIGHUP: reloading configuration")
@@ -301,7 +307,7 @@ class Daemon:
             await self.reload()
         except EdgewardError as exc:
             logger.error("reload failed, keeping the old configuration: %s", exc.message)
-        self.trigger_check()
+        self.trigger_check(retry_deferred=True)  # a reload may have fixed a local fault
 
     async def reload(self) -> list[str]:
         """Re-read the config file; apply what can change live. Returns changed keys.
@@ -396,6 +402,7 @@ def _setup_logging(level: str) -> None:
         root.setLevel(lvl)
     if not root.handlers:
         logging.basicConfig(level=lvl, format="%(levelname)s %(name)s: %(message)s")
+    escape_log_records(root)  # inbox file names and labels are chosen by others
 
 
 def run(config_path: Path) -> int:

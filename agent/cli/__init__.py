@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from agent.errors import EdgewardError
+from agent.textsafe import escape_log_records, printable
 
 COMMAND_MODULES = (
     "agent.cli.keys",  # keygen
@@ -44,19 +45,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    escape_log_records(logging.getLogger())
     from agent.malloc import tune_malloc
 
     tune_malloc()  # pack/unpack stream 4 MiB pieces: reuse heap pages (agent/malloc.py)
     try:
         rc = args.func(args)
     except EdgewardError as exc:
-        print(f"edgeward: error [{exc.code}]: {exc.message}", file=sys.stderr)
+        print(f"edgeward: error [{exc.code}]: {printable(exc.message)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("edgeward: interrupted", file=sys.stderr)
         return 130
     except OSError as exc:
-        print(f"edgeward: error [os]: {exc}", file=sys.stderr)
+        print(f"edgeward: error [os]: {printable(exc)}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # a bug: still one line (the traceback with -v)
+        logging.getLogger(__name__).debug("unexpected error", exc_info=True)
+        print(
+            f"edgeward: error [internal]: {type(exc).__name__}: {printable(exc)}"
+            " (run with -v for details)",
+            file=sys.stderr,
+        )
         return 1
     return int(rc or 0)
 

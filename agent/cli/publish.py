@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from agent.textsafe import printable
+
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
     """Add pack, inspect, verify and unpack."""
@@ -299,29 +301,33 @@ def _inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(doc, indent=2, sort_keys=True))
         return 0
-    print(
+
+    def show(line: str) -> None:  # unverified, chosen by whoever made the file
+        print(printable(line, limit=2000))
+
+    show(
         f"package   {doc['name']} version {doc['version']}"
         + (f" ({doc['label']})" if doc.get("label") else "")
     )
-    print(f"created   {doc.get('created', '')}   size {doc['package_size']:,} bytes")
-    print(f"signed by {', '.join(doc['signature_key_ids']) or 'nobody'} (not verified)")
+    show(f"created   {doc.get('created', '')}   size {doc['package_size']:,} bytes")
+    show(f"signed by {', '.join(doc['signature_key_ids']) or 'nobody'} (not verified)")
     enc = doc.get("encryption")
     if enc:
-        print(
+        show(
             f"encrypted {enc['alg']}, {enc['chunk_size']} B chunks, for "
             f"{', '.join(str(r) for r in enc['recipients'])}"
         )
     else:
-        print("encrypted no")
+        show("encrypted no")
     if doc.get("base"):
-        print(f"base      {doc['base']['name']} version {doc['base']['version']}")
+        show(f"base      {doc['base']['name']} version {doc['base']['version']}")
     for m in doc["models"]:
-        print(
+        show(
             f"model {m['id']}   {m['name']} [{m['format']}] {'+'.join(m['encoding']) or 'plain'}"
             f" {m['size']:,} bytes"
         )
     for f in doc["files"]:
-        print(f"file      {f['path']} {f['size']:,} bytes")
+        show(f"file      {f['path']} {f['size']:,} bytes")
     return 0
 
 
@@ -343,8 +349,10 @@ def _verify(args: argparse.Namespace) -> int:
         )
     else:
         print(
-            f"OK: {manifest.name} version {manifest.version}, signature and "
-            f"{len(manifest.files)} file digests verified"
+            printable(
+                f"OK: {manifest.name} version {manifest.version}, signature and "
+                f"{len(manifest.files)} file digests verified"
+            )
         )
     return 0
 
