@@ -50,10 +50,11 @@ from typing import Any
 
 from agent.errors import EdgewardError, OverloadedError
 from agent.http import (
+    BodyBudget,
+    BodyBuffer,
     HTTPLimits,
     ProtocolError,
     content_length,
-    json_response,
     parse_head,
     render_response,
 )
@@ -316,6 +317,7 @@ class DirectServer:
         self.version = ""
         self.paths: tuple[str, str] = ("", "")
         self.limits = HTTPLimits()
+        self.budget = BodyBudget(self.limits.max_inflight_body_bytes)
         self.gate = _Gate(4, 64)
         self.state: mmap.mmap | None = None
         self.recalled = False
@@ -379,6 +381,7 @@ class DirectServer:
             f"/v2/models/{self.name}/versions/{self.version}/infer",
         )
         self.limits = HTTPLimits(**head.get("limits", {}))
+        self.budget = BodyBudget(self.limits.max_inflight_body_bytes)
         limit, queue = head.get("gate", [4, 64])
         self.gate = _Gate(int(limit), int(queue))
         self.spin_s = max(0.0, float(head.get("spin_us", 0))) / 1e6
@@ -592,7 +595,7 @@ class _Lent:
                     method, path, _q, version, headers = parse_head(raw_head.decode("latin-1"), lim)
                     length = content_length(headers, lim)
                 except ProtocolError as exc:
-                    return self._fail(exc.status, exc.code, exc.message)
+                    return self._fail_with(exc)
                 parsed = (method, path, version, headers, length)
                 if len(srv.heads) >= 256:
                     srv.heads.clear()
@@ -602,18 +605,22 @@ class _Lent:
                 return self._give_back(True)  # not ours: the daemon answers it
             conn_hdr = headers.get("connection", "").lower()
             keep = "keep-alive" in conn_hdr if version == "HTTP/1.0" else "close" not in conn_hdr
-            body = self._read_body(end + 4, length)
-            if body is None:
+            got = self._read_body(end + 4, length)
+            if got is None:
                 return None
+            body, bb = got
             with srv.busy_lock:
                 srv.busy += 1
             t0 = time.perf_counter()
             try:
                 resp = srv.handle(headers, body)
+                del body
                 ok = self._write(resp, keep)
             finally:
                 with srv.busy_lock:
                     srv.busy -= 1
+                if bb is not None:  # answered: the body's bytes go back to the budget
+                    bb.release()
             self.cost = time.perf_counter() - t0
             if not ok:
                 return self._closed()
@@ -621,8 +628,10 @@ class _Lent:
             if not keep:
                 return self._closed()
 
-    def _read_body(self, start: int, length: int) -> bytearray | None:
-        """The body (a copy: the scratch buffer is reused); None if the connection ended."""
+    def _read_body(self, start: int, length: int) -> tuple[bytearray, BodyBuffer | None] | None:
+        """The body (a copy: the scratch buffer is reused) and, for one that did not fit
+        the scratch buffer, its :class:`BodyBuffer` (release it once answered); None if
+        the connection ended or was refused."""
         deadline = time.monotonic() + self.srv.limits.body_timeout_s
         total = start + length
         if total <= len(self.buf):
@@ -637,19 +646,25 @@ class _Lent:
             if rest:
                 self.buf[:rest] = self.buf[total : self.filled]
             self.filled = rest
-            return body
-        body = bytearray(length)
-        have = self.filled - start
-        body[:have] = self.buf[start : self.filled]
-        self.filled = 0
-        view = memoryview(body)
-        while have < length:
-            n = self._recv(view[have:], deadline, False)
-            if n <= 0:
-                self._body_failed(n)
-                return None
-            have += n
-        return body
+            return body, None
+        # Memory follows the bytes received, charged to this worker's body budget.
+        bb: BodyBuffer | None = None
+        try:
+            bb = BodyBuffer(length, self.srv.budget, self.view[start : self.filled])
+            self.filled = 0
+            while not bb.done:
+                n = self._recv(bb.window(), deadline, False)
+                if n <= 0:
+                    bb.release()
+                    self._body_failed(n)
+                    return None
+                bb.advance(n)
+        except ProtocolError as exc:  # over the budget
+            if bb is not None:
+                bb.release()
+            self._fail_with(exc)
+            return None
+        return bb.take(), bb
 
     def _body_failed(self, n: int) -> None:
         if n == 0:
@@ -685,7 +700,10 @@ class _Lent:
 
     def _fail(self, status: int, code: str, message: str) -> None:
         """A protocol error: answer it and close, as the daemon's server does."""
-        self._write(json_response(status, {"error": message, "code": code}), False)
+        self._fail_with(ProtocolError(status, code, message))
+
+    def _fail_with(self, exc: ProtocolError) -> None:
+        self._write(exc.response(), False)
         self._closed()
 
     def _give_back(self, here: bool) -> None:
