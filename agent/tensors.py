@@ -104,8 +104,7 @@ def _shape(spec: Mapping[str, Any], name: str) -> tuple[int, ...]:
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
     ):
         raise InvalidInputError(
-            f"tensor {name!r}: 'shape' must be a list of non-negative integers, "
-            f"got {_clip(shape)}",
+            f"tensor {name!r}: 'shape' must be a list of non-negative integers, got {_clip(shape)}",
             code="bad-shape",
         )
     if len(shape) > MAX_DIMS:
@@ -226,9 +225,7 @@ def _all_bool(data: Any) -> bool:
 
 def _all_numbers(data: Any) -> bool:
     """Every leaf a JSON number (numpy turns ``null`` into NaN for float dtypes)."""
-    return all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) for v in _flatten(data, "")
-    )
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in _flatten(data, ""))
 
 
 def _count_error(name: str, got: int, shape: tuple[int, ...]) -> InvalidInputError:

@@ -28,7 +28,11 @@ JSON length, the JSON header, raw data):
   the last one; batched every 0.2 s while requests come).
 
 State byte per slot: 0 idle between requests, 1 a request read and not answered, 2 its
-answer partly written. The descriptor's O_NONBLOCK flag is shared with the daemon's
+answer partly written, 3 its prediction running; a second byte per slot counts the
+predictions started (mod 256). The daemon reads both every ``HUNG_CHECK_S``: a slot
+seen predicting the same request for longer than ``request_timeout`` means a hung
+run script, and the worker is killed and restarted (that request gets 504; see
+runtime/worker.py). The descriptor's O_NONBLOCK flag is shared with the daemon's
 copy, so the worker never makes it blocking: it waits with ``poll``.
 """
 
@@ -81,7 +85,9 @@ MAX_MSG = MAX_DATA + 4096  # + the JSON header
 MAX_LENT = 4096  # connections one worker may hold (one state byte each)
 CHANNEL_BUF = 1 << 20  # SO_SNDBUF/SO_RCVBUF asked for (the kernel may grant less)
 STATS_EVERY = 0.2  # seconds between stats messages while requests come
-IDLE, BUSY, WRITING = 0, 1, 2
+IDLE, BUSY, WRITING, PREDICTING = 0, 1, 2, 3
+SEQ = MAX_LENT  # offset of the per-slot prediction counters in the state memfd
+HUNG_CHECK_S = 0.25  # seconds between the daemon's looks for hung predictions
 SPIN_MAX_REQUEST_S = 0.001  # requests longer than this: a wake-up is noise, never spin
 
 
@@ -121,9 +127,9 @@ class Lending:
         self.version = version
         self.settings = settings  # {"limits": HTTPLimits fields, "gate": [limit, queue]}
         fd = os.memfd_create("edgeward-lent", 0)
-        os.ftruncate(fd, MAX_LENT)
+        os.ftruncate(fd, 2 * MAX_LENT)
         self._state_fd = fd
-        self.state = mmap.mmap(fd, MAX_LENT)
+        self.state = mmap.mmap(fd, 2 * MAX_LENT)
         self._free = list(range(MAX_LENT))
         self._cids = 0
         self.sock: socket.socket | None = None  # channel to the current child
@@ -132,6 +138,12 @@ class Lending:
         self.unlent = threading.Event()
         self.unlent.set()
         self.stats_sink: Callable[[dict[str, Any]], None] | None = None
+        # Called with the timeout when a prediction on a lent connection outlived it.
+        self.hung: Callable[[float], None] | None = None
+        timeout = settings.get("request_timeout")
+        self.request_timeout = float(timeout) if timeout else None  # seconds
+        self._predicting: dict[int, tuple[int, float]] = {}  # cid → (counter, first seen)
+        self._hung_timer: Any = None
         self._loop: Any = None
         self.closed = False
 
@@ -156,6 +168,33 @@ class Lending:
         socket.send_fds(sock, [pack(hello)], [self._state_fd])
         loop.add_reader(sock.fileno(), self._readable, sock)
 
+    def _check_hung(self) -> None:
+        """On the loop: a prediction seen running on one lent connection for longer than
+        the request timeout (the same counter value all along) → ``hung``."""
+        self._hung_timer = None
+        if self.closed or self._loop is None:
+            return
+        timeout = self.request_timeout
+        assert timeout is not None
+        now = self._loop.time()
+        st = self.state
+        seen: dict[int, tuple[int, float]] = {}
+        hung = False
+        for cid, (_conn, slot) in self._lent.items():
+            if st[slot] != PREDICTING:
+                continue
+            seq = st[SEQ + slot]
+            prev = self._predicting.get(cid)
+            since = prev[1] if prev is not None and prev[0] == seq else now
+            seen[cid] = (seq, since)
+            hung = hung or now - since > timeout
+        self._predicting = seen
+        if hung and self.hung is not None and self.sock is not None:
+            self._predicting = {}
+            self.hung(timeout)
+        if self._lent:  # nothing lent, nothing to watch: no wake-ups while idle
+            self._hung_timer = self._loop.call_later(HUNG_CHECK_S, self._check_hung)
+
     def lend(self, fd: int, data: bytes, conn: Any) -> bool:
         sock = self.sock
         if sock is None or self.recalled or not self._free or len(data) > MAX_DATA:
@@ -176,6 +215,8 @@ class Lending:
             return False
         self._lent[cid] = (conn, slot)
         self.unlent.clear()
+        if self.request_timeout is not None and self._hung_timer is None:
+            self._hung_timer = self._loop.call_later(HUNG_CHECK_S, self._check_hung)
         return True
 
     def recall(self) -> None:
@@ -245,11 +286,15 @@ class Lending:
             self._detach(sock)
             sock.close()
         lent, self._lent = self._lent, {}
+        self._predicting = {}
+        status = 504 if code == "worker-timeout" else 503
         for conn, slot in lent.values():
             state = self.state[slot] if not self.closed else BUSY
+            if state == PREDICTING:
+                state = BUSY  # read and not answered
             self._free.append(slot)
             try:
-                conn.lent_crashed(state, code, message)
+                conn.lent_crashed(state, code, message, status)
             except Exception:
                 logger.exception("settling a lent connection failed")
         self.unlent.set()
@@ -260,6 +305,9 @@ class Lending:
             return
         self.closed = True
         self.recalled = True
+        if self._hung_timer is not None:
+            self._hung_timer.cancel()
+            self._hung_timer = None
         with contextlib.suppress(BufferError):
             self.state.close()
         os.close(self._state_fd)
@@ -385,7 +433,7 @@ class DirectServer:
         limit, queue = head.get("gate", [4, 64])
         self.gate = _Gate(int(limit), int(queue))
         self.spin_s = max(0.0, float(head.get("spin_us", 0))) / 1e6
-        self.state = mmap.mmap(state_fd, MAX_LENT)
+        self.state = mmap.mmap(state_fd, 2 * MAX_LENT)
         os.close(state_fd)
 
     # --- one request ------------------------------------------------------------------
@@ -611,6 +659,10 @@ class _Lent:
             body, bb = got
             with srv.busy_lock:
                 srv.busy += 1
+            st = srv.state
+            if st is not None:  # the daemon times predictions by these two bytes
+                st[SEQ + self.slot] = (st[SEQ + self.slot] + 1) & 0xFF
+                st[self.slot] = PREDICTING
             t0 = time.perf_counter()
             try:
                 resp = srv.handle(headers, body)
@@ -716,7 +768,18 @@ class _Lent:
         self.srv.send({"op": "closed", "cid": self.cid})
 
 
-def limits_settings(limits: Any, gate: tuple[int, int], spin_us: float = 0) -> dict[str, Any]:
-    """The ``hello`` settings from the daemon's HTTPLimits, admission numbers and how
-    long a worker thread polls for the next request before sleeping."""
-    return {"limits": asdict(limits), "gate": list(gate), "spin_us": spin_us}
+def limits_settings(
+    limits: Any,
+    gate: tuple[int, int],
+    spin_us: float = 0,
+    request_timeout: float | None = None,
+) -> dict[str, Any]:
+    """The ``hello`` settings from the daemon's HTTPLimits, admission numbers, how long
+    a worker thread polls for the next request before sleeping, and the seconds a
+    prediction may take (watched by the daemon, not sent to the worker)."""
+    return {
+        "limits": asdict(limits),
+        "gate": list(gate),
+        "spin_us": spin_us,
+        "request_timeout": request_timeout,
+    }
