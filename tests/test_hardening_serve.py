@@ -40,6 +40,7 @@ from tests.daemon_util import (
     needs_worker,
     start_daemon,
     tiny_model_dir,
+    write_config,
 )
 
 pytestmark = [needs_worker, pytest.mark.e2e]
@@ -537,3 +538,55 @@ def test_request_timeout_config_is_validated() -> None:
         parse_config({"inference": {"request_timeout_s": 0}})
     with pytest.raises(ConfigError, match=r"request_timeouts\.det"):
         parse_config({"inference": {"request_timeouts": {"det": "soon"}}})
+
+
+# --- item 11: run scripts and the device key ----------------------------------------------
+
+KEY_PROBE_RUN_SCRIPT = """\
+import os
+from pathlib import Path
+
+DIR = Path(os.environ["EW_TEST_DIR"])
+
+
+class Model:
+    thread_safe = True
+
+    def __init__(self, model_dir, backend, config):
+        self.backend = backend
+        try:
+            data = (Path(os.environ["EW_TEST_KEYS"]) / "device.key").read_bytes()
+            (DIR / "keyread").write_text("read %d bytes" % len(data))
+        except OSError as exc:
+            (DIR / "keyread").write_text("denied: %s" % exc.strerror)
+
+    def predict(self, inputs):
+        return self.backend.predict(inputs)
+"""
+
+
+@pytest.mark.xfail(
+    strict=True, reason="worker sandbox: issue #15 (run scripts run as the daemon's uid)"
+)
+def test_run_script_cannot_read_the_device_key(tmp_path: Path) -> None:
+    test_dir = tmp_path / "t"
+    test_dir.mkdir()
+    keys = tmp_path / "keys"
+    keys.mkdir(mode=0o700)
+    (keys / "device.key").write_bytes(b"-----BEGIN PRIVATE KEY-----\nsecret\n")
+    (keys / "device.key").chmod(0o600)
+    src = tiny_model_dir(tmp_path / "src", "tiny", "1", slow=True)
+    (src / "Program" / "Scripts" / "run.py").write_text(KEY_PROBE_RUN_SCRIPT)
+    cfg = write_config(tmp_path / "w")
+    cfg.write_text(cfg.read_text().replace('keys_dir = ""', f'keys_dir = "{keys}"'))
+    d = start_daemon(
+        tmp_path / "w",
+        [src],
+        config=cfg,
+        env={"EW_TEST_DIR": str(test_dir), "EW_TEST_KEYS": str(keys)},
+    )
+    try:
+        probe = (test_dir / "keyread").read_text()
+        assert probe.startswith("denied"), probe
+    finally:
+        d.stop()
