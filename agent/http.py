@@ -972,21 +972,26 @@ class UnixHTTPServer:
 
         Order: a process at ``pid_cap`` or a user at ``uid_cap`` gives up its own oldest
         idle connection; a full server closes the oldest idle connection of the uid
-        holding the most. Only when none of those is idle is the new one refused — so
-        one peer re-opening connections pushes out its own, never another's.
+        holding the most (else any idle one). Only when none of those is idle is the
+        new one refused — so one peer re-opening connections pushes out its own,
+        never another's.
         """
         lim = self.limits
         pid_conns = self._by_pid.get(conn._pid)
         uid_conns = self._by_uid.get(conn._uid)
         pool: dict[_Conn, None] | None = None
+        full = False
         if pid_conns is not None and len(pid_conns) >= lim.pid_cap:
             pool = pid_conns
         elif uid_conns is not None and len(uid_conns) >= lim.uid_cap:
             pool = uid_conns
         elif len(self._conns) >= lim.max_connections:
             pool = max(self._by_uid.values(), key=len, default=None)
+            full = True
         if pool is not None:
             victim = next((c for c in pool if c.idle), None)
+            if victim is None and full:  # the busiest user has none idle: anyone's
+                victim = next((c for c in self._conns if c.idle), None)
             if victim is None:
                 logger.warning(
                     "refusing a connection of uid %d pid %d: %d connections open, "
