@@ -180,10 +180,11 @@ class BodyBudget:
 
 class BodyBuffer:
     """One request body of declared ``length``, received into memory that follows the
-    bytes that arrived: it starts at what is already there (at least ``FIRST``) and
-    doubles when full, up to ``length``; every growth is charged to ``budget`` first,
-    the old buffer included until its bytes are copied over (what is charged is what
-    is allocated at every moment).
+    bytes that arrived: it starts at what is already there (at least ``FIRST``); when
+    full it grows to ``STEP`` and then doubles, up to ``length``. Every growth is
+    charged to ``budget`` first, the old buffer included until its bytes are copied
+    over (what is charged is what is allocated at every moment). A request that only
+    declares a length costs ``FIRST`` bytes.
     The finished buffer is exactly ``length`` bytes (a writable ``bytearray``, so
     ``numpy.frombuffer`` on it gives writable arrays as before).
 
@@ -195,10 +196,10 @@ class BodyBuffer:
     growth; call :meth:`release` once the body is no longer used (the request answered).
     """
 
-    # Bytes of the first allocation (less when the body is smaller). Bodies up to this
-    # size are allocated at once, as before, so the common tensor sizes (a 224x224x3
-    # image is 600 KB) cost no growth copies.
-    FIRST = 1024 * 1024
+    FIRST = 64 * 1024  # bytes of the first allocation (less when the body is smaller)
+    # Bytes of the first growth: a body up to this size (a 224x224x3 float32 image is
+    # 600 KB) costs one growth that copies at most FIRST bytes, not a doubling series.
+    STEP = 1024 * 1024
 
     __slots__ = ("_budget", "_charged", "_view", "buf", "filled", "length")
 
@@ -230,7 +231,7 @@ class BodyBuffer:
     def window(self) -> memoryview:
         """Where the next bytes go (never empty before :attr:`done`); grows the buffer."""
         if self.filled >= len(self.buf) and self.filled < self.length:
-            grown = self._alloc(min(self.length, 2 * len(self.buf)))
+            grown = self._alloc(min(self.length, max(2 * len(self.buf), self.STEP)))
             grown[: self.filled] = self._view[: self.filled]
             self._view.release()
             self._budget.give(len(self.buf))  # the old buffer is let go here
