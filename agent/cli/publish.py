@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from agent.cli.residual import add_patch_options, patch_kwargs
 from agent.textsafe import printable
 
 
@@ -96,9 +97,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         metavar="BASE",
         help="residual update against BASE (.emp, unpacked dir or model file)",
     )
-    p.add_argument("--bits", type=int, default=8, choices=(8, 4, 2, 1))
-    p.add_argument("--group-size", type=int, default=128, choices=(128, 64))
-    p.add_argument("--max-rel-err", type=float, default=None)
+    add_patch_options(p)
     p.add_argument(
         "--trust",
         action="append",
@@ -220,6 +219,11 @@ class _Progress:
             print(file=sys.stderr)
 
 
+def _patch_spec(args: argparse.Namespace) -> dict[str, Any]:
+    """PackSpec fields for ``--base`` updates (same names as encode_patch's options)."""
+    return patch_kwargs(args)
+
+
 def _pubs(paths: list[Path]) -> list[Any]:
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
@@ -267,9 +271,7 @@ def _pack(args: argparse.Namespace) -> int:
         chunk_size=args.chunk_size,
         zstd_level=args.zstd_level or None,
         base=args.base,
-        bits=args.bits,
-        group_size=args.group_size,
-        max_rel_err=args.max_rel_err,
+        **_patch_spec(args),
         base_trust=TrustStore.from_paths(args.trust) if args.trust else None,
         base_keyring=Keyring.from_paths(args.device_key) if args.device_key else None,
     )
