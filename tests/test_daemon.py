@@ -47,7 +47,7 @@ def _get(d: DaemonProc, path: str) -> tuple[int, Any]:
 @needs_worker
 def test_ready_status_and_watchdog(daemon: DaemonProc) -> None:
     assert "READY=1" in daemon.messages
-    assert any(m.startswith("STATUS=serving 1 models: tiny:1") for m in daemon.messages)
+    assert any(m.startswith("STATUS=serving 1 model: tiny v1") for m in daemon.messages)
     daemon.wait_for("WATCHDOG=1", timeout=30, count=2)  # pings repeat at WATCHDOG_USEC/2
     # READY comes only after the sockets exist
     assert daemon.infer_sock.is_socket() and daemon.control_sock.is_socket()

@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from agent.cli.common import add_force, add_json
+
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
     """Add ``keygen`` to the top-level parser."""
@@ -21,17 +23,24 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         help="create a signing, device or fleet key",
         description="Create a key: DIR/<id>.key (0600) + DIR/<id>.pub, or DIR/NAME.psk.",
     )
-    p.add_argument("--kind", required=True, choices=("signing", "device", "fleet"))
+    p.add_argument(
+        "--kind",
+        required=True,
+        choices=("signing", "device", "fleet"),
+        help="signing (Ed25519, publishers), device (X25519, receives packages) or fleet "
+        "(a named pre-shared key)",
+    )
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory")
     p.add_argument("--name", help="name of a fleet key (required with --kind fleet)")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_force(p)
+    add_json(p, "the key id and file names")
     p.set_defaults(func=_keygen)
 
 
 def _keygen(args: argparse.Namespace) -> int:
     from agent.keys import generate_key
 
-    paths = generate_key(args.kind, args.out, name=args.name)
+    paths = generate_key(args.kind, args.out, name=args.name, overwrite=args.force)
     if args.json:
         doc = {
             "kind": paths.kind,
