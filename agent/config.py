@@ -45,6 +45,7 @@ __all__ = [
     "check_groups",
     "config_to_dict",
     "load_config",
+    "metrics_socket",
     "parse_config",
 ]
 
@@ -127,13 +128,21 @@ class DaemonConfig:
 class MetricsConfig:
     """Prometheus metrics for a scraper that should not get the control socket."""
 
-    socket: Path = Path("/run/edgeward/metrics.sock")
+    # None = metrics.sock beside the control socket (/run/edgeward/metrics.sock).
+    socket: Path | None = None
     mode: int = 0o660
     # Group that may read the metrics socket; None = the daemon's own group (edgeward
     # under the packaged unit), so a scraper in that group needs no other setting.
     group: str | None = None
     # Also serve GET /metrics on 127.0.0.1:<port>; 0 = off (the default).
     port: int = 0
+
+
+def metrics_socket(cfg: Config) -> Path:
+    """Where the metrics socket is: ``[metrics] socket`` or beside the control socket."""
+    if cfg.metrics.socket is not None:
+        return cfg.metrics.socket
+    return cfg.control.socket.with_name("metrics.sock")
 
 
 def _default_package_limits() -> Limits:
@@ -382,7 +391,7 @@ def _validate(cfg: Config) -> None:
             code="config-value",
         )
     socks = {"inference.socket": cfg.inference.socket, "control.socket": cfg.control.socket}
-    socks["metrics.socket"] = cfg.metrics.socket
+    socks["metrics.socket"] = metrics_socket(cfg)
     seen: dict[Path, str] = {}
     for key, path in socks.items():
         if path in seen:

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.config import Config, check_groups, load_config
+from agent.config import Config, check_groups, load_config, metrics_socket
 from agent.control import ControlApp
 from agent.errors import EdgewardError
 from agent.registry import ModelRegistry, WorkerLike
@@ -155,7 +155,7 @@ class Daemon:
         logger.warning("model %s rolled back to version %s", name, prev)
 
     def _socket_paths(self) -> list[Path]:
-        return [self.cfg.inference.socket, self.cfg.control.socket, self.cfg.metrics.socket]
+        return [self.cfg.inference.socket, self.cfg.control.socket, metrics_socket(self.cfg)]
 
     def _check_sockets_free(self) -> None:
         """Refuse to start when another agent answers on one of our sockets."""
@@ -218,6 +218,25 @@ class Daemon:
         )
         await control_server.start()
         self._servers.append(control_server)
+        await self._bind_metrics()
+
+    async def _bind_metrics(self) -> None:
+        from agent.http import HTTPLimits, UnixHTTPServer
+        from agent.metrics import MetricsApp
+
+        m = self.cfg.metrics
+        app = MetricsApp(self)
+        server = UnixHTTPServer(
+            str(metrics_socket(self.cfg)),
+            app,
+            limits=HTTPLimits(max_connections=16),
+            mode=m.mode,
+            group=m.group,
+        )
+        await server.start()
+        self._servers.append(server)
+        if m.port:
+            self._servers.append(_LoopbackMetrics(self, m.port))
 
     async def main_loop(self) -> None:
         """Serve until SIGTERM/SIGINT."""
@@ -407,6 +426,25 @@ class Daemon:
             "last_check": last.to_dict() if last is not None else None,
             "checks": self.updater.checks,
         }
+
+
+class _LoopbackMetrics:
+    """``GET /metrics`` on 127.0.0.1:<port> (``[metrics] port``; off by default), served
+    by prometheus_client's own HTTP server thread. Loopback only: a remote Prometheus
+    reaches it through an agent on the box."""
+
+    def __init__(self, daemon: Daemon, port: int) -> None:
+        from prometheus_client import start_http_server
+
+        from agent.metrics import registry_for
+
+        self._server, self._thread = start_http_server(
+            port, addr="127.0.0.1", registry=registry_for(daemon)
+        )
+
+    async def close(self, _timeout: float) -> None:
+        self._server.shutdown()
+        self._server.server_close()
 
 
 def apply_logging(cfg: Config) -> None:
