@@ -64,6 +64,8 @@ def build_wheels(wheelhouse: Path, arch: str, python: str) -> None:
     """The edgeward wheel (built here) and every dependency's wheel for ``arch``."""
     wheelhouse.mkdir(parents=True, exist_ok=True)
     pip = [sys.executable, "-m", "pip"]
+    for old in wheelhouse.glob("edgeward-*.whl"):  # a kept wheelhouse: rebuild our own
+        old.unlink()
     _run([*pip, "wheel", "-q", "--no-deps", "-w", str(wheelhouse), str(ROOT)])
     (own,) = sorted(wheelhouse.glob("edgeward-*.whl"))
     plat: list[str] = []

@@ -247,3 +247,33 @@ def test_missing_group_is_one_line_before_any_lifecycle_line(tmp_path: Path) -> 
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("edgeward: error [config-group]"), lines
     assert "inference.group" in lines[0]
+
+
+def test_status_line_names_an_update_in_progress(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from agent.config import parse_config
+    from agent.daemon import Daemon
+    from agent.sdnotify import Notifier
+    from agent.updater import UpdateMachine
+
+    notify = tmp_path / "n.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(notify))
+    listener.settimeout(5)
+    try:
+        d = Daemon(
+            parse_config({"paths": {"state_dir": str(tmp_path)}}), notifier=Notifier(str(notify))
+        )
+        machine = UpdateMachine("det", state="converting", target="4")
+        d.updater = SimpleNamespace(machines={"det": machine})  # type: ignore[assignment]
+        assert d.status_line() == "serving 0 models: none; updating det -> v4 (converting)"
+        d.state = "serving"
+        d._send_status()
+        assert listener.recv(4096).decode() == (
+            "STATUS=serving 0 models: none; updating det -> v4 (converting)"
+        )
+        machine.state = "active"
+        assert d.status_line() == "serving 0 models: none"
+    finally:
+        listener.close()

@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "agent.cli.repo",  # repo init|add|publish|refresh|rotate|status
     "agent.cli.daemon",  # agent, status, models, check, rollback
     "agent.cli.config",  # config check
+    "agent.cli.serve",  # serve (development)
     "agent.cli.infer",  # infer
     "agent.cli.demo",  # demo
 )
