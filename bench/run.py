@@ -118,7 +118,7 @@ def _arm64_section() -> str:
 `make test-arm64` ({a.get("mode", "full")} run, {a.get("date", "?")}): qemu-user
 {a.get("qemu", "?")} running an arm64 Debian bookworm root on {a.get("host", "?")}.
 **{a.get("passed", 0)} passed, {a.get("failed", 0)} failed, {a.get("skipped", 0)} skipped** in
-{a.get("seconds", 0):.0f} s (the same tests natively: {a.get("native_seconds", "?")} s). Durations
+{a.get("seconds", 0):.0f} s. Durations
 under emulation say nothing about a real device's speed; the count is the point.
 """
 
