@@ -70,8 +70,17 @@ class InferenceConfig:
     # Microseconds a worker thread polls for a connection's next request after a short
     # answer before it sleeps (adaptive; 0 = always sleep). See runtime/direct.py.
     lend_spin_us: int = 200
+    # Seconds one prediction may take; past it the request gets 504 and the model's
+    # worker is killed and restarted (a run script that hangs or spins). Per model:
+    # request_timeouts = { det = 120.0 }.
+    request_timeout_s: float = 60.0
+    request_timeouts: dict[str, Any] = field(default_factory=dict)
     # Passed to agent.http.HTTPLimits (keys as that dataclass names them).
     limits: dict[str, Any] = field(default_factory=dict)
+
+    def request_timeout(self, model: str) -> float:
+        """Seconds a prediction of ``model`` may take."""
+        return float(self.request_timeouts.get(model, self.request_timeout_s))
 
 
 @dataclass(frozen=True)
@@ -266,6 +275,14 @@ def _validate(cfg: Config) -> None:
     _positive("inference.max_concurrent_per_model", cfg.inference.max_concurrent_per_model)
     _positive("inference.max_queue_per_model", cfg.inference.max_queue_per_model, allow_zero=True)
     _positive("inference.lend_spin_us", cfg.inference.lend_spin_us, allow_zero=True)
+    _positive("inference.request_timeout_s", cfg.inference.request_timeout_s)
+    for model, seconds in cfg.inference.request_timeouts.items():
+        key = f"inference.request_timeouts.{model}"
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+            raise ConfigError(
+                f"{key}: expected a number of seconds, got {seconds!r}", code="config-type"
+            )
+        _positive(key, seconds)
     _positive("daemon.worker_start_timeout", d.worker_start_timeout)
     if d.worker_memory_limit_mb is not None:
         _positive("daemon.worker_memory_limit_mb", d.worker_memory_limit_mb)

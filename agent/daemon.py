@@ -85,11 +85,12 @@ class Daemon:
             # Replies are read by the daemon's event loop (one wake-up per reply instead of
             # a reader thread that then wakes the loop); see docs/RUNTIME.md.
             loop=_running_loop(),
-            lend=self._lend_settings(),
+            lend=self._lend_settings(name),
+            request_timeout=self.cfg.inference.request_timeout(name),
         )
         return worker
 
-    def _lend_settings(self) -> dict[str, Any] | None:
+    def _lend_settings(self, name: str) -> dict[str, Any] | None:
         """What a worker needs to answer lent inference connections as this daemon would
         (HTTP limits, admission), or None when lending is off."""
         from agent.http import HTTPLimits
@@ -103,7 +104,7 @@ class Daemon:
         except (TypeError, EdgewardError):  # _bind reports bad limits
             return None
         gate = (inf.max_concurrent_per_model, inf.max_queue_per_model)
-        return limits_settings(limits, gate, inf.lend_spin_us)
+        return limits_settings(limits, gate, inf.lend_spin_us, inf.request_timeout(name))
 
     # --- lifecycle -----------------------------------------------------------------
 

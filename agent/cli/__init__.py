@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "agent.cli.keys",  # keygen
     "agent.cli.publish",  # pack, inspect, verify, unpack
     "agent.cli.residual",  # diff
+    "agent.cli.repo",  # repo init|add|publish|refresh|rotate|status
     "agent.cli.daemon",  # agent, status, models, check, rollback
     "agent.cli.infer",  # infer
     "agent.cli.demo",  # demo
