@@ -65,6 +65,7 @@ class Daemon:
         self._servers: list[Any] = []
         self._runtime_config: Any = None
         self._check_task: asyncio.Task[Any] | None = None
+        self._lock_fd: int | None = None
 
     # --- workers -------------------------------------------------------------------
 
@@ -110,6 +111,7 @@ class Daemon:
 
     async def startup(self) -> None:
         """Everything before READY=1. Raises EdgewardError on a fatal problem."""
+        self._lock_fd = self.store.lock()  # first: a second daemon must touch nothing
         check_groups(self.cfg)
         from runtime.config import RuntimeConfig
 
@@ -235,6 +237,9 @@ class Daemon:
         )
         await self.registry.close(self.cfg.daemon.drain_timeout)
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the state directory
+            self._lock_fd = None
         self.notifier.close()
         logger.info("edgeward agent stopped")
 
