@@ -115,6 +115,9 @@ class DaemonConfig:
     worker_start_timeout: float = 120.0  # seconds for spawn + convert + load + warm-up
     worker_memory_limit_mb: int | None = None  # per worker; None = no cap
     log_level: str = "info"
+    # hash every installed file of current and previous against the signed manifest at
+    # start (a modified version is not served); agent/installed.py
+    verify_installed: bool = True
 
 
 @dataclass(frozen=True)

@@ -957,6 +957,7 @@ def _unpack_into(
     patches: list[tuple[ModelInfo, Path]] = []
     with _open(pkg, limits, trust, nofollow=nofollow) as opened:
         manifest = opened.manifest
+        signature = opened.signature
         residual = [m for m in manifest.models if m.residual]
         base_manifest = _check_base(manifest, base_dir) if residual else None
         key = _data_key(manifest, keyring, trust, envelopes)
@@ -997,12 +998,15 @@ def _unpack_into(
     if patches:
         assert base_dir is not None and base_manifest is not None
         _apply_patches(patches, base_dir, base_manifest, out)
-    fd = out.create(MANIFEST_NAME)
-    try:
-        _write_all(fd, manifest.raw)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    # the signed manifest and its signature stay with the files: the daemon checks an
+    # installed version against them at start (agent/installed.py)
+    for rel, data in ((MANIFEST_NAME, manifest.raw), (SIGNATURE_NAME, signature)):
+        fd = out.create(rel)
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     out.sync_dirs()
     return manifest
 
