@@ -43,6 +43,14 @@ class ConfigError(EdgewardError):
 # --- packages -----------------------------------------------------------------------
 
 
+class UsageError(EdgewardError):
+    """A command line asks for something unsafe or contradictory (e.g. overwriting)."""
+
+    code = "usage"
+    status = 400
+    exit_code = 2
+
+
 class PackageError(EdgewardError):
     """A package (.emp) is malformed, untrusted or unsafe; it is refused whole."""
 

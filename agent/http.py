@@ -932,7 +932,7 @@ class UnixHTTPServer:
         """
         path = self.path
         gid = _resolve_group(self.group) if self.group else None
-        _clear_stale(path)
+        clear_stale_socket(path)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         if len(os.fsencode(str(tmp))) > 100:
             raise ConfigError(
@@ -1095,7 +1095,7 @@ def _resolve_group(group: str) -> int:
         ) from None
 
 
-def _clear_stale(path: Path) -> None:
+def clear_stale_socket(path: Path) -> None:
     """Unlink a socket file nobody answers on; refuse a live one or a non-socket."""
     try:
         st = os.lstat(path)

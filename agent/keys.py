@@ -70,13 +70,18 @@ def psk_key_id(name: str) -> str:
     return f"psk:{name}"
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    """Create ``path`` with mode 0600 from the start (never briefly world-readable)."""
+def _write_private(path: Path, data: bytes, *, overwrite: bool = False) -> None:
+    """Create ``path`` with mode 0600 from the start (never briefly world-readable).
+
+    With ``overwrite`` the key is written beside ``path`` and renamed over it, so an
+    existing key is replaced whole or not at all.
+    """
+    target = path.with_name(f".{path.name}.{os.getpid()}.new") if overwrite else path
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError as exc:
         raise KeyFileError(
-            f"{path} already exists; not overwriting a key", code="key-exists"
+            f"{path} already exists; not overwriting a key (use --force)", code="key-exists"
         ) from exc
     try:
         os.fchmod(fd, 0o600)
@@ -84,9 +89,13 @@ def _write_private(path: Path, data: bytes) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+    if overwrite:
+        os.replace(target, path)
 
 
-def generate_key(kind: str, out_dir: Path, name: str | None = None) -> KeyPaths:
+def generate_key(
+    kind: str, out_dir: Path, name: str | None = None, *, overwrite: bool = False
+) -> KeyPaths:
     """Create a new key of ``kind`` (signing, device or fleet) in ``out_dir``.
 
     Args:
@@ -94,6 +103,7 @@ def generate_key(kind: str, out_dir: Path, name: str | None = None) -> KeyPaths:
             wrapped data keys) or ``fleet`` (a named 32-byte pre-shared key).
         out_dir: created if missing.
         name: required for ``fleet`` (file ``<name>.psk``); ignored otherwise.
+        overwrite: replace an existing fleet key of that name (``--force``).
     """
     if kind not in KINDS:
         raise KeyFileError(f"unknown key kind {kind!r} (use {', '.join(KINDS)})", code="key-kind")
@@ -106,7 +116,9 @@ def generate_key(kind: str, out_dir: Path, name: str | None = None) -> KeyPaths:
                 code="key-name",
             )
         path = out_dir / f"{name}.psk"
-        _write_private(path, os.urandom(PSK_SIZE).hex().encode("ascii") + b"\n")
+        _write_private(
+            path, os.urandom(PSK_SIZE).hex().encode("ascii") + b"\n", overwrite=overwrite
+        )
         logger.info("wrote fleet key %s", psk_key_id(name))
         return KeyPaths(kind, psk_key_id(name), path, None)
     priv: PrivateKey = (

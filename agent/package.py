@@ -125,6 +125,10 @@ class PackSpec:
     bits: int = 8
     group_size: int = 128
     max_rel_err: float | None = None
+    allow_lossy: bool = False  # permit 1- and 2-bit Δ without a fidelity target
+    fidelity_target: Any = None  # agent.residual.search.Target: smallest patch meeting it
+    output_kind: str | None = None  # fidelity metrics; default from Meta-info task
+    max_patch_ratio: float = 1.0
     progress: Progress | None = None
 
     def __repr__(self) -> str:  # never show key material
@@ -205,8 +209,18 @@ def _encode_patch(base: Path, target: Path, out: BinaryIO, spec: PackSpec) -> An
         "group_size": spec.group_size,
         "max_rel_err": spec.max_rel_err,
     }
-    if spec.samples_dir is not None and "samples" in _inspect.signature(encode).parameters:
+    params = _inspect.signature(encode).parameters
+    if spec.samples_dir is not None and "samples" in params:
         kwargs["samples"] = spec.samples_dir
+    if "fidelity_target" in params:
+        from agent.residual.fidelity import kind_from_meta
+
+        kwargs.update(
+            allow_lossy=spec.allow_lossy,
+            fidelity_target=spec.fidelity_target,
+            output_kind=spec.output_kind or kind_from_meta(spec.meta_dir),
+            max_patch_ratio=spec.max_patch_ratio,
+        )
     return encode(base, target, out, **kwargs)
 
 

@@ -6,15 +6,13 @@ splits on it), an escape sequence would rewrite the operator's terminal, a bidi
 override would reorder what they read. :func:`printable` escapes every character
 Python does not consider printable (C0/C1 controls, DEL, format characters such as
 U+202E, separators other than the space) and bounds the length. Every log record is
-escaped by :class:`EscapingFormatter` (installed by the daemon and the CLI), and the
+escaped by the one log formatter (:class:`agent.logs.JournalAwareFormatter`), and the
 CLI passes what it prints from a package or the daemon through :func:`printable`.
 """
 
 from __future__ import annotations
 
-import logging
-
-__all__ = ["EscapingFormatter", "escape_log_records", "printable"]
+__all__ = ["printable"]
 
 #: longest text shown for one untrusted value (the rest is cut, marked with "...")
 MAX_SHOWN = 400
@@ -36,20 +34,3 @@ def printable(value: object, limit: int = MAX_SHOWN) -> str:
     if text.isprintable():
         return text
     return "".join(ch if ch.isprintable() else _escape(ch) for ch in text)
-
-
-class EscapingFormatter(logging.Formatter):
-    """A formatter whose message part is always one escaped line (a traceback, which
-    the daemon itself writes, keeps its lines)."""
-
-    def formatMessage(self, record: logging.LogRecord) -> str:
-        record.message = printable(record.message, limit=4000)
-        return super().formatMessage(record)
-
-
-def escape_log_records(logger: logging.Logger) -> None:
-    """Give every handler of ``logger`` an :class:`EscapingFormatter` with its format."""
-    for h in logger.handlers:
-        if not isinstance(h.formatter, EscapingFormatter):
-            fmt = h.formatter._fmt if h.formatter is not None else None
-            h.setFormatter(EscapingFormatter(fmt))

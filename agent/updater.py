@@ -180,6 +180,10 @@ class Updater:
         self._scan_cache: dict[Path, tuple[tuple[int, int], _Candidate | str]] = {}
         self.machines: dict[str, UpdateMachine] = {}
         self.transitions: dict[str, int] = dict.fromkeys(STATES, 0)
+        # (model, state) -> transitions into state, for per-model metrics.
+        self.model_transitions: dict[tuple[str, str], int] = {}
+        # Called after every transition (the daemon keeps systemd's STATUS= current).
+        self.observers: list[Callable[[UpdateMachine], object]] = []
         self.checks = 0
         self.check_failures = 0
         self.last_check: CheckResult | None = None
@@ -221,7 +225,11 @@ class Updater:
 
     def _changed(self, machine: UpdateMachine, old: str) -> None:
         self.transitions[machine.state] = self.transitions.get(machine.state, 0) + 1
+        key = (machine.name, machine.state)
+        self.model_transitions[key] = self.model_transitions.get(key, 0) + 1
         self._write_journal()
+        for observer in self.observers:
+            observer(machine)
 
     def _write_journal(self) -> None:
         try:
@@ -322,13 +330,7 @@ class Updater:
         return load_keyring([kdir])
 
     def _limits(self) -> Any:
-        if not self.cfg.package_limits:
-            return None
-        package = importlib.import_module("agent.package")
-        try:
-            return package.Limits(**self.cfg.package_limits)
-        except TypeError as exc:
-            raise UpdateError(f"package_limits: {exc}", code="config") from exc
+        return self.cfg.package_limits  # typed and validated at config load
 
     # --- scanning ------------------------------------------------------------------
 
