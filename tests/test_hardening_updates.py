@@ -182,28 +182,32 @@ def test_disk_full_is_retried(tmp_path: Path, pkgs: dict[str, Path]) -> None:
 
 @needs_worker
 @pytest.mark.e2e
-def test_daemon_provider_typo_then_rollback_and_other_model(
+def test_daemon_provider_unavailable_then_rollback_and_other_model(
     tmp_path: Path, pkgs: dict[str, Path]
 ) -> None:
-    """Real daemon: a misspelled execution provider defers the update (package kept,
+    """Real daemon: an execution provider the box lacks defers the update (package kept,
     status says what to fix); fixed by a reload, it installs. A rollback with the newer
     package still in the inbox: checks stay clean and a second model installs."""
     work = tmp_path / "w"
     cfg = write_config(work, trust_dir=pkgs["trust"])
     text = cfg.read_text()
     good = "onnx = { intra_op_threads = 1, inter_op_threads = 1 }"
-    typo = good.replace(" }", ', providers = ["CPUExecutionProvidr"] }')
-    cfg.write_text(text.replace(good, typo))
+    # a provider this onnxruntime knows but this box lacks, with the "error" policy: the
+    # worker refuses to start (a typo is refused when the config loads, before this)
+    lacking = good.replace(
+        " }", ', providers = ["CUDAExecutionProvider"], unavailable_providers = "error" }'
+    )
+    cfg.write_text(text.replace(good, lacking))
     d = start_daemon(work, config=cfg)
     try:
         shutil.copy(pkgs["1"], d.inbox / "tiny-1.emp")
         r = d.cli("check", "--json")
         assert r.returncode == 1, r.stderr  # a failure to report, not a daemon error
         failed = json.loads(r.stdout)["failed"]
-        assert "tiny" in failed and "CPUExecutionProvidr" in failed["tiny"], r.stdout
+        assert "tiny" in failed and "CUDAExecutionProvider" in failed["tiny"], r.stdout
         assert (d.inbox / "tiny-1.emp").exists() and not list(d.inbox.glob("*.rejected"))
         st = json.loads(d.cli("status", "--json").stdout)
-        assert "configuration" in st["updates"]["tiny"]["fix"]
+        assert "runtime.onnx.providers" in st["updates"]["tiny"]["fix"]
         assert "to fix" in d.log()
         cfg.write_text(text)
         os.kill(d.proc.pid, signal.SIGHUP)  # reload: retried now, not after the backoff
