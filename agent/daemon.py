@@ -343,6 +343,8 @@ class Daemon:
         self.notifier.stopping()
         self.notifier.status("draining")
         logger.info("shutting down: draining for up to %.1fs", self.cfg.daemon.drain_timeout)
+        if self.updater is not None:
+            self.updater.stop()  # a package read in flight gives up at its next piece
         for t in self._tasks:
             t.cancel()
         if self._check_task is not None:

@@ -789,10 +789,17 @@ def _meta_check(fe: FileEntry, reader: MemberReader, limits: Limits) -> bytes | 
 
 
 def verify(
-    pkg: Path, trust: TrustStore, limits: Limits | None = None, *, nofollow: bool = False
+    pkg: Path,
+    trust: TrustStore,
+    limits: Limits | None = None,
+    *,
+    nofollow: bool = False,
+    progress: Progress | None = None,
 ) -> Manifest:
     """Verify a package without writing anything: signature, then every member's size
     and SHA-256, the container headers against the manifest, and the Meta-info schemas.
+    ``progress`` is called with the byte count of every piece read (it may raise to
+    abandon the verification, as the daemon does when it is stopped).
 
     Raises:
         PackageError subclasses with specific codes (see docs/PACKAGE.md).
@@ -814,7 +821,7 @@ def verify(
             found = {_check_header(models.get(e.header.model_id), e.header, fe.path).id for e in cr}
             _check_all_models(models, found, fe.path)
 
-        _walk(opened, on_file)
+        _walk(opened, on_file, progress)
     logger.info(
         "verified %s version %d (signed by %s)", manifest.name, manifest.version, opened.signer
     )

@@ -233,3 +233,40 @@ def test_daemon_provider_unavailable_then_rollback_and_other_model(
         assert "2" in st["updates"]["tiny"]["bad"]
     finally:
         d.stop()
+
+
+def test_stopping_abandons_reads_without_blame(tmp_path: Path, pkgs: dict[str, Path]) -> None:
+    """SIGTERM must not wait for a big package: every read the updater starts gives up
+    at its next piece once the daemon stops, and nothing is refused or deferred for it."""
+    from agent.errors import UpdateError
+    from agent.keys import load_trusted
+    from agent.package import unpack, verify
+
+    trust = load_trusted([pkgs["trust"]])
+    calls = []
+
+    def hook(n: int) -> None:
+        calls.append(n)
+        raise UpdateError("stop", code="stopping")
+
+    with pytest.raises(UpdateError):
+        verify(pkgs["1"], trust, progress=hook)
+    with pytest.raises(UpdateError):
+        unpack(pkgs["1"], tmp_path / "out", trust=trust, progress=hook)
+    assert calls and not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+    async def go() -> None:
+        _cfg, store, _reg, up, _made = _setup(tmp_path, pkgs["trust"])
+        _drop(tmp_path, pkgs["1"])
+        up.stop()
+        res = await up.check()
+        assert res.installed == {} and "stopping" in res.failed["*"], res.to_dict()
+        assert (tmp_path / "inbox" / "tiny-1.emp").exists()
+        assert not list((tmp_path / "inbox").glob("*.rejected*"))
+        assert store.current("tiny") is None and not up.is_bad("tiny", "1")
+        # the next start (a fresh updater) installs it
+        _cfg, store, _reg, up2, _made = _setup(tmp_path, pkgs["trust"])
+        assert (await up2.check()).installed == {"tiny": "1"}
+
+    asyncio.run(go())
