@@ -132,6 +132,9 @@ class DaemonConfig:
     worker_start_timeout: float = 120.0  # seconds for spawn + convert + load + warm-up
     worker_memory_limit_mb: int | None = None  # per worker; None = no cap
     log_level: str = "info"
+    # hash every installed file of current and previous against the signed manifest at
+    # start (a modified version is not served); agent/installed.py
+    verify_installed: bool = True
     # "text": one line per record (with journald priority prefixes when stderr is the
     # journal); "json": one JSON object per line. Worker lines use the same format.
     log_format: str = "text"
@@ -435,13 +438,42 @@ def check_groups(cfg: Config) -> None:
     ):
         if group:
             try:
-                grp.getgrnam(group)
+                gid = grp.getgrnam(group).gr_gid
             except KeyError:
                 raise ConfigError(
                     f"{key}: group {group!r} does not exist on this system "
                     '(create it, or set "" for the daemon\'s own group)',
                     code="config-group",
                 ) from None
+            problem = unmapped_group(gid, group, key)
+            if problem is not None:
+                raise ConfigError(problem, code="config-group")
+
+
+def unmapped_group(gid: int, group: str, key: str, gid_map: str | None = None) -> str | None:
+    """Why ``gid`` cannot be given to a socket here, or None when it can.
+
+    In a user namespace (systemd's ``PrivateUsers=yes``) only the daemon's own user and
+    group (and root/nobody) are mapped; ``chown`` to any other group fails with an
+    opaque ``EINVAL``. ``gid_map``: the text of ``/proc/self/gid_map`` (read when None).
+    """
+    if gid_map is None:
+        try:
+            with open("/proc/self/gid_map", encoding="ascii") as fh:
+                gid_map = fh.read()
+        except OSError:
+            return None  # no /proc: nothing to tell in advance
+    for line in gid_map.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and all(p.isdigit() for p in parts):
+            inside, _outside, count = (int(p) for p in parts)
+            if inside <= gid < inside + count:
+                return None
+    return (
+        f"{key}: group {group!r} (gid {gid}) is not mapped in the daemon's user namespace "
+        "(PrivateUsers=yes maps only the daemon's own user and group); use the daemon's "
+        f'own group ({key} = "" or the unit\'s Group=), or set PrivateUsers=no in the unit'
+    )
 
 
 def load_config(path: Path, *, environ: Mapping[str, str] | None = None) -> Config:

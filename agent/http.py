@@ -953,6 +953,14 @@ class UnixHTTPServer:
                         "is not a member of it",
                         code="socket-group",
                     ) from exc
+                except OSError as exc:  # EINVAL: the gid is not mapped (a user namespace)
+                    from agent.config import unmapped_group
+
+                    why = unmapped_group(gid, str(self.group), f"socket {path}")
+                    raise ConfigError(
+                        why or f"cannot give socket {path} to group {self.group!r}: {exc}",
+                        code="socket-group",
+                    ) from exc
             sock.listen(1024)
             os.rename(tmp, path)
             sock.setblocking(False)

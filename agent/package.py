@@ -789,10 +789,17 @@ def _meta_check(fe: FileEntry, reader: MemberReader, limits: Limits) -> bytes | 
 
 
 def verify(
-    pkg: Path, trust: TrustStore, limits: Limits | None = None, *, nofollow: bool = False
+    pkg: Path,
+    trust: TrustStore,
+    limits: Limits | None = None,
+    *,
+    nofollow: bool = False,
+    progress: Progress | None = None,
 ) -> Manifest:
     """Verify a package without writing anything: signature, then every member's size
     and SHA-256, the container headers against the manifest, and the Meta-info schemas.
+    ``progress`` is called with the byte count of every piece read (it may raise to
+    abandon the verification, as the daemon does when it is stopped).
 
     Raises:
         PackageError subclasses with specific codes (see docs/PACKAGE.md).
@@ -814,7 +821,7 @@ def verify(
             found = {_check_header(models.get(e.header.model_id), e.header, fe.path).id for e in cr}
             _check_all_models(models, found, fe.path)
 
-        _walk(opened, on_file)
+        _walk(opened, on_file, progress)
     logger.info(
         "verified %s version %d (signed by %s)", manifest.name, manifest.version, opened.signer
     )
@@ -971,6 +978,7 @@ def _unpack_into(
     patches: list[tuple[ModelInfo, Path]] = []
     with _open(pkg, limits, trust, nofollow=nofollow) as opened:
         manifest = opened.manifest
+        signature = opened.signature
         residual = [m for m in manifest.models if m.residual]
         base_manifest = _check_base(manifest, base_dir) if residual else None
         key = _data_key(manifest, keyring, trust, envelopes)
@@ -1011,12 +1019,15 @@ def _unpack_into(
     if patches:
         assert base_dir is not None and base_manifest is not None
         _apply_patches(patches, base_dir, base_manifest, out)
-    fd = out.create(MANIFEST_NAME)
-    try:
-        _write_all(fd, manifest.raw)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    # the signed manifest and its signature stay with the files: the daemon checks an
+    # installed version against them at start (agent/installed.py)
+    for rel, data in ((MANIFEST_NAME, manifest.raw), (SIGNATURE_NAME, signature)):
+        fd = out.create(rel)
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     out.sync_dirs()
     return manifest
 

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-AREAS = ("unpack", "residual", "worker", "socket", "reliability_serve")
+AREAS = ("unpack", "residual", "worker", "socket", "reliability_serve", "reliability")
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
@@ -73,6 +73,38 @@ FIGURES: dict[str, tuple[str, tuple[str, float] | None, int]] = {
         13,
     ),
     "reliability_flood_p50_ratio": ("legit p50 latency, flood / no flood", None, 13),
+    "reliability_inbox_cases_refused_ratio": (
+        "hostile inbox / store cases refused (links, JSON, non-regular, names, installed)",
+        (">=", 1.0),
+        13,
+    ),
+    "reliability_inbox_json_tried": ("hostile JSON before the signature: cases", None, 13),
+    "reliability_inbox_json_refused": ("... refused with one EdgewardError", None, 13),
+    "reliability_inbox_nonregular_tried": ("non-regular inbox entries: cases", None, 13),
+    "reliability_inbox_nonregular_refused": ("... refused as such", None, 13),
+    "reliability_inbox_links_tried": ("links planted where a refusal writes: cases", None, 13),
+    "reliability_inbox_links_refused": ("... target left untouched", None, 13),
+    "reliability_inbox_names_tried": ("names with control characters: cases", None, 13),
+    "reliability_inbox_names_refused": ("... escaped", None, 13),
+    "reliability_inbox_installed_tried": ("tampered installed versions: cases", None, 13),
+    "reliability_inbox_installed_refused": ("... found by the start-up check", None, 13),
+    "reliability_refuse_nonregular_max_s": (
+        "worst time to refuse a FIFO, /dev/zero link, socket, dir, link, s",
+        ("<=", 1.0),
+        13,
+    ),
+    "reliability_refuse_sparse_s": ("time to refuse a 4 GiB sparse file, s", ("<=", 1.0), 13),
+    "reliability_refuse_sparse_signed_head_s": (
+        "time to refuse a signed head + 4 GiB of zeros, s",
+        ("<=", 1.0),
+        13,
+    ),
+    "reliability_refuse_check_s": ("daemon check with all of them + a valid package, s", None, 13),
+    "reliability_refuse_sigterm_s": (
+        "SIGTERM to exit during a check with a FIFO in the inbox, s",
+        None,
+        13,
+    ),
     "reliability_tensor_cases_400_ratio": (
         "edge-case tensor requests answered 400 (relayed + lent)",
         (">=", 1.0),
