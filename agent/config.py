@@ -7,7 +7,7 @@ Messages name the key (``inference.mode``) and what would have been accepted.
 
 ``[runtime]``, ``[inference.limits]`` and ``[package_limits]`` are built at load into the
 typed objects their consumers use (``runtime.config.RuntimeConfig``,
-``agent.http.HTTPLimits``, ``agent.package.Limits``), each validated by its own class,
+``agent.http.HTTPLimits``, ``agent.limits.Limits``), each validated by its own class,
 so a misspelled key fails before anything starts rather than at the first package.
 
 Environment overrides: ``EDGEWARD_<SECTION>_<KEY>=value`` replaces ``[section] key`` of
@@ -24,14 +24,12 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from agent.errors import ConfigError
 from agent.http import HTTPLimits
+from agent.limits import Limits
 from runtime.config import RuntimeConfig
-
-if TYPE_CHECKING:
-    from agent.package import Limits
 
 __all__ = [
     "Config",
@@ -145,12 +143,6 @@ def metrics_socket(cfg: Config) -> Path:
     return cfg.control.socket.with_name("metrics.sock")
 
 
-def _default_package_limits() -> Limits:
-    from agent.package import Limits
-
-    return Limits()
-
-
 @dataclass(frozen=True)
 class Config:
     """The whole daemon configuration."""
@@ -163,8 +155,8 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     # [runtime], built by runtime.config.RuntimeConfig.from_dict.
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
-    # [package_limits], built into agent.package.Limits (caps on untrusted packages).
-    package_limits: Limits = field(default_factory=_default_package_limits)
+    # [package_limits], built into agent.limits.Limits (caps on untrusted packages).
+    package_limits: Limits = field(default_factory=Limits)
     source: Path | None = None
 
 
@@ -301,8 +293,6 @@ def _positive(key: str, value: float, *, allow_zero: bool = False) -> None:
 
 def parse_config(data: Mapping[str, Any], *, source: Path | None = None) -> Config:
     """Build a :class:`Config` from a parsed TOML document, validating every key."""
-    from agent.package import Limits
-
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         if key in SECTIONS:
@@ -342,7 +332,7 @@ def apply_environment(data: dict[str, Any], environ: Mapping[str, str]) -> dict[
         known = (
             {f.name for f in dataclasses.fields(SECTIONS[section])}
             if section in SECTIONS
-            else set(_default_package_limits().__dataclass_fields__)
+            else set(Limits.__dataclass_fields__)
         )
         if key not in known:
             raise ConfigError(
