@@ -85,8 +85,17 @@ class InferenceConfig:
     # Microseconds a worker thread polls for a connection's next request after a short
     # answer before it sleeps (adaptive; 0 = always sleep). See runtime/direct.py.
     lend_spin_us: int = 200
+    # Seconds one prediction may take; past it the request gets 504 and the model's
+    # worker is killed and restarted (a run script that hangs or spins). Per model:
+    # request_timeouts = { det = 120.0 }.
+    request_timeout_s: float = 60.0
+    request_timeouts: dict[str, Any] = field(default_factory=dict)
     # [inference.limits], built into agent.http.HTTPLimits (keys as it names them).
     limits: HTTPLimits = field(default_factory=HTTPLimits)
+
+    def request_timeout(self, model: str) -> float:
+        """Seconds a prediction of ``model`` may take."""
+        return float(self.request_timeouts.get(model, self.request_timeout_s))
 
 
 @dataclass(frozen=True)
@@ -107,6 +116,10 @@ class UpdatesConfig:
     jitter: float = 0.1  # fraction of the interval, spread so a fleet does not stampede
     check_on_start: bool = True
     keep_failed: bool = True  # leave refused packages in the inbox (renamed *.rejected)
+    # A local fault (disk full, unreadable device key, bad config) is retried after this
+    # many seconds, doubling per consecutive fault up to retry_backoff_max.
+    retry_backoff: float = 60.0
+    retry_backoff_max: float = 3600.0
 
 
 @dataclass(frozen=True)
@@ -353,6 +366,8 @@ def apply_environment(data: dict[str, Any], environ: Mapping[str, str]) -> dict[
 def _validate(cfg: Config) -> None:
     u, d = cfg.updates, cfg.daemon
     _positive("updates.check_interval", u.check_interval, allow_zero=True)
+    _positive("updates.retry_backoff", u.retry_backoff, allow_zero=True)
+    _positive("updates.retry_backoff_max", u.retry_backoff_max, allow_zero=True)
     if not 0 <= u.jitter <= 1:
         raise ConfigError(
             f"updates.jitter: must be a fraction between 0 and 1, got {u.jitter}",
@@ -362,6 +377,14 @@ def _validate(cfg: Config) -> None:
     _positive("inference.max_concurrent_per_model", cfg.inference.max_concurrent_per_model)
     _positive("inference.max_queue_per_model", cfg.inference.max_queue_per_model, allow_zero=True)
     _positive("inference.lend_spin_us", cfg.inference.lend_spin_us, allow_zero=True)
+    _positive("inference.request_timeout_s", cfg.inference.request_timeout_s)
+    for model, seconds in cfg.inference.request_timeouts.items():
+        key = f"inference.request_timeouts.{model}"
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+            raise ConfigError(
+                f"{key}: expected a number of seconds, got {seconds!r}", code="config-type"
+            )
+        _positive(key, seconds)
     _positive("daemon.worker_start_timeout", d.worker_start_timeout)
     if d.worker_memory_limit_mb is not None:
         _positive("daemon.worker_memory_limit_mb", d.worker_memory_limit_mb)

@@ -162,7 +162,7 @@ class ControlApp:
         return _json(200, {"models": self.daemon.models_status()})
 
     async def _check(self, _arg: str) -> Reply:
-        res = await self.daemon.updater.check()
+        res = await self.daemon.updater.check(retry_deferred=True)
         return _json(200, res.to_dict())
 
     async def _reload(self, _arg: str) -> Reply:

@@ -27,7 +27,7 @@ from typing import Any
 
 from agent.config import Config, check_groups, load_config, metrics_socket
 from agent.control import ControlApp
-from agent.errors import EdgewardError
+from agent.errors import EdgewardError, local_fault
 from agent.registry import ModelRegistry, WorkerLike
 from agent.sdnotify import Notifier, watchdog_interval
 from agent.store import Store
@@ -79,11 +79,12 @@ class Daemon:
             # Replies are read by the daemon's event loop (one wake-up per reply instead of
             # a reader thread that then wakes the loop); see docs/RUNTIME.md.
             loop=_running_loop(),
-            lend=self._lend_settings(),
+            lend=self._lend_settings(name),
+            request_timeout=self.cfg.inference.request_timeout(name),
         )
         return worker
 
-    def _lend_settings(self) -> dict[str, Any] | None:
+    def _lend_settings(self, name: str) -> dict[str, Any] | None:
         """What a worker needs to answer lent inference connections as this daemon would
         (HTTP limits, admission), or None when lending is off."""
         from runtime.direct import limits_settings
@@ -92,7 +93,7 @@ class Daemon:
         if not inf.lend_connections:
             return None
         gate = (inf.max_concurrent_per_model, inf.max_queue_per_model)
-        return limits_settings(inf.limits, gate, inf.lend_spin_us)
+        return limits_settings(inf.limits, gate, inf.lend_spin_us, inf.request_timeout(name))
 
     # --- lifecycle -----------------------------------------------------------------
 
@@ -137,6 +138,7 @@ class Daemon:
             return
         except EdgewardError as exc:
             logger.error("model %s version %s does not start: %s", name, cur, exc.message)
+            why, local = f"[{exc.code}] {exc.message}", local_fault(exc)
         prev = self.store.previous(name)
         if prev is None or prev == cur:
             logger.error("model %s has no previous version; it is not served", name)
@@ -152,6 +154,8 @@ class Daemon:
         m = self.updater.machine(name)
         m.version = prev
         m.advance("rolled-back", error=f"version {cur} failed to start")
+        if local is None:  # a fault of this device's is no reason to refuse the version
+            self.updater.mark_bad(name, cur, f"failed to start, rolled back: {why}")
         logger.warning("model %s rolled back to version %s", name, prev)
 
     def _socket_paths(self) -> list[Path]:
@@ -301,10 +305,10 @@ class Daemon:
         u = self.cfg.updates
         return u.check_interval * (1 + random.uniform(-u.jitter, u.jitter))  # noqa: S311
 
-    async def _safe_check(self) -> None:
+    async def _safe_check(self, *, retry_deferred: bool = False) -> None:
         """A check from a timer or signal: failures are logged, never fatal."""
         try:
-            await self.updater.check()
+            await self.updater.check(retry_deferred=retry_deferred)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -320,11 +324,13 @@ class Daemon:
             await asyncio.sleep(self._next_delay())
             await self._safe_check()
 
-    def trigger_check(self) -> None:
+    def trigger_check(self, *, retry_deferred: bool = False) -> None:
         """Start a check in the background (coalesced by the updater's lock)."""
         if self._check_task is not None and not self._check_task.done():
             return
-        self._check_task = asyncio.get_running_loop().create_task(self._safe_check())
+        self._check_task = asyncio.get_running_loop().create_task(
+            self._safe_check(retry_deferred=retry_deferred)
+        )
 
     def _on_sighup(self) -> None:
         logger.info("SIGHUP: reloading configuration")
@@ -341,7 +347,7 @@ class Daemon:
         finally:
             self.state = previous
             self.notifier.ready(status=self.status_line())
-        self.trigger_check()
+        self.trigger_check(retry_deferred=True)  # a reload may have fixed a local fault
 
     async def reload(self) -> list[str]:
         """Re-read the config file; apply what can change live. Returns changed keys.

@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
+from agent import boundedjson
 from agent.errors import KeyFileError, SignatureError
 
 logger = logging.getLogger(__name__)
@@ -242,10 +243,13 @@ def _parse_signatures(signature: bytes | Mapping[str, Any]) -> list[Mapping[str,
         return [signature]
     if len(signature) > MAX_KEY_FILE_BYTES:
         raise SignatureError("signature document too large", code="signature-malformed")
-    try:
-        doc = json.loads(signature)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise SignatureError("signature document is not JSON", code="signature-malformed") from exc
+    doc = boundedjson.loads(
+        signature,
+        what="signature document",
+        error=SignatureError,
+        code="signature-malformed",
+        max_bytes=MAX_KEY_FILE_BYTES,
+    )
     if not isinstance(doc, dict) or set(doc) != {"format", "signatures"} or doc["format"] != 1:
         raise SignatureError(
             'signature document must be {"format": 1, "signatures": [...]}',

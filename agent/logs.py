@@ -19,6 +19,8 @@ import sys
 import time
 from typing import TextIO
 
+from agent.textsafe import printable
+
 __all__ = ["PRIORITIES", "JournalAwareFormatter", "journal_stream", "setup_logging"]
 
 # syslog priorities by logging level (sd-daemon(3) "<N>" prefixes).
@@ -66,7 +68,8 @@ class JournalAwareFormatter(logging.Formatter):
         return time.strftime("%Y-%m-%dT%H:%M:%S", t) + f".{int(record.msecs):03d}Z"
 
     def format(self, record: logging.LogRecord) -> str:
-        message = record.getMessage()
+        # Inbox file names and manifest labels are chosen by others: one escaped line.
+        message = printable(record.getMessage(), limit=4000)
         exc = self.formatException(record.exc_info) if record.exc_info else ""
         if self.fmt == "json":
             doc: dict[str, object] = {

@@ -18,6 +18,7 @@ import sys
 from collections.abc import Sequence
 
 from agent.errors import EdgewardError
+from agent.textsafe import printable
 
 COMMAND_MODULES = (
     "agent.cli.keys",  # keygen
@@ -64,13 +65,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         return _stdout_gone()
     except EdgewardError as exc:
-        print(f"edgeward: error [{exc.code}]: {exc.message}", file=sys.stderr)
+        print(f"edgeward: error [{exc.code}]: {printable(exc.message)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("edgeward: interrupted", file=sys.stderr)
         return 130
     except OSError as exc:
-        print(f"edgeward: error [os]: {exc}", file=sys.stderr)
+        print(f"edgeward: error [os]: {printable(exc)}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # a bug: still one line (the traceback with -v)
+        logging.getLogger(__name__).debug("unexpected error", exc_info=True)
+        print(
+            f"edgeward: error [internal]: {type(exc).__name__}: {printable(exc)}"
+            " (run with -v for details)",
+            file=sys.stderr,
+        )
         return 1
     return int(rc or 0)
 

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from agent.cli.common import Progress, add_force, add_json, refuse_overwrite, replace_dir
+from agent.cli.residual import add_patch_options, patch_kwargs
+from agent.textsafe import printable
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
@@ -100,27 +102,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         metavar="BASE",
         help="residual update against BASE (.emp, unpacked dir or model file)",
     )
-    p.add_argument(
-        "--bits",
-        type=int,
-        default=8,
-        choices=(8, 4, 2, 1),
-        help="width of the quantised residual delta tried first (default 8)",
-    )
-    p.add_argument(
-        "--group-size",
-        type=int,
-        default=128,
-        choices=(128, 64),
-        help="weights per scale group for 4 bits and below (default 128)",
-    )
-    p.add_argument(
-        "--max-rel-err",
-        type=float,
-        default=None,
-        metavar="E",
-        help="widest relative error a tensor's delta may have before more bits are used",
-    )
+    add_patch_options(p)
     p.add_argument(
         "--trust",
         action="append",
@@ -247,6 +229,11 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     e.set_defaults(func=_envelope_add)
 
 
+def _patch_spec(args: argparse.Namespace) -> dict[str, Any]:
+    """PackSpec fields for ``--base`` updates (same names as encode_patch's options)."""
+    return patch_kwargs(args)
+
+
 def _pubs(paths: list[Path]) -> list[Any]:
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
@@ -295,9 +282,7 @@ def _pack(args: argparse.Namespace) -> int:
         chunk_size=args.chunk_size,
         zstd_level=args.zstd_level or None,
         base=args.base,
-        bits=args.bits,
-        group_size=args.group_size,
-        max_rel_err=args.max_rel_err,
+        **_patch_spec(args),
         base_trust=TrustStore.from_paths(args.trust) if args.trust else None,
         base_keyring=Keyring.from_paths(args.device_key) if args.device_key else None,
     )
@@ -331,29 +316,33 @@ def _inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(doc, indent=2, sort_keys=True))
         return 0
-    print(
+
+    def show(line: str) -> None:  # unverified, chosen by whoever made the file
+        print(printable(line, limit=2000))
+
+    show(
         f"package   {doc['name']} version {doc['version']}"
         + (f" ({doc['label']})" if doc.get("label") else "")
     )
-    print(f"created   {doc.get('created', '')}   size {doc['package_size']:,} bytes")
-    print(f"signed by {', '.join(doc['signature_key_ids']) or 'nobody'} (not verified)")
+    show(f"created   {doc.get('created', '')}   size {doc['package_size']:,} bytes")
+    show(f"signed by {', '.join(doc['signature_key_ids']) or 'nobody'} (not verified)")
     enc = doc.get("encryption")
     if enc:
-        print(
+        show(
             f"encrypted {enc['alg']}, {enc['chunk_size']} B chunks, for "
             f"{', '.join(str(r) for r in enc['recipients'])}"
         )
     else:
-        print("encrypted no")
+        show("encrypted no")
     if doc.get("base"):
-        print(f"base      {doc['base']['name']} version {doc['base']['version']}")
+        show(f"base      {doc['base']['name']} version {doc['base']['version']}")
     for m in doc["models"]:
-        print(
+        show(
             f"model {m['id']}   {m['name']} [{m['format']}] {'+'.join(m['encoding']) or 'plain'}"
             f" {m['size']:,} bytes"
         )
     for f in doc["files"]:
-        print(f"file      {f['path']} {f['size']:,} bytes")
+        show(f"file      {f['path']} {f['size']:,} bytes")
     return 0
 
 
@@ -375,8 +364,10 @@ def _verify(args: argparse.Namespace) -> int:
         )
     else:
         print(
-            f"OK: {manifest.name} version {manifest.version}, signature and "
-            f"{len(manifest.files)} file digests verified"
+            printable(
+                f"OK: {manifest.name} version {manifest.version}, signature and "
+                f"{len(manifest.files)} file digests verified"
+            )
         )
     return 0
 

@@ -32,15 +32,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "-o", "--output", required=True, type=Path, metavar="PATCH", help="patch file to write"
     )
     add_force(p)
-    p.add_argument("--bits", type=int, choices=(8, 4, 2, 1), default=8, help="Δ width tried first")
-    p.add_argument("--group-size", type=int, choices=(128, 64), default=128, help="int4 group")
-    p.add_argument(
-        "--max-rel-err",
-        type=float,
-        default=None,
-        metavar="X",
-        help="widen a tensor (then send it whole) when ||B'-B||/||B|| exceeds X",
-    )
+    add_patch_options(p)
     p.add_argument("--samples", type=Path, metavar="DIR", help="*.npz inputs for fidelity")
     add_json(p, "the digests and statistics")
     p.set_defaults(func=_diff)
@@ -77,6 +69,64 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     p.set_defaults(func=_digest)
 
 
+def add_patch_options(p: argparse.ArgumentParser) -> None:
+    """Patch-making options shared by ``diff`` and ``pack --base``."""
+    p.add_argument(
+        "--bits",
+        type=int,
+        choices=range(1, 9),
+        default=8,
+        metavar="{1..8}",
+        help="Δ width tried first (default 8; 1 and 2 need --allow-lossy or a target)",
+    )
+    p.add_argument("--group-size", type=int, choices=(128, 64), default=128, help="3/4-bit group")
+    p.add_argument(
+        "--max-rel-err",
+        type=float,
+        default=None,
+        metavar="X",
+        help="widen a tensor (then send it whole) when ||B'-B||/||B|| exceeds X",
+    )
+    p.add_argument("--allow-lossy", action="store_true", help="permit --bits 1 or 2")
+    g = p.add_argument_group(
+        "fidelity target (needs --samples): the smallest patch whose B' meets every bound"
+    )
+    g.add_argument("--target-cosine", type=float, metavar="C", help="min per-sample cosine")
+    g.add_argument("--target-top1", type=float, metavar="A", help="min top-1 agreement")
+    g.add_argument("--target-max-abs", type=float, metavar="E", help="max abs output diff")
+    g.add_argument(
+        "--output-kind",
+        choices=("classification", "embedding", "dense"),
+        help="which metrics the report uses (default: from Meta-info, else auto)",
+    )
+    g.add_argument(
+        "--max-patch-ratio",
+        type=float,
+        default=1.0,
+        metavar="R",
+        help="refuse when meeting the target needs a patch >= R x the model (default 1)",
+    )
+
+
+def patch_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """encode_patch keyword arguments from :func:`add_patch_options`' options."""
+    kw: dict[str, Any] = {
+        "bits": args.bits,
+        "group_size": args.group_size,
+        "max_rel_err": args.max_rel_err,
+        "allow_lossy": args.allow_lossy,
+        "output_kind": args.output_kind,
+        "max_patch_ratio": args.max_patch_ratio,
+    }
+    if (args.target_cosine, args.target_top1, args.target_max_abs) != (None, None, None):
+        from agent.residual.search import Target
+
+        kw["fidelity_target"] = Target(
+            cosine=args.target_cosine, top1=args.target_top1, max_abs=args.target_max_abs
+        )
+    return kw
+
+
 def _diff(args: argparse.Namespace) -> int:
     from agent.residual import encode_patch
 
@@ -86,13 +136,7 @@ def _diff(args: argparse.Namespace) -> int:
     try:
         with open(tmp, "wb") as f:
             info = encode_patch(
-                args.base,
-                args.target,
-                f,
-                bits=args.bits,
-                group_size=args.group_size,
-                max_rel_err=args.max_rel_err,
-                samples=args.samples,
+                args.base, args.target, f, samples=args.samples, **patch_kwargs(args)
             )
             f.flush()
             os.fsync(f.fileno())
@@ -120,14 +164,27 @@ def _diff(args: argparse.Namespace) -> int:
     print(f"base    {info.base_digest}")
     print(f"target  {info.target_digest}  (B', what the device will produce)")
     print(f"patch   {out}  {size} bytes = {100 * ratio:.1f}% of {target_size} bytes")
+    widths = ", ".join(f"q{b} {s[f'q{b}']}" for b in range(8, 0, -1) if s[f"q{b}"])
     print(
-        "tensors {t}: skip {skip}, full {full}, int-delta {idelta}, q8 {q8}, q4 {q4}, "
-        "q2 {q2}, q1 {q1}; fallbacks {fallbacks}; max rel err {e:.3g}".format(
-            t=s["tensors"], e=s["max_rel_err"], **{k: s[k] for k in s if k != "tensors"}
-        )
+        f"tensors {s['tensors']}: skip {s['skip']}, full {s['full']}, int-delta {s['idelta']}"
+        f"{', ' + widths if widths else ''}; one-byte codes {s['unpacked_codes']}; "
+        f"fallbacks {s['fallbacks']}; max rel err {s['max_rel_err']:.3g}"
     )
+    if "search" in s:
+        r = s["search"]
+        print(
+            f"search  {r['tensors_searched']} tensors: {r['allocation']}; "
+            f"{r['sensitivity_runs']} + {r['verify_runs']} runs in {r['seconds']:.1f} s"
+        )
     if info.fidelity:
-        print("fidelity " + ", ".join(f"{k} {v:.6g}" for k, v in info.fidelity.items()))
+        print(
+            "fidelity "
+            + ", ".join(
+                f"{k} {v:.6g}" if isinstance(v, float) else f"{k} {v}"
+                for k, v in info.fidelity.items()
+                if k != "allocation"
+            )
+        )
     return 0
 
 
