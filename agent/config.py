@@ -283,17 +283,22 @@ def _section(cls: type[Any], name: str, table: Any) -> Any:
 
 
 def _limits(key: str, cls: type[Any], table: Any) -> Any:
-    """Build a limits dataclass from a table: known keys, integers or numbers only."""
+    """Build a limits dataclass from a table: known keys, integers or numbers only.
+
+    A class with its own ``__post_init__`` checks (HTTPLimits) judges ranges itself;
+    for the others every cap must be > 0.
+    """
     if not isinstance(table, dict):
         raise ConfigError(f"[{key}] must be a table, got {table!r}", code="config-type")
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    own_checks = hasattr(cls, "__post_init__")
     kwargs: dict[str, Any] = {}
     for k, v in table.items():
         if k not in fields:
             allowed = ", ".join(sorted(fields))
             raise ConfigError(f"unknown key {key}.{k}; allowed: {allowed}", code="config-key")
         kwargs[k] = _convert(f"{key}.{k}", str(fields[k].type), v)
-        if kwargs[k] <= 0:
+        if not own_checks and kwargs[k] is not None and kwargs[k] <= 0:
             raise ConfigError(f"{key}.{k}: must be > 0, got {v!r}", code="config-range")
     return cls(**kwargs)
 
