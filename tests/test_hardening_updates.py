@@ -187,15 +187,20 @@ def test_daemon_provider_typo_then_rollback_and_other_model(
 ) -> None:
     """Real daemon: a misspelled execution provider defers the update (package kept,
     status says what to fix); fixed by a reload, it installs. A rollback with the newer
-    package still in the inbox: checks stay clean and a second model installs."""
+    package still in the inbox: checks stay clean and a second model installs.
+
+    The daemon refuses to *start* with an unknown provider name (test_observability);
+    a reload checks types only, so the typo arrives by SIGHUP here."""
     work = tmp_path / "w"
     cfg = write_config(work, trust_dir=pkgs["trust"])
     text = cfg.read_text()
     good = "onnx = { intra_op_threads = 1, inter_op_threads = 1 }"
     typo = good.replace(" }", ', providers = ["CPUExecutionProvidr"] }')
-    cfg.write_text(text.replace(good, typo))
     d = start_daemon(work, config=cfg)
     try:
+        cfg.write_text(text.replace(good, typo))
+        os.kill(d.proc.pid, signal.SIGHUP)
+        d.wait_for("READY=1", count=2)  # the reload is done
         shutil.copy(pkgs["1"], d.inbox / "tiny-1.emp")
         r = d.cli("check", "--json")
         assert r.returncode == 1, r.stderr  # a failure to report, not a daemon error
