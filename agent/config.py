@@ -7,7 +7,7 @@ Messages name the key (``inference.mode``) and what would have been accepted.
 
 ``[runtime]``, ``[inference.limits]`` and ``[package_limits]`` are built at load into the
 typed objects their consumers use (``runtime.config.RuntimeConfig``,
-``agent.http.HTTPLimits``, ``agent.package.Limits``), each validated by its own class,
+``agent.http.HTTPLimits``, ``agent.limits.Limits``), each validated by its own class,
 so a misspelled key fails before anything starts rather than at the first package.
 
 Environment overrides: ``EDGEWARD_<SECTION>_<KEY>=value`` replaces ``[section] key`` of
@@ -24,14 +24,12 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from agent.errors import ConfigError
 from agent.http import HTTPLimits
+from agent.limits import Limits
 from runtime.config import RuntimeConfig
-
-if TYPE_CHECKING:
-    from agent.package import Limits
 
 __all__ = [
     "Config",
@@ -161,12 +159,6 @@ def metrics_socket(cfg: Config) -> Path:
     return cfg.control.socket.with_name("metrics.sock")
 
 
-def _default_package_limits() -> Limits:
-    from agent.package import Limits
-
-    return Limits()
-
-
 @dataclass(frozen=True)
 class Config:
     """The whole daemon configuration."""
@@ -179,8 +171,8 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     # [runtime], built by runtime.config.RuntimeConfig.from_dict.
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
-    # [package_limits], built into agent.package.Limits (caps on untrusted packages).
-    package_limits: Limits = field(default_factory=_default_package_limits)
+    # [package_limits], built into agent.limits.Limits (caps on untrusted packages).
+    package_limits: Limits = field(default_factory=Limits)
     source: Path | None = None
 
 
@@ -294,17 +286,22 @@ def _section(cls: type[Any], name: str, table: Any) -> Any:
 
 
 def _limits(key: str, cls: type[Any], table: Any) -> Any:
-    """Build a limits dataclass from a table: known keys, integers or numbers only."""
+    """Build a limits dataclass from a table: known keys, integers or numbers only.
+
+    A class with its own ``__post_init__`` checks (HTTPLimits) judges ranges itself;
+    for the others every cap must be > 0.
+    """
     if not isinstance(table, dict):
         raise ConfigError(f"[{key}] must be a table, got {table!r}", code="config-type")
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    own_checks = hasattr(cls, "__post_init__")
     kwargs: dict[str, Any] = {}
     for k, v in table.items():
         if k not in fields:
             allowed = ", ".join(sorted(fields))
             raise ConfigError(f"unknown key {key}.{k}; allowed: {allowed}", code="config-key")
         kwargs[k] = _convert(f"{key}.{k}", str(fields[k].type), v)
-        if kwargs[k] <= 0:
+        if not own_checks and kwargs[k] is not None and kwargs[k] <= 0:
             raise ConfigError(f"{key}.{k}: must be > 0, got {v!r}", code="config-range")
     return cls(**kwargs)
 
@@ -317,8 +314,6 @@ def _positive(key: str, value: float, *, allow_zero: bool = False) -> None:
 
 def parse_config(data: Mapping[str, Any], *, source: Path | None = None) -> Config:
     """Build a :class:`Config` from a parsed TOML document, validating every key."""
-    from agent.package import Limits
-
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         if key in SECTIONS:
@@ -358,7 +353,7 @@ def apply_environment(data: dict[str, Any], environ: Mapping[str, str]) -> dict[
         known = (
             {f.name for f in dataclasses.fields(SECTIONS[section])}
             if section in SECTIONS
-            else set(_default_package_limits().__dataclass_fields__)
+            else set(Limits.__dataclass_fields__)
         )
         if key not in known:
             raise ConfigError(

@@ -249,9 +249,10 @@ class Daemon:
 
     def _check_sockets_free(self) -> None:
         """Refuse to start when another agent answers on one of our sockets."""
-        from agent.http import clear_stale_socket
+        from agent.http import bind_path, clear_stale_socket
 
         for path in self._socket_paths():
+            bind_path(path)  # a path too long to bind: say so now, not after loading
             clear_stale_socket(path)
 
     def status_line(self) -> str:

@@ -28,7 +28,15 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-AREAS = ("unpack", "residual", "worker", "socket", "reliability_serve", "reliability")
+AREAS = (
+    "unpack",
+    "residual",
+    "worker",
+    "socket",
+    "reliability_serve",
+    "reliability",
+    "install",
+)
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
@@ -110,6 +118,12 @@ FIGURES: dict[str, tuple[str, tuple[str, float] | None, int]] = {
         (">=", 1.0),
         13,
     ),
+    "cli_version_start_ratio": ("edgeward --version / python -I -c pass, wall", None, 17),
+    "cli_version_start_ms": ("edgeward --version wall time, ms", None, 17),
+    "metrics_scrape_p50_ms": ("GET /metrics on the metrics socket, p50 ms", None, 17),
+    "metrics_scrape_vs_live_ratio": ("metrics scrape p50 / health-live p50", None, 17),
+    "daemon_rss_idle_unscraped_mb": ("daemon idle RSS (tiny model), never scraped, MB", None, 17),
+    "daemon_rss_after_scrapes_mb": ("the same after 500 scrapes, MB", None, 17),
 }
 
 TRANSCRIPTS = HERE / "transcripts"
