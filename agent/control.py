@@ -166,11 +166,34 @@ def render_metrics(daemon: Daemon) -> str:
     lines.append(f"edgeward_update_checks_total {up.checks}")
     head("edgeward_update_failures_total", "counter", "Update checks or installs that failed.")
     lines.append(f"edgeward_update_failures_total {up.check_failures}")
+    if daemon.mqtt is not None:
+        _mqtt_metrics(daemon.mqtt.stats, head, lines)
     head("edgeward_daemon_rss_bytes", "gauge", "Resident memory of the daemon process.")
     lines.append(f"edgeward_daemon_rss_bytes {daemon.rss_bytes()}")
     head("edgeward_daemon_start_time_seconds", "gauge", "Unix time the daemon started.")
     lines.append(f"edgeward_daemon_start_time_seconds {daemon.started:.3f}")
     return "\n".join(lines) + "\n"
+
+
+def _mqtt_metrics(st: Any, head: Callable[[str, str, str], None], lines: list[str]) -> None:
+    """The MQTT link (agent.mqtt.MqttStats): connection, reconnects, commands, rate limit."""
+    head("edgeward_mqtt_connected", "gauge", "1 while connected to an MQTT broker.")
+    lines.append(f"edgeward_mqtt_connected {int(st.connected)}")
+    head("edgeward_mqtt_reconnects_total", "counter", "Successful MQTT reconnections.")
+    lines.append(f"edgeward_mqtt_reconnects_total {st.reconnects}")
+    head("edgeward_mqtt_commands_total", "counter", "MQTT commands by kind and outcome.")
+    for (kind, outcome), n in sorted(st.commands.items()):
+        lines.append(
+            f'edgeward_mqtt_commands_total{{kind="{_esc(kind)}",outcome="{_esc(outcome)}"}} {n}'
+        )
+    head(
+        "edgeward_mqtt_triggers_rate_limited_total",
+        "counter",
+        "Check triggers that coalesced into a running or pending check (rate limit).",
+    )
+    lines.append(f"edgeward_mqtt_triggers_rate_limited_total {st.rate_limited}")
+    head("edgeward_mqtt_dropped_total", "counter", "MQTT messages dropped: the loop was behind.")
+    lines.append(f"edgeward_mqtt_dropped_total {st.handoff_dropped}")
 
 
 # --- the app ---------------------------------------------------------------------------

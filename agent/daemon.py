@@ -64,6 +64,8 @@ class Daemon:
         self._servers: list[Any] = []
         self._runtime_config: Any = None
         self._check_task: asyncio.Task[Any] | None = None
+        # agent.mqtt.MqttService when [mqtt] is configured (imported only then: idle RSS).
+        self.mqtt: Any = None
 
     # --- workers -------------------------------------------------------------------
 
@@ -126,6 +128,7 @@ class Daemon:
         self.notifier.status("binding sockets")
         await self._bind()
         self.state = "serving"
+        self._start_mqtt()
         served = ", ".join(f"{m.name}:{m.version}" for m in self.registry.models()) or "none"
         self.notifier.ready(status=f"serving {len(self.registry.models())} models: {served}")
         logger.info(
@@ -205,6 +208,16 @@ class Daemon:
         await control_server.start()
         self._servers.append(control_server)
 
+    def _start_mqtt(self) -> None:
+        """Connect out to the broker in the background: a broker that is down does not
+        delay READY or serving (agent/mqtt.py retries on its own thread)."""
+        if self.cfg.mqtt is None:
+            return
+        from agent.mqtt import MqttService
+
+        self.mqtt = MqttService(self)
+        self.mqtt.start()
+
     async def main_loop(self) -> None:
         """Serve until SIGTERM/SIGINT."""
         loop = asyncio.get_running_loop()
@@ -224,6 +237,11 @@ class Daemon:
             t.cancel()
         if self._check_task is not None:
             self._check_task.cancel()
+        if self.mqtt is not None:
+            try:
+                await self.mqtt.close()  # the retained status says "offline" (stopped)
+            except Exception:
+                logger.exception("mqtt: closing failed")
         await asyncio.gather(
             *(s.close(self.cfg.daemon.drain_timeout) for s in self._servers),
             return_exceptions=True,
@@ -286,11 +304,13 @@ class Daemon:
             await asyncio.sleep(self._next_delay())
             await self._safe_check()
 
-    def trigger_check(self) -> None:
-        """Start a check in the background (coalesced by the updater's lock)."""
+    def trigger_check(self) -> asyncio.Task[Any]:
+        """Start a check in the background, or return the one a trigger already started
+        (coalesced; the updater's lock serialises it with timer checks)."""
         if self._check_task is not None and not self._check_task.done():
-            return
+            return self._check_task
         self._check_task = asyncio.get_running_loop().create_task(self._safe_check())
+        return self._check_task
 
     def _on_sighup(self) -> None:
         logger.info("SIGHUP: reloading configuration")
@@ -385,6 +405,7 @@ class Daemon:
             "updates": {n: m.to_dict() for n, m in sorted(self.updater.machines.items())},
             "last_check": last.to_dict() if last is not None else None,
             "checks": self.updater.checks,
+            "mqtt": self.mqtt.state() if self.mqtt is not None else None,
         }
 
 
