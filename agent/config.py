@@ -315,6 +315,8 @@ def topic_name(key: str, value: Any) -> str:
             "A-Z a-z 0-9 . _ - starting with a letter or digit",
             code="config-value",
         )
+    if value == "fleet":  # edgeward/fleet/... is the group topic tree
+        raise ConfigError(f"{key}: 'fleet' is reserved (group topics)", code="config-value")
     return value
 
 

@@ -65,6 +65,8 @@ __all__ = [
     "Topics",
     "device_id_for",
     "parse_command",
+    "printable",
+    "read_password",
     "status_document",
 ]
 
@@ -82,7 +84,7 @@ FAILURES_PER_BROKER = 2
 MAX_PASSWORD_BYTES = 4096
 
 
-def _escape(text: str | bytes, limit: int = 120) -> str:
+def printable(text: str | bytes, limit: int = 120) -> str:
     """Untrusted text for a log line: printable ASCII, escaped, cut to ``limit``."""
     if isinstance(text, bytes):
         text = text[: limit * 4].decode("utf-8", errors="replace")
@@ -171,11 +173,11 @@ def parse_command(
     if not isinstance(kind, str):
         raise CommandError('command has no string "cmd"', code="mqtt-malformed")
     if kind not in _ALLOWED_KEYS:
-        raise CommandError(f"unknown command {_escape(kind, 40)!r}", code="mqtt-unknown")
+        raise CommandError(f"unknown command {printable(kind, 40)!r}", code="mqtt-unknown")
     extra = set(doc) - _ALLOWED_KEYS[kind]
     if extra:
         raise CommandError(
-            f"{kind} command has unexpected keys: {_escape(', '.join(sorted(extra)), 80)}",
+            f"{kind} command has unexpected keys: {printable(', '.join(sorted(extra)), 80)}",
             code="mqtt-malformed",
         )
     cid = doc.get("id")
@@ -447,16 +449,15 @@ def offline_document(device_id: str, agent_version: str, reason: str) -> dict[st
 # --- the paho side ---------------------------------------------------------------------
 
 
-def _read_password(path: Path) -> str:
+def read_password(path: Path, key: str = "mqtt.password_file") -> str:
+    """The password in ``path`` (first line, size-capped); never logged."""
     try:
         with open(path, "rb") as fh:
             raw = fh.read(MAX_PASSWORD_BYTES + 1)
     except OSError as exc:
-        raise ConfigError(
-            f"mqtt.password_file: cannot read {path}: {exc.strerror}", code="config-io"
-        ) from None
+        raise ConfigError(f"{key}: cannot read {path}: {exc.strerror}", code="config-io") from None
     if len(raw) > MAX_PASSWORD_BYTES:
-        raise ConfigError(f"mqtt.password_file: {path} is too large", code="config-value")
+        raise ConfigError(f"{key}: {path} is too large", code="config-value")
     return raw.decode("utf-8", errors="strict").rstrip("\r\n")
 
 
@@ -624,7 +625,7 @@ class MqttService:
         self.version = _agent_version()
         self.stats = MqttStats()
         self._password = (
-            _read_password(mcfg.password_file) if mcfg.password_file is not None else None
+            read_password(mcfg.password_file) if mcfg.password_file is not None else None
         )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._link: _Link | None = None
@@ -797,7 +798,7 @@ class MqttService:
         fleet = self.topics.is_fleet(topic)
         if fleet is None:
             self.stats.commands[("unknown", "refused")] += 1
-            logger.warning("mqtt: message on unexpected topic %s ignored", _escape(topic))
+            logger.warning("mqtt: message on unexpected topic %s ignored", printable(topic))
             return
         try:
             if size > len(payload) or size > self.limits.max_bytes:
@@ -810,13 +811,13 @@ class MqttService:
             outcome = exc.code.removeprefix("mqtt-")
             self.stats.commands[("invalid", outcome)] += 1
             logger.warning(
-                "mqtt: refused command on %s: [%s] %s", _escape(topic), exc.code, exc.message
+                "mqtt: refused command on %s: [%s] %s", printable(topic), exc.code, exc.message
             )
             return
         logger.info(
             "mqtt: %s command %s on %s",
             cmd.kind,
-            _escape(cmd.id, 64),
+            printable(cmd.id, 64),
             "fleet" if fleet else "device",
         )
         if cmd.kind == "status":

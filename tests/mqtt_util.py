@@ -103,14 +103,14 @@ class Broker:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"mosquitto exited:\n{self.log()}")
+                raise RuntimeError(f"mosquitto exited:\n{self.log(8000)}")
             with (
                 contextlib.suppress(OSError),
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.5),
             ):
                 return self
             time.sleep(0.05)
-        raise TimeoutError(f"mosquitto did not listen in {timeout}s:\n{self.log()}")
+        raise TimeoutError(f"mosquitto did not listen in {timeout}s:\n{self.log(8000)}")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -121,9 +121,10 @@ class Broker:
                 self.proc.kill()
                 self.proc.wait()
 
-    def log(self) -> str:
+    def log(self, tail: int | None = None) -> str:
         try:
-            return self.log_path.read_text(errors="replace")[-8000:]
+            text = self.log_path.read_text(errors="replace")
+            return text[-tail:] if tail else text
         except OSError:
             return ""
 
@@ -142,7 +143,7 @@ def start_broker(
     lines = [
         f"listener {port} 127.0.0.1",
         "persistence false",
-        "log_dest stdout",
+        f"log_dest file {work / 'mosquitto.log'}",  # flushed per line (stdout is buffered)
         "log_type all",
         "connection_messages true",
         "max_keepalive 65535",
@@ -250,16 +251,17 @@ class Watcher:
 
 
 def retained(broker: Broker, topic: str, timeout: float = 20.0, **kw: Any) -> dict[str, Any]:
-    """What a fresh subscriber gets as the retained message of ``topic``."""
+    """What a fresh subscriber gets on ``topic``: the retained message, or the first one
+    published after it subscribed when there was none yet."""
     with Watcher(broker, [topic], **kw) as w:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with w.lock:
-                got = [p for t, p, r in w.messages if t == topic and r]
+                got = [p for t, p, _r in w.messages if t == topic]
             if got:
                 return dict(json.loads(got[-1]))
             time.sleep(0.05)
-    raise TimeoutError(f"no retained message on {topic}")
+    raise TimeoutError(f"no message on {topic} in {timeout}s")
 
 
 def mqtt_config(broker: Broker, **kw: Any) -> str:

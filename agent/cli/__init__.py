@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "agent.cli.daemon",  # agent, status, models, check, rollback
     "agent.cli.infer",  # infer
     "agent.cli.demo",  # demo
+    "agent.cli.fleet",  # fleet status, fleet check (through the MQTT broker)
 )
 
 
