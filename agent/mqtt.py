@@ -880,6 +880,7 @@ class MqttService:
             "ids": ids,
             "triggers": count,
             "result": "error" if error is not None else "done",
+            "check_started": last.get("started"),
             "installed": last.get("installed") or {},
             "unchanged": last.get("unchanged") or [],
             "failed": last.get("failed") or {},

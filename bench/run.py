@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-AREAS = ("unpack", "residual", "worker", "socket")
+AREAS = ("unpack", "residual", "worker", "socket", "fleet")
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
@@ -55,6 +55,10 @@ FIGURES: dict[str, tuple[str, tuple[str, float] | None, int]] = {
     "socket_added_p50_us_224": ("224x224x3 CNN over the socket, added p50 us", None, 5),
     "socket_throughput_ratio_4c": ("socket / in-process throughput, 4 clients", (">=", 0.9), 5),
     "daemon_idle_rss_mb": ("daemon idle RSS without model workers, MB", ("<=", 60), 5),
+    "fleet_converge_s": ("one fleet trigger -> every agent's status shows v2, s", None, 14),
+    "fleet_failures": ("agents that did not converge or failed the update", ("<=", 0), 14),
+    "fleet_check_start_spread_s": ("max - min of the agents' check start times, s", None, 14),
+    "fleet_residual_to_full_ratio": ("residual v2 package / full v2 package", None, 14),
 }
 
 TRANSCRIPTS = HERE / "transcripts"
@@ -133,7 +137,8 @@ VM swing.
 Where a goal is missed, the area's document says why and what it would take:
 [docs/PACKAGE.md](docs/PACKAGE.md) (unpack), [docs/RESIDUAL.md](docs/RESIDUAL.md)
 (apply speed), [docs/RUNTIME.md](docs/RUNTIME.md) (worker),
-[docs/DAEMON.md](docs/DAEMON.md) and [docs/PROTOCOL.md](docs/PROTOCOL.md) (socket).
+[docs/DAEMON.md](docs/DAEMON.md) and [docs/PROTOCOL.md](docs/PROTOCOL.md) (socket),
+[docs/FLEET.md](docs/FLEET.md) (fleet).
 
 ## Transcript
 
