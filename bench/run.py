@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-AREAS = ("unpack", "residual", "worker", "socket", "fleet")
+AREAS = ("unpack", "residual", "worker", "socket", "reliability_serve", "fleet")
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
@@ -55,6 +55,29 @@ FIGURES: dict[str, tuple[str, tuple[str, float] | None, int]] = {
     "socket_added_p50_us_224": ("224x224x3 CNN over the socket, added p50 us", None, 5),
     "socket_throughput_ratio_4c": ("socket / in-process throughput, 4 clients", (">=", 0.9), 5),
     "daemon_idle_rss_mb": ("daemon idle RSS without model workers, MB", ("<=", 60), 5),
+    "reliability_daemon_rss_hostile_ratio": (
+        "daemon peak RSS, 40+40 hostile connections / (2 x idle + body budget)",
+        ("<=", 1.0),
+        13,
+    ),
+    "reliability_daemon_rss_idle_mb": ("the daemon's idle RSS in that run, MB", None, 13),
+    "reliability_daemon_rss_hostile_mb": ("the daemon's peak RSS under them, MB", None, 13),
+    "reliability_worker_rss_hostile_ratio": (
+        "the same for the worker on lent connections",
+        ("<=", 1.0),
+        13,
+    ),
+    "reliability_flood_legit_served_ratio": (
+        "legit requests served during a 512-connection flood",
+        (">=", 0.99),
+        13,
+    ),
+    "reliability_flood_p50_ratio": ("legit p50 latency, flood / no flood", None, 13),
+    "reliability_tensor_cases_400_ratio": (
+        "edge-case tensor requests answered 400 (relayed + lent)",
+        (">=", 1.0),
+        13,
+    ),
     "fleet_converge_s": ("one fleet trigger -> every agent's status shows v2, s", None, 14),
     "fleet_failures": ("agents that did not converge or failed the update", ("<=", 0), 14),
     "fleet_check_start_spread_s": ("max - min of the agents' check start times, s", None, 14),
