@@ -290,3 +290,16 @@ def test_mqtt_config_errors_name_the_key(table: dict[str, Any], needle: str) -> 
     with pytest.raises(ConfigError) as ei:
         parse_config({"mqtt": table})
     assert needle in ei.value.message
+
+
+def test_sample_config_mqtt_block_parses() -> None:
+    """configs/edgeward.toml documents [mqtt] as "## " lines; turned on, they are valid."""
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "configs" / "edgeward.toml").read_text()
+    block = "\n".join(ln[3:] for ln in text.splitlines() if ln.startswith("## "))
+    m = parse_config(tomllib.loads(block)).mqtt
+    assert m is not None
+    assert m.brokers[0].tls and m.groups == ("eu-west", "canary")
+    assert m.device_id is None and m.protocol == "auto"
