@@ -176,6 +176,8 @@ def run(work: Path) -> dict[str, float]:
         statuses: dict[str, dict[str, Any]] = {}
         events: list[dict[str, Any]] = []
         lock = threading.Lock()
+        sent = [0, 0]  # status + event messages (and bytes) the devices sent for the update
+        counting = False
         with Watcher(broker, ["edgeward/+/status", "edgeward/+/events"]) as w:
 
             def collect() -> None:
@@ -186,8 +188,14 @@ def run(work: Path) -> dict[str, float]:
                         doc = json.loads(payload)
                         if topic.endswith("/status"):
                             statuses[topic.split("/")[1]] = doc
+                            if counting:
+                                sent[0] += 1
+                                sent[1] += len(payload)
                         else:
                             events.append(doc)
+                            if counting:
+                                sent[0] += 1
+                                sent[1] += len(payload)
 
             def wait(pred: Any, what: str) -> float:
                 deadline = time.monotonic() + TIMEOUT_S
@@ -210,6 +218,8 @@ def run(work: Path) -> dict[str, float]:
                 "every agent online with v1",
             )
             _deliver(v2, [d.inbox for d in procs])
+            collect()
+            counting = True
             t0 = time.monotonic()
             w.publish("edgeward/fleet/bench/cmd", {"cmd": "check", "id": "bench-1"})
             deadline = time.monotonic() + TIMEOUT_S
@@ -256,6 +266,10 @@ def run(work: Path) -> dict[str, float]:
             "fleet_bytes_per_device: not measured; devices get the package through the "
             "inbox until the network repository (issue 12) is on main"
         )
+        print(
+            f"fleet_messages_per_device {sent[0] / n:.1f} ({sent[1] / n:.0f} B of status "
+            "and event payload per device for the whole update)"
+        )
         rss = [d.rss_bytes() for d in procs if d.proc.poll() is None]
         print(f"agent RSS median {statistics.median(rss) / 1e6:.1f} MB (daemon process only)")
         log = procs[0].log()
@@ -266,6 +280,7 @@ def run(work: Path) -> dict[str, float]:
             "fleet_failures": float(failures),
             "fleet_check_start_spread_s": spread,
             "fleet_residual_to_full_ratio": residual / full,
+            "fleet_messages_per_device": sent[0] / n,
         }
     finally:
         for d in procs:

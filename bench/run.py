@@ -82,6 +82,7 @@ FIGURES: dict[str, tuple[str, tuple[str, float] | None, int]] = {
     "fleet_failures": ("agents that did not converge or failed the update", ("<=", 0), 14),
     "fleet_check_start_spread_s": ("max - min of the agents' check start times, s", None, 14),
     "fleet_residual_to_full_ratio": ("residual v2 package / full v2 package", None, 14),
+    "fleet_messages_per_device": ("MQTT messages a device sends for one update", None, 14),
 }
 
 TRANSCRIPTS = HERE / "transcripts"
