@@ -303,3 +303,19 @@ def test_sample_config_mqtt_block_parses() -> None:
     assert m is not None
     assert m.brokers[0].tls and m.groups == ("eu-west", "canary")
     assert m.device_id is None and m.protocol == "auto"
+
+
+def test_paho_is_not_imported_without_mqtt() -> None:
+    """Idle RSS: the daemon's and the CLI's modules do not import paho (or agent.mqtt)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, agent.daemon, agent.control, agent.metrics, agent.cli;"
+        "agent.cli.build_parser();"
+        "print(sorted(m for m in sys.modules if m.startswith(('paho', 'agent.mqtt'))))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.strip() == "[]"

@@ -409,3 +409,89 @@ def test_tls_password_and_acl(tmp_path: Path, pkgs: dict[str, Path]) -> None:
     finally:
         d.stop()
         broker.stop()
+
+
+class _V5RefusingProxy:
+    """A TCP front for mosquitto that answers an MQTT 5 CONNECT with CONNACK reason 0x84
+    ("unsupported protocol version"), as a 3.1.1-only broker does, and relays 3.1.1
+    connections to the real broker."""
+
+    def __init__(self, upstream: int) -> None:
+        import socket as _s
+
+        self.upstream = upstream
+        self.sock = _s.socket(_s.AF_INET, _s.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.levels: list[int] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: Any) -> None:
+        import socket as _s
+
+        conn.settimeout(10)
+        try:
+            head = conn.recv(4096)  # a CONNECT fits in one segment on loopback
+            # fixed header: 1 byte + a 1-4 byte remaining length; then 00 04 "MQTT" level
+            i = 1
+            while i < len(head) and head[i] & 0x80:
+                i += 1
+            level = head[i + 7] if len(head) > i + 7 else -1
+            self.levels.append(level)
+            if level == 5:
+                conn.sendall(bytes([0x20, 0x03, 0x00, 0x84, 0x00]))
+                conn.close()
+                return
+            up = _s.create_connection(("127.0.0.1", self.upstream), timeout=10)
+            up.sendall(head)
+        except OSError:
+            conn.close()
+            return
+        conn.settimeout(None)
+        up.settimeout(None)
+
+        def pipe(a: Any, b: Any) -> None:
+            try:
+                while data := a.recv(65536):
+                    b.sendall(data)
+            except OSError:
+                pass
+            finally:
+                a.close()
+                b.close()
+
+        threading.Thread(target=pipe, args=(conn, up), daemon=True).start()
+        threading.Thread(target=pipe, args=(up, conn), daemon=True).start()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_mqtt5_refused_falls_back_to_311(
+    tmp_path: Path, pkgs: dict[str, Path], broker: Broker
+) -> None:
+    proxy = _V5RefusingProxy(broker.port)
+    front = Broker(broker.work, proxy.port, broker.config, broker.log_path)
+    d = _daemon(tmp_path, pkgs, front)
+    try:
+        doc = retained(broker, "edgeward/dev1/status", timeout=60)
+        assert doc["online"] is True
+        assert proxy.levels[:1] == [5] and 4 in proxy.levels
+        st = json.loads(d.cli("status", "--json").stdout)["mqtt"]
+        assert st["connected"] is True and st["protocol"] == "3.1.1"
+        with Watcher(broker, ["edgeward/dev1/events"]) as w:
+            w.publish("edgeward/dev1/cmd", {"cmd": "check", "id": "over-311"})
+            w.wait_for("edgeward/dev1/events", lambda e: "over-311" in e["ids"])
+        assert "refuses MQTT 5; trying 3.1.1" in d.log()
+    finally:
+        d.stop()
+        proxy.close()
