@@ -383,7 +383,7 @@ class Daemon:
             for f in dataclasses.fields(new)
             if f.name != "source" and getattr(new, f.name) != getattr(self.cfg, f.name)
         ]
-        restart = [k for k in ("inference", "control", "paths", "metrics") if k in changed]
+        restart = [k for k in ("inference", "control", "paths", "metrics", "mqtt") if k in changed]
         if restart:
             logger.warning(
                 "reload: changes to [%s] take effect after a restart", "], [".join(restart)
@@ -394,6 +394,7 @@ class Daemon:
             control=self.cfg.control,
             paths=self.cfg.paths,
             metrics=self.cfg.metrics,
+            mqtt=self.cfg.mqtt,  # the broker link keeps the settings it was started with
         )
         if new.daemon != self.cfg.daemon:
             apply_logging(new)

@@ -107,8 +107,7 @@ def _provision(args: argparse.Namespace) -> int:
         pw = pwd.getpwnam(args.user)
     except KeyError:
         raise KeyFileError(
-            f"user {args.user!r} does not exist (install the package, or run "
-            "systemd-sysusers)",
+            f"user {args.user!r} does not exist (install the package, or run systemd-sysusers)",
             code="provision-user",
         ) from None
     keys_dir.mkdir(parents=True, exist_ok=True)
