@@ -136,8 +136,10 @@ def start_broker(
     passwords: dict[str, str] | None = None,
     acl: str | None = None,
     port: int | None = None,
+    unix: Path | None = None,
 ) -> Broker:
-    """Write a mosquitto config under ``work`` and start it on 127.0.0.1."""
+    """Write a mosquitto config under ``work`` and start it on 127.0.0.1 (and, with
+    ``unix``, on that Unix socket too)."""
     work.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     lines = [
@@ -164,6 +166,8 @@ def start_broker(
     if acl is not None:
         (work / "acl").write_text(acl)
         lines += [f"acl_file {work / 'acl'}"]
+    if unix is not None:
+        lines.append(f"listener 0 {unix}")
     config = work / "mosquitto.conf"
     config.write_text("\n".join(x for x in lines if x) + "\n")
     broker = Broker(work, port, config, work / "mosquitto.log", tls)

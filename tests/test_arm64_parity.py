@@ -58,4 +58,3 @@ def test_patch_rebuilds_the_hosts_bytes(
     assert hashlib.sha256(out.read_bytes()).hexdigest() == v["recon_sha256"], (
         f"{case}: B' on {platform.machine()} differs from the publisher's reconstruction"
     )
-

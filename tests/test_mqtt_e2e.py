@@ -495,3 +495,44 @@ def test_mqtt5_refused_falls_back_to_311(
     finally:
         d.stop()
         proxy.close()
+
+
+def test_unix_socket_broker_and_failover(tmp_path: Path, pkgs: dict[str, Path]) -> None:
+    """``unix://`` reaches a broker's Unix socket; with two URLs, a dead first broker
+    makes the agent move to the next one."""
+    sock = tmp_path / "mqtt.sock"
+    broker = start_broker(tmp_path / "broker", unix=sock)
+    try:
+        d = start_daemon(
+            tmp_path / "d1",
+            [pkgs["v1"]],
+            trust=[*pkgs["trust"].glob("*.pub")],
+            trust_dir=pkgs["trust"],
+            extra=f'[mqtt]\nbrokers = ["unix://{sock}"]\ndevice_id = "via-unix"\n',
+        )
+        try:
+            assert retained(broker, "edgeward/via-unix/status")["online"] is True
+            st = json.loads(d.cli("status", "--json").stdout)["mqtt"]
+            assert st["broker"] == f"unix://{sock}" and st["connected"] is True
+        finally:
+            d.stop()
+        dead = free_port()
+        d = start_daemon(
+            tmp_path / "d2",
+            [pkgs["v1"]],
+            trust=[*pkgs["trust"].glob("*.pub")],
+            trust_dir=pkgs["trust"],
+            extra=(
+                "[mqtt]\n"
+                f'brokers = ["mqtt://127.0.0.1:{dead}", "{broker.url}"]\n'
+                'device_id = "failover"\nreconnect_min_s = 0.5\nreconnect_max_s = 1.0\n'
+            ),
+        )
+        try:
+            assert retained(broker, "edgeward/failover/status", timeout=60)["online"] is True
+            st = json.loads(d.cli("status", "--json").stdout)["mqtt"]
+            assert st["broker"] == broker.url
+        finally:
+            d.stop()
+    finally:
+        broker.stop()
