@@ -80,6 +80,9 @@ HANDOFF_QUEUE = 1024
 MAX_IDS_PER_EVENT = 64
 #: Consecutive failed connection attempts before the next broker URL is tried.
 FAILURES_PER_BROKER = 2
+#: MQTT 5 "Maximum Packet Size" the agent announces: the broker drops anything larger
+#: instead of sending it (commands are ~100 bytes; 3.1.1 brokers: set their own limit).
+MAX_PACKET_BYTES = 64 * 1024
 #: Bytes of a password file read at most.
 MAX_PASSWORD_BYTES = 4096
 
@@ -552,7 +555,16 @@ class _Link:
     def start(self) -> None:
         """Non-blocking: the connect itself happens on paho's thread."""
         port = self.broker.port if self.broker.scheme != "unix" else 1
-        self.client.connect_async(self.broker.host, port, keepalive=self._keepalive)
+        props = None
+        if self.protocol == "5":
+            from paho.mqtt.packettypes import PacketTypes
+            from paho.mqtt.properties import Properties
+
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.MaximumPacketSize = MAX_PACKET_BYTES
+        self.client.connect_async(
+            self.broker.host, port, keepalive=self._keepalive, properties=props
+        )
         self.client.loop_start()
 
     def stop(self, goodbye: tuple[str, bytes] | None = None, timeout: float = 2.0) -> None:
@@ -603,7 +615,11 @@ class _Link:
     def _on_message(self, _client: paho.Client, _u: Any, msg: Any) -> None:
         # Copy out of paho's objects here; size is judged on the loop (parse_command).
         self._post(
-            "message", self, str(msg.topic), bytes(msg.payload[: 64 * 1024]), len(msg.payload)
+            "message",
+            self,
+            str(msg.topic),
+            bytes(msg.payload[:MAX_PACKET_BYTES]),
+            len(msg.payload),
         )
 
 
