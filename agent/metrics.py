@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from prometheus_client.core import Metric
 
     from agent.daemon import Daemon
+    from agent.mqtt import MqttStats
 
 __all__ = ["CONTENT_TYPE", "DaemonCollector", "MetricsApp", "registry_for", "render_metrics"]
 
@@ -102,6 +103,9 @@ class DaemonCollector:
             ready.add_metric(labels, float(wm.ready))
         yield from (rss, restarts, ready)
 
+        if d.mqtt is not None:
+            yield from _mqtt_families(d.mqtt.stats)
+
         up = d.updater
         if up is None:
             return
@@ -126,6 +130,31 @@ class DaemonCollector:
         )
         fails.add_metric([], up.check_failures)
         yield from (checks, fails)
+
+
+def _mqtt_families(st: MqttStats) -> Iterator[Metric]:
+    """The MQTT link (agent/mqtt.py): connection, reconnects, commands, rate limit."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    conn = GaugeMetricFamily("edgeward_mqtt_connected", "1 while connected to an MQTT broker.")
+    conn.add_metric([], float(st.connected))
+    rec = CounterMetricFamily("edgeward_mqtt_reconnects", "Successful MQTT reconnections.")
+    rec.add_metric([], st.reconnects)
+    cmds = CounterMetricFamily(
+        "edgeward_mqtt_commands", "MQTT commands by kind and outcome.", labels=["kind", "outcome"]
+    )
+    for (kind, outcome), n in sorted(st.commands.items()):
+        cmds.add_metric([kind, outcome], n)
+    limited = CounterMetricFamily(
+        "edgeward_mqtt_triggers_rate_limited",
+        "Check triggers that coalesced into a running or pending check (rate limit).",
+    )
+    limited.add_metric([], st.rate_limited)
+    dropped = CounterMetricFamily(
+        "edgeward_mqtt_dropped", "MQTT messages dropped because the event loop was behind."
+    )
+    dropped.add_metric([], st.handoff_dropped)
+    yield from (conn, rec, cmds, limited, dropped)
 
 
 class _Registries:

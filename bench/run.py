@@ -36,6 +36,7 @@ AREAS = (
     "reliability_serve",
     "reliability",
     "install",
+    "fleet",
 )
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -124,6 +125,11 @@ FIGURES: dict[str, tuple[str, tuple[str, float] | None, int]] = {
     "metrics_scrape_vs_live_ratio": ("metrics scrape p50 / health-live p50", None, 17),
     "daemon_rss_idle_unscraped_mb": ("daemon idle RSS (tiny model), never scraped, MB", None, 17),
     "daemon_rss_after_scrapes_mb": ("the same after 500 scrapes, MB", None, 17),
+    "fleet_converge_s": ("one fleet trigger -> every agent's status shows v2, s", None, 14),
+    "fleet_failures": ("agents that did not converge or failed the update", ("<=", 0), 14),
+    "fleet_check_start_spread_s": ("max - min of the agents' check start times, s", None, 14),
+    "fleet_residual_to_full_ratio": ("residual v2 package / full v2 package", None, 14),
+    "fleet_messages_per_device": ("MQTT messages a device sends for one update", None, 14),
 }
 
 TRANSCRIPTS = HERE / "transcripts"
@@ -202,7 +208,8 @@ VM swing.
 Where a goal is missed, the area's document says why and what it would take:
 [docs/PACKAGE.md](docs/PACKAGE.md) (unpack), [docs/RESIDUAL.md](docs/RESIDUAL.md)
 (apply speed), [docs/RUNTIME.md](docs/RUNTIME.md) (worker),
-[docs/DAEMON.md](docs/DAEMON.md) and [docs/PROTOCOL.md](docs/PROTOCOL.md) (socket).
+[docs/DAEMON.md](docs/DAEMON.md) and [docs/PROTOCOL.md](docs/PROTOCOL.md) (socket),
+[docs/FLEET.md](docs/FLEET.md) (fleet).
 
 ## Transcript
 
