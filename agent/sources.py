@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.errors import EdgewardError
-from agent.store import check_name, version_key
+from agent.store import check_name, reject_file, version_key
 
 if TYPE_CHECKING:
     from agent.config import Config
@@ -105,7 +105,7 @@ class InboxSource:
         for path in sorted(inbox.glob("*.emp")):
             seen.add(path)
             try:
-                st = path.stat()
+                st = path.lstat()  # a link is refused as such, never followed
             except OSError:
                 continue
             stamp = (st.st_size, st.st_mtime_ns)
@@ -114,7 +114,7 @@ class InboxSource:
                 result = cached[1]
             else:
                 try:
-                    manifest = read_manifest(path, self.trust, self.limits)
+                    manifest = read_manifest(path, self.trust, self.limits, nofollow=True)
                     name = check_name("name", str(manifest.name))
                     version = check_name("version", str(manifest.version))
                     result = Candidate(
@@ -126,8 +126,12 @@ class InboxSource:
                         kind="residual" if manifest.base else "full",
                         why=f"inbox file {path.name}",
                     )
-                except EdgewardError as exc:
-                    result = f"[{exc.code}] {exc.message}"
+                except Exception as exc:  # whatever one file does costs that file only
+                    if isinstance(exc, EdgewardError):
+                        result = f"[{exc.code}] {exc.message}"
+                    else:
+                        result = f"[internal] {type(exc).__name__}: {exc}"
+                        logger.debug("inbox package %s", path.name, exc_info=True)
                     logger.error("inbox package %s refused: %s", path.name, result)
                     self._reject(path, result)
                 self._cache[path] = (stamp, result)
@@ -149,16 +153,7 @@ class InboxSource:
 
     def _reject(self, path: Path, reason: str) -> None:
         """Move a refused package aside so the next check does not retry it forever."""
-        if not path.exists():
-            return
-        try:
-            if self.cfg.updates.keep_failed:
-                os.replace(path, path.with_name(path.name + ".rejected"))
-                path.with_name(path.name + ".rejected.reason").write_text(reason + "\n")
-            else:
-                path.unlink()
-        except OSError as exc:
-            logger.warning("cannot move refused package %s aside: %s", path, exc)
+        reject_file(path, reason, keep=self.cfg.updates.keep_failed)
 
 
 # --- the repository ------------------------------------------------------------------

@@ -27,6 +27,7 @@ import importlib
 import json
 import logging
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import Config
-from agent.errors import EdgewardError, PreflightError, RepositoryError, UpdateError
+from agent.errors import EdgewardError, PreflightError, UpdateError, local_fault
 from agent.registry import ModelRegistry
 from agent.sources import (
     Candidate,
@@ -117,8 +118,14 @@ class UpdateMachine:
     error: str | None = None
     kind: str | None = None  # full | residual: what is being installed
     why: str | None = None  # why that package was chosen
-    bad: dict[str, str] = field(default_factory=dict)  # version -> reason; never retried
     on_change: Callable[[UpdateMachine, str], None] | None = None
+    #: version -> why it is refused for good (rolled back, self-test failed...): never
+    #: installed again; a newer version is still tried (mark-bad, as RAUC and Mender).
+    bad: dict[str, str] = field(default_factory=dict)
+    #: a local fault (disk, keys, config) defers this model's next attempt until then.
+    retry_at: float = 0.0
+    retries: int = 0  # consecutive local faults (the backoff doubles with each)
+    fix: str | None = None  # what the operator should fix, while a local fault lasts
 
     def advance(self, new: str, *, error: str | None = None, target: str | None = None) -> None:
         """Move to ``new`` if the table allows it; notify the observer."""
@@ -146,6 +153,9 @@ class UpdateMachine:
             "kind": self.kind,
             "why": self.why,
             "bad": dict(self.bad),
+            "retry_at": self.retry_at,
+            "retries": self.retries,
+            "fix": self.fix,
         }
 
 
@@ -155,6 +165,7 @@ class CheckResult:
 
     installed: dict[str, str] = field(default_factory=dict)  # name -> version
     failed: dict[str, str] = field(default_factory=dict)  # name or file -> reason
+    deferred: dict[str, str] = field(default_factory=dict)  # name -> local fault, what to fix
     unchanged: list[str] = field(default_factory=list)
     started: float = 0.0
     finished: float = 0.0
@@ -163,6 +174,7 @@ class CheckResult:
         return {
             "installed": self.installed,
             "failed": self.failed,
+            "deferred": self.deferred,
             "unchanged": self.unchanged,
             "started": self.started,
             "finished": self.finished,
@@ -185,6 +197,7 @@ class Updater:
         self.registry = registry
         self._extend = extend_timeout
         self._lock = asyncio.Lock()
+        self._stopping = threading.Event()  # set by stop(): reads in flight give up
         self._inbox: InboxSource | None = None
         self._repo: RepositorySource | None = None
         self._repo_cfg: Any = None
@@ -192,6 +205,10 @@ class Updater:
         self._watch: asyncio.Task[None] | None = None
         self.machines: dict[str, UpdateMachine] = {}
         self.transitions: dict[str, int] = dict.fromkeys(STATES, 0)
+        # (model, state) -> transitions into state, for per-model metrics.
+        self.model_transitions: dict[tuple[str, str], int] = {}
+        # Called after every transition (the daemon keeps systemd's STATUS= current).
+        self.observers: list[Callable[[UpdateMachine], object]] = []
         self.checks = 0
         self.check_failures = 0
         self.outcomes: dict[str, int] = dict.fromkeys(OUTCOMES, 0)
@@ -208,7 +225,6 @@ class Updater:
             state = rec.get("state", "idle")
             if state not in TRANSITIONS:
                 state = "idle"
-            bad = rec.get("bad")
             m = UpdateMachine(
                 name,
                 state=state,
@@ -216,7 +232,10 @@ class Updater:
                 version=rec.get("version"),
                 target=rec.get("target"),
                 error=rec.get("error"),
-                bad={str(k): str(v) for k, v in bad.items()} if isinstance(bad, dict) else {},
+                bad=_str_dict(rec.get("bad")),
+                retry_at=_number(rec.get("retry_at")),
+                retries=int(_number(rec.get("retries"))),
+                fix=rec.get("fix") if isinstance(rec.get("fix"), str) else None,
             )
             m.on_change = self._changed
             self.machines[name] = m
@@ -232,7 +251,11 @@ class Updater:
 
     def _changed(self, machine: UpdateMachine, old: str) -> None:
         self.transitions[machine.state] = self.transitions.get(machine.state, 0) + 1
+        key = (machine.name, machine.state)
+        self.model_transitions[key] = self.model_transitions.get(key, 0) + 1
         self._write_journal()
+        for observer in self.observers:
+            observer(machine)
 
     def _write_journal(self) -> None:
         try:
@@ -255,21 +278,65 @@ class Updater:
         if m.state != "active":
             m.advance("active")
 
+    # --- refused versions and local faults (the journal keeps both) -----------------
+
+    #: at most this many refused versions are remembered per model (the newest ones)
+    MAX_BAD = 32
+
     def mark_bad(self, name: str, version: str, reason: str) -> None:
-        """Never install ``version`` of ``name`` again (a newer version is still tried)."""
+        """Never install ``version`` of ``name`` again; a newer version is still tried."""
         m = self.machine(name)
         m.bad[version] = reason
+        if len(m.bad) > self.MAX_BAD:
+            for old in sorted(m.bad, key=version_key)[: len(m.bad) - self.MAX_BAD]:
+                del m.bad[old]
         self._write_journal()
-        logger.warning("%s version %s marked bad: %s", name, version, reason)
+        logger.warning("%s version %s is refused from now on: %s", name, version, reason)
+
+    def is_bad(self, name: str, version: str) -> bool:
+        """Whether ``version`` of ``name`` was refused for good (see :meth:`mark_bad`)."""
+        m = self.machines.get(name)
+        return m is not None and version in m.bad
+
+    def defer(self, name: str, reason: str, fix: str) -> float:
+        """A local fault stopped ``name``'s update: retry after a backoff that doubles
+        with each consecutive fault (``updates.retry_backoff`` up to
+        ``updates.retry_backoff_max`` seconds). Returns the time of the next attempt."""
+        m = self.machine(name)
+        u = self.cfg.updates
+        delay = min(u.retry_backoff * 2.0 ** min(m.retries, 30), u.retry_backoff_max)
+        m.retries += 1
+        m.retry_at = time.time() + delay
+        m.fix = fix
+        m.error = f"{reason}; to fix: {fix}; retrying in {delay:.0f} s"
+        self._write_journal()
+        logger.error(
+            "update of %s deferred (local fault, the package is kept): %s; to fix: %s; "
+            "next attempt in %.0f s",
+            name,
+            reason,
+            fix,
+            delay,
+        )
+        return m.retry_at
+
+    def deferred(self, name: str, now: float | None = None) -> float:
+        """Seconds until ``name`` may be tried again after a local fault (0: now)."""
+        m = self.machines.get(name)
+        if m is None or not m.retry_at:
+            return 0.0
+        return max(0.0, m.retry_at - (time.time() if now is None else now))
+
+    def _clear_fault(self, name: str) -> None:
+        m = self.machine(name)
+        if m.retries or m.retry_at or m.fix:
+            m.retries, m.retry_at, m.fix = 0, 0.0, None
+            self._write_journal()
 
     # --- what sources may ask (StoreView) ------------------------------------------
 
     def current(self, name: str) -> str | None:
         return self.store.current(name)
-
-    def is_bad(self, name: str, version: str) -> bool:
-        m = self.machines.get(name)
-        return m is not None and version in m.bad
 
     def weights_digests(self, name: str, version: str) -> dict[str, str]:
         """Weights digest of each model of an installed version (computed once, cached).
@@ -317,6 +384,19 @@ class Updater:
                 return {}
         return out
 
+    # --- stopping ------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """The daemon is stopping: a verification or unpack in flight gives up at its
+        next piece (a few MiB), so SIGTERM is not held up by a big package; nothing is
+        refused or marked for it and the next start tries again."""
+        self._stopping.set()
+
+    def _go_on(self, _nbytes: int = 0) -> None:
+        """The ``progress`` hook of every package read the updater starts."""
+        if self._stopping.is_set():
+            raise UpdateError("the daemon is stopping; the update will be retried", code="stopping")
+
     # --- trust ---------------------------------------------------------------------
 
     def _trust(self) -> Any:
@@ -340,13 +420,7 @@ class Updater:
         return load_keyring([kdir])
 
     def _limits(self) -> Any:
-        if not self.cfg.package_limits:
-            return None
-        package = importlib.import_module("agent.package")
-        try:
-            return package.Limits(**self.cfg.package_limits)
-        except TypeError as exc:
-            raise UpdateError(f"package_limits: {exc}", code="config") from exc
+        return self.cfg.package_limits  # typed and validated at config load
 
     # --- sources -------------------------------------------------------------------
 
@@ -389,19 +463,23 @@ class Updater:
 
     # --- the job -------------------------------------------------------------------
 
-    async def check(self) -> CheckResult:
+    async def check(self, *, retry_deferred: bool = False) -> CheckResult:
         """Install the newest offered version of every model that has a newer one.
 
         Concurrent calls wait for the running check and then run their own (cheap:
         inbox manifests are cached per file, an unchanged repository costs its
-        timestamp).
+        timestamp). ``retry_deferred``: an operator asked (``edgeward check``, a reload),
+        so models waiting out a local fault's backoff are tried now.
         """
         async with self._lock:
+            if retry_deferred:
+                for m in self.machines.values():
+                    m.retry_at = 0.0
             res = await self._check()
         for key in ("installed", "failed", "unchanged"):
             if getattr(res, key):
                 self.outcomes[key] += 1
-        if not (res.installed or res.failed or res.unchanged):
+        if not (res.installed or res.failed or res.unchanged or res.deferred):
             self.outcomes["nothing"] += 1
         return res
 
@@ -409,13 +487,11 @@ class Updater:
         res = CheckResult(started=time.time())
         self.checks += 1
         loop = asyncio.get_running_loop()
-        inbox_has = (
-            self._inbox.has_packages()
-            if self._inbox is not None
-            else (self.cfg.paths.inbox_dir.is_dir() and any(self.cfg.paths.inbox_dir.glob("*.emp")))
-        )
-        if not inbox_has and self.cfg.repository is None:
-            logger.debug("update check: no packages in %s", self.cfg.paths.inbox_dir)
+        inbox_dir = self.cfg.paths.inbox_dir
+        if self.cfg.repository is None and not (
+            inbox_dir.is_dir() and any(inbox_dir.glob("*.emp"))
+        ):
+            logger.debug("update check: no packages in %s", inbox_dir)
             res.finished = time.time()
             self.last_check = res
             return res
@@ -435,8 +511,11 @@ class Updater:
             if isinstance(src, InboxSource) and not src.has_packages():
                 continue
             try:
+                self._go_on()
                 cands, bad = await loop.run_in_executor(None, src.scan, self)
             except EdgewardError as exc:
+                if exc.code == "stopping":
+                    raise
                 self.check_failures += 1
                 res.failed[src.label] = f"[{exc.code}] {exc.message}"
                 continue
@@ -449,24 +528,50 @@ class Updater:
                 best[c.name] = (c, src)
         res.unchanged.extend(sorted(up_to_date - set(best)))
         for name, (cand, src) in sorted(best.items()):
-            current = self.store.current(name)
-            if current is not None and version_key(cand.version) <= version_key(current):
-                res.unchanged.append(name)
-                continue
-            if self.is_bad(name, cand.version):
-                res.unchanged.append(name)
-                continue
-            if self.store.has(name, cand.version) and current != cand.version:
-                self.store.remove_version(name, cand.version)
+            # one model's candidate never blocks another's: whatever goes wrong here
+            # is that model's failure only
             try:
-                await self._install(cand, src, trust, limits)
-                res.installed[name] = cand.version
+                outcome = await self._consider(name, cand, src, trust, limits)
+                if outcome == "installed":
+                    res.installed[name] = cand.version
+                elif outcome == "deferred":
+                    res.deferred[name] = self.machine(name).error or "deferred"
+                else:
+                    res.unchanged.append(name)
             except EdgewardError as exc:
                 self.check_failures += 1
                 res.failed[name] = f"[{exc.code}] {exc.message}"
+            except Exception as exc:  # a bug must cost this model's update only
+                self.check_failures += 1
+                logger.exception("update check of %s failed", name)
+                res.failed[name] = f"[internal] {type(exc).__name__}: {exc}"
         res.finished = time.time()
         self.last_check = res
         return res
+
+    async def _consider(
+        self, name: str, cand: Candidate, src: Source, trust: Any, limits: Any
+    ) -> str:
+        """Install ``cand`` unless it is not newer, refused for good or deferred after a
+        local fault. Returns "installed", "unchanged" or "deferred"."""
+        current = self.store.current(name)
+        if current is not None and version_key(cand.version) <= version_key(current):
+            return "unchanged"
+        if self.is_bad(name, cand.version):
+            logger.debug("%s version %s was refused before; skipped", name, cand.version)
+            return "unchanged"
+        wait = self.deferred(name)
+        if wait > 0:
+            logger.debug("%s: next attempt after a local fault in %.0f s", name, wait)
+            return "deferred"
+        if self.store.has(name, cand.version) and cand.version not in (
+            current,
+            self.store.previous(name),
+        ):
+            # left by an install that did not finish activating: replace it
+            self.store.remove_version(name, cand.version)
+        await self._install(cand, src, trust, limits)
+        return "installed"
 
     async def _install(self, cand: Candidate, src: Source, trust: Any, limits: Any) -> None:
         name, version = cand.name, cand.version
@@ -500,7 +605,7 @@ class Updater:
             assert path is not None
             step("verifying")
             manifest = await loop.run_in_executor(
-                None, lambda: package.read_manifest(path, trust, limits)
+                None, lambda: package.read_manifest(path, trust, limits, nofollow=True)
             )
             if str(manifest.name) != name or str(manifest.version) != version:
                 raise UpdateError(
@@ -516,7 +621,14 @@ class Updater:
             await loop.run_in_executor(
                 None,
                 lambda: package.unpack(
-                    path, out, trust=trust, keyring=keyring, base_dir=base_dir, **kwargs
+                    path,
+                    out,
+                    trust=trust,
+                    keyring=keyring,
+                    base_dir=base_dir,
+                    nofollow=cand.source == "inbox",
+                    progress=self._go_on,
+                    **kwargs,
                 ),
             )
             self._preflight_memory(out)
@@ -543,50 +655,55 @@ class Updater:
                 ", ".join(f"{k} {v:.2f}s" for k, v in took.items()),
             )
             self._start_health_window(name, version, current)
-        except EdgewardError as exc:
-            reason = f"[{exc.code}] {exc.message}"
+        except Exception as exc:  # a bug or an OSError must not kill the daemon either
+            stage = m.state
+            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                # reclaim first (the partial download and the half-unpacked version
+                # go), then say how much there is: the numbers after cleanup
+                src.settle(cand, "disk full", final=True)
+                if staging is not None:
+                    shutil.rmtree(staging, ignore_errors=True)
+                exc = UpdateError(
+                    f"disk full in {self.store.root} while {stage} {name} version {version} "
+                    f"({cand.size // 2**20} MiB package): "
+                    f"{disk_free(self.store.root) // 2**20} MiB free after cleanup",
+                    code="disk-full",
+                )
+                exc.__cause__ = OSError(errno.ENOSPC, "No space left on device")
+            if isinstance(exc, EdgewardError):
+                reason = f"[{exc.code}] {exc.message}"
+            else:
+                reason = f"[internal] {type(exc).__name__}: {exc}"
             logger.error(
                 "update of %s to version %s failed, still serving %s: %s",
                 name,
                 version,
                 current or "nothing",
                 reason,
+                exc_info=not isinstance(exc, EdgewardError | OSError),
             )
             m.advance("failed", error=reason)
-            if installed and self.store.current(name) != version:
+            if installed and version not in (self.store.current(name), self.store.previous(name)):
                 self.store.remove_version(name, version)
-            final = _is_final(exc)
-            if final and cand.source != "inbox":
-                self.mark_bad(name, version, reason)
-            src.settle(cand, reason, final=final)
-            raise
-        except Exception as exc:  # a bug or an OSError must not kill the daemon
-            stage = m.state
-            full = isinstance(exc, OSError) and exc.errno == errno.ENOSPC
-            if full:
-                # reclaim first (the partial download and the half-unpacked version go),
-                # then say how much there is, so the numbers are the ones after cleanup
-                src.settle(cand, "disk full", final=True)
-                if staging is not None:
-                    shutil.rmtree(staging, ignore_errors=True)
-                message = (
-                    f"disk full in {self.store.root} while {stage} {name} version {version} "
-                    f"({cand.size // 2**20} MiB package): "
-                    f"{disk_free(self.store.root) // 2**20} MiB free after cleanup"
-                )
-                reason = f"[disk-full] {message}"
-                logger.error("update of %s to version %s failed: %s", name, version, reason)
+            fix = local_fault(exc)
+            if isinstance(exc, EdgewardError) and exc.code == "stopping":
+                src.settle(cand, reason, final=False)  # the next start resumes
+            elif fix is not None:
+                src.settle(cand, reason, final=False)  # kept: a partial download resumes
+                self.defer(name, reason, fix)
+            elif isinstance(exc, EdgewardError):
+                # the package's own fault: never this version again
+                self._clear_fault(name)
+                src.settle(cand, reason, final=True)
+                if cand.source != "inbox":
+                    self.mark_bad(name, version, reason)
             else:
-                reason = f"[internal] {type(exc).__name__}: {exc}"
-                logger.exception("update of %s to version %s failed", name, version)
-            m.advance("failed", error=reason)
-            if installed and self.store.current(name) != version:
-                self.store.remove_version(name, version)
-            if not full:
                 src.settle(cand, reason, final=False)
-            if full:
-                raise UpdateError(message, code="disk-full") from exc
+            if isinstance(exc, EdgewardError):
+                raise exc
             raise UpdateError(reason, code="internal") from exc
+        else:
+            self._clear_fault(name)
         finally:
             if staging is not None:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -696,6 +813,7 @@ class Updater:
             m.version = prev
             m.advance("rolled-back")
             logger.info("rolled back %s from version %s to %s", name, cur, prev)
+            self.mark_bad(name, cur, "rolled back")
             return {"name": name, "current": prev, "previous": cur}
 
     def close(self) -> None:
@@ -711,16 +829,16 @@ class Updater:
         return repo.status() if repo is not None else {}
 
 
+def _str_dict(value: Any) -> dict[str, str]:
+    return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else {}
+
+
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0.0
+
+
 def name_v(c: Candidate) -> str:
     return f"{c.name} version {c.version}"
-
-
-def _is_final(exc: EdgewardError) -> bool:
-    """Whether a failure is about the package itself (never retry this version) rather
-    than the link, the disk or the memory (retry on a later check)."""
-    if isinstance(exc, (PreflightError, RepositoryError)):
-        return False
-    return exc.code not in ("internal", "changed")
 
 
 def _parse_bytes(value: Any) -> int | None:
