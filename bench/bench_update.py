@@ -18,7 +18,8 @@ repository (``tests/repo_util.py``), the daemon as a process, its control socket
   check costs when nothing changed: the timestamp and the 404 of the next root. Goal
   ≤ 2 KiB. docs/FLEET.md scales it to a fleet.
 - ``update_kill9_points``: kill -9 rounds survived with no inconsistent state
-  (``tests/kill9_util.py``; 200 rounds, 20 quick). It is a count, not a timing, so it
+  (``tests/kill9_util.py``; 200 rounds, 20 quick, or ``EDGEWARD_KILL9_ROUNDS``). It is a
+  count, not a timing, so it
   runs once per bench process; an inconsistency fails the bench.
 
 Runs alone as ``python -m bench.bench_update [work]``.
@@ -37,7 +38,7 @@ from typing import Any
 
 QUICK = os.environ.get("EDGEWARD_BENCH_QUICK") == "1"
 FULL_MIB = 24 if QUICK else 100
-KILL9_ROUNDS = 20 if QUICK else 200
+KILL9_ROUNDS = int(os.environ.get("EDGEWARD_KILL9_ROUNDS", "20" if QUICK else "200"))
 CELLULAR = 2 * 1000 * 1000  # bytes/s
 ROOT = Path(__file__).resolve().parents[1]
 
