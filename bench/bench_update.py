@@ -19,8 +19,8 @@ repository (``tests/repo_util.py``), the daemon as a process, its control socket
   ≤ 2 KiB. docs/FLEET.md scales it to a fleet.
 - ``update_kill9_points``: kill -9 rounds survived with no inconsistent state
   (``tests/kill9_util.py``; 200 rounds, 20 quick, or ``EDGEWARD_KILL9_ROUNDS``). It is a
-  count, not a timing, so it
-  runs once per bench process; an inconsistency fails the bench.
+  count, not a timing, so it runs once per bench process; an inconsistency fails the
+  bench.
 
 Runs alone as ``python -m bench.bench_update [work]``.
 """
