@@ -148,6 +148,9 @@ def _full_ratio(work: Path, key: Any, trust: Path) -> dict[str, float]:
             f"session and one inference {t3 - t2:.2f})"
         )
         print(f"  daemon trigger -> serving {daemon_s:.2f} s")
+        stages = [ln for ln in box.d.log().splitlines() if "updated big to version 2" in ln]
+        if stages:  # the daemon's own account of its stages
+            print("  daemon stages: " + stages[-1].split("; ", 1)[-1])
         print(f"  update_full_ratio = {anchor / daemon_s:.3f} (goal >= 0.8)")
         return {"update_full_ratio": anchor / daemon_s}
     finally:
