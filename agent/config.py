@@ -7,7 +7,7 @@ Messages name the key (``inference.mode``) and what would have been accepted.
 
 ``[runtime]``, ``[inference.limits]`` and ``[package_limits]`` are built at load into the
 typed objects their consumers use (``runtime.config.RuntimeConfig``,
-``agent.http.HTTPLimits``, ``agent.package.Limits``), each validated by its own class,
+``agent.http.HTTPLimits``, ``agent.limits.Limits``), each validated by its own class,
 so a misspelled key fails before anything starts rather than at the first package.
 
 Environment overrides: ``EDGEWARD_<SECTION>_<KEY>=value`` replaces ``[section] key`` of
@@ -20,25 +20,26 @@ from __future__ import annotations
 
 import dataclasses
 import grp
+import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from agent.errors import ConfigError
 from agent.http import HTTPLimits
+from agent.limits import Limits
 from runtime.config import RuntimeConfig
 
-if TYPE_CHECKING:
-    from agent.package import Limits
-
 __all__ = [
+    "BrokerAddress",
     "Config",
     "ControlConfig",
     "DaemonConfig",
     "InferenceConfig",
     "MetricsConfig",
+    "MqttConfig",
     "PathsConfig",
     "UpdatesConfig",
     "apply_environment",
@@ -161,10 +162,50 @@ def metrics_socket(cfg: Config) -> Path:
     return cfg.control.socket.with_name("metrics.sock")
 
 
-def _default_package_limits() -> Limits:
-    from agent.package import Limits
+@dataclass(frozen=True)
+class BrokerAddress:
+    """One MQTT broker: ``mqtt://host[:1883]``, ``mqtts://host[:8883]`` or ``unix:///path``."""
 
-    return Limits()
+    scheme: str  # "mqtt" | "mqtts" | "unix"
+    host: str  # host name or address; the socket path for "unix"
+    port: int = 0  # 0 for "unix"
+
+    @property
+    def tls(self) -> bool:
+        return self.scheme == "mqtts"
+
+    def __str__(self) -> str:
+        if self.scheme == "unix":
+            return f"unix://{self.host}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    """Remote "check now" triggers and fleet status over MQTT (docs/FLEET.md).
+
+    The section is off when absent. A trigger carries no authority: it can only make the
+    agent check the repository it already trusts, so the broker is not trusted either.
+    """
+
+    # Tried in turn on every reconnect; all must share one scheme (one client, one transport).
+    brokers: tuple[BrokerAddress, ...] = ()
+    ca_file: Path | None = None  # CA bundle for mqtts://; None = the system's
+    cert_file: Path | None = None  # client certificate (PEM) for mutual TLS
+    key_file: Path | None = None  # its private key (PEM)
+    username: str | None = None
+    password_file: Path | None = None  # the password is read at start, never logged
+    keepalive: int = 60  # seconds between pings when idle
+    # Topic and client id of this device; None = derived from the device key id in
+    # paths.keys_dir, else the host name.
+    device_id: str | None = None
+    groups: tuple[str, ...] = ()  # fleet groups: edgeward/fleet/<group>/cmd
+    fleet_jitter_s: float = 30.0  # a fleet command waits uniform(0, this) before acting
+    min_check_interval_s: float = 60.0  # at most one triggered check per this many seconds
+    protocol: str = "auto"  # "auto" (MQTT 5, 3.1.1 if the broker refuses 5) | "5" | "3.1.1"
+    reconnect_min_s: float = 1.0  # first reconnect delay; doubles per failure (with jitter)
+    reconnect_max_s: float = 120.0  # cap of the reconnect delay
 
 
 @dataclass(frozen=True)
@@ -179,8 +220,10 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     # [runtime], built by runtime.config.RuntimeConfig.from_dict.
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
-    # [package_limits], built into agent.package.Limits (caps on untrusted packages).
-    package_limits: Limits = field(default_factory=_default_package_limits)
+    # [package_limits], built into agent.limits.Limits (caps on untrusted packages).
+    package_limits: Limits = field(default_factory=Limits)
+    # None = no [mqtt] section: no broker connection, paho is never imported.
+    mqtt: MqttConfig | None = None
     source: Path | None = None
 
 
@@ -294,17 +337,22 @@ def _section(cls: type[Any], name: str, table: Any) -> Any:
 
 
 def _limits(key: str, cls: type[Any], table: Any) -> Any:
-    """Build a limits dataclass from a table: known keys, integers or numbers only."""
+    """Build a limits dataclass from a table: known keys, integers or numbers only.
+
+    A class with its own ``__post_init__`` checks (HTTPLimits) judges ranges itself;
+    for the others every cap must be > 0.
+    """
     if not isinstance(table, dict):
         raise ConfigError(f"[{key}] must be a table, got {table!r}", code="config-type")
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    own_checks = hasattr(cls, "__post_init__")
     kwargs: dict[str, Any] = {}
     for k, v in table.items():
         if k not in fields:
             allowed = ", ".join(sorted(fields))
             raise ConfigError(f"unknown key {key}.{k}; allowed: {allowed}", code="config-key")
         kwargs[k] = _convert(f"{key}.{k}", str(fields[k].type), v)
-        if kwargs[k] <= 0:
+        if not own_checks and kwargs[k] is not None and kwargs[k] <= 0:
             raise ConfigError(f"{key}.{k}: must be > 0, got {v!r}", code="config-range")
     return cls(**kwargs)
 
@@ -317,8 +365,6 @@ def _positive(key: str, value: float, *, allow_zero: bool = False) -> None:
 
 def parse_config(data: Mapping[str, Any], *, source: Path | None = None) -> Config:
     """Build a :class:`Config` from a parsed TOML document, validating every key."""
-    from agent.package import Limits
-
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         if key in SECTIONS:
@@ -329,8 +375,10 @@ def parse_config(data: Mapping[str, Any], *, source: Path | None = None) -> Conf
             kwargs[key] = RuntimeConfig.from_dict(value)
         elif key == "package_limits":
             kwargs[key] = _limits(key, Limits, value)
+        elif key == "mqtt":
+            kwargs[key] = _mqtt_section(value)
         else:
-            allowed = ", ".join(sorted([*SECTIONS, "runtime", "package_limits"]))
+            allowed = ", ".join(sorted([*SECTIONS, "runtime", "package_limits", "mqtt"]))
             raise ConfigError(f"unknown section [{key}]; allowed: {allowed}", code="config-key")
     cfg = Config(source=source, **kwargs)
     _validate(cfg)
@@ -358,7 +406,7 @@ def apply_environment(data: dict[str, Any], environ: Mapping[str, str]) -> dict[
         known = (
             {f.name for f in dataclasses.fields(SECTIONS[section])}
             if section in SECTIONS
-            else set(_default_package_limits().__dataclass_fields__)
+            else set(Limits.__dataclass_fields__)
         )
         if key not in known:
             raise ConfigError(
@@ -374,6 +422,140 @@ def apply_environment(data: dict[str, Any], environ: Mapping[str, str]) -> dict[
             raise ConfigError(f"[{section}] must be a table", code="config-type")
         table[key] = value
     return out
+
+
+#: Device ids and group names become one MQTT topic level: no wildcards, no separators.
+_TOPIC_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_MQTT_PROTOCOLS = ("auto", "5", "3.1.1")
+
+
+def topic_name(key: str, value: Any) -> str:
+    """A device id or group: 1-64 of ``A-Z a-z 0-9 . _ -``, starting alphanumeric."""
+    if not isinstance(value, str) or not _TOPIC_NAME.fullmatch(value):
+        raise ConfigError(
+            f"{key}: {value!r} is not a valid name; allowed: 1-64 characters of "
+            "A-Z a-z 0-9 . _ - starting with a letter or digit",
+            code="config-value",
+        )
+    if value == "fleet":  # edgeward/fleet/... is the group topic tree
+        raise ConfigError(f"{key}: 'fleet' is reserved (group topics)", code="config-value")
+    return value
+
+
+def broker_address(key: str, value: Any) -> BrokerAddress:
+    """Parse ``mqtt://host[:port]``, ``mqtts://host[:port]`` or ``unix:///abs/path``."""
+    from urllib.parse import urlsplit
+
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{key}: expected a broker URL string, got {value!r}", code="config-type")
+    try:
+        u = urlsplit(value)
+        port = u.port
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {value!r}: {exc}", code="config-value") from None
+    if u.username is not None or u.password is not None:
+        raise ConfigError(
+            f"{key}: credentials do not belong in the URL; use mqtt.username and "
+            "mqtt.password_file",
+            code="config-value",
+        )
+    if u.query or u.fragment:
+        raise ConfigError(
+            f"{key}: {value!r} must not have a query or fragment", code="config-value"
+        )
+    if u.scheme == "unix":
+        path = u.netloc + u.path if u.netloc else u.path
+        if not path.startswith("/") or u.netloc:
+            raise ConfigError(
+                f"{key}: expected unix:///absolute/path/to/socket, got {value!r}",
+                code="config-value",
+            )
+        return BrokerAddress("unix", path)
+    if u.scheme not in ("mqtt", "mqtts"):
+        raise ConfigError(
+            f"{key}: scheme {u.scheme or '(none)'!r} not supported; allowed: mqtt://, "
+            "mqtts://, unix://",
+            code="config-value",
+        )
+    if not u.hostname or u.path not in ("", "/"):
+        raise ConfigError(
+            f"{key}: expected {u.scheme}://host[:port], got {value!r}", code="config-value"
+        )
+    return BrokerAddress(u.scheme, u.hostname, port or (8883 if u.scheme == "mqtts" else 1883))
+
+
+def _str_list(key: str, value: Any) -> list[Any]:
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list):
+        raise ConfigError(
+            f"{key}: expected a string or a list of strings, got {value!r}", code="config-type"
+        )
+    return value
+
+
+def _mqtt_section(table: Any) -> MqttConfig:
+    special: dict[str, Callable[[str, Any], Any]] = {
+        "brokers": lambda k, v: tuple(
+            broker_address(f"{k}[{i}]", x) for i, x in enumerate(_str_list(k, v))
+        ),
+        "groups": lambda k, v: tuple(
+            topic_name(f"{k}[{i}]", x) for i, x in enumerate(_str_list(k, v))
+        ),
+        "device_id": lambda k, v: None if v == "" else topic_name(k, v),
+        "username": lambda k, v: None if v == "" else _convert(k, "str", v),
+    }
+    if not isinstance(table, dict):
+        raise ConfigError(f"[mqtt] must be a table, got {table!r}", code="config-type")
+    fields = {f.name: f for f in dataclasses.fields(MqttConfig)}
+    kwargs: dict[str, Any] = {}
+    for key, value in table.items():
+        full = f"mqtt.{key}"
+        if key not in fields:
+            allowed = ", ".join(sorted(fields))
+            raise ConfigError(f"unknown key {full}; allowed: {allowed}", code="config-key")
+        conv = special.get(key)
+        kwargs[key] = conv(full, value) if conv else _convert(full, str(fields[key].type), value)
+    m = MqttConfig(**kwargs)
+    if not m.brokers:
+        raise ConfigError(
+            "mqtt.brokers: at least one broker URL is needed (remove [mqtt] to turn MQTT off)",
+            code="config-value",
+        )
+    if len({b.scheme for b in m.brokers}) > 1:
+        raise ConfigError(
+            "mqtt.brokers: all brokers must use the same scheme (one client, one transport)",
+            code="config-value",
+        )
+    tls = m.brokers[0].tls
+    for name in ("ca_file", "cert_file", "key_file"):
+        if getattr(m, name) is not None and not tls:
+            raise ConfigError(f"mqtt.{name}: only used with mqtts:// brokers", code="config-value")
+    if (m.cert_file is None) != (m.key_file is None):
+        raise ConfigError(
+            "mqtt.cert_file and mqtt.key_file: give both or neither", code="config-value"
+        )
+    if m.password_file is not None and m.username is None:
+        raise ConfigError("mqtt.password_file: needs mqtt.username", code="config-value")
+    if not 5 <= m.keepalive <= 65535:
+        raise ConfigError(
+            f"mqtt.keepalive: must be between 5 and 65535 seconds, got {m.keepalive}",
+            code="config-range",
+        )
+    _positive("mqtt.fleet_jitter_s", m.fleet_jitter_s, allow_zero=True)
+    _positive("mqtt.min_check_interval_s", m.min_check_interval_s, allow_zero=True)
+    _positive("mqtt.reconnect_min_s", m.reconnect_min_s)
+    if m.reconnect_max_s < m.reconnect_min_s:
+        raise ConfigError(
+            f"mqtt.reconnect_max_s: must be >= mqtt.reconnect_min_s, got {m.reconnect_max_s}",
+            code="config-range",
+        )
+    if m.protocol not in _MQTT_PROTOCOLS:
+        raise ConfigError(
+            f"mqtt.protocol: got {m.protocol!r}; allowed: {', '.join(_MQTT_PROTOCOLS)}",
+            code="config-value",
+        )
+    return m
 
 
 def _validate(cfg: Config) -> None:
@@ -499,6 +681,8 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
     """The effective configuration as JSON-able data (paths as strings, modes octal)."""
 
     def plain(obj: Any, key: str = "") -> Any:
+        if isinstance(obj, BrokerAddress):
+            return str(obj)
         if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
             return {f.name: plain(getattr(obj, f.name), f.name) for f in dataclasses.fields(obj)}
         if isinstance(obj, Path):

@@ -64,6 +64,8 @@ class Daemon:
         self._servers: list[Any] = []
         self._check_task: asyncio.Task[Any] | None = None
         self._lock_fd: int | None = None
+        # agent.mqtt.MqttService when [mqtt] is configured (imported only then: idle RSS).
+        self.mqtt: Any = None
 
     # --- workers -------------------------------------------------------------------
 
@@ -118,6 +120,7 @@ class Daemon:
         self.notifier.status("binding sockets")
         await self._bind()
         self.state = "serving"
+        self._start_mqtt()
         served = ", ".join(f"{m.name}:{m.version}" for m in self.registry.models()) or "none"
         self.notifier.ready(status=self.status_line())
         logger.info(
@@ -249,9 +252,10 @@ class Daemon:
 
     def _check_sockets_free(self) -> None:
         """Refuse to start when another agent answers on one of our sockets."""
-        from agent.http import clear_stale_socket
+        from agent.http import bind_path, clear_stale_socket
 
         for path in self._socket_paths():
+            bind_path(path)  # a path too long to bind: say so now, not after loading
             clear_stale_socket(path)
 
     def status_line(self) -> str:
@@ -328,6 +332,16 @@ class Daemon:
         if m.port:
             self._servers.append(_LoopbackMetrics(self, m.port))
 
+    def _start_mqtt(self) -> None:
+        """Connect out to the broker in the background: a broker that is down does not
+        delay READY or serving (agent/mqtt.py retries on its own thread)."""
+        if self.cfg.mqtt is None:
+            return
+        from agent.mqtt import MqttService
+
+        self.mqtt = MqttService(self)
+        self.mqtt.start()
+
     async def main_loop(self) -> None:
         """Serve until SIGTERM/SIGINT."""
         loop = asyncio.get_running_loop()
@@ -349,6 +363,11 @@ class Daemon:
             t.cancel()
         if self._check_task is not None:
             self._check_task.cancel()
+        if self.mqtt is not None:
+            try:
+                await self.mqtt.close()  # the retained status says "offline" (stopped)
+            except Exception:
+                logger.exception("mqtt: closing failed")
         await asyncio.gather(
             *(s.close(self.cfg.daemon.drain_timeout) for s in self._servers),
             return_exceptions=True,
@@ -414,13 +433,15 @@ class Daemon:
             await asyncio.sleep(self._next_delay())
             await self._safe_check()
 
-    def trigger_check(self, *, retry_deferred: bool = False) -> None:
-        """Start a check in the background (coalesced by the updater's lock)."""
+    def trigger_check(self, *, retry_deferred: bool = False) -> asyncio.Task[Any]:
+        """Start a check in the background, or return the one a trigger already started
+        (coalesced; the updater's lock serialises it with timer checks)."""
         if self._check_task is not None and not self._check_task.done():
-            return
+            return self._check_task
         self._check_task = asyncio.get_running_loop().create_task(
             self._safe_check(retry_deferred=retry_deferred)
         )
+        return self._check_task
 
     def _on_sighup(self) -> None:
         logger.info("SIGHUP: reloading configuration")
@@ -454,7 +475,7 @@ class Daemon:
             for f in dataclasses.fields(new)
             if f.name != "source" and getattr(new, f.name) != getattr(self.cfg, f.name)
         ]
-        restart = [k for k in ("inference", "control", "paths", "metrics") if k in changed]
+        restart = [k for k in ("inference", "control", "paths", "metrics", "mqtt") if k in changed]
         if restart:
             logger.warning(
                 "reload: changes to [%s] take effect after a restart", "], [".join(restart)
@@ -465,6 +486,7 @@ class Daemon:
             control=self.cfg.control,
             paths=self.cfg.paths,
             metrics=self.cfg.metrics,
+            mqtt=self.cfg.mqtt,  # the broker link keeps the settings it was started with
         )
         if new.daemon != self.cfg.daemon:
             apply_logging(new)
@@ -522,6 +544,7 @@ class Daemon:
             "updates": {n: m.to_dict() for n, m in sorted(self.updater.machines.items())},
             "last_check": last.to_dict() if last is not None else None,
             "checks": self.updater.checks,
+            "mqtt": self.mqtt.state() if self.mqtt is not None else None,
         }
 
 

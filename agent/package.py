@@ -63,6 +63,7 @@ from agent.errors import (
     UnsafeEntryError,
 )
 from agent.keys import Keyring, TrustStore, key_id
+from agent.limits import Limits
 from agent.manifest import (
     MANIFEST_NAME,
     NAME_RE,
@@ -85,20 +86,6 @@ CONTAINER_PATH = "Model/models.empc"
 DEFAULT_ZSTD_LEVEL = 3
 _COPY = 4 << 20  # bytes per read when streaming
 Progress = Callable[[int], None]
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Caps applied to untrusted packages (all sizes in bytes)."""
-
-    max_package_bytes: int = 64 << 30  # the whole .emp file (64 GiB)
-    max_total_bytes: int = 64 << 30  # sum of all member sizes (64 GiB)
-    max_entries: int = 10_000  # tar members, files and directories
-    max_manifest_bytes: int = 4 << 20  # manifest.json (4 MiB)
-    max_signature_bytes: int = 64 << 10  # manifest.sig (64 KiB)
-    max_meta_bytes: int = 16 << 20  # one Meta-info/*.json (16 MiB)
-    max_models: int = 64  # models per package
-    max_decoded_bytes: int = 64 << 30  # one model after decrypt + decompress (64 GiB)
 
 
 @dataclass

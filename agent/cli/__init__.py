@@ -30,6 +30,7 @@ COMMAND_MODULES = (
     "agent.cli.serve",  # serve (development)
     "agent.cli.infer",  # infer
     "agent.cli.demo",  # demo
+    "agent.cli.fleet",  # fleet status, fleet check (through the MQTT broker)
 )
 
 

@@ -140,6 +140,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"sockets:  {data['inference_socket']}  (control {data['control_socket']})")
     models = data.get("models") or {}
     print("models:   " + (", ".join(f"{k} v{v}" for k, v in sorted(models.items())) or "none"))
+    mq = data.get("mqtt")
+    if mq:
+        conn = "connected" if mq.get("connected") else "disconnected"
+        line = (
+            f"mqtt:     {conn} {mq.get('broker')} (MQTT {mq.get('protocol')}) as {mq['device_id']}"
+        )
+        if mq.get("reconnects"):
+            line += f", {mq['reconnects']} reconnects"
+        if not mq.get("connected") and mq.get("last_error"):
+            line += f"; last error: {mq['last_error']}"
+        print(line)
     last = data.get("last_check")
     if last:
         line = f"last check {_ago(last.get('finished'))}"
