@@ -100,11 +100,24 @@ class Daemon:
 
     # --- lifecycle -----------------------------------------------------------------
 
+    def claim(self) -> None:
+        """Take the state directory and check groups and sockets: nothing is started
+        yet, so a failure here (a second agent, a missing group) is one error line with
+        no shutdown to log. Idempotent; :meth:`startup` calls it too."""
+        if self._lock_fd is not None:
+            return
+        fd = self.store.lock()  # first: a second daemon must touch nothing
+        try:
+            check_groups(self.cfg)
+            self._check_sockets_free()  # before minutes of model loading, not after
+        except BaseException:
+            os.close(fd)
+            raise
+        self._lock_fd = fd
+
     async def startup(self) -> None:
         """Everything before READY=1. Raises EdgewardError on a fatal problem."""
-        self._lock_fd = self.store.lock()  # first: a second daemon must touch nothing
-        check_groups(self.cfg)
-        self._check_sockets_free()  # before minutes of model loading, not after
+        self.claim()
         self.notifier.status("opening store")
         self.store.open()
         self.cfg.paths.resolved_cache_dir.mkdir(parents=True, exist_ok=True)
@@ -392,6 +405,7 @@ class Daemon:
             loop.add_signal_handler(sig, self.stop)
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         try:
+            self.claim()
             try:
                 await self.startup()
             except BaseException:
