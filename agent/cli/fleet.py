@@ -253,7 +253,11 @@ def _add_broker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--key", metavar="FILE", help="client key (PEM)")
     p.add_argument("--username", help="broker user name")
     p.add_argument("--password-file", metavar="FILE", help="file holding the password")
-    p.add_argument("--prefix", default="edgeward", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--prefix",
+        default="edgeward",
+        help="MQTT topic prefix the devices use (default edgeward)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
