@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv assets demo test lint typecheck bench deb clean
+.PHONY: venv assets demo test test-arm64 lint typecheck bench deb clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,12 @@ test: assets
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q -n 2 --dist loadfile
+
+# The suite inside an emulated arm64 Debian root (root only: binfmt_misc, chroot, mounts).
+# ARM64_MODE=full (default) runs every test; smoke runs the platform subset CI runs.
+ARM64_MODE ?= full
+test-arm64: assets
+	HOST_PY=$(abspath $(PY)) bash .ci/arm64.sh $(ARM64_MODE)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -7,7 +7,7 @@ Messages name the key (``inference.mode``) and what would have been accepted.
 
 ``[runtime]``, ``[inference.limits]`` and ``[package_limits]`` are built at load into the
 typed objects their consumers use (``runtime.config.RuntimeConfig``,
-``agent.http.HTTPLimits``, ``agent.package.Limits``), each validated by its own class,
+``agent.http.HTTPLimits``, ``agent.limits.Limits``), each validated by its own class,
 so a misspelled key fails before anything starts rather than at the first package.
 
 Environment overrides: ``EDGEWARD_<SECTION>_<KEY>=value`` replaces ``[section] key`` of
@@ -25,14 +25,12 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from agent.errors import ConfigError
 from agent.http import HTTPLimits
+from agent.limits import Limits
 from runtime.config import RuntimeConfig
-
-if TYPE_CHECKING:
-    from agent.package import Limits
 
 __all__ = [
     "BrokerAddress",
@@ -135,6 +133,9 @@ class DaemonConfig:
     worker_start_timeout: float = 120.0  # seconds for spawn + convert + load + warm-up
     worker_memory_limit_mb: int | None = None  # per worker; None = no cap
     log_level: str = "info"
+    # hash every installed file of current and previous against the signed manifest at
+    # start (a modified version is not served); agent/installed.py
+    verify_installed: bool = True
     # "text": one line per record (with journald priority prefixes when stderr is the
     # journal); "json": one JSON object per line. Worker lines use the same format.
     log_format: str = "text"
@@ -159,12 +160,6 @@ def metrics_socket(cfg: Config) -> Path:
     if cfg.metrics.socket is not None:
         return cfg.metrics.socket
     return cfg.control.socket.with_name("metrics.sock")
-
-
-def _default_package_limits() -> Limits:
-    from agent.package import Limits
-
-    return Limits()
 
 
 @dataclass(frozen=True)
@@ -225,8 +220,8 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     # [runtime], built by runtime.config.RuntimeConfig.from_dict.
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
-    # [package_limits], built into agent.package.Limits (caps on untrusted packages).
-    package_limits: Limits = field(default_factory=_default_package_limits)
+    # [package_limits], built into agent.limits.Limits (caps on untrusted packages).
+    package_limits: Limits = field(default_factory=Limits)
     # None = no [mqtt] section: no broker connection, paho is never imported.
     mqtt: MqttConfig | None = None
     source: Path | None = None
@@ -342,17 +337,22 @@ def _section(cls: type[Any], name: str, table: Any) -> Any:
 
 
 def _limits(key: str, cls: type[Any], table: Any) -> Any:
-    """Build a limits dataclass from a table: known keys, integers or numbers only."""
+    """Build a limits dataclass from a table: known keys, integers or numbers only.
+
+    A class with its own ``__post_init__`` checks (HTTPLimits) judges ranges itself;
+    for the others every cap must be > 0.
+    """
     if not isinstance(table, dict):
         raise ConfigError(f"[{key}] must be a table, got {table!r}", code="config-type")
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    own_checks = hasattr(cls, "__post_init__")
     kwargs: dict[str, Any] = {}
     for k, v in table.items():
         if k not in fields:
             allowed = ", ".join(sorted(fields))
             raise ConfigError(f"unknown key {key}.{k}; allowed: {allowed}", code="config-key")
         kwargs[k] = _convert(f"{key}.{k}", str(fields[k].type), v)
-        if kwargs[k] <= 0:
+        if not own_checks and kwargs[k] is not None and kwargs[k] <= 0:
             raise ConfigError(f"{key}.{k}: must be > 0, got {v!r}", code="config-range")
     return cls(**kwargs)
 
@@ -365,8 +365,6 @@ def _positive(key: str, value: float, *, allow_zero: bool = False) -> None:
 
 def parse_config(data: Mapping[str, Any], *, source: Path | None = None) -> Config:
     """Build a :class:`Config` from a parsed TOML document, validating every key."""
-    from agent.package import Limits
-
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         if key in SECTIONS:
@@ -408,7 +406,7 @@ def apply_environment(data: dict[str, Any], environ: Mapping[str, str]) -> dict[
         known = (
             {f.name for f in dataclasses.fields(SECTIONS[section])}
             if section in SECTIONS
-            else set(_default_package_limits().__dataclass_fields__)
+            else set(Limits.__dataclass_fields__)
         )
         if key not in known:
             raise ConfigError(
@@ -622,13 +620,42 @@ def check_groups(cfg: Config) -> None:
     ):
         if group:
             try:
-                grp.getgrnam(group)
+                gid = grp.getgrnam(group).gr_gid
             except KeyError:
                 raise ConfigError(
                     f"{key}: group {group!r} does not exist on this system "
                     '(create it, or set "" for the daemon\'s own group)',
                     code="config-group",
                 ) from None
+            problem = unmapped_group(gid, group, key)
+            if problem is not None:
+                raise ConfigError(problem, code="config-group")
+
+
+def unmapped_group(gid: int, group: str, key: str, gid_map: str | None = None) -> str | None:
+    """Why ``gid`` cannot be given to a socket here, or None when it can.
+
+    In a user namespace (systemd's ``PrivateUsers=yes``) only the daemon's own user and
+    group (and root/nobody) are mapped; ``chown`` to any other group fails with an
+    opaque ``EINVAL``. ``gid_map``: the text of ``/proc/self/gid_map`` (read when None).
+    """
+    if gid_map is None:
+        try:
+            with open("/proc/self/gid_map", encoding="ascii") as fh:
+                gid_map = fh.read()
+        except OSError:
+            return None  # no /proc: nothing to tell in advance
+    for line in gid_map.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and all(p.isdigit() for p in parts):
+            inside, _outside, count = (int(p) for p in parts)
+            if inside <= gid < inside + count:
+                return None
+    return (
+        f"{key}: group {group!r} (gid {gid}) is not mapped in the daemon's user namespace "
+        "(PrivateUsers=yes maps only the daemon's own user and group); use the daemon's "
+        f'own group ({key} = "" or the unit\'s Group=), or set PrivateUsers=no in the unit'
+    )
 
 
 def load_config(path: Path, *, environ: Mapping[str, str] | None = None) -> Config:

@@ -124,6 +124,7 @@ class ControlApp:
             ("POST", "/reload"): self._reload,
             ("GET", "/metrics"): self._metrics,
             ("POST", "/rollback"): self._rollback,
+            ("POST", "/verify"): self._verify,
         }
 
     async def dispatch(self, method: str, path: str, peer: PeerCred | None) -> Reply:
@@ -168,6 +169,9 @@ class ControlApp:
     async def _reload(self, _arg: str) -> Reply:
         changed = await self.daemon.reload()
         return _json(200, {"reloaded": True, "changed": changed})
+
+    async def _verify(self, _arg: str) -> Reply:
+        return _json(200, await self.daemon.verify_installed())
 
     async def _rollback(self, name: str) -> Reply:
         if not name or "/" in name:

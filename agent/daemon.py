@@ -63,6 +63,7 @@ class Daemon:
         self._tasks: list[asyncio.Task[Any]] = []
         self._servers: list[Any] = []
         self._check_task: asyncio.Task[Any] | None = None
+        self._lock_fd: int | None = None
         # agent.mqtt.MqttService when [mqtt] is configured (imported only then: idle RSS).
         self.mqtt: Any = None
 
@@ -101,8 +102,7 @@ class Daemon:
 
     async def startup(self) -> None:
         """Everything before READY=1. Raises EdgewardError on a fatal problem."""
-        check_groups(self.cfg)
-        self._check_sockets_free()  # before minutes of model loading, not after
+        self._claim()
         self.notifier.status("opening store")
         self.store.open()
         self.cfg.paths.resolved_cache_dir.mkdir(parents=True, exist_ok=True)
@@ -128,23 +128,48 @@ class Daemon:
             served,
         )
 
+    def _claim(self) -> None:
+        """Take the state directory and check groups and sockets: a refusal here (a second
+        daemon, a missing group, a socket in use) has started nothing, so it is one error
+        line with no lifecycle lines around it. Idempotent."""
+        if self._lock_fd is not None:
+            return
+        fd = self.store.lock()  # first: a second daemon must touch nothing
+        try:
+            check_groups(self.cfg)
+            self._check_sockets_free()  # before minutes of model loading, not after
+        except BaseException:
+            os.close(fd)
+            raise
+        self._lock_fd = fd
+
     async def _load_installed(self, name: str) -> None:
-        """Serve ``current``; if it cannot start, fall back to ``previous`` (and say so)."""
+        """Serve ``current``; if its files were modified or it cannot start, fall back to
+        ``previous`` (checked too), loudly; if neither will do, the model is not served."""
         cur = self.store.current(name)
         if cur is None:
             return
-        try:
-            await self.registry.load(
-                name, cur, self.store.version_dir(name, cur), self.cfg.daemon.drain_timeout
-            )
-            self.updater.mark_serving(name, cur)
-            return
-        except EdgewardError as exc:
-            logger.error("model %s version %s does not start: %s", name, cur, exc.message)
-            why, local = f"[{exc.code}] {exc.message}", local_fault(exc)
+        why: str | None = None
+        local: str | None = None
+        check = await self._check_installed(name, cur)
+        if check.ok:
+            try:
+                await self.registry.load(
+                    name, cur, self.store.version_dir(name, cur), self.cfg.daemon.drain_timeout
+                )
+                self.updater.mark_serving(name, cur)
+                return
+            except EdgewardError as exc:
+                logger.error("model %s version %s does not start: %s", name, cur, exc.message)
+                why, local = f"[{exc.code}] {exc.message}", local_fault(exc)
+        else:
+            why = "[installed-modified] " + "; ".join(check.problems[:5])
         prev = self.store.previous(name)
         if prev is None or prev == cur:
             logger.error("model %s has no previous version; it is not served", name)
+            return
+        if not (await self._check_installed(name, prev)).ok:
+            logger.error("model %s: previous version %s is modified too; not served", name, prev)
             return
         try:
             await self.registry.load(
@@ -156,19 +181,94 @@ class Daemon:
         self.store.rollback(name)
         m = self.updater.machine(name)
         m.version = prev
-        m.advance("rolled-back", error=f"version {cur} failed to start")
+        m.advance("rolled-back", error=f"version {cur}: {why}")
         if local is None:  # a fault of this device's is no reason to refuse the version
-            self.updater.mark_bad(name, cur, f"failed to start, rolled back: {why}")
+            self.updater.mark_bad(name, cur, f"rolled back at start: {why}")
         logger.warning("model %s rolled back to version %s", name, prev)
+
+    def _trust_or_none(self) -> Any:
+        """The trusted publisher keys, to re-check kept manifest signatures (None if
+        there are none: the digests are still checked)."""
+        from agent.keys import load_trusted
+
+        tdir = self.cfg.paths.trust_dir
+        pubs = sorted(tdir.glob("*.pub")) if tdir.is_dir() else []
+        try:
+            return load_trusted(pubs) if pubs else None
+        except EdgewardError as exc:
+            logger.warning("cannot load trusted keys from %s: %s", tdir, exc.message)
+            return None
+
+    async def _check_installed(self, name: str, version: str) -> Any:
+        """Hash one installed version against its signed manifest (off the loop)."""
+        from agent.installed import VersionCheck, check_version
+
+        if not self.cfg.daemon.verify_installed:
+            return VersionCheck(name, version, checked=False)
+        vdir = self.store.version_dir(name, version)
+        trust = self._trust_or_none()
+        t0 = time.monotonic()
+        res = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: check_version(name, version, vdir, trust)
+        )
+        if not res.ok:
+            logger.error(
+                "MODIFIED: %s version %s does not match its signed manifest: %s",
+                name,
+                version,
+                "; ".join(res.problems[:10]),
+            )
+        elif not res.checked:
+            logger.warning(
+                "%s version %s has no signed manifest (not installed from a package): "
+                "its files cannot be checked",
+                name,
+                version,
+            )
+        else:
+            logger.info(
+                "%s version %s: %d files, %.1f MB match the signed manifest (%.2f s)",
+                name,
+                version,
+                res.files,
+                res.bytes / 1e6,
+                time.monotonic() - t0,
+            )
+        return res
+
+    async def verify_installed(self) -> dict[str, Any]:
+        """``edgeward verify --installed``: check ``current`` and ``previous`` of every
+        model; a modified ``current`` is replaced by a sound ``previous`` or stops being
+        served. Returns the findings and what was done."""
+        out: list[dict[str, Any]] = []
+        actions: list[str] = []
+        for name in self.store.names():
+            cur, prev = self.store.current(name), self.store.previous(name)
+            results = {}
+            for v in dict.fromkeys(x for x in (cur, prev) if x is not None):
+                results[v] = await self._check_installed(name, v)
+                out.append(results[v].to_dict())
+            if cur is None or results[cur].ok:
+                continue
+            if prev is not None and prev != cur and results[prev].ok:
+                await self.updater.rollback(name)
+                self.updater.mark_bad(name, cur, "installed files modified")
+                actions.append(f"{name}: version {cur} modified, now serving {prev}")
+            else:
+                await self.registry.unload(name, self.cfg.daemon.drain_timeout)
+                actions.append(f"{name}: version {cur} modified and no sound previous: not served")
+            logger.error("verify --installed: %s", actions[-1])
+        return {"versions": out, "ok": all(r["ok"] for r in out), "actions": actions}
 
     def _socket_paths(self) -> list[Path]:
         return [self.cfg.inference.socket, self.cfg.control.socket, metrics_socket(self.cfg)]
 
     def _check_sockets_free(self) -> None:
         """Refuse to start when another agent answers on one of our sockets."""
-        from agent.http import clear_stale_socket
+        from agent.http import bind_path, clear_stale_socket
 
         for path in self._socket_paths():
+            bind_path(path)  # a path too long to bind: say so now, not after loading
             clear_stale_socket(path)
 
     def status_line(self) -> str:
@@ -270,6 +370,8 @@ class Daemon:
         self.notifier.stopping()
         self.notifier.status("draining")
         logger.info("shutting down: draining for up to %.1fs", self.cfg.daemon.drain_timeout)
+        if self.updater is not None:
+            self.updater.stop()  # a package read in flight gives up at its next piece
         for t in self._tasks:
             t.cancel()
         if self._check_task is not None:
@@ -285,6 +387,9 @@ class Daemon:
         )
         await self.registry.close(self.cfg.daemon.drain_timeout)
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the state directory
+            self._lock_fd = None
         self.notifier.close()
         logger.info("edgeward agent stopped")
 
@@ -300,6 +405,7 @@ class Daemon:
             loop.add_signal_handler(sig, self.stop)
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         try:
+            self._claim()
             try:
                 await self.startup()
             except BaseException:

@@ -933,11 +933,7 @@ class UnixHTTPServer:
         path = self.path
         gid = _resolve_group(self.group) if self.group else None
         clear_stale_socket(path)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        if len(os.fsencode(str(tmp))) > 100:
-            raise ConfigError(
-                f"socket path {path} is too long for a Unix socket", code="socket-path"
-            )
+        tmp = bind_path(path)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -951,6 +947,14 @@ class UnixHTTPServer:
                     raise ConfigError(
                         f"cannot give socket {path} to group {self.group!r}: the daemon user "
                         "is not a member of it",
+                        code="socket-group",
+                    ) from exc
+                except OSError as exc:  # EINVAL: the gid is not mapped (a user namespace)
+                    from agent.config import unmapped_group
+
+                    why = unmapped_group(gid, str(self.group), f"socket {path}")
+                    raise ConfigError(
+                        why or f"cannot give socket {path} to group {self.group!r}: {exc}",
                         code="socket-group",
                     ) from exc
             sock.listen(1024)
@@ -1085,6 +1089,19 @@ def _resolve_group(group: str) -> int:
             f"socket group {group!r} does not exist; create it or set another group",
             code="socket-group",
         ) from None
+
+
+def bind_path(path: Path) -> Path:
+    """The temporary name a socket is bound at before its rename to ``path``.
+
+    Raises:
+        ConfigError: the name does not fit a Unix socket address (108 bytes, with room
+            for the pid suffix); a relative ``path`` is measured as given.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    if len(os.fsencode(str(tmp))) > 100:
+        raise ConfigError(f"socket path {path} is too long for a Unix socket", code="socket-path")
+    return tmp
 
 
 def clear_stale_socket(path: Path) -> None:

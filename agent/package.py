@@ -63,6 +63,7 @@ from agent.errors import (
     UnsafeEntryError,
 )
 from agent.keys import Keyring, TrustStore, key_id
+from agent.limits import Limits
 from agent.manifest import (
     MANIFEST_NAME,
     NAME_RE,
@@ -85,20 +86,6 @@ CONTAINER_PATH = "Model/models.empc"
 DEFAULT_ZSTD_LEVEL = 3
 _COPY = 4 << 20  # bytes per read when streaming
 Progress = Callable[[int], None]
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Caps applied to untrusted packages (all sizes in bytes)."""
-
-    max_package_bytes: int = 64 << 30  # the whole .emp file (64 GiB)
-    max_total_bytes: int = 64 << 30  # sum of all member sizes (64 GiB)
-    max_entries: int = 10_000  # tar members, files and directories
-    max_manifest_bytes: int = 4 << 20  # manifest.json (4 MiB)
-    max_signature_bytes: int = 64 << 10  # manifest.sig (64 KiB)
-    max_meta_bytes: int = 16 << 20  # one Meta-info/*.json (16 MiB)
-    max_models: int = 64  # models per package
-    max_decoded_bytes: int = 64 << 30  # one model after decrypt + decompress (64 GiB)
 
 
 @dataclass
@@ -789,10 +776,17 @@ def _meta_check(fe: FileEntry, reader: MemberReader, limits: Limits) -> bytes | 
 
 
 def verify(
-    pkg: Path, trust: TrustStore, limits: Limits | None = None, *, nofollow: bool = False
+    pkg: Path,
+    trust: TrustStore,
+    limits: Limits | None = None,
+    *,
+    nofollow: bool = False,
+    progress: Progress | None = None,
 ) -> Manifest:
     """Verify a package without writing anything: signature, then every member's size
     and SHA-256, the container headers against the manifest, and the Meta-info schemas.
+    ``progress`` is called with the byte count of every piece read (it may raise to
+    abandon the verification, as the daemon does when it is stopped).
 
     Raises:
         PackageError subclasses with specific codes (see docs/PACKAGE.md).
@@ -814,7 +808,7 @@ def verify(
             found = {_check_header(models.get(e.header.model_id), e.header, fe.path).id for e in cr}
             _check_all_models(models, found, fe.path)
 
-        _walk(opened, on_file)
+        _walk(opened, on_file, progress)
     logger.info(
         "verified %s version %d (signed by %s)", manifest.name, manifest.version, opened.signer
     )
@@ -971,6 +965,7 @@ def _unpack_into(
     patches: list[tuple[ModelInfo, Path]] = []
     with _open(pkg, limits, trust, nofollow=nofollow) as opened:
         manifest = opened.manifest
+        signature = opened.signature
         residual = [m for m in manifest.models if m.residual]
         base_manifest = _check_base(manifest, base_dir) if residual else None
         key = _data_key(manifest, keyring, trust, envelopes)
@@ -1011,12 +1006,15 @@ def _unpack_into(
     if patches:
         assert base_dir is not None and base_manifest is not None
         _apply_patches(patches, base_dir, base_manifest, out)
-    fd = out.create(MANIFEST_NAME)
-    try:
-        _write_all(fd, manifest.raw)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    # the signed manifest and its signature stay with the files: the daemon checks an
+    # installed version against them at start (agent/installed.py)
+    for rel, data in ((MANIFEST_NAME, manifest.raw), (SIGNATURE_NAME, signature)):
+        fd = out.create(rel)
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     out.sync_dirs()
     return manifest
 

@@ -20,6 +20,7 @@ import asyncio
 import importlib
 import logging
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -177,6 +178,7 @@ class Updater:
         self.registry = registry
         self._extend = extend_timeout
         self._lock = asyncio.Lock()
+        self._stopping = threading.Event()  # set by stop(): reads in flight give up
         self._scan_cache: dict[Path, tuple[tuple[int, int], _Candidate | str]] = {}
         self.machines: dict[str, UpdateMachine] = {}
         self.transitions: dict[str, int] = dict.fromkeys(STATES, 0)
@@ -307,6 +309,19 @@ class Updater:
             m.retries, m.retry_at, m.fix = 0, 0.0, None
             self._write_journal()
 
+    # --- stopping ------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """The daemon is stopping: a verification or unpack in flight gives up at its
+        next piece (a few MiB), so SIGTERM is not held up by a big package; nothing is
+        refused or marked for it and the next start tries again."""
+        self._stopping.set()
+
+    def _go_on(self, _nbytes: int = 0) -> None:
+        """The ``progress`` hook of every package read the updater starts."""
+        if self._stopping.is_set():
+            raise UpdateError("the daemon is stopping; the update will be retried", code="stopping")
+
     # --- trust ---------------------------------------------------------------------
 
     def _trust(self) -> Any:
@@ -356,10 +371,18 @@ class Updater:
             else:
                 try:
                     kwargs = {"limits": limits} if limits is not None else {}
-                    manifest = package.verify(path, trust, nofollow=True, **kwargs)
+                    self._go_on()
+                    manifest = package.verify(
+                        path, trust, nofollow=True, progress=self._go_on, **kwargs
+                    )
                     name = check_name("name", str(manifest.name))
                     version = check_name("version", str(manifest.version))
                     result = _Candidate(path, name, version, stamp)
+                except UpdateError as exc:
+                    if exc.code == "stopping":
+                        raise  # not this file's fault: leave it for the next start
+                    result = f"[{exc.code}] {exc.message}"
+                    self._reject(path, result)
                 except Exception as exc:  # whatever one file does costs that file only
                     if isinstance(exc, EdgewardError):
                         result = f"[{exc.code}] {exc.message}"
@@ -476,7 +499,10 @@ class Updater:
             m.advance("verifying")
             kwargs = {"limits": limits} if limits is not None else {}
             await loop.run_in_executor(
-                None, lambda: package.verify(cand.path, trust, nofollow=True, **kwargs)
+                None,
+                lambda: package.verify(
+                    cand.path, trust, nofollow=True, progress=self._go_on, **kwargs
+                ),
             )
             m.advance("unpacking")
             self._preflight(cand.path)
@@ -494,6 +520,7 @@ class Updater:
                     keyring=keyring,
                     base_dir=base_dir,
                     nofollow=True,
+                    progress=self._go_on,
                     **kwargs,
                 ),
             )
@@ -532,7 +559,9 @@ class Updater:
             if installed and version not in (self.store.current(name), self.store.previous(name)):
                 self.store.remove_version(name, version)
             fix = local_fault(exc)
-            if fix is not None:
+            if isinstance(exc, EdgewardError) and exc.code == "stopping":
+                pass  # neither the package's fault nor this device's: next start retries
+            elif fix is not None:
                 self.defer(name, reason, fix)  # the package stays where it is
             elif isinstance(exc, EdgewardError):
                 self._clear_fault(name)

@@ -28,7 +28,16 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-AREAS = ("unpack", "residual", "worker", "socket", "reliability_serve", "fleet")
+AREAS = (
+    "unpack",
+    "residual",
+    "worker",
+    "socket",
+    "reliability_serve",
+    "reliability",
+    "install",
+    "fleet",
+)
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
@@ -73,11 +82,49 @@ FIGURES: dict[str, tuple[str, tuple[str, float] | None, int]] = {
         13,
     ),
     "reliability_flood_p50_ratio": ("legit p50 latency, flood / no flood", None, 13),
+    "reliability_inbox_cases_refused_ratio": (
+        "hostile inbox / store cases refused (links, JSON, non-regular, names, installed)",
+        (">=", 1.0),
+        13,
+    ),
+    "reliability_inbox_json_tried": ("hostile JSON before the signature: cases", None, 13),
+    "reliability_inbox_json_refused": ("... refused with one EdgewardError", None, 13),
+    "reliability_inbox_nonregular_tried": ("non-regular inbox entries: cases", None, 13),
+    "reliability_inbox_nonregular_refused": ("... refused as such", None, 13),
+    "reliability_inbox_links_tried": ("links planted where a refusal writes: cases", None, 13),
+    "reliability_inbox_links_refused": ("... target left untouched", None, 13),
+    "reliability_inbox_names_tried": ("names with control characters: cases", None, 13),
+    "reliability_inbox_names_refused": ("... escaped", None, 13),
+    "reliability_inbox_installed_tried": ("tampered installed versions: cases", None, 13),
+    "reliability_inbox_installed_refused": ("... found by the start-up check", None, 13),
+    "reliability_refuse_nonregular_max_s": (
+        "worst time to refuse a FIFO, /dev/zero link, socket, dir, link, s",
+        ("<=", 1.0),
+        13,
+    ),
+    "reliability_refuse_sparse_s": ("time to refuse a 4 GiB sparse file, s", ("<=", 1.0), 13),
+    "reliability_refuse_sparse_signed_head_s": (
+        "time to refuse a signed head + 4 GiB of zeros, s",
+        ("<=", 1.0),
+        13,
+    ),
+    "reliability_refuse_check_s": ("daemon check with all of them + a valid package, s", None, 13),
+    "reliability_refuse_sigterm_s": (
+        "SIGTERM to exit during a check with a FIFO in the inbox, s",
+        None,
+        13,
+    ),
     "reliability_tensor_cases_400_ratio": (
         "edge-case tensor requests answered 400 (relayed + lent)",
         (">=", 1.0),
         13,
     ),
+    "cli_version_start_ratio": ("edgeward --version / python -I -c pass, wall", None, 17),
+    "cli_version_start_ms": ("edgeward --version wall time, ms", None, 17),
+    "metrics_scrape_p50_ms": ("GET /metrics on the metrics socket, p50 ms", None, 17),
+    "metrics_scrape_vs_live_ratio": ("metrics scrape p50 / health-live p50", None, 17),
+    "daemon_rss_idle_unscraped_mb": ("daemon idle RSS (tiny model), never scraped, MB", None, 17),
+    "daemon_rss_after_scrapes_mb": ("the same after 500 scrapes, MB", None, 17),
     "fleet_converge_s": ("one fleet trigger -> every agent's status shows v2, s", None, 14),
     "fleet_failures": ("agents that did not converge or failed the update", ("<=", 0), 14),
     "fleet_check_start_spread_s": ("max - min of the agents' check start times, s", None, 14),
@@ -123,7 +170,7 @@ def _arm64_section() -> str:
 `make test-arm64` ({a.get("mode", "full")} run, {a.get("date", "?")}): qemu-user
 {a.get("qemu", "?")} running an arm64 Debian bookworm root on {a.get("host", "?")}.
 **{a.get("passed", 0)} passed, {a.get("failed", 0)} failed, {a.get("skipped", 0)} skipped** in
-{a.get("seconds", 0):.0f} s (the same tests natively: {a.get("native_seconds", "?")} s). Durations
+{a.get("seconds", 0):.0f} s. Durations
 under emulation say nothing about a real device's speed; the count is the point.
 """
 

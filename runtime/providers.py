@@ -24,9 +24,8 @@ def unknown_provider_error(name: str, known: set[str] | list[str]) -> ConfigErro
     """The one error for a provider name ORT does not know (a typo, most likely)."""
     return ConfigError(
         f"runtime.onnx.providers: unknown execution provider {name!r}; "
-        f"this onnxruntime knows: {', '.join(sorted(known))}",
-        code="config-value",
-    )
+        f"this onnxruntime knows: {', '.join(sorted(known))}"
+    )  # code "config": the updater's local_fault() knows it as the device's own fault
 
 
 def known_providers(timeout: float = 120.0) -> list[str]:

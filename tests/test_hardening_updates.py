@@ -182,28 +182,32 @@ def test_disk_full_is_retried(tmp_path: Path, pkgs: dict[str, Path]) -> None:
 
 @needs_worker
 @pytest.mark.e2e
-def test_daemon_provider_typo_then_rollback_and_other_model(
+def test_daemon_provider_unavailable_then_rollback_and_other_model(
     tmp_path: Path, pkgs: dict[str, Path]
 ) -> None:
-    """Real daemon: a misspelled execution provider defers the update (package kept,
+    """Real daemon: an execution provider the box lacks defers the update (package kept,
     status says what to fix); fixed by a reload, it installs. A rollback with the newer
     package still in the inbox: checks stay clean and a second model installs."""
     work = tmp_path / "w"
     cfg = write_config(work, trust_dir=pkgs["trust"])
     text = cfg.read_text()
     good = "onnx = { intra_op_threads = 1, inter_op_threads = 1 }"
-    typo = good.replace(" }", ', providers = ["CPUExecutionProvidr"] }')
-    cfg.write_text(text.replace(good, typo))
+    # a provider this onnxruntime knows but this box lacks, with the "error" policy: the
+    # worker refuses to start (a typo is refused when the config loads, before this)
+    lacking = good.replace(
+        " }", ', providers = ["CUDAExecutionProvider"], unavailable_providers = "error" }'
+    )
+    cfg.write_text(text.replace(good, lacking))
     d = start_daemon(work, config=cfg)
     try:
         shutil.copy(pkgs["1"], d.inbox / "tiny-1.emp")
         r = d.cli("check", "--json")
         assert r.returncode == 1, r.stderr  # a failure to report, not a daemon error
         failed = json.loads(r.stdout)["failed"]
-        assert "tiny" in failed and "CPUExecutionProvidr" in failed["tiny"], r.stdout
+        assert "tiny" in failed and "CUDAExecutionProvider" in failed["tiny"], r.stdout
         assert (d.inbox / "tiny-1.emp").exists() and not list(d.inbox.glob("*.rejected"))
         st = json.loads(d.cli("status", "--json").stdout)
-        assert "configuration" in st["updates"]["tiny"]["fix"]
+        assert "runtime.onnx.providers" in st["updates"]["tiny"]["fix"]
         assert "to fix" in d.log()
         cfg.write_text(text)
         os.kill(d.proc.pid, signal.SIGHUP)  # reload: retried now, not after the backoff
@@ -229,3 +233,40 @@ def test_daemon_provider_typo_then_rollback_and_other_model(
         assert "2" in st["updates"]["tiny"]["bad"]
     finally:
         d.stop()
+
+
+def test_stopping_abandons_reads_without_blame(tmp_path: Path, pkgs: dict[str, Path]) -> None:
+    """SIGTERM must not wait for a big package: every read the updater starts gives up
+    at its next piece once the daemon stops, and nothing is refused or deferred for it."""
+    from agent.errors import UpdateError
+    from agent.keys import load_trusted
+    from agent.package import unpack, verify
+
+    trust = load_trusted([pkgs["trust"]])
+    calls = []
+
+    def hook(n: int) -> None:
+        calls.append(n)
+        raise UpdateError("stop", code="stopping")
+
+    with pytest.raises(UpdateError):
+        verify(pkgs["1"], trust, progress=hook)
+    with pytest.raises(UpdateError):
+        unpack(pkgs["1"], tmp_path / "out", trust=trust, progress=hook)
+    assert calls and not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+    async def go() -> None:
+        _cfg, store, _reg, up, _made = _setup(tmp_path, pkgs["trust"])
+        _drop(tmp_path, pkgs["1"])
+        up.stop()
+        res = await up.check()
+        assert res.installed == {} and "stopping" in res.failed["*"], res.to_dict()
+        assert (tmp_path / "inbox" / "tiny-1.emp").exists()
+        assert not list((tmp_path / "inbox").glob("*.rejected*"))
+        assert store.current("tiny") is None and not up.is_bad("tiny", "1")
+        # the next start (a fresh updater) installs it
+        _cfg, store, _reg, up2, _made = _setup(tmp_path, pkgs["trust"])
+        assert (await up2.check()).installed == {"tiny": "1"}
+
+    asyncio.run(go())

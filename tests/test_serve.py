@@ -25,12 +25,14 @@ pytestmark = [
 
 
 def _curl(sock: Path, path: str, body: str | None = None) -> tuple[int, str]:
-    cmd = [str(CURL), "-sS", "-o", "-", "-w", "\\n%{http_code}", "--unix-socket", str(sock)]
+    # relative to the socket's directory: pytest's tmp paths exceed a socket address
+    cmd = [str(CURL), "-sS", "-o", "-", "-w", "\\n%{http_code}", "--unix-socket", sock.name]
     if body is not None:
         cmd += ["-X", "POST", "-H", "Content-Type: application/json", "-d", body]
     res = subprocess.run(
-        [*cmd, f"http://localhost{path}"], capture_output=True, text=True, timeout=60, check=False
-    )
+        [*cmd, f"http://localhost{path}"], capture_output=True, text=True, timeout=60,
+        check=False, cwd=sock.parent,
+    )  # fmt: skip
     out, _, code = res.stdout.rpartition("\n")
     return int(code or 0), out
 
@@ -68,6 +70,8 @@ def _stop(proc: subprocess.Popen[str]) -> str:
 
 
 def test_serve_file_directory_and_emp(tmp_path: Path) -> None:
+    """(Deep on purpose: the socket is bound by its relative name, so a project directory
+    longer than a Unix socket address still works.)"""
     tiny_onnx(tmp_path / "double.onnx", scale=2.0)
     pkg_dir = tiny_model_dir(tmp_path / "pkgs", "triple", "7", scale=3.0)
     assert main(["keygen", "--kind", "signing", "--out", str(tmp_path / "keys")]) == 0
@@ -77,8 +81,9 @@ def test_serve_file_directory_and_emp(tmp_path: Path) -> None:
     emp = tmp_path / "quad.emp"
     args = ["pack", "--model", str(tmp_path / "q.onnx"), "--name", "quad", "--version", "3"]
     assert main([*args, "--signing-key", str(sk), "-o", str(emp)]) == 0
-    work = tmp_path / "cwd"
-    work.mkdir()
+    work = tmp_path / ("deep-" * 12) / "cwd"
+    work.mkdir(parents=True)
+    assert len(str(work / "edgeward.sock")) > 108
     proc = _start(work, str(tmp_path / "double.onnx"), str(pkg_dir), str(emp), "--trust", str(pub))
     sock = work / "edgeward.sock"
     try:

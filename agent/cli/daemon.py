@@ -85,6 +85,12 @@ def control_request(
         conn.close()
 
 
+def call_control(args: argparse.Namespace, path: str, method: str = "GET") -> Any:
+    """One control-socket request (``args.control_socket``); the JSON answer or a
+    ControlError with the daemon's code."""
+    return _call(args, path, method)
+
+
 def _call(args: argparse.Namespace, path: str, method: str = "GET") -> Any:
     status, body, _ctype = control_request(path, method, sock_path=args.control_socket)
     try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -131,15 +132,28 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     add_json(p, "the manifest summary")
     p.set_defaults(func=_inspect)
 
-    p = sub.add_parser("verify", help="verify signature, sizes and digests of a package")
-    p.add_argument("package", type=Path, metavar="PKG", help="the .emp package")
+    p = sub.add_parser(
+        "verify",
+        help="verify signature, sizes and digests of a package, or (--installed) of "
+        "every installed version the daemon keeps",
+    )
+    p.add_argument("package", type=Path, metavar="PKG", nargs="?", help="the .emp package")
     p.add_argument(
         "--trust",
         action="append",
-        required=True,
+        default=[],
         type=Path,
         metavar="PUB",
-        help="trusted publisher .pub file or directory (repeatable)",
+        help="trusted publisher .pub file or directory (repeatable; needed for PKG)",
+    )
+    p.add_argument(
+        "--installed",
+        action="store_true",
+        help="ask the daemon to check current and previous of every model against "
+        "their signed manifests (a modified current is rolled back or not served)",
+    )
+    p.add_argument(
+        "--control-socket", metavar="PATH", default=None, help="control socket (--installed)"
     )
     add_json(p, "the verification result")
     p.set_defaults(func=_verify)
@@ -347,8 +361,14 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    from agent.errors import PackageError
     from agent.keys import TrustStore
     from agent.package import verify
+
+    if args.installed:
+        return _verify_installed(args)
+    if args.package is None or not args.trust:
+        raise PackageError("verify needs PKG and --trust (or --installed)", code="usage")
 
     manifest = verify(args.package, TrustStore.from_paths(args.trust))
     if args.json:
@@ -370,6 +390,28 @@ def _verify(args: argparse.Namespace) -> int:
             )
         )
     return 0
+
+
+def _verify_installed(args: argparse.Namespace) -> int:
+    from agent.cli.daemon import call_control
+
+    data = call_control(args, "/verify", "POST")
+    if args.json:
+        print(json.dumps(data, indent=2, sort_keys=True))
+    else:
+        for v in data.get("versions", []):
+            what = f"{v['name']} version {v['version']}"
+            if not v.get("checked", True):
+                print(f"{what}: not installed from a package, nothing to check against")
+            elif v["ok"]:
+                signer = f", signed by {v['signed_by']}" if v.get("signed_by") else ""
+                print(f"OK: {what}: {v['files']} files, {v['bytes']:,} bytes{signer}")
+            else:
+                for problem in v["problems"]:
+                    print(printable(f"MODIFIED: {what}: {problem}"), file=sys.stderr)
+        for action in data.get("actions", []):
+            print(printable(action), file=sys.stderr)
+    return 0 if data.get("ok", False) else 1
 
 
 def _unpack(args: argparse.Namespace) -> int:

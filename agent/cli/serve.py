@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import sys
@@ -167,9 +166,13 @@ def _serve(args: argparse.Namespace) -> int:
         UpdatesConfig,
     )
     from agent.daemon import Daemon, apply_logging, preflight
+    from agent.http import bind_path
     from agent.malloc import tune_malloc
 
-    sock = args.socket.absolute()
+    # Kept relative when given relative: a Unix socket address holds ~100 bytes, and a
+    # project directory can be deeper than that; the daemon never changes directory.
+    sock: Path = args.socket
+    bind_path(sock)  # before staging models: fail fast on a path too long to bind
     tmp = Path(tempfile.mkdtemp(prefix="edgeward-serve-"))
     try:
         state = tmp / "state"
@@ -188,9 +191,9 @@ def _serve(args: argparse.Namespace) -> int:
         apply_logging(cfg)
         tune_malloc()
         names = ", ".join(f"{n} v{v}" for n, v in served)
-        print(f"edgeward serve: {names} on {sock}", file=sys.stderr)
+        print(f"edgeward serve: {names} on {sock.absolute()}", file=sys.stderr)
         print(
-            f"  try: curl --unix-socket {os.path.relpath(sock)} "
+            f"  try: curl --unix-socket {sock} "
             f"http://localhost/v2/models/{served[0][0]}",
             file=sys.stderr,
         )
