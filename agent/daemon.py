@@ -353,6 +353,7 @@ class Daemon:
         from agent.mqtt import MqttService
 
         self.mqtt = MqttService(self)
+        self.updater.observers.append(lambda _machine: self.mqtt.status_changed())
         self.mqtt.start()
 
     async def main_loop(self) -> None:

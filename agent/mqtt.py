@@ -72,8 +72,11 @@ __all__ = [
 
 #: The command kinds a device understands; anything else is "unknown".
 COMMAND_KINDS: tuple[str, ...] = ("check", "status")
-#: Seconds between looks at whether the status document changed (changes coalesce).
-STATUS_POLL_S = 1.0
+#: Seconds the status loop waits for a change notice before it looks anyway (last check
+#: time, disk free): an idle device wakes for MQTT this rarely, besides keepalive pings.
+STATUS_POLL_S = 30.0
+#: Seconds a change notice waits so a burst of update transitions becomes one message.
+STATUS_COALESCE_S = 0.25
 #: Events handed from paho's thread to the loop that may wait at once; beyond, dropped.
 HANDOFF_QUEUE = 1024
 #: Command ids one result event lists (a flood of coalesced triggers is counted, not listed).
@@ -696,6 +699,11 @@ class MqttService:
             )
         self.stats.connected = False
 
+    def status_changed(self) -> None:
+        """Something in the status may have changed (the daemon calls this on every
+        update transition); the status loop coalesces and publishes."""
+        self._status_wanted.set()
+
     def state(self) -> dict[str, Any]:
         """For ``edgeward status``: connection state, device id, counters."""
         return {"device_id": self.device_id, **self.stats.to_dict()}
@@ -925,11 +933,13 @@ class MqttService:
             logger.info("mqtt: not connected; event for %s not sent", doc.get("ids"))
 
     async def _status_loop(self) -> None:
-        """Publish the status when it changed (checked every STATUS_POLL_S, so bursts of
-        changes coalesce) or when asked (connect, status command, check finished)."""
+        """Publish the status when it changed: after a change notice (update transition,
+        connect, status command, check finished; waiting STATUS_COALESCE_S so a burst
+        becomes one message) or at the latest every STATUS_POLL_S."""
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._status_wanted.wait(), STATUS_POLL_S)
+                await asyncio.sleep(STATUS_COALESCE_S)
             self._status_wanted.clear()
             if not self.stats.connected:
                 continue
