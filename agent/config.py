@@ -41,6 +41,7 @@ __all__ = [
     "MetricsConfig",
     "MqttConfig",
     "PathsConfig",
+    "RepositoryConfig",
     "UpdatesConfig",
     "apply_environment",
     "check_groups",
@@ -123,6 +124,37 @@ class UpdatesConfig:
     # many seconds, doubling per consecutive fault up to retry_backoff_max.
     retry_backoff: float = 60.0
     retry_backoff_max: float = 3600.0
+    # Seconds after an activation during which a crash of the new worker or an error
+    # rate above health_max_error_rate rolls back on its own and marks the version bad.
+    health_window_s: float = 60.0  # 0 = no health window
+    health_max_error_rate: float = 0.5  # fraction of requests failed
+    health_min_requests: int = 4  # the rate counts only after this many requests
+
+
+@dataclass(frozen=True)
+class RepositoryConfig:
+    """The TUF repository the daemon follows (absent section = inbox only).
+
+    The repository is a static tree: ``<url>/metadata/*.json`` and ``<url>/targets/``.
+    """
+
+    # Mirrors, tried in order for metadata and packages; https:// only.
+    urls: tuple[str, ...] = ()
+    channel: str = "stable"
+    # The root.json provisioned with the box: the anchor of all trust in the repository.
+    root: Path = Path("/etc/edgeward/repository-root.json")
+    ca_bundle: Path | None = None  # PEM CAs for the server certificate; None = system CAs
+    client_cert: Path | None = None  # PEM client certificate (mTLS); key in client_key
+    client_key: Path | None = None
+    connect_timeout: float = 10.0  # seconds
+    read_timeout: float = 30.0  # seconds without a byte before a download is cut
+    max_metadata_bytes: int = 1 << 20  # cap for each of timestamp/snapshot/targets/root
+    max_download_bytes: int = 16 << 30  # cap for one package, whatever metadata declares
+    retries: int = 4  # attempts per download after the first, exponential backoff
+    backoff_s: float = 1.0  # first retry delay; doubles, with +-50 % jitter
+    backoff_max_s: float = 60.0
+
+
 
 
 @dataclass(frozen=True)
@@ -224,6 +256,8 @@ class Config:
     package_limits: Limits = field(default_factory=Limits)
     # None = no [mqtt] section: no broker connection, paho is never imported.
     mqtt: MqttConfig | None = None
+    # None = no [repository] section: updates come from the inbox only.
+    repository: RepositoryConfig | None = None
     source: Path | None = None
 
 
@@ -285,6 +319,12 @@ def _convert(key: str, tp: str, value: Any) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}", code="config-type")
         return value
+    if base.startswith("tuple"):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(
+                f"{key}: expected a list of strings, got {value!r}", code="config-type"
+            )
+        return tuple(value)
     if base.startswith("dict"):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a table, got {value!r}", code="config-type")
@@ -377,8 +417,12 @@ def parse_config(data: Mapping[str, Any], *, source: Path | None = None) -> Conf
             kwargs[key] = _limits(key, Limits, value)
         elif key == "mqtt":
             kwargs[key] = _mqtt_section(value)
+        elif key == "repository":
+            kwargs[key] = _section(RepositoryConfig, key, value)
         else:
-            allowed = ", ".join(sorted([*SECTIONS, "runtime", "package_limits", "mqtt"]))
+            allowed = ", ".join(
+                sorted([*SECTIONS, "runtime", "package_limits", "mqtt", "repository"])
+            )
             raise ConfigError(f"unknown section [{key}]; allowed: {allowed}", code="config-key")
     cfg = Config(source=source, **kwargs)
     _validate(cfg)
@@ -598,6 +642,16 @@ def _validate(cfg: Config) -> None:
             f"daemon.log_level: got {d.log_level!r}; allowed: {', '.join(_LOG_LEVELS)}",
             code="config-value",
         )
+    _positive("updates.health_window_s", u.health_window_s, allow_zero=True)
+    if not 0 < u.health_max_error_rate <= 1:
+        raise ConfigError(
+            f"updates.health_max_error_rate: must be a fraction in (0, 1], "
+            f"got {u.health_max_error_rate}",
+            code="config-range",
+        )
+    _positive("updates.health_min_requests", u.health_min_requests)
+    if cfg.repository is not None:
+        _validate_repository(cfg.repository)
     socks = {"inference.socket": cfg.inference.socket, "control.socket": cfg.control.socket}
     socks["metrics.socket"] = metrics_socket(cfg)
     seen: dict[Path, str] = {}
@@ -605,6 +659,42 @@ def _validate(cfg: Config) -> None:
         if path in seen:
             raise ConfigError(f"{key}: must differ from {seen[path]}", code="config-value")
         seen[path] = key
+
+
+_CHANNEL_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+
+
+def _validate_repository(r: RepositoryConfig) -> None:
+    from urllib.parse import urlsplit
+
+    if not r.urls:
+        raise ConfigError(
+            "repository.urls: at least one https:// URL is needed (or drop [repository])",
+            code="config-value",
+        )
+    for url in r.urls:
+        parts = urlsplit(url)
+        if parts.scheme != "https" or not parts.hostname or parts.query or parts.fragment:
+            raise ConfigError(
+                f"repository.urls: {url!r} is not an https:// URL without query or fragment",
+                code="config-value",
+            )
+    if not _CHANNEL_RE.match(r.channel):
+        raise ConfigError(
+            f"repository.channel: {r.channel!r}; allowed: lower-case letters, digits, '.', "
+            "'_' and '-' (e.g. stable, canary)",
+            code="config-value",
+        )
+    if (r.client_cert is None) != (r.client_key is None):
+        raise ConfigError(
+            "repository.client_cert and repository.client_key: set both or neither",
+            code="config-value",
+        )
+    for key in ("connect_timeout", "read_timeout", "backoff_s", "backoff_max_s"):
+        _positive(f"repository.{key}", getattr(r, key))
+    for key in ("max_metadata_bytes", "max_download_bytes"):
+        _positive(f"repository.{key}", getattr(r, key))
+    _positive("repository.retries", r.retries, allow_zero=True)
 
 
 def check_groups(cfg: Config) -> None:

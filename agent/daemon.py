@@ -377,6 +377,8 @@ class Daemon:
             t.cancel()
         if self._check_task is not None:
             self._check_task.cancel()
+        if self.updater is not None:
+            self.updater.close()
         if self.mqtt is not None:
             try:
                 await self.mqtt.close()  # the retained status says "offline" (stopped)
@@ -559,6 +561,7 @@ class Daemon:
             "updates": {n: m.to_dict() for n, m in sorted(self.updater.machines.items())},
             "last_check": last.to_dict() if last is not None else None,
             "checks": self.updater.checks,
+            "repository": self.updater.status() or None,
             "mqtt": self.mqtt.state() if self.mqtt is not None else None,
         }
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import platform
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from agent import __version__
 from agent.http import Request, Response
@@ -130,6 +130,41 @@ class DaemonCollector:
         )
         fails.add_metric([], up.check_failures)
         yield from (checks, fails)
+        results = CounterMetricFamily(
+            "edgeward_update_check_results", "Update checks by outcome.", labels=["outcome"]
+        )
+        for outcome, n in sorted(up.outcomes.items()):
+            results.add_metric([outcome], n)
+        yield results
+        repo = up.status()
+        if repo:
+            yield from _repository_families(repo)
+
+
+def _repository_families(repo: dict[str, Any]) -> Iterator[Metric]:
+    """The TUF repository source (agent/sources.py): transfer, resumes, metadata expiry."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    got = CounterMetricFamily(
+        "edgeward_repository_bytes_downloaded", "Package bytes downloaded from the repository."
+    )
+    got.add_metric([], repo["bytes_downloaded"])
+    meta = CounterMetricFamily(
+        "edgeward_repository_metadata_bytes", "Metadata bytes downloaded from the repository."
+    )
+    meta.add_metric([], repo["metadata_bytes"])
+    resumes = CounterMetricFamily("edgeward_repository_resumes", "Downloads resumed with Range.")
+    resumes.add_metric([], repo["resumes"])
+    expires = GaugeMetricFamily(
+        "edgeward_repository_metadata_expires_seconds",
+        "Unix time each trusted metadata role expires.",
+        labels=["role"],
+    )
+    for role, ts in sorted(repo["expires"].items()):
+        expires.add_metric([role], ts)
+    err = GaugeMetricFamily("edgeward_repository_error", "1 when the last repository check failed.")
+    err.add_metric([], float(repo["last_error"] is not None))
+    yield from (got, meta, resumes, expires, err)
 
 
 def _mqtt_families(st: MqttStats) -> Iterator[Metric]:

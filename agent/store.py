@@ -6,6 +6,7 @@ Layout::
     models/<name>/current -> versions/<version>
     models/<name>/previous -> versions/<version>
     staging/                            work in progress (unpack targets); wiped at start
+                                        except resumable downloads (<name>-<version>.part)
     cache/                              runtime converter cache
     journal.json                        per-model update state, written atomically
 
@@ -205,6 +206,8 @@ class Store:
             d.mkdir(parents=True, exist_ok=True)
         removed = 0
         for entry in list(self.staging_dir.iterdir()):
+            if _resumable(entry):
+                continue
             _remove(entry)
             removed += 1
         for model_dir in self._model_dirs():
@@ -342,7 +345,7 @@ class Store:
         removed = []
         for version in self.versions(name):
             if version not in keep:
-                _remove(self.version_dir(name, version))
+                _discard(self.version_dir(name, version))
                 removed.append(version)
         if removed:
             fsync_dir(self.models_dir / name / "versions")
@@ -353,7 +356,7 @@ class Store:
         """Delete one version that is not linked (a failed activation)."""
         if version in (self.current(name), self.previous(name)):
             raise StoreError(f"{name} {version} is in use", code="store-in-use")
-        _remove(self.version_dir(name, version))
+        _discard(self.version_dir(name, version))
 
     # --- journal -------------------------------------------------------------------
 
@@ -371,6 +374,30 @@ class Store:
     def write_journal(self, data: dict[str, Any]) -> None:
         """Replace the journal atomically (temp + fsync + rename + fsync dir)."""
         write_atomic(self.journal_path, json.dumps(data, indent=1, sort_keys=True).encode())
+
+
+def _resumable(entry: Path) -> bool:
+    """A partial download and its record (``<name>-<version>.part`` + ``.part.json``)
+    survive a restart so the download resumes; either alone is debris."""
+    if not entry.is_file() or entry.is_symlink():
+        return False
+    if entry.name.endswith(".part"):
+        return entry.with_name(entry.name + ".json").is_file()
+    if entry.name.endswith(".part.json"):
+        return entry.with_name(entry.name[: -len(".json")]).is_file()
+    return False
+
+
+def _discard(vdir: Path) -> None:
+    """Delete a version directory so a crash never leaves it half-deleted under its own
+    name: rename it to a ``.tmp-`` name first (atomic; :meth:`Store.open` removes such
+    entries), then delete the renamed tree."""
+    if not vdir.is_dir():
+        return
+    doomed = vdir.parent / f".tmp-del-{vdir.name}-{os.getpid()}-{time.monotonic_ns()}"
+    os.rename(vdir, doomed)
+    fsync_dir(vdir.parent)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _remove(path: Path) -> None:

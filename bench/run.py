@@ -37,6 +37,7 @@ AREAS = (
     "reliability",
     "install",
     "fleet",
+    "update",
 )
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -130,6 +131,11 @@ FIGURES: dict[str, tuple[str, tuple[str, float] | None, int]] = {
     "fleet_check_start_spread_s": ("max - min of the agents' check start times, s", None, 14),
     "fleet_residual_to_full_ratio": ("residual v2 package / full v2 package", None, 14),
     "fleet_messages_per_device": ("MQTT messages a device sends for one update", None, 14),
+    "update_full_ratio": ("(curl + unpack + session) / daemon trigger->serving", (">=", 0.8), 12),
+    "update_residual_wire_ratio": ("bytes served, residual / full update", ("<=", 0.2), 12),
+    "update_residual_time_ratio": ("trigger->serving at 2 MB/s, residual / full", ("<=", 0.3), 12),
+    "update_idle_check_bytes": ("bytes on the wire for a check with nothing new", ("<=", 2048), 12),
+    "update_kill9_points": ("kill -9 points survived, 0 inconsistent", (">=", 200), 12),
 }
 
 TRANSCRIPTS = HERE / "transcripts"

@@ -159,7 +159,40 @@ def cmd_status(args: argparse.Namespace) -> int:
         if last.get("failed"):
             line += "; failed " + ", ".join(sorted(last["failed"]))
         print(printable(line))  # failed inbox file names are chosen by others
+    repo = data.get("repository")
+    if repo:
+        _print_repository(repo)
     return 0
+
+
+def _print_repository(repo: dict[str, Any]) -> None:
+    """The repository lines of ``edgeward status``: mirror, offers, choice, progress."""
+    print(
+        f"repository: {repo.get('mirror') or ', '.join(repo.get('urls') or [])} "
+        f"(channel {repo.get('channel')}, last success {_ago(repo.get('last_success'))})"
+    )
+    offers = repo.get("offers") or []
+    if offers:
+        print(
+            "  offers:  "
+            + ", ".join(
+                f"{o['model']} v{o['version']} {o['kind']} ({_mb(o['length'])})" for o in offers
+            )
+        )
+    for name, c in sorted((repo.get("chosen") or {}).items()):
+        print(printable(f"  chosen:  {name} v{c['version']} {c['kind']}: {c['why']}"))
+    prog = repo.get("progress") or {}
+    if prog.get("total"):
+        pct = 100.0 * prog.get("done", 0) / prog["total"]
+        print(
+            f"  downloading {prog.get('model')} v{prog.get('version')} {prog.get('kind')}: "
+            f"{_mb(prog.get('done'))} of {_mb(prog['total'])} ({pct:.0f}%)"
+        )
+    print(
+        f"  downloaded {_mb(repo.get('bytes_downloaded'))}, {int(repo.get('resumes') or 0)} resumes"
+    )
+    if repo.get("last_error"):
+        print(printable(f"  last error: {repo['last_error']}"))
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -202,7 +235,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         for name, why in sorted(data.get("deferred", {}).items()):
             print(printable(f"{name}: waiting: {why}"), file=sys.stderr)
         if not any(data.get(k) for k in ("installed", "unchanged", "failed", "deferred")):
-            print("no packages in the inbox")
+            print("nothing offered (inbox empty, no repository offer)")
     return 1 if data.get("failed") or data.get("deferred") else 0
 
 
