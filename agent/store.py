@@ -96,7 +96,8 @@ def reject_file(path: Path, reason: str, *, keep: bool = True) -> None:
     try:
         if keep:
             os.replace(path, path.with_name(path.name + ".rejected"))
-            write_atomic(path.with_name(path.name + ".rejected.reason"), reason.encode() + b"\n")
+            text = reason.encode("utf-8", "backslashreplace")  # names need not be UTF-8
+            write_atomic(path.with_name(path.name + ".rejected.reason"), text + b"\n")
         elif path.is_dir() and not path.is_symlink():
             os.replace(path, path.with_name(path.name + ".rejected"))  # not ours to delete
         else:
