@@ -211,6 +211,8 @@ class Daemon:
         res = await asyncio.get_running_loop().run_in_executor(
             None, lambda: check_version(name, version, vdir, trust)
         )
+        if not res.checked and self.store.signed(name, version):
+            res.problems.append("manifest.json/manifest.sig removed from a signed version")
         if not res.ok:
             logger.error(
                 "MODIFIED: %s version %s does not match its signed manifest: %s",
