@@ -330,8 +330,12 @@ def test_bad_commands_change_nothing(tmp_path: Path, pkgs: dict[str, Path], brok
 def test_kill9_publishes_last_will(tmp_path: Path, pkgs: dict[str, Path], broker: Broker) -> None:
     d = _daemon(tmp_path, pkgs, broker)
     try:
-        with Watcher(broker, ["edgeward/dev1/status"]) as w:
+        with Watcher(broker, ["edgeward/dev1/status", "edgeward/dev1/events"]) as w:
             w.wait_for("edgeward/dev1/status", lambda s: s.get("online") is True)
+            # a check naming a model this device does not serve is refused, with its id
+            w.publish("edgeward/dev1/cmd", {"cmd": "check", "id": "m1", "model": "nope"})
+            ev = w.wait_for("edgeward/dev1/events", lambda e: e["ids"] == ["m1"])
+            assert ev["result"] == "refused"
             d.kill()
             will = w.wait_for("edgeward/dev1/status", lambda s: s.get("online") is False)
             assert will["reason"] == "connection lost" and will["device_id"] == "dev1"
