@@ -327,14 +327,14 @@ class CheckScheduler:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
-    def request(self, cid: str) -> bool:
-        """Ask for a check; returns False when it coalesced into one already waiting."""
+    def request(self, cid: str | None, count: int = 1) -> bool:
+        """Ask for a check on behalf of ``count`` triggers (``cid`` is listed in the
+        result event while there is room); returns False when it joined a waiting one."""
         joined = self._count > 0
-        self._count += 1
-        if len(self._ids) < MAX_IDS_PER_EVENT:
+        self._count += count
+        if cid is not None and len(self._ids) < MAX_IDS_PER_EVENT:
             self._ids.append(cid)
-        if joined:
-            self.coalesced += 1
+        self.coalesced += count if joined else count - 1
         self._wake.set()
         return not joined
 
@@ -660,7 +660,8 @@ class MqttService:
         self._last_published: dict[str, Any] | None = None
         self._status_wanted = asyncio.Event()
         self._status_ids: list[str] = []
-        self._fleet_ids: list[str] = []
+        self._fleet_ids: list[str] = []  # the first MAX_IDS_PER_EVENT waiting fleet triggers
+        self._fleet_count = 0
         self._fleet_timer: asyncio.TimerHandle | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self.scheduler = CheckScheduler(
@@ -863,7 +864,9 @@ class MqttService:
             )
             return
         if cmd.fleet and self.mcfg.fleet_jitter_s > 0:
-            self._fleet_ids.append(cmd.id)
+            if len(self._fleet_ids) < MAX_IDS_PER_EVENT:
+                self._fleet_ids.append(cmd.id)
+            self._fleet_count += 1
             if self._fleet_timer is None:
                 assert self._loop is not None
                 delay = random.uniform(0.0, self.mcfg.fleet_jitter_s)  # noqa: S311
@@ -875,11 +878,14 @@ class MqttService:
         self._request(cmd.id)
 
     def _fleet_due(self) -> None:
-        """The fleet jitter passed: the first waiting id asks for a check (the others
-        were counted as coalesced when they arrived)."""
+        """The fleet jitter passed: the waiting triggers ask for one check (all but the
+        first were counted as coalesced when they arrived)."""
         self._fleet_timer = None
-        ids, self._fleet_ids = self._fleet_ids, []
-        if ids and not self.scheduler.request(ids[0]):
+        ids, count = self._fleet_ids, self._fleet_count
+        self._fleet_ids, self._fleet_count = [], 0
+        if count == 0:
+            return
+        if not self.scheduler.request(ids[0], count - len(ids) + 1):
             self.stats.rate_limited += 1
         for cid in ids[1:]:
             self.scheduler.request(cid)

@@ -270,7 +270,11 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     who = cp.add_mutually_exclusive_group(required=True)
     who.add_argument("--group", help="fleet group (devices wait their fleet jitter first)")
     who.add_argument("--device", help="one device id")
-    cp.add_argument("--model", help="only report on this model")
+    cp.add_argument(
+        "--model",
+        help="a device that does not serve this model refuses the trigger "
+        "(the check itself covers every model)",
+    )
     _add_broker_args(cp)
     cp.add_argument(
         "--wait",
