@@ -100,9 +100,24 @@ class Daemon:
 
     # --- lifecycle -----------------------------------------------------------------
 
+    def claim(self) -> None:
+        """Take the state directory and check groups and sockets: nothing is started
+        yet, so a failure here (a second agent, a missing group) is one error line with
+        no shutdown to log. Idempotent; :meth:`startup` calls it too."""
+        if self._lock_fd is not None:
+            return
+        fd = self.store.lock()  # first: a second daemon must touch nothing
+        try:
+            check_groups(self.cfg)
+            self._check_sockets_free()  # before minutes of model loading, not after
+        except BaseException:
+            os.close(fd)
+            raise
+        self._lock_fd = fd
+
     async def startup(self) -> None:
         """Everything before READY=1. Raises EdgewardError on a fatal problem."""
-        self._claim()
+        self.claim()
         self.notifier.status("opening store")
         self.store.open()
         self.cfg.paths.resolved_cache_dir.mkdir(parents=True, exist_ok=True)
@@ -127,21 +142,6 @@ class Daemon:
             self.cfg.control.socket,
             served,
         )
-
-    def _claim(self) -> None:
-        """Take the state directory and check groups and sockets: a refusal here (a second
-        daemon, a missing group, a socket in use) has started nothing, so it is one error
-        line with no lifecycle lines around it. Idempotent."""
-        if self._lock_fd is not None:
-            return
-        fd = self.store.lock()  # first: a second daemon must touch nothing
-        try:
-            check_groups(self.cfg)
-            self._check_sockets_free()  # before minutes of model loading, not after
-        except BaseException:
-            os.close(fd)
-            raise
-        self._lock_fd = fd
 
     async def _load_installed(self, name: str) -> None:
         """Serve ``current``; if its files were modified or it cannot start, fall back to
@@ -211,6 +211,8 @@ class Daemon:
         res = await asyncio.get_running_loop().run_in_executor(
             None, lambda: check_version(name, version, vdir, trust)
         )
+        if not res.checked and self.store.signed(name, version):
+            res.problems.append("manifest.json/manifest.sig removed from a signed version")
         if not res.ok:
             logger.error(
                 "MODIFIED: %s version %s does not match its signed manifest: %s",
@@ -353,6 +355,7 @@ class Daemon:
         from agent.mqtt import MqttService
 
         self.mqtt = MqttService(self)
+        self.updater.observers.append(lambda _machine: self.mqtt.status_changed())
         self.mqtt.start()
 
     async def main_loop(self) -> None:
@@ -407,7 +410,7 @@ class Daemon:
             loop.add_signal_handler(sig, self.stop)
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         try:
-            self._claim()
+            self.claim()
             try:
                 await self.startup()
             except BaseException:

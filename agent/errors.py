@@ -268,7 +268,9 @@ def local_fault(exc: BaseException) -> str | None:
             return "check the link to the repository"
         if exc.code in LOCAL_FAULTS:
             return LOCAL_FAULTS[exc.code]
-        if isinstance(exc, ConfigError):
+        # ConfigError codes are "config-*"; from a worker child they arrive as the code
+        # of a WorkerError
+        if isinstance(exc, ConfigError) or exc.code.startswith("config"):
             return LOCAL_FAULTS["config"]
         if isinstance(exc, PreflightError):
             return "free the resource the message names"

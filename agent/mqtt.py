@@ -72,8 +72,11 @@ __all__ = [
 
 #: The command kinds a device understands; anything else is "unknown".
 COMMAND_KINDS: tuple[str, ...] = ("check", "status")
-#: Seconds between looks at whether the status document changed (changes coalesce).
-STATUS_POLL_S = 1.0
+#: Seconds the status loop waits for a change notice before it looks anyway (last check
+#: time, disk free): an idle device wakes for MQTT this rarely, besides keepalive pings.
+STATUS_POLL_S = 30.0
+#: Seconds a change notice waits so a burst of update transitions becomes one message.
+STATUS_COALESCE_S = 0.25
 #: Events handed from paho's thread to the loop that may wait at once; beyond, dropped.
 HANDOFF_QUEUE = 1024
 #: Command ids one result event lists (a flood of coalesced triggers is counted, not listed).
@@ -324,14 +327,14 @@ class CheckScheduler:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
-    def request(self, cid: str) -> bool:
-        """Ask for a check; returns False when it coalesced into one already waiting."""
+    def request(self, cid: str | None, count: int = 1) -> bool:
+        """Ask for a check on behalf of ``count`` triggers (``cid`` is listed in the
+        result event while there is room); returns False when it joined a waiting one."""
         joined = self._count > 0
-        self._count += 1
-        if len(self._ids) < MAX_IDS_PER_EVENT:
+        self._count += count
+        if cid is not None and len(self._ids) < MAX_IDS_PER_EVENT:
             self._ids.append(cid)
-        if joined:
-            self.coalesced += 1
+        self.coalesced += count if joined else count - 1
         self._wake.set()
         return not joined
 
@@ -657,7 +660,8 @@ class MqttService:
         self._last_published: dict[str, Any] | None = None
         self._status_wanted = asyncio.Event()
         self._status_ids: list[str] = []
-        self._fleet_ids: list[str] = []
+        self._fleet_ids: list[str] = []  # the first MAX_IDS_PER_EVENT waiting fleet triggers
+        self._fleet_count = 0
         self._fleet_timer: asyncio.TimerHandle | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self.scheduler = CheckScheduler(
@@ -695,6 +699,11 @@ class MqttService:
                 None, link.stop, (self.topics.status, bye)
             )
         self.stats.connected = False
+
+    def status_changed(self) -> None:
+        """Something in the status may have changed (the daemon calls this on every
+        update transition); the status loop coalesces and publishes."""
+        self._status_wanted.set()
 
     def state(self) -> dict[str, Any]:
         """For ``edgeward status``: connection state, device id, counters."""
@@ -855,7 +864,9 @@ class MqttService:
             )
             return
         if cmd.fleet and self.mcfg.fleet_jitter_s > 0:
-            self._fleet_ids.append(cmd.id)
+            if len(self._fleet_ids) < MAX_IDS_PER_EVENT:
+                self._fleet_ids.append(cmd.id)
+            self._fleet_count += 1
             if self._fleet_timer is None:
                 assert self._loop is not None
                 delay = random.uniform(0.0, self.mcfg.fleet_jitter_s)  # noqa: S311
@@ -867,11 +878,14 @@ class MqttService:
         self._request(cmd.id)
 
     def _fleet_due(self) -> None:
-        """The fleet jitter passed: the first waiting id asks for a check (the others
-        were counted as coalesced when they arrived)."""
+        """The fleet jitter passed: the waiting triggers ask for one check (all but the
+        first were counted as coalesced when they arrived)."""
         self._fleet_timer = None
-        ids, self._fleet_ids = self._fleet_ids, []
-        if ids and not self.scheduler.request(ids[0]):
+        ids, count = self._fleet_ids, self._fleet_count
+        self._fleet_ids, self._fleet_count = [], 0
+        if count == 0:
+            return
+        if not self.scheduler.request(ids[0], count - len(ids) + 1):
             self.stats.rate_limited += 1
         for cid in ids[1:]:
             self.scheduler.request(cid)
@@ -925,11 +939,13 @@ class MqttService:
             logger.info("mqtt: not connected; event for %s not sent", doc.get("ids"))
 
     async def _status_loop(self) -> None:
-        """Publish the status when it changed (checked every STATUS_POLL_S, so bursts of
-        changes coalesce) or when asked (connect, status command, check finished)."""
+        """Publish the status when it changed: after a change notice (update transition,
+        connect, status command, check finished; waiting STATUS_COALESCE_S so a burst
+        becomes one message) or at the latest every STATUS_POLL_S."""
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._status_wanted.wait(), STATUS_POLL_S)
+                await asyncio.sleep(STATUS_COALESCE_S)
             self._status_wanted.clear()
             if not self.stats.connected:
                 continue

@@ -546,6 +546,10 @@ def open_regular(path: Path, *, nofollow: bool = False) -> BinaryIO:
                 f"{path.name} is a symbolic link; packages must be regular files",
                 code="package-not-regular",
             ) from None
+        if exc.errno == errno.ENXIO:  # what open() says of a Unix socket
+            raise PackageError(
+                f"{path.name} is not a regular file (a socket)", code="package-not-regular"
+            ) from None
         raise PackageError(f"cannot open {path}: {exc.strerror}", code="package-read") from None
     try:
         st = os.fstat(fd)

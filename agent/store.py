@@ -97,7 +97,8 @@ def reject_file(path: Path, reason: str, *, keep: bool = True) -> None:
     try:
         if keep:
             os.replace(path, path.with_name(path.name + ".rejected"))
-            write_atomic(path.with_name(path.name + ".rejected.reason"), reason.encode() + b"\n")
+            text = reason.encode("utf-8", "backslashreplace")  # names need not be UTF-8
+            write_atomic(path.with_name(path.name + ".rejected.reason"), text + b"\n")
         elif path.is_dir() and not path.is_symlink():
             os.replace(path, path.with_name(path.name + ".rejected"))  # not ours to delete
         else:
@@ -305,8 +306,22 @@ class Store:
         _fsync_tree(src)
         os.rename(src, dest)
         fsync_dir(dest.parent)
+        if (dest / "manifest.sig").is_file():
+            # remembered outside the version: removing its manifest and signature must
+            # not turn a signed version into one that cannot be checked
+            write_atomic(self._signed_marker(name, version), b"")
         logger.debug("store: installed %s %s", name, version)
         return dest
+
+    def _signed_marker(self, name: str, version: str) -> Path:
+        return (
+            self.models_dir / check_name("name", name) / f".signed-{check_name('version', version)}"
+        )
+
+    def signed(self, name: str, version: str) -> bool:
+        """Whether ``version`` was installed from a signed package (its kept manifest
+        and signature must then be there)."""
+        return self._signed_marker(name, version).exists()
 
     def activate(self, name: str, version: str) -> str | None:
         """Make ``version`` current; the old current becomes ``previous``. Returns the old.
@@ -346,6 +361,7 @@ class Store:
         for version in self.versions(name):
             if version not in keep:
                 _discard(self.version_dir(name, version))
+                _remove(self._signed_marker(name, version))
                 removed.append(version)
         if removed:
             fsync_dir(self.models_dir / name / "versions")
@@ -357,6 +373,7 @@ class Store:
         if version in (self.current(name), self.previous(name)):
             raise StoreError(f"{name} {version} is in use", code="store-in-use")
         _discard(self.version_dir(name, version))
+        _remove(self._signed_marker(name, version))
 
     # --- journal -------------------------------------------------------------------
 

@@ -118,7 +118,8 @@ def compile_bytecode(stage: Path, site: Path, python: str) -> None:
     """Byte-compile at build time: /opt is read-only to the service (ProtectSystem=strict),
     so nothing could cache bytecode at run time. Needs a host python of the same minor
     version; without one the package works but starts slower (and says so here)."""
-    host = shutil.which(f"python{python}")
+    system = Path(f"/usr/bin/python{python}")  # the target's own interpreter, if here
+    host = str(system) if system.exists() else shutil.which(f"python{python}")
     if host is None:
         print(f"note: no python{python} on this host; bytecode not compiled", file=sys.stderr)
         return

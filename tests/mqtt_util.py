@@ -254,7 +254,7 @@ class Watcher:
         raise TimeoutError(f"no message on {topic} matched in {timeout}s: {self.docs(topic)[-3:]}")
 
 
-def retained(broker: Broker, topic: str, timeout: float = 20.0, **kw: Any) -> dict[str, Any]:
+def retained(broker: Broker, topic: str, timeout: float = 60.0, **kw: Any) -> dict[str, Any]:
     """What a fresh subscriber gets on ``topic``: the retained message, or the first one
     published after it subscribed when there was none yet."""
     with Watcher(broker, [topic], **kw) as w:

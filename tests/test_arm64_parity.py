@@ -60,7 +60,6 @@ def test_patch_rebuilds_the_hosts_bytes(
     )
 
 
-
 def test_litert_xnnpack_agrees_with_builtin_kernels(hand_tflite: Path) -> None:
     """XNNPACK (the default on a real box) and LiteRT's builtin kernels give the same
     landmarks. The emulated root runs the rest of the suite on the builtin kernels

@@ -384,12 +384,15 @@ def test_daemon_hostile_inbox(tmp_path: Path, pkgs: dict[str, Path]) -> None:
                 shutil.copy(p, inbox / f"{label}.emp")
         forged = "x\nERROR agent.daemon: forged\x1b[2J.emp"
         (inbox / forged).write_bytes(b"junk")
+        not_utf8 = os.fsdecode(b"\xff\xfe-not-utf8.emp")
+        os.mkfifo(inbox / not_utf8)  # refused with its name in the reason
         shutil.copy(pkgs["2"], inbox / "tiny-2.emp")
         r = d.cli("check", "--json", timeout=300)
         res = json.loads(r.stdout)
         assert res["installed"] == {"tiny": "2"}, r.stdout + r.stderr
-        for name in ("evil.emp", "fifo.emp", "zero.emp", "sparse.emp", forged):
+        for name in ("evil.emp", "fifo.emp", "zero.emp", "sparse.emp", forged, not_utf8):
             assert name in res["failed"], (name, res["failed"])
+        assert os.path.exists(inbox / f"{not_utf8}.rejected.reason")
         assert hashlib.sha256(served_real.read_bytes()).hexdigest() == before
         log = d.log()
         assert "\nERROR agent.daemon: forged" not in log and "\x1b[2J" not in log

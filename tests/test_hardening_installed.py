@@ -146,3 +146,23 @@ def test_daemon_verifies_installed_at_start_and_on_demand(
         assert "MODIFIED: tiny version 2" in d.log() and "not served" in d.log()
     finally:
         d.stop()
+
+
+@needs_worker
+@pytest.mark.e2e
+def test_removing_manifest_and_signature_is_noticed(tmp_path: Path, pkgs: dict[str, Path]) -> None:
+    """A version installed from a signed package stays checkable: deleting its kept
+    manifest and signature does not turn it into an unchecked version."""
+    work = tmp_path / "w"
+    d = start_daemon(work, [pkgs["1"]], trust=[pkgs["trust"]], trust_dir=pkgs["trust"])
+    d.stop()
+    vdir = d.state_dir / "models" / "tiny" / "versions" / "1"
+    (vdir / "manifest.sig").unlink()
+    (vdir / "manifest.json").unlink()
+    d = start_daemon(work, config=d.config)
+    try:
+        st = json.loads(d.cli("status", "--json").stdout)
+        assert st["models"] == {}, st
+        assert "manifest.json/manifest.sig removed" in d.log()
+    finally:
+        d.stop()

@@ -51,6 +51,10 @@ def pkgs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def test_whose_fault() -> None:
     assert local_fault(PreflightError("x", code="disk-space")) is not None
     assert local_fault(KeyFileError("x", code="key-permissions")) is not None
+    assert local_fault(KeyFileError("x", code="key-read")) is not None  # unreadable key
+    assert local_fault(WorkerError("x", code="config-runtime")) is not None
+    assert local_fault(WorkerError("x", code="provider-unavailable")) is not None
+    assert local_fault(OSError(13, "Permission denied")) is not None
     assert local_fault(ConfigError("typo")) is not None
     assert local_fault(WorkerError("x", code="config")) is not None  # from a worker child
     assert local_fault(OSError(28, "No space left on device")) is not None

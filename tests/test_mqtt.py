@@ -319,3 +319,58 @@ def test_paho_is_not_imported_without_mqtt() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
     )
     assert out.stdout.strip() == "[]"
+
+
+def test_fleet_flood_waits_one_jitter_and_makes_one_check(tmp_path: Path) -> None:
+    """1,000 group triggers inside one jitter window: one timer, one check, every trigger
+    counted, at most MAX_IDS_PER_EVENT ids kept (memory stays bounded)."""
+    from agent.mqtt import MAX_IDS_PER_EVENT, MqttService
+
+    cfg = parse_config(
+        {
+            "paths": {"state_dir": str(tmp_path)},
+            "mqtt": {
+                "brokers": "mqtt://127.0.0.1:1",
+                "device_id": "d",
+                "groups": ["g"],
+                "fleet_jitter_s": 0.2,
+                "min_check_interval_s": 0,
+            },
+        }
+    )
+    checks: list[float] = []
+
+    class Host:
+        def __init__(self) -> None:
+            self.cfg = cfg
+
+        def status(self) -> dict[str, Any]:
+            return {"models": {}, "last_check": None}
+
+        def trigger_check(self) -> asyncio.Future[Any]:
+            checks.append(time.monotonic())
+            fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            fut.set_result(None)
+            return fut
+
+    done: list[tuple[list[str], int]] = []
+
+    async def main() -> None:
+        svc = MqttService(Host())
+        svc._loop = asyncio.get_running_loop()
+        svc.scheduler._on_done = lambda ids, n, _e: done.append((ids, n))
+        svc.scheduler.start()
+        for i in range(1000):
+            svc._on_message("edgeward/fleet/g/cmd", b'{"cmd":"check","id":"f%d"}' % i, 24)
+        assert len(svc._fleet_ids) == MAX_IDS_PER_EVENT
+        for _ in range(200):
+            await asyncio.sleep(0.02)
+            if done:
+                break
+        await svc.scheduler.close()
+        assert svc.stats.commands[("check", "accepted")] == 1
+        assert svc.stats.commands[("check", "coalesced")] == 999
+
+    asyncio.run(main())
+    assert len(checks) == 1
+    assert done[0][1] == 1000 and len(done[0][0]) == MAX_IDS_PER_EVENT

@@ -330,8 +330,12 @@ def test_bad_commands_change_nothing(tmp_path: Path, pkgs: dict[str, Path], brok
 def test_kill9_publishes_last_will(tmp_path: Path, pkgs: dict[str, Path], broker: Broker) -> None:
     d = _daemon(tmp_path, pkgs, broker)
     try:
-        with Watcher(broker, ["edgeward/dev1/status"]) as w:
+        with Watcher(broker, ["edgeward/dev1/status", "edgeward/dev1/events"]) as w:
             w.wait_for("edgeward/dev1/status", lambda s: s.get("online") is True)
+            # a check naming a model this device does not serve is refused, with its id
+            w.publish("edgeward/dev1/cmd", {"cmd": "check", "id": "m1", "model": "nope"})
+            ev = w.wait_for("edgeward/dev1/events", lambda e: e["ids"] == ["m1"])
+            assert ev["result"] == "refused"
             d.kill()
             will = w.wait_for("edgeward/dev1/status", lambda s: s.get("online") is False)
             assert will["reason"] == "connection lost" and will["device_id"] == "dev1"
@@ -374,17 +378,19 @@ def test_tls_password_and_acl(tmp_path: Path, pkgs: dict[str, Path]) -> None:
         password_file=pw,
         min_check_interval_s=0,
         fleet_jitter_s=0.5,
+        groups=["lab", "not-mine"],  # the ACL lets dev1 read only the "lab" group
     )
     op = ["--broker", broker.url, "--ca", str(tls.ca_pem), "--username", "operator"]
     op += ["--password-file", str(op_pw)]
     try:
         doc = retained(broker, "edgeward/dev1/status", username="operator", password="pw-op")
         assert doc["online"] is True
-        assert (
-            metrics(d).get('edgeward_mqtt_commands_total{kind="subscribe",outcome="denied"}', 0)
-            == 0
-        )
+        # mosquitto grants the subscription to a group the ACL does not let dev1 read, but
+        # never delivers from it: an operator's trigger there reaches nobody
+        res = fleet("check", "--group", "not-mine", *op)
+        assert res.returncode == 0, res.stderr
         checks0 = metrics(d)["edgeward_update_checks_total"]
+        assert checks0 == 0
         # another device may neither trigger dev1 nor forge its status
         with Watcher(broker, ["edgeward/dev2/cmd"], username="dev2", password="pw-dev2") as w2:
             info = w2.publish("edgeward/dev1/cmd", {"cmd": "check", "id": "forged"})
@@ -393,7 +399,11 @@ def test_tls_password_and_acl(tmp_path: Path, pkgs: dict[str, Path]) -> None:
         denied = re.compile(r"Denied PUBLISH from \S+ \(.*'edgeward/dev1/(cmd|status)'")
         wait_until(lambda: len(denied.findall(broker.log())) == 2, what="the broker's two denials")
         time.sleep(1.0)
-        assert metrics(d)["edgeward_update_checks_total"] == checks0
+        # the forger is told "not authorized" (MQTT 5 PUBACK reason 135)
+        assert broker.log().count("rc135)") == 2
+        m = metrics(d)
+        assert m["edgeward_update_checks_total"] == checks0
+        assert m.get('edgeward_mqtt_commands_total{kind="check",outcome="accepted"}', 0) == 0
         doc = retained(broker, "edgeward/dev1/status", username="operator", password="pw-op")
         assert doc["models"] == {"tiny": "1"}
         # the operator may, through the group topic (the device waits its fleet jitter)

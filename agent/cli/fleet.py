@@ -25,6 +25,8 @@ from agent.errors import ConfigError, EdgewardError
 if TYPE_CHECKING:
     from agent.config import BrokerAddress
 
+#: The topic tree devices use (agent.mqtt.Topics).
+PREFIX = "edgeward"
 #: Largest status or event document read from the broker.
 MAX_DOC_BYTES = 64 * 1024
 
@@ -159,7 +161,7 @@ def fleet_table(docs: dict[str, dict[str, Any]]) -> list[tuple[str, ...]]:
 def cmd_status(args: argparse.Namespace) -> int:
     client = _connect(args)
     try:
-        msgs = _subscribe_collect(client, f"{args.prefix}/+/status", args.wait)
+        msgs = _subscribe_collect(client, f"{PREFIX}/+/status", args.wait)
     finally:
         client.disconnect()
         client.loop_stop()
@@ -185,9 +187,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     from agent.config import topic_name
 
     if args.device:
-        topic = f"{args.prefix}/{topic_name('--device', args.device)}/cmd"
+        topic = f"{PREFIX}/{topic_name('--device', args.device)}/cmd"
     else:
-        topic = f"{args.prefix}/fleet/{topic_name('--group', args.group)}/cmd"
+        topic = f"{PREFIX}/fleet/{topic_name('--group', args.group)}/cmd"
     cmd: dict[str, str] = {"cmd": "check", "id": uuid.uuid4().hex}
     if args.model:
         cmd["model"] = topic_name("--model", args.model)
@@ -209,9 +211,7 @@ def cmd_check(args: argparse.Namespace) -> int:
                         events.append(doc)
 
             client.on_message = on_message
-            sub = (
-                f"{args.prefix}/{args.device}/events" if args.device else f"{args.prefix}/+/events"
-            )
+            sub = f"{PREFIX}/{args.device}/events" if args.device else f"{PREFIX}/+/events"
             client.subscribe(sub, qos=1)
         info = client.publish(topic, json.dumps(cmd), qos=1)
         info.wait_for_publish(15)
@@ -253,7 +253,6 @@ def _add_broker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--key", metavar="FILE", help="client key (PEM)")
     p.add_argument("--username", help="broker user name")
     p.add_argument("--password-file", metavar="FILE", help="file holding the password")
-    p.add_argument("--prefix", default="edgeward", help=argparse.SUPPRESS)
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
@@ -271,7 +270,11 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     who = cp.add_mutually_exclusive_group(required=True)
     who.add_argument("--group", help="fleet group (devices wait their fleet jitter first)")
     who.add_argument("--device", help="one device id")
-    cp.add_argument("--model", help="only report on this model")
+    cp.add_argument(
+        "--model",
+        help="a device that does not serve this model refuses the trigger "
+        "(the check itself covers every model)",
+    )
     _add_broker_args(cp)
     cp.add_argument(
         "--wait",

@@ -193,8 +193,7 @@ def _serve(args: argparse.Namespace) -> int:
         names = ", ".join(f"{n} v{v}" for n, v in served)
         print(f"edgeward serve: {names} on {sock.absolute()}", file=sys.stderr)
         print(
-            f"  try: curl --unix-socket {sock} "
-            f"http://localhost/v2/models/{served[0][0]}",
+            f"  try: curl --unix-socket {sock} http://localhost/v2/models/{served[0][0]}",
             file=sys.stderr,
         )
 
