@@ -7,7 +7,11 @@ records the median: single runs on a shared 2-vCPU VM swing by ±20%. The number
 merged into ``bench/results.json``; a full run (all areas) also rewrites
 ``BENCHMARKS.md`` with the table of figures (median and range) against the issues'
 goals and the whole transcript, so the document always matches the command that
-produced it. Select areas with ``python -m bench.run unpack residual``.
+produced it. Select areas with ``python -m bench.run unpack residual``: the selected areas'
+keys and transcripts (``bench/transcripts/<area>.txt``) are replaced, the others kept, and
+BENCHMARKS.md is rewritten from all of them, each area's section dated by its own run.
+``make test-arm64`` records the emulated suite's duration and counts in ``bench/arm64.json``,
+which the document shows beside the figures (not a speed figure: emulation is no device).
 """
 
 from __future__ import annotations
@@ -53,6 +57,9 @@ FIGURES: dict[str, tuple[str, tuple[str, float] | None, int]] = {
     "daemon_idle_rss_mb": ("daemon idle RSS without model workers, MB", ("<=", 60), 5),
 }
 
+TRANSCRIPTS = HERE / "transcripts"
+ARM64 = HERE / "arm64.json"
+
 
 class _Tee(io.TextIOBase):
     """Echo to the terminal and keep a copy for BENCHMARKS.md."""
@@ -75,6 +82,22 @@ def _met(value: float, goal: tuple[str, float] | None) -> str:
     op, target = goal
     ok = value >= target if op == ">=" else value <= target
     return f"{op} {target:g}: {'met' if ok else '**missed**'}"
+
+
+def _arm64_section() -> str:
+    """The emulated arm64 suite's last run (``make test-arm64``), if one was recorded."""
+    if not ARM64.exists():
+        return ""
+    a = json.loads(ARM64.read_text())
+    return f"""
+## The test suite on aarch64 (emulated)
+
+`make test-arm64` ({a.get("mode", "full")} run, {a.get("date", "?")}): qemu-user
+{a.get("qemu", "?")} running an arm64 Debian bookworm root on {a.get("host", "?")}.
+**{a.get("passed", 0)} passed, {a.get("failed", 0)} failed, {a.get("skipped", 0)} skipped** in
+{a.get("seconds", 0):.0f} s (the same tests natively: {a.get("native_seconds", "?")} s). Durations
+under emulation say nothing about a real device's speed; the count is the point.
+"""
 
 
 def _write_doc(
@@ -106,7 +129,7 @@ VM swing.
 | key | figure | median | range | goal | issue |
 |---|---|---:|---|---|---|
 {chr(10).join(rows)}
-
+{_arm64_section()}
 Where a goal is missed, the area's document says why and what it would take:
 [docs/PACKAGE.md](docs/PACKAGE.md) (unpack), [docs/RESIDUAL.md](docs/RESIDUAL.md)
 (apply speed), [docs/RUNTIME.md](docs/RUNTIME.md) (worker),
@@ -130,6 +153,7 @@ def main(argv: list[str]) -> int:
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     repeat = max(1, int(os.environ.get("EDGEWARD_BENCH_REPEAT", "3")))
     spread: dict[str, list[float]] = {}
+    chunks: dict[str, list[str]] = {}
     tee = _Tee(sys.stdout)
     real_stdout, sys.stdout = sys.stdout, tee
     try:
@@ -138,22 +162,31 @@ def main(argv: list[str]) -> int:
             for area in areas:
                 mod = importlib.import_module(f"bench.bench_{area}")
                 t0 = time.perf_counter()
-                print(f"\n## {area} (run {r + 1} of {repeat})")
+                mark = tee.buf.tell()
+                print(f"\n## {area} (run {r + 1} of {repeat}, {started})")
                 figures = mod.run(work / area)
                 for key, value in figures.items():
                     if not isinstance(value, (int, float)) or not math.isfinite(float(value)):
                         raise SystemExit(f"bench {area}: {key} is not a finite number: {value!r}")
                     spread.setdefault(key, []).append(float(value))
                 print(f"({area} took {time.perf_counter() - t0:.1f} s)")
+                chunks.setdefault(area, []).append(tee.buf.getvalue()[mark:])
     finally:
         sys.stdout = real_stdout
     for key, vals in spread.items():
         results[key] = statistics.median(vals)
     out.write_text(json.dumps(dict(sorted(results.items())), indent=2) + "\n")
     print(f"\nwrote {out}")
-    if set(areas) == set(AREAS):
-        _write_doc(results, spread, tee.buf.getvalue(), started)
-        print(f"wrote {ROOT / 'BENCHMARKS.md'}")
+    TRANSCRIPTS.mkdir(exist_ok=True)
+    for area, parts in chunks.items():
+        (TRANSCRIPTS / f"{area}.txt").write_text("".join(parts).strip() + "\n")
+    transcript = "\n\n".join(
+        (TRANSCRIPTS / f"{a}.txt").read_text().strip()
+        for a in AREAS
+        if (TRANSCRIPTS / f"{a}.txt").exists()
+    )
+    _write_doc(results, spread, transcript, started)
+    print(f"wrote {ROOT / 'BENCHMARKS.md'}")
     return 0
 
 
