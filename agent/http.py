@@ -8,7 +8,9 @@ dependencies. The subset of HTTP/1.1 it speaks is what KServe v2 clients and cur
 * keep-alive connections, one request at a time per connection (pipelined requests
   are read after the previous response is written — reading pauses while a request is
   handled, which is also the back-pressure);
-* request bodies only with ``Content-Length`` (chunked request bodies → 411);
+* request bodies with ``Content-Length`` or chunked, plain or gzip/deflate
+  ``Content-Encoding`` (decoded by ``agent/httpbody.py``, within ``max_body_bytes``);
+* ``HEAD`` wherever the handler answers ``GET`` (the headers, no body);
 * ``Expect: 100-continue`` (curl sends it for large bodies).
 
 The protocol is an ``asyncio.BufferedProtocol``: headers are read into a per-connection
@@ -17,9 +19,9 @@ its own ``bytearray`` — no copy, and ``numpy.frombuffer`` on it is writable.
 
 Every protocol-level failure is answered with a v2-style JSON error
 (``{"error": ..., "code": ...}``) and, where the stream can no longer be trusted, the
-connection is closed: 400 bad request line/headers, 408 header or body timeout, 411
-chunked body, 413 body over the limit, 431 headers too large or too many, 503 too many
-connections.
+connection is closed: 400 bad request line/headers/chunks/encoding, 408 header or body
+timeout, 413 body over the limit (decoded), 415 unknown content coding, 431 headers too
+large or too many, 503 too many connections.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from typing import Protocol
 from urllib.parse import unquote
 
 from agent.errors import ConfigError, EdgewardError
+from agent.httpbody import CHUNKED, ChunkedDecoder, ProtocolError, decode_content, transfer_length
 
 logger = logging.getLogger(__name__)
 
@@ -212,9 +215,10 @@ def _status_line(status: int) -> bytes:
     return line
 
 
-def render_response(resp: Response, keep_alive: bool) -> list[Body]:
+def render_response(resp: Response, keep_alive: bool, head_only: bool = False) -> list[Body]:
     """Status line, headers and body as buffers to write in order (a small response is
-    joined into one buffer: one write, one packet). Framing headers are the server's."""
+    joined into one buffer: one write, one packet). Framing headers are the server's.
+    ``head_only``: the answer to a HEAD request, its headers (with the body's length)."""
     body = resp.body
     parts: Sequence[Body]
     if isinstance(body, (bytes, bytearray, memoryview)):
@@ -231,20 +235,12 @@ def render_response(resp: Response, keep_alive: bool) -> list[Body]:
     head.append(b"content-length: %d\r\n" % length)
     head.append(_KEEP_ALIVE if keep_alive else _CLOSE)
     head.append(b"\r\n")
+    if head_only:
+        return [b"".join(head)]
     if length <= _SMALL_BODY:
         head.extend(parts)
         return [b"".join(head)]
     return [b"".join(head), *parts]
-
-
-class ProtocolError(Exception):
-    """A request that cannot be parsed; answered and the connection closed."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
 
 
 def parse_head(head: str, limits: HTTPLimits) -> tuple[str, str, str, str, dict[str, str]]:
@@ -284,27 +280,9 @@ def parse_head(head: str, limits: HTTPLimits) -> tuple[str, str, str, str, dict[
 
 
 def content_length(headers: dict[str, str], limits: HTTPLimits) -> int:
-    """The request body's length; ProtocolError for chunked, malformed or too large."""
-    te = headers.get("transfer-encoding")
-    if te is not None:
-        raise ProtocolError(
-            411,
-            "length-required",
-            f"Transfer-Encoding {te[:32]!r} request bodies are not supported; send Content-Length",
-        )
-    raw = headers.get("content-length")
-    if raw is None:
-        return 0
-    if not (raw.isascii() and raw.isdigit()) or len(raw) > 19:
-        raise ProtocolError(400, "bad-content-length", f"malformed Content-Length {raw[:32]!r}")
-    length = int(raw)
-    if length > limits.max_body_bytes:
-        raise ProtocolError(
-            413,
-            "payload-too-large",
-            f"request body of {length} bytes exceeds the limit of {limits.max_body_bytes} bytes",
-        )
-    return length
+    """The request body's length, or ``CHUNKED``; ProtocolError for a malformed,
+    conflicting or too large framing (agent/httpbody.py)."""
+    return transfer_length(headers, limits.max_body_bytes)
 
 
 class _Conn(asyncio.BufferedProtocol):
@@ -315,6 +293,7 @@ class _Conn(asyncio.BufferedProtocol):
         "_body_filled",
         "_body_view",
         "_buf",
+        "_chunked",
         "_closing",
         "_deadline",
         "_filled",
@@ -351,6 +330,7 @@ class _Conn(asyncio.BufferedProtocol):
         self._body: bytearray | None = None
         self._body_view: memoryview | None = None
         self._body_filled = 0
+        self._chunked: ChunkedDecoder | None = None  # a chunked body being decoded
         self._pending: tuple[str, str, str, str, dict[str, str]] | None = None
         self._peer: PeerCred | None = None
         self._keep_alive = True
@@ -407,6 +387,10 @@ class _Conn(asyncio.BufferedProtocol):
         return self._view[self._filled :]
 
     def buffer_updated(self, nbytes: int) -> None:
+        if self._phase == _BODY and self._chunked is not None:
+            self._filled += nbytes
+            self._feed_chunks()
+            return
         if self._phase == _BODY:
             self._body_filled += nbytes
             if self._body_filled >= len(self._body or b""):
@@ -436,6 +420,24 @@ class _Conn(asyncio.BufferedProtocol):
         if self._phase in (_IDLE, _HEAD, _BODY) and self._transport is not None:
             self._transport.close()
         return True
+
+    def _feed_chunks(self) -> None:
+        """Decode what the scratch buffer holds of a chunked body (agent/httpbody.py)."""
+        dec = self._chunked
+        assert dec is not None
+        try:
+            used = dec.feed(self._view[: self._filled])
+        except ProtocolError as exc:
+            self._chunked = None
+            self._fail(exc.status, exc.code, exc.message)
+            return
+        self._shift(used)
+        if dec.done:
+            self._chunked = None
+            self._dispatch(dec.body)
+        elif self._filled >= len(self._buf):  # cannot happen: lines are capped below this
+            self._chunked = None
+            self._fail(400, "bad-chunk", "chunk line too long")
 
     # --- parsing ---------------------------------------------------------------------
 
@@ -474,6 +476,17 @@ class _Conn(asyncio.BufferedProtocol):
                 return
         self._returned_by = None
         self._pending = (method, path, query, version, headers)
+        if length == CHUNKED:
+            self._shift(start)
+            self._chunked = ChunkedDecoder(
+                self._limits.max_body_bytes, self._limits.max_header_bytes
+            )
+            self._phase = _BODY
+            self._arm(self._limits.body_timeout_s)
+            if "100-continue" in headers.get("expect", "").lower() and self._transport is not None:
+                self._transport.write(_CONTINUE)
+            self._feed_chunks()
+            return
         have = self._filled - start
         if have >= length:
             # A copy (the scratch buffer is reused), as a bytearray so that arrays
@@ -574,6 +587,12 @@ class _Conn(asyncio.BufferedProtocol):
         assert self._pending is not None and self._transport is not None
         method, path, query, version, headers = self._pending
         self._pending = None
+        if "content-encoding" in headers:
+            try:
+                body = decode_content(headers, body, self._limits.max_body_bytes)
+            except ProtocolError as exc:
+                self._fail(exc.status, exc.code, exc.message)
+                return
         self._phase = _HANDLING  # the timer, if it fires now, does nothing
         req = Request(method, path, query, headers, body, self._peer, version)
         task = self._loop.create_task(self._run(req))
@@ -589,7 +608,7 @@ class _Conn(asyncio.BufferedProtocol):
         if self._phase == _CLOSED or self._transport is None:
             return
         keep = self._keep_alive and not self._server._closing and not self._closing
-        self._write(resp, keep)
+        self._write(resp, keep, req.method == "HEAD")
         if not keep:
             self._close_after_write()
             return
@@ -611,9 +630,9 @@ class _Conn(asyncio.BufferedProtocol):
 
     # --- writing, timers, failure ----------------------------------------------------
 
-    def _write(self, resp: Response, keep_alive: bool) -> None:
+    def _write(self, resp: Response, keep_alive: bool, head: bool = False) -> None:
         assert self._transport is not None
-        for part in render_response(resp, keep_alive):
+        for part in render_response(resp, keep_alive, head):
             self._transport.write(part)
 
     def _close_after_write(self) -> None:

@@ -490,7 +490,10 @@ class InferenceApp:
 
 
 def _allow(method: str, allowed: str, path: str) -> None:
-    if method != allowed:
-        exc = MethodNotAllowedError(f"{method} is not allowed on {path[:200]}; use {allowed}")
-        exc.allow = allowed
+    """405 unless ``method`` is ``allowed`` (HEAD goes wherever GET does: the server
+    sends the headers only)."""
+    if method != allowed and not (method == "HEAD" and allowed == "GET"):
+        allow = "GET, HEAD" if allowed == "GET" else allowed
+        exc = MethodNotAllowedError(f"{method} is not allowed on {path[:200]}; use {allow}")
+        exc.allow = allow
         raise exc

@@ -57,6 +57,7 @@ from agent.http import (
     parse_head,
     render_response,
 )
+from agent.httpbody import CHUNKED, ChunkedDecoder, decode_content
 from agent.kserve import (
     InferResult,
     error_response,
@@ -387,7 +388,7 @@ class DirectServer:
 
     # --- one request ------------------------------------------------------------------
 
-    def handle(self, headers: dict[str, str], body: bytearray) -> Any:
+    def handle(self, headers: dict[str, str], body: bytes | bytearray | memoryview) -> Any:
         """One inference → the HTTP response, errors as v2 error JSON (as the daemon)."""
         try:
             req = decode_request(body, header_length(headers))
@@ -602,9 +603,13 @@ class _Lent:
                 return self._give_back(True)  # not ours: the daemon answers it
             conn_hdr = headers.get("connection", "").lower()
             keep = "keep-alive" in conn_hdr if version == "HTTP/1.0" else "close" not in conn_hdr
-            body = self._read_body(end + 4, length)
-            if body is None:
+            raw_body = self._read_body(end + 4, length)
+            if raw_body is None:
                 return None
+            try:
+                body = decode_content(headers, raw_body, lim.max_body_bytes)
+            except ProtocolError as exc:
+                return self._fail(exc.status, exc.code, exc.message)
             with srv.busy_lock:
                 srv.busy += 1
             t0 = time.perf_counter()
@@ -624,6 +629,8 @@ class _Lent:
     def _read_body(self, start: int, length: int) -> bytearray | None:
         """The body (a copy: the scratch buffer is reused); None if the connection ended."""
         deadline = time.monotonic() + self.srv.limits.body_timeout_s
+        if length == CHUNKED:
+            return self._read_chunked(start, deadline)
         total = start + length
         if total <= len(self.buf):
             while self.filled < total:
@@ -650,6 +657,37 @@ class _Lent:
                 return None
             have += n
         return body
+
+    def _read_chunked(self, start: int, deadline: float) -> bytearray | None:
+        """A chunked body, decoded by agent/httpbody.py from the scratch buffer."""
+        lim = self.srv.limits
+        dec = ChunkedDecoder(lim.max_body_bytes, lim.max_header_bytes)
+        pos = start
+        while True:
+            try:
+                pos += dec.feed(self.view[pos : self.filled])
+            except ProtocolError as exc:
+                self._fail(exc.status, exc.code, exc.message)
+                return None
+            if dec.done:
+                rest = self.filled - pos
+                if rest:
+                    self.buf[:rest] = self.buf[pos : self.filled]
+                self.filled = rest
+                return dec.body
+            # keep the unconsumed part (an incomplete chunk line) at the front
+            rest = self.filled - pos
+            if pos:
+                self.buf[:rest] = self.buf[pos : self.filled]
+                self.filled, pos = rest, 0
+            if self.filled >= len(self.buf):
+                self._fail(400, "bad-chunk", "chunk line too long")
+                return None
+            n = self._recv(self.view[self.filled :], deadline, False)
+            if n <= 0:
+                self._body_failed(n)
+                return None
+            self.filled += n
 
     def _body_failed(self, n: int) -> None:
         if n == 0:
