@@ -72,6 +72,23 @@ class InferenceConfig:
     lend_spin_us: int = 200
     # Passed to agent.http.HTTPLimits (keys as that dataclass names them).
     limits: dict[str, Any] = field(default_factory=dict)
+    # "127.0.0.1:8000": also serve the inference protocol over TCP (for containers that
+    # cannot mount the socket). Off by default; loopback only unless the next key says
+    # otherwise (TCP has no peer credentials or file permissions: anyone who can reach
+    # the port can call the models).
+    tcp_listen: str = ""
+    tcp_allow_non_loopback: bool = False
+
+
+@dataclass(frozen=True)
+class GrpcConfig:
+    """KServe v2 gRPC on its own Unix socket (the ``edgeward[grpc]`` extra), served by a
+    gateway process over the inference socket's data plane, with that socket's mode,
+    group and limits."""
+
+    enabled: bool = False
+    socket: Path = Path("/run/edgeward/grpc.sock")
+    threads: int = 8  # gateway threads (concurrent RPCs in progress)
 
 
 @dataclass(frozen=True)
@@ -110,6 +127,7 @@ class Config:
 
     paths: PathsConfig = field(default_factory=PathsConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
+    grpc: GrpcConfig = field(default_factory=GrpcConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
     updates: UpdatesConfig = field(default_factory=UpdatesConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
@@ -224,6 +242,7 @@ def parse_config(data: dict[str, Any], *, source: Path | None = None) -> Config:
     sections: dict[str, type[Any]] = {
         "paths": PathsConfig,
         "inference": InferenceConfig,
+        "grpc": GrpcConfig,
         "control": ControlConfig,
         "updates": UpdatesConfig,
         "daemon": DaemonConfig,
@@ -270,6 +289,44 @@ def _validate(cfg: Config) -> None:
         )
     if cfg.inference.socket == cfg.control.socket:
         raise ConfigError("control.socket: must differ from inference.socket", code="config-value")
+    if cfg.grpc.socket in (cfg.inference.socket, cfg.control.socket):
+        raise ConfigError(
+            "grpc.socket: must differ from inference.socket and control.socket",
+            code="config-value",
+        )
+    _positive("grpc.threads", cfg.grpc.threads)
+    if cfg.inference.tcp_listen:
+        tcp_address(cfg.inference)
+
+
+def tcp_address(inf: InferenceConfig) -> tuple[str, int]:
+    """``inference.tcp_listen`` as (host, port); loopback only unless
+    ``inference.tcp_allow_non_loopback``."""
+    import ipaddress
+
+    host, sep, port_s = inf.tcp_listen.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port_s.isdigit() or not 0 < int(port_s) < 65536:
+        raise ConfigError(
+            f"inference.tcp_listen: expected HOST:PORT such as \"127.0.0.1:8000\", "
+            f"got {inf.tcp_listen!r}",
+            code="config-value",
+        )
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        raise ConfigError(
+            f"inference.tcp_listen: {host!r} is not an IP address (or localhost)",
+            code="config-value",
+        ) from None
+    if not loopback and not inf.tcp_allow_non_loopback:
+        raise ConfigError(
+            f"inference.tcp_listen: {host} is not a loopback address; TCP has no peer "
+            "credentials, so anyone who reaches the port can call the models. Set "
+            "inference.tcp_allow_non_loopback = true to allow it",
+            code="config-value",
+        )
+    return host, int(port_s)
 
 
 def check_groups(cfg: Config) -> None:

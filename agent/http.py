@@ -55,6 +55,7 @@ __all__ = [
     "Request",
     "Response",
     "SocketInUseError",
+    "TCPHTTPServer",
     "UnixHTTPServer",
     "content_length",
     "json_response",
@@ -349,7 +350,7 @@ class _Conn(asyncio.BufferedProtocol):
         srv = self._server
         srv._conns.add(self)
         sock = transport.get_extra_info("socket")
-        if sock is not None:
+        if sock is not None and sock.family == socket.AF_UNIX:
             with contextlib.suppress(OSError):
                 pid, uid, gid = _PEERCRED.unpack(
                     sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
@@ -824,6 +825,32 @@ class UnixHTTPServer:
         if self._ino == (st.st_dev, st.st_ino):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
+
+
+class TCPHTTPServer(UnixHTTPServer):
+    """The same server on a TCP address (``[inference] tcp_listen``, for containers that
+    cannot mount the socket). Loopback is enforced by the config (agent/config.py);
+    TCP carries no peer credentials (``Request.peer_cred`` is None) and connections are
+    never lent to workers (lending passes Unix socket descriptors)."""
+
+    def __init__(
+        self, host: str, port: int, handler: Handler, *, limits: HTTPLimits | None = None
+    ) -> None:
+        super().__init__(f"tcp:{host}:{port}", handler, limits=limits)
+        self.host = host
+        self.port = port
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _Conn(self), self.host, self.port, reuse_address=True, backlog=1024
+        )
+        sock = self._server.sockets[0]
+        self.port = sock.getsockname()[1]  # port 0 = any free port (tests)
+        logger.info("listening on tcp %s:%d", self.host, self.port)
+
+    def _unlink_own(self) -> None:
+        return  # no socket file
 
 
 def _resolve_group(group: str) -> int:

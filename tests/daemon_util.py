@@ -170,6 +170,7 @@ def write_config(
     limits: dict[str, Any] | None = None,
     lend: bool = True,
     extra: str = "",
+    inference_extra: str = "",
 ) -> Path:
     """A config whose paths all live under ``work``; ``lend=False`` relays every request
     through the daemon (no lent connections, runtime/direct.py)."""
@@ -191,6 +192,7 @@ socket = "{run / "infer.sock"}"
 mode = "0660"
 group = "{group}"
 lend_connections = {str(lend).lower()}
+{inference_extra}
 
 [inference.limits]
 {lim}
