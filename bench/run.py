@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-AREAS = ("unpack", "residual", "worker", "socket")
+AREAS = ("unpack", "residual", "worker", "socket", "grpc")
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
@@ -55,6 +55,10 @@ FIGURES: dict[str, tuple[str, tuple[str, float] | None, int]] = {
     "socket_added_p50_us_224": ("224x224x3 CNN over the socket, added p50 us", None, 5),
     "socket_throughput_ratio_4c": ("socket / in-process throughput, 4 clients", (">=", 0.9), 5),
     "daemon_idle_rss_mb": ("daemon idle RSS without model workers, MB", ("<=", 60), 5),
+    "grpc_added_p50_us_tiny": ("tiny model over gRPC (gateway), added p50 us", ("<=", 200), 18),
+    "grpc_http_added_p50_us_tiny": ("the same over HTTP, beside it, added p50 us", None, 18),
+    "daemon_idle_rss_mb_grpc": ("daemon idle RSS with [grpc] enabled, MB", ("<=", 60), 18),
+    "grpc_gateway_idle_rss_mb": ("the gRPC gateway process's idle RSS, MB", None, 18),
 }
 
 TRANSCRIPTS = HERE / "transcripts"
