@@ -13,6 +13,11 @@ Endpoints::
     GET  /v2/models/{m}[/versions/{v}]           model metadata
     GET  /v2/models/{m}[/versions/{v}]/ready     200 | 503 (model-not-ready)
     POST /v2/models/{m}[/versions/{v}]/infer     inference (JSON or binary tensors)
+    GET  /v2/models/{m}[/versions/{v}]/config    Triton model configuration (read-only)
+    GET  /v2/models/{m}[/versions/{v}]/stats     Triton statistics; /v2/models/stats: all
+    POST /v2/repository/index                    the served models (Triton index)
+
+HEAD is answered wherever GET is (headers only, agent/http.py).
 
 Per model at most ``max_concurrent_per_model`` requests run at once and at most
 ``max_queue_per_model`` wait; beyond that the request fails fast with 503 and

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.daemon_util import DaemonProc, run_dir, start_daemon, tiny_model_dir
+from tests.daemon_util import DaemonProc, http_unix, run_dir, start_daemon, tiny_model_dir
 from tests.text_models import TEXTS, TYPES, string_model_dir, type_inputs, types_model_dir
 
 pytestmark = pytest.mark.e2e
@@ -398,3 +398,52 @@ def test_curl(daemon: tuple[DaemonProc, int, Path], tmp_path: Path) -> None:
     # the inference socket lists the models (the repository index), no admin needed
     r = _curl(d.infer_sock, "-X", "POST", "http://localhost/v2/repository/index")
     assert {m["name"] for m in json.loads(r.stdout)} == {"tiny", "text", "types"}
+
+
+def test_chunked_and_gzip_on_a_lent_connection(daemon: tuple[DaemonProc, int, Path]) -> None:
+    """The worker's own reader (runtime/direct.py) decodes chunked and gzip bodies with
+    agent/httpbody.py: chunk lines split across reads, a body bigger than its buffer."""
+    d, _port, _g = daemon
+    texts = [f"wörd {i}\x00" for i in range(3000)]
+    doc = {"inputs": [{"name": "s", "shape": [len(texts)], "datatype": "BYTES", "data": texts}]}
+    body = json.dumps(doc).encode()
+    stream = b"".join(
+        b"%x\r\n%s\r\n" % (len(body[i : i + 7]), body[i : i + 7]) for i in range(0, len(body), 7)
+    )
+    stream += b"0\r\n\r\n"
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(30)
+    s.connect(str(d.infer_sock))
+    buf = bytearray()
+
+    def answer() -> Any:
+        while True:
+            head, sep, rest = bytes(buf).partition(b"\r\n\r\n")
+            if sep:
+                n = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                if len(rest) >= n:
+                    del buf[: len(head) + 4 + n]
+                    return json.loads(rest[:n])
+            buf.extend(s.recv(65536))
+
+    tiny = json.dumps(
+        {"inputs": [{"name": "s", "shape": [1], "datatype": "BYTES", "data": ["x"]}]}
+    ).encode()
+    s.sendall(
+        b"POST /v2/models/text/infer HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(tiny), tiny)
+    )
+    assert answer()["outputs"][0]["data"] == ["x"]  # the connection is now lent
+    s.sendall(b"POST /v2/models/text/infer HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+    for i in range(0, len(stream), 50_001):  # cut inside chunk-size lines
+        s.sendall(stream[i : i + 50_001])
+    assert answer()["outputs"][0]["data"] == texts
+    z = gzip.compress(body)
+    s.sendall(
+        b"POST /v2/models/text/infer HTTP/1.1\r\nContent-Encoding: gzip\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(z) + z
+    )
+    assert answer()["outputs"][0]["data"] == texts
+    _s, _h, raw = http_unix(d.control_sock, "GET", "/models")
+    (text,) = [m for m in json.loads(raw)["models"] if m["name"] == "text"]
+    assert text["lent_connections"] >= 1  # it was the worker that read those bodies
+    s.close()
