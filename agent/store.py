@@ -6,6 +6,7 @@ Layout::
     models/<name>/current -> versions/<version>
     models/<name>/previous -> versions/<version>
     staging/                            work in progress (unpack targets); wiped at start
+                                        except resumable downloads (<name>-<version>.part)
     cache/                              runtime converter cache
     journal.json                        per-model update state, written atomically
 
@@ -20,6 +21,7 @@ entry and is removed by :meth:`Store.open`.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -35,7 +37,7 @@ from agent.errors import EdgewardError, UpdateError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Store", "StoreError", "fsync_dir", "write_atomic"]
+__all__ = ["Store", "StoreError", "fsync_dir", "reject_file", "write_atomic"]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -57,20 +59,52 @@ def fsync_dir(path: Path) -> None:
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Replace ``path`` with ``data``: temp file in the same dir, fsync, rename, fsync dir."""
+    """Replace ``path`` with ``data``: temp file in the same dir, fsync, rename, fsync dir.
+
+    Never follows a link someone else planted: the temp file is created new
+    (``O_EXCL``), its mode set through the descriptor, and the rename replaces whatever
+    entry ``path`` is (a symlink there is replaced, not followed). So this is also how
+    the daemon writes into a directory others can write (the inbox).
+    """
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
+            os.fchmod(fh.fileno(), mode)
             os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
+
+
+def reject_file(path: Path, reason: str, *, keep: bool = True) -> None:
+    """Move a refused inbox entry aside (``<name>.rejected`` + ``.rejected.reason``), or
+    delete it (``keep=False``), so the next check does not retry it forever.
+
+    The inbox is writable by others: nothing here follows a link. ``rename`` and
+    ``unlink`` act on the entry itself (a symlink, FIFO or directory is moved as such,
+    never opened) and the reason is written by :func:`write_atomic` (a planted symlink
+    at the ``.reason`` name is replaced, not written through). Failures are logged.
+    """
+    try:
+        os.lstat(path)
+    except OSError:
+        return
+    try:
+        if keep:
+            os.replace(path, path.with_name(path.name + ".rejected"))
+            text = reason.encode("utf-8", "backslashreplace")  # names need not be UTF-8
+            write_atomic(path.with_name(path.name + ".rejected.reason"), text + b"\n")
+        elif path.is_dir() and not path.is_symlink():
+            os.replace(path, path.with_name(path.name + ".rejected"))  # not ours to delete
+        else:
+            path.unlink()
+    except OSError as exc:
+        logger.warning("cannot move refused package %r aside: %s", path.name, exc)
 
 
 def _symlink_atomic(link: Path, target: str) -> None:
@@ -130,12 +164,51 @@ class Store:
 
     # --- lifecycle -----------------------------------------------------------------
 
+    def lock(self) -> int:
+        """Take the state directory for this process alone (``flock`` on ``.lock``).
+
+        Called before anything is loaded or cleaned: a second daemon on the same state
+        directory would wipe the first one's staging. The lock lives as long as the
+        returned descriptor (close it, or exit, to release it; a ``kill -9`` releases
+        it too). The file holds the owner's pid, for the message a second daemon gets.
+
+        Raises:
+            StoreError: ``store-locked`` when another process holds it.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / ".lock"
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(path, flags, 0o600)
+        except OSError as exc:
+            raise StoreError(f"cannot open {path}: {exc.strerror}", code="store-lock") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                owner = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            finally:
+                os.close(fd)
+            raise StoreError(
+                f"another edgeward daemon (pid {owner}) is using the state directory "
+                f"{self.root}; stop it first, or give this one its own paths.state_dir",
+                code="store-locked",
+            ) from None
+        except OSError as exc:
+            os.close(fd)
+            raise StoreError(f"cannot lock {path}: {exc.strerror}", code="store-lock") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return fd
+
     def open(self) -> Store:
         """Create the layout if missing and remove what a crash left half-done."""
         for d in (self.root, self.models_dir, self.staging_dir):
             d.mkdir(parents=True, exist_ok=True)
         removed = 0
         for entry in list(self.staging_dir.iterdir()):
+            if _resumable(entry):
+                continue
             _remove(entry)
             removed += 1
         for model_dir in self._model_dirs():
@@ -233,8 +306,22 @@ class Store:
         _fsync_tree(src)
         os.rename(src, dest)
         fsync_dir(dest.parent)
+        if (dest / "manifest.sig").is_file():
+            # remembered outside the version: removing its manifest and signature must
+            # not turn a signed version into one that cannot be checked
+            write_atomic(self._signed_marker(name, version), b"")
         logger.debug("store: installed %s %s", name, version)
         return dest
+
+    def _signed_marker(self, name: str, version: str) -> Path:
+        return (
+            self.models_dir / check_name("name", name) / f".signed-{check_name('version', version)}"
+        )
+
+    def signed(self, name: str, version: str) -> bool:
+        """Whether ``version`` was installed from a signed package (its kept manifest
+        and signature must then be there)."""
+        return self._signed_marker(name, version).exists()
 
     def activate(self, name: str, version: str) -> str | None:
         """Make ``version`` current; the old current becomes ``previous``. Returns the old.
@@ -273,7 +360,8 @@ class Store:
         removed = []
         for version in self.versions(name):
             if version not in keep:
-                _remove(self.version_dir(name, version))
+                _discard(self.version_dir(name, version))
+                _remove(self._signed_marker(name, version))
                 removed.append(version)
         if removed:
             fsync_dir(self.models_dir / name / "versions")
@@ -284,7 +372,8 @@ class Store:
         """Delete one version that is not linked (a failed activation)."""
         if version in (self.current(name), self.previous(name)):
             raise StoreError(f"{name} {version} is in use", code="store-in-use")
-        _remove(self.version_dir(name, version))
+        _discard(self.version_dir(name, version))
+        _remove(self._signed_marker(name, version))
 
     # --- journal -------------------------------------------------------------------
 
@@ -302,6 +391,30 @@ class Store:
     def write_journal(self, data: dict[str, Any]) -> None:
         """Replace the journal atomically (temp + fsync + rename + fsync dir)."""
         write_atomic(self.journal_path, json.dumps(data, indent=1, sort_keys=True).encode())
+
+
+def _resumable(entry: Path) -> bool:
+    """A partial download and its record (``<name>-<version>.part`` + ``.part.json``)
+    survive a restart so the download resumes; either alone is debris."""
+    if not entry.is_file() or entry.is_symlink():
+        return False
+    if entry.name.endswith(".part"):
+        return entry.with_name(entry.name + ".json").is_file()
+    if entry.name.endswith(".part.json"):
+        return entry.with_name(entry.name[: -len(".json")]).is_file()
+    return False
+
+
+def _discard(vdir: Path) -> None:
+    """Delete a version directory so a crash never leaves it half-deleted under its own
+    name: rename it to a ``.tmp-`` name first (atomic; :meth:`Store.open` removes such
+    entries), then delete the renamed tree."""
+    if not vdir.is_dir():
+        return
+    doomed = vdir.parent / f".tmp-del-{vdir.name}-{os.getpid()}-{time.monotonic_ns()}"
+    os.rename(vdir, doomed)
+    fsync_dir(vdir.parent)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _remove(path: Path) -> None:

@@ -1,26 +1,33 @@
-"""The update lifecycle: a transition table (data) and the "check now" job.
+"""The update lifecycle: a transition table (data) and the "check now" orchestrator.
 
 Everything that decides which update state may follow which lives in
 :data:`TRANSITIONS` (h11 style); :class:`UpdateMachine` only applies it, and every
 transition is journaled, logged and counted for ``/metrics``.
 
-The check job (:class:`Updater`) scans the configured inbox of sideloaded ``.emp``
-packages (the network repository is a later stage that plugs in before ``verifying``
-as ``downloading``), picks per model name the newest version above the current one, and
-runs it through verify → unpack (into ``staging/``, residual packages against the
-current version) → install (rename into the store) → start + warm up + self-test a
-worker ("converting": the runtime converts while it starts) → switch routing and the
-``current`` link → gc. Any failure is one clear log line and the old version keeps
-serving.
+The orchestrator (:class:`Updater`) asks every source (:mod:`agent.sources`: the inbox of
+sideloaded ``.emp`` files, and the TUF repository when ``[repository]`` is configured)
+for candidates, picks per model name the newest version above the current one (not
+marked bad), and runs it through download (repository only: resumable, checked against
+the signed target length and hashes) → verify (the package manifest's signature, and
+that it is the version offered) → unpack (the one full read of the package, every
+member verified as it streams; into ``staging/``, residual packages against the current
+version) → install (rename into the store) → start + warm up + self-test a worker
+("converting": the runtime converts while it starts) → switch routing and the
+``current`` link → gc → health window. Any failure is one clear log line and the old
+version keeps serving; a package that is itself bad (signature, integrity, self-test,
+an unhealthy start) is marked bad and never retried, a failure of the link or the disk
+is retried on the next check (a partial download resumes).
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import importlib
+import json
 import logging
-import os
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,13 +35,22 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import Config
-from agent.errors import EdgewardError, PreflightError, UpdateError
+from agent.errors import EdgewardError, PreflightError, UpdateError, local_fault
 from agent.registry import ModelRegistry
-from agent.store import Store, check_name, version_key
+from agent.sources import (
+    Candidate,
+    InboxSource,
+    RepositorySource,
+    Source,
+    disk_free,
+    disk_need,
+)
+from agent.store import Store, version_key, write_atomic
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "OUTCOMES",
     "STATES",
     "TRANSITIONS",
     "CheckResult",
@@ -47,6 +63,7 @@ __all__ = [
 STATES: tuple[str, ...] = (
     "idle",
     "checking",
+    "downloading",
     "verifying",
     "unpacking",
     "converting",
@@ -60,7 +77,9 @@ STATES: tuple[str, ...] = (
 #: state -> states that may follow it. The only place that decides the lifecycle.
 TRANSITIONS: dict[str, frozenset[str]] = {
     "idle": frozenset({"checking", "active"}),  # active: a version found installed at start
-    "checking": frozenset({"idle", "active", "verifying", "failed"}),  # idle/active: nothing new
+    # idle/active: nothing new; downloading: from the repository, verifying: a local file
+    "checking": frozenset({"idle", "active", "downloading", "verifying", "failed"}),
+    "downloading": frozenset({"verifying", "failed"}),
     "verifying": frozenset({"unpacking", "failed"}),
     "unpacking": frozenset({"converting", "failed"}),
     "converting": frozenset({"staged", "failed"}),
@@ -73,8 +92,12 @@ TRANSITIONS: dict[str, frozenset[str]] = {
 
 #: States in which a crash leaves work half-done; at start they become "failed".
 IN_FLIGHT: frozenset[str] = frozenset(
-    {"checking", "verifying", "unpacking", "converting", "staged", "activating"}
+    {"checking", "downloading", "verifying", "unpacking", "converting", "staged", "activating"}
 )
+
+
+#: What a check can come to (counted for /metrics, one check may count in several).
+OUTCOMES: tuple[str, ...] = ("installed", "failed", "unchanged", "nothing")
 
 
 class TransitionError(UpdateError):
@@ -93,7 +116,16 @@ class UpdateMachine:
     version: str | None = None  # the version serving
     target: str | None = None  # the version being installed
     error: str | None = None
+    kind: str | None = None  # full | residual: what is being installed
+    why: str | None = None  # why that package was chosen
     on_change: Callable[[UpdateMachine, str], None] | None = None
+    #: version -> why it is refused for good (rolled back, self-test failed...): never
+    #: installed again; a newer version is still tried (mark-bad, as RAUC and Mender).
+    bad: dict[str, str] = field(default_factory=dict)
+    #: a local fault (disk, keys, config) defers this model's next attempt until then.
+    retry_at: float = 0.0
+    retries: int = 0  # consecutive local faults (the backoff doubles with each)
+    fix: str | None = None  # what the operator should fix, while a local fault lasts
 
     def advance(self, new: str, *, error: str | None = None, target: str | None = None) -> None:
         """Move to ``new`` if the table allows it; notify the observer."""
@@ -118,6 +150,12 @@ class UpdateMachine:
             "version": self.version,
             "target": self.target,
             "error": self.error,
+            "kind": self.kind,
+            "why": self.why,
+            "bad": dict(self.bad),
+            "retry_at": self.retry_at,
+            "retries": self.retries,
+            "fix": self.fix,
         }
 
 
@@ -127,6 +165,7 @@ class CheckResult:
 
     installed: dict[str, str] = field(default_factory=dict)  # name -> version
     failed: dict[str, str] = field(default_factory=dict)  # name or file -> reason
+    deferred: dict[str, str] = field(default_factory=dict)  # name -> local fault, what to fix
     unchanged: list[str] = field(default_factory=list)
     started: float = 0.0
     finished: float = 0.0
@@ -135,22 +174,15 @@ class CheckResult:
         return {
             "installed": self.installed,
             "failed": self.failed,
+            "deferred": self.deferred,
             "unchanged": self.unchanged,
             "started": self.started,
             "finished": self.finished,
         }
 
 
-@dataclass(frozen=True)
-class _Candidate:
-    path: Path
-    name: str
-    version: str
-    stamp: tuple[int, int]  # (size, mtime_ns): re-verify only when the file changes
-
-
 class Updater:
-    """The "check now" job and rollback, serialised per daemon."""
+    """The orchestrator: asks every source, picks per model, runs the one pipeline."""
 
     def __init__(
         self,
@@ -165,11 +197,21 @@ class Updater:
         self.registry = registry
         self._extend = extend_timeout
         self._lock = asyncio.Lock()
-        self._scan_cache: dict[Path, tuple[tuple[int, int], _Candidate | str]] = {}
+        self._stopping = threading.Event()  # set by stop(): reads in flight give up
+        self._inbox: InboxSource | None = None
+        self._repo: RepositorySource | None = None
+        self._repo_cfg: Any = None
+        self._digests: dict[tuple[str, str], dict[str, str]] = {}
+        self._watch: asyncio.Task[None] | None = None
         self.machines: dict[str, UpdateMachine] = {}
         self.transitions: dict[str, int] = dict.fromkeys(STATES, 0)
+        # (model, state) -> transitions into state, for per-model metrics.
+        self.model_transitions: dict[tuple[str, str], int] = {}
+        # Called after every transition (the daemon keeps systemd's STATUS= current).
+        self.observers: list[Callable[[UpdateMachine], object]] = []
         self.checks = 0
         self.check_failures = 0
+        self.outcomes: dict[str, int] = dict.fromkeys(OUTCOMES, 0)
         self.last_check: CheckResult | None = None
         self._load_journal()
 
@@ -190,6 +232,10 @@ class Updater:
                 version=rec.get("version"),
                 target=rec.get("target"),
                 error=rec.get("error"),
+                bad=_str_dict(rec.get("bad")),
+                retry_at=_number(rec.get("retry_at")),
+                retries=int(_number(rec.get("retries"))),
+                fix=rec.get("fix") if isinstance(rec.get("fix"), str) else None,
             )
             m.on_change = self._changed
             self.machines[name] = m
@@ -205,7 +251,11 @@ class Updater:
 
     def _changed(self, machine: UpdateMachine, old: str) -> None:
         self.transitions[machine.state] = self.transitions.get(machine.state, 0) + 1
+        key = (machine.name, machine.state)
+        self.model_transitions[key] = self.model_transitions.get(key, 0) + 1
         self._write_journal()
+        for observer in self.observers:
+            observer(machine)
 
     def _write_journal(self) -> None:
         try:
@@ -227,6 +277,125 @@ class Updater:
         m.version = version
         if m.state != "active":
             m.advance("active")
+
+    # --- refused versions and local faults (the journal keeps both) -----------------
+
+    #: at most this many refused versions are remembered per model (the newest ones)
+    MAX_BAD = 32
+
+    def mark_bad(self, name: str, version: str, reason: str) -> None:
+        """Never install ``version`` of ``name`` again; a newer version is still tried."""
+        m = self.machine(name)
+        m.bad[version] = reason
+        if len(m.bad) > self.MAX_BAD:
+            for old in sorted(m.bad, key=version_key)[: len(m.bad) - self.MAX_BAD]:
+                del m.bad[old]
+        self._write_journal()
+        logger.warning("%s version %s is refused from now on: %s", name, version, reason)
+
+    def is_bad(self, name: str, version: str) -> bool:
+        """Whether ``version`` of ``name`` was refused for good (see :meth:`mark_bad`)."""
+        m = self.machines.get(name)
+        return m is not None and version in m.bad
+
+    def defer(self, name: str, reason: str, fix: str) -> float:
+        """A local fault stopped ``name``'s update: retry after a backoff that doubles
+        with each consecutive fault (``updates.retry_backoff`` up to
+        ``updates.retry_backoff_max`` seconds). Returns the time of the next attempt."""
+        m = self.machine(name)
+        u = self.cfg.updates
+        delay = min(u.retry_backoff * 2.0 ** min(m.retries, 30), u.retry_backoff_max)
+        m.retries += 1
+        m.retry_at = time.time() + delay
+        m.fix = fix
+        m.error = f"{reason}; to fix: {fix}; retrying in {delay:.0f} s"
+        self._write_journal()
+        logger.error(
+            "update of %s deferred (local fault, the package is kept): %s; to fix: %s; "
+            "next attempt in %.0f s",
+            name,
+            reason,
+            fix,
+            delay,
+        )
+        return m.retry_at
+
+    def deferred(self, name: str, now: float | None = None) -> float:
+        """Seconds until ``name`` may be tried again after a local fault (0: now)."""
+        m = self.machines.get(name)
+        if m is None or not m.retry_at:
+            return 0.0
+        return max(0.0, m.retry_at - (time.time() if now is None else now))
+
+    def _clear_fault(self, name: str) -> None:
+        m = self.machine(name)
+        if m.retries or m.retry_at or m.fix:
+            m.retries, m.retry_at, m.fix = 0, 0.0, None
+            self._write_journal()
+
+    # --- what sources may ask (StoreView) ------------------------------------------
+
+    def current(self, name: str) -> str | None:
+        return self.store.current(name)
+
+    def weights_digests(self, name: str, version: str) -> dict[str, str]:
+        """Weights digest of each model of an installed version (computed once, cached).
+
+        A version installed from a residual package carries them in its manifest
+        (``target_digest``); others are hashed once (canonical weights digest, the
+        one residual packages name as their base).
+        """
+        key = (name, version)
+        if key in self._digests:
+            return self._digests[key]
+        vdir = self.store.version_dir(name, version)
+        cache = self.store.models_dir / name / f".digests-{version}.json"
+        out: dict[str, str] = {}
+        try:
+            out = {str(k): str(v) for k, v in json.loads(cache.read_bytes()).items()}
+        except (OSError, ValueError, AttributeError):
+            out = self._compute_digests(vdir)
+            if out:
+                try:
+                    write_atomic(cache, json.dumps(out, sort_keys=True).encode())
+                except OSError as exc:
+                    logger.warning("cannot cache weights digests of %s %s: %s", name, version, exc)
+        self._digests[key] = out
+        return out
+
+    @staticmethod
+    def _compute_digests(vdir: Path) -> dict[str, str]:
+        from agent.manifest import parse_manifest
+        from agent.residual import weights_digest
+
+        try:
+            man = parse_manifest((vdir / "manifest.json").read_bytes())
+        except (OSError, EdgewardError):
+            return {}
+        out: dict[str, str] = {}
+        for mi in man.models:
+            if mi.target_digest:
+                out[mi.name] = mi.target_digest
+                continue
+            try:
+                out[mi.name] = weights_digest(vdir / "Model" / mi.name)
+            except (OSError, EdgewardError) as exc:
+                logger.warning("weights digest of %s: %s", vdir / "Model" / mi.name, exc)
+                return {}
+        return out
+
+    # --- stopping ------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """The daemon is stopping: a verification or unpack in flight gives up at its
+        next piece (a few MiB), so SIGTERM is not held up by a big package; nothing is
+        refused or marked for it and the next start tries again."""
+        self._stopping.set()
+
+    def _go_on(self, _nbytes: int = 0) -> None:
+        """The ``progress`` hook of every package read the updater starts."""
+        if self._stopping.is_set():
+            raise UpdateError("the daemon is stopping; the update will be retried", code="stopping")
 
     # --- trust ---------------------------------------------------------------------
 
@@ -251,80 +420,84 @@ class Updater:
         return load_keyring([kdir])
 
     def _limits(self) -> Any:
-        if not self.cfg.package_limits:
-            return None
-        package = importlib.import_module("agent.package")
-        try:
-            return package.Limits(**self.cfg.package_limits)
-        except TypeError as exc:
-            raise UpdateError(f"package_limits: {exc}", code="config") from exc
+        return self.cfg.package_limits  # typed and validated at config load
 
-    # --- scanning ------------------------------------------------------------------
+    # --- sources -------------------------------------------------------------------
 
-    def _scan(self, trust: Any, limits: Any) -> tuple[list[_Candidate], dict[str, str]]:
-        """Verify every inbox package (cached by size + mtime); return candidates."""
-        inbox = self.cfg.paths.inbox_dir
-        out: list[_Candidate] = []
-        bad: dict[str, str] = {}
-        if not inbox.is_dir():
-            return out, bad
-        package = importlib.import_module("agent.package")
-        seen: set[Path] = set()
-        for path in sorted(inbox.glob("*.emp")):
-            seen.add(path)
-            try:
-                st = path.stat()
-            except OSError:
-                continue
-            stamp = (st.st_size, st.st_mtime_ns)
-            cached = self._scan_cache.get(path)
-            if cached is not None and cached[0] == stamp:
-                result = cached[1]
-            else:
-                try:
-                    kwargs = {"limits": limits} if limits is not None else {}
-                    manifest = package.verify(path, trust, **kwargs)
-                    name = check_name("name", str(manifest.name))
-                    version = check_name("version", str(manifest.version))
-                    result = _Candidate(path, name, version, stamp)
-                except EdgewardError as exc:
-                    result = f"[{exc.code}] {exc.message}"
-                    logger.error("inbox package %s refused: %s", path.name, result)
-                    self._reject(path, result)
-                self._scan_cache[path] = (stamp, result)
-            if isinstance(result, str):
-                bad[path.name] = result
-            else:
-                out.append(result)
-        for gone in set(self._scan_cache) - seen:
-            del self._scan_cache[gone]
-        return out, bad
+    @property
+    def repository(self) -> RepositorySource | None:
+        """The repository source (None without ``[repository]``); rebuilt on reload."""
+        rcfg = self.cfg.repository
+        if rcfg is None:
+            if self._repo is not None:
+                self._repo.client.close()
+            self._repo = None
+        elif self._repo is None or self._repo_cfg != rcfg:
+            from agent.repository.client import RepositoryClient
+
+            old = self._repo
+            client = RepositoryClient(rcfg, self.store.root)
+            if old is not None:
+                client.stats = old.client.stats
+                client.fetcher.stats = old.client.stats
+                old.client.close()
+            self._repo = RepositorySource(self.cfg, client, self.store.staging_dir)
+            if old is not None:
+                self._repo.state = old.state
+            self._repo_cfg = rcfg
+        if self._repo is not None:
+            self._repo.cfg = self.cfg
+        return self._repo
+
+    def _sources(self, trust: Any, limits: Any) -> list[Source]:
+        if self._inbox is None or self._inbox.cfg is not self.cfg:
+            cache = self._inbox._cache if self._inbox is not None else {}
+            self._inbox = InboxSource(self.cfg, trust, limits)
+            self._inbox._cache = cache
+        self._inbox.trust, self._inbox.limits = trust, limits
+        out: list[Source] = [self._inbox]
+        repo = self.repository
+        if repo is not None:
+            out.append(repo)
+        return out
 
     # --- the job -------------------------------------------------------------------
 
-    async def check(self) -> CheckResult:
-        """Install the newest inbox version of every model that has a newer one.
+    async def check(self, *, retry_deferred: bool = False) -> CheckResult:
+        """Install the newest offered version of every model that has a newer one.
 
         Concurrent calls wait for the running check and then run their own (cheap:
-        verification results are cached per file).
+        inbox manifests are cached per file, an unchanged repository costs its
+        timestamp). ``retry_deferred``: an operator asked (``edgeward check``, a reload),
+        so models waiting out a local fault's backoff are tried now.
         """
         async with self._lock:
-            return await self._check()
+            if retry_deferred:
+                for m in self.machines.values():
+                    m.retry_at = 0.0
+            res = await self._check()
+        for key in ("installed", "failed", "unchanged"):
+            if getattr(res, key):
+                self.outcomes[key] += 1
+        if not (res.installed or res.failed or res.unchanged or res.deferred):
+            self.outcomes["nothing"] += 1
+        return res
 
     async def _check(self) -> CheckResult:
         res = CheckResult(started=time.time())
         self.checks += 1
         loop = asyncio.get_running_loop()
-        inbox = self.cfg.paths.inbox_dir
-        if not inbox.is_dir() or not any(inbox.glob("*.emp")):
-            logger.debug("update check: no packages in %s", inbox)
+        inbox_dir = self.cfg.paths.inbox_dir
+        if self.cfg.repository is None and not (
+            inbox_dir.is_dir() and any(inbox_dir.glob("*.emp"))
+        ):
+            logger.debug("update check: no packages in %s", inbox_dir)
             res.finished = time.time()
             self.last_check = res
             return res
         try:
             trust = self._trust()
             limits = self._limits()
-            candidates, bad = await loop.run_in_executor(None, self._scan, trust, limits)
         except EdgewardError as exc:
             self.check_failures += 1
             logger.error("update check failed: %s", exc.message)
@@ -332,135 +505,294 @@ class Updater:
             res.finished = time.time()
             self.last_check = res
             return res
-        res.failed.update(bad)
-        best: dict[str, _Candidate] = {}
-        for c in candidates:
-            if c.name not in best or version_key(c.version) > version_key(best[c.name].version):
-                best[c.name] = c
-        for name, cand in sorted(best.items()):
-            current = self.store.current(name)
-            if current is not None and version_key(cand.version) <= version_key(current):
-                res.unchanged.append(name)
+        offered: list[tuple[Candidate, Source]] = []
+        up_to_date: set[str] = set()
+        for src in self._sources(trust, limits):
+            if isinstance(src, InboxSource) and not src.has_packages():
                 continue
-            if self.store.has(name, cand.version) and current != cand.version:
-                # installed earlier but never activated (e.g. failed self-test): skip
-                # unless the package file changed since.
-                m = self.machine(name)
-                if m.state == "failed" and m.target == cand.version:
-                    res.unchanged.append(name)
-                    continue
-                self.store.remove_version(name, cand.version)
             try:
-                await self._install(cand, trust, limits)
-                res.installed[name] = cand.version
+                self._go_on()
+                cands, bad = await loop.run_in_executor(None, src.scan, self)
+            except EdgewardError as exc:
+                if exc.code == "stopping":
+                    raise
+                self.check_failures += 1
+                res.failed[src.label] = f"[{exc.code}] {exc.message}"
+                continue
+            res.failed.update(bad)
+            offered.extend((c, src) for c in cands)
+            up_to_date.update(src.up_to_date)
+        best: dict[str, tuple[Candidate, Source]] = {}
+        for c, src in offered:  # sources in order: on a tie the inbox (local) wins
+            if c.name not in best or version_key(c.version) > version_key(best[c.name][0].version):
+                best[c.name] = (c, src)
+        res.unchanged.extend(sorted(up_to_date - set(best)))
+        for name, (cand, src) in sorted(best.items()):
+            # one model's candidate never blocks another's: whatever goes wrong here
+            # is that model's failure only
+            try:
+                outcome = await self._consider(name, cand, src, trust, limits)
+                if outcome == "installed":
+                    res.installed[name] = cand.version
+                elif outcome == "deferred":
+                    res.deferred[name] = self.machine(name).error or "deferred"
+                else:
+                    res.unchanged.append(name)
             except EdgewardError as exc:
                 self.check_failures += 1
                 res.failed[name] = f"[{exc.code}] {exc.message}"
+            except Exception as exc:  # a bug must cost this model's update only
+                self.check_failures += 1
+                logger.exception("update check of %s failed", name)
+                res.failed[name] = f"[internal] {type(exc).__name__}: {exc}"
         res.finished = time.time()
         self.last_check = res
         return res
 
-    async def _install(self, cand: _Candidate, trust: Any, limits: Any) -> None:
+    async def _consider(
+        self, name: str, cand: Candidate, src: Source, trust: Any, limits: Any
+    ) -> str:
+        """Install ``cand`` unless it is not newer, refused for good or deferred after a
+        local fault. Returns "installed", "unchanged" or "deferred"."""
+        current = self.store.current(name)
+        if current is not None and version_key(cand.version) <= version_key(current):
+            return "unchanged"
+        if self.is_bad(name, cand.version):
+            logger.debug("%s version %s was refused before; skipped", name, cand.version)
+            return "unchanged"
+        wait = self.deferred(name)
+        if wait > 0:
+            logger.debug("%s: next attempt after a local fault in %.0f s", name, wait)
+            return "deferred"
+        if self.store.has(name, cand.version) and cand.version not in (
+            current,
+            self.store.previous(name),
+        ):
+            # left by an install that did not finish activating: replace it
+            self.store.remove_version(name, cand.version)
+        await self._install(cand, src, trust, limits)
+        return "installed"
+
+    async def _install(self, cand: Candidate, src: Source, trust: Any, limits: Any) -> None:
         name, version = cand.name, cand.version
         m = self.machine(name)
         m.advance("checking", target=version)
+        m.kind, m.why = cand.kind, cand.why
+        took: dict[str, float] = {}
+        mark = time.monotonic()
+
+        def step(state: str) -> None:  # advance, and time the stage that ends
+            nonlocal mark
+            now = time.monotonic()
+            took[m.state] = took.get(m.state, 0.0) + now - mark
+            mark = now
+            m.advance(state)
+
         loop = asyncio.get_running_loop()
         package = importlib.import_module("agent.package")
         staging: Path | None = None
         installed = False
         current = self.store.current(name)
+        base_dir = self.store.version_dir(name, current) if current else None
+        kwargs = {"limits": limits} if limits is not None else {}
         try:
-            m.advance("verifying")
-            kwargs = {"limits": limits} if limits is not None else {}
-            await loop.run_in_executor(None, lambda: package.verify(cand.path, trust, **kwargs))
-            m.advance("unpacking")
-            self._preflight(cand.path)
-            staging = self.store.staging(prefix=f"{name}-{version}-")
-            out = staging / "pkg"
-            base_dir = self.store.version_dir(name, current) if current else None
-            keyring = self._keyring()
-            self._extend_timeout(300)
+            self._preflight_disk(cand, src, base_dir)
+            path = cand.path
+            if src.downloads:
+                step("downloading")
+                self._extend_timeout(max(300.0, cand.size / 1e5))
+                path = await loop.run_in_executor(None, src.fetch, cand)
+            assert path is not None
+            step("verifying")
             manifest = await loop.run_in_executor(
-                None,
-                lambda: package.unpack(
-                    cand.path, out, trust=trust, keyring=keyring, base_dir=base_dir, **kwargs
-                ),
+                None, lambda: package.read_manifest(path, trust, limits, nofollow=True)
             )
             if str(manifest.name) != name or str(manifest.version) != version:
                 raise UpdateError(
-                    f"{cand.path.name}: package changed while installing", code="changed"
+                    f"{path.name} holds {manifest.name} version {manifest.version}, "
+                    f"expected {name} version {version}",
+                    code="changed",
                 )
+            step("unpacking")
+            staging = self.store.staging(prefix=f"{name}-{version}-")
+            out = staging / "pkg"
+            keyring = self._keyring()
+            self._extend_timeout(300)
+            await loop.run_in_executor(
+                None,
+                lambda: package.unpack(
+                    path,
+                    out,
+                    trust=trust,
+                    keyring=keyring,
+                    base_dir=base_dir,
+                    nofollow=cand.source == "inbox",
+                    progress=self._go_on,
+                    **kwargs,
+                ),
+            )
+            self._preflight_memory(out)
             vdir = self.store.install(name, version, out)
             installed = True
-            m.advance("converting")
+            step("converting")
             self._extend_timeout(self.cfg.daemon.worker_start_timeout + 30)
             async with self.registry.lock(name):
                 model = await self.registry.prepare(name, version, vdir)
-                m.advance("staged")
-                m.advance("activating")
+                step("staged")
+                step("activating")
                 self.store.activate(name, version)
                 await self.registry.activate(model, self.cfg.daemon.drain_timeout)
             m.version = version
-            m.advance("active")
+            step("active")
             self.store.gc(name)
-            logger.info("updated %s to version %s (from %s)", name, version, cand.path.name)
-        except EdgewardError as exc:
-            reason = f"[{exc.code}] {exc.message}"
+            src.settle(cand, None, final=True)
+            logger.info(
+                "updated %s to version %s (%s, %s); %s",
+                name,
+                version,
+                cand.source,
+                cand.why,
+                ", ".join(f"{k} {v:.2f}s" for k, v in took.items()),
+            )
+            self._start_health_window(name, version, current)
+        except Exception as exc:  # a bug or an OSError must not kill the daemon either
+            stage = m.state
+            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                # reclaim first (the partial download and the half-unpacked version
+                # go), then say how much there is: the numbers after cleanup
+                src.settle(cand, "disk full", final=True)
+                if staging is not None:
+                    shutil.rmtree(staging, ignore_errors=True)
+                exc = UpdateError(
+                    f"disk full in {self.store.root} while {stage} {name} version {version} "
+                    f"({cand.size // 2**20} MiB package): "
+                    f"{disk_free(self.store.root) // 2**20} MiB free after cleanup",
+                    code="disk-full",
+                )
+                exc.__cause__ = OSError(errno.ENOSPC, "No space left on device")
+            if isinstance(exc, EdgewardError):
+                reason = f"[{exc.code}] {exc.message}"
+            else:
+                reason = f"[internal] {type(exc).__name__}: {exc}"
             logger.error(
                 "update of %s to version %s failed, still serving %s: %s",
                 name,
                 version,
                 current or "nothing",
                 reason,
+                exc_info=not isinstance(exc, EdgewardError | OSError),
             )
             m.advance("failed", error=reason)
-            if installed and self.store.current(name) != version:
+            if installed and version not in (self.store.current(name), self.store.previous(name)):
                 self.store.remove_version(name, version)
-            self._reject(cand.path, reason)
-            raise
-        except Exception as exc:  # a bug or an OSError must not kill the daemon
-            reason = f"[internal] {type(exc).__name__}: {exc}"
-            logger.exception("update of %s to version %s failed", name, version)
-            m.advance("failed", error=reason)
-            if installed and self.store.current(name) != version:
-                self.store.remove_version(name, version)
+            fix = local_fault(exc)
+            if isinstance(exc, EdgewardError) and exc.code == "stopping":
+                src.settle(cand, reason, final=False)  # the next start resumes
+            elif fix is not None:
+                src.settle(cand, reason, final=False)  # kept: a partial download resumes
+                self.defer(name, reason, fix)
+            elif isinstance(exc, EdgewardError):
+                # the package's own fault: never this version again
+                self._clear_fault(name)
+                src.settle(cand, reason, final=True)
+                if cand.source != "inbox":
+                    self.mark_bad(name, version, reason)
+            else:
+                src.settle(cand, reason, final=False)
+            if isinstance(exc, EdgewardError):
+                raise exc
             raise UpdateError(reason, code="internal") from exc
+        else:
+            self._clear_fault(name)
         finally:
             if staging is not None:
                 shutil.rmtree(staging, ignore_errors=True)
 
-    def _preflight(self, pkg: Path) -> None:
-        """Refuse early, with the numbers, when the disk cannot hold the unpacked version.
-
-        Unpacking needs about the package size again (decrypted, decompressed models are
-        usually larger: count twice) plus the converter's output; a half-written
-        version on a full disk is exactly what must not happen.
-        """
-        need = 3 * pkg.stat().st_size + 16 * 1024 * 1024
-        free = shutil.disk_usage(self.store.root).free
+    def _preflight_disk(self, cand: Candidate, src: Source, base_dir: Path | None) -> None:
+        """Refuse early, with the numbers, when the disk cannot hold download + unpack +
+        convert; a half-written version on a full disk is what must not happen."""
+        part = src.part_path(cand) if isinstance(src, RepositorySource) else None
+        need = disk_need(cand, part, base_dir)
+        free = disk_free(self.store.root)
         if free < need:
             raise PreflightError(
                 f"not enough disk space in {self.store.root}: {free // 2**20} MiB free, "
-                f"{need // 2**20} MiB needed to unpack {pkg.name}",
+                f"{need // 2**20} MiB needed to download, unpack and convert {name_v(cand)} "
+                f"({cand.size // 2**20} MiB package)",
                 code="disk-space",
             )
 
-    def _reject(self, path: Path, reason: str) -> None:
-        """Move a refused package aside so the next check does not retry it forever."""
-        if not path.exists():
-            return
+    def _preflight_memory(self, out: Path) -> None:
+        """Refuse before a worker starts when technicalinfo asks for more memory than the
+        box has available now (hardware_requirements.memory, e.g. "512M")."""
+        import psutil
+
         try:
-            if self.cfg.updates.keep_failed:
-                os.replace(path, path.with_name(path.name + ".rejected"))
-                path.with_name(path.name + ".rejected.reason").write_text(reason + "\n")
-            else:
-                path.unlink()
-        except OSError as exc:
-            logger.warning("cannot move refused package %s aside: %s", path, exc)
+            tech = json.loads((out / "Meta-info" / "technicalinfo.json").read_bytes())
+        except (OSError, ValueError):
+            return
+        hw = tech.get("hardware_requirements") if isinstance(tech, dict) else None
+        want = _parse_bytes(hw.get("memory")) if isinstance(hw, dict) else None
+        if want is None:
+            return
+        avail = int(psutil.virtual_memory().available)
+        if avail < want:
+            raise PreflightError(
+                f"not enough memory: {avail // 2**20} MiB available, the package's "
+                f"technicalinfo asks for {want // 2**20} MiB",
+                code="memory",
+            )
 
     def _extend_timeout(self, seconds: float) -> None:
         if self._extend is not None:
             self._extend(seconds)
+
+    # --- health window -------------------------------------------------------------
+
+    def _start_health_window(self, name: str, version: str, previous: str | None) -> None:
+        window = self.cfg.updates.health_window_s
+        if window <= 0 or previous is None:
+            return
+        self._watch = asyncio.get_running_loop().create_task(
+            self._health_window(name, version, window)
+        )
+
+    async def _health_window(self, name: str, version: str, window: float) -> None:
+        """Roll back and mark bad when the new version's worker crashes or fails too many
+        requests within ``window`` seconds of activation."""
+        u = self.cfg.updates
+        st = self.registry.stats().get(name)
+        req0, err0 = (st.requests, st.errors) if st is not None else (0, 0)
+        deadline = time.monotonic() + window
+        reason = None
+        while time.monotonic() < deadline and reason is None:
+            await asyncio.sleep(min(0.25, window))
+            try:
+                model = self.registry.get(name)
+            except EdgewardError:
+                return
+            if model.version != version:
+                return
+            d = model.describe()
+            if int(d.get("restarts", 0)) > 0 or d.get("state") in ("failed", "stopped"):
+                reason = f"worker crashed within the health window (state {d.get('state')})"
+                break
+            if st is not None:
+                n, e = st.requests - req0, st.errors - err0
+                if n >= u.health_min_requests and e / n > u.health_max_error_rate:
+                    reason = f"{e} of {n} requests failed within the health window"
+        if reason is None:
+            logger.info("%s version %s passed its %.0fs health window", name, version, window)
+            return
+        logger.error("%s version %s is unhealthy: %s; rolling back", name, version, reason)
+        try:
+            await self.rollback(name)
+        except EdgewardError as exc:
+            logger.error("health rollback of %s failed: %s", name, exc.message)
+            return
+        self.mark_bad(name, version, f"[unhealthy] {reason}")
+        self.machine(name).error = f"version {version} rolled back: {reason}"
+        self._write_journal()
 
     # --- rollback ------------------------------------------------------------------
 
@@ -481,4 +813,43 @@ class Updater:
             m.version = prev
             m.advance("rolled-back")
             logger.info("rolled back %s from version %s to %s", name, cur, prev)
+            self.mark_bad(name, cur, "rolled back")
             return {"name": name, "current": prev, "previous": cur}
+
+    def close(self) -> None:
+        """Stop a running health window and the repository session (daemon shutdown)."""
+        if self._watch is not None:
+            self._watch.cancel()
+        if self._repo is not None:
+            self._repo.client.close()
+
+    def status(self) -> dict[str, Any]:
+        """The repository part of ``/status`` (None without a repository)."""
+        repo = self._repo if self.cfg.repository is not None else None
+        return repo.status() if repo is not None else {}
+
+
+def _str_dict(value: Any) -> dict[str, str]:
+    return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else {}
+
+
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0.0
+
+
+def name_v(c: Candidate) -> str:
+    return f"{c.name} version {c.version}"
+
+
+def _parse_bytes(value: Any) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if not isinstance(value, str):
+        return None
+    v = value.strip().upper().removesuffix("B").removesuffix("I")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(v[-1:], 1)
+    num = v[:-1] if v[-1:] in "KMGT" else v
+    try:
+        return int(float(num) * mult)
+    except ValueError:
+        return None

@@ -28,7 +28,18 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-AREAS = ("unpack", "residual", "worker", "socket", "grpc")
+AREAS = (
+    "unpack",
+    "residual",
+    "worker",
+    "socket",
+    "reliability_serve",
+    "reliability",
+    "install",
+    "fleet",
+    "update",
+    "grpc",
+)
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
@@ -55,6 +66,77 @@ FIGURES: dict[str, tuple[str, tuple[str, float] | None, int]] = {
     "socket_added_p50_us_224": ("224x224x3 CNN over the socket, added p50 us", None, 5),
     "socket_throughput_ratio_4c": ("socket / in-process throughput, 4 clients", (">=", 0.9), 5),
     "daemon_idle_rss_mb": ("daemon idle RSS without model workers, MB", ("<=", 60), 5),
+    "reliability_daemon_rss_hostile_ratio": (
+        "daemon peak RSS, 40+40 hostile connections / (2 x idle + body budget)",
+        ("<=", 1.0),
+        13,
+    ),
+    "reliability_daemon_rss_idle_mb": ("the daemon's idle RSS in that run, MB", None, 13),
+    "reliability_daemon_rss_hostile_mb": ("the daemon's peak RSS under them, MB", None, 13),
+    "reliability_worker_rss_hostile_ratio": (
+        "the same for the worker on lent connections",
+        ("<=", 1.0),
+        13,
+    ),
+    "reliability_flood_legit_served_ratio": (
+        "legit requests served during a 512-connection flood",
+        (">=", 0.99),
+        13,
+    ),
+    "reliability_flood_p50_ratio": ("legit p50 latency, flood / no flood", None, 13),
+    "reliability_inbox_cases_refused_ratio": (
+        "hostile inbox / store cases refused (links, JSON, non-regular, names, installed)",
+        (">=", 1.0),
+        13,
+    ),
+    "reliability_inbox_json_tried": ("hostile JSON before the signature: cases", None, 13),
+    "reliability_inbox_json_refused": ("... refused with one EdgewardError", None, 13),
+    "reliability_inbox_nonregular_tried": ("non-regular inbox entries: cases", None, 13),
+    "reliability_inbox_nonregular_refused": ("... refused as such", None, 13),
+    "reliability_inbox_links_tried": ("links planted where a refusal writes: cases", None, 13),
+    "reliability_inbox_links_refused": ("... target left untouched", None, 13),
+    "reliability_inbox_names_tried": ("names with control characters: cases", None, 13),
+    "reliability_inbox_names_refused": ("... escaped", None, 13),
+    "reliability_inbox_installed_tried": ("tampered installed versions: cases", None, 13),
+    "reliability_inbox_installed_refused": ("... found by the start-up check", None, 13),
+    "reliability_refuse_nonregular_max_s": (
+        "worst time to refuse a FIFO, /dev/zero link, socket, dir, link, s",
+        ("<=", 1.0),
+        13,
+    ),
+    "reliability_refuse_sparse_s": ("time to refuse a 4 GiB sparse file, s", ("<=", 1.0), 13),
+    "reliability_refuse_sparse_signed_head_s": (
+        "time to refuse a signed head + 4 GiB of zeros, s",
+        ("<=", 1.0),
+        13,
+    ),
+    "reliability_refuse_check_s": ("daemon check with all of them + a valid package, s", None, 13),
+    "reliability_refuse_sigterm_s": (
+        "SIGTERM to exit during a check with a FIFO in the inbox, s",
+        None,
+        13,
+    ),
+    "reliability_tensor_cases_400_ratio": (
+        "edge-case tensor requests answered 400 (relayed + lent)",
+        (">=", 1.0),
+        13,
+    ),
+    "cli_version_start_ratio": ("edgeward --version / python -I -c pass, wall", None, 17),
+    "cli_version_start_ms": ("edgeward --version wall time, ms", None, 17),
+    "metrics_scrape_p50_ms": ("GET /metrics on the metrics socket, p50 ms", None, 17),
+    "metrics_scrape_vs_live_ratio": ("metrics scrape p50 / health-live p50", None, 17),
+    "daemon_rss_idle_unscraped_mb": ("daemon idle RSS (tiny model), never scraped, MB", None, 17),
+    "daemon_rss_after_scrapes_mb": ("the same after 500 scrapes, MB", None, 17),
+    "fleet_converge_s": ("one fleet trigger -> every agent's status shows v2, s", None, 14),
+    "fleet_failures": ("agents that did not converge or failed the update", ("<=", 0), 14),
+    "fleet_check_start_spread_s": ("max - min of the agents' check start times, s", None, 14),
+    "fleet_residual_to_full_ratio": ("residual v2 package / full v2 package", None, 14),
+    "fleet_messages_per_device": ("MQTT messages a device sends for one update", None, 14),
+    "update_full_ratio": ("(curl + unpack + session) / daemon trigger->serving", (">=", 0.8), 12),
+    "update_residual_wire_ratio": ("bytes served, residual / full update", ("<=", 0.2), 12),
+    "update_residual_time_ratio": ("trigger->serving at 2 MB/s, residual / full", ("<=", 0.3), 12),
+    "update_idle_check_bytes": ("bytes on the wire for a check with nothing new", ("<=", 2048), 12),
+    "update_kill9_points": ("kill -9 points survived, 0 inconsistent", (">=", 200), 12),
     "grpc_added_p50_us_tiny": ("tiny model over gRPC (gateway), added p50 us", ("<=", 200), 18),
     "grpc_http_added_p50_us_tiny": ("the same over HTTP, beside it, added p50 us", None, 18),
     "daemon_idle_rss_mb_grpc": ("daemon idle RSS with [grpc] enabled, MB", ("<=", 60), 18),
@@ -99,7 +181,7 @@ def _arm64_section() -> str:
 `make test-arm64` ({a.get("mode", "full")} run, {a.get("date", "?")}): qemu-user
 {a.get("qemu", "?")} running an arm64 Debian bookworm root on {a.get("host", "?")}.
 **{a.get("passed", 0)} passed, {a.get("failed", 0)} failed, {a.get("skipped", 0)} skipped** in
-{a.get("seconds", 0):.0f} s (the same tests natively: {a.get("native_seconds", "?")} s). Durations
+{a.get("seconds", 0):.0f} s. Durations
 under emulation say nothing about a real device's speed; the count is the point.
 """
 
@@ -137,7 +219,8 @@ VM swing.
 Where a goal is missed, the area's document says why and what it would take:
 [docs/PACKAGE.md](docs/PACKAGE.md) (unpack), [docs/RESIDUAL.md](docs/RESIDUAL.md)
 (apply speed), [docs/RUNTIME.md](docs/RUNTIME.md) (worker),
-[docs/DAEMON.md](docs/DAEMON.md) and [docs/PROTOCOL.md](docs/PROTOCOL.md) (socket).
+[docs/DAEMON.md](docs/DAEMON.md) and [docs/PROTOCOL.md](docs/PROTOCOL.md) (socket),
+[docs/FLEET.md](docs/FLEET.md) (fleet).
 
 ## Transcript
 

@@ -59,8 +59,17 @@ def _wheel(requirement: str, pattern: str) -> Path:
     wheels.mkdir(parents=True, exist_ok=True)
     # Only the wheel for this interpreter and platform; no dependencies.
     subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheels),
-         requirement],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "-q",
+            "-d",
+            str(wheels),
+            requirement,
+        ],
         check=True,
     )
     found = sorted(wheels.glob(pattern))

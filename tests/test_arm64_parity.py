@@ -59,3 +59,23 @@ def test_patch_rebuilds_the_hosts_bytes(
         f"{case}: B' on {platform.machine()} differs from the publisher's reconstruction"
     )
 
+
+def test_litert_xnnpack_agrees_with_builtin_kernels(hand_tflite: Path) -> None:
+    """XNNPACK (the default on a real box) and LiteRT's builtin kernels give the same
+    landmarks. The emulated root runs the rest of the suite on the builtin kernels
+    (.ci/arm64_sitecustomize.py), so this one invoke is where arm64 XNNPACK is checked."""
+    import numpy as np
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    x = np.random.default_rng(7).random((1, 224, 224, 3), dtype=np.float32)
+    outs = []
+    for resolver in (OpResolverType.AUTO, OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES):
+        it = Interpreter(
+            model_path=str(hand_tflite), num_threads=1, experimental_op_resolver_type=resolver
+        )
+        it.allocate_tensors()
+        it.set_tensor(it.get_input_details()[0]["index"], x)
+        it.invoke()
+        outs.append([it.get_tensor(d["index"]).copy() for d in it.get_output_details()])
+    for a, b in zip(*outs, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3)

@@ -245,7 +245,7 @@ def test_int8_integer_delta_is_exact(tmp_path: Path, external: bool) -> None:
     w2 = np.clip(w + (rng.random(w.shape) < 0.1) * rng.integers(-3, 4, w.shape), -127, 127)
     base = build_fc_int8(w, bias, tmp_path / "a.tflite", external=external)
     target = build_fc_int8(w2, bias + 1, tmp_path / "b.tflite", external=external)
-    info, _, out = _round_trip(base, target, tmp_path, bits=1)
+    info, _, out = _round_trip(base, target, tmp_path, bits=1, allow_lossy=True)
     assert info.stats["idelta"] == 2 and info.stats["q1"] == 0
     assert out.read_bytes() == target.read_bytes()  # integer deltas are exact
     x = rng.integers(-128, 128, (1, 128)).astype(np.int8)

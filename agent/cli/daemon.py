@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import EdgewardError
+from agent.textsafe import printable
 
 DEFAULT_CONTROL_SOCKET = "/run/edgeward/control.sock"
 
@@ -84,6 +85,12 @@ def control_request(
         conn.close()
 
 
+def call_control(args: argparse.Namespace, path: str, method: str = "GET") -> Any:
+    """One control-socket request (``args.control_socket``); the JSON answer or a
+    ControlError with the daemon's code."""
+    return _call(args, path, method)
+
+
 def _call(args: argparse.Namespace, path: str, method: str = "GET") -> Any:
     status, body, _ctype = control_request(path, method, sock_path=args.control_socket)
     try:
@@ -133,6 +140,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"sockets:  {data['inference_socket']}  (control {data['control_socket']})")
     models = data.get("models") or {}
     print("models:   " + (", ".join(f"{k} v{v}" for k, v in sorted(models.items())) or "none"))
+    mq = data.get("mqtt")
+    if mq:
+        conn = "connected" if mq.get("connected") else "disconnected"
+        line = (
+            f"mqtt:     {conn} {mq.get('broker')} (MQTT {mq.get('protocol')}) as {mq['device_id']}"
+        )
+        if mq.get("reconnects"):
+            line += f", {mq['reconnects']} reconnects"
+        if not mq.get("connected") and mq.get("last_error"):
+            line += f"; last error: {mq['last_error']}"
+        print(line)
     last = data.get("last_check")
     if last:
         line = f"last check {_ago(last.get('finished'))}"
@@ -140,8 +158,41 @@ def cmd_status(args: argparse.Namespace) -> int:
             line += ": installed " + ", ".join(f"{k} v{v}" for k, v in last["installed"].items())
         if last.get("failed"):
             line += "; failed " + ", ".join(sorted(last["failed"]))
-        print(line)
+        print(printable(line))  # failed inbox file names are chosen by others
+    repo = data.get("repository")
+    if repo:
+        _print_repository(repo)
     return 0
+
+
+def _print_repository(repo: dict[str, Any]) -> None:
+    """The repository lines of ``edgeward status``: mirror, offers, choice, progress."""
+    print(
+        f"repository: {repo.get('mirror') or ', '.join(repo.get('urls') or [])} "
+        f"(channel {repo.get('channel')}, last success {_ago(repo.get('last_success'))})"
+    )
+    offers = repo.get("offers") or []
+    if offers:
+        print(
+            "  offers:  "
+            + ", ".join(
+                f"{o['model']} v{o['version']} {o['kind']} ({_mb(o['length'])})" for o in offers
+            )
+        )
+    for name, c in sorted((repo.get("chosen") or {}).items()):
+        print(printable(f"  chosen:  {name} v{c['version']} {c['kind']}: {c['why']}"))
+    prog = repo.get("progress") or {}
+    if prog.get("total"):
+        pct = 100.0 * prog.get("done", 0) / prog["total"]
+        print(
+            f"  downloading {prog.get('model')} v{prog.get('version')} {prog.get('kind')}: "
+            f"{_mb(prog.get('done'))} of {_mb(prog['total'])} ({pct:.0f}%)"
+        )
+    print(
+        f"  downloaded {_mb(repo.get('bytes_downloaded'))}, {int(repo.get('resumes') or 0)} resumes"
+    )
+    if repo.get("last_error"):
+        print(printable(f"  last error: {repo['last_error']}"))
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -180,10 +231,12 @@ def cmd_check(args: argparse.Namespace) -> int:
         for name in data.get("unchanged", []):
             print(f"{name}: up to date")
         for name, why in sorted(data.get("failed", {}).items()):
-            print(f"{name}: failed: {why}", file=sys.stderr)
-        if not any(data.get(k) for k in ("installed", "unchanged", "failed")):
-            print("no packages in the inbox")
-    return 1 if data.get("failed") else 0
+            print(printable(f"{name}: failed: {why}"), file=sys.stderr)
+        for name, why in sorted(data.get("deferred", {}).items()):
+            print(printable(f"{name}: waiting: {why}"), file=sys.stderr)
+        if not any(data.get(k) for k in ("installed", "unchanged", "failed", "deferred")):
+            print("nothing offered (inbox empty, no repository offer)")
+    return 1 if data.get("failed") or data.get("deferred") else 0
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:

@@ -46,7 +46,7 @@ from google.protobuf import json_format
 from agent.client import Client
 from agent.grpc_v2 import grpc_service_pb2 as _pb
 from agent.grpc_v2 import grpc_service_pb2_grpc as _pb_grpc
-from agent.http import _clear_stale, _resolve_group
+from agent.http import _resolve_group, clear_stale_socket
 
 logger = logging.getLogger(__name__)
 
@@ -391,7 +391,7 @@ class Gateway:
 
     def start(self) -> None:
         gid = _resolve_group(self.group) if self.group else None
-        _clear_stale(self.path)
+        clear_stale_socket(self.path)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

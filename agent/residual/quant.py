@@ -42,8 +42,11 @@ WRAP: dict[int, np.dtype[Any]] = {
     4: np.dtype("<u4"),
     8: np.dtype("<u8"),
 }
-QMAX = {8: 127, 4: 7, 2: 1, 1: 1}
-BITS = (1, 2, 4, 8)
+BITS = (1, 2, 3, 4, 5, 6, 7, 8)  # every width a quant record may carry
+LADDER = (1, 2, 4, 8)  # widths ``max_rel_err`` widens through (the requested one first)
+# Largest |q| the quantiser emits: symmetric, 2^(b-1) - 1 (1 bit: ±1).
+QMAX = {b: max(1, (1 << (b - 1)) - 1) for b in BITS}
+UNPACKED = 0x80  # flag in a record's bits byte: q stored one int8 per element
 
 F32Array = npt.NDArray[np.float32]
 I8Array = npt.NDArray[np.int8]
@@ -121,38 +124,55 @@ def dequant_add(
 
 
 def pack(q: I8Array, bits: int) -> bytes:
-    """Dense little-endian packing: element i sits at bit ``(i * bits) % 8`` of byte
-    ``i * bits // 8``; 4- and 2-bit values are stored as ``q + 2**(bits-1)``, 1-bit
-    values as ``q > 0``."""
+    """Dense little-endian packing: element i occupies bits ``i * bits`` and up of the
+    stream, least significant first; values of 2..7 bits are stored as
+    ``q + 2**(bits-1)``, 8-bit values as two's-complement int8, 1-bit values as
+    ``q > 0``. Chunks of a multiple of 8 elements pack to whole bytes, so packing chunk
+    by chunk equals packing the whole."""
     if bits == 8:
         return q.astype(np.int8, copy=False).tobytes()
     if bits == 1:
         return np.packbits(q > 0, bitorder="little").tobytes()
-    per = 8 // bits
     u = (q.astype(np.int16) + (1 << (bits - 1))).astype(np.uint8)
-    pad = (-len(u)) % per
-    if pad:
-        u = np.concatenate([u, np.zeros(pad, np.uint8)])
-    u = u.reshape(-1, per)
-    out = np.zeros(len(u), np.uint8)
-    for j in range(per):
-        out |= u[:, j] << np.uint8(j * bits)
-    return out.tobytes()
+    if 8 % bits == 0:
+        per = 8 // bits
+        pad = (-len(u)) % per
+        if pad:
+            u = np.concatenate([u, np.zeros(pad, np.uint8)])
+        u = u.reshape(-1, per)
+        out = np.zeros(len(u), np.uint8)
+        for j in range(per):
+            out |= u[:, j] << np.uint8(j * bits)
+        return out.tobytes()
+    # 3, 5, 6, 7 bits straddle bytes: through a bit matrix (bits columns per element)
+    bitmat = np.unpackbits(u[:, None], axis=1, count=bits, bitorder="little")
+    return np.packbits(bitmat.reshape(-1), bitorder="little").tobytes()
 
 
 def packed_size(n: int, bits: int) -> int:
     return (n * bits + 7) // 8
 
 
+def code_size(n: int, bits: int) -> int:
+    """Bytes of ``n`` codes: packed, or one byte each with the UNPACKED flag."""
+    return n if bits & UNPACKED else packed_size(n, bits)
+
+
 def unpack(data: bytes | memoryview | U8Array, bits: int, n: int) -> I8Array:
-    """Inverse of :func:`pack` for the first ``n`` elements."""
+    """Inverse of :func:`pack` for the first ``n`` elements (``bits`` may carry the
+    UNPACKED flag: then the bytes are the int8 codes themselves)."""
     raw = np.frombuffer(data, dtype=np.uint8)
-    if bits == 8:
+    if bits & UNPACKED or bits == 8:
         return raw[:n].view(np.int8)
     if bits == 1:
         u = np.unpackbits(raw, count=n, bitorder="little").view(np.int8)
         q: I8Array = u * np.int8(2) - np.int8(1)
         return q
+    if 8 % bits:
+        bitmat = np.unpackbits(raw, count=n * bits, bitorder="little").reshape(n, bits)
+        vals = np.packbits(bitmat, axis=1, bitorder="little").reshape(n)
+        res0: I8Array = vals.view(np.int8) - np.int8(1 << (bits - 1))
+        return res0
     per = 8 // bits
     mask = np.uint8((1 << bits) - 1)
     out = np.empty((len(raw), per), np.uint8)
@@ -163,51 +183,59 @@ def unpack(data: bytes | memoryview | U8Array, bits: int, n: int) -> I8Array:
 
 
 def block_length(bits: int, shape: tuple[int, ...], group_size: int) -> int:
-    """Elements per scale: a group for int4, a row (first axis) otherwise."""
+    """Elements per scale on the ``--bits`` path: a group for 3/4 bits, a row (first
+    axis) otherwise."""
     n = int(np.prod(shape, dtype=np.int64)) if shape else 1
-    if bits == 4:
+    if bits in (3, 4):
         return max(1, min(group_size, n))
+    return row_length(shape)
+
+
+def row_length(shape: tuple[int, ...]) -> int:
+    """Elements of one row (first axis); the whole tensor for 0-/1-D."""
+    n = int(np.prod(shape, dtype=np.int64)) if shape else 1
     if len(shape) >= 2 and shape[0] > 0:
         return max(1, n // shape[0])
     return max(1, n)
 
 
-def quantize(delta: npt.NDArray[np.float64], bits: int, block: int) -> tuple[F32Array, I8Array]:
-    """Symmetric quantisation of Δ in blocks of ``block`` elements → (scales, q).
+# Clipping ratios tried per block (least squared error wins; earlier on ties): low
+# widths lose less to rounding than to the range a few outliers would take.
+CLIP_RATIOS: dict[int, tuple[float, ...]] = {
+    2: (1.0, 0.8, 0.65, 0.5, 0.4),
+    3: (1.0, 0.9, 0.8, 0.7, 0.6),
+}
 
-    8/4 bits: scale = absmax / qmax. 2 bits: the clipping ratio with the least squared
-    error per block is chosen from a few candidates. 1 bit: q = sign, scale = mean |Δ|
-    (the least-squares scale for signs).
-    """
-    n = len(delta)
-    nb = -(-n // block)
-    pad = nb * block - n
-    d = np.concatenate([delta, np.zeros(pad)]) if pad else delta
-    m = d.reshape(nb, block)
+
+def reduce_blocks(
+    x: npt.NDArray[Any], e0: int, block: int, ufunc: np.ufunc, acc: npt.NDArray[Any]
+) -> None:
+    """Fold ``x`` (elements ``e0 …``) into the per-block accumulator ``acc`` with
+    ``ufunc`` (max or add): chunks need not align with blocks."""
+    n = len(x)
+    if not n:
+        return
+    b0, b1 = e0 // block, (e0 + n - 1) // block
+    starts = np.arange(b0, b1 + 1, dtype=np.int64) * block - e0
+    starts[0] = 0
+    red = ufunc.reduceat(x, starts)
+    acc[b0 : b1 + 1] = ufunc(acc[b0 : b1 + 1], red)
+
+
+def element_scales(scales: F32Array, block: int, e0: int, n: int) -> npt.NDArray[np.float64]:
+    """The float32 scale of each element ``e0 … e0+n`` as float64."""
+    idx = (np.arange(e0, e0 + n, dtype=np.int64)) // block
+    out: npt.NDArray[np.float64] = scales[idx].astype(np.float64)
+    return out
+
+
+def codes(d: npt.NDArray[np.float64], scales: F32Array, bits: int, block: int, e0: int) -> I8Array:
+    """q for Δ elements ``e0 …`` given the chosen scales (1 bit: the sign)."""
     if bits == 1:
-        cnt = np.full(nb, block, np.float64)
-        if pad:
-            cnt[-1] = block - pad
-        scales = (np.abs(m).sum(axis=1) / cnt).astype(np.float32)
-        q = np.where(m >= 0, 1, -1).astype(np.int8)
-        return scales, q.reshape(-1)[:n]
+        return np.where(d >= 0, 1, -1).astype(np.int8)
+    s = element_scales(scales, block, e0, len(d))
     qmax = QMAX[bits]
-    absmax = np.abs(m).max(axis=1)
-    ratios = (1.0, 0.8, 0.65, 0.5, 0.4) if bits == 2 else (1.0,)
-    best_s = best_q = best_e = None
-    for r in ratios:
-        s = (absmax * r / qmax).astype(np.float32)
-        safe = np.where(s > 0, s, 1).astype(np.float64)
-        q = np.clip(np.rint(m / safe[:, None]), -qmax, qmax).astype(np.int8)
-        q[s == 0] = 0
-        err = ((q * s.astype(np.float64)[:, None] - m) ** 2).sum(axis=1)
-        if best_e is None:
-            best_s, best_q, best_e = s, q, err
-        else:
-            assert best_s is not None and best_q is not None
-            better = err < best_e
-            best_s = np.where(better, s, best_s)
-            best_q = np.where(better[:, None], q, best_q)
-            best_e = np.minimum(err, best_e)
-    assert best_s is not None and best_q is not None
-    return best_s.astype(np.float32), best_q.reshape(-1)[:n].astype(np.int8)
+    safe = np.where(s > 0, s, 1.0)
+    q = np.clip(np.rint(d / safe), -qmax, qmax).astype(np.int8)
+    q[s == 0] = 0
+    return q

@@ -39,6 +39,7 @@ from agent.errors import (
     TargetDigestError,
 )
 
+from . import plan as plan_mod
 from . import quant
 from .layout import Hole, Layout, element_count, scan
 
@@ -52,13 +53,11 @@ SKIP, FULL, QUANT, IDELTA = 1, 2, 3, 4
 KIND_NAMES = {SKIP: "skip", FULL: "full", QUANT: "quant", IDELTA: "idelta"}
 END_FILE = 0
 
-CHUNK = 1 << 20  # elements per dequantisation chunk (4 MiB of float32), a multiple of 8
 IO_CHUNK = 1 << 22  # bytes per copy step
 MAX_SKELETON = 1 << 30  # compressed skeleton bytes held in memory on the device
 ONESHOT = 1 << 16  # frames up to this size are decoded in one call, larger ones streamed
 MAX_NDIM = 32
 MAX_FILES = 1 << 10
-ZSTD_LEVEL = 9
 PAGE = mmap.PAGESIZE
 
 
@@ -366,7 +365,13 @@ def _read_record_head(rd: _In, kind: int) -> _Record:
     r = _Record(kind, skel_pos, Hole(key, dtype, shape, 0, 0, nbytes))
     if kind == QUANT:
         r.bits, r.block = rd.unpack("<BQ")
-        if r.bits not in quant.BITS or r.block < 1 or dtype not in quant.FLOATS:
+        width = r.bits & ~quant.UNPACKED
+        if (
+            width not in quant.BITS
+            or (r.bits & quant.UNPACKED and width == 8)
+            or r.block < 1
+            or dtype not in quant.FLOATS
+        ):
             raise _bad(f"tensor {key!r}: bad quantisation header")
     return r
 
@@ -375,25 +380,6 @@ def _read_record_head(rd: _In, kind: int) -> _Record:
 
 Chunk = bytes | memoryview | np.ndarray[Any, Any]
 Sink = Callable[[Chunk], None]
-
-
-def _fill_quant(
-    base: Callable[[int, int], memoryview],
-    rec: _Record,
-    read: Callable[[int], bytes | memoryview],
-    sink: Sink,
-) -> None:
-    """B' of a quantised-Δ record, chunk by chunk: scales, then packed q (FORMAT.md)."""
-    h = rec.hole
-    n = element_count(h.shape)
-    isz = quant.ITEMSIZE[h.dtype]
-    nscales = -(-n // rec.block)
-    scales = np.frombuffer(read(4 * nscales), dtype="<f4").astype(np.float32)
-    for e0 in range(0, n, CHUNK):
-        k = min(CHUNK, n - e0)
-        q = quant.unpack(read(quant.packed_size(k, rec.bits)), rec.bits, k)
-        a = quant.to_f32(base(e0 * isz, k * isz), h.dtype)
-        sink(quant.from_f32(quant.dequant_add(a, q, scales, rec.block, e0), h.dtype))
 
 
 # --- encode ----------------------------------------------------------------------------
@@ -463,56 +449,27 @@ class _Maps:
                     mm.close()
 
 
-def _rel_err(target: np.ndarray[Any, Any], got: np.ndarray[Any, Any]) -> float:
-    """||B' − B||₂ / ||B||₂ in float64 (inf if B is zero and B' is not)."""
-    t = target.astype(np.float64)
-    diff = float(np.linalg.norm(got.astype(np.float64) - t))
-    norm = float(np.linalg.norm(t))
-    if norm == 0:
-        return 0.0 if diff == 0 else float("inf")
-    return diff / norm
-
-
-def _encode_quant(
-    a_raw: memoryview,
-    b_raw: memoryview,
-    h: Hole,
-    bits: int,
-    group_size: int,
-) -> tuple[_Record, bytes, list[bytes], float]:
-    """(record, uncompressed payload, B' chunks, relative error) at ``bits``."""
-    a = quant.to_f32(a_raw, h.dtype)
-    b = quant.to_f32(b_raw, h.dtype)
-    delta = b.astype(np.float64) - a.astype(np.float64)
-    block = quant.block_length(bits, h.shape, group_size)
-    scales, q = quant.quantize(delta, bits, block)
-    payload = scales.astype("<f4").tobytes() + quant.pack(q, bits)
-    rec = _Record(QUANT, 0, h, bits, block)
-    pos = 0
-
-    def read(n: int) -> bytes:
-        nonlocal pos
-        pos += n
-        return payload[pos - n : pos]
-
-    chunks: list[bytes] = []
-    _fill_quant(lambda o, n: a_raw[o : o + n], rec, read, lambda c: chunks.append(bytes(c)))
-    got = quant.to_f32(b"".join(chunks), h.dtype)
-    finite = np.isfinite(b)
-    if not np.all(np.isfinite(got[finite])) or (b.size and b.min() > 0 and got.min() <= 0):
-        # a width that turns a finite weight into inf/NaN, or makes a strictly positive
-        # tensor (variances, scales) non-positive, is never acceptable
-        return rec, payload, chunks, float("inf")
-    return rec, payload, chunks, _rel_err(b, got)
-
-
 def _compress(data: bytes | memoryview) -> bytes:
-    z = _zstd()
-    threads = -1 if len(data) > 1 << 24 else 0
-    out: bytes = z.ZstdCompressor(
-        level=ZSTD_LEVEL, write_checksum=True, write_content_size=True, threads=threads
-    ).compress(data)
+    out: bytes = plan_mod.zstd_compressor().compress(data)
     return out
+
+
+@dataclass(frozen=True)
+class Choice:
+    """How the publisher sends one float tensor: ``bits`` 0 means full (exact) bytes."""
+
+    bits: int
+    block: int = 0
+
+
+def _equal(
+    ra: Callable[[int, int], memoryview], rb: Callable[[int, int], memoryview], n: int
+) -> bool:
+    for o in range(0, n, IO_CHUNK):
+        k = min(IO_CHUNK, n - o)
+        if ra(o, k) != rb(o, k):
+            return False
+    return True
 
 
 def encode_patch(
@@ -525,27 +482,83 @@ def encode_patch(
     max_rel_err: float | None = None,
     samples: Path | None = None,
     reconstruct: Path | None = None,
+    allow_lossy: bool = False,
+    fidelity_target: Any = None,
+    output_kind: str | None = None,
+    max_patch_ratio: float = 1.0,
+    choices: dict[str, Choice] | None = None,
 ) -> PatchInfo:
     """Write a patch that turns ``base`` into B' ≈ ``target`` to ``out``.
 
     Args:
-        bits: Δ width tried first (8: per-row int8, 4: int4 per group, 2/1: per row).
-        group_size: elements per int4 scale (128 or 64).
+        bits: Δ width tried first (1–8; 8 per row, 3/4 per group, others per row).
+            1 and 2 are refused unless ``allow_lossy`` (they can move outputs a lot).
+        group_size: elements per 3/4-bit scale (128 or 64).
         max_rel_err: a tensor whose ||B'−B||₂/||B||₂ exceeds this goes at the next
             wider width (1→2→4→8), then as full bytes.
         samples: directory of ``*.npz`` inputs; B and B' are run on them and compared.
         reconstruct: also write B' (exactly what the device will produce) to this path
             (external data files next to it); used by tests and the fidelity report.
+        fidelity_target: a :class:`search.Target`: choose per tensor width, block or
+            exact bytes for the smallest patch whose B' meets it on ``samples``
+            (search.py); ``bits``/``max_rel_err`` are then ignored.
+        output_kind: classification, embedding, dense or None (auto) for the metrics.
+        max_patch_ratio: with a target, refuse when meeting it needs a patch of at
+            least this share of the target's bytes.
+        choices: a per-key allocation (what the search hands back); others use ``bits``.
 
     Returns the digests (target = digest of B'), the format and statistics.
     """
     if bits not in quant.BITS:
-        raise ResidualError(f"bits must be one of 8, 4, 2, 1, not {bits}", code="residual-option")
+        raise ResidualError(f"bits must be 1 … 8, not {bits}", code="residual-option")
+    if bits <= 2 and not allow_lossy and fidelity_target is None and choices is None:
+        raise ResidualError(
+            f"--bits {bits} can change outputs far beyond fine-tune noise; give a fidelity "
+            "target (--target-cosine …) or --allow-lossy",
+            code="residual-lossy",
+        )
     if group_size < 1 or group_size > 1 << 20:
         raise ResidualError(f"group size {group_size} out of range", code="residual-option")
     if max_rel_err is not None and not max_rel_err >= 0:
         raise ResidualError("max_rel_err must be ≥ 0", code="residual-option")
     base, target = Path(base), Path(target)
+    if fidelity_target is not None:
+        from . import search
+
+        if samples is None:
+            raise ResidualError(
+                "a fidelity target needs sample inputs (--samples DIR)", code="residual-samples"
+            )
+        found = search.search(
+            base,
+            target,
+            Path(samples),
+            fidelity_target,
+            output_kind=output_kind,
+            max_patch_ratio=max_patch_ratio,
+        )
+        info = encode_patch(
+            base,
+            target,
+            out,
+            group_size=group_size,
+            samples=samples,
+            reconstruct=reconstruct,
+            output_kind=output_kind,
+            choices=found.choices,
+        )
+        info.stats["search"] = found.report
+        if info.fidelity is not None:
+            info.fidelity["target"] = fidelity_target.describe()
+            info.fidelity["allocation"] = found.report["allocation"]
+            info.fidelity["met"] = fidelity_target.met(info.fidelity)
+            if not info.fidelity["met"]:  # verified on the search's runs; never expected
+                raise ResidualError(
+                    f"patch made for {fidelity_target.describe()} measured "
+                    f"{search.summary(info.fidelity)}",
+                    code="residual-target",
+                )
+        return info
     if samples is not None and reconstruct is None:
         import tempfile
 
@@ -559,6 +572,9 @@ def encode_patch(
                 max_rel_err=max_rel_err,
                 samples=samples,
                 reconstruct=Path(tmp) / target.name,
+                allow_lossy=True,
+                output_kind=output_kind,
+                choices=choices,
             )
     bl, tl = scan(base), scan(target)
     if bl.format != tl.format:
@@ -569,19 +585,20 @@ def encode_patch(
     base_by_key = bl.by_key()
     if len(tl.paths) > MAX_FILES:
         raise ResidualError("too many external data files", code="residual-unsupported")
-    ladder = [b for b in quant.BITS if b >= bits]
+    ladder = sorted({bits, *(b for b in quant.LADDER if b > bits)})
     stats: dict[str, Any] = {
         "tensors": len(tl.holes),
         "skip": 0,
         "full": 0,
         "idelta": 0,
         **{f"q{b}": 0 for b in quant.BITS},
+        "unpacked_codes": 0,
         "fallbacks": 0,
         "bytes": {k: 0 for k in ("skeleton", "skip", "full", "idelta", "quant", "header")},
         "bytes_per_width": {f"q{b}": 0 for b in quant.BITS},
         "max_rel_err": 0.0,
         "target_bytes": sum(tl.sizes),
-        "bits": bits,
+        "bits": bits if choices is None else "search",
         "group_size": group_size,
     }
     wrote = 0
@@ -591,6 +608,13 @@ def encode_patch(
         out.write(data)
         wrote += len(data)
         stats["bytes"][what] += len(data)
+
+    def put_frame(pieces: list[bytes], what: str) -> int:
+        n = sum(len(p) for p in pieces)
+        put(struct.pack("<Q", n), what)
+        for p in pieces:
+            put(p, what)
+        return n + 8
 
     dig = _Digest(tl.format)
     recon: list[BinaryIO] = []
@@ -616,8 +640,8 @@ def encode_patch(
             tview = memoryview(tmm) if tmm is not None else memoryview(b"")
             skel = b"".join(bytes(tview[o : o + n]) for hh, o, n in _segments(tl, i) if hh is None)
             dig.file(tl.names[i], len(skel), hashlib.sha256(skel).digest())
-            comp = _compress(skel)
-            put(struct.pack("<Q", len(comp)) + comp, "skeleton")
+            put_frame([_compress(skel)], "skeleton")
+            del skel
             skel_pos = 0
             for hole, off, n in _segments(tl, i):
                 if hole is None:
@@ -625,30 +649,37 @@ def encode_patch(
                         recon[i].write(tview[off : off + n])
                     skel_pos += n
                     continue
-                tdata = tview[off : off + n]
                 h = hole
+                rt = tmaps.reader(h)
+                sha = hashlib.sha256()
+
+                def sink(c: Any, sha: Any = sha, i: int = i) -> None:
+                    sha.update(c)
+                    if recon:
+                        recon[i].write(c)
+
                 bh = base_by_key.get(h.key)
-                braw = bmaps.reader(bh)(0, bh.nbytes) if bh is not None else None
+                ra = bmaps.reader(bh) if bh is not None else None
                 same = bh is not None and bh.dtype == h.dtype and bh.shape == h.shape
-                chunks: list[bytes | memoryview] = [tdata]
-                if same and braw is not None and braw == tdata:
+                choice = (choices or {}).get(h.key)
+                pieces: list[bytes] | None = None
+                if same and ra is not None and _equal(ra, rt, h.nbytes):
                     rec = _Record(SKIP, skel_pos, h)
-                    body = b""
                     stats["skip"] += 1
-                elif same and braw is not None and h.dtype in quant.FLOATS:
-                    rec, body, chunks = _choose_quant(
-                        braw,
-                        tdata,
-                        h,
-                        ladder,
-                        group_size=group_size,
-                        max_rel_err=max_rel_err,
-                        stats=stats,
+                    for o in range(0, h.nbytes, IO_CHUNK):
+                        sink(rt(o, min(IO_CHUNK, h.nbytes - o)))
+                elif (
+                    same
+                    and ra is not None
+                    and h.dtype in quant.FLOATS
+                    and (choice is None or choice.bits)
+                ):
+                    rec, pieces = _quant_record(
+                        ra, rt, h, ladder, choice, group_size, max_rel_err, stats, sink
                     )
-                    rec.skel_pos = skel_pos
                 elif (
                     bh is not None
-                    and braw is not None
+                    and ra is not None
                     and bh.dtype == h.dtype
                     and bh.nbytes == h.nbytes
                     and h.dtype not in quant.FLOATS
@@ -656,30 +687,37 @@ def encode_patch(
                 ):
                     rec = _Record(IDELTA, skel_pos, h)
                     wrap = quant.WRAP[quant.ITEMSIZE[h.dtype]]
-                    d = np.frombuffer(tdata, wrap) - np.frombuffer(braw, wrap)
-                    body = d.tobytes()
+
+                    def deltas(
+                        ra: Any = ra, rt: Any = rt, h: Hole = h, wrap: Any = wrap
+                    ) -> Iterator[bytes]:
+                        for o in range(0, h.nbytes, IO_CHUNK):
+                            k = min(IO_CHUNK, h.nbytes - o)
+                            t = rt(o, k)
+                            sink(t)
+                            yield (np.frombuffer(t, wrap) - np.frombuffer(ra(o, k), wrap)).tobytes()
+
+                    pieces = plan_mod.compress_stream(h.nbytes, deltas())
                     stats["idelta"] += 1
                 else:
                     rec = _Record(FULL, skel_pos, h)
-                    body = bytes(tdata)
+                    pieces = _full_pieces(rt, h, sink)
                     stats["full"] += 1
+                if rec.kind == FULL and pieces is None:
+                    pieces = _full_pieces(rt, h, sink)
+                rec.skel_pos = skel_pos
                 hb = io.BytesIO()
                 _write_record_head(hb, rec)
                 put(hb.getvalue(), "header")
-                if rec.kind != SKIP:
-                    comp = _compress(body)
+                if pieces is not None:
                     what = "quant" if rec.kind == QUANT else KIND_NAMES[rec.kind]
-                    put(struct.pack("<Q", len(comp)) + comp, what)
+                    n_frame = put_frame(pieces, what)
                     if rec.kind == QUANT:
-                        stats["bytes_per_width"][f"q{rec.bits}"] += len(comp) + 8
-                sha = hashlib.sha256()
-                for c in chunks:
-                    sha.update(c)
-                    if recon:
-                        recon[i].write(c)
+                        stats["bytes_per_width"][f"q{rec.bits & 0x7F}"] += n_frame
                 dig.tensor(h, sha.digest(), i, rec.skel_pos)
                 if bh is not None:
                     bmaps.release(bh)
+                tmaps.release(h)
             put(struct.pack("<B", END_FILE), "header")
         target_digest = dig.value()
         put(TRAILER + bytes.fromhex(target_digest.split(":", 1)[1]), "header")
@@ -705,7 +743,9 @@ def encode_patch(
         from .fidelity import compare
 
         assert reconstruct is not None
-        info.fidelity = compare(target, Path(reconstruct), Path(samples), tl.format)
+        info.fidelity = compare(
+            target, Path(reconstruct), Path(samples), tl.format, kind=output_kind
+        )
     logger.info(
         "residual patch %s → %s: %d bytes (%.1f%% of target)",
         base_digest[:19],
@@ -716,33 +756,54 @@ def encode_patch(
     return info
 
 
-def _choose_quant(
-    braw: memoryview,
-    tdata: memoryview,
+def _full_pieces(rt: Callable[[int, int], memoryview], h: Hole, sink: Sink) -> list[bytes]:
+    def body() -> Iterator[memoryview]:
+        for o in range(0, h.nbytes, IO_CHUNK):
+            t = rt(o, min(IO_CHUNK, h.nbytes - o))
+            sink(t)
+            yield t
+
+    return plan_mod.compress_stream(h.nbytes, body())
+
+
+def _quant_record(  # noqa: PLR0917 - one call site, all context
+    ra: Callable[[int, int], memoryview],
+    rt: Callable[[int, int], memoryview],
     h: Hole,
     ladder: list[int],
-    *,
+    choice: Choice | None,
     group_size: int,
     max_rel_err: float | None,
     stats: dict[str, Any],
-) -> tuple[_Record, bytes, list[bytes | memoryview]]:
-    """The narrowest width within ``max_rel_err`` (and keeping values finite and
-    positive tensors positive) whose payload beats full bytes."""
+    sink: Sink,
+) -> tuple[_Record, list[bytes] | None]:
+    """A quant record at the allocated width, or the narrowest ladder width within
+    ``max_rel_err`` (keeping values finite and positive tensors positive) whose payload
+    beats full bytes; else a full record (pieces None: the caller sends it)."""
+    n = element_count(h.shape)
     rejected = 0
-    for b in ladder:
-        rec, body, chunks, err = _encode_quant(braw, tdata, h, b, group_size)
-        if len(body) >= h.nbytes:
+    tries = (
+        [(choice.bits, choice.block)]
+        if choice is not None
+        else [(b, quant.block_length(b, h.shape, group_size)) for b in ladder]
+    )
+    for b, block in tries:
+        cand = plan_mod.plan(ra, rt, h, b, block, measure_size=False)
+        if cand.raw_payload(n) >= h.nbytes:
             break
-        if err == float("inf") or (max_rel_err is not None and err > max_rel_err):
+        err = cand.rel_err
+        if not cand.ok or (max_rel_err is not None and err > max_rel_err):
             rejected = 1
             continue
+        bits_byte, pieces = plan_mod.emit(ra, rt, h, cand, sink)
         stats[f"q{b}"] += 1
+        stats["unpacked_codes"] += 1 if bits_byte & quant.UNPACKED else 0
         stats["fallbacks"] += rejected
         stats["max_rel_err"] = max(stats["max_rel_err"], err)
-        return rec, body, list(chunks)
+        return _Record(QUANT, 0, h, bits_byte, block), pieces
     stats["full"] += 1
     stats["fallbacks"] += rejected
-    return _Record(FULL, 0, h), bytes(tdata), [tdata]
+    return _Record(FULL, 0, h), None
 
 
 # --- apply -----------------------------------------------------------------------------
@@ -1158,7 +1219,7 @@ def _apply_record(
         size = h.nbytes
         if rec.kind == QUANT:
             n = element_count(h.shape)
-            size = 4 * (-(-n // rec.block)) + quant.packed_size(n, rec.bits)
+            size = 4 * (-(-n // rec.block)) + quant.code_size(n, rec.bits)
             if size >= h.nbytes:  # the publisher sends such tensors full
                 raise _bad(f"tensor {h.key!r}: quantised record not smaller than the tensor")
         frame = _Frame(rd.f, size, of.dctx)
@@ -1174,7 +1235,7 @@ def _apply_record(
 def _apply_quant(
     base: Callable[[int, int], memoryview], rec: _Record, frame: _Frame, of: _OutFile, sha: Any
 ) -> None:
-    """Device side of :func:`_fill_quant`: the same arithmetic (``quant.dequant_add``)
+    """Device side of ``plan.emit``: the same arithmetic (``quant.dequant_add``)
     into pooled buffers of DEV_CHUNK elements that stay in cache while they are
     written and hashed."""
     h = rec.hole
@@ -1184,7 +1245,7 @@ def _apply_quant(
     scales = np.frombuffer(frame.read(4 * nscales), dtype="<f4").astype(np.float32)
     for e0 in range(0, n, DEV_CHUNK):
         k = min(DEV_CHUNK, n - e0)
-        packed = of.writer.qbuf[: quant.packed_size(k, rec.bits)]
+        packed = of.writer.qbuf[: quant.code_size(k, rec.bits)]
         frame.readinto(packed)
         q = quant.unpack(packed, rec.bits, k)
         a = quant.to_f32(base(e0 * isz, k * isz), h.dtype)

@@ -1,0 +1,213 @@
+"""Quantised-Δ candidates for one tensor, computed in chunks from memory maps.
+
+A candidate is (width, block); planning it reads A and B chunk by chunk (twice, three
+times with clipping search) and yields the scales, the squared error of exactly the B'
+the device will build, whether B' stays finite and positive where B is, and optionally
+the compressed payload size for packed and unpacked codes. Emitting it re-derives the
+codes chunk by chunk and returns the compressed frame (the smaller coding) while handing
+each B' chunk to a sink. Nothing holds more than a few chunks of the tensor: memory
+stays flat whatever the model size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from . import quant
+from .layout import Hole, element_count
+
+CHUNK = 1 << 20  # elements per step (multiple of 8: packed chunks are whole bytes)
+ZSTD_LEVEL = 9
+
+Reader = Callable[[int, int], memoryview]
+Sink = Callable[[Any], None]
+
+
+def zstd_compressor() -> Any:
+    import zstandard
+
+    return zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True, write_content_size=True)
+
+
+@dataclass
+class Candidate:
+    """One way to send a float tensor as quantised Δ (``bits`` 1–8, ``block`` elements
+    per scale) and what it costs and changes."""
+
+    bits: int
+    block: int
+    scales: quant.F32Array
+    err_sq: float  # Σ (B' − B)² in float64
+    norm_sq: float  # Σ B²
+    ok: bool  # B' finite where B is, positive where B is strictly positive
+    size_packed: int = 0  # compressed payload bytes (0: not measured)
+    size_unpacked: int = 0  # the same with one byte per code (0: not measured / 8 bits)
+
+    @property
+    def rel_err(self) -> float:
+        if self.norm_sq == 0:
+            return 0.0 if self.err_sq == 0 else float("inf")
+        return float(np.sqrt(self.err_sq / self.norm_sq))
+
+    @property
+    def size(self) -> int:
+        """Frame bytes (with its u64 length) of the smaller coding."""
+        sizes = [s for s in (self.size_packed, self.size_unpacked) if s]
+        return 8 + min(sizes) if sizes else 0
+
+    def raw_payload(self, n: int, unpacked: bool = False) -> int:
+        return 4 * len(self.scales) + (n if unpacked else quant.packed_size(n, self.bits))
+
+
+def _chunks(ra: Reader, rb: Reader, h: Hole) -> Iterator[tuple[int, Any, Any]]:
+    """(e0, a float32, b float32) per CHUNK elements."""
+    n = element_count(h.shape)
+    isz = quant.ITEMSIZE[h.dtype]
+    for e0 in range(0, n, CHUNK):
+        k = min(CHUNK, n - e0)
+        a = quant.to_f32(ra(e0 * isz, k * isz), h.dtype)
+        b = quant.to_f32(rb(e0 * isz, k * isz), h.dtype)
+        yield e0, a, b
+
+
+def _delta(a: Any, b: Any) -> npt.NDArray[np.float64]:
+    d: npt.NDArray[np.float64] = b.astype(np.float64) - a.astype(np.float64)
+    return d
+
+
+def choose_scales(ra: Reader, rb: Reader, h: Hole, bits: int, block: int) -> quant.F32Array:
+    """Per-block scales: 1 bit mean |Δ| (least squares for signs); wider ``absmax ·
+    ratio / qmax`` with the ratio of least squared error (CLIP_RATIOS)."""
+    n = element_count(h.shape)
+    nb = -(-n // block)
+    if bits == 1:
+        sums = np.zeros(nb, np.float64)
+        for e0, a, b in _chunks(ra, rb, h):
+            quant.reduce_blocks(np.abs(_delta(a, b)), e0, block, np.add, sums)
+        cnt = np.full(nb, block, np.float64)
+        if n % block:
+            cnt[-1] = n % block
+        out: quant.F32Array = (sums / cnt).astype(np.float32)
+        return out
+    absmax = np.zeros(nb, np.float64)
+    for e0, a, b in _chunks(ra, rb, h):
+        quant.reduce_blocks(np.abs(_delta(a, b)), e0, block, np.maximum, absmax)
+    qmax = quant.QMAX[bits]
+    ratios = quant.CLIP_RATIOS.get(bits, (1.0,))
+    cands = [(absmax * r / qmax).astype(np.float32) for r in ratios]
+    if len(ratios) == 1:
+        return cands[0]
+    errs = [np.zeros(nb, np.float64) for _ in ratios]
+    for e0, a, b in _chunks(ra, rb, h):
+        d = _delta(a, b)
+        for s, err in zip(cands, errs, strict=True):
+            q = quant.codes(d, s, bits, block, e0)
+            e = (q * quant.element_scales(s, block, e0, len(d)) - d) ** 2
+            quant.reduce_blocks(e, e0, block, np.add, err)
+    best, best_e = cands[0].copy(), errs[0].copy()
+    for s, err in zip(cands[1:], errs[1:], strict=True):
+        better = err < best_e
+        best = np.where(better, s, best)
+        best_e = np.minimum(err, best_e)
+    out2: quant.F32Array = best.astype(np.float32)
+    return out2
+
+
+def _walk(  # noqa: PLR0917
+    ra: Reader, rb: Reader, h: Hole, bits: int, block: int, scales: quant.F32Array
+) -> Iterator[tuple[quant.I8Array, quant.F32Array, Any]]:
+    """(q, B' float32, B float32) per chunk: B' is ``quant.dequant_add``, the device's
+    own arithmetic."""
+    for e0, a, b in _chunks(ra, rb, h):
+        q = quant.codes(_delta(a, b), scales, bits, block, e0)
+        yield q, quant.dequant_add(a, q, scales, block, e0), b
+
+
+def plan(
+    ra: Reader, rb: Reader, h: Hole, bits: int, block: int, *, measure_size: bool
+) -> Candidate:
+    """Scales, error and validity (and with ``measure_size`` both coded sizes)."""
+    n = element_count(h.shape)
+    scales = choose_scales(ra, rb, h, bits, block)
+    err = norm = 0.0
+    bmin, gotmin = float("inf"), float("inf")
+    finite = True
+    comps: list[Any] = []
+    sizes = [0, 0]
+    if measure_size:
+        head = scales.astype("<f4").tobytes()
+        codings = [False]
+        if bits < 8 and 4 * len(scales) + n < h.nbytes:
+            codings.append(True)
+        for unpacked in codings:
+            total = 4 * len(scales) + (n if unpacked else quant.packed_size(n, bits))
+            c = zstd_compressor().compressobj(size=total)
+            sizes[unpacked] += len(c.compress(head))
+            comps.append((unpacked, c))
+    for q, got, b in _walk(ra, rb, h, bits, block, scales):
+        got_t = quant.to_f32(quant.from_f32(got, h.dtype), h.dtype)  # as stored
+        fin = np.isfinite(b)
+        if not np.all(np.isfinite(got_t[fin])):
+            finite = False
+        diff = got_t.astype(np.float64) - b
+        err += float(np.dot(diff[fin], diff[fin])) if finite else 0.0
+        b64 = b.astype(np.float64)[fin]
+        norm += float(np.dot(b64, b64))
+        if b.size:
+            bmin = min(bmin, float(np.min(b)))
+            gotmin = min(gotmin, float(np.min(got_t)))
+        for unpacked, c in comps:
+            sizes[unpacked] += len(c.compress(q.tobytes() if unpacked else quant.pack(q, bits)))
+    for unpacked, c in comps:
+        sizes[unpacked] += len(c.flush())
+    ok = finite and not (bmin > 0 and gotmin <= 0)
+    return Candidate(bits, block, scales, err if ok else float("inf"), norm, ok, *sizes)
+
+
+def emit(
+    ra: Reader, rb: Reader, h: Hole, cand: Candidate, sink: Sink | None, *, compress: bool = True
+) -> tuple[int, list[bytes]]:
+    """Feed B' chunks (storage bytes) to ``sink``; return (bits byte, compressed frame
+    pieces) of the smaller coding (packed unless one code per byte compresses smaller;
+    8 bits is always one byte per code)."""
+    n = element_count(h.shape)
+    head = cand.scales.astype("<f4").tobytes()
+    comps: list[tuple[bool, Any, list[bytes]]] = []
+    if compress:
+        codings = [False]
+        if cand.bits < 8 and cand.raw_payload(n, True) < h.nbytes:
+            codings.append(True)  # the device refuses payloads not smaller than the tensor
+        for unpacked in codings:
+            c = zstd_compressor().compressobj(size=cand.raw_payload(n, unpacked))
+            comps.append((unpacked, c, [c.compress(head)]))
+    for q, got, _ in _walk(ra, rb, h, cand.bits, cand.block, cand.scales):
+        if sink is not None:
+            sink(quant.from_f32(got, h.dtype))
+        for unpacked, c, pieces in comps:
+            pieces.append(c.compress(q.tobytes() if unpacked else quant.pack(q, cand.bits)))
+    if not compress:
+        return cand.bits, []
+    best: tuple[int, bool, list[bytes]] | None = None
+    for unpacked, c, pieces in comps:
+        pieces.append(c.flush())
+        total = sum(len(p) for p in pieces)
+        if best is None or total < best[0]:
+            best = (total, unpacked, pieces)
+    assert best is not None
+    _, unpacked, pieces = best
+    return cand.bits | (quant.UNPACKED if unpacked else 0), [p for p in pieces if p]
+
+
+def compress_stream(
+    total: int, pieces: Iterator[bytes | memoryview | npt.NDArray[Any]]
+) -> list[bytes]:
+    """One checksummed zstd frame of ``total`` bytes fed piece by piece."""
+    c = zstd_compressor().compressobj(size=total)
+    out = [c.compress(p) for p in pieces]
+    out.append(c.flush())
+    return [p for p in out if p]

@@ -1,0 +1,422 @@
+"""The smallest patch that meets a stated output fidelity (rate–distortion search).
+
+Per float tensor whose values changed there are candidates — quantised Δ at 1–8 bits
+per row, 2–4 bits per group of 128 or 64, or exact bytes — each with a compressed size
+(measured: the actual zstd frame of the smaller coding) and a weight error ‖B'−B‖²
+(exact: B' as the device will build it). Output error is modelled as additive over
+tensors: ``D = Σ_t g_t · err_t``, with each tensor's sensitivity ``g_t`` measured once
+by running the model on the samples with only that tensor replaced by a probe
+candidate. For an error budget the greedy step upgrades, on each tensor's lower convex
+hull of (size, g·err), the tensor with the most error removed per added byte until the
+prediction fits. The budget itself is found by verification: the allocation's B' is
+built and run (onnxruntime / LiteRT, one thread, so repeated runs give the same
+numbers) and the budget is divided or multiplied until the tightest passing and
+loosest failing budgets are close. Everything is a deterministic function of the two
+models and the samples, so the same inputs give the same patch bytes.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.errors import ResidualError
+
+from . import fidelity, quant
+from . import plan as plan_mod
+from .layout import Hole, Layout, element_count, scan
+from .stream import IO_CHUNK, Choice, _equal, _Maps
+
+logger = logging.getLogger(__name__)
+
+MAX_VERIFY = 10  # B' runs that check a budget
+CLOSE = 1.6  # stop when loosest failing / tightest passing budget is below this
+
+
+@dataclass(frozen=True)
+class Target:
+    """What B' must achieve on the samples (any combination)."""
+
+    cosine: float | None = None  # per-sample output cosine minimum, ≥
+    top1: float | None = None  # top-1 agreement, ≥ (classification outputs)
+    max_abs: float | None = None  # largest absolute output difference, ≤
+
+    def __post_init__(self) -> None:
+        if self.cosine is None and self.top1 is None and self.max_abs is None:
+            raise ResidualError(
+                "a fidelity target needs at least one bound", code="residual-option"
+            )
+        for name, v, lo, hi in (
+            ("cosine", self.cosine, -1.0, 1.0),
+            ("top1", self.top1, 0.0, 1.0),
+            ("max_abs", self.max_abs, 0.0, float("inf")),
+        ):
+            if v is not None and not lo <= v <= hi:
+                raise ResidualError(
+                    f"target {name} {v} outside [{lo}, {hi}]", code="residual-option"
+                )
+
+    def describe(self) -> dict[str, float]:
+        return {
+            k: v
+            for k, v in (("cosine", self.cosine), ("top1", self.top1), ("max_abs", self.max_abs))
+            if v is not None
+        }
+
+    def met(self, m: dict[str, Any]) -> bool:
+        if m.get("nonfinite_outputs"):
+            return False
+        if self.cosine is not None and not m["cosine_min"] >= self.cosine:
+            return False
+        if self.top1 is not None and not m.get("top1_agreement", 1.0) >= self.top1:
+            return False
+        return not (self.max_abs is not None and not m["max_abs_diff"] <= self.max_abs)
+
+    def first_budget(self, ref_rms: float) -> float:
+        """A starting guess for the mean output NMSE budget (verification corrects it)."""
+        guesses = []
+        if self.cosine is not None:
+            guesses.append(max(1e-12, 2 * (1 - self.cosine)) / 2)  # worst sample > mean
+        if self.top1 is not None:
+            guesses.append(1e-3 if self.top1 >= 1 else 1e-2)
+        if self.max_abs is not None:
+            guesses.append((self.max_abs / (8 * ref_rms)) ** 2 if ref_rms > 0 else 1e-6)
+        return min(guesses)
+
+
+def summary(m: dict[str, Any]) -> str:
+    keys = ("cosine_min", "top1_agreement", "max_abs_diff", "psnr_db")
+    return ", ".join(f"{k} {m[k]:.6g}" for k in keys if k in m)
+
+
+@dataclass
+class _Tensor:
+    hole: Hole  # in the target
+    base: Hole
+    full_size: int  # compressed frame bytes of the exact tensor
+    cands: list[plan_mod.Candidate] = field(default_factory=list)
+    g: float = 0.0  # output NMSE per unit of Σ(B'−B)²
+    hull: list[tuple[int, float, Choice]] = field(default_factory=list)  # (size, D, choice)
+
+
+@dataclass
+class Found:
+    choices: dict[str, Choice]
+    report: dict[str, Any]
+
+
+def candidate_grid(h: Hole) -> list[tuple[int, int]]:
+    """(bits, block) tried per tensor: 1–8 bits per row, 2–4 bits per 128 and 3–4 per 64."""
+    row = quant.row_length(h.shape)
+    n = element_count(h.shape)
+    grid = [(b, row) for b in range(1, 9)]
+    for b, g in ((2, 128), (3, 128), (4, 128), (3, 64), (4, 64)):
+        if g < row and g < n:
+            grid.append((b, g))
+    return grid
+
+
+class _Evaluator:
+    """A scratch copy of the target whose tensors can be replaced in place and run."""
+
+    def __init__(self, tl: Layout, samples: Path, kind: str | None, work: Path) -> None:
+        self.tl, self.kind = tl, kind
+        self.paths = [
+            work / ("model" + tl.paths[0].suffix if i == 0 else n) for i, n in enumerate(tl.names)
+        ]
+        for src, dst in zip(tl.paths, self.paths, strict=True):
+            shutil.copyfile(src, dst)
+        self.data = fidelity.load_samples(samples)
+        self.ref = self._run()
+        self.runs = 0
+        flat = [o.astype(np.float64).ravel() for s in self.ref for o in s]
+        allv = np.concatenate(flat) if flat else np.zeros(1)
+        allv = allv[np.isfinite(allv)]
+        self.ref_rms = float(np.sqrt(np.mean(allv * allv))) if allv.size else 0.0
+
+    def _run(self) -> fidelity.Outputs:
+        try:
+            run = fidelity.runner(self.paths[0], self.tl.format, threads=1)
+        except Exception as exc:
+            raise ResidualError(f"fidelity run failed: {exc}", code="residual-fidelity") from exc
+        return fidelity.run_all(run, self.data)
+
+    def write(self, h: Hole, chunks: list[Any]) -> None:
+        with open(self.paths[h.file], "r+b") as f:
+            f.seek(h.offset)
+            for c in chunks:
+                f.write(c)
+
+    def restore(self, h: Hole) -> None:
+        with open(self.tl.paths[h.file], "rb") as src, open(self.paths[h.file], "r+b") as dst:
+            src.seek(h.offset)
+            dst.seek(h.offset)
+            left = h.nbytes
+            while left:
+                piece = src.read(min(left, 1 << 22))
+                dst.write(piece)
+                left -= len(piece)
+
+    def measure(self) -> dict[str, Any]:
+        self.runs += 1
+        return fidelity.metrics(self.ref, self._run(), self.kind)
+
+
+def _b_prime(bm: _Maps, tm: _Maps, t: _Tensor, c: plan_mod.Candidate) -> list[Any]:
+    chunks: list[Any] = []
+    plan_mod.emit(bm.reader(t.base), tm.reader(t.hole), t.hole, c, chunks.append, compress=False)
+    return chunks
+
+
+def _hull(t: _Tensor) -> None:
+    """Lower convex hull of (size, g·err) over the tensor's candidates and exact bytes,
+    from the smallest size up (later points: more bytes, less error)."""
+    pts = [(t.full_size, 0.0, Choice(0))]
+    for c in t.cands:
+        if c.ok and c.size < t.full_size:
+            pts.append((c.size, t.g * c.err_sq, Choice(c.bits, c.block)))
+    pts.sort(key=lambda p: (p[0], p[1], p[2].bits, p[2].block))
+    # keep only points that lower the error as size grows
+    mono: list[tuple[int, float, Choice]] = []
+    for p in pts:
+        if not mono or p[1] < mono[-1][1]:
+            mono.append(p)
+    hull: list[tuple[int, float, Choice]] = []
+    for p in mono:
+        while len(hull) >= 2:
+            (s1, d1, _), (s2, d2, _) = hull[-2], hull[-1]
+            # drop the middle point if it lies on or above the segment hull[-2] → p
+            if (d2 - d1) * (p[0] - s1) >= (p[1] - d1) * (s2 - s1):
+                hull.pop()
+            else:
+                break
+        hull.append(p)
+    t.hull = hull
+
+
+def _allocate(
+    tensors: list[_Tensor], budget: float, size_cap: float = float("inf")
+) -> tuple[list[int], float, int]:
+    """Greedy: every tensor at its smallest hull point, then upgrades by error removed
+    per byte until the predicted error fits ``budget`` (upgrades that would pass
+    ``size_cap`` are skipped). Returns hull indices, predicted error and size."""
+    pos = [0] * len(tensors)
+    pred = sum(t.hull[0][1] for t in tensors)
+    size = sum(t.hull[0][0] for t in tensors)
+    heap: list[tuple[float, int]] = []
+
+    def push(i: int) -> None:
+        t = tensors[i]
+        j = pos[i]
+        if j + 1 < len(t.hull):
+            ds = t.hull[j + 1][0] - t.hull[j][0]
+            dd = t.hull[j][1] - t.hull[j + 1][1]
+            heapq.heappush(heap, (-dd / max(ds, 1), i))
+
+    for i in range(len(tensors)):
+        push(i)
+    while pred > budget and heap:
+        _, i = heapq.heappop(heap)
+        t = tensors[i]
+        j = pos[i]
+        if size + t.hull[j + 1][0] - t.hull[j][0] > size_cap:
+            continue  # this tensor's next step does not fit; others may
+        pred -= t.hull[j][1] - t.hull[j + 1][1]
+        size += t.hull[j + 1][0] - t.hull[j][0]
+        pos[i] = j + 1
+        push(i)
+    return pos, max(pred, 0.0), size
+
+
+def search(
+    base: Path,
+    target: Path,
+    samples: Path,
+    goal: Target,
+    *,
+    output_kind: str | None = None,
+    max_patch_ratio: float = 1.0,
+) -> Found:
+    """Per-tensor choices for the smallest patch whose B' meets ``goal`` on ``samples``;
+    ResidualError ``residual-target`` naming the best achievable numbers otherwise."""
+    t0 = time.perf_counter()
+    if output_kind is not None and output_kind not in fidelity.KINDS:
+        raise ResidualError(
+            f"output kind must be one of {', '.join(fidelity.KINDS)}", code="residual-option"
+        )
+    bl, tl = scan(base), scan(target)
+    if bl.format != tl.format or tl.format == "raw":
+        raise ResidualError(
+            "a fidelity target needs an ONNX or TFLite base and target of the same format",
+            code="residual-unsupported",
+        )
+    base_by_key = bl.by_key()
+    bm, tm = _Maps(bl), _Maps(tl)
+    work = Path(tempfile.mkdtemp(prefix="edgeward-search-"))
+    try:
+        ev = _Evaluator(tl, samples, output_kind, work)
+        tensors: list[_Tensor] = []
+        for h in sorted(tl.holes, key=lambda x: (x.file, x.offset)):
+            bh = base_by_key.get(h.key)
+            rt = tm.reader(h)
+            if (
+                bh is None
+                or bh.dtype != h.dtype
+                or bh.shape != h.shape
+                or h.dtype not in quant.FLOATS
+            ):
+                continue
+            ra = bm.reader(bh)
+            if _equal(ra, rt, h.nbytes):
+                continue
+            full = 8 + sum(len(p) for p in plan_mod.compress_stream(h.nbytes, _pieces(rt, h)))
+            t = _Tensor(h, bh, full)
+            for bits, block in candidate_grid(h):
+                c = plan_mod.plan(ra, rt, h, bits, block, measure_size=True)
+                if c.ok and c.raw_payload(element_count(h.shape)) < h.nbytes:
+                    t.cands.append(c)
+            tensors.append(t)
+            bm.release(bh)
+            tm.release(h)
+        # sensitivities: one run per tensor with a mid-width probe in place
+        for t in tensors:
+            probe = _probe(t)
+            if probe is None or probe.err_sq == 0:
+                t.g = 0.0
+            else:
+                ev.write(t.hole, _b_prime(bm, tm, t, probe))
+                m = ev.measure()
+                ev.restore(t.hole)
+                t.g = (m["nmse_mean"] / probe.err_sq) if np.isfinite(m["nmse_mean"]) else 1e30
+            _hull(t)
+        sens_runs = ev.runs
+        target_bytes = sum(tl.sizes)
+        bound = max_patch_ratio * target_bytes
+        budget = goal.first_budget(ev.ref_rms)
+        tried: dict[tuple[int, ...], dict[str, Any]] = {}
+        passing: tuple[float, list[int], dict[str, Any], int] | None = None
+        failing: float | None = None
+        best_seen: tuple[list[int], dict[str, Any], int] | None = None
+        for _ in range(MAX_VERIFY):
+            pos, pred, size = _allocate(tensors, budget)
+            key = tuple(pos)
+            if key not in tried:
+                tried[key] = _measure(ev, bm, tm, tensors, pos)
+            m = tried[key]
+            ok = goal.met(m)
+            logger.info(
+                "search budget %.3g: predicted nmse %.3g, %d bytes, %s → %s",
+                budget,
+                pred,
+                size,
+                summary(m),
+                "met" if ok else "missed",
+            )
+            if size < bound and (best_seen is None or _better(m, best_seen[1])):
+                best_seen = (pos, m, size)
+            if ok:
+                if passing is None or size < passing[3]:
+                    passing = (budget, pos, m, size)
+                if failing is not None and failing / budget < CLOSE:
+                    break
+                budget = budget * 4 if failing is None else float(np.sqrt(budget * failing))
+            else:
+                failing = budget if failing is None else min(failing, budget)
+                if all(p == len(t.hull) - 1 for t, p in zip(tensors, pos, strict=True)):
+                    break  # every tensor exact and still missed: unreachable
+                if passing is not None and budget / passing[0] < CLOSE:
+                    break
+                budget = budget / 8 if passing is None else float(np.sqrt(budget * passing[0]))
+        if passing is None or passing[3] >= bound:
+            # the least predicted error that fits the size bound, run for real
+            pos, _, size = _allocate(tensors, 0.0, bound)
+            key = tuple(pos)
+            if key not in tried and size < bound:
+                tried[key] = _measure(ev, bm, tm, tensors, pos)
+            if (
+                key in tried
+                and size < bound
+                and (best_seen is None or _better(tried[key], best_seen[1]))
+            ):
+                best_seen = (pos, tried[key], size)
+            best = best_seen[1] if best_seen is not None else None
+            need = f"; meeting it needs a patch of ≈ {passing[3]} bytes" if passing else ""
+            raise ResidualError(
+                f"cannot meet {goal.describe()} within {max_patch_ratio:g} × the target's "
+                f"{target_bytes} bytes: best achievable "
+                + (summary(best) if best else "nothing (no allocation fits)")
+                + (f" at ≈ {best_seen[2]} bytes" if best_seen else "")
+                + need,
+                code="residual-target",
+            )
+        _, pos, m, size = passing
+        choices: dict[str, Choice] = {}
+        alloc: dict[str, int] = {}
+        for t, j in zip(tensors, pos, strict=True):
+            ch = t.hull[j][2]
+            choices[t.hole.key] = ch
+            row = ch.block == quant.row_length(t.hole.shape)
+            name = "exact" if not ch.bits else f"q{ch.bits}" + ("" if row else f"/g{ch.block}")
+            alloc[name] = alloc.get(name, 0) + 1
+        report = {
+            "tensors_searched": len(tensors),
+            "allocation": dict(sorted(alloc.items())),
+            "estimated_bytes": size,
+            "sensitivity_runs": sens_runs,
+            "verify_runs": ev.runs - sens_runs,
+            "search_fidelity": m,
+            "seconds": time.perf_counter() - t0,
+        }
+        return Found(choices, report)
+    finally:
+        bm.close()
+        tm.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _measure(
+    ev: _Evaluator, bm: _Maps, tm: _Maps, tensors: list[_Tensor], pos: list[int]
+) -> dict[str, Any]:
+    """Fidelity of the allocation ``pos``: its B' written into the scratch copy, run."""
+    for t, j in zip(tensors, pos, strict=True):
+        ch = t.hull[j][2]
+        if ch.bits:
+            c = next(c for c in t.cands if (c.bits, c.block) == (ch.bits, ch.block))
+            ev.write(t.hole, _b_prime(bm, tm, t, c))
+    try:
+        return ev.measure()
+    finally:
+        for t in tensors:
+            ev.restore(t.hole)
+
+
+def _pieces(rt: Any, h: Hole) -> Any:
+    for o in range(0, h.nbytes, IO_CHUNK):
+        yield rt(o, min(IO_CHUNK, h.nbytes - o))
+
+
+def _better(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return (a["cosine_min"], a.get("top1_agreement", 1.0), -a["max_abs_diff"]) > (
+        b["cosine_min"],
+        b.get("top1_agreement", 1.0),
+        -b["max_abs_diff"],
+    )
+
+
+def _probe(t: _Tensor) -> plan_mod.Candidate | None:
+    """The candidate whose error measures the tensor's sensitivity: 4 bits (per 128
+    when there are groups), else the narrowest valid one."""
+    by = {(c.bits, c.block): c for c in t.cands}
+    for key in ((4, 128), (4, quant.row_length(t.hole.shape))):
+        if key in by and by[key].err_sq > 0:
+            return by[key]
+    valid = [c for c in t.cands if c.err_sq > 0]
+    return min(valid, key=lambda c: (c.bits, c.block)) if valid else None

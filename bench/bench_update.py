@@ -1,0 +1,274 @@
+"""Network update benchmark (issue 12): the daemon following a TUF repository on nginx.
+
+Everything is real: nginx over HTTPS on 127.0.0.1 (``tests/nginx_util.py``), a TUF
+repository (``tests/repo_util.py``), the daemon as a process, its control socket.
+
+- ``update_full_ratio``: anchor / daemon for a full update of a model of ``FULL_MIB`` MiB
+  (100; 24 with ``EDGEWARD_BENCH_QUICK=1``). The anchor does the same work by hand, one
+  step after the other: ``curl`` downloads the package through the same nginx, ``edgeward
+  unpack`` unpacks it, onnxruntime creates a session and runs one inference. The daemon's
+  time runs from the trigger (``POST /check``) until the new version serves (the call
+  returns after activation, metadata refresh included). Goal ≥ 0.8.
+- ``update_residual_wire_ratio``: bytes nginx served for the residual update / for the
+  full update of the benchmark's fine-tune pair (``bench.bench_residual``: A, and B = A
+  fine-tuned; int8). Goal ≤ 0.2.
+- ``update_residual_time_ratio``: the same two updates with nginx limited to 2 MB/s (a
+  cellular link): residual trigger→serving / full trigger→serving. Goal ≤ 0.3.
+- ``update_idle_check_bytes``: bytes (headers and bodies, nginx ``$bytes_sent``) one
+  check costs when nothing changed: the timestamp and the 404 of the next root. Goal
+  ≤ 2 KiB. docs/FLEET.md scales it to a fleet.
+- ``update_kill9_points``: kill -9 rounds survived with no inconsistent state
+  (``tests/kill9_util.py``; 200 rounds, 20 quick). It is a count, not a timing, so it
+  runs once per bench process; an inconsistency fails the bench.
+
+Runs alone as ``python -m bench.bench_update [work]``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+QUICK = os.environ.get("EDGEWARD_BENCH_QUICK") == "1"
+FULL_MIB = 24 if QUICK else 100
+KILL9_ROUNDS = 20 if QUICK else 200
+CELLULAR = 2 * 1000 * 1000  # bytes/s
+ROOT = Path(__file__).resolve().parents[1]
+
+_kill9_done: dict[str, float] = {}
+
+
+def _edgeward(*args: str) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "agent", *args], check=True, cwd=ROOT, capture_output=True
+    )
+
+
+def _pack(model: Path, name: str, version: int, key: Any, out: Path, **kw: Any) -> Path:
+    from agent.package import PackSpec, pack
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pack(PackSpec(models=[model], name=name, version=version, signing_keys=[key], **kw), out)
+    return out
+
+
+class _Box:
+    """One daemon following one repository (its own state directory)."""
+
+    def __init__(self, work: Path, nginx: Any, repo: Any, trust: Path) -> None:
+        from tests.daemon_util import start_daemon, write_config
+        from tests.repo_util import write_repo_config
+
+        rtable = write_repo_config(work, nginx, repo, read_timeout=60.0)
+        cfg = write_config(work / "d", trust_dir=trust, extra=rtable)
+        self.d = start_daemon(work / "d", config=cfg)
+
+    def check(self) -> tuple[float, dict[str, Any]]:
+        from tests.daemon_util import http_unix
+
+        t0 = time.perf_counter()
+        _s, _h, body = http_unix(self.d.control_sock, "POST", "/check", timeout=1800)
+        return time.perf_counter() - t0, json.loads(body)
+
+    def stop(self) -> None:
+        self.d.stop()
+
+
+def _served(nginx: Any, suffix: str, *, headers: bool = False) -> int:
+    time.sleep(0.3)
+    return sum(
+        (e.bytes_sent if headers else e.body_bytes) for e in nginx.log() if e.path.endswith(suffix)
+    )
+
+
+def _full_ratio(work: Path, key: Any, trust: Path) -> dict[str, float]:
+    import numpy as np
+    import onnxruntime as ort
+
+    from tests.nginx_util import Nginx
+    from tests.repo_util import TufRepo, big_onnx, fields_of
+
+    pkgs = {
+        v: _pack(
+            big_onnx(work / f"m{v}" / "big.onnx", mib=FULL_MIB, seed=v),
+            "big",
+            v,
+            key,
+            work / "pkgs" / f"big-{v}.emp",
+        )
+        for v in (1, 2)
+    }
+    repo = TufRepo.create(work / "repo")
+    repo.add(pkgs[1], fields_of(pkgs[1]))
+    repo.publish()
+    nginx = Nginx(work / "nginx", work / "repo")
+    box = _Box(work / "box", nginx, repo, trust)
+    try:
+        _t, res = box.check()
+        assert res["installed"] == {"big": "1"}, res
+        tf = repo.add(pkgs[2], fields_of(pkgs[2]))
+        repo.publish()
+        daemon_s, res = box.check()
+        assert res["installed"] == {"big": "2"}, res
+        # the anchor: the same steps by hand, one after the other
+        out = work / "anchor"
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir()
+        url = f"{nginx.url}/targets/{tf.path.rpartition('/')[0]}/"
+        url += f"{tf.hashes['sha256']}.{tf.path.rpartition('/')[2]}"
+        pub = next(trust.glob("*.pub"))
+        t0 = time.perf_counter()
+        subprocess.run(
+            ["curl", "-sSf", "--cacert", str(nginx.ca_bundle), "-o", str(out / "pkg.emp"), url],
+            check=True,
+        )
+        t1 = time.perf_counter()
+        _edgeward("unpack", str(out / "pkg.emp"), "--trust", str(pub), "-o", str(out / "u"))
+        t2 = time.perf_counter()
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        opts.inter_op_num_threads = 1
+        sess = ort.InferenceSession(
+            str(out / "u" / "Model" / "big.onnx"), opts, providers=["CPUExecutionProvider"]
+        )
+        sess.run(None, {"x": np.ones((1, 4), np.float32)})
+        t3 = time.perf_counter()
+        anchor = t3 - t0
+        size = pkgs[2].stat().st_size
+        print(f"full update of a {size / 1e6:.0f} MB package ({FULL_MIB} MiB model):")
+        print(
+            f"  anchor {anchor:.2f} s (curl {t1 - t0:.2f} + unpack {t2 - t1:.2f} + "
+            f"session and one inference {t3 - t2:.2f})"
+        )
+        print(f"  daemon trigger -> serving {daemon_s:.2f} s")
+        print(f"  update_full_ratio = {anchor / daemon_s:.3f} (goal >= 0.8)")
+        return {"update_full_ratio": anchor / daemon_s}
+    finally:
+        box.stop()
+        nginx.stop()
+
+
+def _pair(work: Path) -> tuple[Path, Path]:
+    """The fine-tune pair of bench_residual (trained once, cached beside its own)."""
+    from bench import bench_residual as br
+
+    cache = work.parent / "residual" / "cache" / br.PAIR_VERSION
+    br._build_pair(cache)
+    return cache / "A.onnx", cache / "B.onnx"
+
+
+def _residual_ratios(work: Path, key: Any, trust: Path) -> dict[str, float]:
+    from tests.nginx_util import Nginx
+    from tests.repo_util import TufRepo, fields_of
+
+    a, b, samples = _pair(work)
+    v1 = _pack(a, "ft", 1, key, work / "pkgs" / "ft-1.emp", samples_dir=samples)
+    v2 = _pack(b, "ft", 2, key, work / "pkgs" / "ft-2.emp", samples_dir=samples)
+    r2 = _pack(
+        b, "ft", 2, key, work / "pkgs" / "ft-2-from-1.emp", base=v1, bits=8, samples_dir=samples
+    )
+    out: dict[str, float] = {}
+    times: dict[str, float] = {}
+    wire: dict[str, int] = {}
+    idle = 0
+    for kind in ("full", "residual"):
+        w = work / kind
+        shutil.rmtree(w, ignore_errors=True)
+        repo = TufRepo.create(w / "repo")
+        repo.add(v1, fields_of(v1))
+        repo.publish()
+        nginx = Nginx(w / "nginx", w / "repo")
+        box = _Box(w / "box", nginx, repo, trust)
+        try:
+            _t, res = box.check()
+            assert res["installed"] == {"ft": "1"}, res
+            nginx.reconfigure(limit_rate=CELLULAR)
+            repo.add(v2, fields_of(v2))
+            if kind == "residual":
+                repo.add(r2, fields_of(r2))
+            repo.publish()
+            times[kind], res = box.check()
+            assert res["installed"] == {"ft": "2"}, res
+            wire[kind] = _served(nginx, "ft-2-from-1.emp" if kind == "residual" else "ft-2.emp")
+            before = len(nginx.log())
+            _t, res = box.check()
+            assert res["unchanged"] == ["ft"], res
+            time.sleep(0.3)
+            idle = sum(e.bytes_sent for e in nginx.log()[before:])
+            paths = [e.path for e in nginx.log()[before:]]
+        finally:
+            box.stop()
+            nginx.stop()
+    print(f"fine-tune pair update over a {CELLULAR / 1e6:.0f} MB/s link:")
+    print(f"  full: {wire['full'] / 1e6:.2f} MB served, trigger -> serving {times['full']:.2f} s")
+    print(
+        f"  residual: {wire['residual'] / 1e6:.2f} MB served, trigger -> serving "
+        f"{times['residual']:.2f} s"
+    )
+    out["update_residual_wire_ratio"] = wire["residual"] / wire["full"]
+    out["update_residual_time_ratio"] = times["residual"] / times["full"]
+    print(f"  update_residual_wire_ratio = {out['update_residual_wire_ratio']:.3f} (goal <= 0.2)")
+    print(f"  update_residual_time_ratio = {out['update_residual_time_ratio']:.3f} (goal <= 0.3)")
+    out["update_idle_check_bytes"] = float(idle)
+    print(f"idle check: {idle} bytes on the wire (headers + bodies) for {', '.join(paths)}")
+    print(f"  update_idle_check_bytes = {idle} (goal <= 2048)")
+    return out
+
+
+def _kill9(work: Path) -> dict[str, float]:
+    from tests.kill9_util import Kill9Rig
+
+    if _kill9_done:
+        print(f"kill -9: {int(_kill9_done['update_kill9_points'])} points (counted once per run)")
+        return dict(_kill9_done)
+    shutil.rmtree(work, ignore_errors=True)
+    rig = Kill9Rig(work).create()
+    t0 = time.perf_counter()
+    try:
+        for _ in range(KILL9_ROUNDS):
+            rig.round()
+    finally:
+        rig.close()
+    r = rig.result
+    print(
+        f"kill -9 at {r.points} random moments of a {r.update_s:.2f} s update "
+        f"({time.perf_counter() - t0:.0f} s): phases hit {dict(sorted(r.phases.items()))}, "
+        f"{len(r.inconsistent)} inconsistent"
+    )
+    if r.inconsistent:
+        raise SystemExit(f"kill -9 left inconsistent states: {r.inconsistent[:5]}")
+    _kill9_done["update_kill9_points"] = float(r.points)
+    print(f"  update_kill9_points = {r.points} (goal >= 200, 0 inconsistent)")
+    return dict(_kill9_done)
+
+
+def run(work: Path) -> dict[str, float]:
+    from agent.keys import load_private
+    from tests.daemon_util import signing_key
+
+    work = work.resolve()  # nginx gets absolute paths
+    shutil.rmtree(work / "full", ignore_errors=True)
+    shutil.rmtree(work / "keys", ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    key_path, trust = signing_key(work / "keys")
+    key = load_private(key_path)
+    out = _full_ratio(work / "full", key, trust)
+    shutil.rmtree(work / "full", ignore_errors=True)
+    out.update(_residual_ratios(work / "pair", key, trust))
+    out.update(_kill9(work / "kill9"))
+    return out
+
+
+if __name__ == "__main__":
+    w = (
+        Path(sys.argv[1])
+        if len(sys.argv) > 1
+        else Path(__file__).resolve().parent / "work" / "update"
+    )
+    print(run(w))
