@@ -38,6 +38,7 @@ AREAS = (
     "install",
     "fleet",
     "update",
+    "grpc",
 )
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -136,6 +137,10 @@ FIGURES: dict[str, tuple[str, tuple[str, float] | None, int]] = {
     "update_residual_time_ratio": ("trigger->serving at 2 MB/s, residual / full", ("<=", 0.3), 12),
     "update_idle_check_bytes": ("bytes on the wire for a check with nothing new", ("<=", 2048), 12),
     "update_kill9_points": ("kill -9 points survived, 0 inconsistent", (">=", 200), 12),
+    "grpc_added_p50_us_tiny": ("tiny model over gRPC (gateway), added p50 us", ("<=", 200), 18),
+    "grpc_http_added_p50_us_tiny": ("the same over HTTP, beside it, added p50 us", None, 18),
+    "daemon_idle_rss_mb_grpc": ("daemon idle RSS with [grpc] enabled, MB", ("<=", 60), 18),
+    "grpc_gateway_idle_rss_mb": ("the gRPC gateway process's idle RSS, MB", None, 18),
 }
 
 TRANSCRIPTS = HERE / "transcripts"
