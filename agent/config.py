@@ -155,8 +155,6 @@ class RepositoryConfig:
     backoff_max_s: float = 60.0
 
 
-
-
 @dataclass(frozen=True)
 class DaemonConfig:
     """Lifecycle timings."""

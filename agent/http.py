@@ -38,6 +38,7 @@ import contextlib
 import grp
 import json
 import logging
+import mmap
 import os
 import socket
 import stat
@@ -185,8 +186,13 @@ class BodyBuffer:
     charged to ``budget`` first, the old buffer included until its bytes are copied
     over (what is charged is what is allocated at every moment). A request that only
     declares a length costs ``FIRST`` bytes.
-    The finished buffer is exactly ``length`` bytes (a writable ``bytearray``, so
-    ``numpy.frombuffer`` on it gives writable arrays as before).
+    The finished buffer is exactly ``length`` bytes and writable (``numpy.frombuffer``
+    on it gives writable arrays as before). Buffers above ``STEP`` are anonymous
+    ``mmap`` regions, not heap blocks: pages are committed as the bytes arrive and go
+    back to the kernel when the body is dropped. On the heap, the intermediate sizes of
+    every growing body would stay behind as free memory in malloc's arenas (one per
+    thread in a worker): measured, 40 streaming connections left a worker at 950 MB
+    with a 256 MiB budget.
 
     The one place a request body is buffered, for the daemon's server and for a worker
     serving a lent connection (runtime/direct.py); a body decoder (e.g. chunked
@@ -203,6 +209,8 @@ class BodyBuffer:
 
     __slots__ = ("_budget", "_charged", "_view", "buf", "filled", "length")
 
+    buf: bytearray | mmap.mmap
+
     def __init__(self, length: int, budget: BodyBudget, prefix: Body = b"") -> None:
         self.length = length
         self._budget = budget
@@ -214,7 +222,7 @@ class BodyBuffer:
         self.filled = have
         self._view = memoryview(self.buf)
 
-    def _alloc(self, size: int) -> bytearray:
+    def _alloc(self, size: int) -> bytearray | mmap.mmap:
         if not self._budget.take(size):
             raise ProtocolError(
                 503,
@@ -222,7 +230,7 @@ class BodyBuffer:
                 f"request bodies in flight exceed {self._budget.limit} bytes; retry later",
                 retry_after=1.0,
             )
-        return bytearray(size)
+        return bytearray(size) if size <= self.STEP else mmap.mmap(-1, size)
 
     @property
     def done(self) -> bool:
@@ -243,10 +251,11 @@ class BodyBuffer:
     def advance(self, n: int) -> None:
         self.filled += n
 
-    def take(self) -> bytearray:
-        """The complete body (the buffer itself, no copy)."""
+    def take(self) -> bytearray | memoryview:
+        """The complete body (the buffer itself, or a view of its mapping; no copy)."""
         self._view.release()
-        return self.buf
+        buf = self.buf
+        return buf if isinstance(buf, bytearray) else memoryview(buf)
 
     def release(self) -> None:
         """Give the body's bytes back to the budget (idempotent)."""

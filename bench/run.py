@@ -219,7 +219,8 @@ VM swing.
 Where a goal is missed, the area's document says why and what it would take:
 [docs/PACKAGE.md](docs/PACKAGE.md) (unpack), [docs/RESIDUAL.md](docs/RESIDUAL.md)
 (apply speed), [docs/RUNTIME.md](docs/RUNTIME.md) (worker),
-[docs/DAEMON.md](docs/DAEMON.md) and [docs/PROTOCOL.md](docs/PROTOCOL.md) (socket),
+[docs/DAEMON.md](docs/DAEMON.md) and [docs/PROTOCOL.md](docs/PROTOCOL.md) (socket,
+update),
 [docs/FLEET.md](docs/FLEET.md) (fleet).
 
 ## Transcript

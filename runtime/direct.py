@@ -438,7 +438,7 @@ class DirectServer:
 
     # --- one request ------------------------------------------------------------------
 
-    def handle(self, headers: dict[str, str], body: bytearray) -> Any:
+    def handle(self, headers: dict[str, str], body: bytearray | memoryview) -> Any:
         """One inference → the HTTP response, errors as v2 error JSON (as the daemon)."""
         try:
             req = decode_request(body, header_length(headers))
@@ -680,7 +680,9 @@ class _Lent:
             if not keep:
                 return self._closed()
 
-    def _read_body(self, start: int, length: int) -> tuple[bytearray, BodyBuffer | None] | None:
+    def _read_body(
+        self, start: int, length: int
+    ) -> tuple[bytearray | memoryview, BodyBuffer | None] | None:
         """The body (a copy: the scratch buffer is reused) and, for one that did not fit
         the scratch buffer, its :class:`BodyBuffer` (release it once answered); None if
         the connection ended or was refused."""

@@ -42,10 +42,27 @@ def test_happy_path_and_observer() -> None:
     m.advance("checking")
 
 
+def test_repository_path_downloads_before_verifying() -> None:
+    """A repository package: checking → downloading → verifying; a download either
+    reaches verifying or fails (nothing else follows it), and a crash in it is in flight."""
+    m = UpdateMachine("det")
+    for st in ["checking", "downloading", *HAPPY[1:]]:
+        m.advance(st)
+    assert m.state == "active"
+    assert TRANSITIONS["downloading"] == {"verifying", "failed"}
+    assert "downloading" in IN_FLIGHT
+    m.advance("checking")
+    m.advance("downloading")
+    m.advance("failed", error="[repo-download] cut")
+    with pytest.raises(TransitionError):
+        UpdateMachine("x", state="downloading").advance("unpacking")
+
+
 @pytest.mark.parametrize(
     ("path", "bad"),
     [
         (["checking"], "active_then_staged"),
+        (["checking", "downloading"], "unpacking"),
         (["checking", "verifying"], "converting"),
         (["checking", "verifying", "unpacking"], "activating"),
         ([], "staged"),
