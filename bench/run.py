@@ -132,6 +132,11 @@ FIGURES: dict[str, tuple[str, tuple[str, float] | None, int]] = {
     "fleet_check_start_spread_s": ("max - min of the agents' check start times, s", None, 14),
     "fleet_residual_to_full_ratio": ("residual v2 package / full v2 package", None, 14),
     "fleet_messages_per_device": ("MQTT messages a device sends for one update", None, 14),
+    "fleet_bytes_per_device_ratio": (
+        "nginx bytes per device / (residual package + its TUF metadata)",
+        ("<=", 1.1),
+        14,
+    ),
     "update_full_ratio": ("(curl + unpack + session) / daemon trigger->serving", (">=", 0.8), 12),
     "update_residual_wire_ratio": ("bytes served, residual / full update", ("<=", 0.2), 12),
     "update_residual_time_ratio": ("trigger->serving at 2 MB/s, residual / full", ("<=", 0.3), 12),
