@@ -132,9 +132,12 @@ class ChunkedDecoder:
             ProtocolError: 400 ``bad-chunk`` for malformed framing, 413 when the decoded
                 body would exceed ``max_body``, 431 for trailers over ``max_trailer``.
         """
-        view = memoryview(data).cast("B") if not isinstance(data, memoryview) else data
+        # One copy per feed: every line search below is then a bytes.find over a window,
+        # not a slice copied per chunk (1-byte chunks made that quadratic in the window).
+        raw = data if isinstance(data, bytes) else bytes(data)
+        view = memoryview(raw)
         pos = 0
-        end = view.nbytes
+        end = len(raw)
         while pos < end and self._state != _DONE:
             state = self._state
             if state == _DATA:
@@ -145,12 +148,12 @@ class ChunkedDecoder:
                 if not self._left:
                     self._state = _DATA_END
                 continue
-            line_end = _find_crlf(view, pos, end)
+            line_end = raw.find(b"\r\n", pos, min(end, pos + _MAX_LINE + 2))
             if line_end < 0:
                 if end - pos > _MAX_LINE:
                     raise ProtocolError(400, "bad-chunk", "chunk line too long")
                 break  # wait for the rest of the line
-            line = bytes(view[pos:line_end])
+            line = raw[pos:line_end]
             pos = line_end + 2
             if state == _DATA_END:
                 if line:
@@ -174,12 +177,6 @@ class ChunkedDecoder:
                         431, "headers-too-large", "chunked trailer fields too large"
                     )
         return pos
-
-
-def _find_crlf(view: memoryview, start: int, end: int) -> int:
-    stop = min(end, start + _MAX_LINE + 2)
-    i = bytes(view[start:stop]).find(b"\r\n")
-    return -1 if i < 0 else start + i
 
 
 def _chunk_size(line: bytes) -> int:

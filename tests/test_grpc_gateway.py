@@ -22,8 +22,14 @@ from tests.daemon_util import ROOT, DaemonProc, run_dir, start_daemon, tiny_mode
 
 
 def _gateway_pids(d: DaemonProc) -> list[int]:
-    kids = psutil.Process(d.proc.pid).children()
-    return [k.pid for k in kids if "agent.grpc_v2" in " ".join(k.cmdline())]
+    pids = []
+    for k in psutil.Process(d.proc.pid).children():
+        try:  # a child may exit (or be a zombie not yet reaped) while we look
+            if "agent.grpc_v2" in " ".join(k.cmdline()):
+                pids.append(k.pid)
+        except (psutil.ZombieProcess, psutil.NoSuchProcess):
+            continue
+    return pids
 
 
 @pytest.fixture(scope="module")
