@@ -117,7 +117,7 @@ step_venv() {
   cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
   in_root apt-get update -qq
   in_root apt-get install -y -qq --no-install-recommends \
-    python3 python3-venv python3-dev ca-certificates zstd curl openssl procps \
+    python3 python3-venv python3-dev ca-certificates zstd curl openssl procps nginx-light mosquitto \
     passwd util-linux >/dev/null
   # The host's CA bundle: the registries may sit behind the host's own TLS proxy CA.
   cp /etc/ssl/certs/ca-certificates.crt "$ROOT/etc/ssl/certs/ca-certificates.crt"
