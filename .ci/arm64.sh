@@ -115,6 +115,9 @@ step_venv() {
   fi
   log "apt + venv inside the root (aarch64 wheels from PyPI)"
   cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
+  # No service starts inside the root when its package installs (nginx, mosquitto).
+  printf '#!/bin/sh\nexit 101\n' >"$ROOT/usr/sbin/policy-rc.d"
+  chmod 755 "$ROOT/usr/sbin/policy-rc.d"
   in_root apt-get update -qq
   in_root apt-get install -y -qq --no-install-recommends \
     python3 python3-venv python3-dev ca-certificates zstd curl openssl procps nginx-light mosquitto \
