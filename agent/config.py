@@ -96,10 +96,27 @@ class InferenceConfig:
     request_timeouts: dict[str, Any] = field(default_factory=dict)
     # [inference.limits], built into agent.http.HTTPLimits (keys as it names them).
     limits: HTTPLimits = field(default_factory=HTTPLimits)
+    # "127.0.0.1:8000": also serve the inference protocol over TCP (for containers that
+    # cannot mount the socket). Off by default; loopback only unless the next key says
+    # otherwise (TCP has no peer credentials or file permissions: anyone who can reach
+    # the port can call the models).
+    tcp_listen: str = ""
+    tcp_allow_non_loopback: bool = False
 
     def request_timeout(self, model: str) -> float:
         """Seconds a prediction of ``model`` may take."""
         return float(self.request_timeouts.get(model, self.request_timeout_s))
+
+
+@dataclass(frozen=True)
+class GrpcConfig:
+    """KServe v2 gRPC on its own Unix socket (the ``edgeward[grpc]`` extra), served by a
+    gateway process over the inference socket's data plane, with that socket's mode,
+    group and limits."""
+
+    enabled: bool = False
+    socket: Path = Path("/run/edgeward/grpc.sock")
+    threads: int = 8  # gateway threads (concurrent RPCs in progress)
 
 
 @dataclass(frozen=True)
@@ -153,8 +170,6 @@ class RepositoryConfig:
     retries: int = 4  # attempts per download after the first, exponential backoff
     backoff_s: float = 1.0  # first retry delay; doubles, with +-50 % jitter
     backoff_max_s: float = 60.0
-
-
 
 
 @dataclass(frozen=True)
@@ -246,6 +261,7 @@ class Config:
 
     paths: PathsConfig = field(default_factory=PathsConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
+    grpc: GrpcConfig = field(default_factory=GrpcConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
     updates: UpdatesConfig = field(default_factory=UpdatesConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
@@ -269,6 +285,7 @@ _LOG_FORMATS = ("text", "json")
 SECTIONS: dict[str, type[Any]] = {
     "paths": PathsConfig,
     "inference": InferenceConfig,
+    "grpc": GrpcConfig,
     "control": ControlConfig,
     "updates": UpdatesConfig,
     "daemon": DaemonConfig,
@@ -654,11 +671,45 @@ def _validate(cfg: Config) -> None:
         _validate_repository(cfg.repository)
     socks = {"inference.socket": cfg.inference.socket, "control.socket": cfg.control.socket}
     socks["metrics.socket"] = metrics_socket(cfg)
+    socks["grpc.socket"] = cfg.grpc.socket
     seen: dict[Path, str] = {}
     for key, path in socks.items():
         if path in seen:
             raise ConfigError(f"{key}: must differ from {seen[path]}", code="config-value")
         seen[path] = key
+    _positive("grpc.threads", cfg.grpc.threads)
+    if cfg.inference.tcp_listen:
+        tcp_address(cfg.inference)
+
+
+def tcp_address(inf: InferenceConfig) -> tuple[str, int]:
+    """``inference.tcp_listen`` as (host, port); loopback only unless
+    ``inference.tcp_allow_non_loopback``."""
+    import ipaddress
+
+    host, sep, port_s = inf.tcp_listen.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port_s.isdigit() or not 0 < int(port_s) < 65536:
+        raise ConfigError(
+            f"inference.tcp_listen: expected HOST:PORT such as \"127.0.0.1:8000\", "
+            f"got {inf.tcp_listen!r}",
+            code="config-value",
+        )
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        raise ConfigError(
+            f"inference.tcp_listen: {host!r} is not an IP address (or localhost)",
+            code="config-value",
+        ) from None
+    if not loopback and not inf.tcp_allow_non_loopback:
+        raise ConfigError(
+            f"inference.tcp_listen: {host} is not a loopback address; TCP has no peer "
+            "credentials, so anyone who reaches the port can call the models. Set "
+            "inference.tcp_allow_non_loopback = true to allow it",
+            code="config-value",
+        )
+    return host, int(port_s)
 
 
 _CHANNEL_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")

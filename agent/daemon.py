@@ -62,6 +62,7 @@ class Daemon:
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
         self._servers: list[Any] = []
+        self._grpc: Any = None  # agent.grpc_v2.supervisor.GatewayProcess when [grpc] is on
         self._check_task: asyncio.Task[Any] | None = None
         self._lock_fd: int | None = None
         # agent.mqtt.MqttService when [mqtt] is configured (imported only then: idle RSS).
@@ -317,6 +318,32 @@ class Daemon:
         )
         await infer_server.start()
         self._servers.append(infer_server)
+        if inf.tcp_listen:
+            from agent.config import tcp_address
+            from agent.http import TCPHTTPServer
+
+            host, port = tcp_address(inf)
+            tcp_server = TCPHTTPServer(host, port, app, limits=limits)
+            await tcp_server.start()
+            self._servers.append(tcp_server)
+        if self.cfg.grpc.enabled:
+            from agent.grpc_v2.supervisor import GatewayProcess
+
+            g = self.cfg.grpc
+            g.socket.parent.mkdir(parents=True, exist_ok=True)
+            self._grpc = GatewayProcess(
+                g.socket,
+                inf.socket,
+                mode=inf.mode,
+                group=inf.group,
+                max_message_bytes=limits.max_body_bytes,
+                max_concurrent=limits.max_connections,
+                threads=g.threads,
+                timeout=limits.body_timeout_s,
+                grace=self.cfg.daemon.drain_timeout,
+                log_level=self.cfg.daemon.log_level,
+            )
+            await self._grpc.start()
         ctl = self.cfg.control
         control_server = UnixHTTPServer(
             str(ctl.socket),
@@ -379,6 +406,7 @@ class Daemon:
             t.cancel()
         if self._check_task is not None:
             self._check_task.cancel()
+        grpc_stop = [self._grpc.stop()] if self._grpc is not None else []
         if self.updater is not None:
             self.updater.close()
         if self.mqtt is not None:
@@ -387,6 +415,7 @@ class Daemon:
             except Exception:
                 logger.exception("mqtt: closing failed")
         await asyncio.gather(
+            *grpc_stop,
             *(s.close(self.cfg.daemon.drain_timeout) for s in self._servers),
             return_exceptions=True,
         )

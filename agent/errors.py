@@ -154,6 +154,13 @@ class RunScriptError(RuntimeBackendError):
     code = "run-script"
 
 
+class InvalidOutputError(RuntimeBackendError):
+    """A model or run script returned something that is not a tensor (e.g. an arbitrary
+    object where BYTES elements must be ``str`` or ``bytes``)."""
+
+    code = "invalid-output"
+
+
 class WorkerError(RuntimeBackendError):
     """A model worker process died or did not answer; the request was not served."""
 

@@ -13,6 +13,11 @@ Endpoints::
     GET  /v2/models/{m}[/versions/{v}]           model metadata
     GET  /v2/models/{m}[/versions/{v}]/ready     200 | 503 (model-not-ready)
     POST /v2/models/{m}[/versions/{v}]/infer     inference (JSON or binary tensors)
+    GET  /v2/models/{m}[/versions/{v}]/config    Triton model configuration (read-only)
+    GET  /v2/models/{m}[/versions/{v}]/stats     Triton statistics; /v2/models/stats: all
+    POST /v2/repository/index                    the served models (Triton index)
+
+HEAD is answered wherever GET is (headers only, agent/http.py).
 
 Per model at most ``max_concurrent_per_model`` requests run at once and at most
 ``max_queue_per_model`` wait; beyond that the request fails fast with 503 and
@@ -67,7 +72,32 @@ __all__ = [
     "validate_inputs",
 ]
 
-EXTENSIONS = ["binary_tensor_data", "health", "model_metadata"]
+EXTENSIONS = [
+    "binary_tensor_data",
+    "health",
+    "model_metadata",
+    "model_configuration",
+    "model_repository",
+    "statistics",
+]
+
+_BACKENDS = {"onnxruntime_onnx": "onnxruntime", "tensorflow_lite": "litert"}
+# v2 datatype → Triton model-configuration data type (the model_configuration extension).
+CONFIG_TYPES = {
+    "BOOL": "TYPE_BOOL",
+    "UINT8": "TYPE_UINT8",
+    "UINT16": "TYPE_UINT16",
+    "UINT32": "TYPE_UINT32",
+    "UINT64": "TYPE_UINT64",
+    "INT8": "TYPE_INT8",
+    "INT16": "TYPE_INT16",
+    "INT32": "TYPE_INT32",
+    "INT64": "TYPE_INT64",
+    "FP16": "TYPE_FP16",
+    "FP32": "TYPE_FP32",
+    "FP64": "TYPE_FP64",
+    "BYTES": "TYPE_STRING",
+}
 
 
 class ServedModel(Protocol):
@@ -84,6 +114,8 @@ class ServedModel(Protocol):
     async def infer(
         self, inputs: dict[str, np.ndarray[Any, Any]], parameters: dict[str, Any]
     ) -> dict[str, np.ndarray[Any, Any]]: ...
+
+    def statistics(self) -> dict[str, Any]: ...
 
 
 class Registry(Protocol):
@@ -212,6 +244,62 @@ class DataPlane:
         meta.setdefault("versions", [m.version])
         meta.setdefault("platform", "")
         return meta
+
+    def model_config(self, name: str, version: str | None) -> dict[str, Any]:
+        """Triton's model configuration (read-only), derived from the model's metadata:
+        no batching dimension of its own (``max_batch_size`` 0, dims as served)."""
+        meta = self.model_metadata(name, version)
+
+        def tensors(key: str) -> list[dict[str, Any]]:
+            return [
+                {
+                    "name": t.get("name", ""),
+                    "data_type": CONFIG_TYPES.get(str(t.get("datatype", "")), "TYPE_INVALID"),
+                    "dims": [int(d) for d in t.get("shape", [])],
+                }
+                for t in meta.get(key) or []
+            ]
+
+        platform = str(meta.get("platform", ""))
+        config: dict[str, Any] = {
+            "name": meta["name"],
+            "platform": platform,
+            "backend": _BACKENDS.get(platform, ""),
+            "max_batch_size": 0,
+            "input": tensors("inputs"),
+            "output": tensors("outputs"),
+        }
+        versions = [int(v) for v in meta.get("versions", []) if str(v).isdigit()]
+        if versions:  # Triton's versions are integers; others have no policy to show
+            config["version_policy"] = {"specific": {"versions": versions}}
+        return config
+
+    def repository_index(self, ready_only: bool = False) -> list[dict[str, Any]]:
+        """The served models (Triton's repository index, read-only): readable by anyone
+        who may call the models, unlike the control socket's list."""
+        out = []
+        for m in sorted(self.registry.models(), key=lambda m: m.name):
+            ready = bool(m.ready)
+            if ready_only and not ready:
+                continue
+            out.append(
+                {
+                    "name": m.name,
+                    "version": m.version,
+                    "state": "READY" if ready else "UNAVAILABLE",
+                    "reason": "" if ready else "loading, restarting or unloading",
+                }
+            )
+        return out
+
+    def statistics(self, name: str | None, version: str | None) -> dict[str, Any]:
+        """Triton's statistics extension: one model, or every served model."""
+        models = (
+            [self.model(name, version)]
+            if name is not None
+            else sorted(self.registry.models(), key=lambda m: m.name)
+        )
+        return {"model_stats": [m.statistics() for m in models]}
 
     def model_ready(self, name: str, version: str | None) -> dict[str, Any]:
         m = self.model(name, version)
@@ -445,6 +533,9 @@ class InferenceApp:
             raise PathNotFoundError(f"no endpoint {request.path[:200]}")
         method = request.method
         n = len(parts)
+        if n == 4 and parts[2] == "models" and parts[3] == "stats":
+            _allow(method, "GET", request.path)
+            return json_response(200, self.plane.statistics(None, None))
         if n >= 4 and parts[2] == "models":
             name = parts[3]
             rest = parts[4:]
@@ -463,7 +554,18 @@ class InferenceApp:
             if rest == ["ready"]:
                 _allow(method, "GET", request.path)
                 return json_response(200, self.plane.model_ready(name, version))
+            if rest == ["config"]:
+                _allow(method, "GET", request.path)
+                return json_response(200, self.plane.model_config(name, version))
+            if rest == ["stats"]:
+                _allow(method, "GET", request.path)
+                return json_response(200, self.plane.statistics(name, version))
             raise PathNotFoundError(f"no endpoint {request.path[:200]}")
+        if n == 3 and parts[2] == "models":  # GET /v2/models/stats below; this: no name
+            raise PathNotFoundError(f"no endpoint {request.path[:200]}")
+        if n == 4 and parts[2] == "repository" and parts[3] == "index":
+            _allow(method, "POST", request.path)
+            return json_response(200, self.plane.repository_index(_ready_only(request.body)))
         if n == 2:
             _allow(method, "GET", request.path)
             return self._server_meta
@@ -489,8 +591,26 @@ class InferenceApp:
         return infer_response(await self.plane.infer(name, version, req))
 
 
+def _ready_only(body: Any) -> bool:
+    """The repository index request's optional ``{"ready": true}``."""
+    if not body:
+        return False
+    import json
+
+    try:
+        doc = json.loads(bytes(body))
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidInputError("request body is not valid JSON", code="bad-json") from None
+    if not isinstance(doc, dict):
+        raise InvalidInputError("request body must be a JSON object", code="bad-json")
+    return bool(doc.get("ready", False))
+
+
 def _allow(method: str, allowed: str, path: str) -> None:
-    if method != allowed:
-        exc = MethodNotAllowedError(f"{method} is not allowed on {path[:200]}; use {allowed}")
-        exc.allow = allowed
+    """405 unless ``method`` is ``allowed`` (HEAD goes wherever GET does: the server
+    sends the headers only)."""
+    if method != allowed and not (method == "HEAD" and allowed == "GET"):
+        allow = "GET, HEAD" if allowed == "GET" else allowed
+        exc = MethodNotAllowedError(f"{method} is not allowed on {path[:200]}; use {allow}")
+        exc.allow = allow
         raise exc

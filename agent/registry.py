@@ -72,8 +72,10 @@ class ModelStats:
     latency_sum: float = 0.0
     buckets: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKETS))
     swaps: int = 0
+    last_inference: float = 0.0  # wall-clock seconds of the last request counted
 
     def observe(self, seconds: float, ok: bool) -> None:
+        self.last_inference = time.time()
         self.requests += 1
         if not ok:
             self.errors += 1
@@ -149,8 +151,37 @@ class WorkerModel:
             return None
         return self.worker
 
+    def statistics(self) -> dict[str, Any]:
+        """Request counters in Triton's statistics-extension shape (per model name,
+        across versions; requests answered on lent connections arrive batched every
+        0.2 s). Times are whole requests: no queue or compute split is measured."""
+        st = self.stats
+        ok = st.requests - st.errors
+        ns = round(st.latency_sum * 1e9)
+        zero = {"count": 0, "ns": 0}
+        return {
+            "name": self.name,
+            "version": self.version,
+            "last_inference": round(st.last_inference * 1000),
+            "inference_count": ok,
+            "execution_count": ok,
+            "inference_stats": {
+                "success": {"count": ok, "ns": ns},
+                "fail": {"count": st.errors, "ns": 0},
+                "queue": dict(zero),
+                "compute_input": dict(zero),
+                "compute_infer": {"count": ok, "ns": ns},
+                "compute_output": dict(zero),
+                "cache_hit": dict(zero),
+                "cache_miss": dict(zero),
+            },
+            "batch_stats": [],
+        }
+
     def _merge_stats(self, d: dict[str, Any]) -> None:
         st = self.stats
+        if d.get("n"):
+            st.last_inference = time.time()
         st.requests += int(d.get("n", 0))
         st.errors += int(d.get("e", 0))
         st.latency_sum += float(d.get("s", 0.0))

@@ -23,14 +23,16 @@ from typing import Any
 
 import numpy as np
 
-from agent.errors import InvalidInputError
+from agent.errors import InvalidInputError, InvalidOutputError
 
 __all__ = [
     "DATATYPES",
     "HEADER_LENGTH",
     "InferRequest",
     "RequestedOutput",
+    "bytes_elements",
     "datatype_of",
+    "decode_bytes",
     "decode_request",
     "decode_response",
     "decode_tensor",
@@ -38,6 +40,7 @@ __all__ = [
     "encode_request",
     "encode_response",
     "encode_tensor",
+    "pack_bytes",
 ]
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -180,7 +183,7 @@ def decode_tensor(spec: Mapping[str, Any], raw: memoryview | None = None) -> np.
     n = _count(shape)
     if raw is not None:
         if datatype == "BYTES":
-            return _decode_bytes(raw, shape, name)
+            return decode_bytes(raw, shape, name)
         if raw.nbytes != n * dt.itemsize:
             raise InvalidInputError(
                 f"tensor {name!r}: {raw.nbytes} bytes of binary data do not match shape "
@@ -201,7 +204,12 @@ def decode_tensor(spec: Mapping[str, Any], raw: memoryview | None = None) -> np.
                 raise InvalidInputError(
                     f"tensor {name!r}: BYTES elements must be strings in JSON", code="bad-tensor"
                 )
-            out[i] = v.encode()
+            try:
+                out[i] = v.encode()
+            except UnicodeEncodeError:  # a lone surrogate escape (\ud800) is not text
+                raise InvalidInputError(
+                    f"tensor {name!r}: element {i} is not valid Unicode text", code="bad-tensor"
+                ) from None
         return out.reshape(shape)
     try:
         arr = np.asarray(data, dtype=dt)
@@ -252,7 +260,12 @@ def _flatten(data: Any, name: str) -> list[Any]:
     return out
 
 
-def _decode_bytes(raw: memoryview, shape: tuple[int, ...], name: str) -> np.ndarray[Any, Any]:
+def decode_bytes(raw: Any, shape: tuple[int, ...], name: str) -> np.ndarray[Any, Any]:
+    """Length-prefixed BYTES elements (4-byte little-endian length, then the bytes) →
+    an object array of ``bytes`` of ``shape``; InvalidInputError if they do not fill
+    ``raw`` exactly. The one reader of this framing: the v2 binary extension and the
+    worker boundary (runtime/ipc.py) both use it."""
+    raw = memoryview(raw).cast("B") if not isinstance(raw, memoryview) else raw
     n = _count(shape)
     size = raw.nbytes
     if n * 4 > size:  # every element has a 4-byte length: refuse before allocating
@@ -282,12 +295,61 @@ def _decode_bytes(raw: memoryview, shape: tuple[int, ...], name: str) -> np.ndar
     return out.reshape(shape)
 
 
-def _as_bytes(v: Any) -> bytes:
-    if isinstance(v, bytes):
-        return v
-    if isinstance(v, str):
-        return v.encode()
-    return str(v).encode()
+def bytes_elements(arr: np.ndarray[Any, Any], name: str) -> list[bytes]:
+    """The elements of a BYTES tensor as ``bytes``: ``bytes`` as they are, ``str`` as
+    UTF-8. Anything else is a model or run-script bug (InvalidOutputError, 500), never
+    written out as its ``repr``."""
+    out: list[bytes] = []
+    for i, v in enumerate(arr.reshape(-1).tolist()):
+        if isinstance(v, bytes):
+            out.append(v)
+        elif isinstance(v, str):
+            try:
+                out.append(v.encode())
+            except UnicodeEncodeError:
+                raise InvalidOutputError(
+                    f"tensor {name!r}: element {i} is a str that is not valid Unicode"
+                ) from None
+        else:
+            raise InvalidOutputError(
+                f"tensor {name!r}: element {i} is a {type(v).__name__}; BYTES elements "
+                "must be str or bytes"
+            )
+    return out
+
+
+def pack_bytes(items: Sequence[bytes]) -> bytes:
+    """BYTES elements → their length-prefixed binary form (see :func:`decode_bytes`)."""
+    parts: list[bytes] = []
+    for b in items:
+        parts.append(_LEN.pack(len(b)))
+        parts.append(b)
+    return b"".join(parts)
+
+
+def _texts(arr: np.ndarray[Any, Any], name: str) -> list[str]:
+    """A BYTES tensor's elements as JSON strings. Bytes that are not UTF-8 cannot be a
+    JSON string without an encoding of our own (Triton writes them unchecked, which
+    makes invalid JSON): refused with 400 ``not-utf8``; the binary form carries them."""
+    out: list[str] = []
+    for i, v in enumerate(arr.reshape(-1).tolist()):
+        if isinstance(v, str):
+            out.append(v)
+            continue
+        if not isinstance(v, bytes):
+            raise InvalidOutputError(
+                f"tensor {name!r}: element {i} is a {type(v).__name__}; BYTES elements "
+                "must be str or bytes"
+            )
+        try:
+            out.append(v.decode())
+        except UnicodeDecodeError:
+            raise InvalidInputError(
+                f"tensor {name!r}: element {i} is not UTF-8 text and cannot be a JSON "
+                "string; ask for it in binary form (parameters.binary_data)",
+                code="not-utf8",
+            ) from None
+    return out
 
 
 def encode_tensor(
@@ -298,12 +360,11 @@ def encode_tensor(
     datatype = datatype_of(arr, name=name)
     obj: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(arr.shape)}
     if datatype == "BYTES":
-        items = [_as_bytes(v) for v in arr.reshape(-1)]
         if binary:
-            raw = b"".join(_LEN.pack(len(b)) + b for b in items)
+            raw = pack_bytes(bytes_elements(arr, name))
             obj["parameters"] = {"binary_data_size": len(raw)}
             return obj, raw
-        obj["data"] = [b.decode("utf-8", "replace") for b in items]
+        obj["data"] = _texts(arr, name)
         return obj, None
     if binary:
         want = DATATYPES[datatype]

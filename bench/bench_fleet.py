@@ -1,7 +1,7 @@
 """Fleet simulation (issue 14): one MQTT trigger updates N real agents.
 
-A real mosquitto on 127.0.0.1 and N real ``edgeward agent`` processes (default 24,
-``EDGEWARD_BENCH_QUICK=1`` → 6), each with its own state directory, its own X25519
+A real mosquitto and a real nginx on 127.0.0.1 and N real ``edgeward agent`` processes
+(default 24, ``EDGEWARD_BENCH_QUICK=1`` → 6), each with its own state directory, its own X25519
 device key (the device id derives from it) and a small MLP (v1, encrypted for every
 device key). The publisher builds v2 as an int8 residual package against v1; one fleet
 trigger goes to ``edgeward/fleet/bench/cmd``; every agent waits its random fleet jitter
@@ -17,14 +17,14 @@ Figures:
 - ``fleet_check_start_spread_s``: max − min of the devices' check start times (the
   jitter spreading the load on the repository; ideally close to ``FLEET_JITTER_S``).
 - ``fleet_residual_to_full_ratio``: residual package bytes / full v2 package bytes.
-- ``fleet_bytes_per_device_ratio`` (only when the device fetches from a repository):
-  bytes nginx sent per device / (residual package + metadata); goal <= 1.1.
+- ``fleet_bytes_per_device_ratio``: bytes nginx sent per device (its access log) /
+  (residual package + the TUF metadata each device fetched); goal <= 1.1. The
+  repository holds both the full and the residual v2 (as a publisher ships them); a
+  ratio near 1 says every device took the residual, once.
+- ``fleet_messages_per_device``: MQTT messages (status + events) a device sent.
 
-How the package reaches the devices: the network repository (``edgeward repo`` + the
-TUF client, issue 12) is not on main yet, so the package is placed in every device's
-inbox before the trigger (what a check scans); the figures above except the last are
-meaningful without it (the trigger, the jitter, the check, the residual patch, the swap
-and the status path are all real). :func:`_deliver` is the one place to switch.
+The repository is built with ``edgeward repo`` (v1, then v2 full + residual) and served
+by a real nginx over HTTPS (trustme certificate); the devices fetch with their TUF client.
 """
 
 from __future__ import annotations
@@ -76,16 +76,11 @@ def _mlp(path: Path, seed: int, delta: float = 0.0) -> Path:
     return path
 
 
-def _deliver(pkg: Path, inboxes: list[Path]) -> None:
-    """Publish ``pkg`` so every device's next check finds it (see the module docstring)."""
-    for inbox in inboxes:
-        shutil.copy(pkg, inbox / pkg.name)
-
-
-def _config(work: Path, keys_dir: Path, trust: Path, broker_url: str) -> Path:
+def _config(work: Path, keys_dir: Path, trust: Path, broker_url: str, repo_table: str) -> Path:
     from tests.daemon_util import write_config
 
-    cfg = write_config(work, trust_dir=trust, extra=mqtt_config_from_url(broker_url))
+    extra = mqtt_config_from_url(broker_url) + repo_table
+    cfg = write_config(work, trust_dir=trust, extra=extra)
     cfg.write_text(cfg.read_text().replace('keys_dir = ""', f'keys_dir = "{keys_dir}"'))
     return cfg
 
@@ -106,6 +101,8 @@ def mqtt_config_from_url(url: str) -> str:
 def run(work: Path) -> dict[str, float]:
     from tests.daemon_util import edgeward, start_daemon
     from tests.mqtt_util import Watcher, start_broker
+    from tests.nginx_util import Nginx
+    from tests.repo_util import PubRepo, write_repo_config
 
     quick = os.environ.get("EDGEWARD_BENCH_QUICK") == "1"
     n = int(os.environ.get("EDGEWARD_BENCH_FLEET", "6" if quick else "24"))
@@ -136,6 +133,12 @@ def run(work: Path) -> dict[str, float]:
     common = ["--name", "mlp", "--signing-key", str(skey), "--encrypt-for", str(pubs)]
     edgeward("pack", "--model", str(m1), "--version", "1", *common, "-o", str(v1))
     edgeward("pack", "--model", str(m2), "--version", "2", *common, "-o", str(v2_full))
+    # every device starts with v1 installed (unpacked once with the first device's key)
+    v1_dir = work / "v1-unpacked"
+    first_key = next(devices[0].glob("*.key"))
+    pub = str(next(trust.glob("*.pub")))
+    edgeward("unpack", str(v1), "--trust", pub, "--device-key", str(first_key), "-o", str(v1_dir))
+    # v2 as an int8 residual against v1 (its manifest names base mlp 1)
     edgeward(
         "pack",
         "--model",
@@ -144,7 +147,7 @@ def run(work: Path) -> dict[str, float]:
         "2",
         *common,
         "--base",
-        str(m1),
+        str(v1_dir),
         "--bits",
         "8",
         "-o",
@@ -156,19 +159,18 @@ def run(work: Path) -> dict[str, float]:
         f"({residual / full:.3f})"
     )
 
-    # every device starts with v1 installed (unpacked once with the first device's key)
-    v1_dir = work / "v1-unpacked"
-    first_key = next(devices[0].glob("*.key"))
-    pub = str(next(trust.glob("*.pub")))
-    edgeward("unpack", str(v1), "--trust", pub, "--device-key", str(first_key), "-o", str(v1_dir))
-
+    # the repository: v1 (full) published with edgeward repo, served by nginx over HTTPS
+    repo = PubRepo.create(work, trust)
+    repo.add(v1)
+    repo.publish()
+    nginx = Nginx(work / "nginx", repo.root_dir)
     broker = start_broker(work / "broker")
     procs = []
     try:
         t_start = time.monotonic()
         for kdir in devices:
             dwork = kdir.parent
-            cfg = _config(dwork, kdir, trust, broker.url)
+            cfg = _config(dwork, kdir, trust, broker.url, write_repo_config(dwork, nginx, repo))
             procs.append(start_daemon(dwork, [v1_dir], config=cfg, wait_ready=False))
         for d in procs:
             d.wait_for("READY=1", timeout=TIMEOUT_S)
@@ -217,7 +219,9 @@ def run(work: Path) -> dict[str, float]:
                 ),
                 "every agent online with v1",
             )
-            _deliver(v2, [d.inbox for d in procs])
+            nginx.clear_log()
+            repo.add(v2_full, v2)  # what a publisher does: both; each device picks
+            repo.publish()
             collect()
             counting = True
             t0 = time.monotonic()
@@ -262,9 +266,15 @@ def run(work: Path) -> dict[str, float]:
             f"fleet_check_start_spread_s {spread:.2f} (jitter window {FLEET_JITTER_S:.0f} s, "
             f"{n} devices)"
         )
+        log = nginx.log()
+        total = sum(e.body_bytes for e in log) / n
+        meta = sum(e.body_bytes for e in log if "/metadata/" in e.path) / n
+        pkg_bytes = total - meta
+        bytes_ratio = total / (residual + meta)
         print(
-            "fleet_bytes_per_device: not measured; devices get the package through the "
-            "inbox until the network repository (issue 12) is on main"
+            f"fleet_bytes_per_device_ratio {bytes_ratio:.3f} (nginx sent {total:.0f} B per "
+            f"device: {pkg_bytes:.0f} B of packages, {meta:.0f} B of TUF metadata; the residual "
+            f"package is {residual} B, the full one {full} B; {len(log)} requests)"
         )
         print(
             f"fleet_messages_per_device {sent[0] / n:.1f} ({sent[1] / n:.0f} B of status "
@@ -281,8 +291,10 @@ def run(work: Path) -> dict[str, float]:
             "fleet_check_start_spread_s": spread,
             "fleet_residual_to_full_ratio": residual / full,
             "fleet_messages_per_device": sent[0] / n,
+            "fleet_bytes_per_device_ratio": bytes_ratio,
         }
     finally:
         for d in procs:
             d.stop()
         broker.stop()
+        nginx.stop()

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -258,6 +259,7 @@ def _tensor_figures(work: Path) -> dict[str, float]:
 
 
 def run(work: Path) -> dict[str, Any]:
+    shutil.rmtree(work, ignore_errors=True)  # a store left by the last run
     work.mkdir(parents=True, exist_ok=True)
     out: dict[str, float] = {}
     out.update(_rss_figures(work))

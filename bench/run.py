@@ -38,6 +38,7 @@ AREAS = (
     "install",
     "fleet",
     "update",
+    "grpc",
 )
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -131,11 +132,20 @@ FIGURES: dict[str, tuple[str, tuple[str, float] | None, int]] = {
     "fleet_check_start_spread_s": ("max - min of the agents' check start times, s", None, 14),
     "fleet_residual_to_full_ratio": ("residual v2 package / full v2 package", None, 14),
     "fleet_messages_per_device": ("MQTT messages a device sends for one update", None, 14),
+    "fleet_bytes_per_device_ratio": (
+        "nginx bytes per device / (residual package + its TUF metadata)",
+        ("<=", 1.1),
+        14,
+    ),
     "update_full_ratio": ("(curl + unpack + session) / daemon trigger->serving", (">=", 0.8), 12),
     "update_residual_wire_ratio": ("bytes served, residual / full update", ("<=", 0.2), 12),
     "update_residual_time_ratio": ("trigger->serving at 2 MB/s, residual / full", ("<=", 0.3), 12),
     "update_idle_check_bytes": ("bytes on the wire for a check with nothing new", ("<=", 2048), 12),
     "update_kill9_points": ("kill -9 points survived, 0 inconsistent", (">=", 200), 12),
+    "grpc_added_p50_us_tiny": ("tiny model over gRPC (gateway), added p50 us", ("<=", 200), 18),
+    "grpc_http_added_p50_us_tiny": ("the same over HTTP, beside it, added p50 us", None, 18),
+    "daemon_idle_rss_mb_grpc": ("daemon idle RSS with [grpc] enabled, MB", ("<=", 60), 18),
+    "grpc_gateway_idle_rss_mb": ("the gRPC gateway process's idle RSS, MB", None, 18),
 }
 
 TRANSCRIPTS = HERE / "transcripts"

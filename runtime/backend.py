@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from agent.errors import InvalidInputError, RuntimeBackendError
+from agent.errors import InvalidInputError, InvalidOutputError, RuntimeBackendError
 from runtime.config import RuntimeConfig
 
 logger = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ def validate_inputs(
         spec = by_name[name]
         arr = value if isinstance(value, np.ndarray) else np.asarray(value)
         if arr.dtype != spec.dtype and not (
-            spec.dtype.kind == "O" and arr.dtype.kind in ("U", "S", "O")
+            spec.dtype.kind in _TEXT_KINDS and arr.dtype.kind in _TEXT_KINDS
         ):
             raise InvalidInputError(
                 f"{model}: input {name!r} has datatype {_dt_name(arr.dtype)}, "
@@ -139,6 +139,79 @@ def validate_inputs(
                     )
         out[name] = arr
     return out
+
+
+_TEXT_KINDS = ("U", "S", "O")
+
+
+def text_array(arr: np.ndarray[Any, Any], name: str) -> np.ndarray[Any, Any]:
+    """A BYTES tensor as ONNX Runtime takes a string tensor: an object array of ``str``.
+
+    ORT's Python binding stringifies anything else (``bytes`` become ``"b'...'"``) and
+    cuts fixed-width ``U`` arrays at an embedded NUL, so every element is decoded here
+    (UTF-8; a byte string that is not UTF-8 is refused with 400 ``not-utf8``, since an
+    ORT string tensor only takes text from Python)."""
+    if arr.dtype.kind == "O" and all(type(v) is str for v in arr.flat):
+        return arr
+    out = np.empty(arr.shape, dtype=object)
+    flat = out.reshape(-1)
+    for i, v in enumerate(arr.reshape(-1).tolist()):
+        if isinstance(v, bytes):
+            try:
+                flat[i] = v.decode()
+            except UnicodeDecodeError:
+                raise InvalidInputError(
+                    f"input {name!r}: element {i} is not UTF-8 text; ONNX Runtime string "
+                    "tensors take text",
+                    code="not-utf8",
+                ) from None
+        elif isinstance(v, str):
+            flat[i] = v
+        else:
+            raise InvalidInputError(
+                f"input {name!r}: element {i} is a {type(v).__name__}, not text",
+                code="bad-tensor",
+            )
+    return out
+
+
+def bytes_array(arr: np.ndarray[Any, Any], name: str) -> np.ndarray[Any, Any]:
+    """A BYTES tensor as an object array of ``bytes`` (``str`` as UTF-8): what LiteRT
+    string tensors and run scripts receive."""
+    if arr.dtype.kind == "O" and all(type(v) is bytes for v in arr.flat):
+        return arr
+    out = np.empty(arr.shape, dtype=object)
+    flat = out.reshape(-1)
+    for i, v in enumerate(arr.reshape(-1).tolist()):
+        if isinstance(v, bytes):
+            flat[i] = v
+        elif isinstance(v, str):
+            flat[i] = v.encode("utf-8", "surrogatepass")
+        else:
+            raise InvalidInputError(
+                f"input {name!r}: element {i} is a {type(v).__name__}, not bytes",
+                code="bad-tensor",
+            )
+    return out
+
+
+_OUTPUT_KINDS = frozenset("biufUSO")
+
+
+def check_output(name: str, arr: np.ndarray[Any, Any], where: str) -> None:
+    """An output a model or run script returned must be a tensor v2 can carry: numbers,
+    bools, or text/bytes elements. Anything else (an arbitrary object, a structured
+    dtype) is the producer's bug: InvalidOutputError (500 ``invalid-output``)."""
+    kind = arr.dtype.kind
+    if kind not in _OUTPUT_KINDS or (kind == "f" and arr.dtype.itemsize not in (2, 4, 8)):
+        raise InvalidOutputError(f"{where}: output {name!r} has dtype {arr.dtype}, not a tensor")
+    if kind == "O":
+        for i, v in enumerate(arr.flat):
+            if not isinstance(v, (str, bytes)):
+                raise InvalidOutputError(
+                    f"{where}: output {name!r} element {i} is a {type(v).__name__}; "
+                    "text outputs must be str or bytes"
+                )
 
 
 def _signature(

@@ -174,6 +174,9 @@ def random_inputs(specs: list[TensorSpec], batch: int = 1, seed: int = 0) -> dic
             out[s.name] = rng.integers(0, 10, shape).astype(s.dtype)
         elif s.dtype.kind == "b":
             out[s.name] = rng.random(shape) > 0.5
+        elif s.dtype.kind in "OUS":  # string tensors: short words, non-ASCII included
+            words = np.array(["", "edge", "ward", "héllo", "模型", "a b"], dtype=object)
+            out[s.name] = words[rng.integers(0, len(words), shape)]
         else:
             raise ConverterError(
                 f"cannot generate a validation input for {s.name} ({s.dtype})",

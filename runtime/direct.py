@@ -62,6 +62,7 @@ from agent.http import (
     parse_head,
     render_response,
 )
+from agent.httpbody import CHUNKED, ChunkedDecoder, decode_content
 from agent.kserve import (
     InferResult,
     error_response,
@@ -438,7 +439,7 @@ class DirectServer:
 
     # --- one request ------------------------------------------------------------------
 
-    def handle(self, headers: dict[str, str], body: bytearray) -> Any:
+    def handle(self, headers: dict[str, str], body: bytes | bytearray | memoryview) -> Any:
         """One inference → the HTTP response, errors as v2 error JSON (as the daemon)."""
         try:
             req = decode_request(body, header_length(headers))
@@ -656,7 +657,14 @@ class _Lent:
             got = self._read_body(end + 4, length)
             if got is None:
                 return None
-            body, bb = got
+            raw_body, bb = got
+            try:
+                body = decode_content(headers, raw_body, lim.max_body_bytes)
+            except ProtocolError as exc:
+                if bb is not None:
+                    bb.release()
+                return self._fail_with(exc)
+            del raw_body
             with srv.busy_lock:
                 srv.busy += 1
             st = srv.state
@@ -680,11 +688,15 @@ class _Lent:
             if not keep:
                 return self._closed()
 
-    def _read_body(self, start: int, length: int) -> tuple[bytearray, BodyBuffer | None] | None:
+    def _read_body(
+        self, start: int, length: int
+    ) -> tuple[bytearray | memoryview, BodyBuffer | None] | None:
         """The body (a copy: the scratch buffer is reused) and, for one that did not fit
         the scratch buffer, its :class:`BodyBuffer` (release it once answered); None if
         the connection ended or was refused."""
         deadline = time.monotonic() + self.srv.limits.body_timeout_s
+        if length == CHUNKED:
+            return self._read_chunked(start, deadline)
         total = start + length
         if total <= len(self.buf):
             while self.filled < total:
@@ -717,6 +729,39 @@ class _Lent:
             self._fail_with(exc)
             return None
         return bb.take(), bb
+
+    def _read_chunked(
+        self, start: int, deadline: float
+    ) -> tuple[bytearray, BodyBuffer | None] | None:
+        """A chunked body, decoded by agent/httpbody.py from the scratch buffer."""
+        lim = self.srv.limits
+        dec = ChunkedDecoder(lim.max_body_bytes, lim.max_header_bytes)
+        pos = start
+        while True:
+            try:
+                pos += dec.feed(self.view[pos : self.filled])
+            except ProtocolError as exc:
+                self._fail_with(exc)
+                return None
+            if dec.done:
+                rest = self.filled - pos
+                if rest:
+                    self.buf[:rest] = self.buf[pos : self.filled]
+                self.filled = rest
+                return dec.body, None
+            # keep the unconsumed part (an incomplete chunk line) at the front
+            rest = self.filled - pos
+            if pos:
+                self.buf[:rest] = self.buf[pos : self.filled]
+                self.filled, pos = rest, 0
+            if self.filled >= len(self.buf):
+                self._fail(400, "bad-chunk", "chunk line too long")
+                return None
+            n = self._recv(self.view[self.filled :], deadline, False)
+            if n <= 0:
+                self._body_failed(n)
+                return None
+            self.filled += n
 
     def _body_failed(self, n: int) -> None:
         if n == 0:

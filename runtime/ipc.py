@@ -22,7 +22,6 @@ import contextlib
 import json
 import mmap
 import os
-import pickle
 import socket
 import struct
 import threading
@@ -31,7 +30,7 @@ from typing import Any, cast
 import numpy as np
 
 from agent.errors import InvalidInputError
-from agent.tensors import remember
+from agent.tensors import bytes_elements, decode_bytes, pack_bytes, remember
 
 HEAD = struct.Struct("!II")
 LANE_HEAD = struct.Struct("!IIQI")  # header length, payload length, request id, aux
@@ -470,9 +469,11 @@ def encode(
     n_shm = n_reg = 0
     for name, value in arrays.items():
         arr = value if isinstance(value, np.ndarray) else np.asarray(value)
-        if arr.dtype.hasobject:
-            data = pickle.dumps(arr, protocol=5)
-            descs.append({"n": name, "e": "pickle", "o": inline_off, "l": len(data)})
+        if arr.dtype.kind in "OUS":
+            # Text and bytes: length-prefixed elements (as the v2 binary extension
+            # frames BYTES), never pickle: the child is less trusted than the parent.
+            data = pack_bytes(bytes_elements(arr, name))
+            descs.append({"n": name, "e": "bytes", "s": arr.shape, "o": inline_off, "l": len(data)})
             parts.append(data)
             inline_off += len(data)
             continue
@@ -508,7 +509,7 @@ def encode(
 # A tensor descriptor checked and converted once: (name, encoding, dtype, shape, offset,
 # length, element count, region id).
 Tensor = tuple[str, str, "np.dtype[Any] | None", tuple[int, ...], int, int, int, Any]
-_ENCODINGS = ("raw", "shm", "reg", "pickle")
+_ENCODINGS = ("raw", "shm", "reg", "bytes")
 
 
 def compile_descs(descs: list[dict[str, Any]]) -> list[Tensor]:
@@ -521,8 +522,8 @@ def compile_descs(descs: list[dict[str, Any]]) -> list[Tensor]:
         if e not in _ENCODINGS:
             raise ValueError(f"unknown tensor encoding {e!r}")
         off, ln = int(d["o"]), int(d["l"])
-        if e == "pickle":
-            out.append((str(d["n"]), e, None, (), off, ln, 0, None))
+        if e == "bytes":
+            out.append((str(d["n"]), e, None, tuple(int(x) for x in d["s"]), off, ln, 0, None))
             continue
         dtype = np.dtype(d["t"])
         shape = tuple(int(x) for x in d["s"])
@@ -546,11 +547,12 @@ def decode(
     tensors = cast("list[Tensor]", descs) if compiled else compile_descs(cast(Any, descs))
     out: dict[str, np.ndarray] = {}
     for name, e, dtype, shape, off, ln, count, rid in tensors:
-        if e == "pickle":
-            arr = pickle.loads(payload[off : off + ln])
-            if not isinstance(arr, np.ndarray):
-                raise InvalidInputError(f"input {name!r} is not an array", code="invalid-input")
-            out[name] = arr
+        if e == "bytes":
+            if off < 0 or off + ln > memoryview(payload).nbytes:
+                raise InvalidInputError(
+                    f"tensor {name!r}: BYTES data outside the frame", code="invalid-input"
+                )
+            out[name] = decode_bytes(memoryview(payload)[off : off + ln], shape, name)
         elif e == "shm":
             if arena is None:
                 raise ChannelClosed("shared-memory tensor without an arena")

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from agent.errors import InvalidInputError, RuntimeBackendError
-from runtime.backend import Backend, TensorSpec
+from runtime.backend import Backend, TensorSpec, bytes_array
 from runtime.config import DelegateSpec, LiteRTOptions
 
 logger = logging.getLogger(__name__)
@@ -245,7 +245,9 @@ class _Slot:
                 it.allocate_tensors()
                 self.out_details = it.get_output_details()
                 self.shapes.update({n: a.shape for n, a in inputs.items()})
-            for name, arr in inputs.items():
+            for name, value in inputs.items():
+                # a TFLite string tensor takes bytes elements
+                arr = bytes_array(value, name) if value.dtype.kind in "OU" else value
                 it.set_tensor(self.in_details[name]["index"], np.ascontiguousarray(arr))
             it.invoke()
             return {d["name"]: it.get_tensor(d["index"]) for d in self.out_details}

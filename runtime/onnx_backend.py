@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from agent.errors import InvalidInputError, RuntimeBackendError
-from runtime.backend import Backend, TensorSpec
+from runtime.backend import Backend, TensorSpec, text_array
 from runtime.config import OnnxOptions
 
 logger = logging.getLogger(__name__)
@@ -178,6 +178,7 @@ class OnnxBackend(Backend):
         self._level = level
         self._session: Any = None
         self._output_names: list[str] = []
+        self._text_inputs: list[str] = []
 
     @property
     def providers(self) -> list[str]:
@@ -188,8 +189,12 @@ class OnnxBackend(Backend):
         self._inputs = [_spec(a) for a in self._session.get_inputs()]
         self._outputs = [_spec(a) for a in self._session.get_outputs()]
         self._output_names = [o.name for o in self._outputs]
+        self._text_inputs = [s.name for s in self._inputs if s.dtype.kind == "O"]
 
     def _run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        for name in self._text_inputs:
+            if name in inputs:
+                inputs[name] = text_array(inputs[name], name)
         try:
             results = self._session.run(self._output_names, inputs)
         except Exception as exc:

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from agent.errors import EdgewardError, RunScriptError
-from runtime.backend import Backend, TensorSpec, validate_inputs
+from runtime.backend import Backend, TensorSpec, check_output, validate_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -138,11 +138,14 @@ class RunScript:
                 f"got {type(out).__name__}"
             )
         try:
-            return {k: np.asarray(v) for k, v in out.items()}
+            arrays = {k: np.asarray(v) for k, v in out.items()}
         except Exception as exc:
             raise RunScriptError(
                 f"run script {self.path}: output is not array-like: {_describe(exc)}"
             ) from exc
+        for k, a in arrays.items():
+            check_output(k, a, f"run script {self.path}")
+        return arrays
 
     def close(self) -> None:
         fn = getattr(self._obj, "close", None)

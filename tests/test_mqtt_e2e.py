@@ -1,10 +1,10 @@
 """MQTT end to end: a real mosquitto, a real daemon process, real inference traffic.
 
-A "newly published version" reaches the device through :func:`publish_version`: today
-it drops the signed package into the daemon's inbox (what the check scans); when the
-network repository lands, only that function changes (publish with ``edgeward repo``,
-point the daemon's ``[repository]`` at nginx). The trigger itself always travels over
-the broker and only starts the daemon's ordinary check.
+A "newly published version" is published with ``edgeward repo`` into a TUF repository
+that a real nginx serves over HTTPS (the daemon's ``[repository]``); the trigger travels
+over the broker and only starts the daemon's ordinary check, which fetches it. Where a
+test only needs *some* local update (the broker is down), the package goes into the
+daemon's inbox instead (:func:`drop_in_inbox`).
 """
 
 from __future__ import annotations
@@ -44,15 +44,35 @@ from tests.mqtt_util import (
     retained,
     start_broker,
 )
+from tests.nginx_util import Nginx, needs_nginx
+from tests.repo_util import PubRepo, bytes_for, write_repo_config
 
-pytestmark = [pytest.mark.e2e, needs_mosquitto, needs_worker]
+pytestmark = [pytest.mark.e2e, needs_mosquitto, needs_worker, needs_nginx]
 
 FAST = {"reconnect_min_s": 0.5, "reconnect_max_s": 2.0, "keepalive": 10}
 
 
-def publish_version(daemon: DaemonProc, pkg: Path) -> None:
-    """Make ``pkg`` the newest published version the daemon's check will find."""
+def drop_in_inbox(daemon: DaemonProc, pkg: Path) -> None:
+    """A sideloaded package: the daemon's next check installs it, no network involved."""
     shutil.copy(pkg, daemon.inbox / pkg.name)
+
+
+def publish_version(repo: PubRepo, pkg: Path) -> None:
+    """Publish ``pkg`` in the repository (``edgeward repo add`` + ``publish``)."""
+    repo.add(pkg)
+    repo.publish()
+
+
+@pytest.fixture
+def served(tmp_path: Path, pkgs: dict[str, Path]) -> Iterator[tuple[PubRepo, Nginx]]:
+    """A repository built by ``edgeward repo`` holding v1, served by nginx over HTTPS."""
+    repo = PubRepo.create(tmp_path, pkgs["trust"])
+    publish_version(repo, pkgs["v1"])
+    nginx = Nginx(tmp_path / "nginx", repo.root_dir)
+    try:
+        yield repo, nginx
+    finally:
+        nginx.stop()
 
 
 def metrics(d: DaemonProc) -> dict[str, float]:
@@ -138,27 +158,38 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
     b.stop()
 
 
-def _daemon(tmp_path: Path, pkgs: dict[str, Path], broker: Broker, **mqtt: Any) -> DaemonProc:
+def _daemon(
+    tmp_path: Path,
+    pkgs: dict[str, Path],
+    broker: Broker,
+    served: tuple[PubRepo, Nginx] | None = None,
+    **mqtt: Any,
+) -> DaemonProc:
+    """A daemon serving v1 with ``[mqtt]`` (and ``[repository]`` when ``served``)."""
     kw = {"device_id": "dev1", "groups": ["lab"], **FAST, **mqtt}
+    extra = mqtt_config(broker, **kw)
+    if served is not None:
+        extra += write_repo_config(tmp_path, served[1], served[0])  # type: ignore[arg-type]  # a PubRepo has the root_json it reads
     return start_daemon(
         tmp_path / "d",
         [pkgs["v1"]],
         trust=[*pkgs["trust"].glob("*.pub")],
         trust_dir=pkgs["trust"],
-        extra=mqtt_config(broker, **kw),
+        extra=extra,
     )
 
 
 def test_trigger_installs_new_version_under_traffic(
-    tmp_path: Path, pkgs: dict[str, Path], broker: Broker
+    tmp_path: Path, pkgs: dict[str, Path], broker: Broker, served: tuple[PubRepo, Nginx]
 ) -> None:
-    d = _daemon(tmp_path, pkgs, broker, min_check_interval_s=0)
+    repo, nginx = served
+    d = _daemon(tmp_path, pkgs, broker, served, min_check_interval_s=0)
     try:
         first = retained(broker, "edgeward/dev1/status")
         assert first["online"] is True and first["models"] == {"tiny": "1"}
         with traffic(d) as load:
             wait_until(lambda: load["ok"] > 20, what="traffic")
-            publish_version(d, pkgs["v2"])
+            publish_version(repo, pkgs["v2"])
             res = fleet(
                 "check", "--device", "dev1", "--broker", broker.url, "--wait", "90", "--json"
             )
@@ -170,6 +201,8 @@ def test_trigger_installs_new_version_under_traffic(
             time.sleep(0.5)
         assert load["failures"] == []
         assert load["scales"] == {2.0, 3.0}  # v1 (x*2) then v2 (x*3), nothing else
+        # the device fetched v2 from the repository (nginx served the package once)
+        assert bytes_for(nginx, "tiny-2.emp") == pkgs["v2"].stat().st_size
         # a fresh subscriber sees the new version in the retained status
         doc = wait_until(
             lambda: (
@@ -199,7 +232,7 @@ def test_broker_restart_and_broker_down(
             wait_until(lambda: metrics(d)["edgeward_mqtt_connected"] == 0, what="disconnect")
             assert "disconnected" in d.cli("status").stdout
             # local updates do not need the broker
-            publish_version(d, pkgs["v2"])
+            drop_in_inbox(d, pkgs["v2"])
             res = d.cli("check")
             assert res.returncode == 0 and "installed tiny version 2" in res.stdout, res.stderr
             ok_before = load["ok"]
@@ -278,7 +311,7 @@ def test_bad_commands_change_nothing(tmp_path: Path, pkgs: dict[str, Path], brok
     try:
         retained(broker, "edgeward/dev1/status")
         checks0 = metrics(d)["edgeward_update_checks_total"]
-        publish_version(d, pkgs["v2"])  # a check would install it: none may run
+        drop_in_inbox(d, pkgs["v2"])  # a check would install it: none may run
         with Watcher(broker, ["edgeward/dev1/events"]) as w:
             bad = [
                 b"{not json",
@@ -344,7 +377,9 @@ def test_kill9_publishes_last_will(tmp_path: Path, pkgs: dict[str, Path], broker
         d.stop()
 
 
-def test_tls_password_and_acl(tmp_path: Path, pkgs: dict[str, Path]) -> None:
+def test_tls_password_and_acl(
+    tmp_path: Path, pkgs: dict[str, Path], served: tuple[PubRepo, Nginx]
+) -> None:
     tls = make_tls(tmp_path / "tls")
     users = {"dev1": "pw-dev1", "dev2": "pw-dev2", "operator": "pw-op"}
     acl = "\n".join(
@@ -373,6 +408,7 @@ def test_tls_password_and_acl(tmp_path: Path, pkgs: dict[str, Path]) -> None:
         tmp_path,
         pkgs,
         broker,
+        served,
         ca_file=tls.ca_pem,
         username="dev1",
         password_file=pw,
@@ -407,7 +443,7 @@ def test_tls_password_and_acl(tmp_path: Path, pkgs: dict[str, Path]) -> None:
         doc = retained(broker, "edgeward/dev1/status", username="operator", password="pw-op")
         assert doc["models"] == {"tiny": "1"}
         # the operator may, through the group topic (the device waits its fleet jitter)
-        publish_version(d, pkgs["v2"])
+        publish_version(served[0], pkgs["v2"])
         res = fleet("check", "--group", "lab", "--wait", "60", "--expect", "1", "--json", *op)
         assert res.returncode == 0, res.stderr
         assert [e["device_id"] for e in json.loads(res.stdout)["events"]] == ["dev1"]
