@@ -514,11 +514,8 @@ class Updater:
                 self._go_on()
                 cands, bad = await loop.run_in_executor(None, src.scan, self)
             except EdgewardError as exc:
-                if exc.code == "stopping":  # nobody's fault: the next start checks again
-                    res.failed["*"] = exc.message
-                    res.finished = time.time()
-                    self.last_check = res
-                    return res
+                if exc.code == "stopping":
+                    raise
                 self.check_failures += 1
                 res.failed[src.label] = f"[{exc.code}] {exc.message}"
                 continue
