@@ -13,7 +13,8 @@ Endpoints::
     POST /check                run the update check now; returns what it did
     POST /rollback/{name}      serve the previous version of a model
     POST /reload               re-read the config file, then check
-    GET  /metrics              Prometheus text format
+    GET  /metrics              Prometheus text format (agent/metrics.py; also on the
+                               metrics socket, for scrapers that are not administrators)
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent.errors import EdgewardError, InferenceError
 from agent.http import PeerCred, Request, Response
-from agent.registry import LATENCY_BUCKETS
+from agent.metrics import CONTENT_TYPE, render_metrics
 
 if TYPE_CHECKING:
     from agent.daemon import Daemon
@@ -95,84 +96,6 @@ def peer_allowed(cred: PeerCred, admin_group: str | None) -> bool:
     return user in gr.gr_mem
 
 
-# --- metrics ---------------------------------------------------------------------------
-
-
-def _esc(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def render_metrics(daemon: Daemon) -> str:
-    """Prometheus text exposition format 0.0.4."""
-    from agent.updater import STATES
-
-    lines: list[str] = []
-
-    def head(name: str, kind: str, help_: str) -> None:
-        lines.append(f"# HELP {name} {help_}")
-        lines.append(f"# TYPE {name} {kind}")
-
-    reg = daemon.registry
-    stats = reg.stats()
-    head("edgeward_requests_total", "counter", "Inference requests that reached a model.")
-    for name, s in sorted(stats.items()):
-        lines.append(f'edgeward_requests_total{{model="{_esc(name)}"}} {s.requests}')
-    head("edgeward_request_errors_total", "counter", "Inference requests a model failed.")
-    for name, s in sorted(stats.items()):
-        lines.append(f'edgeward_request_errors_total{{model="{_esc(name)}"}} {s.errors}')
-    head("edgeward_request_duration_seconds", "histogram", "Model call latency.")
-    for name, s in sorted(stats.items()):
-        m = _esc(name)
-        cum = 0
-        for bound, count in zip(LATENCY_BUCKETS, s.buckets, strict=True):
-            cum += count
-            lines.append(
-                f'edgeward_request_duration_seconds_bucket{{model="{m}",le="{bound}"}} {cum}'
-            )
-        lines.append(
-            f'edgeward_request_duration_seconds_bucket{{model="{m}",le="+Inf"}} {s.requests}'
-        )
-        lines.append(f'edgeward_request_duration_seconds_sum{{model="{m}"}} {s.latency_sum:.6f}')
-        lines.append(f'edgeward_request_duration_seconds_count{{model="{m}"}} {s.requests}')
-    head("edgeward_model_swaps_total", "counter", "Hot swaps of a model's serving version.")
-    for name, s in sorted(stats.items()):
-        lines.append(f'edgeward_model_swaps_total{{model="{_esc(name)}"}} {s.swaps}')
-    models = [m.describe() for m in reg.models()]
-    head("edgeward_worker_rss_bytes", "gauge", "Resident memory of each model worker.")
-    for d in models:
-        lines.append(
-            f'edgeward_worker_rss_bytes{{model="{_esc(d["name"])}",'
-            f'version="{_esc(str(d["version"]))}"}} {d["rss_bytes"]}'
-        )
-    head("edgeward_worker_restarts_total", "counter", "Worker process restarts after a crash.")
-    for d in models:
-        lines.append(
-            f'edgeward_worker_restarts_total{{model="{_esc(d["name"])}",'
-            f'version="{_esc(str(d["version"]))}"}} {d["restarts"]}'
-        )
-    head("edgeward_model_ready", "gauge", "1 when the model's serving worker is ready.")
-    for wm in reg.models():
-        lines.append(f'edgeward_model_ready{{model="{_esc(wm.name)}"}} {int(wm.ready)}')
-    up = daemon.updater
-    head("edgeward_update_state", "gauge", "Current update state per model (1 = in state).")
-    for name, mach in sorted(up.machines.items()):
-        for st in STATES:
-            v = int(mach.state == st)
-            lines.append(f'edgeward_update_state{{model="{_esc(name)}",state="{st}"}} {v}')
-    head("edgeward_update_transitions_total", "counter", "Update state transitions by target.")
-    for st in STATES:
-        lines.append(f'edgeward_update_transitions_total{{state="{st}"}} {up.transitions[st]}')
-    head("edgeward_update_checks_total", "counter", "Update checks run.")
-    lines.append(f"edgeward_update_checks_total {up.checks}")
-    head("edgeward_update_failures_total", "counter", "Update checks or installs that failed.")
-    lines.append(f"edgeward_update_failures_total {up.check_failures}")
-    head("edgeward_daemon_rss_bytes", "gauge", "Resident memory of the daemon process.")
-    lines.append(f"edgeward_daemon_rss_bytes {daemon.rss_bytes()}")
-    head("edgeward_daemon_start_time_seconds", "gauge", "Unix time the daemon started.")
-    lines.append(f"edgeward_daemon_start_time_seconds {daemon.started:.3f}")
-    return "\n".join(lines) + "\n"
-
-
 # --- the app ---------------------------------------------------------------------------
 
 Reply = tuple[int, str, bytes]  # status, content type, body
@@ -201,6 +124,7 @@ class ControlApp:
             ("POST", "/reload"): self._reload,
             ("GET", "/metrics"): self._metrics,
             ("POST", "/rollback"): self._rollback,
+            ("POST", "/verify"): self._verify,
         }
 
     async def dispatch(self, method: str, path: str, peer: PeerCred | None) -> Reply:
@@ -239,12 +163,15 @@ class ControlApp:
         return _json(200, {"models": self.daemon.models_status()})
 
     async def _check(self, _arg: str) -> Reply:
-        res = await self.daemon.updater.check()
+        res = await self.daemon.updater.check(retry_deferred=True)
         return _json(200, res.to_dict())
 
     async def _reload(self, _arg: str) -> Reply:
         changed = await self.daemon.reload()
         return _json(200, {"reloaded": True, "changed": changed})
+
+    async def _verify(self, _arg: str) -> Reply:
+        return _json(200, await self.daemon.verify_installed())
 
     async def _rollback(self, name: str) -> Reply:
         if not name or "/" in name:
@@ -252,4 +179,4 @@ class ControlApp:
         return _json(200, await self.daemon.updater.rollback(name))
 
     async def _metrics(self, _arg: str) -> Reply:
-        return 200, "text/plain; version=0.0.4; charset=utf-8", render_metrics(self.daemon).encode()
+        return 200, CONTENT_TYPE, render_metrics(self.daemon)

@@ -43,6 +43,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from agent import boundedjson
 from agent.errors import CryptoError, FormatError, IntegrityError
 from agent.keys import Keyring, TrustStore, sign
 
@@ -694,8 +695,14 @@ def read_envelope(
     """
     if len(data) > MAX_ENVELOPE_BYTES:
         raise FormatError("key envelope larger than 1 MiB", code="envelope-malformed")
+    doc = boundedjson.loads(
+        data,
+        what="key envelope",
+        error=FormatError,
+        code="envelope-malformed",
+        max_bytes=MAX_ENVELOPE_BYTES,
+    )
     try:
-        doc = json.loads(data)
         payload = base64.b64decode(doc["payload"], validate=True)
         sigs = doc["signatures"]
     except (ValueError, KeyError, TypeError) as exc:
@@ -707,8 +714,14 @@ def read_envelope(
     trust.verify(
         ENVELOPE_SIG_PREFIX + payload, json.dumps({"format": 1, "signatures": sigs}).encode()
     )
+    body = boundedjson.loads(
+        payload,
+        what="key envelope payload",
+        error=FormatError,
+        code="envelope-malformed",
+        max_bytes=MAX_ENVELOPE_BYTES,
+    )
     try:
-        body = json.loads(payload)
         fmt, pkg, recipients = body["format"], body["package"], body["recipients"]
     except (ValueError, KeyError, TypeError) as exc:
         raise FormatError("key envelope payload is malformed", code="envelope-malformed") from exc

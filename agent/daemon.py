@@ -25,13 +25,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.config import Config, check_groups, load_config
+from agent.config import Config, check_groups, load_config, metrics_socket
 from agent.control import ControlApp
-from agent.errors import ConfigError, EdgewardError
+from agent.errors import EdgewardError, local_fault
 from agent.registry import ModelRegistry, WorkerLike
 from agent.sdnotify import Notifier, watchdog_interval
 from agent.store import Store
-from agent.updater import Updater
+from agent.updater import IN_FLIGHT, Updater
 
 logger = logging.getLogger(__name__)
 
@@ -62,62 +62,54 @@ class Daemon:
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
         self._servers: list[Any] = []
-        self._runtime_config: Any = None
         self._check_task: asyncio.Task[Any] | None = None
+        self._lock_fd: int | None = None
 
     # --- workers -------------------------------------------------------------------
 
     def _make_worker(self, name: str, version: str, model_dir: Path) -> WorkerLike:
-        from runtime.config import RuntimeConfig
-
         ModelWorker = importlib.import_module("runtime.worker").ModelWorker
-        if self._runtime_config is None:
-            self._runtime_config = RuntimeConfig.from_dict(self.cfg.runtime)
         limit = self.cfg.daemon.worker_memory_limit_mb
         worker: WorkerLike = ModelWorker(
             name,
             version,
             model_dir,
-            self._runtime_config,
+            self.cfg.runtime,
             cache_dir=self.cfg.paths.resolved_cache_dir,
             memory_limit_bytes=limit * 1024 * 1024 if limit else None,
             # Replies are read by the daemon's event loop (one wake-up per reply instead of
             # a reader thread that then wakes the loop); see docs/RUNTIME.md.
             loop=_running_loop(),
-            lend=self._lend_settings(),
+            lend=self._lend_settings(name),
+            request_timeout=self.cfg.inference.request_timeout(name),
         )
         return worker
 
-    def _lend_settings(self) -> dict[str, Any] | None:
+    def _lend_settings(self, name: str) -> dict[str, Any] | None:
         """What a worker needs to answer lent inference connections as this daemon would
         (HTTP limits, admission), or None when lending is off."""
-        from agent.http import HTTPLimits
         from runtime.direct import limits_settings
 
         inf = self.cfg.inference
         if not inf.lend_connections:
             return None
-        try:
-            limits = HTTPLimits(**inf.limits)
-        except (TypeError, EdgewardError):  # _bind reports bad limits
-            return None
         gate = (inf.max_concurrent_per_model, inf.max_queue_per_model)
-        return limits_settings(limits, gate, inf.lend_spin_us)
+        return limits_settings(inf.limits, gate, inf.lend_spin_us, inf.request_timeout(name))
 
     # --- lifecycle -----------------------------------------------------------------
 
     async def startup(self) -> None:
         """Everything before READY=1. Raises EdgewardError on a fatal problem."""
+        self._lock_fd = self.store.lock()  # first: a second daemon must touch nothing
         check_groups(self.cfg)
-        from runtime.config import RuntimeConfig
-
-        self._runtime_config = RuntimeConfig.from_dict(self.cfg.runtime)  # fail fast
+        self._check_sockets_free()  # before minutes of model loading, not after
         self.notifier.status("opening store")
         self.store.open()
         self.cfg.paths.resolved_cache_dir.mkdir(parents=True, exist_ok=True)
         self.updater = Updater(
             self.cfg, self.store, self.registry, extend_timeout=self.notifier.extend_timeout
         )
+        self.updater.observers.append(lambda _machine: self._send_status())
         names = self.store.names()
         for i, name in enumerate(names):
             self.notifier.status(f"loading model {name} ({i + 1}/{len(names)})")
@@ -127,7 +119,7 @@ class Daemon:
         await self._bind()
         self.state = "serving"
         served = ", ".join(f"{m.name}:{m.version}" for m in self.registry.models()) or "none"
-        self.notifier.ready(status=f"serving {len(self.registry.models())} models: {served}")
+        self.notifier.ready(status=self.status_line())
         logger.info(
             "edgeward agent ready on %s (control %s); models: %s",
             self.cfg.inference.socket,
@@ -136,21 +128,32 @@ class Daemon:
         )
 
     async def _load_installed(self, name: str) -> None:
-        """Serve ``current``; if it cannot start, fall back to ``previous`` (and say so)."""
+        """Serve ``current``; if its files were modified or it cannot start, fall back to
+        ``previous`` (checked too), loudly; if neither will do, the model is not served."""
         cur = self.store.current(name)
         if cur is None:
             return
-        try:
-            await self.registry.load(
-                name, cur, self.store.version_dir(name, cur), self.cfg.daemon.drain_timeout
-            )
-            self.updater.mark_serving(name, cur)
-            return
-        except EdgewardError as exc:
-            logger.error("model %s version %s does not start: %s", name, cur, exc.message)
+        why: str | None = None
+        local: str | None = None
+        check = await self._check_installed(name, cur)
+        if check.ok:
+            try:
+                await self.registry.load(
+                    name, cur, self.store.version_dir(name, cur), self.cfg.daemon.drain_timeout
+                )
+                self.updater.mark_serving(name, cur)
+                return
+            except EdgewardError as exc:
+                logger.error("model %s version %s does not start: %s", name, cur, exc.message)
+                why, local = f"[{exc.code}] {exc.message}", local_fault(exc)
+        else:
+            why = "[installed-modified] " + "; ".join(check.problems[:5])
         prev = self.store.previous(name)
         if prev is None or prev == cur:
             logger.error("model %s has no previous version; it is not served", name)
+            return
+        if not (await self._check_installed(name, prev)).ok:
+            logger.error("model %s: previous version %s is modified too; not served", name, prev)
             return
         try:
             await self.registry.load(
@@ -162,21 +165,123 @@ class Daemon:
         self.store.rollback(name)
         m = self.updater.machine(name)
         m.version = prev
-        m.advance("rolled-back", error=f"version {cur} failed to start")
+        m.advance("rolled-back", error=f"version {cur}: {why}")
+        if local is None:  # a fault of this device's is no reason to refuse the version
+            self.updater.mark_bad(name, cur, f"rolled back at start: {why}")
         logger.warning("model %s rolled back to version %s", name, prev)
+
+    def _trust_or_none(self) -> Any:
+        """The trusted publisher keys, to re-check kept manifest signatures (None if
+        there are none: the digests are still checked)."""
+        from agent.keys import load_trusted
+
+        tdir = self.cfg.paths.trust_dir
+        pubs = sorted(tdir.glob("*.pub")) if tdir.is_dir() else []
+        try:
+            return load_trusted(pubs) if pubs else None
+        except EdgewardError as exc:
+            logger.warning("cannot load trusted keys from %s: %s", tdir, exc.message)
+            return None
+
+    async def _check_installed(self, name: str, version: str) -> Any:
+        """Hash one installed version against its signed manifest (off the loop)."""
+        from agent.installed import VersionCheck, check_version
+
+        if not self.cfg.daemon.verify_installed:
+            return VersionCheck(name, version, checked=False)
+        vdir = self.store.version_dir(name, version)
+        trust = self._trust_or_none()
+        t0 = time.monotonic()
+        res = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: check_version(name, version, vdir, trust)
+        )
+        if not res.ok:
+            logger.error(
+                "MODIFIED: %s version %s does not match its signed manifest: %s",
+                name,
+                version,
+                "; ".join(res.problems[:10]),
+            )
+        elif not res.checked:
+            logger.warning(
+                "%s version %s has no signed manifest (not installed from a package): "
+                "its files cannot be checked",
+                name,
+                version,
+            )
+        else:
+            logger.info(
+                "%s version %s: %d files, %.1f MB match the signed manifest (%.2f s)",
+                name,
+                version,
+                res.files,
+                res.bytes / 1e6,
+                time.monotonic() - t0,
+            )
+        return res
+
+    async def verify_installed(self) -> dict[str, Any]:
+        """``edgeward verify --installed``: check ``current`` and ``previous`` of every
+        model; a modified ``current`` is replaced by a sound ``previous`` or stops being
+        served. Returns the findings and what was done."""
+        out: list[dict[str, Any]] = []
+        actions: list[str] = []
+        for name in self.store.names():
+            cur, prev = self.store.current(name), self.store.previous(name)
+            results = {}
+            for v in dict.fromkeys(x for x in (cur, prev) if x is not None):
+                results[v] = await self._check_installed(name, v)
+                out.append(results[v].to_dict())
+            if cur is None or results[cur].ok:
+                continue
+            if prev is not None and prev != cur and results[prev].ok:
+                await self.updater.rollback(name)
+                self.updater.mark_bad(name, cur, "installed files modified")
+                actions.append(f"{name}: version {cur} modified, now serving {prev}")
+            else:
+                await self.registry.unload(name, self.cfg.daemon.drain_timeout)
+                actions.append(f"{name}: version {cur} modified and no sound previous: not served")
+            logger.error("verify --installed: %s", actions[-1])
+        return {"versions": out, "ok": all(r["ok"] for r in out), "actions": actions}
+
+    def _socket_paths(self) -> list[Path]:
+        return [self.cfg.inference.socket, self.cfg.control.socket, metrics_socket(self.cfg)]
+
+    def _check_sockets_free(self) -> None:
+        """Refuse to start when another agent answers on one of our sockets."""
+        from agent.http import bind_path, clear_stale_socket
+
+        for path in self._socket_paths():
+            bind_path(path)  # a path too long to bind: say so now, not after loading
+            clear_stale_socket(path)
+
+    def status_line(self) -> str:
+        """One line for systemd's STATUS=: what serves and which update is under way."""
+        models = self.registry.models()
+        served = ", ".join(f"{m.name} v{m.version}" for m in models) or "none"
+        line = f"serving {len(models)} model{'s' if len(models) != 1 else ''}: {served}"
+        updater = self.updater
+        busy = (
+            [f"{n} -> v{m.target} ({m.state})" for n, m in sorted(updater.machines.items())
+             if m.state in IN_FLIGHT]
+            if updater is not None else []
+        )  # fmt: skip
+        if busy:
+            line += "; updating " + ", ".join(busy)
+        if self.state == "reloading":
+            line += "; reloading configuration"
+        return line
+
+    def _send_status(self) -> None:
+        if self.state in ("serving", "reloading"):
+            self.notifier.status(self.status_line())
 
     async def _bind(self) -> None:
         from agent.http import HTTPLimits, UnixHTTPServer
         from agent.kserve import InferenceApp
 
         inf = self.cfg.inference
-        try:
-            limits = HTTPLimits(**inf.limits)
-        except TypeError as exc:
-            allowed = ", ".join(HTTPLimits.__dataclass_fields__)
-            raise ConfigError(
-                f"inference.limits: {exc}; allowed: {allowed}", code="config-key"
-            ) from None
+        limits = inf.limits
         for sock_path in (inf.socket, self.cfg.control.socket):
             sock_path.parent.mkdir(parents=True, exist_ok=True)
         app = InferenceApp(
@@ -204,6 +309,25 @@ class Daemon:
         )
         await control_server.start()
         self._servers.append(control_server)
+        await self._bind_metrics()
+
+    async def _bind_metrics(self) -> None:
+        from agent.http import HTTPLimits, UnixHTTPServer
+        from agent.metrics import MetricsApp
+
+        m = self.cfg.metrics
+        app = MetricsApp(self)
+        server = UnixHTTPServer(
+            str(metrics_socket(self.cfg)),
+            app,
+            limits=HTTPLimits(max_connections=16),
+            mode=m.mode,
+            group=m.group,
+        )
+        await server.start()
+        self._servers.append(server)
+        if m.port:
+            self._servers.append(_LoopbackMetrics(self, m.port))
 
     async def main_loop(self) -> None:
         """Serve until SIGTERM/SIGINT."""
@@ -220,6 +344,8 @@ class Daemon:
         self.notifier.stopping()
         self.notifier.status("draining")
         logger.info("shutting down: draining for up to %.1fs", self.cfg.daemon.drain_timeout)
+        if self.updater is not None:
+            self.updater.stop()  # a package read in flight gives up at its next piece
         for t in self._tasks:
             t.cancel()
         if self._check_task is not None:
@@ -230,6 +356,9 @@ class Daemon:
         )
         await self.registry.close(self.cfg.daemon.drain_timeout)
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the state directory
+            self._lock_fd = None
         self.notifier.close()
         logger.info("edgeward agent stopped")
 
@@ -267,10 +396,10 @@ class Daemon:
         u = self.cfg.updates
         return u.check_interval * (1 + random.uniform(-u.jitter, u.jitter))  # noqa: S311
 
-    async def _safe_check(self) -> None:
+    async def _safe_check(self, *, retry_deferred: bool = False) -> None:
         """A check from a timer or signal: failures are logged, never fatal."""
         try:
-            await self.updater.check()
+            await self.updater.check(retry_deferred=retry_deferred)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -286,22 +415,30 @@ class Daemon:
             await asyncio.sleep(self._next_delay())
             await self._safe_check()
 
-    def trigger_check(self) -> None:
+    def trigger_check(self, *, retry_deferred: bool = False) -> None:
         """Start a check in the background (coalesced by the updater's lock)."""
         if self._check_task is not None and not self._check_task.done():
             return
-        self._check_task = asyncio.get_running_loop().create_task(self._safe_check())
+        self._check_task = asyncio.get_running_loop().create_task(
+            self._safe_check(retry_deferred=retry_deferred)
+        )
 
     def _on_sighup(self) -> None:
         logger.info("SIGHUP: reloading configuration")
         asyncio.get_running_loop().create_task(self._reload_and_check())
 
     async def _reload_and_check(self) -> None:
+        previous, self.state = self.state, "reloading"
+        self.notifier.reloading()
+        self._send_status()
         try:
             await self.reload()
         except EdgewardError as exc:
             logger.error("reload failed, keeping the old configuration: %s", exc.message)
-        self.trigger_check()
+        finally:
+            self.state = previous
+            self.notifier.ready(status=self.status_line())
+        self.trigger_check(retry_deferred=True)  # a reload may have fixed a local fault
 
     async def reload(self) -> list[str]:
         """Re-read the config file; apply what can change live. Returns changed keys.
@@ -311,26 +448,27 @@ class Daemon:
         """
         if self.cfg.source is None:
             return []
-        new = load_config(self.cfg.source)
+        new = load_config(self.cfg.source, environ=os.environ)
         check_groups(new)
         changed = [
             f.name
             for f in dataclasses.fields(new)
             if f.name != "source" and getattr(new, f.name) != getattr(self.cfg, f.name)
         ]
-        restart = [k for k in ("inference", "control", "paths") if k in changed]
+        restart = [k for k in ("inference", "control", "paths", "metrics") if k in changed]
         if restart:
             logger.warning(
                 "reload: changes to [%s] take effect after a restart", "], [".join(restart)
             )
         live = dataclasses.replace(
-            new, inference=self.cfg.inference, control=self.cfg.control, paths=self.cfg.paths
+            new,
+            inference=self.cfg.inference,
+            control=self.cfg.control,
+            paths=self.cfg.paths,
+            metrics=self.cfg.metrics,
         )
-        if "runtime" in changed:
-            from runtime.config import RuntimeConfig
-
-            RuntimeConfig.from_dict(new.runtime)  # validate; used for workers started later
-            self._runtime_config = None
+        if new.daemon != self.cfg.daemon:
+            apply_logging(new)
         self.cfg = live
         self.updater.cfg = live
         logger.info("configuration reloaded (changed: %s)", ", ".join(changed) or "nothing")
@@ -388,20 +526,47 @@ class Daemon:
         }
 
 
-def _setup_logging(level: str) -> None:
-    root = logging.getLogger()
-    lvl = getattr(logging, level.upper(), logging.INFO)
-    # The CLI configures WARNING by default; the daemon logs its lifecycle at info.
-    if root.level > lvl or root.level == logging.NOTSET:
-        root.setLevel(lvl)
-    if not root.handlers:
-        logging.basicConfig(level=lvl, format="%(levelname)s %(name)s: %(message)s")
+class _LoopbackMetrics:
+    """``GET /metrics`` on 127.0.0.1:<port> (``[metrics] port``; off by default), served
+    by prometheus_client's own HTTP server thread. Loopback only: a remote Prometheus
+    reaches it through an agent on the box."""
+
+    def __init__(self, daemon: Daemon, port: int) -> None:
+        from prometheus_client import start_http_server
+
+        from agent.metrics import registry_for
+
+        self._server, self._thread = start_http_server(
+            port, addr="127.0.0.1", registry=registry_for(daemon)
+        )
+
+    async def close(self, _timeout: float) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def apply_logging(cfg: Config) -> None:
+    """Log as ``[daemon]`` says; workers started from now on log the same way."""
+    from agent.logs import setup_logging
+
+    setup_logging(cfg.daemon.log_level, cfg.daemon.log_format)
+    os.environ["EDGEWARD_WORKER_LOG"] = cfg.daemon.log_level
+    os.environ["EDGEWARD_LOG_FORMAT"] = cfg.daemon.log_format
+
+
+def preflight(cfg: Config) -> None:
+    """Checks of this machine that need no state: fail before any lifecycle log line."""
+    from runtime.providers import check_provider_names
+
+    check_groups(cfg)
+    check_provider_names(cfg.runtime.onnx)
 
 
 def run(config_path: Path) -> int:
     """Load the config and run the daemon until it is stopped. Returns the exit code."""
-    cfg = load_config(config_path)
-    _setup_logging(cfg.daemon.log_level)
+    cfg = load_config(config_path, environ=os.environ)
+    preflight(cfg)
+    apply_logging(cfg)
     from agent.malloc import tune_malloc
 
     tune_malloc()

@@ -43,6 +43,14 @@ class ConfigError(EdgewardError):
 # --- packages -----------------------------------------------------------------------
 
 
+class UsageError(EdgewardError):
+    """A command line asks for something unsafe or contradictory (e.g. overwriting)."""
+
+    code = "usage"
+    status = 400
+    exit_code = 2
+
+
 class PackageError(EdgewardError):
     """A package (.emp) is malformed, untrusted or unsafe; it is refused whole."""
 
@@ -211,3 +219,61 @@ class RepositoryError(UpdateError):
 
     code = "repository"
     status = 502
+
+
+# --- whose fault ----------------------------------------------------------------------
+
+#: Error codes whose cause is on this device (its disk, keys, configuration), not in the
+#: package: an update failing with one is retried after a backoff and never refused for
+#: good. Value: what the operator should fix (shown in the log and the status).
+LOCAL_FAULTS: dict[str, str] = {
+    "disk-space": "free disk space in the state directory",
+    "memory": "free memory or raise the model's memory budget",
+    "no-trust": "put the publisher's *.pub key in paths.trust_dir",
+    "config": "correct the configuration file and reload (systemctl reload edgeward)",
+    "config-key": "correct the configuration file and reload (systemctl reload edgeward)",
+    "provider-unavailable": "fix runtime.onnx.providers or install the execution provider",
+    "key-missing": "install this device's key in paths.keys_dir",
+    "key-read": "make the device key readable by the daemon's user",
+    "key-permissions": "chmod 600 the device key, owned by the daemon's user",
+    "key-malformed": "replace the device key in paths.keys_dir with a valid one",
+    "key-type": "replace the device key in paths.keys_dir with an X25519 key",
+    "no-recipient-key": "install this device's key (one the package is encrypted for)",
+    "store": "check the state directory (permissions, filesystem)",
+}
+
+#: errno values of an OSError that are about this device, with what to fix.
+_LOCAL_ERRNOS: dict[int, str] = {
+    28: "free disk space in the state directory",  # ENOSPC
+    122: "raise the disk quota of the daemon's user",  # EDQUOT
+    13: "fix the permissions of the state, inbox or key directories",  # EACCES
+    1: "fix the permissions of the state, inbox or key directories",  # EPERM
+    30: "the state directory is on a read-only filesystem",  # EROFS
+    5: "the disk reports I/O errors (EIO)",  # EIO
+    12: "free memory",  # ENOMEM
+    24: "raise the daemon's open-file limit",  # EMFILE
+}
+
+
+def local_fault(exc: BaseException) -> str | None:
+    """What to fix on this device when ``exc`` is a local fault, or None when the
+    failure is the package's own (it is then refused for good).
+
+    The one place that decides whose fault a failed update is (the updater asks it for
+    every source; the repository's transport errors are local too: the link, not the
+    package).
+    """
+    if isinstance(exc, EdgewardError):
+        if isinstance(exc, RepositoryError):
+            return "check the link to the repository"
+        if exc.code in LOCAL_FAULTS:
+            return LOCAL_FAULTS[exc.code]
+        if isinstance(exc, ConfigError):
+            return LOCAL_FAULTS["config"]
+        if isinstance(exc, PreflightError):
+            return "free the resource the message names"
+        cause = exc.__cause__
+        return local_fault(cause) if isinstance(cause, OSError) else None
+    if isinstance(exc, OSError):
+        return _LOCAL_ERRNOS.get(exc.errno or 0)
+    return None

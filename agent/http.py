@@ -13,7 +13,16 @@ dependencies. The subset of HTTP/1.1 it speaks is what KServe v2 clients and cur
 
 The protocol is an ``asyncio.BufferedProtocol``: headers are read into a per-connection
 scratch buffer, and a body that does not fit there is read by the kernel straight into
-its own ``bytearray`` — no copy, and ``numpy.frombuffer`` on it is writable.
+its own ``bytearray`` (:class:`BodyBuffer`) — ``numpy.frombuffer`` on it is writable.
+That buffer grows with the bytes that arrived, never to the declared ``Content-Length``
+up front, and every growth is charged to one :class:`BodyBudget` per server
+(``max_inflight_body_bytes``): a client that declares 64 MiB and sends nothing costs
+nothing, and over the budget a request gets 503 ``body-budget`` with ``Retry-After``.
+
+Connection slots are shared fairly (:meth:`UnixHTTPServer._admit`): one process
+(``SO_PEERCRED`` pid) may hold at most ``max_connections_per_pid``, one user (uid)
+all but ``reserved_connections``; a peer at its cap, or a full server, closes an idle
+connection (the peer's own first, else the busiest uid's) before it refuses.
 
 Every protocol-level failure is answered with a v2-style JSON error
 (``{"error": ..., "code": ...}``) and, where the stream can no longer be trusted, the
@@ -33,6 +42,7 @@ import os
 import socket
 import stat
 import struct
+import threading
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +54,8 @@ from agent.errors import ConfigError, EdgewardError
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "BodyBudget",
+    "BodyBuffer",
     "HTTPLimits",
     "Lender",
     "LentConnection",
@@ -73,15 +85,53 @@ class HTTPLimits:
     body_timeout_s: float = 60.0  # seconds to receive a whole body once headers are in
     keepalive_timeout_s: float = 75.0  # seconds an idle keep-alive connection stays open
     max_connections: int = 512  # concurrent connections; more → 503 and close
+    # Bytes of request bodies held in memory at once, over all connections (a body's
+    # buffer grows with the bytes received and is charged here); over it → 503.
+    max_inflight_body_bytes: int = 256 * 1024 * 1024
+    # Connections one process (SO_PEERCRED pid) may hold; None = max_connections // 2.
+    max_connections_per_pid: int | None = None
+    # Slots one uid can never take (kept for other users); None = max_connections // 16.
+    reserved_connections: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("max_body_bytes", "max_header_bytes", "max_headers", "max_connections"):
+        for name in (
+            "max_body_bytes",
+            "max_header_bytes",
+            "max_headers",
+            "max_connections",
+            "max_inflight_body_bytes",
+        ):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(
                     f"inference.limits.{name}: expected a positive integer, got {value!r}",
                     code="config-limits",
                 )
+        if self.max_inflight_body_bytes < self.max_body_bytes:
+            raise ConfigError(
+                f"inference.limits.max_inflight_body_bytes ({self.max_inflight_body_bytes}) "
+                f"must be at least max_body_bytes ({self.max_body_bytes}): otherwise a body "
+                "of the allowed size could never be received",
+                code="config-limits",
+            )
+        per_pid = self.max_connections_per_pid
+        if per_pid is not None and (
+            not isinstance(per_pid, int) or isinstance(per_pid, bool) or per_pid <= 0
+        ):
+            raise ConfigError(
+                "inference.limits.max_connections_per_pid: expected a positive integer, "
+                f"got {per_pid!r}",
+                code="config-limits",
+            )
+        res = self.reserved_connections
+        if res is not None and (
+            not isinstance(res, int) or isinstance(res, bool) or not 0 <= res < self.max_connections
+        ):
+            raise ConfigError(
+                "inference.limits.reserved_connections: expected an integer from 0 to "
+                f"max_connections - 1 ({self.max_connections - 1}), got {res!r}",
+                code="config-limits",
+            )
         for name in ("header_timeout_s", "body_timeout_s", "keepalive_timeout_s"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or value <= 0:
@@ -90,6 +140,119 @@ class HTTPLimits:
                     f"got {value!r}",
                     code="config-limits",
                 )
+
+    @property
+    def pid_cap(self) -> int:
+        """Connections one process may hold."""
+        cap = self.max_connections_per_pid
+        return cap if cap is not None else max(1, self.max_connections // 2)
+
+    @property
+    def uid_cap(self) -> int:
+        """Connections one user may hold: all but the reserve for other users."""
+        res = self.reserved_connections
+        if res is None:
+            res = self.max_connections // 16
+        return max(1, self.max_connections - res)
+
+
+class BodyBudget:
+    """Bytes of request bodies in memory at once, shared by every connection of a server
+    (the daemon's event loop, or a worker's connection threads)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit  # bytes
+        self.used = 0  # bytes
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> bool:
+        """Charge ``n`` bytes; False (nothing charged) if that would pass the limit."""
+        with self._lock:
+            if self.used + n > self.limit:
+                return False
+            self.used += n
+            return True
+
+    def give(self, n: int) -> None:
+        with self._lock:
+            self.used -= n
+
+
+class BodyBuffer:
+    """One request body of declared ``length``, received into memory that follows the
+    bytes that arrived: it starts at what is already there (at least ``FIRST``); when
+    full it grows to ``STEP`` and then doubles, up to ``length``. Every growth is
+    charged to ``budget`` first, the old buffer included until its bytes are copied
+    over (what is charged is what is allocated at every moment). A request that only
+    declares a length costs ``FIRST`` bytes.
+    The finished buffer is exactly ``length`` bytes (a writable ``bytearray``, so
+    ``numpy.frombuffer`` on it gives writable arrays as before).
+
+    The one place a request body is buffered, for the daemon's server and for a worker
+    serving a lent connection (runtime/direct.py); a body decoder (e.g. chunked
+    transfer coding) feeds it through :meth:`window` / :meth:`advance` as well.
+
+    Raises ProtocolError(503, "body-budget") when the budget cannot cover the next
+    growth; call :meth:`release` once the body is no longer used (the request answered).
+    """
+
+    FIRST = 64 * 1024  # bytes of the first allocation (less when the body is smaller)
+    # Bytes of the first growth: a body up to this size (a 224x224x3 float32 image is
+    # 600 KB) costs one growth that copies at most FIRST bytes, not a doubling series.
+    STEP = 1024 * 1024
+
+    __slots__ = ("_budget", "_charged", "_view", "buf", "filled", "length")
+
+    def __init__(self, length: int, budget: BodyBudget, prefix: Body = b"") -> None:
+        self.length = length
+        self._budget = budget
+        self._charged = 0
+        have = len(prefix)
+        self.buf = self._alloc(min(length, max(self.FIRST, have)))
+        self._charged = len(self.buf)
+        self.buf[:have] = prefix
+        self.filled = have
+        self._view = memoryview(self.buf)
+
+    def _alloc(self, size: int) -> bytearray:
+        if not self._budget.take(size):
+            raise ProtocolError(
+                503,
+                "body-budget",
+                f"request bodies in flight exceed {self._budget.limit} bytes; retry later",
+                retry_after=1.0,
+            )
+        return bytearray(size)
+
+    @property
+    def done(self) -> bool:
+        return self.filled >= self.length
+
+    def window(self) -> memoryview:
+        """Where the next bytes go (never empty before :attr:`done`); grows the buffer."""
+        if self.filled >= len(self.buf) and self.filled < self.length:
+            grown = self._alloc(min(self.length, max(2 * len(self.buf), self.STEP)))
+            grown[: self.filled] = self._view[: self.filled]
+            self._view.release()
+            self._budget.give(len(self.buf))  # the old buffer is let go here
+            self.buf = grown
+            self._charged = len(grown)
+            self._view = memoryview(grown)
+        return self._view[self.filled : self.length]
+
+    def advance(self, n: int) -> None:
+        self.filled += n
+
+    def take(self) -> bytearray:
+        """The complete body (the buffer itself, no copy)."""
+        self._view.release()
+        return self.buf
+
+    def release(self) -> None:
+        """Give the body's bytes back to the budget (idempotent)."""
+        if self._charged:
+            self._budget.give(self._charged)
+            self._charged = 0
 
 
 @dataclass(frozen=True)
@@ -138,9 +301,10 @@ class LentConnection(Protocol):
     def lent_closed(self) -> None:
         """The borrower answered the last request and the connection is done."""
 
-    def lent_crashed(self, state: int, code: str, message: str) -> None:
+    def lent_crashed(self, state: int, code: str, message: str, status: int = 503) -> None:
         """The borrower died. ``state``: 0 idle between requests, 1 a request was read
-        and not answered, 2 its answer was partly written."""
+        and not answered (answered here with ``status``), 2 its answer was partly
+        written."""
 
 
 class Lender(Protocol):
@@ -190,6 +354,7 @@ _REASONS = {
     500: "Internal Server Error",
     501: "Not Implemented",
     503: "Service Unavailable",
+    504: "Gateway Timeout",
     505: "HTTP Version Not Supported",
 }
 # Pre-encoded status lines: building them per request costs more than the lookup.
@@ -200,6 +365,7 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _HEADER_END = b"\r\n\r\n"
 _SMALL_BODY = 64 * 1024  # bytes; below this a response is joined into one write
 _PEERCRED = struct.Struct("3i")
+_DISCARD = memoryview(bytearray(4096))  # read into when a closing connection is read
 
 # Connection phases (h11-style: everything that moves a connection lives in _Conn).
 _IDLE, _HEAD, _BODY, _HANDLING, _CLOSED, _LENT = range(6)
@@ -238,13 +404,23 @@ def render_response(resp: Response, keep_alive: bool) -> list[Body]:
 
 
 class ProtocolError(Exception):
-    """A request that cannot be parsed; answered and the connection closed."""
+    """A request that cannot be parsed or received; answered and the connection closed.
+    ``retry_after`` (seconds) becomes a ``Retry-After`` header (a refusal for load)."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, *, retry_after: float | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.retry_after = retry_after
+
+    def response(self) -> Response:
+        headers = None
+        if self.retry_after is not None:
+            headers = {"retry-after": str(max(1, round(self.retry_after)))}
+        return json_response(self.status, {"error": self.message, "code": self.code}, headers)
 
 
 def parse_head(head: str, limits: HTTPLimits) -> tuple[str, str, str, str, dict[str, str]]:
@@ -311,9 +487,7 @@ class _Conn(asyncio.BufferedProtocol):
     """One client connection: a small state machine over a receive buffer."""
 
     __slots__ = (
-        "_body",
-        "_body_filled",
-        "_body_view",
+        "_bb",
         "_buf",
         "_closing",
         "_deadline",
@@ -325,11 +499,14 @@ class _Conn(asyncio.BufferedProtocol):
         "_peer",
         "_pending",
         "_phase",
+        "_pid",
         "_read_paused",
         "_returned_by",
         "_server",
         "_timer",
+        "_tracked",
         "_transport",
+        "_uid",
         "_view",
         "_write_paused",
         "_write_ready",
@@ -348,9 +525,7 @@ class _Conn(asyncio.BufferedProtocol):
         self._timer: asyncio.TimerHandle | None = None
         self._deadline = 0.0
         self._read_paused = False
-        self._body: bytearray | None = None
-        self._body_view: memoryview | None = None
-        self._body_filled = 0
+        self._bb: BodyBuffer | None = None  # the body being received (phase _BODY)
         self._pending: tuple[str, str, str, str, dict[str, str]] | None = None
         self._peer: PeerCred | None = None
         self._keep_alive = True
@@ -360,6 +535,8 @@ class _Conn(asyncio.BufferedProtocol):
         self._lender: Lender | None = None  # who has this connection while _LENT
         # The borrower that gave this request back as not its own: not lent to it again.
         self._returned_by: Lender | None = None
+        self._uid = self._pid = -1  # SO_PEERCRED, -1 if unknown
+        self._tracked = False  # counted in the server's per-peer tables
 
     # --- asyncio callbacks -----------------------------------------------------------
 
@@ -367,7 +544,6 @@ class _Conn(asyncio.BufferedProtocol):
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
         srv = self._server
-        srv._conns.add(self)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):
@@ -375,8 +551,8 @@ class _Conn(asyncio.BufferedProtocol):
                     sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
                 )
                 self._peer = PeerCred(pid, uid, gid)
-        if len(srv._conns) > self._limits.max_connections:
-            logger.warning("refusing connection: %d connections open", len(srv._conns) - 1)
+                self._uid, self._pid = uid, pid
+        if not srv._admit(self):
             self._fail(503, "too-many-connections", "too many connections; retry later")
             return
         if srv._closing:
@@ -387,11 +563,23 @@ class _Conn(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._phase = _CLOSED
         self._cancel_timer()
-        self._server._conns.discard(self)
+        self._server._untrack(self)
         self._server._conn_gone()
         if self._write_ready is not None and not self._write_ready.done():
             self._write_ready.set_result(None)
-        self._body = self._body_view = None
+        bb, self._bb = self._bb, None
+        if bb is not None:  # a body cut short: its bytes go back to the budget
+            bb.release()
+
+    @property
+    def idle(self) -> bool:
+        """Between requests and held here (not lent): closing it loses nothing."""
+        return self._phase == _IDLE and not self._filled
+
+    def evict(self) -> None:
+        """Closed to make room for another connection (it was idle)."""
+        self._server._untrack(self)
+        self._close_after_write()
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -402,15 +590,26 @@ class _Conn(asyncio.BufferedProtocol):
             self._write_ready.set_result(None)
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        if self._phase == _BODY and self._body_view is not None:
-            return self._body_view[self._body_filled :]
+        bb = self._bb
+        if bb is not None and self._phase == _BODY:
+            try:
+                return bb.window()
+            except ProtocolError as exc:  # over the body budget
+                self._bb = None
+                bb.release()
+                self._fail_with(exc)
+                return _DISCARD  # asyncio reads into what we return; we are closing
         return self._view[self._filled :]
 
     def buffer_updated(self, nbytes: int) -> None:
+        if self._phase == _CLOSED:
+            return
         if self._phase == _BODY:
-            self._body_filled += nbytes
-            if self._body_filled >= len(self._body or b""):
-                self._body_complete()
+            bb = self._bb
+            if bb is not None:
+                bb.advance(nbytes)
+                if bb.done:
+                    self._body_complete()
             return
         self._filled += nbytes
         if self._phase == _HANDLING:
@@ -458,7 +657,7 @@ class _Conn(asyncio.BufferedProtocol):
             method, path, query, version, headers = parse_head(head, self._limits)
             length = self._content_length(headers)
         except ProtocolError as exc:
-            self._fail(exc.status, exc.code, exc.message)
+            self._fail_with(exc)
             return
         conn_hdr = headers.get("connection", "").lower()
         if version == "HTTP/1.0":
@@ -483,13 +682,13 @@ class _Conn(asyncio.BufferedProtocol):
             self._dispatch(body)
             return
         # The body continues beyond the scratch buffer: read it straight into its own
-        # buffer (the kernel writes into it; no further copies).
-        body_buf = bytearray(length)
-        body_buf[:have] = self._buf[start : self._filled]
+        # buffer, which grows with the bytes received (charged to the body budget).
+        try:
+            self._bb = BodyBuffer(length, srv._budget, self._view[start : self._filled])
+        except ProtocolError as exc:
+            self._fail_with(exc)
+            return
         self._filled = 0
-        self._body = body_buf
-        self._body_view = memoryview(body_buf)
-        self._body_filled = have
         self._phase = _BODY
         self._arm(self._limits.body_timeout_s)
         if "100-continue" in headers.get("expect", "").lower() and self._transport is not None:
@@ -506,11 +705,10 @@ class _Conn(asyncio.BufferedProtocol):
         self._filled = max(rest, 0)
 
     def _body_complete(self) -> None:
-        body = self._body
-        self._body = self._body_view = None
-        self._body_filled = 0
-        assert body is not None
-        self._dispatch(body)
+        bb = self._bb
+        self._bb = None
+        assert bb is not None
+        self._dispatch(bb.take(), bb)
 
     # --- lending (runtime/direct.py) -------------------------------------------------
 
@@ -556,7 +754,7 @@ class _Conn(asyncio.BufferedProtocol):
             self._lender = None
             self._close_after_write()
 
-    def lent_crashed(self, state: int, code: str, message: str) -> None:
+    def lent_crashed(self, state: int, code: str, message: str, status: int = 503) -> None:
         if self._phase != _LENT or self._transport is None:
             return
         self._lender = None
@@ -564,28 +762,31 @@ class _Conn(asyncio.BufferedProtocol):
             self.lent_returned(b"", False)
         elif state == 1:  # the request was read and not answered: say so, as for others
             self._phase = _HANDLING
-            self._write(json_response(503, {"error": message, "code": code}), False)
+            self._write(json_response(status, {"error": message, "code": code}), False)
             self._close_after_write()
         else:  # half an answer is on the wire: only closing tells the client
             self._phase = _CLOSED
             self._transport.abort()
 
-    def _dispatch(self, body: Body) -> None:
+    def _dispatch(self, body: Body, bb: BodyBuffer | None = None) -> None:
         assert self._pending is not None and self._transport is not None
         method, path, query, version, headers = self._pending
         self._pending = None
         self._phase = _HANDLING  # the timer, if it fires now, does nothing
         req = Request(method, path, query, headers, body, self._peer, version)
-        task = self._loop.create_task(self._run(req))
+        task = self._loop.create_task(self._run(req, bb))
         self._server._inflight.add(task)
         task.add_done_callback(self._server._inflight.discard)
 
-    async def _run(self, req: Request) -> None:
+    async def _run(self, req: Request, bb: BodyBuffer | None = None) -> None:
         try:
             resp = await self._server.handler(req)
         except Exception:
             logger.exception("handler failed for %s %s", req.method, req.path)
             resp = json_response(500, {"error": "internal server error", "code": "internal"})
+        finally:
+            if bb is not None:  # answered: the body's bytes go back to the budget
+                bb.release()
         if self._phase == _CLOSED or self._transport is None:
             return
         keep = self._keep_alive and not self._server._closing and not self._closing
@@ -624,11 +825,14 @@ class _Conn(asyncio.BufferedProtocol):
 
     def _fail(self, status: int, code: str, message: str) -> None:
         """Answer a protocol error and close: the byte stream can no longer be trusted."""
-        logger.debug("http %d (%s): %s", status, code, message)
+        self._fail_with(ProtocolError(status, code, message))
+
+    def _fail_with(self, exc: ProtocolError) -> None:
+        logger.debug("http %d (%s): %s", exc.status, exc.code, exc.message)
         if self._transport is None or self._phase == _CLOSED:
             return
         if self._phase != _HANDLING:
-            self._write(json_response(status, {"error": message, "code": code}), False)
+            self._write(exc.response(), False)
         self._close_after_write()
 
     def _arm(self, seconds: float) -> None:
@@ -704,6 +908,10 @@ class UnixHTTPServer:
         self.group = group
         self._server: asyncio.AbstractServer | None = None
         self._conns: set[_Conn] = set()
+        # Per-peer tables for fair slots (insertion order: oldest connection first).
+        self._by_uid: dict[int, dict[_Conn, None]] = {}
+        self._by_pid: dict[int, dict[_Conn, None]] = {}
+        self._budget = BodyBudget(self.limits.max_inflight_body_bytes)
         self._inflight: set[asyncio.Task[None]] = set()
         self._closing = False
         self._ino: tuple[int, int] | None = None
@@ -724,12 +932,8 @@ class UnixHTTPServer:
         """
         path = self.path
         gid = _resolve_group(self.group) if self.group else None
-        _clear_stale(path)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        if len(os.fsencode(str(tmp))) > 100:
-            raise ConfigError(
-                f"socket path {path} is too long for a Unix socket", code="socket-path"
-            )
+        clear_stale_socket(path)
+        tmp = bind_path(path)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -745,6 +949,14 @@ class UnixHTTPServer:
                         "is not a member of it",
                         code="socket-group",
                     ) from exc
+                except OSError as exc:  # EINVAL: the gid is not mapped (a user namespace)
+                    from agent.config import unmapped_group
+
+                    why = unmapped_group(gid, str(self.group), f"socket {path}")
+                    raise ConfigError(
+                        why or f"cannot give socket {path} to group {self.group!r}: {exc}",
+                        code="socket-group",
+                    ) from exc
             sock.listen(1024)
             os.rename(tmp, path)
             sock.setblocking(False)
@@ -758,6 +970,66 @@ class UnixHTTPServer:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_unix_server(lambda: _Conn(self), sock=sock)
         logger.info("listening on %s (mode %04o, group %s)", path, self.mode, self.group or "-")
+
+    def _admit(self, conn: _Conn) -> bool:
+        """Give ``conn`` a slot, closing an idle connection to make room if needed;
+        False: no slot (the caller answers 503).
+
+        Order: a process at ``pid_cap`` or a user at ``uid_cap`` gives up its own oldest
+        idle connection; a full server closes the oldest idle connection of the uid
+        holding the most (else any idle one). Only when none of those is idle is the
+        new one refused — so one peer re-opening connections pushes out its own,
+        never another's.
+        """
+        lim = self.limits
+        pid_conns = self._by_pid.get(conn._pid)
+        uid_conns = self._by_uid.get(conn._uid)
+        pool: dict[_Conn, None] | None = None
+        full = False
+        if pid_conns is not None and len(pid_conns) >= lim.pid_cap:
+            pool = pid_conns
+        elif uid_conns is not None and len(uid_conns) >= lim.uid_cap:
+            pool = uid_conns
+        elif len(self._conns) >= lim.max_connections:
+            pool = max(self._by_uid.values(), key=len, default=None)
+            full = True
+        if pool is not None:
+            victim = next((c for c in pool if c.idle), None)
+            if victim is None and full:  # the busiest user has none idle: anyone's
+                victim = next((c for c in self._conns if c.idle), None)
+            if victim is None:
+                logger.warning(
+                    "refusing a connection of uid %d pid %d: %d connections open, "
+                    "none idle to close",
+                    conn._uid,
+                    conn._pid,
+                    len(self._conns),
+                )
+                return False
+            logger.debug("closing an idle connection of uid %d for a new one", victim._uid)
+            victim.evict()
+        self._conns.add(conn)
+        self._by_pid.setdefault(conn._pid, {})[conn] = None
+        self._by_uid.setdefault(conn._uid, {})[conn] = None
+        conn._tracked = True
+        return True
+
+    def _untrack(self, conn: _Conn) -> None:
+        self._conns.discard(conn)
+        if not conn._tracked:
+            return
+        conn._tracked = False
+        for table, key in ((self._by_pid, conn._pid), (self._by_uid, conn._uid)):
+            peers = table.get(key)
+            if peers is not None:
+                peers.pop(conn, None)
+                if not peers:
+                    del table[key]
+
+    @property
+    def body_bytes(self) -> int:
+        """Bytes of request bodies held now (charged to the budget)."""
+        return self._budget.used
 
     def _conn_gone(self) -> None:
         if self._all_gone is not None and not self._conns:
@@ -819,7 +1091,20 @@ def _resolve_group(group: str) -> int:
         ) from None
 
 
-def _clear_stale(path: Path) -> None:
+def bind_path(path: Path) -> Path:
+    """The temporary name a socket is bound at before its rename to ``path``.
+
+    Raises:
+        ConfigError: the name does not fit a Unix socket address (108 bytes, with room
+            for the pid suffix); a relative ``path`` is measured as given.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    if len(os.fsencode(str(tmp))) > 100:
+        raise ConfigError(f"socket path {path} is too long for a Unix socket", code="socket-path")
+    return tmp
+
+
+def clear_stale_socket(path: Path) -> None:
     """Unlink a socket file nobody answers on; refuse a live one or a non-socket."""
     try:
         st = os.lstat(path)

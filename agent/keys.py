@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
+from agent import boundedjson
 from agent.errors import KeyFileError, SignatureError
 
 logger = logging.getLogger(__name__)
@@ -69,13 +70,18 @@ def psk_key_id(name: str) -> str:
     return f"psk:{name}"
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    """Create ``path`` with mode 0600 from the start (never briefly world-readable)."""
+def _write_private(path: Path, data: bytes, *, overwrite: bool = False) -> None:
+    """Create ``path`` with mode 0600 from the start (never briefly world-readable).
+
+    With ``overwrite`` the key is written beside ``path`` and renamed over it, so an
+    existing key is replaced whole or not at all.
+    """
+    target = path.with_name(f".{path.name}.{os.getpid()}.new") if overwrite else path
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError as exc:
         raise KeyFileError(
-            f"{path} already exists; not overwriting a key", code="key-exists"
+            f"{path} already exists; not overwriting a key (use --force)", code="key-exists"
         ) from exc
     try:
         os.fchmod(fd, 0o600)
@@ -83,9 +89,13 @@ def _write_private(path: Path, data: bytes) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+    if overwrite:
+        os.replace(target, path)
 
 
-def generate_key(kind: str, out_dir: Path, name: str | None = None) -> KeyPaths:
+def generate_key(
+    kind: str, out_dir: Path, name: str | None = None, *, overwrite: bool = False
+) -> KeyPaths:
     """Create a new key of ``kind`` (signing, device or fleet) in ``out_dir``.
 
     Args:
@@ -93,6 +103,7 @@ def generate_key(kind: str, out_dir: Path, name: str | None = None) -> KeyPaths:
             wrapped data keys) or ``fleet`` (a named 32-byte pre-shared key).
         out_dir: created if missing.
         name: required for ``fleet`` (file ``<name>.psk``); ignored otherwise.
+        overwrite: replace an existing fleet key of that name (``--force``).
     """
     if kind not in KINDS:
         raise KeyFileError(f"unknown key kind {kind!r} (use {', '.join(KINDS)})", code="key-kind")
@@ -105,7 +116,9 @@ def generate_key(kind: str, out_dir: Path, name: str | None = None) -> KeyPaths:
                 code="key-name",
             )
         path = out_dir / f"{name}.psk"
-        _write_private(path, os.urandom(PSK_SIZE).hex().encode("ascii") + b"\n")
+        _write_private(
+            path, os.urandom(PSK_SIZE).hex().encode("ascii") + b"\n", overwrite=overwrite
+        )
         logger.info("wrote fleet key %s", psk_key_id(name))
         return KeyPaths(kind, psk_key_id(name), path, None)
     priv: PrivateKey = (
@@ -230,10 +243,13 @@ def _parse_signatures(signature: bytes | Mapping[str, Any]) -> list[Mapping[str,
         return [signature]
     if len(signature) > MAX_KEY_FILE_BYTES:
         raise SignatureError("signature document too large", code="signature-malformed")
-    try:
-        doc = json.loads(signature)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise SignatureError("signature document is not JSON", code="signature-malformed") from exc
+    doc = boundedjson.loads(
+        signature,
+        what="signature document",
+        error=SignatureError,
+        code="signature-malformed",
+        max_bytes=MAX_KEY_FILE_BYTES,
+    )
     if not isinstance(doc, dict) or set(doc) != {"format", "signatures"} or doc["format"] != 1:
         raise SignatureError(
             'signature document must be {"format": 1, "signatures": [...]}',

@@ -23,7 +23,13 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.errors import LimitError, ManifestError, UnsupportedVersionError
+from agent import boundedjson
+from agent.errors import (
+    LimitError,
+    ManifestError,
+    SignatureError,
+    UnsupportedVersionError,
+)
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -269,10 +275,9 @@ def parse_manifest(
     """
     if len(data) > max_bytes:
         raise _fail(f"{len(data)} bytes exceed the limit of {max_bytes}", "manifest-too-large")
-    try:
-        doc = json.loads(data.decode("utf-8"), parse_constant=_no_constant)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise _fail(f"not valid UTF-8 JSON ({type(exc).__name__})", "manifest-json") from None
+    doc = boundedjson.loads(
+        data, what="manifest.json", error=ManifestError, code="manifest-json", max_bytes=max_bytes
+    )
     if not isinstance(doc, dict):
         raise _fail("must be a JSON object", "manifest-json")
     fmt = doc.get("format")
@@ -387,10 +392,6 @@ def parse_manifest(
     )
 
 
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
 def _check_prefixes(paths: set[str]) -> None:
     """A path may not also be the parent directory of another path."""
     for p in paths:
@@ -485,9 +486,12 @@ def sign_manifest(data: bytes, keys: Sequence[Ed25519PrivateKey]) -> bytes:
 def signature_key_ids(sig: bytes) -> list[str]:
     """Key ids named in a ``manifest.sig`` document (unverified; for ``inspect``)."""
     try:
-        doc = json.loads(sig)
-        return [str(e["key_id"]) for e in doc["signatures"] if isinstance(e, dict)]
-    except (ValueError, KeyError, TypeError):
+        doc = boundedjson.loads(
+            sig, what="manifest.sig", error=SignatureError, code="signature-malformed",
+            max_bytes=64 << 10,
+        )  # fmt: skip
+        return [str(e["key_id"])[:64] for e in doc["signatures"][:16] if isinstance(e, dict)]
+    except (SignatureError, KeyError, TypeError):
         return []
 
 

@@ -20,6 +20,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from agent import boundedjson
 from agent.errors import MetaInfoError
 
 logger = logging.getLogger(__name__)
@@ -65,12 +66,13 @@ def parse(file_name: str, data: bytes) -> dict[str, Any]:
         raise MetaInfoError(
             f"Meta-info/{file_name} is larger than {MAX_META_BYTES} bytes", code="meta-too-large"
         )
-    try:
-        doc = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise MetaInfoError(
-            f"Meta-info/{file_name} is not valid JSON: {exc}", code="meta-json"
-        ) from None
+    doc = boundedjson.loads(
+        data,
+        what=f"Meta-info/{file_name}",
+        error=MetaInfoError,
+        code="meta-json",
+        max_bytes=MAX_META_BYTES,
+    )
     validate(file_name, doc)
     if not isinstance(doc, dict):  # the schemas require an object; keeps mypy informed
         raise MetaInfoError(f"Meta-info/{file_name} must be an object", code="meta-invalid")

@@ -22,6 +22,7 @@ directory.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import importlib
 import json
@@ -62,6 +63,7 @@ from agent.errors import (
     UnsafeEntryError,
 )
 from agent.keys import Keyring, TrustStore, key_id
+from agent.limits import Limits
 from agent.manifest import (
     MANIFEST_NAME,
     NAME_RE,
@@ -84,20 +86,6 @@ CONTAINER_PATH = "Model/models.empc"
 DEFAULT_ZSTD_LEVEL = 3
 _COPY = 4 << 20  # bytes per read when streaming
 Progress = Callable[[int], None]
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Caps applied to untrusted packages (all sizes in bytes)."""
-
-    max_package_bytes: int = 64 << 30  # the whole .emp file (64 GiB)
-    max_total_bytes: int = 64 << 30  # sum of all member sizes (64 GiB)
-    max_entries: int = 10_000  # tar members, files and directories
-    max_manifest_bytes: int = 4 << 20  # manifest.json (4 MiB)
-    max_signature_bytes: int = 64 << 10  # manifest.sig (64 KiB)
-    max_meta_bytes: int = 16 << 20  # one Meta-info/*.json (16 MiB)
-    max_models: int = 64  # models per package
-    max_decoded_bytes: int = 64 << 30  # one model after decrypt + decompress (64 GiB)
 
 
 @dataclass
@@ -541,13 +529,68 @@ class _Opened:
     signer: str | None
 
 
-@contextlib.contextmanager
-def _open(pkg: Path, limits: Limits, trust: TrustStore | None) -> Iterator[_Opened]:
-    pkg = Path(pkg)
+def open_regular(path: Path, *, nofollow: bool = False) -> BinaryIO:
+    """Open an untrusted file for reading only if it is a regular file.
+
+    ``O_NONBLOCK`` so a FIFO (or a device behind a link) cannot block the open, then
+    ``fstat`` on the descriptor (no race with a swap of the name): anything but a
+    regular file is refused before a byte is read. ``nofollow``: a symlink is refused
+    too (the daemon's inbox, which others can write).
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (os.O_NOFOLLOW if nofollow else 0)
     try:
-        f = open(pkg, "rb")  # noqa: SIM115 - closed by the with below
+        fd = os.open(path, flags)
     except OSError as exc:
-        raise PackageError(f"cannot open {pkg}: {exc.strerror}", code="package-read") from None
+        if exc.errno == errno.ELOOP and nofollow:
+            raise PackageError(
+                f"{path.name} is a symbolic link; packages must be regular files",
+                code="package-not-regular",
+            ) from None
+        raise PackageError(f"cannot open {path}: {exc.strerror}", code="package-read") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise PackageError(
+                f"{path.name} is not a regular file ({_file_kind(st.st_mode)})",
+                code="package-not-regular",
+            )
+        os.set_blocking(fd, True)
+        return open(fd, "rb", closefd=True)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_capped(path: Path, cap: int, what: str, *, nofollow: bool = False) -> bytes:
+    """All of a small untrusted file (a regular file of at most ``cap`` bytes)."""
+    with open_regular(path, nofollow=nofollow) as f:
+        size = os.fstat(f.fileno()).st_size
+        data = f.read(cap + 1) if size <= cap else b""
+    if size > cap or len(data) > cap:
+        raise LimitError(f"{what} {path.name} is larger than {cap} bytes", code="limit-member-size")
+    return data
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISLNK, "a symbolic link"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+@contextlib.contextmanager
+def _open(
+    pkg: Path, limits: Limits, trust: TrustStore | None, *, nofollow: bool = False
+) -> Iterator[_Opened]:
+    pkg = Path(pkg)
+    f = open_regular(pkg, nofollow=nofollow)
     with f:
         size = os.fstat(f.fileno()).st_size
         if size > limits.max_package_bytes:
@@ -555,16 +598,14 @@ def _open(pkg: Path, limits: Limits, trust: TrustStore | None) -> Iterator[_Open
                 f"{pkg.name} is {size} bytes, above the limit of {limits.max_package_bytes}",
                 code="limit-package-size",
             )
-        tar = TarReader(
-            cast(BinaryIO, f), max_entries=limits.max_entries, max_total=limits.max_total_bytes
-        )
-        first = tar.next()
+        tar = TarReader(f, max_entries=limits.max_entries, max_total=limits.max_total_bytes)
+        first = tar.next(end_ok=False)
         if first is None or first.path != MANIFEST_NAME or first.kind != "file":
             raise ManifestError(
                 "the first package entry must be manifest.json", code="manifest-not-first"
             )
         raw = tar.read_all(limits.max_manifest_bytes, MANIFEST_NAME)
-        second = tar.next()
+        second = tar.next(end_ok=False)
         if second is None or second.path != SIGNATURE_NAME or second.kind != "file":
             raise SignatureError(
                 "the second package entry must be manifest.sig", code="signature-missing"
@@ -734,15 +775,24 @@ def _meta_check(fe: FileEntry, reader: MemberReader, limits: Limits) -> bytes | 
     return data
 
 
-def verify(pkg: Path, trust: TrustStore, limits: Limits | None = None) -> Manifest:
+def verify(
+    pkg: Path,
+    trust: TrustStore,
+    limits: Limits | None = None,
+    *,
+    nofollow: bool = False,
+    progress: Progress | None = None,
+) -> Manifest:
     """Verify a package without writing anything: signature, then every member's size
     and SHA-256, the container headers against the manifest, and the Meta-info schemas.
+    ``progress`` is called with the byte count of every piece read (it may raise to
+    abandon the verification, as the daemon does when it is stopped).
 
     Raises:
         PackageError subclasses with specific codes (see docs/PACKAGE.md).
     """
     limits = limits or Limits()
-    with _open(pkg, limits, trust) as opened:
+    with _open(pkg, limits, trust, nofollow=nofollow) as opened:
         manifest = opened.manifest
 
         def on_file(fe: FileEntry, reader: MemberReader) -> None:
@@ -758,7 +808,7 @@ def verify(pkg: Path, trust: TrustStore, limits: Limits | None = None) -> Manife
             found = {_check_header(models.get(e.header.model_id), e.header, fe.path).id for e in cr}
             _check_all_models(models, found, fe.path)
 
-        _walk(opened, on_file)
+        _walk(opened, on_file, progress)
     logger.info(
         "verified %s version %d (signed by %s)", manifest.name, manifest.version, opened.signer
     )
@@ -783,12 +833,7 @@ def _data_key(
         return None
     entries: list[dict[str, Any]] = [dict(r) for r in enc.recipients]
     for env in envelopes:
-        try:
-            data = Path(env).read_bytes()
-        except OSError as exc:
-            raise PackageError(
-                f"cannot read key envelope {env}: {exc.strerror}", code="envelope-read"
-            ) from None
+        data = read_capped(Path(env), crypto.MAX_ENVELOPE_BYTES, "key envelope")
         entries += crypto.read_envelope(data, trust, package_id=manifest.package_id)
     ctx = crypto.package_context(manifest.name, manifest.version, enc.alg, enc.chunk_size)
     return crypto.unwrap_any(entries, keyring or Keyring(), ctx)
@@ -851,6 +896,7 @@ def unpack(
     envelopes: Sequence[Path] = (),
     progress: Progress | None = None,
     verify_decoded: bool = False,
+    nofollow: bool = False,
 ) -> Manifest:
     """Verify, decrypt, decompress (and patch) a package into ``out_dir``.
 
@@ -889,6 +935,7 @@ def unpack(
             envelopes=envelopes,
             progress=progress,
             verify_decoded=verify_decoded,
+            nofollow=nofollow,
         )
         if out_dir.exists():
             out_dir.rmdir()
@@ -912,11 +959,13 @@ def _unpack_into(
     envelopes: Sequence[Path],
     progress: Progress | None,
     verify_decoded: bool,
+    nofollow: bool = False,
 ) -> Manifest:
     out = _Out(tmp)
     patches: list[tuple[ModelInfo, Path]] = []
-    with _open(pkg, limits, trust) as opened:
+    with _open(pkg, limits, trust, nofollow=nofollow) as opened:
         manifest = opened.manifest
+        signature = opened.signature
         residual = [m for m in manifest.models if m.residual]
         base_manifest = _check_base(manifest, base_dir) if residual else None
         key = _data_key(manifest, keyring, trust, envelopes)
@@ -957,12 +1006,15 @@ def _unpack_into(
     if patches:
         assert base_dir is not None and base_manifest is not None
         _apply_patches(patches, base_dir, base_manifest, out)
-    fd = out.create(MANIFEST_NAME)
-    try:
-        _write_all(fd, manifest.raw)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    # the signed manifest and its signature stay with the files: the daemon checks an
+    # installed version against them at start (agent/installed.py)
+    for rel, data in ((MANIFEST_NAME, manifest.raw), (SIGNATURE_NAME, signature)):
+        fd = out.create(rel)
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     out.sync_dirs()
     return manifest
 
@@ -1156,10 +1208,14 @@ def inspect(pkg: Path, limits: Limits | None = None) -> dict[str, Any]:
 
 
 def read_manifest(
-    pkg: Path, trust: TrustStore | None = None, limits: Limits | None = None
+    pkg: Path,
+    trust: TrustStore | None = None,
+    limits: Limits | None = None,
+    *,
+    nofollow: bool = False,
 ) -> Manifest:
     """The package's manifest; its signature is verified when ``trust`` is given."""
-    with _open(pkg, limits or Limits(), trust) as opened:
+    with _open(pkg, limits or Limits(), trust, nofollow=nofollow) as opened:
         return opened.manifest
 
 
@@ -1200,7 +1256,9 @@ __all__ = [
     "PackSpec",
     "inspect",
     "make_envelope",
+    "open_regular",
     "pack",
+    "read_capped",
     "read_manifest",
     "unpack",
     "verify",

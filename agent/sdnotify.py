@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +68,12 @@ class Notifier:
     def extend_timeout(self, seconds: float) -> bool:
         """EXTEND_TIMEOUT_USEC: tell systemd long work (a patch, a conversion) is under way."""
         return self.notify(extend_timeout_usec=int(seconds * 1_000_000))
+
+    def reloading(self) -> bool:
+        """RELOADING=1 with MONOTONIC_USEC (required by Type=notify-reload, systemd 253+);
+        READY=1 follows when the reload is done."""
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        return self.notify(reloading=1, monotonic_usec=usec)
 
     def stopping(self) -> bool:
         """STOPPING=1 at the start of shutdown."""

@@ -20,6 +20,7 @@ entry and is removed by :meth:`Store.open`.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -35,7 +36,7 @@ from agent.errors import EdgewardError, UpdateError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Store", "StoreError", "fsync_dir", "write_atomic"]
+__all__ = ["Store", "StoreError", "fsync_dir", "reject_file", "write_atomic"]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -57,20 +58,51 @@ def fsync_dir(path: Path) -> None:
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Replace ``path`` with ``data``: temp file in the same dir, fsync, rename, fsync dir."""
+    """Replace ``path`` with ``data``: temp file in the same dir, fsync, rename, fsync dir.
+
+    Never follows a link someone else planted: the temp file is created new
+    (``O_EXCL``), its mode set through the descriptor, and the rename replaces whatever
+    entry ``path`` is (a symlink there is replaced, not followed). So this is also how
+    the daemon writes into a directory others can write (the inbox).
+    """
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
+            os.fchmod(fh.fileno(), mode)
             os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
+
+
+def reject_file(path: Path, reason: str, *, keep: bool = True) -> None:
+    """Move a refused inbox entry aside (``<name>.rejected`` + ``.rejected.reason``), or
+    delete it (``keep=False``), so the next check does not retry it forever.
+
+    The inbox is writable by others: nothing here follows a link. ``rename`` and
+    ``unlink`` act on the entry itself (a symlink, FIFO or directory is moved as such,
+    never opened) and the reason is written by :func:`write_atomic` (a planted symlink
+    at the ``.reason`` name is replaced, not written through). Failures are logged.
+    """
+    try:
+        os.lstat(path)
+    except OSError:
+        return
+    try:
+        if keep:
+            os.replace(path, path.with_name(path.name + ".rejected"))
+            write_atomic(path.with_name(path.name + ".rejected.reason"), reason.encode() + b"\n")
+        elif path.is_dir() and not path.is_symlink():
+            os.replace(path, path.with_name(path.name + ".rejected"))  # not ours to delete
+        else:
+            path.unlink()
+    except OSError as exc:
+        logger.warning("cannot move refused package %r aside: %s", path.name, exc)
 
 
 def _symlink_atomic(link: Path, target: str) -> None:
@@ -129,6 +161,43 @@ class Store:
         self.journal_path = root / "journal.json"
 
     # --- lifecycle -----------------------------------------------------------------
+
+    def lock(self) -> int:
+        """Take the state directory for this process alone (``flock`` on ``.lock``).
+
+        Called before anything is loaded or cleaned: a second daemon on the same state
+        directory would wipe the first one's staging. The lock lives as long as the
+        returned descriptor (close it, or exit, to release it; a ``kill -9`` releases
+        it too). The file holds the owner's pid, for the message a second daemon gets.
+
+        Raises:
+            StoreError: ``store-locked`` when another process holds it.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / ".lock"
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(path, flags, 0o600)
+        except OSError as exc:
+            raise StoreError(f"cannot open {path}: {exc.strerror}", code="store-lock") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                owner = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            finally:
+                os.close(fd)
+            raise StoreError(
+                f"another edgeward daemon (pid {owner}) is using the state directory "
+                f"{self.root}; stop it first, or give this one its own paths.state_dir",
+                code="store-locked",
+            ) from None
+        except OSError as exc:
+            os.close(fd)
+            raise StoreError(f"cannot lock {path}: {exc.strerror}", code="store-lock") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return fd
 
     def open(self) -> Store:
         """Create the layout if missing and remove what a crash left half-done."""

@@ -22,6 +22,10 @@ from agent.errors import FormatError, LimitError, UnsafeEntryError
 BLOCK = 512
 _ZERO_BLOCK = bytes(BLOCK)
 _COPY = 4 << 20  # bytes per read/write when streaming member data
+#: zero bytes accepted after the end-of-archive marker (tar pads to 10 KiB records;
+#: anything longer is refused without reading it all: a sparse file of zeros is cheap
+#: to make and slow to read)
+MAX_TRAILING = 1 << 20
 
 _REFUSED_TYPES = {
     b"1": ("a hard link", "tar-hardlink"),
@@ -131,8 +135,12 @@ class TarReader:
             self._read_exact(step, what)
             n -= step
 
-    def next(self) -> TarEntry | None:
-        """The next member header, or None at the end of the archive."""
+    def next(self, *, end_ok: bool = True) -> TarEntry | None:
+        """The next member header, or None at the end of the archive.
+
+        ``end_ok=False``: an end-of-archive marker here is an error already (the
+        manifest must come first), so the bytes after it are not read at all.
+        """
         if self.done:
             return None
         if self.current is not None:
@@ -147,11 +155,15 @@ class TarReader:
             self.current = None
         block = self._read_exact(BLOCK, "a tar header")
         if block == _ZERO_BLOCK:
-            self._read_exact(BLOCK, "the end-of-archive marker")
-            while rest := self._src.read(_COPY):
-                if rest.count(0) != len(rest):
-                    raise FormatError("data after the end of the tar archive", code="tar-trailing")
             self.done = True
+            if not end_ok:
+                return None
+            self._read_exact(BLOCK, "the end-of-archive marker")
+            left = MAX_TRAILING
+            while rest := self._src.read(min(_COPY, left + 1)):
+                left -= len(rest)
+                if rest.count(0) != len(rest) or left < 0:
+                    raise FormatError("data after the end of the tar archive", code="tar-trailing")
             return None
         entry = parse_header(block, self._count)
         self._count += 1
@@ -283,4 +295,12 @@ class TarWriter:
         self._dst.write(bytes(2 * BLOCK))
 
 
-__all__ = ["BLOCK", "MemberReader", "TarEntry", "TarReader", "TarWriter", "parse_header"]
+__all__ = [
+    "BLOCK",
+    "MAX_TRAILING",
+    "MemberReader",
+    "TarEntry",
+    "TarReader",
+    "TarWriter",
+    "parse_header",
+]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -62,6 +63,14 @@ _BY_KIND: dict[tuple[str, int], str] = {
 }
 _LEN = struct.Struct("<I")
 
+# Bounds on untrusted tensor descriptions, checked before anything is allocated or
+# reshaped (numpy itself refuses more than 64 dimensions, and dimensions whose product
+# overflows, with errors that are not ours).
+MAX_DIMS = 32  # dimensions of one tensor
+MAX_DIM = 1 << 32  # elements along one dimension
+MAX_JSON_DEPTH = 64  # nesting of arrays and objects in a JSON body
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+
 
 def dtype_of(datatype: str, *, name: str = "") -> np.dtype[Any]:
     """v2 datatype → numpy dtype; InvalidInputError naming the tensor if unknown."""
@@ -95,10 +104,58 @@ def _shape(spec: Mapping[str, Any], name: str) -> tuple[int, ...]:
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
     ):
         raise InvalidInputError(
-            f"tensor {name!r}: 'shape' must be a list of non-negative integers, got {shape!r}",
+            f"tensor {name!r}: 'shape' must be a list of non-negative integers, got {_clip(shape)}",
+            code="bad-shape",
+        )
+    if len(shape) > MAX_DIMS:
+        raise InvalidInputError(
+            f"tensor {name!r}: {len(shape)} dimensions; at most {MAX_DIMS} are allowed",
+            code="bad-shape",
+        )
+    if any(d > MAX_DIM for d in shape):
+        raise InvalidInputError(
+            f"tensor {name!r}: dimension over {MAX_DIM} in shape {_clip(shape)}",
             code="bad-shape",
         )
     return tuple(shape)
+
+
+def _clip(value: Any) -> str:
+    """An untrusted value for an error message, at most 80 characters of its repr."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def loads_bounded(raw: bytes) -> Any:
+    """``json.loads`` with nesting bounded by MAX_JSON_DEPTH (the C decoder recurses per
+    level; a 64 KiB body of ``[`` would otherwise end in RecursionError, a 500).
+
+    The bound is checked before parsing and costs nothing for ordinary bodies: only when
+    a body has more brackets than the bound is their nesting measured (outside strings,
+    vectorised)."""
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH:
+        depth = _json_depth(raw)
+        if depth > MAX_JSON_DEPTH:
+            raise InvalidInputError(
+                f"JSON nested {depth} levels deep; at most {MAX_JSON_DEPTH} are allowed",
+                code="bad-json",
+            )
+    try:
+        return json.loads(raw)
+    except RecursionError:  # the bound above makes this unreachable; never a 500
+        raise InvalidInputError("JSON nested too deeply", code="bad-json") from None
+
+
+def _json_depth(raw: bytes) -> int:
+    """Deepest nesting of ``[``/``{`` outside JSON strings."""
+    if b'"' in raw:
+        raw = _JSON_STRING.sub(b'""', raw)
+    a = np.frombuffer(raw, dtype=np.uint8)
+    step = (a == ord("[")).astype(np.int32)
+    step += a == ord("{")
+    step -= a == ord("]")
+    step -= a == ord("}")
+    return int(np.cumsum(step).max(initial=0))
 
 
 def _count(shape: tuple[int, ...]) -> int:
@@ -148,9 +205,11 @@ def decode_tensor(spec: Mapping[str, Any], raw: memoryview | None = None) -> np.
         return out.reshape(shape)
     try:
         arr = np.asarray(data, dtype=dt)
+        if dt.kind == "f" and arr.size and np.isnan(arr).any() and not _all_numbers(data):
+            raise ValueError("null or a non-number among the values")
     except (ValueError, TypeError, OverflowError) as exc:
         raise InvalidInputError(
-            f"tensor {name!r}: 'data' is not a regular array of {datatype}: {exc}",
+            f"tensor {name!r}: 'data' is not a regular array of {datatype}: {str(exc)[:120]}",
             code="bad-tensor",
         ) from None
     if datatype == "BOOL" and not _all_bool(data):
@@ -161,9 +220,12 @@ def decode_tensor(spec: Mapping[str, Any], raw: memoryview | None = None) -> np.
 
 
 def _all_bool(data: Any) -> bool:
-    if isinstance(data, list):
-        return all(_all_bool(d) for d in data)
-    return isinstance(data, bool)
+    return all(isinstance(v, bool) for v in _flatten(data, ""))
+
+
+def _all_numbers(data: Any) -> bool:
+    """Every leaf a JSON number (numpy turns ``null`` into NaN for float dtypes)."""
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in _flatten(data, ""))
 
 
 def _count_error(name: str, got: int, shape: tuple[int, ...]) -> InvalidInputError:
@@ -331,7 +393,7 @@ def _header_json(body: Any, header_len: int | None) -> tuple[Any, memoryview]:
         head = view[:header_len]
         rest = view[header_len:]
     try:
-        obj = json.loads(head.tobytes() if header_len is not None else bytes(head))
+        obj = loads_bounded(head.tobytes() if header_len is not None else bytes(head))
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidInputError(f"request body is not valid JSON: {exc}", code="bad-json") from None
     return obj, rest

@@ -19,8 +19,8 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
-import os
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import Config
-from agent.errors import EdgewardError, PreflightError, UpdateError
+from agent.errors import EdgewardError, PreflightError, UpdateError, local_fault
 from agent.registry import ModelRegistry
-from agent.store import Store, check_name, version_key
+from agent.store import Store, check_name, reject_file, version_key
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +94,13 @@ class UpdateMachine:
     target: str | None = None  # the version being installed
     error: str | None = None
     on_change: Callable[[UpdateMachine, str], None] | None = None
+    #: version -> why it is refused for good (rolled back, self-test failed...): never
+    #: installed again; a newer version is still tried (mark-bad, as RAUC and Mender).
+    bad: dict[str, str] = field(default_factory=dict)
+    #: a local fault (disk, keys, config) defers this model's next attempt until then.
+    retry_at: float = 0.0
+    retries: int = 0  # consecutive local faults (the backoff doubles with each)
+    fix: str | None = None  # what the operator should fix, while a local fault lasts
 
     def advance(self, new: str, *, error: str | None = None, target: str | None = None) -> None:
         """Move to ``new`` if the table allows it; notify the observer."""
@@ -118,6 +125,10 @@ class UpdateMachine:
             "version": self.version,
             "target": self.target,
             "error": self.error,
+            "bad": dict(self.bad),
+            "retry_at": self.retry_at,
+            "retries": self.retries,
+            "fix": self.fix,
         }
 
 
@@ -127,6 +138,7 @@ class CheckResult:
 
     installed: dict[str, str] = field(default_factory=dict)  # name -> version
     failed: dict[str, str] = field(default_factory=dict)  # name or file -> reason
+    deferred: dict[str, str] = field(default_factory=dict)  # name -> local fault, what to fix
     unchanged: list[str] = field(default_factory=list)
     started: float = 0.0
     finished: float = 0.0
@@ -135,6 +147,7 @@ class CheckResult:
         return {
             "installed": self.installed,
             "failed": self.failed,
+            "deferred": self.deferred,
             "unchanged": self.unchanged,
             "started": self.started,
             "finished": self.finished,
@@ -165,9 +178,14 @@ class Updater:
         self.registry = registry
         self._extend = extend_timeout
         self._lock = asyncio.Lock()
+        self._stopping = threading.Event()  # set by stop(): reads in flight give up
         self._scan_cache: dict[Path, tuple[tuple[int, int], _Candidate | str]] = {}
         self.machines: dict[str, UpdateMachine] = {}
         self.transitions: dict[str, int] = dict.fromkeys(STATES, 0)
+        # (model, state) -> transitions into state, for per-model metrics.
+        self.model_transitions: dict[tuple[str, str], int] = {}
+        # Called after every transition (the daemon keeps systemd's STATUS= current).
+        self.observers: list[Callable[[UpdateMachine], object]] = []
         self.checks = 0
         self.check_failures = 0
         self.last_check: CheckResult | None = None
@@ -190,6 +208,10 @@ class Updater:
                 version=rec.get("version"),
                 target=rec.get("target"),
                 error=rec.get("error"),
+                bad=_str_dict(rec.get("bad")),
+                retry_at=_number(rec.get("retry_at")),
+                retries=int(_number(rec.get("retries"))),
+                fix=rec.get("fix") if isinstance(rec.get("fix"), str) else None,
             )
             m.on_change = self._changed
             self.machines[name] = m
@@ -205,7 +227,11 @@ class Updater:
 
     def _changed(self, machine: UpdateMachine, old: str) -> None:
         self.transitions[machine.state] = self.transitions.get(machine.state, 0) + 1
+        key = (machine.name, machine.state)
+        self.model_transitions[key] = self.model_transitions.get(key, 0) + 1
         self._write_journal()
+        for observer in self.observers:
+            observer(machine)
 
     def _write_journal(self) -> None:
         try:
@@ -227,6 +253,74 @@ class Updater:
         m.version = version
         if m.state != "active":
             m.advance("active")
+
+    # --- refused versions and local faults (the journal keeps both) -----------------
+
+    #: at most this many refused versions are remembered per model (the newest ones)
+    MAX_BAD = 32
+
+    def mark_bad(self, name: str, version: str, reason: str) -> None:
+        """Never install ``version`` of ``name`` again; a newer version is still tried."""
+        m = self.machine(name)
+        m.bad[version] = reason
+        if len(m.bad) > self.MAX_BAD:
+            for old in sorted(m.bad, key=version_key)[: len(m.bad) - self.MAX_BAD]:
+                del m.bad[old]
+        self._write_journal()
+        logger.warning("%s version %s is refused from now on: %s", name, version, reason)
+
+    def is_bad(self, name: str, version: str) -> bool:
+        """Whether ``version`` of ``name`` was refused for good (see :meth:`mark_bad`)."""
+        m = self.machines.get(name)
+        return m is not None and version in m.bad
+
+    def defer(self, name: str, reason: str, fix: str) -> float:
+        """A local fault stopped ``name``'s update: retry after a backoff that doubles
+        with each consecutive fault (``updates.retry_backoff`` up to
+        ``updates.retry_backoff_max`` seconds). Returns the time of the next attempt."""
+        m = self.machine(name)
+        u = self.cfg.updates
+        delay = min(u.retry_backoff * 2.0 ** min(m.retries, 30), u.retry_backoff_max)
+        m.retries += 1
+        m.retry_at = time.time() + delay
+        m.fix = fix
+        m.error = f"{reason}; to fix: {fix}; retrying in {delay:.0f} s"
+        self._write_journal()
+        logger.error(
+            "update of %s deferred (local fault, the package is kept): %s; to fix: %s; "
+            "next attempt in %.0f s",
+            name,
+            reason,
+            fix,
+            delay,
+        )
+        return m.retry_at
+
+    def deferred(self, name: str, now: float | None = None) -> float:
+        """Seconds until ``name`` may be tried again after a local fault (0: now)."""
+        m = self.machines.get(name)
+        if m is None or not m.retry_at:
+            return 0.0
+        return max(0.0, m.retry_at - (time.time() if now is None else now))
+
+    def _clear_fault(self, name: str) -> None:
+        m = self.machine(name)
+        if m.retries or m.retry_at or m.fix:
+            m.retries, m.retry_at, m.fix = 0, 0.0, None
+            self._write_journal()
+
+    # --- stopping ------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """The daemon is stopping: a verification or unpack in flight gives up at its
+        next piece (a few MiB), so SIGTERM is not held up by a big package; nothing is
+        refused or marked for it and the next start tries again."""
+        self._stopping.set()
+
+    def _go_on(self, _nbytes: int = 0) -> None:
+        """The ``progress`` hook of every package read the updater starts."""
+        if self._stopping.is_set():
+            raise UpdateError("the daemon is stopping; the update will be retried", code="stopping")
 
     # --- trust ---------------------------------------------------------------------
 
@@ -251,13 +345,7 @@ class Updater:
         return load_keyring([kdir])
 
     def _limits(self) -> Any:
-        if not self.cfg.package_limits:
-            return None
-        package = importlib.import_module("agent.package")
-        try:
-            return package.Limits(**self.cfg.package_limits)
-        except TypeError as exc:
-            raise UpdateError(f"package_limits: {exc}", code="config") from exc
+        return self.cfg.package_limits  # typed and validated at config load
 
     # --- scanning ------------------------------------------------------------------
 
@@ -273,7 +361,7 @@ class Updater:
         for path in sorted(inbox.glob("*.emp")):
             seen.add(path)
             try:
-                st = path.stat()
+                st = path.lstat()  # a link is refused as such, never followed
             except OSError:
                 continue
             stamp = (st.st_size, st.st_mtime_ns)
@@ -283,12 +371,24 @@ class Updater:
             else:
                 try:
                     kwargs = {"limits": limits} if limits is not None else {}
-                    manifest = package.verify(path, trust, **kwargs)
+                    self._go_on()
+                    manifest = package.verify(
+                        path, trust, nofollow=True, progress=self._go_on, **kwargs
+                    )
                     name = check_name("name", str(manifest.name))
                     version = check_name("version", str(manifest.version))
                     result = _Candidate(path, name, version, stamp)
-                except EdgewardError as exc:
+                except UpdateError as exc:
+                    if exc.code == "stopping":
+                        raise  # not this file's fault: leave it for the next start
                     result = f"[{exc.code}] {exc.message}"
+                    self._reject(path, result)
+                except Exception as exc:  # whatever one file does costs that file only
+                    if isinstance(exc, EdgewardError):
+                        result = f"[{exc.code}] {exc.message}"
+                    else:
+                        result = f"[internal] {type(exc).__name__}: {exc}"
+                        logger.debug("inbox package %s", path.name, exc_info=True)
                     logger.error("inbox package %s refused: %s", path.name, result)
                     self._reject(path, result)
                 self._scan_cache[path] = (stamp, result)
@@ -302,13 +402,18 @@ class Updater:
 
     # --- the job -------------------------------------------------------------------
 
-    async def check(self) -> CheckResult:
+    async def check(self, *, retry_deferred: bool = False) -> CheckResult:
         """Install the newest inbox version of every model that has a newer one.
 
         Concurrent calls wait for the running check and then run their own (cheap:
-        verification results are cached per file).
+        verification results are cached per file). ``retry_deferred``: an operator
+        asked (``edgeward check``, a reload), so models waiting out a local fault's
+        backoff are tried now.
         """
         async with self._lock:
+            if retry_deferred:
+                for m in self.machines.values():
+                    m.retry_at = 0.0
             return await self._check()
 
     async def _check(self) -> CheckResult:
@@ -338,27 +443,48 @@ class Updater:
             if c.name not in best or version_key(c.version) > version_key(best[c.name].version):
                 best[c.name] = c
         for name, cand in sorted(best.items()):
-            current = self.store.current(name)
-            if current is not None and version_key(cand.version) <= version_key(current):
-                res.unchanged.append(name)
-                continue
-            if self.store.has(name, cand.version) and current != cand.version:
-                # installed earlier but never activated (e.g. failed self-test): skip
-                # unless the package file changed since.
-                m = self.machine(name)
-                if m.state == "failed" and m.target == cand.version:
-                    res.unchanged.append(name)
-                    continue
-                self.store.remove_version(name, cand.version)
+            # one model's candidate never blocks another's: whatever goes wrong here
+            # is that model's failure only
             try:
-                await self._install(cand, trust, limits)
-                res.installed[name] = cand.version
+                outcome = await self._consider(name, cand, trust, limits)
+                if outcome == "installed":
+                    res.installed[name] = cand.version
+                elif outcome == "deferred":
+                    res.deferred[name] = self.machine(name).error or "deferred"
+                else:
+                    res.unchanged.append(name)
             except EdgewardError as exc:
                 self.check_failures += 1
                 res.failed[name] = f"[{exc.code}] {exc.message}"
+            except Exception as exc:  # a bug must cost this model's update only
+                self.check_failures += 1
+                logger.exception("update check of %s failed", name)
+                res.failed[name] = f"[internal] {type(exc).__name__}: {exc}"
         res.finished = time.time()
         self.last_check = res
         return res
+
+    async def _consider(self, name: str, cand: _Candidate, trust: Any, limits: Any) -> str:
+        """Install ``cand`` unless it is not newer, refused for good or deferred after a
+        local fault. Returns "installed", "unchanged" or "deferred"."""
+        current = self.store.current(name)
+        if current is not None and version_key(cand.version) <= version_key(current):
+            return "unchanged"
+        if self.is_bad(name, cand.version):
+            logger.debug("%s version %s was refused before; skipped", name, cand.version)
+            return "unchanged"
+        wait = self.deferred(name)
+        if wait > 0:
+            logger.debug("%s: next attempt after a local fault in %.0f s", name, wait)
+            return "deferred"
+        if self.store.has(name, cand.version) and cand.version not in (
+            current,
+            self.store.previous(name),
+        ):
+            # left by an install that did not finish activating: replace it
+            self.store.remove_version(name, cand.version)
+        await self._install(cand, trust, limits)
+        return "installed"
 
     async def _install(self, cand: _Candidate, trust: Any, limits: Any) -> None:
         name, version = cand.name, cand.version
@@ -372,7 +498,12 @@ class Updater:
         try:
             m.advance("verifying")
             kwargs = {"limits": limits} if limits is not None else {}
-            await loop.run_in_executor(None, lambda: package.verify(cand.path, trust, **kwargs))
+            await loop.run_in_executor(
+                None,
+                lambda: package.verify(
+                    cand.path, trust, nofollow=True, progress=self._go_on, **kwargs
+                ),
+            )
             m.advance("unpacking")
             self._preflight(cand.path)
             staging = self.store.staging(prefix=f"{name}-{version}-")
@@ -383,7 +514,14 @@ class Updater:
             manifest = await loop.run_in_executor(
                 None,
                 lambda: package.unpack(
-                    cand.path, out, trust=trust, keyring=keyring, base_dir=base_dir, **kwargs
+                    cand.path,
+                    out,
+                    trust=trust,
+                    keyring=keyring,
+                    base_dir=base_dir,
+                    nofollow=True,
+                    progress=self._go_on,
+                    **kwargs,
                 ),
             )
             if str(manifest.name) != name or str(manifest.version) != version:
@@ -404,27 +542,35 @@ class Updater:
             m.advance("active")
             self.store.gc(name)
             logger.info("updated %s to version %s (from %s)", name, version, cand.path.name)
-        except EdgewardError as exc:
-            reason = f"[{exc.code}] {exc.message}"
+        except Exception as exc:  # a bug or an OSError must not kill the daemon either
+            if isinstance(exc, EdgewardError):
+                reason = f"[{exc.code}] {exc.message}"
+            else:
+                reason = f"[internal] {type(exc).__name__}: {exc}"
             logger.error(
                 "update of %s to version %s failed, still serving %s: %s",
                 name,
                 version,
                 current or "nothing",
                 reason,
+                exc_info=not isinstance(exc, EdgewardError | OSError),
             )
             m.advance("failed", error=reason)
-            if installed and self.store.current(name) != version:
+            if installed and version not in (self.store.current(name), self.store.previous(name)):
                 self.store.remove_version(name, version)
-            self._reject(cand.path, reason)
-            raise
-        except Exception as exc:  # a bug or an OSError must not kill the daemon
-            reason = f"[internal] {type(exc).__name__}: {exc}"
-            logger.exception("update of %s to version %s failed", name, version)
-            m.advance("failed", error=reason)
-            if installed and self.store.current(name) != version:
-                self.store.remove_version(name, version)
+            fix = local_fault(exc)
+            if isinstance(exc, EdgewardError) and exc.code == "stopping":
+                pass  # neither the package's fault nor this device's: next start retries
+            elif fix is not None:
+                self.defer(name, reason, fix)  # the package stays where it is
+            elif isinstance(exc, EdgewardError):
+                self._clear_fault(name)
+                self._reject(cand.path, reason)
+            if isinstance(exc, EdgewardError):
+                raise
             raise UpdateError(reason, code="internal") from exc
+        else:
+            self._clear_fault(name)
         finally:
             if staging is not None:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -447,16 +593,7 @@ class Updater:
 
     def _reject(self, path: Path, reason: str) -> None:
         """Move a refused package aside so the next check does not retry it forever."""
-        if not path.exists():
-            return
-        try:
-            if self.cfg.updates.keep_failed:
-                os.replace(path, path.with_name(path.name + ".rejected"))
-                path.with_name(path.name + ".rejected.reason").write_text(reason + "\n")
-            else:
-                path.unlink()
-        except OSError as exc:
-            logger.warning("cannot move refused package %s aside: %s", path, exc)
+        reject_file(path, reason, keep=self.cfg.updates.keep_failed)
 
     def _extend_timeout(self, seconds: float) -> None:
         if self._extend is not None:
@@ -481,4 +618,13 @@ class Updater:
             m.version = prev
             m.advance("rolled-back")
             logger.info("rolled back %s from version %s to %s", name, cur, prev)
+            self.mark_bad(name, cur, "rolled back")
             return {"name": name, "current": prev, "previous": cur}
+
+
+def _str_dict(value: Any) -> dict[str, str]:
+    return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else {}
+
+
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0.0

@@ -7,7 +7,11 @@ records the median: single runs on a shared 2-vCPU VM swing by ±20%. The number
 merged into ``bench/results.json``; a full run (all areas) also rewrites
 ``BENCHMARKS.md`` with the table of figures (median and range) against the issues'
 goals and the whole transcript, so the document always matches the command that
-produced it. Select areas with ``python -m bench.run unpack residual``.
+produced it. Select areas with ``python -m bench.run unpack residual``: the selected areas'
+keys and transcripts (``bench/transcripts/<area>.txt``) are replaced, the others kept, and
+BENCHMARKS.md is rewritten from all of them, each area's section dated by its own run.
+``make test-arm64`` records the emulated suite's duration and counts in ``bench/arm64.json``,
+which the document shows beside the figures (not a speed figure: emulation is no device).
 """
 
 from __future__ import annotations
@@ -24,7 +28,15 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-AREAS = ("unpack", "residual", "worker", "socket")
+AREAS = (
+    "unpack",
+    "residual",
+    "worker",
+    "socket",
+    "reliability_serve",
+    "reliability",
+    "install",
+)
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
@@ -68,7 +80,71 @@ FIGURES: dict[str, tuple[str, tuple[str, float] | None, int]] = {
     "socket_added_p50_us_224": ("224x224x3 CNN over the socket, added p50 us", None, 5),
     "socket_throughput_ratio_4c": ("socket / in-process throughput, 4 clients", (">=", 0.9), 5),
     "daemon_idle_rss_mb": ("daemon idle RSS without model workers, MB", ("<=", 60), 5),
+    "reliability_daemon_rss_hostile_ratio": (
+        "daemon peak RSS, 40+40 hostile connections / (2 x idle + body budget)",
+        ("<=", 1.0),
+        13,
+    ),
+    "reliability_daemon_rss_idle_mb": ("the daemon's idle RSS in that run, MB", None, 13),
+    "reliability_daemon_rss_hostile_mb": ("the daemon's peak RSS under them, MB", None, 13),
+    "reliability_worker_rss_hostile_ratio": (
+        "the same for the worker on lent connections",
+        ("<=", 1.0),
+        13,
+    ),
+    "reliability_flood_legit_served_ratio": (
+        "legit requests served during a 512-connection flood",
+        (">=", 0.99),
+        13,
+    ),
+    "reliability_flood_p50_ratio": ("legit p50 latency, flood / no flood", None, 13),
+    "reliability_inbox_cases_refused_ratio": (
+        "hostile inbox / store cases refused (links, JSON, non-regular, names, installed)",
+        (">=", 1.0),
+        13,
+    ),
+    "reliability_inbox_json_tried": ("hostile JSON before the signature: cases", None, 13),
+    "reliability_inbox_json_refused": ("... refused with one EdgewardError", None, 13),
+    "reliability_inbox_nonregular_tried": ("non-regular inbox entries: cases", None, 13),
+    "reliability_inbox_nonregular_refused": ("... refused as such", None, 13),
+    "reliability_inbox_links_tried": ("links planted where a refusal writes: cases", None, 13),
+    "reliability_inbox_links_refused": ("... target left untouched", None, 13),
+    "reliability_inbox_names_tried": ("names with control characters: cases", None, 13),
+    "reliability_inbox_names_refused": ("... escaped", None, 13),
+    "reliability_inbox_installed_tried": ("tampered installed versions: cases", None, 13),
+    "reliability_inbox_installed_refused": ("... found by the start-up check", None, 13),
+    "reliability_refuse_nonregular_max_s": (
+        "worst time to refuse a FIFO, /dev/zero link, socket, dir, link, s",
+        ("<=", 1.0),
+        13,
+    ),
+    "reliability_refuse_sparse_s": ("time to refuse a 4 GiB sparse file, s", ("<=", 1.0), 13),
+    "reliability_refuse_sparse_signed_head_s": (
+        "time to refuse a signed head + 4 GiB of zeros, s",
+        ("<=", 1.0),
+        13,
+    ),
+    "reliability_refuse_check_s": ("daemon check with all of them + a valid package, s", None, 13),
+    "reliability_refuse_sigterm_s": (
+        "SIGTERM to exit during a check with a FIFO in the inbox, s",
+        None,
+        13,
+    ),
+    "reliability_tensor_cases_400_ratio": (
+        "edge-case tensor requests answered 400 (relayed + lent)",
+        (">=", 1.0),
+        13,
+    ),
+    "cli_version_start_ratio": ("edgeward --version / python -I -c pass, wall", None, 17),
+    "cli_version_start_ms": ("edgeward --version wall time, ms", None, 17),
+    "metrics_scrape_p50_ms": ("GET /metrics on the metrics socket, p50 ms", None, 17),
+    "metrics_scrape_vs_live_ratio": ("metrics scrape p50 / health-live p50", None, 17),
+    "daemon_rss_idle_unscraped_mb": ("daemon idle RSS (tiny model), never scraped, MB", None, 17),
+    "daemon_rss_after_scrapes_mb": ("the same after 500 scrapes, MB", None, 17),
 }
+
+TRANSCRIPTS = HERE / "transcripts"
+ARM64 = HERE / "arm64.json"
 
 
 class _Tee(io.TextIOBase):
@@ -92,6 +168,22 @@ def _met(value: float, goal: tuple[str, float] | None) -> str:
     op, target = goal
     ok = value >= target if op == ">=" else value <= target
     return f"{op} {target:g}: {'met' if ok else '**missed**'}"
+
+
+def _arm64_section() -> str:
+    """The emulated arm64 suite's last run (``make test-arm64``), if one was recorded."""
+    if not ARM64.exists():
+        return ""
+    a = json.loads(ARM64.read_text())
+    return f"""
+## The test suite on aarch64 (emulated)
+
+`make test-arm64` ({a.get("mode", "full")} run, {a.get("date", "?")}): qemu-user
+{a.get("qemu", "?")} running an arm64 Debian bookworm root on {a.get("host", "?")}.
+**{a.get("passed", 0)} passed, {a.get("failed", 0)} failed, {a.get("skipped", 0)} skipped** in
+{a.get("seconds", 0):.0f} s. Durations
+under emulation say nothing about a real device's speed; the count is the point.
+"""
 
 
 def _write_doc(
@@ -123,7 +215,7 @@ VM swing.
 | key | figure | median | range | goal | issue |
 |---|---|---:|---|---|---|
 {chr(10).join(rows)}
-
+{_arm64_section()}
 Where a goal is missed, the area's document says why and what it would take:
 [docs/PACKAGE.md](docs/PACKAGE.md) (unpack), [docs/RESIDUAL.md](docs/RESIDUAL.md)
 (apply speed), [docs/RUNTIME.md](docs/RUNTIME.md) (worker),
@@ -147,6 +239,7 @@ def main(argv: list[str]) -> int:
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     repeat = max(1, int(os.environ.get("EDGEWARD_BENCH_REPEAT", "3")))
     spread: dict[str, list[float]] = {}
+    chunks: dict[str, list[str]] = {}
     tee = _Tee(sys.stdout)
     real_stdout, sys.stdout = sys.stdout, tee
     try:
@@ -155,22 +248,31 @@ def main(argv: list[str]) -> int:
             for area in areas:
                 mod = importlib.import_module(f"bench.bench_{area}")
                 t0 = time.perf_counter()
-                print(f"\n## {area} (run {r + 1} of {repeat})")
+                mark = tee.buf.tell()
+                print(f"\n## {area} (run {r + 1} of {repeat}, {started})")
                 figures = mod.run(work / area)
                 for key, value in figures.items():
                     if not isinstance(value, (int, float)) or not math.isfinite(float(value)):
                         raise SystemExit(f"bench {area}: {key} is not a finite number: {value!r}")
                     spread.setdefault(key, []).append(float(value))
                 print(f"({area} took {time.perf_counter() - t0:.1f} s)")
+                chunks.setdefault(area, []).append(tee.buf.getvalue()[mark:])
     finally:
         sys.stdout = real_stdout
     for key, vals in spread.items():
         results[key] = statistics.median(vals)
     out.write_text(json.dumps(dict(sorted(results.items())), indent=2) + "\n")
     print(f"\nwrote {out}")
-    if set(areas) == set(AREAS):
-        _write_doc(results, spread, tee.buf.getvalue(), started)
-        print(f"wrote {ROOT / 'BENCHMARKS.md'}")
+    TRANSCRIPTS.mkdir(exist_ok=True)
+    for area, parts in chunks.items():
+        (TRANSCRIPTS / f"{area}.txt").write_text("".join(parts).strip() + "\n")
+    transcript = "\n\n".join(
+        (TRANSCRIPTS / f"{a}.txt").read_text().strip()
+        for a in AREAS
+        if (TRANSCRIPTS / f"{a}.txt").exists()
+    )
+    _write_doc(results, spread, transcript, started)
+    print(f"wrote {ROOT / 'BENCHMARKS.md'}")
     return 0
 
 

@@ -28,7 +28,11 @@ JSON length, the JSON header, raw data):
   the last one; batched every 0.2 s while requests come).
 
 State byte per slot: 0 idle between requests, 1 a request read and not answered, 2 its
-answer partly written. The descriptor's O_NONBLOCK flag is shared with the daemon's
+answer partly written, 3 its prediction running; a second byte per slot counts the
+predictions started (mod 256). The daemon reads both every ``HUNG_CHECK_S``: a slot
+seen predicting the same request for longer than ``request_timeout`` means a hung
+run script, and the worker is killed and restarted (that request gets 504; see
+runtime/worker.py). The descriptor's O_NONBLOCK flag is shared with the daemon's
 copy, so the worker never makes it blocking: it waits with ``poll``.
 """
 
@@ -50,10 +54,11 @@ from typing import Any
 
 from agent.errors import EdgewardError, OverloadedError
 from agent.http import (
+    BodyBudget,
+    BodyBuffer,
     HTTPLimits,
     ProtocolError,
     content_length,
-    json_response,
     parse_head,
     render_response,
 )
@@ -80,7 +85,9 @@ MAX_MSG = MAX_DATA + 4096  # + the JSON header
 MAX_LENT = 4096  # connections one worker may hold (one state byte each)
 CHANNEL_BUF = 1 << 20  # SO_SNDBUF/SO_RCVBUF asked for (the kernel may grant less)
 STATS_EVERY = 0.2  # seconds between stats messages while requests come
-IDLE, BUSY, WRITING = 0, 1, 2
+IDLE, BUSY, WRITING, PREDICTING = 0, 1, 2, 3
+SEQ = MAX_LENT  # offset of the per-slot prediction counters in the state memfd
+HUNG_CHECK_S = 0.25  # seconds between the daemon's looks for hung predictions
 SPIN_MAX_REQUEST_S = 0.001  # requests longer than this: a wake-up is noise, never spin
 
 
@@ -120,9 +127,9 @@ class Lending:
         self.version = version
         self.settings = settings  # {"limits": HTTPLimits fields, "gate": [limit, queue]}
         fd = os.memfd_create("edgeward-lent", 0)
-        os.ftruncate(fd, MAX_LENT)
+        os.ftruncate(fd, 2 * MAX_LENT)
         self._state_fd = fd
-        self.state = mmap.mmap(fd, MAX_LENT)
+        self.state = mmap.mmap(fd, 2 * MAX_LENT)
         self._free = list(range(MAX_LENT))
         self._cids = 0
         self.sock: socket.socket | None = None  # channel to the current child
@@ -131,6 +138,12 @@ class Lending:
         self.unlent = threading.Event()
         self.unlent.set()
         self.stats_sink: Callable[[dict[str, Any]], None] | None = None
+        # Called with the timeout when a prediction on a lent connection outlived it.
+        self.hung: Callable[[float], None] | None = None
+        timeout = settings.get("request_timeout")
+        self.request_timeout = float(timeout) if timeout else None  # seconds
+        self._predicting: dict[int, tuple[int, float]] = {}  # cid → (counter, first seen)
+        self._hung_timer: Any = None
         self._loop: Any = None
         self.closed = False
 
@@ -155,6 +168,33 @@ class Lending:
         socket.send_fds(sock, [pack(hello)], [self._state_fd])
         loop.add_reader(sock.fileno(), self._readable, sock)
 
+    def _check_hung(self) -> None:
+        """On the loop: a prediction seen running on one lent connection for longer than
+        the request timeout (the same counter value all along) → ``hung``."""
+        self._hung_timer = None
+        if self.closed or self._loop is None:
+            return
+        timeout = self.request_timeout
+        assert timeout is not None
+        now = self._loop.time()
+        st = self.state
+        seen: dict[int, tuple[int, float]] = {}
+        hung = False
+        for cid, (_conn, slot) in self._lent.items():
+            if st[slot] != PREDICTING:
+                continue
+            seq = st[SEQ + slot]
+            prev = self._predicting.get(cid)
+            since = prev[1] if prev is not None and prev[0] == seq else now
+            seen[cid] = (seq, since)
+            hung = hung or now - since > timeout
+        self._predicting = seen
+        if hung and self.hung is not None and self.sock is not None:
+            self._predicting = {}
+            self.hung(timeout)
+        if self._lent:  # nothing lent, nothing to watch: no wake-ups while idle
+            self._hung_timer = self._loop.call_later(HUNG_CHECK_S, self._check_hung)
+
     def lend(self, fd: int, data: bytes, conn: Any) -> bool:
         sock = self.sock
         if sock is None or self.recalled or not self._free or len(data) > MAX_DATA:
@@ -175,6 +215,8 @@ class Lending:
             return False
         self._lent[cid] = (conn, slot)
         self.unlent.clear()
+        if self.request_timeout is not None and self._hung_timer is None:
+            self._hung_timer = self._loop.call_later(HUNG_CHECK_S, self._check_hung)
         return True
 
     def recall(self) -> None:
@@ -244,11 +286,15 @@ class Lending:
             self._detach(sock)
             sock.close()
         lent, self._lent = self._lent, {}
+        self._predicting = {}
+        status = 504 if code == "worker-timeout" else 503
         for conn, slot in lent.values():
             state = self.state[slot] if not self.closed else BUSY
+            if state == PREDICTING:
+                state = BUSY  # read and not answered
             self._free.append(slot)
             try:
-                conn.lent_crashed(state, code, message)
+                conn.lent_crashed(state, code, message, status)
             except Exception:
                 logger.exception("settling a lent connection failed")
         self.unlent.set()
@@ -259,6 +305,9 @@ class Lending:
             return
         self.closed = True
         self.recalled = True
+        if self._hung_timer is not None:
+            self._hung_timer.cancel()
+            self._hung_timer = None
         with contextlib.suppress(BufferError):
             self.state.close()
         os.close(self._state_fd)
@@ -316,6 +365,7 @@ class DirectServer:
         self.version = ""
         self.paths: tuple[str, str] = ("", "")
         self.limits = HTTPLimits()
+        self.budget = BodyBudget(self.limits.max_inflight_body_bytes)
         self.gate = _Gate(4, 64)
         self.state: mmap.mmap | None = None
         self.recalled = False
@@ -379,10 +429,11 @@ class DirectServer:
             f"/v2/models/{self.name}/versions/{self.version}/infer",
         )
         self.limits = HTTPLimits(**head.get("limits", {}))
+        self.budget = BodyBudget(self.limits.max_inflight_body_bytes)
         limit, queue = head.get("gate", [4, 64])
         self.gate = _Gate(int(limit), int(queue))
         self.spin_s = max(0.0, float(head.get("spin_us", 0))) / 1e6
-        self.state = mmap.mmap(state_fd, MAX_LENT)
+        self.state = mmap.mmap(state_fd, 2 * MAX_LENT)
         os.close(state_fd)
 
     # --- one request ------------------------------------------------------------------
@@ -592,7 +643,7 @@ class _Lent:
                     method, path, _q, version, headers = parse_head(raw_head.decode("latin-1"), lim)
                     length = content_length(headers, lim)
                 except ProtocolError as exc:
-                    return self._fail(exc.status, exc.code, exc.message)
+                    return self._fail_with(exc)
                 parsed = (method, path, version, headers, length)
                 if len(srv.heads) >= 256:
                     srv.heads.clear()
@@ -602,18 +653,26 @@ class _Lent:
                 return self._give_back(True)  # not ours: the daemon answers it
             conn_hdr = headers.get("connection", "").lower()
             keep = "keep-alive" in conn_hdr if version == "HTTP/1.0" else "close" not in conn_hdr
-            body = self._read_body(end + 4, length)
-            if body is None:
+            got = self._read_body(end + 4, length)
+            if got is None:
                 return None
+            body, bb = got
             with srv.busy_lock:
                 srv.busy += 1
+            st = srv.state
+            if st is not None:  # the daemon times predictions by these two bytes
+                st[SEQ + self.slot] = (st[SEQ + self.slot] + 1) & 0xFF
+                st[self.slot] = PREDICTING
             t0 = time.perf_counter()
             try:
                 resp = srv.handle(headers, body)
+                del body
                 ok = self._write(resp, keep)
             finally:
                 with srv.busy_lock:
                     srv.busy -= 1
+                if bb is not None:  # answered: the body's bytes go back to the budget
+                    bb.release()
             self.cost = time.perf_counter() - t0
             if not ok:
                 return self._closed()
@@ -621,8 +680,10 @@ class _Lent:
             if not keep:
                 return self._closed()
 
-    def _read_body(self, start: int, length: int) -> bytearray | None:
-        """The body (a copy: the scratch buffer is reused); None if the connection ended."""
+    def _read_body(self, start: int, length: int) -> tuple[bytearray, BodyBuffer | None] | None:
+        """The body (a copy: the scratch buffer is reused) and, for one that did not fit
+        the scratch buffer, its :class:`BodyBuffer` (release it once answered); None if
+        the connection ended or was refused."""
         deadline = time.monotonic() + self.srv.limits.body_timeout_s
         total = start + length
         if total <= len(self.buf):
@@ -637,19 +698,25 @@ class _Lent:
             if rest:
                 self.buf[:rest] = self.buf[total : self.filled]
             self.filled = rest
-            return body
-        body = bytearray(length)
-        have = self.filled - start
-        body[:have] = self.buf[start : self.filled]
-        self.filled = 0
-        view = memoryview(body)
-        while have < length:
-            n = self._recv(view[have:], deadline, False)
-            if n <= 0:
-                self._body_failed(n)
-                return None
-            have += n
-        return body
+            return body, None
+        # Memory follows the bytes received, charged to this worker's body budget.
+        bb: BodyBuffer | None = None
+        try:
+            bb = BodyBuffer(length, self.srv.budget, self.view[start : self.filled])
+            self.filled = 0
+            while not bb.done:
+                n = self._recv(bb.window(), deadline, False)
+                if n <= 0:
+                    bb.release()
+                    self._body_failed(n)
+                    return None
+                bb.advance(n)
+        except ProtocolError as exc:  # over the budget
+            if bb is not None:
+                bb.release()
+            self._fail_with(exc)
+            return None
+        return bb.take(), bb
 
     def _body_failed(self, n: int) -> None:
         if n == 0:
@@ -685,7 +752,10 @@ class _Lent:
 
     def _fail(self, status: int, code: str, message: str) -> None:
         """A protocol error: answer it and close, as the daemon's server does."""
-        self._write(json_response(status, {"error": message, "code": code}), False)
+        self._fail_with(ProtocolError(status, code, message))
+
+    def _fail_with(self, exc: ProtocolError) -> None:
+        self._write(exc.response(), False)
         self._closed()
 
     def _give_back(self, here: bool) -> None:
@@ -698,7 +768,18 @@ class _Lent:
         self.srv.send({"op": "closed", "cid": self.cid})
 
 
-def limits_settings(limits: Any, gate: tuple[int, int], spin_us: float = 0) -> dict[str, Any]:
-    """The ``hello`` settings from the daemon's HTTPLimits, admission numbers and how
-    long a worker thread polls for the next request before sleeping."""
-    return {"limits": asdict(limits), "gate": list(gate), "spin_us": spin_us}
+def limits_settings(
+    limits: Any,
+    gate: tuple[int, int],
+    spin_us: float = 0,
+    request_timeout: float | None = None,
+) -> dict[str, Any]:
+    """The ``hello`` settings from the daemon's HTTPLimits, admission numbers, how long
+    a worker thread polls for the next request before sleeping, and the seconds a
+    prediction may take (watched by the daemon, not sent to the worker)."""
+    return {
+        "limits": asdict(limits),
+        "gate": list(gate),
+        "spin_us": spin_us,
+        "request_timeout": request_timeout,
+    }

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.errors import ConfigError, InvalidInputError, RuntimeBackendError
+from agent.errors import InvalidInputError, RuntimeBackendError
 from runtime.backend import Backend, TensorSpec
 from runtime.config import OnnxOptions
 
@@ -53,15 +53,14 @@ def resolve_providers(opts: OnnxOptions) -> tuple[list[str], list[dict[str, Any]
     """
     import onnxruntime as ort
 
+    from runtime.providers import unknown_provider_error
+
     known = set(ort.get_all_providers())
     available = set(ort.get_available_providers())
     chosen: list[str] = []
     for p in opts.providers:
         if p not in known:
-            raise ConfigError(
-                f"runtime.onnx.providers: unknown execution provider {p!r}; "
-                f"this onnxruntime knows: {', '.join(sorted(known))}"
-            )
+            raise unknown_provider_error(p, known)
         if p not in available:
             if opts.unavailable_providers == "error":
                 raise RuntimeBackendError(

@@ -14,6 +14,15 @@ restarts with exponential backoff (``restart_backoff`` = (first, cap) seconds); 
 Memory: a parent-side psutil watchdog kills and restarts a child whose RSS exceeds
 ``memory_limit_bytes`` (RLIMIT_AS is unusable with ORT arenas); the requests in flight
 fail with ``WorkerError(code="worker-memory")``.
+
+Supervision: each child is the leader of its own session and process group
+(``start_new_session``), so whatever a run script forks or spawns is killed with it
+(``killpg``) on stop, on restart and when the child dies. A monitor thread waits for the
+child process itself (``waitpid``), so a death is noticed even when a forked grandchild
+still holds the child's sockets open. A prediction that outlives ``request_timeout``
+seconds (relayed, or on a lent connection: see runtime/direct.py) kills the child: its
+request gets 504 ``worker-timeout``, the state is ``restarting`` at once (readiness
+says so) and the child restarts.
 """
 
 from __future__ import annotations
@@ -88,6 +97,7 @@ class _Child:
         self.pending: dict[int, tuple[Any, int | None]] = {}  # (future or _Follower, slot)
         self.lock = threading.Lock()
         self.dead = False
+        self.gone = False  # its death has been handled (_gone runs once per child)
         self.kill_reason: tuple[str, str] | None = None
         # Event-loop reader state (loop mode): the frame being read.
         self.attached = False
@@ -123,6 +133,7 @@ class ModelWorker:
         shm_slot_bytes: int = 16 * 1024 * 1024,
         loop: asyncio.AbstractEventLoop | None = None,
         lend: dict[str, Any] | None = None,
+        request_timeout: float | None = None,
     ):
         self.name = name
         self.version = version
@@ -135,6 +146,8 @@ class ModelWorker:
         self.loader = loader
         self.self_test_fn = self_test_fn
         self.state = "stopped"
+        # Seconds one prediction may take; past it the child is killed and restarted.
+        self.request_timeout = request_timeout
         self.shm_slot_bytes = shm_slot_bytes
         self._arena = ipc.ShmArena(self.max_concurrency, shm_slot_bytes)
         self._region_ids = itertools.count(1)
@@ -166,6 +179,7 @@ class ModelWorker:
         self._lending: Lending | None = None
         if lend is not None and loop is not None:
             self._lending = Lending(name, version, lend)
+            self._lending.hung = self._lent_hung
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -182,6 +196,7 @@ class ModelWorker:
             if lg is not None and lg.closed:  # started again after stop()
                 self._lending = Lending(self.name, self.version, lg.settings)
                 self._lending.stats_sink = lg.stats_sink
+                self._lending.hung = self._lent_hung
             self.state = "starting"
             if self._arena.closed:  # started again after stop()
                 regions = self._arena.regions
@@ -244,6 +259,8 @@ class ModelWorker:
                 env=env,
                 stdin=subprocess.DEVNULL,
                 close_fds=True,
+                # Its own process group: whatever the run script starts dies with it.
+                start_new_session=True,
             )
         except BaseException:
             for a, _ in pairs:
@@ -279,6 +296,7 @@ class ModelWorker:
         except (ipc.ChannelClosed, TimeoutError) as exc:
             proc.kill()
             rc = proc.wait()
+            _killpg(proc.pid)
             chan.close()
             for lane in lanes:
                 lane.close()
@@ -298,6 +316,7 @@ class ModelWorker:
         if header.get("op") != "ready":
             err = header.get("err") or {}
             proc.wait()
+            _killpg(proc.pid)
             chan.close()
             for lane in lanes:
                 lane.close()
@@ -312,6 +331,11 @@ class ModelWorker:
         self._child = c
         if self._loop is not None:
             self._call_in_loop(self._attach, c)
+            # The loop sees EOF on the socket; the process itself is watched as well,
+            # since a forked grandchild may keep the socket open after the child died.
+            threading.Thread(
+                target=self._monitor, args=(c,), name=f"worker-{self.name}-monitor", daemon=True
+            ).start()
         else:
             self._start_threads(c)
         if lend_pair is not None:
@@ -351,6 +375,7 @@ class ModelWorker:
             c.kill_reason = ("worker-stopped", "worker stopped before the request finished")
             c.proc.kill()
             c.proc.wait()
+        _killpg(c.proc.pid)  # what the run script started goes with it
         self._fail_pending(c, "worker-stopped", f"{self.name} {self.version}: worker stopped")
         if lending is not None:
             msg = f"{self.name} {self.version}: worker stopped; request not served"
@@ -642,8 +667,14 @@ class ModelWorker:
             )
 
     def _gone(self, c: _Child) -> None:
-        """The child's end of the socket closed: fail its requests, restart it."""
+        """The child exited (its monitor saw it) or its socket closed: fail its requests,
+        kill what it left behind, restart it. Runs once per child."""
         rc = c.proc.wait()
+        with c.lock:
+            if c.gone:
+                return
+            c.gone = True
+        _killpg(c.proc.pid)
         if c.kill_reason is not None:
             code, why = c.kill_reason
         else:
@@ -672,7 +703,7 @@ class ModelWorker:
             items = list(c.pending.values())
             c.pending.clear()
         for fut, slot in items:
-            self._settle(fut, None, WorkerError(msg, code=code))
+            self._settle(fut, None, WorkerError(msg, code=code, status=_status_of(code)))
             if slot is not None:
                 self._arena.release(slot)
 
@@ -702,6 +733,26 @@ class ModelWorker:
             if self._stopping and self._child is not None:
                 self.stop(0.0)
             return
+
+    def _kill_hung(self, c: _Child, why: str) -> None:
+        """A prediction outlived the request timeout: readiness goes down at once, the
+        child (and its process group) is killed; _gone fails what was in flight with
+        ``worker-timeout`` and restarts it."""
+        with self._cv:
+            if c.dead or c.kill_reason is not None or self._child is not c:
+                return
+            c.kill_reason = ("worker-timeout", why)
+            if not self._stopping:
+                self.state = "restarting"
+                self._cv.notify_all()
+        logger.error("%s %s: %s; killing the worker", self.name, self.version, why)
+        _killpg(c.proc.pid)
+
+    def _lent_hung(self, seconds: float) -> None:
+        """Lending saw a prediction on a lent connection running ``seconds``."""
+        c = self._child
+        if c is not None:
+            self._kill_hung(c, f"a request ran longer than the {seconds:g} s request timeout")
 
     def _watch(self) -> None:
         import psutil
@@ -823,9 +874,16 @@ class ModelWorker:
     async def apredict(
         self, inputs: dict[str, np.ndarray], timeout: float | None = None
     ) -> dict[str, np.ndarray]:
-        """Asyncio form of :meth:`predict` (no thread per request once the worker is ready)."""
+        """Asyncio form of :meth:`predict` (no thread per request once the worker is ready).
+
+        Without ``timeout`` the worker's ``request_timeout`` applies, and a prediction
+        that outlives it kills and restarts the child (504 ``worker-timeout``)."""
         loop = asyncio.get_running_loop()
         waiter: Any
+        enforce = timeout is None and self.request_timeout is not None
+        if enforce:
+            timeout = self.request_timeout
+        c: _Child | None = None
         try:
             if loop is self._loop:  # loop mode: the loop itself settles this future
                 waiter, c, header, parts = self._submit(
@@ -844,12 +902,18 @@ class ModelWorker:
         except (_Busy, ModelNotReadyError):  # restarting or all slots busy: wait off-loop
             cf = await loop.run_in_executor(None, self._submit, {"op": "predict"}, inputs, timeout)
             waiter = asyncio.wrap_future(cf)
+        if c is None:
+            c = self._child
         try:
             out: dict[str, np.ndarray] = await asyncio.wait_for(waiter, timeout)
         except TimeoutError:
             self._count_error(TimeoutError("timeout"))
+            if enforce and c is not None:
+                self._kill_hung(c, f"a request ran longer than the {timeout:g} s request timeout")
             raise WorkerError(
-                f"{self.name}: no answer in {timeout} s", code="worker-timeout"
+                f"{self.name}: no answer in {timeout:g} s",
+                code="worker-timeout",
+                status=504 if enforce else None,
             ) from None
         except BaseException as exc:
             self._count_error(exc)
@@ -1146,6 +1210,19 @@ def _set_future(fut: asyncio.Future[Any], result: Any, exc: BaseException | None
         fut.set_result(result)
     else:
         fut.set_exception(exc)
+
+
+def _killpg(pgid: int) -> None:
+    """SIGKILL a child's process group (it is the group's leader): the child if it still
+    runs, and everything its run script forked or spawned."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def _status_of(code: str) -> int:
+    """HTTP status of a request failed because its worker went away: 504 when it was
+    killed for a request that ran past the timeout, else 503 (retry)."""
+    return 504 if code == "worker-timeout" else 503
 
 
 def _describe_exit(rc: int | None) -> str:

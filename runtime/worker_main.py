@@ -37,9 +37,12 @@ def _import(spec: str) -> Any:
 
 
 def main(argv: list[str]) -> int:
-    logging.basicConfig(
-        level=os.environ.get("EDGEWARD_WORKER_LOG", "WARNING"),
-        format="worker[%(process)d] %(levelname)s %(name)s: %(message)s",
+    from agent.logs import setup_logging
+
+    # The daemon sets both (agent/logs.py): worker lines share the daemon's format.
+    setup_logging(
+        os.environ.get("EDGEWARD_WORKER_LOG", "warning").lower(),
+        os.environ.get("EDGEWARD_LOG_FORMAT", "text"),
     )
     # Hand the GIL over quickly: the reader thread must not wait 5 ms behind a predict
     # thread in Python code while a frame is waiting.

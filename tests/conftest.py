@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import emulation  # noqa: F401  (registers the slowed-run Hypothesis profile)
 from tests.assets import asset
 
 E2E_REQUIRED = os.environ.get("EDGEWARD_E2E_REQUIRED") == "1"

@@ -170,9 +170,11 @@ def write_config(
     limits: dict[str, Any] | None = None,
     lend: bool = True,
     extra: str = "",
+    inference_extra: str = "",
 ) -> Path:
     """A config whose paths all live under ``work``; ``lend=False`` relays every request
-    through the daemon (no lent connections, runtime/direct.py)."""
+    through the daemon (no lent connections, runtime/direct.py); ``inference_extra``
+    are TOML lines added to ``[inference]``."""
     state = work / "state"
     run = run_dir(work)
     inbox = work / "inbox"
@@ -191,6 +193,7 @@ socket = "{run / "infer.sock"}"
 mode = "0660"
 group = "{group}"
 lend_connections = {str(lend).lower()}
+{inference_extra}
 
 [inference.limits]
 {lim}
@@ -302,17 +305,28 @@ class DaemonProc:
 
     def kill(self, *, group: bool = True) -> None:
         """kill -9 the daemon (and, with ``group``, the workers it started)."""
+        workers = self.worker_pids() if group else []
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
         if group:
-            self.kill_group()
+            self.kill_group(workers)
         self.close()
 
-    def kill_group(self) -> None:
-        """SIGKILL what is left of the daemon's process group (its workers)."""
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
+    def worker_pids(self) -> list[int]:
+        """The daemon's child processes (model workers, each its own process group)."""
+        import psutil
+
+        try:
+            return [p.pid for p in psutil.Process(self.proc.pid).children()]
+        except psutil.Error:
+            return []
+
+    def kill_group(self, workers: Sequence[int] = ()) -> None:
+        """SIGKILL what is left of the daemon's process group, and of each worker's."""
+        for pgid in (self.proc.pid, *workers):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pgid, signal.SIGKILL)
 
     def close(self) -> None:
         if self._nsock is not None:

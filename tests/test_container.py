@@ -25,6 +25,7 @@ from agent.errors import (
     LimitError,
     UnsupportedVersionError,
 )
+from tests.emulation import scaled
 
 VECTOR = Path(__file__).parent / "vectors" / "container_v1.bin"
 # The values docs/FORMAT.md ("Test vector") documents for tests/vectors/container_v1.bin.
@@ -376,14 +377,14 @@ def test_decompression_bomb_is_bounded() -> None:
 # --- property tests -------------------------------------------------------------------
 
 
-@settings(max_examples=300, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=scaled(2000), suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=400))
 def test_arbitrary_bytes_raise_only_edgeward_errors(data: bytes) -> None:
     with contextlib.suppress(EdgewardError):
         _decode_all(data)
 
 
-@settings(max_examples=300, deadline=2000)
+@settings(max_examples=300, deadline=scaled(2000))
 @given(
     st.integers(0, 3),
     st.integers(0, 0xFFFFFFFF),
@@ -402,7 +403,7 @@ def test_arbitrary_model_headers(
             _decode_all(head + body, seekable=seekable)
 
 
-@settings(max_examples=200, deadline=2000)
+@settings(max_examples=200, deadline=scaled(2000))
 @given(st.integers(0, 285 * 8 - 1), st.integers(1, 300))
 def test_random_flip_then_truncate(bit: int, keep: int) -> None:
     data = bytearray(VECTOR.read_bytes())

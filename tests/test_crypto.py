@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from agent import crypto
 from agent.errors import CryptoError, EdgewardError, FormatError, IntegrityError, SignatureError
 from agent.keys import Keyring, TrustStore, encode_signatures, key_id, sign
+from tests.emulation import scaled
 
 CS = 64  # small chunks so every boundary case is cheap
 SEALED = CS + crypto.TAG_SIZE
@@ -506,7 +507,7 @@ def test_package_context_is_canonical_and_distinct() -> None:
     assert crypto.unwrap(entry, ring, ctx) == KEY
 
 
-@settings(max_examples=300, deadline=2000)
+@settings(max_examples=300, deadline=scaled(2000))
 @given(st.binary(max_size=600))
 def test_envelope_parser_arbitrary_bytes(data: bytes) -> None:
     _, trust, _, _ = _ENV
@@ -514,7 +515,7 @@ def test_envelope_parser_arbitrary_bytes(data: bytes) -> None:
         crypto.read_envelope(data, trust)
 
 
-@settings(max_examples=200, deadline=2000)
+@settings(max_examples=200, deadline=scaled(2000))
 @given(
     st.dictionaries(
         st.sampled_from(["type", "key_id", "ephemeral", "nonce", "wrapped", "salt"]),

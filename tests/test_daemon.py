@@ -47,7 +47,7 @@ def _get(d: DaemonProc, path: str) -> tuple[int, Any]:
 @needs_worker
 def test_ready_status_and_watchdog(daemon: DaemonProc) -> None:
     assert "READY=1" in daemon.messages
-    assert any(m.startswith("STATUS=serving 1 models: tiny:1") for m in daemon.messages)
+    assert any(m.startswith("STATUS=serving 1 model: tiny v1") for m in daemon.messages)
     daemon.wait_for("WATCHDOG=1", timeout=30, count=2)  # pings repeat at WATCHDOG_USEC/2
     # READY comes only after the sockets exist
     assert daemon.infer_sock.is_socket() and daemon.control_sock.is_socket()
@@ -134,13 +134,13 @@ def test_cli_status_models_metrics(daemon: DaemonProc) -> None:
     line = next(
         s for s in text.splitlines() if s.startswith('edgeward_requests_total{model="tiny"}')
     )
-    assert int(line.split()[-1]) >= 1
+    assert float(line.split()[-1]) >= 1
     for name in (
         "edgeward_request_errors_total",
-        'edgeward_request_duration_seconds_bucket{model="tiny",le="+Inf"}',
+        'edgeward_request_duration_seconds_bucket{le="+Inf",model="tiny"}',
         "edgeward_worker_rss_bytes",
         "edgeward_worker_restarts_total",
-        'edgeward_update_state{model="tiny",state="active"} 1',
+        'edgeward_update_state{model="tiny",state="active"} 1.0',
     ):
         assert name in text, name
     status, _h, body = http_unix(daemon.control_sock, "GET", "/nope")

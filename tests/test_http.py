@@ -234,21 +234,45 @@ def test_lying_content_length(echo_srv: tuple[ServerThread, Echo]) -> None:
     _alive(srv)
 
 
-def test_max_connections_and_no_leak(echo_srv: tuple[ServerThread, Echo]) -> None:
-    srv, _ = echo_srv
-    socks = [_conn(srv.path) for _ in range(LIMITS.max_connections)]
-    extra = _conn(srv.path)
-    r = _read_response(extra, bytearray())
-    assert status_of(r) == 503 and body_of(r)["code"] == "too-many-connections"
-    extra.close()
-    for s in socks:
-        s.close()
-    for _ in range(500):
-        if srv.server.connections == 0:
-            break
-        time.sleep(0.01)
-    assert srv.server.connections == 0
-    _alive(srv)
+def test_max_connections_and_no_leak(tmp_path: Path) -> None:
+    """Slots held by requests in progress are never taken away: past the cap a new
+    connection is refused with 503; idle ones make room (the oldest is closed)."""
+    limits = HTTPLimits(max_connections=16, header_timeout_s=60.0)
+    srv = ServerThread(tmp_path / "c.sock", Echo(), limits=limits)
+    try:
+        cap = limits.pid_cap  # all connections below come from this one process
+        busy = [_conn(srv.path) for _ in range(cap)]
+        for s in busy:  # a request line without its end: the slot is in use
+            s.sendall(b"GET /x HTTP/1.1\r\n")
+        for _ in range(500):  # until the server has read every one of them
+            if sum(not c.idle for c in list(srv.server._conns)) == cap:
+                break
+            time.sleep(0.01)
+        extra = _conn(srv.path)
+        r = _read_response(extra, bytearray())
+        assert status_of(r) == 503 and body_of(r)["code"] == "too-many-connections"
+        extra.close()
+        for s in busy:
+            s.close()
+        idle = [_conn(srv.path) for _ in range(cap)]
+        for _ in range(500):
+            if srv.server.connections == cap:
+                break
+            time.sleep(0.01)
+        newest = _conn(srv.path)
+        assert _closed(idle[0])  # the oldest idle connection made room
+        newest.sendall(b"GET /ok HTTP/1.1\r\n\r\n")
+        assert status_of(_read_response(newest, bytearray())) == 200
+        for s in [*idle, newest]:
+            s.close()
+        for _ in range(500):
+            if srv.server.connections == 0:
+                break
+            time.sleep(0.01)
+        assert srv.server.connections == 0
+        _alive(srv)
+    finally:
+        srv.close()
 
 
 def test_socket_mode_group_and_atomic_bind(tmp_path: Path) -> None:

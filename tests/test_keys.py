@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from agent import keys
 from agent.cli import main
 from agent.errors import KeyFileError, SignatureError
+from tests.emulation import scaled
 
 
 def _mode(p: Path) -> int:
@@ -244,7 +245,7 @@ def test_cli_keygen(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert secret not in capsys.readouterr().out
 
 
-@settings(max_examples=300, deadline=2000)
+@settings(max_examples=300, deadline=scaled(2000))
 @given(st.binary(max_size=600))
 def test_signature_parser_arbitrary_bytes(data: bytes) -> None:
     trust = keys.TrustStore()
@@ -253,7 +254,7 @@ def test_signature_parser_arbitrary_bytes(data: bytes) -> None:
         trust.verify(b"data", data)
 
 
-@settings(max_examples=200, deadline=2000)
+@settings(max_examples=200, deadline=scaled(2000))
 @given(
     st.recursive(
         st.none() | st.booleans() | st.integers() | st.text(max_size=20),

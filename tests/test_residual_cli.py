@@ -54,7 +54,10 @@ def test_diff_patch_digest(
     )
     assert r.stdout.strip() == doc["target_digest"]
     # human output names the digests and the ratio
-    assert main(["diff", str(base), str(target), "-o", str(patch), "--max-rel-err", "0"]) == 0
+    argv = ["diff", str(base), str(target), "-o", str(patch), "--max-rel-err", "0"]
+    assert main(argv) == 2  # the patch exists: replaced only with --force
+    assert "[output-exists]" in capsys.readouterr().err
+    assert main([*argv, "--force"]) == 0
     text = capsys.readouterr().out
     assert doc["base_digest"] in text and "% of" in text and "fallbacks" in text
 

@@ -225,7 +225,10 @@ def test_cli_diff_with_target(
     doc = json.loads(capsys.readouterr().out)
     assert doc["fidelity"]["met"] and doc["fidelity"]["output_kind"] == "embedding"
     assert "top1_agreement" not in doc["fidelity"] and doc["stats"]["search"]["allocation"]
-    assert main([*argv, "--target-cosine", "0.999", "--samples", str(pair["samples"])]) == 0
+    # the patch exists now: it is replaced only with --force
+    again = [*argv, "--target-cosine", "0.999", "--samples", str(pair["samples"])]
+    assert main(again) == 2 and "[output-exists]" in capsys.readouterr().err
+    assert main([*again, "--force"]) == 0
     assert "search  4 tensors" in capsys.readouterr().out
 
 

@@ -130,7 +130,7 @@ def test_bad_binary_layouts() -> None:
     tb = json.dumps(trunc).encode()
     with pytest.raises(InvalidInputError, match="truncated"):
         decode_request(tb + b"\x01\x00\x00\x00a\x09\x00\x00\x00", len(tb))
-    huge = {"inputs": [{"name": "s", "datatype": "BYTES", "shape": [10**12],
+    huge = {"inputs": [{"name": "s", "datatype": "BYTES", "shape": [10**9],
                         "parameters": {"binary_data_size": 4}}]}  # fmt: skip
     hb2 = json.dumps(huge).encode()
     with pytest.raises(InvalidInputError, match="cannot hold"):

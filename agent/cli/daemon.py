@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import EdgewardError
+from agent.textsafe import printable
 
 DEFAULT_CONTROL_SOCKET = "/run/edgeward/control.sock"
 
@@ -84,6 +85,12 @@ def control_request(
         conn.close()
 
 
+def call_control(args: argparse.Namespace, path: str, method: str = "GET") -> Any:
+    """One control-socket request (``args.control_socket``); the JSON answer or a
+    ControlError with the daemon's code."""
+    return _call(args, path, method)
+
+
 def _call(args: argparse.Namespace, path: str, method: str = "GET") -> Any:
     status, body, _ctype = control_request(path, method, sock_path=args.control_socket)
     try:
@@ -140,7 +147,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             line += ": installed " + ", ".join(f"{k} v{v}" for k, v in last["installed"].items())
         if last.get("failed"):
             line += "; failed " + ", ".join(sorted(last["failed"]))
-        print(line)
+        print(printable(line))  # failed inbox file names are chosen by others
     return 0
 
 
@@ -180,10 +187,12 @@ def cmd_check(args: argparse.Namespace) -> int:
         for name in data.get("unchanged", []):
             print(f"{name}: up to date")
         for name, why in sorted(data.get("failed", {}).items()):
-            print(f"{name}: failed: {why}", file=sys.stderr)
-        if not any(data.get(k) for k in ("installed", "unchanged", "failed")):
+            print(printable(f"{name}: failed: {why}"), file=sys.stderr)
+        for name, why in sorted(data.get("deferred", {}).items()):
+            print(printable(f"{name}: waiting: {why}"), file=sys.stderr)
+        if not any(data.get(k) for k in ("installed", "unchanged", "failed", "deferred")):
             print("no packages in the inbox")
-    return 1 if data.get("failed") else 0
+    return 1 if data.get("failed") or data.get("deferred") else 0
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:

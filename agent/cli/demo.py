@@ -36,7 +36,12 @@ MODEL_NAME = "ppocr-det"
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("demo", help="run the whole path end to end on an embedded default")
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="ONNX text detector")
-    p.add_argument("--workdir", type=Path, default=REPO_ROOT / ".cache" / "demo")
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=REPO_ROOT / ".cache" / "demo",
+        help="where keys, packages and the daemon's state go (default .cache/demo)",
+    )
     p.add_argument("--keep", action="store_true", help="leave the daemon's files behind")
     p.set_defaults(func=run)
 

@@ -2,20 +2,23 @@
 
 Each command prints a short human summary (or ``--json`` for scripts) on stdout and,
 on failure, raises an ``agent.errors`` exception that ``edgeward`` prints as one line
-on stderr with a non-zero exit code. Long work shows a byte progress line on stderr only
-when stdout is a terminal. Heavy modules are imported inside the handlers.
+on stderr with a non-zero exit code. Long work shows a progress bar on stderr whenever
+stderr is a terminal; outputs are replaced only with ``--force`` (``agent.cli.common``).
+Heavy modules are imported inside the handlers.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
+from agent.cli.common import Progress, add_force, add_json, refuse_overwrite, replace_dir
 from agent.cli.residual import add_patch_options, patch_kwargs
+from agent.textsafe import printable
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
@@ -66,7 +69,11 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         help="store models unencrypted (the default without recipients)",
     )
     p.add_argument(
-        "--alg", default="aes-256-gcm", choices=("aes-256-gcm", "sm4-gcm", "chacha20-poly1305")
+        "--alg",
+        default="aes-256-gcm",
+        choices=("aes-256-gcm", "sm4-gcm", "chacha20-poly1305"),
+        help="AEAD for the model data (default aes-256-gcm; chacha20-poly1305 for ARM "
+        "cores without AES instructions)",
     )
     p.add_argument(
         "--chunk-size",
@@ -113,17 +120,46 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         metavar="K",
         help="device key(s) to decrypt a BASE .emp",
     )
-    p.add_argument("-o", "--output", required=True, type=Path, metavar="OUT.emp")
-    p.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    p.add_argument(
+        "-o", "--output", required=True, type=Path, metavar="OUT.emp", help="package to write"
+    )
+    add_force(p)
+    add_json(p, "the manifest")
     p.set_defaults(func=_pack)
 
     p = sub.add_parser("inspect", help="show a package's manifest (no keys needed)")
-    p.add_argument("package", type=Path, metavar="PKG")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("package", type=Path, metavar="PKG", help="the .emp package")
+    add_json(p, "the manifest summary")
     p.set_defaults(func=_inspect)
 
-    p = sub.add_parser("verify", help="verify signature, sizes and digests of a package")
-    p.add_argument("package", type=Path, metavar="PKG")
+    p = sub.add_parser(
+        "verify",
+        help="verify signature, sizes and digests of a package, or (--installed) of "
+        "every installed version the daemon keeps",
+    )
+    p.add_argument("package", type=Path, metavar="PKG", nargs="?", help="the .emp package")
+    p.add_argument(
+        "--trust",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="PUB",
+        help="trusted publisher .pub file or directory (repeatable; needed for PKG)",
+    )
+    p.add_argument(
+        "--installed",
+        action="store_true",
+        help="ask the daemon to check current and previous of every model against "
+        "their signed manifests (a modified current is rolled back or not served)",
+    )
+    p.add_argument(
+        "--control-socket", metavar="PATH", default=None, help="control socket (--installed)"
+    )
+    add_json(p, "the verification result")
+    p.set_defaults(func=_verify)
+
+    p = sub.add_parser("unpack", help="verify, decrypt and unpack a package into a directory")
+    p.add_argument("package", type=Path, metavar="PKG", help="the .emp package")
     p.add_argument(
         "--trust",
         action="append",
@@ -132,12 +168,6 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         metavar="PUB",
         help="trusted publisher .pub file or directory (repeatable)",
     )
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_verify)
-
-    p = sub.add_parser("unpack", help="verify, decrypt and unpack a package into a directory")
-    p.add_argument("package", type=Path, metavar="PKG")
-    p.add_argument("--trust", action="append", required=True, type=Path, metavar="PUB")
     p.add_argument(
         "--device-key",
         action="append",
@@ -161,8 +191,11 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         help="also hash each decoded model against models[].sha256 (the container's signed "
         "hash, AEAD tags and zstd checksums already pin it)",
     )
-    p.add_argument("-o", "--output", required=True, type=Path, metavar="DIR")
-    p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "-o", "--output", required=True, type=Path, metavar="DIR", help="directory to create"
+    )
+    add_force(p)
+    add_json(p, "what was unpacked")
     p.set_defaults(func=_unpack)
 
     p = sub.add_parser("envelope", help="detached key envelopes (add recipients later)")
@@ -171,7 +204,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "add",
         help="give more devices access to an encrypted package without re-signing it",
     )
-    e.add_argument("package", type=Path, metavar="PKG")
+    e.add_argument("package", type=Path, metavar="PKG", help="the encrypted .emp package")
     e.add_argument(
         "--signing-key",
         required=True,
@@ -187,35 +220,27 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         metavar="K",
         help="a device .key / fleet .psk the package is already encrypted for",
     )
-    e.add_argument("--encrypt-for", action="append", default=[], type=Path, metavar="PUB")
-    e.add_argument("--psk", action="append", default=[], type=Path, metavar="FILE")
-    e.add_argument("-o", "--output", required=True, type=Path, metavar="FILE")
+    e.add_argument(
+        "--encrypt-for",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="PUB",
+        help="device public key (or directory of them) to add as a recipient (repeatable)",
+    )
+    e.add_argument(
+        "--psk",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="FILE",
+        help="fleet pre-shared key file to add as a recipient (repeatable)",
+    )
+    e.add_argument(
+        "-o", "--output", required=True, type=Path, metavar="FILE", help="envelope file to write"
+    )
+    add_force(e)
     e.set_defaults(func=_envelope_add)
-
-
-class _Progress:
-    """``\\r``-updated byte counter on stderr, only when stdout is a terminal."""
-
-    def __init__(self, what: str, total: int) -> None:
-        self.enabled = sys.stdout.isatty() and total > (64 << 20)
-        self.what, self.total, self.done, self._last = what, total, 0, 0.0
-
-    def __call__(self, n: int) -> None:
-        self.done += n
-        now = time.monotonic()
-        if self.enabled and now - self._last > 0.2:
-            self._last = now
-            pct = 100.0 * self.done / max(self.total, 1)
-            print(
-                f"\r{self.what}: {self.done >> 20} / {self.total >> 20} MiB ({pct:.0f}%)",
-                end="",
-                file=sys.stderr,
-                flush=True,
-            )
-
-    def close(self) -> None:
-        if self.enabled:
-            print(file=sys.stderr)
 
 
 def _patch_spec(args: argparse.Namespace) -> dict[str, Any]:
@@ -247,6 +272,7 @@ def _pack(args: argparse.Namespace) -> int:
     from agent.keys import Keyring, TrustStore, load_private, load_psk
     from agent.package import PackSpec, pack
 
+    refuse_overwrite(args.output, args.force)
     keys = []
     for k in args.signing_key:
         priv = load_private(k)
@@ -275,12 +301,14 @@ def _pack(args: argparse.Namespace) -> int:
         base_keyring=Keyring.from_paths(args.device_key) if args.device_key else None,
     )
     total = sum(p.stat().st_size for p in args.model if p.is_file())
-    progress = _Progress("packing", total)
+    progress = Progress("packing", total)
     spec.progress = progress
     try:
         manifest = pack(spec, args.output)
-    finally:
-        progress.close()
+    except BaseException:
+        progress.close(done=False)
+        raise
+    progress.close()
     if args.json:
         print(json.dumps(manifest.to_dict(), indent=2, sort_keys=True))
     else:
@@ -302,35 +330,45 @@ def _inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(doc, indent=2, sort_keys=True))
         return 0
-    print(
+
+    def show(line: str) -> None:  # unverified, chosen by whoever made the file
+        print(printable(line, limit=2000))
+
+    show(
         f"package   {doc['name']} version {doc['version']}"
         + (f" ({doc['label']})" if doc.get("label") else "")
     )
-    print(f"created   {doc.get('created', '')}   size {doc['package_size']:,} bytes")
-    print(f"signed by {', '.join(doc['signature_key_ids']) or 'nobody'} (not verified)")
+    show(f"created   {doc.get('created', '')}   size {doc['package_size']:,} bytes")
+    show(f"signed by {', '.join(doc['signature_key_ids']) or 'nobody'} (not verified)")
     enc = doc.get("encryption")
     if enc:
-        print(
+        show(
             f"encrypted {enc['alg']}, {enc['chunk_size']} B chunks, for "
             f"{', '.join(str(r) for r in enc['recipients'])}"
         )
     else:
-        print("encrypted no")
+        show("encrypted no")
     if doc.get("base"):
-        print(f"base      {doc['base']['name']} version {doc['base']['version']}")
+        show(f"base      {doc['base']['name']} version {doc['base']['version']}")
     for m in doc["models"]:
-        print(
+        show(
             f"model {m['id']}   {m['name']} [{m['format']}] {'+'.join(m['encoding']) or 'plain'}"
             f" {m['size']:,} bytes"
         )
     for f in doc["files"]:
-        print(f"file      {f['path']} {f['size']:,} bytes")
+        show(f"file      {f['path']} {f['size']:,} bytes")
     return 0
 
 
 def _verify(args: argparse.Namespace) -> int:
+    from agent.errors import PackageError
     from agent.keys import TrustStore
     from agent.package import verify
+
+    if args.installed:
+        return _verify_installed(args)
+    if args.package is None or not args.trust:
+        raise PackageError("verify needs PKG and --trust (or --installed)", code="usage")
 
     manifest = verify(args.package, TrustStore.from_paths(args.trust))
     if args.json:
@@ -346,22 +384,50 @@ def _verify(args: argparse.Namespace) -> int:
         )
     else:
         print(
-            f"OK: {manifest.name} version {manifest.version}, signature and "
-            f"{len(manifest.files)} file digests verified"
+            printable(
+                f"OK: {manifest.name} version {manifest.version}, signature and "
+                f"{len(manifest.files)} file digests verified"
+            )
         )
     return 0
+
+
+def _verify_installed(args: argparse.Namespace) -> int:
+    from agent.cli.daemon import call_control
+
+    data = call_control(args, "/verify", "POST")
+    if args.json:
+        print(json.dumps(data, indent=2, sort_keys=True))
+    else:
+        for v in data.get("versions", []):
+            what = f"{v['name']} version {v['version']}"
+            if not v.get("checked", True):
+                print(f"{what}: not installed from a package, nothing to check against")
+            elif v["ok"]:
+                signer = f", signed by {v['signed_by']}" if v.get("signed_by") else ""
+                print(f"OK: {what}: {v['files']} files, {v['bytes']:,} bytes{signer}")
+            else:
+                for problem in v["problems"]:
+                    print(printable(f"MODIFIED: {what}: {problem}"), file=sys.stderr)
+        for action in data.get("actions", []):
+            print(printable(action), file=sys.stderr)
+    return 0 if data.get("ok", False) else 1
 
 
 def _unpack(args: argparse.Namespace) -> int:
     from agent.keys import Keyring, TrustStore
     from agent.package import unpack
 
+    out: Path = args.output
+    refuse_overwrite(out, args.force)
+    # With --force an existing output is replaced only once the new one is complete.
+    target = out if not os.path.lexists(out) else out.with_name(f".{out.name}.new-{os.getpid()}")
     keyring = Keyring.from_paths(args.device_key) if args.device_key else None
-    progress = _Progress("unpacking", args.package.stat().st_size if args.package.is_file() else 0)
+    progress = Progress("unpacking", args.package.stat().st_size if args.package.is_file() else 0)
     try:
         manifest = unpack(
             args.package,
-            args.output,
+            target,
             trust=TrustStore.from_paths(args.trust),
             keyring=keyring,
             base_dir=args.base,
@@ -369,8 +435,12 @@ def _unpack(args: argparse.Namespace) -> int:
             progress=progress,
             verify_decoded=args.verify_decoded,
         )
-    finally:
-        progress.close()
+    except BaseException:
+        progress.close(done=False)
+        raise
+    progress.close()
+    if target != out:
+        replace_dir(target, out)
     if args.json:
         print(
             json.dumps(
@@ -404,6 +474,7 @@ def _envelope_add(args: argparse.Namespace) -> int:
         encrypt_for=_pubs(args.encrypt_for),
         psks=[load_psk(p) for p in args.psk],
     )
+    refuse_overwrite(args.output, args.force)
     args.output.write_bytes(data)
     print(f"wrote key envelope {args.output}")
     return 0

@@ -15,6 +15,7 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+from agent.cli.common import add_force, add_json, refuse_overwrite
 from agent.errors import ResidualError
 
 
@@ -25,12 +26,15 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         help="make a residual patch from BASE_MODEL to TARGET_MODEL",
         description="Encode TARGET_MODEL as a quantised residual patch on BASE_MODEL.",
     )
-    p.add_argument("base", type=Path, metavar="BASE_MODEL")
-    p.add_argument("target", type=Path, metavar="TARGET_MODEL")
-    p.add_argument("-o", "--output", required=True, type=Path, metavar="PATCH")
+    p.add_argument("base", type=Path, metavar="BASE_MODEL", help="the model the device has")
+    p.add_argument("target", type=Path, metavar="TARGET_MODEL", help="the model to send")
+    p.add_argument(
+        "-o", "--output", required=True, type=Path, metavar="PATCH", help="patch file to write"
+    )
+    add_force(p)
     add_patch_options(p)
     p.add_argument("--samples", type=Path, metavar="DIR", help="*.npz inputs for fidelity")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    add_json(p, "the digests and statistics")
     p.set_defaults(func=_diff)
 
     p = sub.add_parser(
@@ -38,9 +42,12 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         help="apply a residual patch to BASE_MODEL",
         description="Rebuild the target model from BASE_MODEL and a raw residual patch.",
     )
-    p.add_argument("base", type=Path, metavar="BASE_MODEL")
-    p.add_argument("patch", type=Path, metavar="PATCH")
-    p.add_argument("-o", "--output", required=True, type=Path, metavar="OUT")
+    p.add_argument("base", type=Path, metavar="BASE_MODEL", help="the model the patch is for")
+    p.add_argument("patch", type=Path, metavar="PATCH", help="patch file from `edgeward diff`")
+    p.add_argument(
+        "-o", "--output", required=True, type=Path, metavar="OUT", help="model file to write"
+    )
+    add_force(p)
     p.add_argument("--expect-base", metavar="D", help="required base digest (sha256:…)")
     p.add_argument("--expect-target", metavar="D", help="required target digest (sha256:…)")
     p.add_argument(
@@ -49,7 +56,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         help="hash the whole base first and refuse any difference (default: the base is "
         "checked through the output's digest, and hashed only when that fails)",
     )
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    add_json(p, "the output and its digest")
     p.set_defaults(func=_patch)
 
     p = sub.add_parser(
@@ -57,7 +64,8 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         help="print a model's canonical weights digest",
         description="Print the sha256 digest residual patches name for a model.",
     )
-    p.add_argument("model", type=Path, metavar="MODEL")
+    p.add_argument("model", type=Path, metavar="MODEL", help="ONNX or TFLite model file")
+    add_json(p, "the model and its digest")
     p.set_defaults(func=_digest)
 
 
@@ -123,6 +131,7 @@ def _diff(args: argparse.Namespace) -> int:
     from agent.residual import encode_patch
 
     out: Path = args.output
+    refuse_overwrite(out, args.force)
     tmp = out.with_name(f".{out.name}.{secrets.token_hex(4)}.part")
     try:
         with open(tmp, "wb") as f:
@@ -182,6 +191,7 @@ def _diff(args: argparse.Namespace) -> int:
 def _patch(args: argparse.Namespace) -> int:
     from agent.residual import apply_patch
 
+    refuse_overwrite(args.output, args.force)
     try:
         f = open(args.patch, "rb")  # noqa: SIM115 - closed below
     except OSError as exc:
@@ -205,5 +215,9 @@ def _patch(args: argparse.Namespace) -> int:
 def _digest(args: argparse.Namespace) -> int:
     from agent.residual import weights_digest
 
-    print(weights_digest(args.model))
+    digest = weights_digest(args.model)
+    if args.json:
+        print(json.dumps({"model": str(args.model), "digest": digest}))
+    else:
+        print(digest)
     return 0
