@@ -465,9 +465,10 @@ class Choice:
 def _equal(
     ra: Callable[[int, int], memoryview], rb: Callable[[int, int], memoryview], n: int
 ) -> bool:
+    """Byte equality of two tensors, chunk by chunk (memcmp speed, pages dropped)."""
     for o in range(0, n, IO_CHUNK):
         k = min(IO_CHUNK, n - o)
-        if ra(o, k) != rb(o, k):
+        if not np.array_equal(np.frombuffer(ra(o, k), np.uint8), np.frombuffer(rb(o, k), np.uint8)):
             return False
     return True
 
