@@ -42,11 +42,11 @@ bench: assets
 	$(PY) -m pip install -q 'torch==2.13.0'
 	$(PY) -m bench.run
 
-# Debian packages for both architectures, built on any host from wheels (deb/build.py,
+# Debian packages for both architectures, built on any host from wheels (systemd/deb/build.py,
 # docs/INSTALL.md): dist/edgeward_<version>_{amd64,arm64}.deb
 deb: $(STAMP)
-	$(PY) deb/build.py --arch amd64 --wheelhouse .cache/wheels/amd64
-	$(PY) deb/build.py --arch arm64 --wheelhouse .cache/wheels/arm64
+	$(PY) systemd/deb/build.py --arch amd64 --wheelhouse .cache/wheels/amd64
+	$(PY) systemd/deb/build.py --arch arm64 --wheelhouse .cache/wheels/arm64
 
 clean:
 	rm -rf dist $(VENV) .cache/assets/*.onnx .cache/assets/*.tflite bench/work

@@ -66,6 +66,8 @@ step_binfmt() {
 }
 
 mount_root() {
+  # The root a mount point of its own: `unshare --propagation private` needs one.
+  do_mount "$ROOT" --bind "$ROOT"
   do_mount "$ROOT/proc" -t proc proc
   do_mount "$ROOT/sys" -t sysfs sysfs
   # onnxruntime reads the CPU description under /sys/devices/system/cpu; the host's x86
@@ -121,6 +123,7 @@ step_venv() {
   in_root apt-get update -qq
   in_root apt-get install -y -qq --no-install-recommends \
     python3 python3-venv python3-dev ca-certificates zstd curl openssl procps nginx-light mosquitto \
+    systemd \
     passwd util-linux >/dev/null
   # The host's CA bundle: the registries may sit behind the host's own TLS proxy CA.
   cp /etc/ssl/certs/ca-certificates.crt "$ROOT/etc/ssl/certs/ca-certificates.crt"
@@ -163,12 +166,19 @@ step_sync() {
   cp .ci/arm64_sitecustomize.py "$ROOT$site/sitecustomize.py"
   log "packing the parity vectors on the host ($(uname -m))"
   "$HOST_PY" -m tests.arm64_vectors "$ROOT/src/.cache/parity" >/dev/null
+  # `make deb`'s arm64 package, built here on the host from aarch64 wheels; the root
+  # installs and starts it (tests/test_deb.py with EDGEWARD_DEB).
+  log "building the arm64 .deb on the host"
+  local deb
+  deb=$("$HOST_PY" systemd/deb/build.py --arch arm64 --python 3.11 --compress zstd:1 \
+    --wheelhouse "$CACHE/wheels-arm64" --out "$ROOT/src/.cache/deb" 2>"$CACHE/deb.log")
+  DEB_IN_ROOT=${deb#"$ROOT"}
 }
 
 SMOKE_TESTS=(
   tests/test_container.py tests/test_crypto.py tests/test_manifest.py tests/test_package.py
   tests/test_residual.py tests/test_residual_tflite.py tests/test_runtime_backends.py
-  tests/test_arm64_parity.py tests/test_daemon.py
+  tests/test_arm64_parity.py tests/test_daemon.py tests/test_deb.py
 )
 
 SPEED_PROBE='import time
@@ -186,7 +196,7 @@ step_run() {
   start=$(date +%s)
   set +e
   in_root sh -c "cd /src && EDGEWARD_E2E_REQUIRED=${EDGEWARD_E2E_REQUIRED:-} EDGEWARD_ARM64=1 \
-    EDGEWARD_SLOWDOWN=$slowdown EDGEWARD_PARITY_VECTORS=/src/.cache/parity \
+    EDGEWARD_SLOWDOWN=$slowdown EDGEWARD_PARITY_VECTORS=/src/.cache/parity EDGEWARD_DEB=$DEB_IN_ROOT \
     /opt/venv/bin/python -m pytest -q -n 2 --dist loadfile -p no:cacheprovider \
     -o timeout=$(python3 -c "print(int(300 * $slowdown))") $tests ${args[*]:-}" \
     2>&1 | tee "$CACHE/last-run.log"

@@ -239,6 +239,9 @@ class ModelWorker:
         env = dict(os.environ)
         root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        # Importing a run script must not write __pycache__ into the installed version:
+        # the store's integrity check (agent/installed.py) would call that a modification.
+        env["PYTHONDONTWRITEBYTECODE"] = "1"
         try:
             proc = subprocess.Popen(
                 [

@@ -136,6 +136,10 @@ def test_daemon_and_worker_lines_share_the_journal_format(daemon: DaemonProc) ->
     lines = [s for s in daemon.log_path.read_text().splitlines() if s.strip()]
     assert lines
     bad = [s for s in lines if not JOURNAL_LINE.match(s) and not s.startswith("<")]
+    if os.environ.get("EDGEWARD_ARM64") == "1":
+        # onnxruntime's C++ writes this straight to stderr when it cannot read a CPU
+        # description; the emulated root hides the host's x86 one (.ci/arm64.sh)
+        bad = [s for s in bad if "cpuid_info warning: Unknown CPU vendor" not in s]
     assert not bad, bad[:5]
     pids = {int(m.group(1)) for s in lines if (m := JOURNAL_LINE.match(s))}
     assert daemon.proc.pid in pids

@@ -21,7 +21,7 @@ used (``--only-binary=:all:``), so nothing is compiled for the wrong machine; th
 Python minor version (``--python``, default that of Debian 12) must match the target
 distribution's ``python3``, which the package depends on.
 
-Usage: ``python deb/build.py --arch arm64 [--out dist/] [--python 3.11]``.
+Usage: ``python systemd/deb/build.py --arch arm64 [--out dist/] [--python 3.11]``.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ARCHES = {"amd64": "x86_64", "arm64": "aarch64"}
 # manylinux tags a Debian 12 (glibc 2.36) / Ubuntu 22.04+ box can run, newest first.
 GLIBC_MINORS = range(36, 16, -1)
@@ -179,7 +179,7 @@ def control_files(stage: Path, arch: str, python: str) -> None:
     )
     (debian / "conffiles").write_text("/etc/edgeward/edgeward.toml\n")
     for script in ("postinst", "prerm", "postrm"):
-        shutil.copyfile(ROOT / "deb" / script, debian / script)
+        shutil.copyfile(ROOT / "systemd" / "deb" / script, debian / script)
         (debian / script).chmod(0o755)
 
 
