@@ -222,17 +222,19 @@ def _write_doc(
             f"| #{issue} |"
         )
     cpu = os.cpu_count()
-    runs = max((len(v) for v in spread.values()), default=1)
     doc = f"""# Benchmarks
 
-Produced by `make bench` (= `python -m bench.run`, all areas, {runs} runs, median per
-key) on {started}: {platform.machine()}, {cpu} CPUs, Python {platform.python_version()}.
-This file and `bench/results.json` are written by that command; do not edit them by
-hand. Every figure is a ratio or a difference against an anchor measured in the same
-run (in-process onnxruntime, hashlib + cryptography on the same bytes,
-`zstd --patch-from`, numpy), so the numbers compare across machines better than
-absolute times do. The range column shows how much single runs on this shared 2-vCPU
-VM swing.
+Written by `make bench` (= `python -m bench.run`, every area, median of
+`EDGEWARD_BENCH_REPEAT` runs per key, default 3) on {platform.machine()}, {cpu} CPUs,
+Python {platform.python_version()}. `python -m bench.run AREA...` re-measures only those
+areas and rewrites this file from `bench/results.json` and the areas' transcripts
+(`bench/transcripts/`), so each area's transcript heading below gives the date and run
+count its rows come from (this file was last written {started}).
+Do not edit by hand. Every figure is a ratio or a
+difference against an anchor measured in the same run (in-process onnxruntime, hashlib +
+cryptography on the same bytes, `zstd --patch-from`, curl through the same nginx, numpy),
+so the numbers compare across machines better than absolute times do. The range column
+(empty for a row from a single run) shows how much runs swing on this shared 2-vCPU VM.
 
 | key | figure | median | range | goal | issue |
 |---|---|---:|---|---|---|
