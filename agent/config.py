@@ -7,7 +7,7 @@ Messages name the key (``inference.mode``) and what would have been accepted.
 
 ``[runtime]``, ``[inference.limits]`` and ``[package_limits]`` are built at load into the
 typed objects their consumers use (``runtime.config.RuntimeConfig``,
-``agent.serving.http.HTTPLimits``, ``agent.limits.Limits``), each validated by its own class,
+``agent.limits.HTTPLimits``, ``agent.limits.Limits``), each validated by its own class,
 so a misspelled key fails before anything starts rather than at the first package.
 
 Environment overrides: ``EDGEWARD_<SECTION>_<KEY>=value`` replaces ``[section] key`` of
@@ -28,8 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import ConfigError
-from agent.limits import Limits
-from agent.serving.http import HTTPLimits
+from agent.limits import HTTPLimits, Limits
 from runtime.config import RuntimeConfig
 
 __all__ = [
@@ -94,7 +93,7 @@ class InferenceConfig:
     # request_timeouts = { det = 120.0 }.
     request_timeout_s: float = 60.0
     request_timeouts: dict[str, Any] = field(default_factory=dict)
-    # [inference.limits], built into agent.serving.http.HTTPLimits (keys as it names them).
+    # [inference.limits], built into agent.limits.HTTPLimits (keys as it names them).
     limits: HTTPLimits = field(default_factory=HTTPLimits)
     # "127.0.0.1:8000": also serve the inference protocol over TCP (for containers that
     # cannot mount the socket). Off by default; loopback only unless the next key says

@@ -32,11 +32,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.config import Config
 from agent.errors import EdgewardError, PreflightError, UpdateError, local_fault
-from agent.serving.registry import ModelRegistry
 from agent.sources import (
     Candidate,
     InboxSource,
@@ -46,6 +45,9 @@ from agent.sources import (
     disk_need,
 )
 from agent.store import Store, version_key, write_atomic
+
+if TYPE_CHECKING:  # the daemon hands the registry in: updates and serving are siblings
+    from agent.serving.registry import ModelRegistry
 
 logger = logging.getLogger(__name__)
 
