@@ -54,16 +54,9 @@ from typing import Any
 
 from agent.errors import EdgewardError, OverloadedError
 from agent.serving import ipc
-from agent.serving.http import (
-    BodyBudget,
-    BodyBuffer,
-    HTTPLimits,
-    ProtocolError,
-    content_length,
-    parse_head,
-    render_response,
-)
-from agent.serving.httpbody import CHUNKED, ChunkedDecoder, decode_content
+from agent.serving.h1 import CHUNKED, HeadCache, Phase, expired, find_head, render_response, timeout
+from agent.serving.http import BodyBudget, BodyBuffer, HTTPLimits, ProtocolError
+from agent.serving.httpbody import ChunkedDecoder, decode_content
 from agent.serving.kserve import (
     InferResult,
     error_response,
@@ -377,7 +370,8 @@ class DirectServer:
         self._send_lock = threading.Lock()
         self._valid: set[tuple[Any, ...]] = set()  # input signatures that passed
         # Parsed request heads by their bytes (read-only once stored).
-        self.heads: dict[bytes, tuple[str, str, str, dict[str, str], int]] = {}
+        self.heads = HeadCache(256)
+        self.timeouts = [timeout(p, self.limits) or 0.0 for p in Phase]  # h1.PHASES
         self._buckets = LATENCY_BUCKETS
         self._stats_lock = threading.Lock()
         self._stats_ev = threading.Event()
@@ -430,6 +424,7 @@ class DirectServer:
             f"/v2/models/{self.name}/versions/{self.version}/infer",
         )
         self.limits = HTTPLimits(**head.get("limits", {}))
+        self.timeouts = [timeout(p, self.limits) or 0.0 for p in Phase]  # h1.PHASES
         self.budget = BodyBudget(self.limits.max_inflight_body_bytes)
         limit, queue = head.get("gate", [4, 64])
         self.gate = _Gate(int(limit), int(queue))
@@ -602,6 +597,7 @@ class _Lent:
     def _serve(self) -> None:
         srv = self.srv
         lim = srv.limits
+        timeouts = srv.timeouts
         buf = self.buf
         while True:
             if not self.filled:  # between requests
@@ -610,51 +606,36 @@ class _Lent:
                 self._set(IDLE)
                 n = self._spin() if self._spin_now() else -1
                 if n < 0:
-                    n = self._recv(self.view, time.monotonic() + lim.keepalive_timeout_s, True)
+                    n = self._recv(self.view, time.monotonic() + timeouts[Phase.IDLE], True)
                 if n == -2:
                     continue
                 if n <= 0:  # EOF, or idle past the keep-alive timeout: close, as the server
                     return self._closed()
                 self._set(BUSY)
                 self.filled = n
-            deadline = time.monotonic() + lim.header_timeout_s
-            end = buf.find(b"\r\n\r\n", 0, self.filled)
-            while end < 0:
-                if self.filled > lim.max_header_bytes:
-                    return self._fail(
-                        431,
-                        "headers-too-large",
-                        f"request headers exceed {lim.max_header_bytes} bytes",
-                    )
-                if self.filled >= len(buf):  # a head bigger than our buffer: the daemon's
+            deadline = time.monotonic() + timeouts[Phase.HEAD]
+            try:
+                end = find_head(buf, 0, self.filled, lim)
+                while end < 0:
+                    if self.filled >= len(buf):  # a head bigger than our buffer: the daemon's
+                        return self._give_back(True)
+                    n = self._recv(self.view[self.filled :], deadline, False)
+                    if n == 0:
+                        return self._closed()
+                    if n < 0:
+                        return self._expired(Phase.HEAD)
+                    self.filled += n
+                    end = find_head(buf, self.filled - n - 3, self.filled, lim)
+                if end == 0:  # a request needs a request line: let the daemon sort it out
                     return self._give_back(True)
-                n = self._recv(self.view[self.filled :], deadline, False)
-                if n == 0:
-                    return self._closed()
-                if n < 0:
-                    return self._fail(408, "header-timeout", "request headers not received in time")
-                self.filled += n
-                end = buf.find(b"\r\n\r\n", max(0, self.filled - n - 3), self.filled)
-            if end == 0:  # a request needs a request line: let the daemon sort it out
-                return self._give_back(True)
-            raw_head = bytes(buf[:end])
-            parsed = srv.heads.get(raw_head)
-            if parsed is None:
-                try:
-                    method, path, _q, version, headers = parse_head(raw_head.decode("latin-1"), lim)
-                    length = content_length(headers, lim)
-                except ProtocolError as exc:
-                    return self._fail_with(exc)
-                parsed = (method, path, version, headers, length)
-                if len(srv.heads) >= 256:
-                    srv.heads.clear()
-                srv.heads[raw_head] = parsed  # a program repeats the same head
-            method, path, version, headers, length = parsed
-            if method != "POST" or path not in srv.paths or "expect" in headers:
+                head = srv.heads.parse(bytes(buf[:end]), lim)  # a program repeats its head
+            except ProtocolError as exc:
+                return self._fail_with(exc)
+            headers = head.headers
+            if head.method != "POST" or head.path not in srv.paths or "expect" in headers:
                 return self._give_back(True)  # not ours: the daemon answers it
-            conn_hdr = headers.get("connection", "").lower()
-            keep = "keep-alive" in conn_hdr if version == "HTTP/1.0" else "close" not in conn_hdr
-            got = self._read_body(end + 4, length)
+            keep = head.keep_alive
+            got = self._read_body(end + 4, head.length)
             if got is None:
                 return None
             raw_body, bb = got
@@ -694,7 +675,7 @@ class _Lent:
         """The body (a copy: the scratch buffer is reused) and, for one that did not fit
         the scratch buffer, its :class:`BodyBuffer` (release it once answered); None if
         the connection ended or was refused."""
-        deadline = time.monotonic() + self.srv.limits.body_timeout_s
+        deadline = time.monotonic() + self.srv.timeouts[Phase.BODY]
         if length == CHUNKED:
             return self._read_chunked(start, deadline)
         total = start + length
@@ -767,9 +748,7 @@ class _Lent:
         if n == 0:
             self._closed()
         else:
-            self._fail(
-                408, "body-timeout", "request body shorter than its Content-Length or too slow"
-            )
+            self._expired(Phase.BODY)
 
     # --- writing and endings ----------------------------------------------------------
 
@@ -802,6 +781,14 @@ class _Lent:
     def _fail_with(self, exc: ProtocolError) -> None:
         self._write(exc.response(), False)
         self._closed()
+
+    def _expired(self, phase: Phase) -> None:
+        """``phase``'s timer ran out: its answer (h1.PHASES), then close."""
+        err = expired(phase)
+        if err is None:
+            self._closed()
+        else:
+            self._fail_with(err)
 
     def _give_back(self, here: bool) -> None:
         data = bytes(self.buf[: self.filled])

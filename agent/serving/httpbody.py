@@ -46,8 +46,8 @@ class ProtocolError(Exception):
         self.retry_after = retry_after
 
     def response(self) -> Any:
-        """The v2 error response (an ``agent.serving.http.Response``)."""
-        from agent.serving.http import json_response  # the server module imports this one
+        """The v2 error response (an ``agent.serving.h1.Response``)."""
+        from agent.serving.h1 import json_response  # h1 imports this module
 
         headers = None
         if self.retry_after is not None:
