@@ -117,6 +117,9 @@ class ServedModel(Protocol):
 
     def statistics(self) -> dict[str, Any]: ...
 
+    def lender(self) -> Lender | None:
+        """Who may serve this model's inference connections itself now, or None."""
+
 
 class Registry(Protocol):
     """Name (and version) → served model; ``ModelNotFoundError`` if unknown."""
@@ -518,11 +521,10 @@ class InferenceApp:
         if not name or version == "":
             return None
         try:
-            m = self.plane.model(name, version)
+            m: ServedModel = self.plane.model(name, version)
         except EdgewardError:
             return None
-        get = getattr(m, "lender", None)
-        return get() if callable(get) else None
+        return m.lender()
 
     async def _route(self, request: Request) -> Response:
         parts = request.path.split("/")

@@ -42,10 +42,11 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -53,6 +54,9 @@ from agent.errors import ModelNotReadyError, WorkerError
 from agent.serving import direct, ipc
 from agent.serving.direct import Lending
 from runtime.config import RuntimeConfig
+
+if TYPE_CHECKING:
+    from agent.serving.http import LentConnection
 
 logger = logging.getLogger(__name__)
 
@@ -956,7 +960,7 @@ class ModelWorker:
         """Requests in flight on lent connections (read by the child, not yet answered)."""
         return self._lending.busy if self._lending is not None else 0
 
-    def lend(self, fd: int, data: bytes, conn: Any) -> bool:
+    def lend(self, fd: int, data: bytes, conn: LentConnection) -> bool:
         return (
             self._lending is not None
             and self.state == "ready"
@@ -967,7 +971,7 @@ class ModelWorker:
         if self._lending is not None:
             self._lending.recall()
 
-    def set_stats_sink(self, sink: Any) -> None:
+    def set_stats_sink(self, sink: Callable[[dict[str, Any]], None]) -> None:
         """``sink(counters)`` gets the child's counts of requests it answered itself."""
         if self._lending is not None:
             self._lending.stats_sink = sink
@@ -1237,3 +1241,10 @@ def _describe_exit(rc: int | None) -> str:
         except ValueError:
             return f"killed by signal {-rc}"
     return f"exit code {rc}"
+
+
+if TYPE_CHECKING:  # mypy holds ModelWorker to the contracts the registry relies on
+    from agent.serving.registry import LendingWorker, WorkerLike
+
+    _worker_contract: type[WorkerLike] = ModelWorker
+    _lending_contract: type[LendingWorker] = ModelWorker
