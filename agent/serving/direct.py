@@ -52,12 +52,13 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
-from agent.errors import EdgewardError, OverloadedError
+from agent.errors import EdgewardError
 from agent.serving import ipc
 from agent.serving.h1 import CHUNKED, HeadCache, Phase, expired, find_head, render_response, timeout
 from agent.serving.http import BodyBudget, BodyBuffer, HTTPLimits, ProtocolError
 from agent.serving.httpbody import ChunkedDecoder, decode_content
 from agent.serving.kserve import (
+    Gate,
     InferResult,
     error_response,
     header_length,
@@ -310,41 +311,6 @@ class Lending:
 # --- worker side ---------------------------------------------------------------------
 
 
-class _Gate:
-    """At most ``limit`` predictions at once, at most ``queue`` waiting; beyond: 503."""
-
-    def __init__(self, limit: int, queue: int) -> None:
-        self.limit = max(1, limit)
-        self.queue = max(0, queue)
-        self.active = 0
-        self.waiting = 0
-        self.cv = threading.Condition()
-
-    def acquire(self, model: str) -> None:
-        with self.cv:
-            if self.active < self.limit and not self.waiting:
-                self.active += 1
-                return
-            if self.waiting >= self.queue:
-                raise OverloadedError(
-                    f"model {model!r} is overloaded ({self.active} running, "
-                    f"{self.waiting} queued); retry later",
-                    retry_after=1.0,
-                )
-            self.waiting += 1
-            try:
-                while self.active >= self.limit:
-                    self.cv.wait()
-            finally:
-                self.waiting -= 1
-            self.active += 1
-
-    def release(self) -> None:
-        with self.cv:
-            self.active -= 1
-            self.cv.notify()
-
-
 class DirectServer:
     """The worker's half: a thread per lent connection, answering its requests."""
 
@@ -360,7 +326,7 @@ class DirectServer:
         self.paths: tuple[str, str] = ("", "")
         self.limits = HTTPLimits()
         self.budget = BodyBudget(self.limits.max_inflight_body_bytes)
-        self.gate = _Gate(4, 64)
+        self.gate = Gate(4, 64)
         self.state: mmap.mmap | None = None
         self.recalled = False
         self.busy = 0  # connections inside a request (a spin gives way to them)
@@ -427,7 +393,7 @@ class DirectServer:
         self.timeouts = [timeout(p, self.limits) or 0.0 for p in Phase]  # h1.PHASES
         self.budget = BodyBudget(self.limits.max_inflight_body_bytes)
         limit, queue = head.get("gate", [4, 64])
-        self.gate = _Gate(int(limit), int(queue))
+        self.gate = Gate(int(limit), int(queue))
         self.spin_s = max(0.0, float(head.get("spin_us", 0))) / 1e6
         self.state = mmap.mmap(state_fd, 2 * MAX_LENT)
         os.close(state_fd)
@@ -444,7 +410,7 @@ class DirectServer:
                 if len(self._valid) >= 64:
                     self._valid.clear()
                 self._valid.add(sig)
-            self.gate.acquire(self.name)
+            self.gate.acquire_blocking(self.name)
             t0 = time.perf_counter()
             ok = False
             try:

@@ -31,6 +31,7 @@ import collections
 import contextlib
 import logging
 import math
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -58,6 +59,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "EXTENSIONS",
     "DataPlane",
+    "Gate",
     "InferResult",
     "InferenceApp",
     "MethodNotAllowedError",
@@ -143,50 +145,77 @@ class PathNotFoundError(InferenceError):
 # --- per-model admission ---------------------------------------------------------------
 
 
-class _Gate:
-    """At most ``limit`` holders, at most ``queue`` waiters, FIFO; overflow raises."""
+class Gate:
+    """Per-model admission: at most ``limit`` predictions at once and ``queue`` waiting,
+    first come first served; beyond that :class:`OverloadedError` (503 + Retry-After).
 
-    __slots__ = ("active", "limit", "queue", "waiters")
+    The one gate, with two faces: :meth:`acquire` awaits on the event loop (the daemon's
+    data plane), :meth:`acquire_blocking` blocks a thread (a worker's lent connections);
+    one gate is used through one face. :meth:`release` hands the slot straight to the
+    oldest waiter."""
+
+    __slots__ = ("_lock", "active", "limit", "queue", "waiters")
 
     def __init__(self, limit: int, queue: int) -> None:
-        self.limit = limit
-        self.queue = queue
+        self.limit = max(1, limit)
+        self.queue = max(0, queue)
         self.active = 0
-        self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        # A waiter is a future (async face) or a held lock (blocking face).
+        self.waiters: collections.deque[asyncio.Future[None] | threading.Lock] = (
+            collections.deque()
+        )
+        self._lock = threading.Lock()
 
-    async def acquire(self, model: str) -> None:
+    def _enter(self, model: str) -> bool:
+        """Under the lock: True if a slot was taken; False: wait; raises when full."""
         if self.active < self.limit and not self.waiters:
             self.active += 1
-            return
+            return True
         if len(self.waiters) >= self.queue:
             raise OverloadedError(
                 f"model {model!r} is overloaded ({self.active} running, "
                 f"{len(self.waiters)} queued); retry later",
                 retry_after=1.0,
             )
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.waiters.append(fut)
+        return False
+
+    async def acquire(self, model: str) -> None:
+        with self._lock:
+            if self._enter(model):
+                return
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self.waiters.append(fut)
         try:
             await fut
         except BaseException:
             if fut.done() and not fut.cancelled():
                 self.release()  # we were handed the slot but are going away: pass it on
             else:
-                with_suppress_remove(self.waiters, fut)
+                with self._lock, contextlib.suppress(ValueError):
+                    self.waiters.remove(fut)
             raise
 
-    def release(self) -> None:
-        while self.waiters:
-            fut = self.waiters.popleft()
-            if not fut.done():
-                fut.set_result(None)  # the slot passes to the waiter; active unchanged
+    def acquire_blocking(self, model: str) -> None:
+        with self._lock:
+            if self._enter(model):
                 return
-        self.active -= 1
+            handed = threading.Lock()
+            handed.acquire()
+            self.waiters.append(handed)
+        handed.acquire()  # released by release(): the slot is ours
 
-
-def with_suppress_remove(dq: collections.deque[asyncio.Future[None]], fut: Any) -> None:
-    with contextlib.suppress(ValueError):
-        dq.remove(fut)
+    def release(self) -> None:
+        with self._lock:
+            while self.waiters:
+                w = self.waiters.popleft()
+                if isinstance(w, asyncio.Future):
+                    if not w.done():
+                        w.set_result(None)  # the slot passes on; active unchanged
+                        return
+                else:
+                    w.release()
+                    return
+            self.active -= 1
 
 
 # --- the data plane ----------------------------------------------------------------------
@@ -225,7 +254,7 @@ class DataPlane:
         self.version = version or _package_version()
         self.max_queue = max_queue_per_model
         self.max_concurrent = max_concurrent_per_model
-        self._gates: dict[str, _Gate] = {}
+        self._gates: dict[str, Gate] = {}
         self._specs: dict[tuple[str, str, int], dict[str, _InputSpec] | None] = {}
 
     def live(self) -> dict[str, Any]:
@@ -336,7 +365,7 @@ class DataPlane:
         self._validate(m, req.inputs)
         gate = self._gates.get(name)
         if gate is None:
-            gate = self._gates[name] = _Gate(self.max_concurrent, self.max_queue)
+            gate = self._gates[name] = Gate(self.max_concurrent, self.max_queue)
         await gate.acquire(name)
         try:
             result = await m.infer(req.inputs, req.parameters)
