@@ -57,16 +57,7 @@ from agent.serving import ipc
 from agent.serving.h1 import CHUNKED, HeadCache, Phase, expired, find_head, render_response, timeout
 from agent.serving.http import BodyBudget, BodyBuffer, HTTPLimits, ProtocolError
 from agent.serving.httpbody import ChunkedDecoder, decode_content
-from agent.serving.kserve import (
-    Gate,
-    InferResult,
-    error_response,
-    header_length,
-    infer_response,
-    input_specs,
-    select_outputs,
-    validate_inputs,
-)
+from agent.serving.kserve import DataPlane, error_response, header_length, infer_response
 from agent.serving.registry import LATENCY_BUCKETS
 from agent.serving.tensors import decode_request
 
@@ -311,22 +302,59 @@ class Lending:
 # --- worker side ---------------------------------------------------------------------
 
 
+class _OwnModel:
+    """The worker's one model as the data plane's blocking face runs it; every
+    prediction is timed for the daemon's /metrics (sent batched, see ``_stats_loop``)."""
+
+    ready = True  # a worker that lends is serving
+
+    def __init__(self, srv: DirectServer, servable: Any, meta: dict[str, Any]) -> None:
+        self.srv = srv
+        self.servable = servable
+        self.meta = meta
+        self.name = ""
+        self.version = ""
+
+    def metadata(self) -> dict[str, Any]:
+        return self.meta
+
+    def predict(self, inputs: dict[str, Any]) -> Any:
+        t0 = time.perf_counter()
+        ok = False
+        try:
+            out = self.servable.predict(inputs)
+            ok = True
+            return out
+        finally:
+            self.srv._observe(time.perf_counter() - t0, ok)
+
+
+class _OwnRegistry:
+    """The data plane's registry in a worker: its one model (the shell already routed
+    the request by its path, ``DirectServer.paths``)."""
+
+    def __init__(self, model: _OwnModel) -> None:
+        self.model = model
+
+    def models(self) -> list[_OwnModel]:
+        return [self.model]
+
+    def get(self, name: str, version: str | None = None) -> _OwnModel:
+        return self.model
+
+
 class DirectServer:
     """The worker's half: a thread per lent connection, answering its requests."""
 
     def __init__(self, sock: socket.socket, servable: Any, meta: dict[str, Any]) -> None:
         self.sock = sock
-        self.servable = servable
-        try:
-            self.specs = input_specs(meta)
-        except Exception:
-            self.specs = None
+        self.model = _OwnModel(self, servable, meta)
+        self.plane = self._plane(4, 64)
         self.name = ""
         self.version = ""
         self.paths: tuple[str, str] = ("", "")
         self.limits = HTTPLimits()
         self.budget = BodyBudget(self.limits.max_inflight_body_bytes)
-        self.gate = Gate(4, 64)
         self.state: mmap.mmap | None = None
         self.recalled = False
         self.busy = 0  # connections inside a request (a spin gives way to them)
@@ -334,7 +362,6 @@ class DirectServer:
         self.spin_s = 0.0
         self.wake_r, self.wake_w = os.pipe()
         self._send_lock = threading.Lock()
-        self._valid: set[tuple[Any, ...]] = set()  # input signatures that passed
         # Parsed request heads by their bytes (read-only once stored).
         self.heads = HeadCache(256)
         self.timeouts = [timeout(p, self.limits) or 0.0 for p in Phase]  # h1.PHASES
@@ -393,34 +420,28 @@ class DirectServer:
         self.timeouts = [timeout(p, self.limits) or 0.0 for p in Phase]  # h1.PHASES
         self.budget = BodyBudget(self.limits.max_inflight_body_bytes)
         limit, queue = head.get("gate", [4, 64])
-        self.gate = Gate(int(limit), int(queue))
+        self.model.name, self.model.version = self.name, self.version
+        self.plane = self._plane(int(limit), int(queue))
         self.spin_s = max(0.0, float(head.get("spin_us", 0))) / 1e6
         self.state = mmap.mmap(state_fd, 2 * MAX_LENT)
         os.close(state_fd)
 
     # --- one request ------------------------------------------------------------------
 
+    def _plane(self, limit: int, queue: int) -> DataPlane:
+        return DataPlane(
+            _OwnRegistry(self.model),
+            version="worker",  # only server metadata shows it, and the daemon answers that
+            max_concurrent_per_model=limit,
+            max_queue_per_model=queue,
+        )
+
     def handle(self, headers: dict[str, str], body: bytes | bytearray | memoryview) -> Any:
-        """One inference → the HTTP response, errors as v2 error JSON (as the daemon)."""
+        """One inference → the HTTP response, errors as v2 error JSON (as the daemon):
+        the data plane's blocking face (agent/serving/kserve.py)."""
         try:
             req = decode_request(body, header_length(headers))
-            sig = tuple((n, a.dtype, a.shape) for n, a in req.inputs.items())
-            if sig not in self._valid:  # what validate_inputs looks at, checked once
-                validate_inputs(self.name, self.specs, req.inputs)
-                if len(self._valid) >= 64:
-                    self._valid.clear()
-                self._valid.add(sig)
-            self.gate.acquire_blocking(self.name)
-            t0 = time.perf_counter()
-            ok = False
-            try:
-                out = self.servable.predict(req.inputs)
-                ok = True
-            finally:
-                self.gate.release()
-                self._observe(time.perf_counter() - t0, ok)
-            res = InferResult(self.name, self.version, req.id, select_outputs(out, req))
-            return infer_response(res)
+            return infer_response(self.plane.infer_blocking(self.name, self.version, req))
         except EdgewardError as exc:
             return error_response(exc)
         except Exception as exc:  # as the relayed path reports an engine's own exception

@@ -43,6 +43,7 @@ from agent.errors import (
     ModelNotReadyError,
     OverloadedError,
 )
+from agent.serving.h1 import BoundedCache
 from agent.serving.http import Lender, Request, Response, json_response
 
 if TYPE_CHECKING:
@@ -121,6 +122,20 @@ class ServedModel(Protocol):
 
     def lender(self) -> Lender | None:
         """Who may serve this model's inference connections itself now, or None."""
+
+
+class BlockingModel(Protocol):
+    """A model the blocking face of the data plane runs (a worker's own servable)."""
+
+    name: str
+    version: str
+
+    @property
+    def ready(self) -> bool: ...
+
+    def metadata(self) -> dict[str, Any]: ...
+
+    def predict(self, inputs: dict[str, np.ndarray[Any, Any]]) -> Mapping[str, Any]: ...
 
 
 class Registry(Protocol):
@@ -238,7 +253,13 @@ class _InputSpec:
 
 
 class DataPlane:
-    """v2 semantics over a ``Registry``; raises ``EdgewardError`` subclasses."""
+    """v2 semantics over a ``Registry``; raises ``EdgewardError`` subclasses.
+
+    One inference sequence — find the model, check it is ready, validate the inputs
+    against its metadata, pass the admission gate, run, select the outputs — with two
+    faces: :meth:`infer` awaits a ``ServedModel`` (the daemon), :meth:`infer_blocking`
+    calls a ``BlockingModel`` on the calling thread (a worker answering a lent
+    connection, agent/serving/direct.py)."""
 
     def __init__(
         self,
@@ -255,7 +276,12 @@ class DataPlane:
         self.max_queue = max_queue_per_model
         self.max_concurrent = max_concurrent_per_model
         self._gates: dict[str, Gate] = {}
-        self._specs: dict[tuple[str, str, int], dict[str, _InputSpec] | None] = {}
+        self._specs: BoundedCache[tuple[str, str, int], dict[str, _InputSpec] | None] = (
+            BoundedCache(256)
+        )
+        # Input signatures (names, dtypes, shapes) that passed, per model: a program
+        # sends the same ones on every request, validated once.
+        self._valid: BoundedCache[tuple[Any, ...], bool] = BoundedCache(64)
 
     def live(self) -> dict[str, Any]:
         return {"live": True}
@@ -350,15 +376,15 @@ class DataPlane:
         except Exception:  # metadata of unusual shape: let the backend validate instead
             logger.debug("model %s: cannot read input metadata", m.name, exc_info=True)
             specs = None
-        if len(self._specs) > 256:
-            self._specs.clear()
-        self._specs[key] = specs
-        return specs
+        return self._specs.remember(key, specs)
 
     def _validate(self, m: Any, inputs: Mapping[str, np.ndarray[Any, Any]]) -> None:
-        validate_inputs(m.name, self._input_specs(m), inputs)
+        sig = (m.name, m.version, id(m), *((n, a.dtype, a.shape) for n, a in inputs.items()))
+        if sig not in self._valid:  # what validate_inputs looks at, checked once
+            validate_inputs(m.name, self._input_specs(m), inputs)
+            self._valid.remember(sig, True)
 
-    async def infer(self, name: str, version: str | None, req: InferRequest) -> InferResult:
+    def _admit(self, name: str, version: str | None, req: InferRequest) -> tuple[Any, Gate]:
         m = self.model(name, version)
         if not m.ready:
             raise ModelNotReadyError(f"model {name!r} version {m.version} is not ready")
@@ -366,9 +392,22 @@ class DataPlane:
         gate = self._gates.get(name)
         if gate is None:
             gate = self._gates[name] = Gate(self.max_concurrent, self.max_queue)
+        return m, gate
+
+    async def infer(self, name: str, version: str | None, req: InferRequest) -> InferResult:
+        m, gate = self._admit(name, version, req)
         await gate.acquire(name)
         try:
             result = await m.infer(req.inputs, req.parameters)
+        finally:
+            gate.release()
+        return InferResult(m.name, m.version, req.id, select_outputs(result, req))
+
+    def infer_blocking(self, name: str, version: str | None, req: InferRequest) -> InferResult:
+        m, gate = self._admit(name, version, req)
+        gate.acquire_blocking(name)
+        try:
+            result = m.predict(req.inputs)
         finally:
             gate.release()
         return InferResult(m.name, m.version, req.id, select_outputs(result, req))
