@@ -99,9 +99,14 @@ def validate_inputs(
 
     Returns the inputs as numpy arrays (no copies for arrays already right).
 
+    The one input validator: the in-process API, run scripts, and the daemon's and a
+    worker's data plane (over the model's v2 metadata) all refuse a request with the
+    same codes, whatever path it took.
+
     Raises:
-        InvalidInputError: unknown or missing input, wrong dtype, wrong rank or a fixed
-            dimension that differs; the message names the input.
+        InvalidInputError: ``unknown-input``, ``missing-input``, ``bad-datatype`` or
+            ``bad-shape`` (wrong rank, or a fixed dimension that differs); the message
+            names the input.
     """
     if not isinstance(inputs, Mapping):
         raise InvalidInputError(f"{model}: inputs must be a mapping of name -> array")
@@ -109,11 +114,12 @@ def validate_inputs(
     unknown = [n for n in inputs if n not in by_name]
     if unknown:
         raise InvalidInputError(
-            f"{model}: unknown input {unknown[0]!r}; expected {sorted(by_name)}"
+            f"{model}: unknown input {unknown[0]!r}; expected {sorted(by_name)}",
+            code="unknown-input",
         )
     missing = [n for n in by_name if n not in inputs]
     if missing:
-        raise InvalidInputError(f"{model}: missing input {missing[0]!r}")
+        raise InvalidInputError(f"{model}: missing input {missing[0]!r}", code="missing-input")
     out: dict[str, np.ndarray] = {}
     for name, value in inputs.items():
         spec = by_name[name]
@@ -123,19 +129,22 @@ def validate_inputs(
         ):
             raise InvalidInputError(
                 f"{model}: input {name!r} has datatype {_dt_name(arr.dtype)}, "
-                f"expected {_dt_name(spec.dtype)}"
+                f"expected {_dt_name(spec.dtype)}",
+                code="bad-datatype",
             )
         if check_shape and spec.shape is not None:
             if arr.ndim != len(spec.shape):
                 raise InvalidInputError(
                     f"{model}: input {name!r} has shape {list(arr.shape)} (rank {arr.ndim}), "
-                    f"expected rank {len(spec.shape)} {list(spec.shape)}"
+                    f"expected rank {len(spec.shape)} {list(spec.shape)}",
+                    code="bad-shape",
                 )
             for axis, (got, want) in enumerate(zip(arr.shape, spec.shape, strict=True)):
                 if want >= 0 and got != want:
                     raise InvalidInputError(
                         f"{model}: input {name!r} has shape {list(arr.shape)}, expected "
-                        f"{list(spec.shape)} (dimension {axis} must be {want})"
+                        f"{list(spec.shape)} (dimension {axis} must be {want})",
+                        code="bad-shape",
                     )
         out[name] = arr
     return out

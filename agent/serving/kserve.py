@@ -45,6 +45,7 @@ from agent.errors import (
 )
 from agent.serving.h1 import BoundedCache
 from agent.serving.http import Lender, Request, Response, json_response
+from runtime.backend import TensorSpec, validate_inputs
 
 if TYPE_CHECKING:
     import numpy as np
@@ -72,7 +73,6 @@ __all__ = [
     "infer_response",
     "input_specs",
     "select_outputs",
-    "validate_inputs",
 ]
 
 EXTENSIONS = [
@@ -246,12 +246,6 @@ class InferResult:
     outputs: list[tuple[str, np.ndarray[Any, Any], bool]]
 
 
-@dataclass(frozen=True)
-class _InputSpec:
-    datatype: str
-    shape: tuple[int, ...] | None  # -1 = any
-
-
 class DataPlane:
     """v2 semantics over a ``Registry``; raises ``EdgewardError`` subclasses.
 
@@ -276,8 +270,8 @@ class DataPlane:
         self.max_queue = max_queue_per_model
         self.max_concurrent = max_concurrent_per_model
         self._gates: dict[str, Gate] = {}
-        self._specs: BoundedCache[tuple[str, str, int], dict[str, _InputSpec] | None] = (
-            BoundedCache(256)
+        self._specs: BoundedCache[tuple[str, str, int], list[TensorSpec] | None] = BoundedCache(
+            256
         )
         # Input signatures (names, dtypes, shapes) that passed, per model: a program
         # sends the same ones on every request, validated once.
@@ -365,7 +359,7 @@ class DataPlane:
             raise ModelNotReadyError(f"model {name!r} version {m.version} is not ready")
         return {"name": m.name, "ready": True}
 
-    def _input_specs(self, m: Any) -> dict[str, _InputSpec] | None:
+    def _input_specs(self, m: Any) -> list[TensorSpec] | None:
         key = (m.name, m.version, id(m))
         try:
             return self._specs[key]
@@ -381,7 +375,9 @@ class DataPlane:
     def _validate(self, m: Any, inputs: Mapping[str, np.ndarray[Any, Any]]) -> None:
         sig = (m.name, m.version, id(m), *((n, a.dtype, a.shape) for n, a in inputs.items()))
         if sig not in self._valid:  # what validate_inputs looks at, checked once
-            validate_inputs(m.name, self._input_specs(m), inputs)
+            specs = self._input_specs(m)
+            if specs is not None:  # the one validator (runtime/backend.py), one set of codes
+                validate_inputs(inputs, specs, model=f"model {m.name!r}")
             self._valid.remember(sig, True)
 
     def _admit(self, name: str, version: str | None, req: InferRequest) -> tuple[Any, Gate]:
@@ -432,56 +428,12 @@ def select_outputs(
     return out
 
 
-def input_specs(meta: Mapping[str, Any]) -> dict[str, _InputSpec] | None:
+def input_specs(meta: Mapping[str, Any]) -> list[TensorSpec] | None:
     """The model's inputs from its v2 metadata (None: no usable list, the backend checks)."""
     raw = meta.get("inputs")
     if not isinstance(raw, list) or not raw:
         return None
-    specs = {}
-    for s in raw:
-        shape = s.get("shape")
-        specs[str(s["name"])] = _InputSpec(
-            str(s.get("datatype", "")).upper(),
-            tuple(int(d) for d in shape) if isinstance(shape, list) else None,
-        )
-    return specs
-
-
-def validate_inputs(
-    model: str, specs: dict[str, _InputSpec] | None, inputs: Mapping[str, np.ndarray[Any, Any]]
-) -> None:
-    """400 naming the input whose name, datatype or shape the model does not take."""
-    if specs is None:
-        return
-    from agent.serving.tensors import datatype_of
-
-    for name, arr in inputs.items():
-        spec = specs.get(name)
-        if spec is None:
-            raise InvalidInputError(
-                f"model {model!r} has no input {name!r}; inputs: {', '.join(specs)}",
-                code="unknown-input",
-            )
-        dt = datatype_of(arr, name=name)
-        if spec.datatype and dt != spec.datatype:
-            raise InvalidInputError(
-                f"input {name!r}: datatype {dt} does not match the model's {spec.datatype}",
-                code="bad-datatype",
-            )
-        if spec.shape is not None and (
-            len(spec.shape) != arr.ndim
-            or any(w >= 0 and w != g for w, g in zip(spec.shape, arr.shape, strict=True))
-        ):
-            raise InvalidInputError(
-                f"input {name!r}: shape {list(arr.shape)} does not match the model's "
-                f"{list(spec.shape)} (-1 = any)",
-                code="bad-shape",
-            )
-    missing = [n for n in specs if n not in inputs]
-    if missing:
-        raise InvalidInputError(
-            f"model {model!r}: missing input(s) {', '.join(missing)}", code="missing-input"
-        )
+    return [TensorSpec.from_v2(s) for s in raw]
 
 
 def header_length(headers: Mapping[str, str]) -> int | None:
