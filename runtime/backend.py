@@ -18,50 +18,9 @@ import numpy as np
 
 from agent.errors import InvalidInputError, InvalidOutputError, RuntimeBackendError
 from runtime.config import RuntimeConfig
+from runtime.dtypes import numpy_dtype, v2_datatype
 
 logger = logging.getLogger(__name__)
-
-# KServe / Open Inference Protocol v2 datatypes <-> numpy.
-_V2_TO_NP: dict[str, np.dtype[Any]] = {
-    "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype(np.uint8),
-    "UINT16": np.dtype(np.uint16),
-    "UINT32": np.dtype(np.uint32),
-    "UINT64": np.dtype(np.uint64),
-    "INT8": np.dtype(np.int8),
-    "INT16": np.dtype(np.int16),
-    "INT32": np.dtype(np.int32),
-    "INT64": np.dtype(np.int64),
-    "FP16": np.dtype(np.float16),
-    "FP32": np.dtype(np.float32),
-    "FP64": np.dtype(np.float64),
-    "BYTES": np.dtype(np.object_),
-}
-_NP_TO_V2: dict[np.dtype[Any], str] = {v: k for k, v in _V2_TO_NP.items()}
-
-
-def v2_datatype(dtype: Any) -> str:
-    """numpy dtype → v2 datatype name (``float32`` → ``"FP32"``)."""
-    dt = np.dtype(dtype)
-    if dt.kind in ("U", "S", "O"):
-        return "BYTES"
-    try:
-        return _NP_TO_V2[dt]
-    except KeyError:
-        raise RuntimeBackendError(
-            f"dtype {dt} has no KServe v2 datatype", code="unsupported-dtype"
-        ) from None
-
-
-def numpy_dtype(datatype: str) -> np.dtype[Any]:
-    """v2 datatype name → numpy dtype (``"FP32"`` → ``float32``)."""
-    try:
-        return _V2_TO_NP[datatype.upper()]
-    except KeyError:
-        raise InvalidInputError(
-            f"unknown datatype {datatype!r}; allowed: {', '.join(_V2_TO_NP)}"
-        ) from None
-
 
 @dataclass(frozen=True)
 class TensorSpec:

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from agent.errors import InvalidInputError, InvalidOutputError
+from runtime.dtypes import DATATYPES  # the one table, shared with the backends
 
 __all__ = [
     "DATATYPES",
@@ -45,22 +46,6 @@ __all__ = [
 
 HEADER_LENGTH = "inference-header-content-length"
 
-# v2 datatype → numpy dtype (little-endian, the wire byte order).
-DATATYPES: dict[str, np.dtype[Any]] = {
-    "BOOL": np.dtype("?"),
-    "UINT8": np.dtype("u1"),
-    "UINT16": np.dtype("<u2"),
-    "UINT32": np.dtype("<u4"),
-    "UINT64": np.dtype("<u8"),
-    "INT8": np.dtype("i1"),
-    "INT16": np.dtype("<i2"),
-    "INT32": np.dtype("<i4"),
-    "INT64": np.dtype("<i8"),
-    "FP16": np.dtype("<f2"),
-    "FP32": np.dtype("<f4"),
-    "FP64": np.dtype("<f8"),
-    "BYTES": np.dtype(object),
-}
 _BY_KIND: dict[tuple[str, int], str] = {
     (dt.kind, dt.itemsize): name for name, dt in DATATYPES.items() if name != "BYTES"
 }
