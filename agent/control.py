@@ -29,8 +29,10 @@ import struct
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from agent.errors import EdgewardError, InferenceError
+from agent.errors import EdgewardError
 from agent.metrics import CONTENT_TYPE, render_metrics
+from agent.serving.h1 import MethodNotAllowedError, error_response, internal_error
+from agent.serving.h1 import PathNotFoundError as NotFoundError
 from agent.serving.http import PeerCred, Request, Response
 
 if TYPE_CHECKING:
@@ -46,16 +48,6 @@ class PermissionDeniedError(EdgewardError):
 
     code = "forbidden"
     status = 403
-
-
-class MethodNotAllowedError(InferenceError):
-    code = "method-not-allowed"
-    status = 405
-
-
-class NotFoundError(InferenceError):
-    code = "not-found"
-    status = 404
 
 
 def peer_credentials(sock: socket.socket) -> PeerCred:
@@ -105,6 +97,13 @@ def _json(status: int, obj: Any) -> Reply:
     return status, "application/json", json.dumps(obj, sort_keys=True).encode()
 
 
+def _error(resp: Response) -> Reply:
+    """An error as the one ``error_response`` renders it (its body is one buffer)."""
+    body = resp.body
+    assert isinstance(body, bytes)
+    return resp.status, "application/json", body
+
+
 class ControlApp:
     """Transport-free control plane: ``dispatch(method, path, peer)`` → reply.
 
@@ -144,17 +143,18 @@ class ControlApp:
                 key, arg = "/rollback", path[len("/rollback/") :]
             route = self._routes.get((method, key))
             if route is None:
-                if any(k[1] == key for k in self._routes):
-                    raise MethodNotAllowedError(f"{method} is not allowed on {path}")
+                allowed = sorted(m for m, k in self._routes if k == key)
+                if allowed:
+                    exc = MethodNotAllowedError(f"{method} is not allowed on {path}")
+                    exc.allow = ", ".join(allowed)
+                    raise exc
                 raise NotFoundError(f"no control endpoint {path}")
             return await route(arg)
         except EdgewardError as exc:
-            return _json(exc.status, exc.to_dict())
+            return _error(error_response(exc))
         except Exception as exc:  # never let a bug close the admin's connection silently
             logger.exception("control %s %s failed", method, path)
-            return _json(
-                500, {"error": f"internal error: {type(exc).__name__}", "code": "internal"}
-            )
+            return _error(internal_error(f"internal error: {type(exc).__name__}"))
 
     async def _status(self, _arg: str) -> Reply:
         return _json(200, self.daemon.status())

@@ -54,10 +54,19 @@ from typing import Any
 
 from agent.errors import EdgewardError
 from agent.serving import ipc
-from agent.serving.h1 import CHUNKED, HeadCache, Phase, expired, find_head, render_response, timeout
+from agent.serving.h1 import (
+    CHUNKED,
+    HeadCache,
+    Phase,
+    error_response,
+    expired,
+    find_head,
+    render_response,
+    timeout,
+)
 from agent.serving.http import BodyBudget, BodyBuffer, HTTPLimits, ProtocolError
 from agent.serving.httpbody import ChunkedDecoder, decode_content
-from agent.serving.kserve import DataPlane, error_response, header_length, infer_response
+from agent.serving.kserve import DataPlane, header_length, infer_response
 from agent.serving.registry import LATENCY_BUCKETS
 from agent.serving.tensors import decode_request
 

@@ -22,12 +22,14 @@ limits, the lending hand-over or the error bodies the shells need.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import TYPE_CHECKING, Generic, TypeVar
 from urllib.parse import unquote
 
+from agent.errors import EdgewardError, InferenceError, OverloadedError
 from agent.serving.httpbody import CHUNKED, ProtocolError, transfer_length
 
 if TYPE_CHECKING:
@@ -40,6 +42,8 @@ __all__ = [
     "BoundedCache",
     "Head",
     "HeadCache",
+    "MethodNotAllowedError",
+    "PathNotFoundError",
     "PeerCred",
     "Phase",
     "PhaseRule",
@@ -48,6 +52,7 @@ __all__ = [
     "Response",
     "content_length",
     "error_bytes",
+    "error_response",
     "find_head",
     "json_response",
     "keep_alive",
@@ -338,6 +343,37 @@ def render_response(resp: Response, keep_alive: bool, head_only: bool = False) -
     return [b"".join(head), *parts]
 
 
+class MethodNotAllowedError(InferenceError):
+    """405; ``allow`` (the methods the path takes) becomes the ``Allow`` header."""
+
+    code = "method-not-allowed"
+    status = 405
+    allow = "GET"
+
+
+class PathNotFoundError(InferenceError):
+    code = "not-found"
+    status = 404
+
+
+def error_response(exc: EdgewardError | ProtocolError) -> Response:
+    """The one mapping from an error to its HTTP answer, for every socket and both
+    servers: the v2 error body ``{"error", "code"}`` with the error's status, plus
+    ``Retry-After`` for a refusal for load and ``Allow`` for a method not allowed."""
+    headers: dict[str, str] | None = None
+    retry = exc.retry_after if isinstance(exc, (OverloadedError, ProtocolError)) else None
+    if retry is not None:
+        headers = {"retry-after": str(max(1, math.ceil(retry)))}
+    elif isinstance(exc, MethodNotAllowedError):
+        headers = {"allow": exc.allow}
+    return json_response(exc.status, {"error": exc.message, "code": exc.code}, headers)
+
+
+def internal_error(what: str = "internal server error") -> Response:
+    """500 for a bug in a handler (logged where it happened; the client gets a code)."""
+    return json_response(500, {"error": what, "code": "internal"})
+
+
 def error_bytes(exc: ProtocolError) -> bytes:
     """A protocol error on the wire: its v2 JSON answer, then the connection closes."""
-    return b"".join(render_response(exc.response(), False))
+    return b"".join(render_response(error_response(exc), False))

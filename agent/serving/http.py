@@ -59,8 +59,10 @@ from agent.serving.h1 import (
     Request,
     Response,
     content_length,
+    error_response,
     expired,
     find_head,
+    internal_error,
     json_response,
     parse_head,
     parse_request,
@@ -561,7 +563,7 @@ class _Conn(asyncio.BufferedProtocol):
             self.lent_returned(b"", False)
         elif state == 1:  # the request was read and not answered: say so, as for others
             self._phase = _HANDLING
-            self._write(json_response(status, {"error": message, "code": code}), False)
+            self._write(error_response(ProtocolError(status, code, message)), False)
             self._close_after_write()
         else:  # half an answer is on the wire: only closing tells the client
             self._phase = _CLOSED
@@ -590,7 +592,7 @@ class _Conn(asyncio.BufferedProtocol):
             resp = await self._server.handler(req)
         except Exception:
             logger.exception("handler failed for %s %s", req.method, req.path)
-            resp = json_response(500, {"error": "internal server error", "code": "internal"})
+            resp = internal_error()
         finally:
             if bb is not None:  # answered: the body's bytes go back to the budget
                 bb.release()

@@ -46,13 +46,10 @@ class ProtocolError(Exception):
         self.retry_after = retry_after
 
     def response(self) -> Any:
-        """The v2 error response (an ``agent.serving.h1.Response``)."""
-        from agent.serving.h1 import json_response  # h1 imports this module
+        """The v2 error response (``agent.serving.h1.error_response``)."""
+        from agent.serving.h1 import error_response  # h1 imports this module
 
-        headers = None
-        if self.retry_after is not None:
-            headers = {"retry-after": str(max(1, round(self.retry_after)))}
-        return json_response(self.status, {"error": self.message, "code": self.code}, headers)
+        return error_response(self)
 
 
 def _too_large(limit: int, what: str = "request body") -> ProtocolError:

@@ -30,7 +30,6 @@ import asyncio
 import collections
 import contextlib
 import logging
-import math
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -38,12 +37,17 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.errors import (
     EdgewardError,
-    InferenceError,
     InvalidInputError,
     ModelNotReadyError,
     OverloadedError,
 )
-from agent.serving.h1 import BoundedCache
+from agent.serving.h1 import (
+    BoundedCache,
+    MethodNotAllowedError,
+    PathNotFoundError,
+    error_response,
+    internal_error,
+)
 from agent.serving.http import Lender, Request, Response, json_response
 from runtime.backend import TensorSpec, validate_inputs
 
@@ -144,17 +148,6 @@ class Registry(Protocol):
     def models(self) -> Any: ...
 
     def get(self, name: str, version: str | None = None) -> Any: ...
-
-
-class MethodNotAllowedError(InferenceError):
-    code = "method-not-allowed"
-    status = 405
-    allow = "GET"
-
-
-class PathNotFoundError(InferenceError):
-    code = "not-found"
-    status = 404
 
 
 # --- per-model admission ---------------------------------------------------------------
@@ -477,16 +470,6 @@ def _package_version() -> str:
 # --- the HTTP adapter --------------------------------------------------------------------
 
 
-def error_response(exc: EdgewardError) -> Response:
-    """The one mapping from Edgeward errors to v2 error responses."""
-    headers: dict[str, str] | None = None
-    if isinstance(exc, OverloadedError):
-        headers = {"retry-after": str(max(1, math.ceil(exc.retry_after)))}
-    elif isinstance(exc, MethodNotAllowedError):
-        headers = {"allow": exc.allow}
-    return json_response(exc.status, exc.to_dict(), headers)
-
-
 _OCTET = "application/octet-stream"
 _JSON = "application/json"
 
@@ -521,9 +504,7 @@ class InferenceApp:
             return error_response(exc)
         except Exception as exc:
             logger.exception("%s %s failed", request.method, request.path)
-            return json_response(
-                500, {"error": f"internal error: {type(exc).__name__}", "code": "internal"}
-            )
+            return internal_error(f"internal error: {type(exc).__name__}")
 
     def lender_for(self, method: str, path: str, headers: dict[str, str]) -> Lender | None:
         """The worker that may serve this connection itself from this request on (an
