@@ -406,26 +406,15 @@ def http_unix(
     headers: dict[str, str] | None = None,
     timeout: float = 60.0,
 ) -> tuple[int, dict[str, str], bytes]:
-    """One HTTP/1.1 request over a Unix socket with http.client."""
-    import http.client
+    """One HTTP/1.1 request over a Unix socket (the one client connection class)."""
+    from agent.serving.connection import UnixHTTPConnection
 
-    class Conn(http.client.HTTPConnection):
-        def connect(self) -> None:
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.settimeout(timeout)
-            s.connect(str(sock_path))
-            self.sock = s
-
-    conn = Conn("localhost", timeout=timeout)
-    try:
+    with UnixHTTPConnection(str(sock_path), timeout) as conn:
         h = dict(headers or {})
         if body or method == "POST":
             h.setdefault("Content-Type", "application/json")
-        conn.request(method, path, body=body or None, headers=h)
-        resp = conn.getresponse()
-        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
-    finally:
-        conn.close()
+        status, rh, data = conn.request(method, path, body or None, h)
+        return status, rh, bytes(data)
 
 
 def infer_json(sock_path: Path, model: str, x: Any) -> tuple[int, Any]:
