@@ -26,10 +26,11 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
 from agent.errors import EdgewardError, InferenceError, OverloadedError
+from agent.serving.cache import BoundedCache
 from agent.serving.httpbody import CHUNKED, ProtocolError, transfer_length
 
 if TYPE_CHECKING:
@@ -62,26 +63,6 @@ __all__ = [
 ]
 
 Body = bytes | bytearray | memoryview
-
-K = TypeVar("K")
-V = TypeVar("V")
-
-
-class BoundedCache(dict[K, V], Generic[K, V]):
-    """A dict of repeated message heads (parsed request heads, encoded tensor plans) that
-    forgets everything when full: a program repeats a handful of heads, and one with more
-    distinct heads than ``size`` gains nothing from a cache (no LRU bookkeeping per hit)."""
-
-    def __init__(self, size: int) -> None:
-        super().__init__()
-        self.size = size
-
-    def remember(self, key: K, value: V) -> V:
-        if len(self) >= self.size:
-            self.clear()
-        self[key] = value
-        return value
-
 
 @dataclass(frozen=True)
 class PeerCred:

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from agent.errors import InvalidInputError, InvalidOutputError
+from agent.serving.cache import BoundedCache
 from runtime.dtypes import DATATYPES  # the one table, shared with the backends
 
 __all__ = [
@@ -450,7 +451,6 @@ def _header_json(body: Any, header_len: int | None) -> tuple[Any, memoryview]:
 # the JSON parse and the per-tensor checks run once per header, not once per request.
 # Only headers whose tensors are all binary and not BYTES are kept (their arrays are
 # then views of the body at fixed offsets); the body length is checked on every hit.
-_PLANS_MAX = 256
 _Tensors = tuple[tuple[str, "np.dtype[Any]", tuple[int, ...], int, int], ...]
 
 
@@ -464,14 +464,7 @@ class _RequestPlan:
     binary_output: bool
 
 
-_request_plans: dict[bytes, _RequestPlan] = {}
-
-
-def remember(cache: dict[Any, Any], key: Any, plan: Any) -> None:
-    """Store in a bounded cache of repeated message heads (client and server)."""
-    if len(cache) >= _PLANS_MAX:
-        cache.clear()  # a program with this many distinct headers gains nothing here
-    cache[key] = plan
+_request_plans: BoundedCache[bytes, _RequestPlan] = BoundedCache(256)
 
 
 def _frombuffer(rest: memoryview, tensors: _Tensors) -> dict[str, np.ndarray[Any, Any]]:
@@ -566,7 +559,7 @@ def decode_request(body: Any, header_len: int | None = None) -> InferRequest:
     binary_output = bool(params.get("binary_data_output", False))
     if planned is not None and key is not None:
         plan = _RequestPlan(tuple(planned), pos, req_id, dict(params), outputs, binary_output)
-        remember(_request_plans, key, plan)
+        _request_plans.remember(key, plan)
     return InferRequest(
         inputs=inputs,
         id=req_id,
@@ -616,13 +609,13 @@ def encode_response(
     if not raws:
         return [head], None
     if key is not None:
-        remember(_response_heads, key, head)
+        _response_heads.remember(key, head)
     return [head, *raws], len(head)
 
 
 # Response headers by (model, version, id, outputs' names, dtypes and shapes): the same
 # outputs give the same header, so it is written once.
-_response_heads: dict[Any, bytes] = {}
+_response_heads: BoundedCache[Any, bytes] = BoundedCache(256)
 _PLAIN_KINDS = frozenset("biuf")  # numeric and bool: raw little-endian bytes, no BYTES
 
 
@@ -679,11 +672,11 @@ def encode_request(
     if not raws:
         return [head], None
     if key is not None:
-        remember(_request_heads, key, head)
+        _request_heads.remember(key, head)
     return [head, *raws], len(head)
 
 
-_request_heads: dict[Any, bytes] = {}
+_request_heads: BoundedCache[Any, bytes] = BoundedCache(256)
 
 
 def decode_response(
@@ -718,8 +711,8 @@ def decode_response(
         else:
             planned = None
     if key is not None and planned is not None and pos == rest.nbytes:
-        remember(_response_plans, key, (dict(obj), tuple(planned), pos))
+        _response_plans.remember(key, (dict(obj), tuple(planned), pos))
     return obj, out
 
 
-_response_plans: dict[bytes, tuple[dict[str, Any], _Tensors, int]] = {}
+_response_plans: BoundedCache[bytes, tuple[dict[str, Any], _Tensors, int]] = BoundedCache(256)
