@@ -113,9 +113,11 @@ def channel_pair() -> tuple[socket.socket, socket.socket]:
 
 
 class Lending:
-    """The daemon's half for one ``ModelWorker``: lends connections to its current child
-    process and settles them when they come back, close, or the child dies. Every
-    method except :meth:`wait_unlent` runs on the daemon's event loop."""
+    """The daemon's half for one ``ModelWorker``, the lending job of a worker: lends
+    connections to its current child process and settles them when they come back,
+    close, or the child dies. Implements the registry's ``LendingWorker`` contract (and
+    so ``agent.serving.http.Lender``). Every method except :meth:`wait_unlent` runs on
+    the daemon's event loop."""
 
     def __init__(self, name: str, version: str, settings: dict[str, Any]):
         self.name = name
@@ -133,6 +135,8 @@ class Lending:
         self.unlent = threading.Event()
         self.unlent.set()
         self.stats_sink: Callable[[dict[str, Any]], None] | None = None
+        # Whether the worker serves now (its state is "ready"); set by the worker.
+        self.serving: Callable[[], bool] = lambda: True
         # Called with the timeout when a prediction on a lent connection outlived it.
         self.hung: Callable[[float], None] | None = None
         timeout = settings.get("request_timeout")
@@ -145,6 +149,27 @@ class Lending:
     @property
     def count(self) -> int:
         return len(self._lent)
+
+    # --- the LendingWorker contract (agent/serving/registry.py) ---------------------
+
+    @property
+    def lends(self) -> bool:
+        """True if inference connections may be handed to this worker now."""
+        return self.sock is not None and not self.recalled and self.serving()
+
+    @property
+    def lent(self) -> int:
+        """Connections the child holds now."""
+        return len(self._lent)
+
+    @property
+    def lent_busy(self) -> int:
+        """Requests in flight on lent connections (read by the child, not yet answered)."""
+        return self.busy
+
+    def set_stats_sink(self, sink: Callable[[dict[str, Any]], None]) -> None:
+        """``sink(counters)`` gets the child's counts of requests it answered itself."""
+        self.stats_sink = sink
 
     @property
     def busy(self) -> int:
@@ -193,6 +218,8 @@ class Lending:
     def lend(self, fd: int, data: bytes, conn: Any) -> bool:
         sock = self.sock
         if sock is None or self.recalled or not self._free or len(data) > MAX_DATA:
+            return False
+        if not self.serving():
             return False
         self._cids += 1
         cid = self._cids

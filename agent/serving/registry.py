@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.errors import EdgewardError, ModelNotFoundError, ModelNotReadyError
 
@@ -62,15 +62,16 @@ class WorkerLike(Protocol):
     def stop(self, drain_timeout: float = ...) -> None: ...
     def rss_bytes(self) -> int: ...
     def stats(self) -> dict[str, Any]: ...
+    @property
+    def lending(self) -> LendingWorker | None: ...
 
 
-@runtime_checkable
 class LendingWorker(Protocol):
-    """The lending contract: a worker that may serve inference connections itself
-    (agent/serving/direct.py). The daemon's HTTP server calls ``lend``/``recall`` (it is
-    an ``agent.serving.http.Lender``); the registry reads the counts and routes the
-    worker's own request counters into the model's statistics. Checked once per model
-    (``isinstance``); a worker without it has every request relayed."""
+    """The lending contract: the job of a worker that may serve inference connections
+    itself (``agent.serving.direct.Lending``, a worker's ``lending``; None: every request
+    is relayed). The daemon's HTTP server calls ``lend``/``recall`` (it is an
+    ``agent.serving.http.Lender``); the registry reads the counts and routes the
+    worker's own request counters into the model's statistics."""
 
     @property
     def lends(self) -> bool:
@@ -135,9 +136,9 @@ class WorkerModel:
         self._idle = asyncio.Event()
         self._idle.set()
         self._metadata: dict[str, Any] | None = None
-        self._lending = worker if isinstance(worker, LendingWorker) else None
-        if self._lending is not None:  # requests the worker answers on lent connections
-            self._lending.set_stats_sink(self._merge_stats)
+        lw = worker.lending
+        if lw is not None:  # requests the worker answers on lent connections
+            lw.set_stats_sink(self._merge_stats)  # a new Lending after a restart keeps it
 
     @property
     def ready(self) -> bool:
@@ -178,7 +179,7 @@ class WorkerModel:
     def lender(self) -> LendingWorker | None:
         """The worker, if it may serve inference connections itself now (see
         agent/serving/direct.py); None: requests are relayed to it."""
-        lw = self._lending
+        lw = self.worker.lending
         if self._retired or lw is None or not lw.lends:
             return None
         return lw
@@ -225,8 +226,9 @@ class WorkerModel:
         come back after their request in flight (and go to the successor's worker)."""
         self._retired = True
         self._successor = successor
-        if self._lending is not None:
-            self._lending.recall()
+        lw = self.worker.lending
+        if lw is not None:
+            lw.recall()
 
     async def drained(self, timeout: float) -> bool:
         """Wait until no request is in flight (relayed, or on a lent connection); False if
@@ -236,7 +238,7 @@ class WorkerModel:
             await asyncio.wait_for(self._idle.wait(), timeout)
         except TimeoutError:
             return False
-        while self._lending is not None and self._lending.lent:
+        while (lw := self.worker.lending) is not None and lw.lent:
             if time.monotonic() >= deadline:
                 return False
             await asyncio.sleep(0.005)
@@ -252,6 +254,7 @@ class WorkerModel:
             stats = self.worker.stats()
         except Exception:
             stats = {}
+        lw = self.worker.lending
         return {
             "name": self.name,
             "version": self.version,
@@ -259,9 +262,9 @@ class WorkerModel:
             "since": self.since,
             "pid": self.worker.pid,
             "rss_bytes": rss,
-            "inflight": self.inflight + (self._lending.lent_busy if self._lending else 0),
+            "inflight": self.inflight + (lw.lent_busy if lw is not None else 0),
             "restarts": int(stats.get("restarts", 0)),
-            "lent_connections": self._lending.lent if self._lending else 0,
+            "lent_connections": lw.lent if lw is not None else 0,
             "path": str(self.model_dir),
         }
 

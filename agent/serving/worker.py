@@ -42,7 +42,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
@@ -56,7 +55,7 @@ from agent.serving.direct import Lending
 from runtime.config import RuntimeConfig
 
 if TYPE_CHECKING:
-    from agent.serving.http import LentConnection
+    pass
 
 logger = logging.getLogger(__name__)
 
@@ -184,6 +183,7 @@ class ModelWorker:
         if lend is not None and loop is not None:
             self._lending = Lending(name, version, lend)
             self._lending.hung = self._lent_hung
+            self._lending.serving = self._serving
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -201,6 +201,7 @@ class ModelWorker:
                 self._lending = Lending(self.name, self.version, lg.settings)
                 self._lending.stats_sink = lg.stats_sink
                 self._lending.hung = self._lent_hung
+                self._lending.serving = self._serving
             self.state = "starting"
             if self._arena.closed:  # started again after stop()
                 regions = self._arena.regions
@@ -945,36 +946,13 @@ class ModelWorker:
     # --- lent connections (agent/serving/direct.py), on the daemon's event loop ---------------
 
     @property
-    def lends(self) -> bool:
-        """True if inference connections may be handed to this worker now."""
-        lg = self._lending
-        return lg is not None and lg.sock is not None and not lg.recalled and self.state == "ready"
+    def lending(self) -> Lending | None:
+        """The lending job (agent/serving/direct.py, the registry's ``LendingWorker``), or
+        None: every request is relayed. A new one after ``stop()`` and ``start()``."""
+        return self._lending
 
-    @property
-    def lent(self) -> int:
-        """Connections the child holds now."""
-        return self._lending.count if self._lending is not None else 0
-
-    @property
-    def lent_busy(self) -> int:
-        """Requests in flight on lent connections (read by the child, not yet answered)."""
-        return self._lending.busy if self._lending is not None else 0
-
-    def lend(self, fd: int, data: bytes, conn: LentConnection) -> bool:
-        return (
-            self._lending is not None
-            and self.state == "ready"
-            and self._lending.lend(fd, data, conn)
-        )
-
-    def recall(self) -> None:
-        if self._lending is not None:
-            self._lending.recall()
-
-    def set_stats_sink(self, sink: Callable[[dict[str, Any]], None]) -> None:
-        """``sink(counters)`` gets the child's counts of requests it answered itself."""
-        if self._lending is not None:
-            self._lending.stats_sink = sink
+    def _serving(self) -> bool:
+        return self.state == "ready"
 
     def _count_request(self, n_shm: int, n_reg: int) -> None:
         with self._stats_lock:
@@ -1243,8 +1221,8 @@ def _describe_exit(rc: int | None) -> str:
     return f"exit code {rc}"
 
 
-if TYPE_CHECKING:  # mypy holds ModelWorker to the contracts the registry relies on
+if TYPE_CHECKING:  # mypy holds the worker's jobs to the contracts the registry relies on
     from agent.serving.registry import LendingWorker, WorkerLike
 
     _worker_contract: type[WorkerLike] = ModelWorker
-    _lending_contract: type[LendingWorker] = ModelWorker
+    _lending_contract: type[LendingWorker] = Lending
