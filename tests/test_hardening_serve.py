@@ -39,6 +39,7 @@ from tests.daemon_util import (
     http_unix,
     infer_json,
     needs_worker,
+    run_dir,
     start_daemon,
     tiny_model_dir,
     write_config,
@@ -157,6 +158,7 @@ def hostile(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[Da
         lend=lend,
         inference_extra="request_timeout_s = 30.0\nrequest_timeouts = { tiny = 2.0 }",
         env={"EW_TEST_DIR": str(test_dir)},
+        daemon_extra='worker_env = ["EW_TEST_DIR"]',  # workers get an allow-listed env
     )
     try:
         yield d, test_dir
@@ -588,6 +590,21 @@ class Model:
         Path(PROBES["out"]).write_text(json.dumps(found))
 
     def predict(self, inputs):
+        out = Path(PROBES["out"]).with_name("control.txt")
+        if not out.exists():  # the control socket is bound after the workers are up
+            import socket
+
+            try:
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.connect(PROBES["control"])
+                s.sendall(b"POST /check HTTP/1.1\\r\\nhost: x\\r\\ncontent-length: 0\\r\\n\\r\\n")
+                line = s.recv(4096).split(b"\\r\\n")[0].decode()
+            except (FileNotFoundError, ConnectionRefusedError):
+                line = ""  # a warm-up call: not bound yet
+            except OSError as exc:
+                line = "denied: " + str(exc.strerror)
+            if line:
+                out.write_text(line)
         return self.backend.predict(inputs)
 """
 
@@ -621,6 +638,7 @@ def _probe_daemon(
         "config": str(cfg),
         "other": str(work / "state" / "models" / "other" / "versions" / "1" / "manifest.json"),
         "out": str(out_dir / "found.json"),
+        "control": str(run_dir(work) / "control.sock"),
     }
     src = tiny_model_dir(base / "src", "tiny", "1", slow=True)
     (src / "Program" / "Scripts" / "run.py").write_text(PROBE_RUN_SCRIPT % json.dumps(probes))
@@ -638,6 +656,10 @@ def _probe_daemon(
         # the fenced worker still serves
         status, out = infer_json(d.infer_sock, "tiny", np.ones((1, 4), np.float32))
         assert status == 200, out
+        found["control"] = (out_dir / "control.txt").read_text()
+        # the same request from the test (root) is answered: the refusal is the worker's
+        st, _h, _b = http_unix(d.control_sock, "GET", "/status")
+        assert st == 200
     finally:
         d.stop()
     return found
@@ -648,6 +670,12 @@ def _assert_fenced(found: dict[str, Any]) -> None:
     for vector in ("device_key", "key_dir_listing", "config", "write_own_model", "write_store"):
         assert found[vector].startswith("denied"), (vector, found)
     assert found["env_secret"] == "absent", found
+    # the control socket: refused by the daemon (a worker of its own: 403) or, for a
+    # worker under another uid, by the socket file's mode before that
+    c = found["control"]
+    assert c.startswith("HTTP/1.1 403") or (
+        found["uid"] != os.getuid() and c == "denied: Permission denied"
+    ), found
     assert Path(found["home"]).resolve() == Path(found["model_dir"]).resolve(), found
 
 
