@@ -196,7 +196,7 @@ def hammer(
 
 
 def _limits() -> dict[str, object]:
-    from agent.http import HTTPLimits
+    from agent.serving.http import HTTPLimits
 
     names = {f for f in HTTPLimits.__dataclass_fields__}
     for key in ("header_timeout", "header_timeout_s", "header_read_timeout"):

@@ -1,4 +1,4 @@
-"""runtime/sandbox.py: the worker's environment, user and Landlock plan, in process
+"""agent/serving/sandbox.py: the worker's environment, user and Landlock plan, in process
 (the fenced worker itself is driven end to end in tests/test_hardening_serve.py)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.sandbox import plan, worker_env, worker_identity
+from agent.serving.sandbox import plan, worker_env, worker_identity
 
 
 def test_worker_env_is_an_allow_list() -> None:

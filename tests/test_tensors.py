@@ -1,4 +1,4 @@
-"""agent.tensors: the v2 JSON and binary tensor codec, driven directly (no sockets)."""
+"""agent.serving.tensors: the v2 JSON and binary tensor codec, driven directly (no sockets)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from agent.errors import InvalidInputError
-from agent.tensors import (
+from agent.serving.tensors import (
     DATATYPES,
     datatype_of,
     decode_request,
@@ -169,7 +169,7 @@ def test_outputs_selection_parsed() -> None:
 
 # --- the fast JSON path decides as the general one ----------------------------------------
 #
-# A flat ``data`` list of the declared length takes agent.tensors._flat_json (struct,
+# A flat ``data`` list of the declared length takes agent.serving.tensors._flat_json (struct,
 # type sets); the same values nested one level deeper take the general path. Both must
 # give the same array, bit for bit, or the same error code, for whatever JSON holds.
 

@@ -1,9 +1,9 @@
 """One child process per loaded model version (see docs/RUNTIME.md, "Worker processes").
 
 The daemon never imports an inference engine: :class:`ModelWorker` spawns
-``python -m runtime.worker_main`` (a fresh interpreter, no fork of the threaded
+``python -m agent.serving.worker_main`` (a fresh interpreter, no fork of the threaded
 daemon), talks to it over a Unix socketpair with small framed messages and moves
-tensors of 64 KiB or more through a pre-allocated memfd arena (:mod:`runtime.ipc`).
+tensors of 64 KiB or more through a pre-allocated memfd arena (:mod:`agent.serving.ipc`).
 
 Crash isolation: when the child dies (kill -9, segfault, OOM, memory cap) every request
 in flight fails with ``WorkerError(code="worker-crashed", status 503)`` and the worker
@@ -20,7 +20,7 @@ Supervision: each child is the leader of its own session and process group
 (``killpg``) on stop, on restart and when the child dies. A monitor thread waits for the
 child process itself (``waitpid``), so a death is noticed even when a forked grandchild
 still holds the child's sockets open. A prediction that outlives ``request_timeout``
-seconds (relayed, or on a lent connection: see runtime/direct.py) kills the child: its
+seconds (relayed, or on a lent connection: see agent/serving/direct.py) kills the child: its
 request gets 504 ``worker-timeout``, the state is ``restarting`` at once (readiness
 says so) and the child restarts.
 """
@@ -49,10 +49,10 @@ from typing import Any
 import numpy as np
 
 from agent.errors import ModelNotReadyError, WorkerError
-from runtime import direct, ipc
+from agent.serving import direct, ipc
+from agent.serving.direct import Lending
+from agent.serving.sandbox import Fence, worker_env, worker_identity
 from runtime.config import RuntimeConfig
-from runtime.direct import Lending
-from runtime.sandbox import Fence, worker_env, worker_identity
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ class ModelWorker:
         self.state = "stopped"
         # Seconds one prediction may take; past it the child is killed and restarted.
         self.request_timeout = request_timeout
-        # What the child may reach (runtime/sandbox.py): its user, its environment, the
+        # What the child may reach (agent/serving/sandbox.py): its user, its environment, the
         # paths Landlock closes to it. None: the minimal environment only.
         self.fence = fence
         self.shm_slot_bytes = shm_slot_bytes
@@ -178,7 +178,7 @@ class ModelWorker:
         # thread, so an apredict reply wakes the loop directly, not a thread that then
         # wakes the loop. Synchronous callers still work from any other thread.
         self._loop = loop
-        # Lent connections (runtime/direct.py): the child answers inference connections
+        # Lent connections (agent/serving/direct.py): the child answers inference connections
         # the daemon hands it; only with an event loop (the daemon's), which settles them.
         self._lending: Lending | None = None
         if lend is not None and loop is not None:
@@ -223,7 +223,7 @@ class ModelWorker:
             self._watchdog.start()
 
     def _spawn(self, timeout: float) -> None:
-        root = str(Path(__file__).resolve().parent.parent)
+        root = str(Path(__file__).resolve().parents[2])
         fence = self.fence if self.fence is not None else Fence()
         env = worker_env(
             os.environ,
@@ -280,7 +280,7 @@ class ModelWorker:
                 [
                     sys.executable,
                     "-m",
-                    "runtime.worker_main",
+                    "agent.serving.worker_main",
                     str(child.fileno()),
                     str(self._arena.fd),
                     *(str(fd) for fd in extra),
@@ -977,7 +977,7 @@ class ModelWorker:
         except OSError:  # the reader sees the death and fails this request
             pass
 
-    # --- lent connections (runtime/direct.py), on the daemon's event loop ---------------
+    # --- lent connections (agent/serving/direct.py), on the daemon's event loop ---------------
 
     @property
     def lends(self) -> bool:

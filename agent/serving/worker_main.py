@@ -1,8 +1,8 @@
-"""Child entry point of a model worker: ``python -m runtime.worker_main SOCK_FD SHM_FD``.
+"""Child entry point of a model worker: ``python -m agent.serving.worker_main SOCK_FD SHM_FD``.
 
 Only this process imports the inference engines. It reads one ``init`` frame (JSON
 settings from its own parent; nothing in either direction is pickled), closes the
-daemon's files to itself (runtime/sandbox.py), opens the model, warms it up, answers
+daemon's files to itself (agent/serving/sandbox.py), opens the model, warms it up, answers
 ``ready`` with the KServe metadata (or ``error`` with the failure and exits 1), then
 serves ``predict`` frames on ``max_concurrency`` threads, plus one thread per lane
 (thread mode: a request and a reply socketpair per shm slot, fds listed in the init
@@ -26,10 +26,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from runtime import ipc, sandbox
+from agent.serving import ipc, sandbox
 from runtime.config import RuntimeConfig
 
-logger = logging.getLogger("runtime.worker_main")
+logger = logging.getLogger("agent.serving.worker_main")
 
 INLINE_US = 500.0  # requests shorter than this on average keep the reader role
 
@@ -62,7 +62,7 @@ def main(argv: list[str]) -> int:
     init: dict[str, Any] = json.loads(bytes(payload))
     # Before anything of the package runs (and before any other thread exists): close
     # the daemon's secrets and the store to this process; its own model directory stays
-    # readable and the converter cache writable (runtime/sandbox.py).
+    # readable and the converter cache writable (agent/serving/sandbox.py).
     try:
         if init.get("deny") and not sandbox.confine(
             init["deny"], read=[str(init["model_dir"])], write=[str(init["cache_dir"])]
@@ -91,8 +91,8 @@ def main(argv: list[str]) -> int:
         chan.send({"op": "error", "err": ipc.error_to_dict(exc)})
         return 1
     lending = None
-    if len(argv) > 2:  # the daemon lends inference connections (runtime/direct.py)
-        from runtime.direct import DirectServer
+    if len(argv) > 2:  # the daemon lends inference connections (agent/serving/direct.py)
+        from agent.serving.direct import DirectServer
 
         lending = DirectServer(socket.socket(fileno=int(argv[2])), servable, meta)
         lending.start()
