@@ -44,6 +44,7 @@ def test_worker_env_is_an_allow_list() -> None:
         "PYTHONPATH": "/opt/edgeward",
         "PYTHONDONTWRITEBYTECODE": "1",
         "PYTHONNOUSERSITE": "1",
+        "ORT_DISABLE_TELEMETRY": "1",
     }
     bare = worker_env({}, home="/m", pythonpath="/p", tmpdir="/t")
     assert bare["PATH"] and bare["LANG"] == "C.UTF-8" and bare["TMPDIR"] == "/t"

@@ -105,6 +105,9 @@ def worker_env(
     }
     env.setdefault("PATH", DEFAULT_PATH)
     env.setdefault("LANG", "C.UTF-8")
+    # onnxruntime >= 1.2x keeps a telemetry device id under $HOME/.cache; HOME is the
+    # read-only model directory, and an edge box has no business sending telemetry.
+    env.setdefault("ORT_DISABLE_TELEMETRY", "1")
     env["HOME"] = home
     if tmpdir is not None:
         env["TMPDIR"] = tmpdir

@@ -236,7 +236,8 @@ class ModelWorker:
         except LookupError as exc:
             raise WorkerError(f"{self.name} {self.version}: {exc}", code="worker-user") from None
         if fence.deny or ident is not None:  # the worker converts into it: it must exist
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(OSError):  # if not, the converter says so
+                self.cache_dir.mkdir(parents=True, exist_ok=True)
         if ident is not None:
             missing = _unreachable(ident, [root, str(self.model_dir)])
             if missing and fence.user != "auto":
