@@ -104,6 +104,7 @@ class WorkerModel:
         self._idle = asyncio.Event()
         self._idle.set()
         self._metadata: dict[str, Any] | None = None
+        self.start_phases: dict[str, float] = {}  # seconds per phase of the worker's start
         sink = getattr(worker, "set_stats_sink", None)
         if callable(sink):  # requests the worker answers on lent connections
             sink(self._merge_stats)
@@ -280,11 +281,16 @@ class ModelRegistry:
         stats = self._stats.setdefault(name, ModelStats())
         try:
             await loop.run_in_executor(None, worker.start, self._start_timeout)
+            t0 = time.monotonic()
             await loop.run_in_executor(None, worker.self_test)
+            tested = time.monotonic() - t0
         except BaseException:
             await loop.run_in_executor(None, _stop_quietly, worker, 0.0)
             raise
         model = WorkerModel(worker, model_dir, stats)
+        # the start's phases (worker.start_phases: interpreter, open, warm-up) + self-test
+        phases = getattr(worker, "start_phases", None)
+        model.start_phases = {**(phases if isinstance(phases, dict) else {}), "self-test": tested}
         model.metadata()  # cache now: metadata must not block the event loop later
         return model
 

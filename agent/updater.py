@@ -592,6 +592,7 @@ class Updater:
         package = importlib.import_module("agent.package")
         staging: Path | None = None
         installed = False
+        inside: dict[str, float] = {}
         current = self.store.current(name)
         base_dir = self.store.version_dir(name, current) if current else None
         kwargs = {"limits": limits} if limits is not None else {}
@@ -638,6 +639,7 @@ class Updater:
             self._extend_timeout(self.cfg.daemon.worker_start_timeout + 30)
             async with self.registry.lock(name):
                 model = await self.registry.prepare(name, version, vdir)
+                inside = dict(model.start_phases)
                 step("staged")
                 step("activating")
                 self.store.activate(name, version)
@@ -647,12 +649,16 @@ class Updater:
             self.store.gc(name)
             src.settle(cand, None, final=True)
             logger.info(
-                "updated %s to version %s (%s, %s); %s",
+                "updated %s to version %s (%s, %s); %s%s",
                 name,
                 version,
                 cand.source,
                 cand.why,
                 ", ".join(f"{k} {v:.2f}s" for k, v in took.items()),
+                # what "converting" was made of: the worker's start phases
+                f" (converting: {', '.join(f'{k} {v:.2f}s' for k, v in inside.items())})"
+                if inside
+                else "",
             )
             self._start_health_window(name, version, current)
         except Exception as exc:  # a bug or an OSError must not kill the daemon either

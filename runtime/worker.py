@@ -154,6 +154,7 @@ class ModelWorker:
         self._regions_lock = threading.Lock()  # registering vs spawning a child
         self._child: _Child | None = None
         self._meta: dict[str, Any] = {}
+        self.start_phases: dict[str, float] = {}  # the last start: seconds per phase
         self._ids = itertools.count(1)
         self._cv = threading.Condition()
         self._stopping = False
@@ -242,6 +243,7 @@ class ModelWorker:
         # Importing a run script must not write __pycache__ into the installed version:
         # the store's integrity check (agent/installed.py) would call that a modification.
         env["PYTHONDONTWRITEBYTECODE"] = "1"
+        spawned = time.monotonic()
         try:
             proc = subprocess.Popen(
                 [
@@ -330,6 +332,7 @@ class ModelWorker:
                 code=str(err.get("code", "worker")),
             )
         self._meta = dict(header.get("meta") or {})
+        self.start_phases = _phases(spawned, header.get("stamps"))
         c = _Child(proc, chan, lanes)
         self._child = c
         if self._loop is not None:
@@ -1188,6 +1191,23 @@ def _lane_reply(
         got, us, h, tensors, p = lane.recv()
         if got == rid:
             return h, tensors, us, p
+
+
+def _phases(spawned: float, stamps: Any) -> dict[str, float]:
+    """Seconds of the child's start phases from its monotonic stamps (CLOCK_MONOTONIC is
+    one clock for every process): interpreter start and imports, open (convert, load,
+    validate), warm-up. Empty when the child sent none."""
+    if not isinstance(stamps, dict):
+        return {}
+    names = (("entered", "interpreter"), ("init", "init"), ("opened", "open"), ("warm", "warm-up"))
+    out: dict[str, float] = {}
+    last = spawned
+    for key, label in names:
+        t = stamps.get(key)
+        if isinstance(t, int | float) and not isinstance(t, bool):
+            out[label] = max(0.0, float(t) - last)
+            last = float(t)
+    return out
 
 
 def _reap(proc: subprocess.Popen[bytes]) -> None:

@@ -37,6 +37,7 @@ def _import(spec: str) -> Any:
 
 
 def main(argv: list[str]) -> int:
+    entered = time.monotonic()  # system-wide clock: the parent times our start with it
     from agent.logs import setup_logging
 
     # The daemon sets both (agent/logs.py): worker lines share the daemon's format.
@@ -60,13 +61,16 @@ def main(argv: list[str]) -> int:
     arena = ipc.ShmArena(init["slots"], init["slot_bytes"], fd=int(argv[1]))
     for rid, fd, size in init.get("regions") or ():
         arena.regions[int(rid)] = ipc.MappedRegion(int(fd), int(size))
+    stamps = {"entered": entered, "init": time.monotonic()}
     try:
         opener = _import(init["loader"])
         servable = opener(init["model_dir"], init["config"], cache_dir=init["cache_dir"])
+        stamps["opened"] = time.monotonic()
         warm = getattr(servable, "warmup", None)
         if callable(warm):
             warm()
         meta = servable.metadata()
+        stamps["warm"] = time.monotonic()
     except BaseException as exc:  # report any start failure to the parent, then exit
         chan.send({"op": "error", "err": ipc.error_to_dict(exc)})
         return 1
@@ -76,7 +80,15 @@ def main(argv: list[str]) -> int:
 
         lending = DirectServer(socket.socket(fileno=int(argv[2])), servable, meta)
         lending.start()
-    chan.send({"op": "ready", "meta": meta, "pid": os.getpid(), "lends": lending is not None})
+    chan.send(
+        {
+            "op": "ready",
+            "meta": meta,
+            "pid": os.getpid(),
+            "lends": lending is not None,
+            "stamps": stamps,
+        }
+    )
 
     def run(h: dict[str, Any], p: memoryview) -> None:
         rid = h["id"]
