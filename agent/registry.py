@@ -271,12 +271,29 @@ class ModelRegistry:
         """Serialises loads and swaps of one model name."""
         return self._locks.setdefault(name, asyncio.Lock())
 
-    async def prepare(self, name: str, version: str, model_dir: Path) -> WorkerModel:
-        """Start, warm up and self-test a worker without routing to it yet.
+    def launch(self, name: str, version: str, model_dir: Path) -> WorkerLike:
+        """A worker for a version still being downloaded or unpacked, its process started
+        now (``launch()``, when the worker has it) so that the interpreter and imports
+        overlap that work; :meth:`prepare` takes it. Stop it if it is not used."""
+        worker = self._factory(name, version, model_dir)
+        early = getattr(worker, "launch", None)
+        if callable(early):
+            try:
+                early()
+            except Exception as exc:  # prepare() spawns it then, and reports a failure
+                logger.debug("early launch of %s %s: %s", name, version, exc)
+        return worker
+
+    async def prepare(
+        self, name: str, version: str, model_dir: Path, *, worker: WorkerLike | None = None
+    ) -> WorkerModel:
+        """Start, warm up and self-test a worker without routing to it yet (``worker``:
+        one from :meth:`launch`).
 
         On failure the worker is stopped and the error re-raised; nothing changes.
         """
-        worker = self._factory(name, version, model_dir)
+        if worker is None:
+            worker = self._factory(name, version, model_dir)
         loop = asyncio.get_running_loop()
         stats = self._stats.setdefault(name, ModelStats())
         try:

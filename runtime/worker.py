@@ -44,6 +44,7 @@ import threading
 import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,32 @@ class _Follower:
         self.abandoned = False  # timed out: the async reader reads the late reply
         self.rid = 0
         self.child: _Child | None = None
+
+
+@dataclass
+class _Launched:
+    """A child started by :meth:`ModelWorker.launch` that has not had its model yet."""
+
+    proc: subprocess.Popen[bytes]
+    sock: socket.socket
+    lanes: list[ipc.Lane]
+    lane_fds: list[list[int]]
+    lend_pair: tuple[socket.socket, socket.socket] | None
+    regions: list[tuple[int, int, int]]
+    spawned: float
+
+    def discard(self) -> None:
+        """Never used: end the child (it exits at EOF on its socket anyway)."""
+        with contextlib.suppress(OSError):
+            self.proc.kill()
+        with contextlib.suppress(Exception):
+            self.proc.wait(5)
+        _killpg(self.proc.pid)
+        self.sock.close()
+        for lane in self.lanes:
+            lane.close()
+        if self.lend_pair is not None:
+            self.lend_pair[0].close()
 
 
 class _Child:
@@ -155,6 +182,7 @@ class ModelWorker:
         self._child: _Child | None = None
         self._meta: dict[str, Any] = {}
         self.start_phases: dict[str, float] = {}  # the last start: seconds per phase
+        self._launched: _Launched | None = None  # launch(): a child waiting for its model
         self._ids = itertools.count(1)
         self._cv = threading.Condition()
         self._stopping = False
@@ -219,7 +247,23 @@ class ModelWorker:
             )
             self._watchdog.start()
 
+    def launch(self) -> None:
+        """Start the child process now, without a model: its interpreter starts and
+        imports the loader while the caller still downloads and unpacks; :meth:`start`
+        then hands it the model. Idempotent; :meth:`stop` ends a launched child."""
+        with self._cv:
+            if self._launched is not None or self._child is not None:
+                return
+            if self._arena.closed:
+                return  # stopped: start() makes a new arena and spawns then
+            self._launched = self._launch()
+
     def _spawn(self, timeout: float) -> None:
+        with self._cv:
+            early, self._launched = self._launched, None
+        self._handshake(early if early is not None else self._launch(), timeout)
+
+    def _launch(self) -> _Launched:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         lend_pair = direct.channel_pair() if self._lending is not None else None
         extra = (lend_pair[1].fileno(),) if lend_pair is not None else ()
@@ -243,6 +287,7 @@ class ModelWorker:
         # Importing a run script must not write __pycache__ into the installed version:
         # the store's integrity check (agent/installed.py) would call that a modification.
         env["PYTHONDONTWRITEBYTECODE"] = "1"
+        env["EDGEWARD_WORKER_LOADER"] = self.loader  # imported before the init frame
         spawned = time.monotonic()
         try:
             proc = subprocess.Popen(
@@ -280,8 +325,18 @@ class ModelWorker:
             lane_fds = [fds[i : i + 2] for i in range(0, len(fds), 2)]
             for _, b in pairs:
                 b.close()
-        chan = ipc.Channel(parent)
         lanes = [ipc.Lane(pairs[i + 1][0], pairs[i][0]) for i in range(0, len(pairs), 2)]
+        return _Launched(proc, parent, lanes, lane_fds, lend_pair, regions, spawned)
+
+    def _handshake(self, launched: _Launched, timeout: float) -> None:
+        proc, parent, lanes, lend_pair = (
+            launched.proc,
+            launched.sock,
+            launched.lanes,
+            launched.lend_pair,
+        )
+        lane_fds, regions, spawned = launched.lane_fds, launched.regions, launched.spawned
+        chan = ipc.Channel(parent)
         init = {
             "model_dir": self.model_dir,
             "config": self.config,
@@ -294,11 +349,11 @@ class ModelWorker:
             "lanes": lane_fds,
             "regions": regions,
         }
-        chan.send({"op": "init"}, [pickle.dumps(init)])
         parent.settimeout(timeout)
         try:
+            chan.send({"op": "init"}, [pickle.dumps(init)])
             header, _ = chan.recv()
-        except (ipc.ChannelClosed, TimeoutError) as exc:
+        except (ipc.ChannelClosed, TimeoutError, OSError) as exc:
             proc.kill()
             rc = proc.wait()
             _killpg(proc.pid)
@@ -357,6 +412,10 @@ class ModelWorker:
             self._stopping = True
             self.state = "stopped"
             self._cv.notify_all()
+        with self._cv:
+            early, self._launched = self._launched, None
+        if early is not None:
+            early.discard()
         c = self._child
         if c is None:
             self._arena.close()

@@ -53,6 +53,11 @@ def main(argv: list[str]) -> int:
     tune_malloc()  # per-request tensors reuse heap pages (see agent/malloc.py)
     sock = socket.socket(fileno=int(argv[0]))
     chan = ipc.Channel(sock, fds=True)  # shared regions arrive as fds (op "map")
+    # A launched child (ModelWorker.launch) waits here while the daemon still downloads
+    # and unpacks: import the loader (numpy, the runtime) now. Failing here is not
+    # reported: the import after the init frame reports it.
+    with contextlib.suppress(Exception):
+        importlib.import_module(os.environ.get("EDGEWARD_WORKER_LOADER", "").partition(":")[0])
     try:
         _header, payload = chan.recv()
     except ipc.ChannelClosed:
