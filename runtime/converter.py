@@ -17,10 +17,12 @@ Pipeline for one unpacked package (each stage optional):
    dimension of every input/output to ``batch_size`` (ONNX shape rewrite);
    ``weight_compression: fp16`` converts weights with ``onnxconverter_common`` when that
    package is installed (otherwise a clear ``unsupported-compression`` error).
-3. **ORT optimisation** (ONNX): ORT saves the graph optimised at the configured level
-   (``SessionOptions.optimized_model_filepath``); it is served with online optimisation
-   disabled. If ORT cannot save or reload it, the runtime serves the stage-2 model
-   with online optimisation instead (warning).
+3. **ORT optimisation** (ONNX): ORT optimises the graph at the configured level while
+   it loads the session that will serve, saving the optimised graph into the cache on
+   the way (``SessionOptions.optimized_model_filepath``); later starts load that copy
+   with online optimisation disabled. A model of ``ONLINE_OPTIMISE_BYTES`` or more whose
+   only conversion is this one keeps no copy and is optimised at each load. If the
+   optimised graph fails validation, the unoptimised one serves (warning).
    **Delegate selection** (LiteRT): each configured delegate is loaded and validated;
    failing optional delegates are dropped.
 
@@ -29,11 +31,16 @@ unconverted model before it may serve: same output names and shapes, values with
 ``validate_rtol``/``validate_atol`` (at least 1e-2 for fp16) on ``Meta-info/samples/*.npz``
 whose inputs are the model's inputs; without such samples, on seeded random inputs
 built from the model's signature (free dims: batch → ``batch_size`` or 1, others → 32).
+For ONNX the validated session is the one that serves (``Converted.session``), and the
+unconverted reference loads on a thread meanwhile.
 
 Results are cached in ``cache_dir/<key>/`` where the key hashes the device fingerprint,
-the model's sha256, the converter directory, converter_config and ORT options; a
-conversion is built in a temp dir and renamed into place, so the cache never holds a
-half-written artefact. ``info.json`` counts reuses (``hits``).
+the model's sha256 (the signed manifest's, when unpack kept it), the converter
+directory, converter_config and ORT options; a conversion is built in a temp dir and
+renamed into place, so the cache never holds a half-written artefact, and the
+artefact's sha256 plus ``golden.npz`` (the validated graph's answers) are checked at
+every reuse, so a torn or differently-reloading artefact is rebuilt, never served.
+``info.json`` counts reuses (``hits``).
 """
 
 from __future__ import annotations
