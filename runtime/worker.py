@@ -1254,11 +1254,18 @@ def _lane_reply(
 
 def _phases(spawned: float, stamps: Any) -> dict[str, float]:
     """Seconds of the child's start phases from its monotonic stamps (CLOCK_MONOTONIC is
-    one clock for every process): interpreter start and imports, open (convert, load,
-    validate), warm-up. Empty when the child sent none."""
+    one clock for every process): interpreter start, loader imports, waiting for the
+    model (a launched child), open (convert, load, validate), warm-up. Empty when the
+    child sent none."""
     if not isinstance(stamps, dict):
         return {}
-    names = (("entered", "interpreter"), ("init", "init"), ("opened", "open"), ("warm", "warm-up"))
+    names = (
+        ("entered", "interpreter"),
+        ("imported", "imports"),
+        ("init", "waiting for the model"),
+        ("opened", "open"),
+        ("warm", "warm-up"),
+    )
     out: dict[str, float] = {}
     last = spawned
     for key, label in names:

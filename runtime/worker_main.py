@@ -58,6 +58,7 @@ def main(argv: list[str]) -> int:
     # reported: the import after the init frame reports it.
     with contextlib.suppress(Exception):
         importlib.import_module(os.environ.get("EDGEWARD_WORKER_LOADER", "").partition(":")[0])
+    imported = time.monotonic()
     try:
         _header, payload = chan.recv()
     except ipc.ChannelClosed:
@@ -66,7 +67,7 @@ def main(argv: list[str]) -> int:
     arena = ipc.ShmArena(init["slots"], init["slot_bytes"], fd=int(argv[1]))
     for rid, fd, size in init.get("regions") or ():
         arena.regions[int(rid)] = ipc.MappedRegion(int(fd), int(size))
-    stamps = {"entered": entered, "init": time.monotonic()}
+    stamps = {"entered": entered, "imported": imported, "init": time.monotonic()}
     try:
         opener = _import(init["loader"])
         servable = opener(init["model_dir"], init["config"], cache_dir=init["cache_dir"])
