@@ -36,7 +36,7 @@ from typing import Any
 
 from agent.config import Config
 from agent.errors import EdgewardError, PreflightError, UpdateError, local_fault
-from agent.registry import ModelRegistry
+from agent.serving.registry import ModelRegistry
 from agent.sources import (
     Candidate,
     InboxSource,

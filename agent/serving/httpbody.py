@@ -1,8 +1,8 @@
 """Request body decoding, sans-I/O: the chunked transfer coding and gzip/deflate content
 codings, bounded by the same ``max_body_bytes`` as a ``Content-Length`` body.
 
-One home for both servers that read requests: the daemon's (``agent/http.py``, an
-asyncio protocol) and a worker's lent connections (``runtime/direct.py``, blocking
+One home for both servers that read requests: the daemon's (``agent/serving/http.py``, an
+asyncio protocol) and a worker's lent connections (``agent/serving/direct.py``, blocking
 reads). Each feeds bytes in and takes a body out; neither parses chunks or inflates
 data itself (STYLE rule 13).
 
@@ -33,7 +33,7 @@ _MAX_LINE = 4096  # bytes of one chunk-size line (with extensions) or trailer li
 class ProtocolError(Exception):
     """A request that cannot be parsed or received; answered and the connection closed.
     ``retry_after`` (seconds) becomes a ``Retry-After`` header (a refusal for load).
-    Defined here, below agent/http.py (which re-exports it), so the decoders can raise
+    Defined here, below agent/serving/http.py (which re-exports it), so the decoders can raise
     it without importing the server."""
 
     def __init__(
@@ -46,8 +46,8 @@ class ProtocolError(Exception):
         self.retry_after = retry_after
 
     def response(self) -> Any:
-        """The v2 error response (an ``agent.http.Response``)."""
-        from agent.http import json_response  # the server module imports this one
+        """The v2 error response (an ``agent.serving.http.Response``)."""
+        from agent.serving.http import json_response  # the server module imports this one
 
         headers = None
         if self.retry_after is not None:
