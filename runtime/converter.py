@@ -683,7 +683,7 @@ def _load_reused(hit: Converted, config: RuntimeConfig) -> bool:
                 )
                 if why is not None:
                     raise ConverterError(why, code="converter-validation")
-    except (EdgewardError, OSError, ValueError, KeyError) as exc:
+    except Exception as exc:  # a torn record (BadZipFile...) is a miss too
         cand.unload()
         why = exc.message if isinstance(exc, EdgewardError) else str(exc)
         logger.warning(

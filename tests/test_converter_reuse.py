@@ -147,3 +147,18 @@ def test_cache_key_from_the_signed_manifest(tmp_path: Path, ppocr_cls: Path) -> 
     assert conv.cache_key(model, pkg, "onnxruntime", cc, cfg) == conv.cache_key(
         model, pkg, "onnxruntime", cc, cfg, model_sha256=sha
     )
+
+
+def test_torn_golden_record_is_a_miss_not_a_failure(tmp_path: Path, ppocr_cls: Path) -> None:
+    pkg = make_package(tmp_path / "pkg", ppocr_cls)
+    cache = tmp_path / "c"
+    s = open_model(pkg, RuntimeConfig(), cache_dir=cache)
+    golden = s.converted.model_path.parent.parent / conv.GOLDEN
+    s.close()
+    golden.write_bytes(golden.read_bytes()[:100])  # what a power cut can leave
+    s2 = open_model(pkg, RuntimeConfig(), cache_dir=cache)
+    assert not s2.converted.from_cache
+    np.testing.assert_allclose(
+        s2.predict({"x": CLS_X})[CLS_OUT], _ort(ppocr_cls), rtol=1e-4, atol=1e-5
+    )
+    s2.close()
