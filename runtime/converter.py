@@ -222,6 +222,37 @@ def compare_outputs(
     return None
 
 
+Arrays = dict[str, np.ndarray]
+# (source "samples" | "random", [(input name, inputs, the reference's outputs or error)])
+Answers = tuple[str, list[tuple[str, Arrays, "Arrays | EdgewardError"]]]
+
+
+def reference_answers(
+    reference: Backend,
+    samples: list[tuple[str, dict[str, np.ndarray], dict[str, np.ndarray]]],
+    *,
+    batch: int,
+) -> Answers:
+    """What the unconverted model answers on the validation inputs: the model-level
+    samples, else seeded random inputs. Returns (source, [(name, inputs, outputs or the
+    error)]); the converter computes it on the reference's own thread while the
+    candidate still loads."""
+    names = {s.name for s in reference.inputs}
+    usable = [(n, ins) for n, ins, _ in samples if set(ins) == names]
+    source = "samples"
+    if not usable:
+        usable = [("random", random_inputs(reference.inputs, batch=batch))]
+        source = "random"
+    out: list[tuple[str, dict[str, np.ndarray], dict[str, np.ndarray] | EdgewardError]] = []
+    for sample_name, ins in usable:
+        try:
+            out.append((sample_name, ins, reference.predict(ins)))
+        except EdgewardError as exc:
+            out.append((sample_name, ins, exc))
+            break  # validation stops at the first input the original refuses
+    return source, out
+
+
 def validate_against(
     reference: Backend,
     candidate: Backend,
@@ -232,35 +263,32 @@ def validate_against(
     batch: int,
     what: str,
     record: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]] | None = None,
+    answers: Answers | None = None,
 ) -> dict[str, Any]:
     """Run both backends on the model-level samples (or random inputs) and compare.
 
+    ``answers``: the reference's, computed before (:func:`reference_answers`).
     ``record`` receives each (inputs, candidate outputs) pair that matched: the
     converter keeps them with a cache entry to check the artefact when it is reused.
 
     Raises:
         ConverterError: outputs differ (code ``converter-validation``).
     """
-    names = {s.name for s in reference.inputs}
-    usable = [(n, ins) for n, ins, _ in samples if set(ins) == names]
-    source = "samples"
-    if not usable:
-        usable = [("random", random_inputs(reference.inputs, batch=batch))]
-        source = "random"
-    for sample_name, ins in usable:
-        try:
-            want = reference.predict(ins)
-        except EdgewardError as exc:
+    if answers is None:
+        answers = reference_answers(reference, samples, batch=batch)
+    source, cases = answers
+    for sample_name, ins, want in cases:
+        if isinstance(want, EdgewardError):
             if source == "random":
                 logger.warning(
                     "cannot validate %s: the unconverted model refuses random inputs (%s)",
                     what,
-                    exc.message,
+                    want.message,
                 )
-                return {"validated": False, "source": source, "reason": exc.message}
+                return {"validated": False, "source": source, "reason": want.message}
             raise ConverterError(
                 f"cannot validate {what}: the unconverted model fails on {sample_name}: "
-                f"{exc.message}",
+                f"{want.message}",
                 code="converter-validation",
             ) from None
         try:
@@ -279,7 +307,7 @@ def validate_against(
             )
         if record is not None:
             record.append((ins, got))
-    return {"validated": True, "source": source, "checked": len(usable)}
+    return {"validated": True, "source": source, "checked": len(cases)}
 
 
 # --- package converter ---------------------------------------------------------------
@@ -823,15 +851,23 @@ def _build(
         reference = OnnxBackend(src, config, level="disable", prepack=False)
     else:
         reference = make_backend(kind, src, config)
+    samples = load_samples(model_dir)
+    batch = cc.batch_size or 1
+
+    def load_and_answer() -> Answers:
+        reference.load()
+        return reference_answers(reference, samples, batch=batch)
+
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="converter-reference")
-    loading = pool.submit(reference.load)
+    loading = pool.submit(load_and_answer)
 
     def ref() -> Backend:
         loading.result()  # the original model's own load error, if any, comes first
         return reference
 
-    samples = load_samples(model_dir)
-    batch = cc.batch_size or 1
+    def answers() -> Answers:
+        return loading.result()
+
     serving: Backend | None = None
     try:
         later_stages = kind == "onnxruntime" and (
@@ -896,6 +932,7 @@ def _build(
                     batch=batch,
                     what="package converter output",
                     record=record,
+                    answers=answers(),
                 )
             except BaseException:
                 cand.unload()
@@ -936,6 +973,7 @@ def _build(
                         batch=batch,
                         what="converted model",
                         record=record,
+                        answers=answers(),
                     )
                 except ConverterError as exc:
                     # ORT's optimiser breaks this graph: serve it unoptimised instead.
@@ -980,6 +1018,7 @@ def _build(
                         batch=batch,
                         what="converted model",
                         record=record,
+                        answers=answers(),
                     )
             if online and artefact == src:
                 info["artefact"] = "package"  # served from the package, no copy
