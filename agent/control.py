@@ -29,7 +29,12 @@ import struct
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from agent.errors import EdgewardError, InferenceError
+from agent.errors import (
+    EdgewardError,
+    MethodNotAllowedError,
+    NotFoundError,
+    PermissionDeniedError,
+)
 from agent.http import PeerCred, Request, Response
 from agent.metrics import CONTENT_TYPE, render_metrics
 
@@ -39,23 +44,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = ["ControlApp", "PeerCred", "peer_allowed", "peer_credentials", "render_metrics"]
-
-
-class PermissionDeniedError(EdgewardError):
-    """The peer on the control socket is not an administrator."""
-
-    code = "forbidden"
-    status = 403
-
-
-class MethodNotAllowedError(InferenceError):
-    code = "method-not-allowed"
-    status = 405
-
-
-class NotFoundError(InferenceError):
-    code = "not-found"
-    status = 404
 
 
 def peer_credentials(sock: socket.socket) -> PeerCred:

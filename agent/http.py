@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import unquote
 
-from agent.errors import ConfigError, EdgewardError
+from agent.errors import ConfigError, SocketInUseError
 from agent.httpbody import CHUNKED, ChunkedDecoder, ProtocolError, decode_content, transfer_length
 
 logger = logging.getLogger(__name__)
@@ -332,13 +332,6 @@ class Lender(Protocol):
 
 
 LenderFor = Callable[[str, str, dict[str, str]], "Lender | None"]
-
-
-class SocketInUseError(EdgewardError):
-    """Another live process already serves on the socket path."""
-
-    code = "socket-in-use"
-    status = 500
 
 
 def json_response(status: int, obj: object, headers: dict[str, str] | None = None) -> Response:
@@ -853,7 +846,7 @@ class _Conn(asyncio.BufferedProtocol):
         if self._transport is None or self._phase == _CLOSED:
             return
         if self._phase != _HANDLING:
-            self._write(exc.response(), False)
+            self._write(json_response(exc.status, exc.to_dict(), exc.headers()), False)
         self._close_after_write()
 
     def _arm(self, seconds: float) -> None:

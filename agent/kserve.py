@@ -37,9 +37,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.errors import (
     EdgewardError,
-    InferenceError,
     InvalidInputError,
+    MethodNotAllowedError,
     ModelNotReadyError,
+    NotFoundError,
     OverloadedError,
 )
 from agent.http import Lender, Request, Response, json_response
@@ -60,8 +61,6 @@ __all__ = [
     "DataPlane",
     "InferResult",
     "InferenceApp",
-    "MethodNotAllowedError",
-    "PathNotFoundError",
     "Registry",
     "ServedModel",
     "error_response",
@@ -124,17 +123,6 @@ class Registry(Protocol):
     def models(self) -> Any: ...
 
     def get(self, name: str, version: str | None = None) -> Any: ...
-
-
-class MethodNotAllowedError(InferenceError):
-    code = "method-not-allowed"
-    status = 405
-    allow = "GET"
-
-
-class PathNotFoundError(InferenceError):
-    code = "not-found"
-    status = 404
 
 
 # --- per-model admission ---------------------------------------------------------------
@@ -530,7 +518,7 @@ class InferenceApp:
         if parts[-1] == "" and len(parts) > 2:
             parts.pop()
         if len(parts) < 2 or parts[0] != "" or parts[1] != "v2":
-            raise PathNotFoundError(f"no endpoint {request.path[:200]}")
+            raise NotFoundError(f"no endpoint {request.path[:200]}")
         method = request.method
         n = len(parts)
         if n == 4 and parts[2] == "models" and parts[3] == "stats":
@@ -544,7 +532,7 @@ class InferenceApp:
                 version = rest[1]
                 rest = rest[2:]
             if not name or (version is not None and not version):
-                raise PathNotFoundError(f"no endpoint {request.path[:200]}")
+                raise NotFoundError(f"no endpoint {request.path[:200]}")
             if not rest:
                 _allow(method, "GET", request.path)
                 return json_response(200, self.plane.model_metadata(name, version))
@@ -560,9 +548,9 @@ class InferenceApp:
             if rest == ["stats"]:
                 _allow(method, "GET", request.path)
                 return json_response(200, self.plane.statistics(name, version))
-            raise PathNotFoundError(f"no endpoint {request.path[:200]}")
+            raise NotFoundError(f"no endpoint {request.path[:200]}")
         if n == 3 and parts[2] == "models":  # GET /v2/models/stats below; this: no name
-            raise PathNotFoundError(f"no endpoint {request.path[:200]}")
+            raise NotFoundError(f"no endpoint {request.path[:200]}")
         if n == 4 and parts[2] == "repository" and parts[3] == "index":
             _allow(method, "POST", request.path)
             return json_response(200, self.plane.repository_index(_ready_only(request.body)))
@@ -579,7 +567,7 @@ class InferenceApp:
                 return json_response(
                     503, {"error": "not every model is ready", "code": "not-ready", "ready": False}
                 )
-        raise PathNotFoundError(f"no endpoint {request.path[:200]}")
+        raise NotFoundError(f"no endpoint {request.path[:200]}")
 
     async def _infer(self, request: Request, name: str, version: str | None) -> Response:
         # Look the model up before decoding: an unknown model is 404 whatever the body.

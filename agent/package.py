@@ -29,11 +29,9 @@ import json
 import logging
 import math
 import os
-import queue
 import shutil
 import stat
 import tempfile
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -50,6 +48,14 @@ from agent.container import (
     ContainerWriter,
     Encryption,
     ModelFormat,
+)
+from agent.durable import (
+    HashThread,
+    WriteHashPipeline,
+    atomic_replace,
+    fsync_dir,
+    fsync_file,
+    write_all,
 )
 from agent.errors import (
     BaseMismatchError,
@@ -123,14 +129,6 @@ class PackSpec:
 
 
 # --- helpers --------------------------------------------------------------------------
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _sha256_file(path: Path) -> tuple[str, int]:
@@ -505,8 +503,7 @@ def _pack(spec: PackSpec, out: Path, work: Path) -> Manifest:
         tw.close()
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp_out, out)
-    _fsync_dir(out.parent)
+    atomic_replace(tmp_out, out)
     logger.info(
         "packed %s version %d: %d model(s), %d files, %s",
         spec.name,
@@ -642,6 +639,7 @@ def _check_member_path(path: str, kind: str) -> None:
 
 
 _THREAD_MIN = 16 << 20  # members at least this large are hashed on a second thread
+_WRITE_DEPTH = 4  # decoded pieces (each <= _COPY bytes) queued for the writer thread
 
 
 class _Sha256Inline:
@@ -653,32 +651,6 @@ class _Sha256Inline:
 
     def hexdigest(self) -> str:
         return self._h.hexdigest()
-
-
-class _Sha256Thread:
-    """SHA-256 on a helper thread (hashlib releases the GIL), so hashing the stored bytes
-    overlaps with decrypting and decompressing them. At most ``depth`` pieces wait."""
-
-    def __init__(self, depth: int = 8) -> None:
-        self._h = hashlib.sha256()
-        self._q: queue.Queue[bytes | None] = queue.Queue(depth)
-        self._thread = threading.Thread(target=self._run, name="unpack-hash", daemon=True)
-        self._thread.start()
-        self._digest: str | None = None
-
-    def _run(self) -> None:
-        while (piece := self._q.get()) is not None:
-            self._h.update(piece)
-
-    def update(self, data: bytes) -> None:
-        self._q.put(data)
-
-    def hexdigest(self) -> str:
-        if self._digest is None:
-            self._q.put(None)
-            self._thread.join()
-            self._digest = self._h.hexdigest()
-        return self._digest
 
 
 FileHandler = Callable[[FileEntry, MemberReader], None]
@@ -715,9 +687,9 @@ def _walk(opened: _Opened, on_file: FileHandler, progress: Progress | None = Non
                 code="entry-size",
             )
         seen.add(entry.path)
-        h = _Sha256Thread() if fe.size >= _THREAD_MIN else _Sha256Inline()
+        h = HashThread(name="unpack-hash") if fe.size >= _THREAD_MIN else _Sha256Inline()
 
-        def update(data: bytes, _h: _Sha256Inline | _Sha256Thread = h) -> None:
+        def update(data: bytes, _h: _Sha256Inline | HashThread = h) -> None:
             _h.update(data)
             if progress is not None:
                 progress(len(data))
@@ -879,14 +851,7 @@ class _Out:
 
     def sync_dirs(self) -> None:
         for d in sorted(self.dirs, key=lambda p: len(p.parts), reverse=True):
-            _fsync_dir(d)
-
-
-def _write_all(fd: int, data: bytes | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
+            fsync_dir(d)
 
 
 def unpack(
@@ -943,8 +908,7 @@ def unpack(
         )
         if out_dir.exists():
             out_dir.rmdir()
-        os.rename(tmp, out_dir)
-        _fsync_dir(parent)
+        atomic_replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -999,9 +963,9 @@ def _unpack_into(
             fd = out.create(fe.path, fe.mode)
             try:
                 if data is not None:
-                    _write_all(fd, data)
+                    write_all(fd, data)
                 while piece := reader.read(_COPY):
-                    _write_all(fd, piece)
+                    write_all(fd, piece)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -1015,64 +979,12 @@ def _unpack_into(
     for rel, data in ((MANIFEST_NAME, manifest.raw), (SIGNATURE_NAME, signature)):
         fd = out.create(rel)
         try:
-            _write_all(fd, data)
+            write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
     out.sync_dirs()
     return manifest
-
-
-class _HashWriter:
-    """Write (and, when asked, hash) decoded pieces on helper threads.
-
-    ``hashlib`` and ``os.write`` release the GIL, so hashing and writing the output
-    overlap with each other and with decryption and decompression on the calling thread.
-    Each queue holds at most ``depth`` pieces (each <= ``_COPY`` bytes), which bounds the
-    extra memory.
-    """
-
-    def __init__(self, fd: int, depth: int = 4, *, hashed: bool = True) -> None:
-        self._fd = fd
-        self._q: queue.Queue[bytes | None] = queue.Queue(depth)
-        self._hash = _Sha256Thread(depth) if hashed else None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="unpack-writer", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while (piece := self._q.get()) is not None:
-            if self._error is not None:
-                continue
-            try:
-                _write_all(self._fd, piece)
-            except BaseException as exc:  # re-raised on the calling thread
-                self._error = exc
-
-    def put(self, piece: bytes) -> None:
-        if self._error is not None:
-            raise self._error
-        if self._hash is not None:
-            self._hash.update(piece)
-        self._q.put(piece)
-
-    def close(self) -> str | None:
-        """Wait for the writes; the SHA-256 hex digest of everything put, if hashed."""
-        self._q.put(None)
-        self._thread.join()
-        digest = self._hash.hexdigest() if self._hash is not None else None
-        if self._error is not None:
-            raise self._error
-        return digest
-
-    def abort(self) -> None:
-        """Stop the threads if ``close`` was not reached (idempotent)."""
-        if self._thread.is_alive():
-            self._error = self._error or PackageError("unpack aborted", code="aborted")
-            self._q.put(None)
-            self._thread.join()
-        if self._hash is not None:
-            self._hash.hexdigest()
 
 
 def _decode_container(
@@ -1094,7 +1006,8 @@ def _decode_container(
         found.add(mi.id)
         rel = f".patches/{mi.id}" if mi.residual else f"Model/{mi.name}"
         fd = out.create(rel)
-        sink = _HashWriter(fd, hashed=verify)
+        sink = WriteHashPipeline(_WRITE_DEPTH, name="unpack")
+        sha = hashlib.sha256() if verify else None
         size = 0
         try:
             for piece in entry.decoded(key, read_size=_COPY):
@@ -1105,11 +1018,12 @@ def _decode_container(
                         f"{mi.size} bytes the manifest declares",
                         code="model-size",
                     )
-                sink.put(piece)
-            digest = sink.close()
+                sink.write(fd, piece, sha)
+            sink.finish()
+            digest = sha.hexdigest() if sha is not None else None
             os.fsync(fd)
         finally:
-            sink.abort()
+            sink.stop()
             os.close(fd)
         if size != mi.size:
             raise IntegrityError(
@@ -1177,11 +1091,7 @@ def _apply_patches(
                     "which the manifest says it carries",
                     code="external-data-missing",
                 )
-            fd = os.open(target.parent / written.name, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_file(target.parent / written.name)
     shutil.rmtree(out.root / ".patches", ignore_errors=True)
     out.dirs.discard(out.root / ".patches")
 

@@ -35,7 +35,14 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import Config
-from agent.errors import EdgewardError, PreflightError, UpdateError, local_fault
+from agent.durable import atomic_write_bytes
+from agent.errors import (
+    EdgewardError,
+    PreflightError,
+    TransitionError,
+    UpdateError,
+    local_fault,
+)
 from agent.registry import ModelRegistry
 from agent.sources import (
     Candidate,
@@ -45,7 +52,7 @@ from agent.sources import (
     disk_free,
     disk_need,
 )
-from agent.store import Store, version_key, write_atomic
+from agent.store import Store, version_key
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +61,6 @@ __all__ = [
     "STATES",
     "TRANSITIONS",
     "CheckResult",
-    "TransitionError",
     "UpdateMachine",
     "Updater",
 ]
@@ -98,12 +104,6 @@ IN_FLIGHT: frozenset[str] = frozenset(
 
 #: What a check can come to (counted for /metrics, one check may count in several).
 OUTCOMES: tuple[str, ...] = ("installed", "failed", "unchanged", "nothing")
-
-
-class TransitionError(UpdateError):
-    """A transition the table does not allow (a bug, never user input)."""
-
-    code = "bad-transition"
 
 
 @dataclass
@@ -357,7 +357,7 @@ class Updater:
             out = self._compute_digests(vdir)
             if out:
                 try:
-                    write_atomic(cache, json.dumps(out, sort_keys=True).encode())
+                    atomic_write_bytes(cache, json.dumps(out, sort_keys=True).encode())
                 except OSError as exc:
                     logger.warning("cannot cache weights digests of %s %s: %s", name, version, exc)
         self._digests[key] = out

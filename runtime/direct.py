@@ -59,6 +59,7 @@ from agent.http import (
     HTTPLimits,
     ProtocolError,
     content_length,
+    json_response,
     parse_head,
     render_response,
 )
@@ -800,7 +801,7 @@ class _Lent:
         self._fail_with(ProtocolError(status, code, message))
 
     def _fail_with(self, exc: ProtocolError) -> None:
-        self._write(exc.response(), False)
+        self._write(json_response(exc.status, exc.to_dict(), exc.headers()), False)
         self._closed()
 
     def _give_back(self, here: bool) -> None:

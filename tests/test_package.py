@@ -74,6 +74,39 @@ def test_round_trip_each_alg(tmp_path: Path, keys, alg: str) -> None:  # type: i
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "b.bin", "p.emp", "u"]
 
 
+def test_sm4_package_refused_without_openssl_sm4_gcm(  # type: ignore[no-untyped-def]
+    tmp_path: Path, keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A device whose OpenSSL lacks SM4-GCM refuses an SM4 package with alg-unsupported
+    and writes nothing (there is no pure-Python fallback)."""
+    sk, trust, dev, ring = keys
+    out = tmp_path / "p.emp"
+    spec = PackSpec(
+        models=[_model(tmp_path, 20_000)],
+        name="sm4",
+        version=1,
+        signing_keys=[sk],
+        encrypt_for=[dev.public_key()],
+        alg="sm4-gcm",
+        chunk_size=4096,
+    )
+    pack(spec, out)
+
+    def missing(self: object, nonce: bytes, data: bytes, aad: bytes) -> bytes:
+        raise crypto.UnsupportedAlgorithm("no SM4-GCM")  # what OpenSSL 1.1.1 answers
+
+    monkeypatch.setattr(crypto._Sm4Gcm, "encrypt", missing)
+    with pytest.raises(CryptoError) as ei:
+        unpack(out, tmp_path / "u", trust=trust, keyring=ring)
+    assert ei.value.code == "alg-unsupported"
+    assert not (tmp_path / "u").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    with pytest.raises(CryptoError) as ei:
+        pack(spec, tmp_path / "again.emp")
+    assert ei.value.code == "alg-unsupported"
+    assert not (tmp_path / "again.emp").exists()
+
+
 def test_tar_layout_first_entries(tmp_path: Path, keys) -> None:  # type: ignore[no-untyped-def]
     sk, trust, _, _ = keys
     prog = tmp_path / "Program" / "Scripts"
