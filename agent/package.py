@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
-import importlib
 import json
 import logging
 import math
@@ -36,7 +35,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
@@ -85,6 +84,9 @@ from agent.manifest import (
     signature_key_ids,
 )
 from agent.tario import MemberReader, TarReader, TarWriter
+
+if TYPE_CHECKING:
+    from agent.residual import PatchInfo
 
 logger = logging.getLogger(__name__)
 
@@ -152,16 +154,6 @@ def _model_format(path: Path) -> str:
     return "tflite" if head[4:8] == b"TFL3" else "raw"
 
 
-def _residual_module() -> Any:
-    try:
-        return importlib.import_module("agent.residual")
-    except ImportError as exc:
-        raise ResidualError(
-            f"residual patches need the agent.residual module, which is not available ({exc})",
-            code="residual-unavailable",
-        ) from None
-
-
 def _jsonable(d: Any) -> dict[str, Any] | None:
     """A plain-JSON copy of a report dict (numpy scalars become numbers, NaN None)."""
     if not d:
@@ -184,29 +176,25 @@ def _jsonable(d: Any) -> dict[str, Any] | None:
     return out
 
 
-def _encode_patch(base: Path, target: Path, out: BinaryIO, spec: PackSpec) -> Any:
-    """``agent.residual.encode_patch`` with the pack options (samples when supported)."""
-    import inspect as _inspect
+def _encode_patch(base: Path, target: Path, out: BinaryIO, spec: PackSpec) -> PatchInfo:
+    """``agent.residual.encode_patch`` with the pack options."""
+    # imported here: numpy and the model readers load only when a patch is made
+    from agent.residual import encode_patch
+    from agent.residual.fidelity import kind_from_meta
 
-    encode = _residual_module().encode_patch
-    kwargs: dict[str, Any] = {
-        "bits": spec.bits,
-        "group_size": spec.group_size,
-        "max_rel_err": spec.max_rel_err,
-    }
-    params = _inspect.signature(encode).parameters
-    if spec.samples_dir is not None and "samples" in params:
-        kwargs["samples"] = spec.samples_dir
-    if "fidelity_target" in params:
-        from agent.residual.fidelity import kind_from_meta
-
-        kwargs.update(
-            allow_lossy=spec.allow_lossy,
-            fidelity_target=spec.fidelity_target,
-            output_kind=spec.output_kind or kind_from_meta(spec.meta_dir),
-            max_patch_ratio=spec.max_patch_ratio,
-        )
-    return encode(base, target, out, **kwargs)
+    return encode_patch(
+        base,
+        target,
+        out,
+        bits=spec.bits,
+        group_size=spec.group_size,
+        max_rel_err=spec.max_rel_err,
+        samples=spec.samples_dir,
+        allow_lossy=spec.allow_lossy,
+        fidelity_target=spec.fidelity_target,
+        output_kind=spec.output_kind or kind_from_meta(spec.meta_dir),
+        max_patch_ratio=spec.max_patch_ratio,
+    )
 
 
 def _walk_source(root: Path, prefix: str) -> list[tuple[str, Path, int]]:
@@ -316,10 +304,7 @@ def _carried_external_data(
     """
     if not base_models:
         return {}
-    try:
-        from agent.residual.layout import scan
-    except ImportError:  # reported as residual-unavailable when the patch is made
-        return {}
+    from agent.residual.layout import scan  # numpy: only for a residual pack
 
     by_file = {path.resolve(): name for name, path, _fmt in models}
     carried: dict[str, str] = {}
@@ -422,14 +407,14 @@ def _pack(spec: PackSpec, out: Path, work: Path) -> Manifest:
                 src = work / f"patch-{i}"
                 with open(src, "wb") as pf:
                     info = _encode_patch(base_models[name], path, pf, spec)
-                stats = _jsonable(getattr(info, "stats", None)) or {}
+                stats = _jsonable(info.stats) or {}
                 ext = sorted(k for k, v in carried.items() if v == name)
                 if ext:
                     stats["external_data"] = ext  # written by this model's patch
                 extra = {
                     "base_digest": info.base_digest,
                     "target_digest": info.target_digest,
-                    "fidelity": _jsonable(getattr(info, "fidelity", None)),
+                    "fidelity": _jsonable(info.fidelity),
                     "stats": stats or None,
                 }
             writer.begin_model(
@@ -1067,7 +1052,8 @@ def _check_base(manifest: Manifest, base_dir: Path | None) -> Manifest:
 def _apply_patches(
     patches: list[tuple[ModelInfo, Path]], base_dir: Path, base: Manifest, out: _Out
 ) -> None:
-    residual = _residual_module()
+    from agent.residual import apply_patch  # numpy: only for a residual update
+
     base_names = {m.name for m in base.models}
     for mi, patch in patches:
         if mi.name not in base_names:
@@ -1076,7 +1062,7 @@ def _apply_patches(
             )
         target = out._parent(f"Model/{mi.name}")
         with open(patch, "rb") as pf:
-            residual.apply_patch(
+            apply_patch(
                 Path(base_dir) / "Model" / mi.name,
                 pf,
                 target,

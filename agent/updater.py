@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import importlib
 import json
 import logging
 import shutil
@@ -589,7 +588,8 @@ class Updater:
             m.advance(state)
 
         loop = asyncio.get_running_loop()
-        package = importlib.import_module("agent.package")
+        from agent import package  # the packaging stack loads at the first install
+
         staging: Path | None = None
         installed = False
         current = self.store.current(name)
