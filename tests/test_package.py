@@ -3,6 +3,7 @@ mediapipe TFLite models run after unpacking."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import stat
@@ -20,9 +21,10 @@ from agent.errors import (
     LimitError,
     MetaInfoError,
     PackageError,
+    SignatureError,
 )
 from agent.keys import Keyring, TrustStore, key_id
-from agent.package import Limits, PackSpec, inspect, pack, unpack, verify
+from agent.package import Limits, PackSpec, inspect, pack, reader, unpack, verify
 from agent.tario import TarReader
 
 
@@ -104,6 +106,31 @@ def test_sm4_package_refused_without_openssl_sm4_gcm(  # type: ignore[no-untyped
         pack(spec, tmp_path / "again.emp")
     assert ei.value.code == "alg-unsupported"
     assert not (tmp_path / "again.emp").exists()
+
+
+def test_trust_check_on_bytes_alone(tmp_path: Path, keys) -> None:  # type: ignore[no-untyped-def]
+    """The reader decides trust from bytes and streams, without a file: the signed
+    manifest from its two byte strings, a whole package from an in-memory stream."""
+    sk, trust, _, _ = keys
+    out = tmp_path / "p.emp"
+    spec = PackSpec(models=[_model(tmp_path, 5_000)], name="b", version=1, signing_keys=[sk])
+    m = pack(spec, out)
+    data = out.read_bytes()
+    opened = reader.verify_stream(io.BytesIO(data), trust)
+    assert opened.manifest == m and opened.signer == key_id(sk.public_key())
+    raw, sig = opened.manifest.raw, opened.signature
+    manifest, signer = reader.trusted_manifest(raw, sig, trust, Limits())
+    assert manifest == m and signer == opened.signer
+    stranger = TrustStore()
+    stranger.add(Ed25519PrivateKey.generate().public_key())
+    for bad_raw, bad_trust in ((raw, stranger), (raw.replace(b'"b"', b'"c"'), trust)):
+        with pytest.raises(SignatureError):
+            reader.trusted_manifest(bad_raw, sig, bad_trust, Limits())
+    with pytest.raises(LimitError):  # the size cap is checked before a byte is read
+        reader.open_stream(io.BytesIO(data), Limits(max_package_bytes=100), trust, size=len(data))
+    cut = data[: len(data) // 2]
+    with pytest.raises(PackageError):  # a truncated stream never verifies
+        reader.verify_stream(io.BytesIO(cut), trust)
 
 
 def test_tar_layout_first_entries(tmp_path: Path, keys) -> None:  # type: ignore[no-untyped-def]
@@ -246,7 +273,7 @@ def test_meta_dir_validated_at_pack(tmp_path: Path, keys) -> None:  # type: igno
 
 def test_base_mismatch_errors(tmp_path: Path) -> None:
     from agent.manifest import BaseRef, Manifest, ModelInfo
-    from agent.package import _check_base
+    from agent.package.installer import check_base
 
     m = Manifest(
         name="a",
@@ -268,10 +295,10 @@ def test_base_mismatch_errors(tmp_path: Path) -> None:
         base=BaseRef("a", 1),
     )
     with pytest.raises(BaseMismatchError) as info:
-        _check_base(m, None)
+        check_base(m, None)
     assert info.value.code == "base-required"
     with pytest.raises(BaseMismatchError) as info:
-        _check_base(m, tmp_path)
+        check_base(m, tmp_path)
     assert info.value.code == "base-invalid"
 
 
