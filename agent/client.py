@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from agent import errors
-from agent.tensors import decode_response, encode_request, remember
+from agent.serving.tensors import decode_response, encode_request, remember
 
 __all__ = ["DEFAULT_SOCKET", "Client", "UnixHTTPConnection"]
 
@@ -61,7 +61,7 @@ class _Connection:
     whole server side of a tiny-model request. Requests go out with one ``sendmsg``
     (header and tensor buffers without joining them); response bodies are read with
     ``recv_into`` straight into one ``bytearray`` (arrays decoded from it are writable
-    and not copied again). Only what ``agent.http`` answers needs handling: responses
+    and not copied again). Only what ``agent.serving.http`` answers needs handling: responses
     always carry ``Content-Length``.
     """
 

@@ -7,7 +7,7 @@ Messages name the key (``inference.mode``) and what would have been accepted.
 
 ``[runtime]``, ``[inference.limits]`` and ``[package_limits]`` are built at load into the
 typed objects their consumers use (``runtime.config.RuntimeConfig``,
-``agent.http.HTTPLimits``, ``agent.limits.Limits``), each validated by its own class,
+``agent.serving.http.HTTPLimits``, ``agent.limits.Limits``), each validated by its own class,
 so a misspelled key fails before anything starts rather than at the first package.
 
 Environment overrides: ``EDGEWARD_<SECTION>_<KEY>=value`` replaces ``[section] key`` of
@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import ConfigError
-from agent.http import HTTPLimits
 from agent.limits import Limits
+from agent.serving.http import HTTPLimits
 from runtime.config import RuntimeConfig
 
 __all__ = [
@@ -84,17 +84,17 @@ class InferenceConfig:
     max_concurrent_per_model: int = 8
     max_queue_per_model: int = 64
     # Hand a kept-alive inference connection to the model's worker, which then answers
-    # its requests itself (no relay through the daemon; runtime/direct.py).
+    # its requests itself (no relay through the daemon; agent/serving/direct.py).
     lend_connections: bool = True
     # Microseconds a worker thread polls for a connection's next request after a short
-    # answer before it sleeps (adaptive; 0 = always sleep). See runtime/direct.py.
+    # answer before it sleeps (adaptive; 0 = always sleep). See agent/serving/direct.py.
     lend_spin_us: int = 200
     # Seconds one prediction may take; past it the request gets 504 and the model's
     # worker is killed and restarted (a run script that hangs or spins). Per model:
     # request_timeouts = { det = 120.0 }.
     request_timeout_s: float = 60.0
     request_timeouts: dict[str, float] = field(default_factory=dict)
-    # [inference.limits], built into agent.http.HTTPLimits (keys as it names them).
+    # [inference.limits], built into agent.serving.http.HTTPLimits (keys as it names them).
     limits: HTTPLimits = field(default_factory=HTTPLimits)
     # "127.0.0.1:8000": also serve the inference protocol over TCP (for containers that
     # cannot mount the socket). Off by default; loopback only unless the next key says

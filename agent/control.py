@@ -1,6 +1,6 @@
 """The control socket: status, models, check now, rollback, reload and metrics.
 
-HTTP/JSON over the same Unix-socket HTTP server as inference (``agent.http``), on its
+HTTP/JSON over the same Unix-socket HTTP server as inference (``agent.serving.http``), on its
 own socket (``/run/edgeward/control.sock``, mode 0600 or 0660 with an admin group).
 File permissions are the first gate; the second is ``SO_PEERCRED``: only root, the
 daemon's own user, and members of the configured admin group get an answer, whatever
@@ -35,8 +35,8 @@ from agent.errors import (
     NotFoundError,
     PermissionDeniedError,
 )
-from agent.http import PeerCred, Request, Response
 from agent.metrics import CONTENT_TYPE, render_metrics
+from agent.serving.http import PeerCred, Request, Response
 
 if TYPE_CHECKING:
     from agent.daemon import Daemon
@@ -96,7 +96,7 @@ def _json(status: int, obj: Any) -> Reply:
 class ControlApp:
     """Transport-free control plane: ``dispatch(method, path, peer)`` → reply.
 
-    ``__call__`` adapts it to ``agent.http`` requests; tests may call ``dispatch``.
+    ``__call__`` adapts it to ``agent.serving.http`` requests; tests may call ``dispatch``.
     """
 
     async def __call__(self, request: Request) -> Response:

@@ -27,8 +27,8 @@ from typing import Any
 from agent.config import Config, check_groups, load_config, metrics_socket
 from agent.control import ControlApp
 from agent.errors import EdgewardError, local_fault
-from agent.registry import ModelRegistry, WorkerLike
 from agent.sdnotify import Notifier, watchdog_interval
+from agent.serving.registry import ModelRegistry, WorkerLike
 from agent.store import Store
 from agent.updater import IN_FLIGHT, Updater
 
@@ -70,7 +70,7 @@ class Daemon:
     # --- workers -------------------------------------------------------------------
 
     def _make_worker(self, name: str, version: str, model_dir: Path) -> WorkerLike:
-        from runtime.worker import ModelWorker  # a daemon without models never loads it
+        from agent.serving.worker import ModelWorker  # a daemon without models never loads it
 
         limit = self.cfg.daemon.worker_memory_limit_mb
         worker: WorkerLike = ModelWorker(
@@ -91,7 +91,7 @@ class Daemon:
     def _lend_settings(self, name: str) -> dict[str, Any] | None:
         """What a worker needs to answer lent inference connections as this daemon would
         (HTTP limits, admission), or None when lending is off."""
-        from runtime.direct import limits_settings
+        from agent.serving.direct import limits_settings
 
         inf = self.cfg.inference
         if not inf.lend_connections:
@@ -268,7 +268,7 @@ class Daemon:
 
     def _check_sockets_free(self) -> None:
         """Refuse to start when another agent answers on one of our sockets."""
-        from agent.http import bind_path, clear_stale_socket
+        from agent.serving.http import bind_path, clear_stale_socket
 
         for path in self._socket_paths():
             bind_path(path)  # a path too long to bind: say so now, not after loading
@@ -296,8 +296,8 @@ class Daemon:
             self.notifier.status(self.status_line())
 
     async def _bind(self) -> None:
-        from agent.http import HTTPLimits, UnixHTTPServer
-        from agent.kserve import InferenceApp
+        from agent.serving.http import HTTPLimits, UnixHTTPServer
+        from agent.serving.kserve import InferenceApp
 
         inf = self.cfg.inference
         limits = inf.limits
@@ -320,7 +320,7 @@ class Daemon:
         self._servers.append(infer_server)
         if inf.tcp_listen:
             from agent.config import tcp_address
-            from agent.http import TCPHTTPServer
+            from agent.serving.http import TCPHTTPServer
 
             host, port = tcp_address(inf)
             tcp_server = TCPHTTPServer(host, port, app, limits=limits)
@@ -357,8 +357,8 @@ class Daemon:
         await self._bind_metrics()
 
     async def _bind_metrics(self) -> None:
-        from agent.http import HTTPLimits, UnixHTTPServer
         from agent.metrics import MetricsApp
+        from agent.serving.http import HTTPLimits, UnixHTTPServer
 
         m = self.cfg.metrics
         app = MetricsApp(self)

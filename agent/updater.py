@@ -42,7 +42,7 @@ from agent.errors import (
     UpdateError,
     local_fault,
 )
-from agent.registry import ModelRegistry
+from agent.serving.registry import ModelRegistry
 from agent.sources import (
     Candidate,
     InboxSource,

@@ -13,7 +13,7 @@ lends the kept-alive connection to the model's worker, which answers it itself
 * idle RSS of a daemon serving no models.
 
 The server is the real daemon (``edgeward agent --config`` in a subprocess, via
-``tests.daemon_util.start_daemon``) when its model workers (``runtime.worker``) are
+``tests.daemon_util.start_daemon``) when its model workers (``agent.serving.worker``) are
 available; otherwise ``UnixHTTPServer`` + ``InferenceApp`` over in-process onnxruntime
 sessions in a subprocess (no worker hop) — the mode is printed.
 Anchor and served calls are measured in alternating blocks (latency) and interleaved
@@ -138,8 +138,8 @@ def _serve(sock: str, dirs: list[str]) -> None:
     """``UnixHTTPServer`` + ``InferenceApp`` over in-process onnxruntime sessions."""
 
     from agent.errors import ModelNotFoundError
-    from agent.http import HTTPLimits, UnixHTTPServer
-    from agent.kserve import InferenceApp
+    from agent.serving.http import HTTPLimits, UnixHTTPServer
+    from agent.serving.kserve import InferenceApp
 
     class Served:
         def __init__(self, d: Path) -> None:
@@ -330,7 +330,7 @@ def run(work: Path) -> dict[str, float]:
 
     mode = "daemon (edgeward agent --config, model workers)"
     server: Any = None
-    if importlib.util.find_spec("runtime.worker") is not None:
+    if importlib.util.find_spec("agent.serving.worker") is not None:
         from tests.daemon_util import start_daemon
 
         shutil.rmtree(work / "daemon", ignore_errors=True)  # a fresh store every run

@@ -41,12 +41,12 @@ ROOT = Path(__file__).resolve().parents[1]
 def _has_worker() -> bool:
     import importlib.util
 
-    return importlib.util.find_spec("runtime.worker") is not None
+    return importlib.util.find_spec("agent.serving.worker") is not None
 
 
-#: Tests that serve a model need the runtime's worker processes (runtime/worker.py).
+#: Tests that serve a model need the runtime's worker processes (agent/serving/worker.py).
 needs_worker = pytest.mark.skipif(
-    not _has_worker(), reason="runtime.worker (model worker processes) is not in the tree yet"
+    not _has_worker(), reason="agent.serving.worker (model worker processes) is not in the tree yet"
 )
 
 PackageSpec = Path | tuple[str, str, Path]
@@ -173,7 +173,7 @@ def write_config(
     inference_extra: str = "",
 ) -> Path:
     """A config whose paths all live under ``work``; ``lend=False`` relays every request
-    through the daemon (no lent connections, runtime/direct.py); ``inference_extra``
+    through the daemon (no lent connections, agent/serving/direct.py); ``inference_extra``
     are TOML lines added to ``[inference]``."""
     state = work / "state"
     run = run_dir(work)

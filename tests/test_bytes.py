@@ -13,8 +13,8 @@ import pytest
 
 from agent.client import Client, UnixHTTPConnection
 from agent.errors import InvalidInputError, InvalidOutputError
-from agent.tensors import decode_request, encode_request, encode_tensor
-from runtime import ipc
+from agent.serving import ipc
+from agent.serving.tensors import decode_request, encode_request, encode_tensor
 from runtime.backend import TensorSpec, check_output
 from runtime.converter import random_inputs
 from tests.daemon_util import DaemonProc, start_daemon

@@ -23,7 +23,7 @@ from agent.config import (
     parse_config,
 )
 from agent.errors import ConfigError
-from agent.http import HTTPLimits
+from agent.serving.http import HTTPLimits
 from runtime.config import RuntimeConfig
 from runtime.providers import check_provider_names
 

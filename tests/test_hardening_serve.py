@@ -516,7 +516,7 @@ def test_connection_flood_leaves_room_for_others(tmp_path: Path, lend: bool) -> 
 
 def test_limits_are_validated() -> None:
     from agent.errors import ConfigError
-    from agent.http import HTTPLimits
+    from agent.serving.http import HTTPLimits
 
     with pytest.raises(ConfigError, match="max_inflight_body_bytes"):
         HTTPLimits(max_body_bytes=64 * MIB, max_inflight_body_bytes=MIB)

@@ -1,4 +1,4 @@
-"""Lent connections (runtime/direct.py): the model's worker answers kept-alive inference
+"""Lent connections (agent/serving/direct.py): the model's worker answers kept-alive inference
 connections itself. Real daemon, real worker processes, real sockets, real kill -9."""
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from agent.errors import ModelNotFoundError, RuntimeBackendError
-from agent.registry import LATENCY_BUCKETS, ModelRegistry, WorkerLike
+from agent.serving.registry import LATENCY_BUCKETS, ModelRegistry, WorkerLike
 
 
 class StandInWorker:

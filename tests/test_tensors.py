@@ -1,4 +1,4 @@
-"""agent.tensors: the v2 JSON and binary tensor codec, driven directly (no sockets)."""
+"""agent.serving.tensors: the v2 JSON and binary tensor codec, driven directly (no sockets)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from agent.errors import InvalidInputError
-from agent.tensors import (
+from agent.serving.tensors import (
     DATATYPES,
     datatype_of,
     decode_request,

@@ -1,9 +1,9 @@
 """One child process per loaded model version (see docs/RUNTIME.md, "Worker processes").
 
 The daemon never imports an inference engine: :class:`ModelWorker` spawns
-``python -m runtime.worker_main`` (a fresh interpreter, no fork of the threaded
+``python -m agent.serving.worker_main`` (a fresh interpreter, no fork of the threaded
 daemon), talks to it over a Unix socketpair with small framed messages and moves
-tensors of 64 KiB or more through a pre-allocated memfd arena (:mod:`runtime.ipc`).
+tensors of 64 KiB or more through a pre-allocated memfd arena (:mod:`agent.serving.ipc`).
 
 Crash isolation: when the child dies (kill -9, segfault, OOM, memory cap) every request
 in flight fails with ``WorkerError(code="worker-crashed", status 503)`` and the worker
@@ -20,7 +20,7 @@ Supervision: each child is the leader of its own session and process group
 (``killpg``) on stop, on restart and when the child dies. A monitor thread waits for the
 child process itself (``waitpid``), so a death is noticed even when a forked grandchild
 still holds the child's sockets open. A prediction that outlives ``request_timeout``
-seconds (relayed, or on a lent connection: see runtime/direct.py) kills the child: its
+seconds (relayed, or on a lent connection: see agent/serving/direct.py) kills the child: its
 request gets 504 ``worker-timeout``, the state is ``restarting`` at once (readiness
 says so) and the child restarts.
 """
@@ -50,9 +50,9 @@ from typing import Any
 import numpy as np
 
 from agent.errors import ModelNotReadyError, WorkerError
-from runtime import direct, ipc
+from agent.serving import direct, ipc
+from agent.serving.direct import Lending
 from runtime.config import RuntimeConfig
-from runtime.direct import Lending
 
 logger = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ class ModelWorker:
         # thread, so an apredict reply wakes the loop directly, not a thread that then
         # wakes the loop. Synchronous callers still work from any other thread.
         self._loop = loop
-        # Lent connections (runtime/direct.py): the child answers inference connections
+        # Lent connections (agent/serving/direct.py): the child answers inference connections
         # the daemon hands it; only with an event loop (the daemon's), which settles them.
         self._lending: Lending | None = None
         if lend is not None and loop is not None:
@@ -237,7 +237,7 @@ class ModelWorker:
         with self._regions_lock:  # a region added later is mapped by shared_region()
             regions = [(r.id, r.ro_fd, r.size) for r in self._arena.regions.values()]
         env = dict(os.environ)
-        root = str(Path(__file__).resolve().parent.parent)
+        root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         # Importing a run script must not write __pycache__ into the installed version:
         # the store's integrity check (agent/installed.py) would call that a modification.
@@ -247,7 +247,7 @@ class ModelWorker:
                 [
                     sys.executable,
                     "-m",
-                    "runtime.worker_main",
+                    "agent.serving.worker_main",
                     str(child.fileno()),
                     str(self._arena.fd),
                     *(str(fd) for fd in extra),
@@ -938,7 +938,7 @@ class ModelWorker:
         except OSError:  # the reader sees the death and fails this request
             pass
 
-    # --- lent connections (runtime/direct.py), on the daemon's event loop ---------------
+    # --- lent connections (agent/serving/direct.py), on the daemon's event loop ---------------
 
     @property
     def lends(self) -> bool:

@@ -1,8 +1,8 @@
 """Request body decoding, sans-I/O: the chunked transfer coding and gzip/deflate content
 codings, bounded by the same ``max_body_bytes`` as a ``Content-Length`` body.
 
-One home for both servers that read requests: the daemon's (``agent/http.py``, an
-asyncio protocol) and a worker's lent connections (``runtime/direct.py``, blocking
+One home for both servers that read requests: the daemon's (``agent/serving/http.py``, an
+asyncio protocol) and a worker's lent connections (``agent/serving/direct.py``, blocking
 reads). Each feeds bytes in and takes a body out; neither parses chunks or inflates
 data itself (STYLE rule 13).
 

@@ -32,7 +32,7 @@ answer partly written, 3 its prediction running; a second byte per slot counts t
 predictions started (mod 256). The daemon reads both every ``HUNG_CHECK_S``: a slot
 seen predicting the same request for longer than ``request_timeout`` means a hung
 run script, and the worker is killed and restarted (that request gets 504; see
-runtime/worker.py). The descriptor's O_NONBLOCK flag is shared with the daemon's
+agent/serving/worker.py). The descriptor's O_NONBLOCK flag is shared with the daemon's
 copy, so the worker never makes it blocking: it waits with ``poll``.
 """
 
@@ -53,7 +53,8 @@ from dataclasses import asdict
 from typing import Any
 
 from agent.errors import EdgewardError, OverloadedError
-from agent.http import (
+from agent.serving import ipc
+from agent.serving.http import (
     BodyBudget,
     BodyBuffer,
     HTTPLimits,
@@ -63,8 +64,8 @@ from agent.http import (
     parse_head,
     render_response,
 )
-from agent.httpbody import CHUNKED, ChunkedDecoder, decode_content
-from agent.kserve import (
+from agent.serving.httpbody import CHUNKED, ChunkedDecoder, decode_content
+from agent.serving.kserve import (
     InferResult,
     error_response,
     header_length,
@@ -73,9 +74,8 @@ from agent.kserve import (
     select_outputs,
     validate_inputs,
 )
-from agent.registry import LATENCY_BUCKETS
-from agent.tensors import decode_request
-from runtime import ipc
+from agent.serving.registry import LATENCY_BUCKETS
+from agent.serving.tensors import decode_request
 
 logger = logging.getLogger(__name__)
 
@@ -734,7 +734,7 @@ class _Lent:
     def _read_chunked(
         self, start: int, deadline: float
     ) -> tuple[bytearray, BodyBuffer | None] | None:
-        """A chunked body, decoded by agent/httpbody.py from the scratch buffer."""
+        """A chunked body, decoded by agent/serving/httpbody.py from the scratch buffer."""
         lim = self.srv.limits
         dec = ChunkedDecoder(lim.max_body_bytes, lim.max_header_bytes)
         pos = start

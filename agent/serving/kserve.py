@@ -17,7 +17,7 @@ Endpoints::
     GET  /v2/models/{m}[/versions/{v}]/stats     Triton statistics; /v2/models/stats: all
     POST /v2/repository/index                    the served models (Triton index)
 
-HEAD is answered wherever GET is (headers only, agent/http.py).
+HEAD is answered wherever GET is (headers only, agent/serving/http.py).
 
 Per model at most ``max_concurrent_per_model`` requests run at once and at most
 ``max_queue_per_model`` wait; beyond that the request fails fast with 503 and
@@ -43,12 +43,12 @@ from agent.errors import (
     NotFoundError,
     OverloadedError,
 )
-from agent.http import Lender, Request, Response, json_response
+from agent.serving.http import Lender, Request, Response, json_response
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from agent.tensors import InferRequest
+    from agent.serving.tensors import InferRequest
 
 # numpy and the codec are imported on the first inference, not at daemon start: an idle
 # daemon without models stays ~12 MB smaller.
@@ -100,7 +100,7 @@ CONFIG_TYPES = {
 
 
 class ServedModel(Protocol):
-    """One served model version (implemented by ``agent.registry``)."""
+    """One served model version (implemented by ``agent.serving.registry``)."""
 
     name: str
     version: str
@@ -370,7 +370,7 @@ def validate_inputs(
     """400 naming the input whose name, datatype or shape the model does not take."""
     if specs is None:
         return
-    from agent.tensors import datatype_of
+    from agent.serving.tensors import datatype_of
 
     for name, arr in inputs.items():
         spec = specs.get(name)
@@ -416,7 +416,7 @@ def header_length(headers: Mapping[str, str]) -> int | None:
 
 def infer_response(res: InferResult) -> Response:
     """The 200 response for an inference result (JSON, or binary tensor extension)."""
-    from agent.tensors import encode_response
+    from agent.serving.tensors import encode_response
 
     parts, out_hl = encode_response(
         res.model_name, res.model_version, res.outputs, request_id=res.id
@@ -457,7 +457,7 @@ _JSON = "application/json"
 
 
 class InferenceApp:
-    """HTTP adapter: ``await app(request) -> Response`` for ``agent.http``."""
+    """HTTP adapter: ``await app(request) -> Response`` for ``agent.serving.http``."""
 
     def __init__(
         self,
@@ -492,7 +492,7 @@ class InferenceApp:
 
     def lender_for(self, method: str, path: str, headers: dict[str, str]) -> Lender | None:
         """The worker that may serve this connection itself from this request on (an
-        inference on a ready model whose worker lends, see runtime/direct.py), or None:
+        inference on a ready model whose worker lends, see agent/serving/direct.py), or None:
         the request is answered here."""
         if method != "POST" or not path.endswith("/infer"):
             return None
@@ -573,7 +573,7 @@ class InferenceApp:
         # Look the model up before decoding: an unknown model is 404 whatever the body.
         self.plane.model(name, version)
         header_len = header_length(request.headers)
-        from agent.tensors import decode_request
+        from agent.serving.tensors import decode_request
 
         req = decode_request(request.body, header_len)
         return infer_response(await self.plane.infer(name, version, req))

@@ -9,7 +9,7 @@ dependencies. The subset of HTTP/1.1 it speaks is what KServe v2 clients and cur
   are read after the previous response is written — reading pauses while a request is
   handled, which is also the back-pressure);
 * request bodies with ``Content-Length`` or chunked, plain or gzip/deflate
-  ``Content-Encoding`` (decoded by ``agent/httpbody.py``, within ``max_body_bytes``);
+  ``Content-Encoding`` (decoded by ``agent/serving/httpbody.py``, within ``max_body_bytes``);
 * ``HEAD`` wherever the handler answers ``GET`` (the headers, no body);
 * ``Expect: 100-continue`` (curl sends it for large bodies).
 
@@ -53,7 +53,13 @@ from typing import Protocol
 from urllib.parse import unquote
 
 from agent.errors import ConfigError, SocketInUseError
-from agent.httpbody import CHUNKED, ChunkedDecoder, ProtocolError, decode_content, transfer_length
+from agent.serving.httpbody import (
+    CHUNKED,
+    ChunkedDecoder,
+    ProtocolError,
+    decode_content,
+    transfer_length,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -199,7 +205,7 @@ class BodyBuffer:
     with a 256 MiB budget.
 
     The one place a request body is buffered, for the daemon's server and for a worker
-    serving a lent connection (runtime/direct.py); a body decoder (e.g. chunked
+    serving a lent connection (agent/serving/direct.py); a body decoder (e.g. chunked
     transfer coding) feeds it through :meth:`window` / :meth:`advance` as well.
 
     Raises ProtocolError(503, "body-budget") when the budget cannot cover the next
@@ -322,7 +328,7 @@ class LentConnection(Protocol):
 
 class Lender(Protocol):
     """A process that can serve a connection itself (a model worker, see
-    runtime/direct.py): the server keeps its own descriptor and stops reading it."""
+    agent/serving/direct.py): the server keeps its own descriptor and stops reading it."""
 
     def lend(self, fd: int, data: bytes, conn: LentConnection) -> bool:
         """Start serving ``fd`` from ``data`` (the request just read); False: not now."""
@@ -450,7 +456,7 @@ def parse_head(head: str, limits: HTTPLimits) -> tuple[str, str, str, str, dict[
 
 def content_length(headers: dict[str, str], limits: HTTPLimits) -> int:
     """The request body's length, or ``CHUNKED``; ProtocolError for a malformed,
-    conflicting or too large framing (agent/httpbody.py)."""
+    conflicting or too large framing (agent/serving/httpbody.py)."""
     return transfer_length(headers, limits.max_body_bytes)
 
 
@@ -614,7 +620,7 @@ class _Conn(asyncio.BufferedProtocol):
         return True
 
     def _feed_chunks(self) -> None:
-        """Decode what the scratch buffer holds of a chunked body (agent/httpbody.py)."""
+        """Decode what the scratch buffer holds of a chunked body (agent/serving/httpbody.py)."""
         dec = self._chunked
         assert dec is not None
         try:
@@ -716,7 +722,7 @@ class _Conn(asyncio.BufferedProtocol):
         assert bb is not None
         self._dispatch(bb.take(), bb)
 
-    # --- lending (runtime/direct.py) -------------------------------------------------
+    # --- lending (agent/serving/direct.py) -------------------------------------------------
 
     def _lend(self, lender: Lender) -> bool:
         """Hand the connection, from the start of the request just parsed, to ``lender``."""

@@ -1,7 +1,7 @@
 """Which model versions are served, and the hot swap between them.
 
 Implements the ``ServedModel`` / ``Registry`` protocols of docs/INTERFACES.md over
-``runtime.worker.ModelWorker`` processes. Routing is one dict entry per model name,
+``agent.serving.worker.ModelWorker`` processes. Routing is one dict entry per model name,
 replaced in a single assignment on the event loop, so a request sees either the old or
 the new version, never nothing.
 
@@ -42,7 +42,7 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 
 
 class WorkerLike(Protocol):
-    """What the registry needs of ``runtime.worker.ModelWorker``."""
+    """What the registry needs of ``agent.serving.worker.ModelWorker``."""
 
     name: str
     version: str
@@ -146,7 +146,7 @@ class WorkerModel:
 
     def lender(self) -> Any:
         """The worker, if it may serve inference connections itself now (see
-        runtime/direct.py); None: requests are relayed to it."""
+        agent/serving/direct.py); None: requests are relayed to it."""
         if self._retired or not getattr(self.worker, "lends", False):
             return None
         return self.worker

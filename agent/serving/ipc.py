@@ -30,7 +30,7 @@ from typing import Any, cast
 import numpy as np
 
 from agent.errors import InvalidInputError
-from agent.tensors import bytes_elements, decode_bytes, pack_bytes, remember
+from agent.serving.tensors import bytes_elements, decode_bytes, pack_bytes, remember
 
 HEAD = struct.Struct("!II")
 LANE_HEAD = struct.Struct("!IIQI")  # header length, payload length, request id, aux
@@ -364,7 +364,7 @@ class ShmArena:
 class SharedRegion:
     """A memfd the caller fills directly; inputs inside it reach the worker uncopied.
 
-    Made by :meth:`runtime.worker.ModelWorker.shared_region`, which also maps it into
+    Made by :meth:`agent.serving.worker.ModelWorker.shared_region`, which also maps it into
     the worker (read-only there). Arrays from :meth:`ndarray` stay valid after
     :meth:`close`, but are copied again from then on.
     """

@@ -1,4 +1,4 @@
-"""Child entry point of a model worker: ``python -m runtime.worker_main SOCK_FD SHM_FD``.
+"""Child entry point of a model worker: ``python -m agent.serving.worker_main SOCK_FD SHM_FD``.
 
 Only this process imports the inference engines. It reads one ``init`` frame (pickled
 settings from its own parent), opens the model, warms it up, answers ``ready`` with the
@@ -24,9 +24,9 @@ import threading
 import time
 from typing import Any
 
-from runtime import ipc
+from agent.serving import ipc
 
-logger = logging.getLogger("runtime.worker_main")
+logger = logging.getLogger("agent.serving.worker_main")
 
 INLINE_US = 500.0  # requests shorter than this on average keep the reader role
 
@@ -71,8 +71,8 @@ def main(argv: list[str]) -> int:
         chan.send({"op": "error", "err": ipc.error_to_dict(exc)})
         return 1
     lending = None
-    if len(argv) > 2:  # the daemon lends inference connections (runtime/direct.py)
-        from runtime.direct import DirectServer
+    if len(argv) > 2:  # the daemon lends inference connections (agent/serving/direct.py)
+        from agent.serving.direct import DirectServer
 
         lending = DirectServer(socket.socket(fileno=int(argv[2])), servable, meta)
         lending.start()

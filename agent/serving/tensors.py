@@ -1,7 +1,7 @@
 """KServe v2 tensor codec: JSON tensors and the binary tensor data extension.
 
 Transport-free: bytes in, numpy arrays out (and back). Used by the server's data plane
-(``agent.kserve``) and the client (``agent.client``), so both ends agree by construction.
+(``agent.serving.kserve``) and the client (``agent.client``), so both ends agree by construction.
 
 JSON tensors carry ``data`` in row-major order, flat or nested. With the binary
 extension the body is ``<JSON header><raw tensor bytes…>``; the header length travels in
@@ -264,7 +264,7 @@ def decode_bytes(raw: Any, shape: tuple[int, ...], name: str) -> np.ndarray[Any,
     """Length-prefixed BYTES elements (4-byte little-endian length, then the bytes) →
     an object array of ``bytes`` of ``shape``; InvalidInputError if they do not fill
     ``raw`` exactly. The one reader of this framing: the v2 binary extension and the
-    worker boundary (runtime/ipc.py) both use it."""
+    worker boundary (agent/serving/ipc.py) both use it."""
     raw = memoryview(raw).cast("B") if not isinstance(raw, memoryview) else raw
     n = _count(shape)
     size = raw.nbytes
