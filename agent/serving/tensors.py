@@ -249,7 +249,7 @@ _STRUCT_CODES = {
     "INT8": "b", "INT16": "h", "INT32": "i", "INT64": "q",
     "FP16": "e", "FP32": "f", "FP64": "d",
 }  # fmt: skip
-_structs: dict[tuple[str, int], struct.Struct] = {}
+_structs: BoundedCache[tuple[str, int], struct.Struct] = BoundedCache(64)
 
 
 def _flat_json(data: Any, datatype: str, dt: np.dtype[Any], n: int) -> np.ndarray[Any, Any] | None:
@@ -272,7 +272,7 @@ def _flat_json(data: Any, datatype: str, dt: np.dtype[Any], n: int) -> np.ndarra
         st = _structs.get(key)
         if st is None:
             st = struct.Struct(f"<{n}{code}")
-            remember(_structs, key, st)
+            _structs.remember(key, st)
         try:
             raw = st.pack(*data)
         except (struct.error, OverflowError, TypeError):
