@@ -64,6 +64,7 @@ from typing import Any
 
 import numpy as np
 
+from agent.durable import atomic_write_bytes, discard_tree, fsync_dir
 from agent.errors import (
     ConverterError,
     EdgewardError,
@@ -594,9 +595,7 @@ def convert(
         if final.exists():
             # Damaged entry (artefact missing or altered): move it aside, rebuild.
             logger.warning("converter cache entry %s is damaged; rebuilding", final.name)
-            doomed = cache_dir / f".tmp-dead-{os.getpid()}-{key[:8]}"
-            os.replace(final, doomed)
-            shutil.rmtree(doomed, ignore_errors=True)
+            discard_tree(final, cache_dir / f".tmp-dead-{os.getpid()}-{key[:8]}", sync=False)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{os.getpid()}-{key[:8]}-", dir=cache_dir))
     except OSError as exc:
         raise ConverterError(
@@ -621,7 +620,7 @@ def convert(
         # No fsync of the artefact: an entry torn by a power cut fails its SHA-256 on
         # reuse and is rebuilt, never served. The renames below are what must be atomic.
         (tmp / "info.json").write_text(json.dumps(info, indent=1, sort_keys=True))
-        _fsync_dir(tmp)
+        fsync_dir(tmp, best_effort=True)
         try:
             os.replace(tmp, final)
         except OSError:
@@ -629,7 +628,7 @@ def convert(
             if not (final / "info.json").is_file():
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
-        _fsync_dir(cache_dir)
+        fsync_dir(cache_dir, best_effort=True)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if session is not None:
@@ -766,23 +765,14 @@ def prune_cache(
         except (OSError, ValueError, TypeError):
             last = 0.0
         if now - last >= unused_for_s:
-            doomed = cache_dir / f".tmp-dead-{os.getpid()}-{entry.name[:8]}"
             try:
-                os.replace(entry, doomed)
+                discard_tree(
+                    entry, cache_dir / f".tmp-dead-{os.getpid()}-{entry.name[:8]}", sync=False
+                )
             except OSError:
                 continue
-            shutil.rmtree(doomed, ignore_errors=True)
             removed.append(entry)
     return removed
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _reuse(final: Path, entry_model: str, src: Path, *, count: bool = True) -> Converted | None:
@@ -804,9 +794,9 @@ def _reuse(final: Path, entry_model: str, src: Path, *, count: bool = True) -> C
     if count:
         info["hits"] = int(info.get("hits", 0)) + 1
         info["last_used"] = time.time()
-        tmp = info_path.with_name(f".info.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(info, indent=1, sort_keys=True))
-        os.replace(tmp, info_path)
+        # a lost hit count costs nothing: no fsync on every reuse
+        text = json.dumps(info, indent=1, sort_keys=True).encode()
+        atomic_write_bytes(info_path, text, prefix=f".info.{os.getpid()}.", sync=False)
         logger.info("converter cache hit %s (%d reuses)", final.name, info["hits"])
     return Converted(
         model_path=model,

@@ -24,6 +24,7 @@ class StandInWorker:
         self.pid: int | None = None
         self.fail = fail
         self.served = 0
+        self.lending = None  # every request is relayed (no LendingWorker)
 
     def start(self, timeout: float = 120.0) -> None:
         if self.fail == "start":
