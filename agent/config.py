@@ -92,7 +92,7 @@ class InferenceConfig:
     # worker is killed and restarted (a run script that hangs or spins). Per model:
     # request_timeouts = { det = 120.0 }.
     request_timeout_s: float = 60.0
-    request_timeouts: dict[str, Any] = field(default_factory=dict)
+    request_timeouts: dict[str, float] = field(default_factory=dict)
     # [inference.limits], built into agent.limits.HTTPLimits (keys as it names them).
     limits: HTTPLimits = field(default_factory=HTTPLimits)
     # "127.0.0.1:8000": also serve the inference protocol over TCP (for containers that
@@ -104,7 +104,7 @@ class InferenceConfig:
 
     def request_timeout(self, model: str) -> float:
         """Seconds a prediction of ``model`` may take."""
-        return float(self.request_timeouts.get(model, self.request_timeout_s))
+        return self.request_timeouts.get(model, self.request_timeout_s)
 
 
 @dataclass(frozen=True)
@@ -399,9 +399,27 @@ def _section(cls: type[Any], name: str, table: Any) -> Any:
             kwargs[key] = _mode(full, value)
         elif (name, key) == ("inference", "limits"):
             kwargs[key] = _limits(full, HTTPLimits, value)
+        elif (name, key) == ("inference", "request_timeouts"):
+            kwargs[key] = _seconds_per_model(full, value)
         else:
             kwargs[key] = _convert(full, str(fields[key].type), value)
     return cls(**kwargs)
+
+
+def _seconds_per_model(key: str, table: Any) -> dict[str, float]:
+    """``{model name: seconds > 0}``, as floats."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{key}: expected a table, got {table!r}", code="config-type")
+    out: dict[str, float] = {}
+    for model, seconds in table.items():
+        full = f"{key}.{model}"
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+            raise ConfigError(
+                f"{full}: expected a number of seconds, got {seconds!r}", code="config-type"
+            )
+        _positive(full, seconds)
+        out[model] = float(seconds)
+    return out
 
 
 def _limits(key: str, cls: type[Any], table: Any) -> Any:
@@ -645,13 +663,6 @@ def _validate(cfg: Config) -> None:
     _positive("inference.max_queue_per_model", cfg.inference.max_queue_per_model, allow_zero=True)
     _positive("inference.lend_spin_us", cfg.inference.lend_spin_us, allow_zero=True)
     _positive("inference.request_timeout_s", cfg.inference.request_timeout_s)
-    for model, seconds in cfg.inference.request_timeouts.items():
-        key = f"inference.request_timeouts.{model}"
-        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
-            raise ConfigError(
-                f"{key}: expected a number of seconds, got {seconds!r}", code="config-type"
-            )
-        _positive(key, seconds)
     _positive("daemon.worker_start_timeout", d.worker_start_timeout)
     if d.worker_memory_limit_mb is not None:
         _positive("daemon.worker_memory_limit_mb", d.worker_memory_limit_mb)

@@ -29,10 +29,14 @@ import struct
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from agent.errors import EdgewardError
+from agent.errors import (
+    EdgewardError,
+    MethodNotAllowedError,
+    NotFoundError,
+    PermissionDeniedError,
+)
 from agent.metrics import CONTENT_TYPE, render_metrics
-from agent.serving.h1 import MethodNotAllowedError, error_response, internal_error
-from agent.serving.h1 import PathNotFoundError as NotFoundError
+from agent.serving.h1 import error_response, internal_error
 from agent.serving.http import PeerCred, Request, Response
 
 if TYPE_CHECKING:
@@ -41,13 +45,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = ["ControlApp", "PeerCred", "peer_allowed", "peer_credentials", "render_metrics"]
-
-
-class PermissionDeniedError(EdgewardError):
-    """The peer on the control socket is not an administrator."""
-
-    code = "forbidden"
-    status = 403
 
 
 def peer_credentials(sock: socket.socket) -> PeerCred:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import importlib
 import logging
 import os
 import random
@@ -71,7 +70,8 @@ class Daemon:
     # --- workers -------------------------------------------------------------------
 
     def _make_worker(self, name: str, version: str, model_dir: Path) -> WorkerLike:
-        ModelWorker = importlib.import_module("agent.serving.worker").ModelWorker
+        from agent.serving.worker import ModelWorker  # a daemon without models never loads it
+
         limit = self.cfg.daemon.worker_memory_limit_mb
         worker: WorkerLike = ModelWorker(
             name,
