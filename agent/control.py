@@ -29,10 +29,14 @@ import struct
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from agent.errors import EdgewardError
+from agent.errors import (
+    EdgewardError,
+    MethodNotAllowedError,
+    NotFoundError,
+    PermissionDeniedError,
+)
 from agent.metrics import CONTENT_TYPE, render_metrics
-from agent.serving.h1 import MethodNotAllowedError, error_response, internal_error
-from agent.serving.h1 import PathNotFoundError as NotFoundError
+from agent.serving.h1 import error_response, internal_error
 from agent.serving.http import PeerCred, Request, Response
 
 if TYPE_CHECKING:
@@ -41,13 +45,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = ["ControlApp", "PeerCred", "peer_allowed", "peer_credentials", "render_metrics"]
-
-
-class PermissionDeniedError(EdgewardError):
-    """The peer on the control socket is not an administrator."""
-
-    code = "forbidden"
-    status = 403
 
 
 def peer_credentials(sock: socket.socket) -> PeerCred:
@@ -69,8 +66,47 @@ def _peer_groups(pid: int) -> set[int]:
     return set()
 
 
+def _ppid(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            return int(fh.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _cgroup(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cgroup", encoding="utf-8", errors="replace") as fh:
+            return fh.read().strip()
+    except OSError:
+        return ""
+
+
+def from_own_worker(pid: int) -> bool:
+    """True for a process the daemon started (a model worker, what its run script
+    forked or spawned): it runs third-party code as the daemon's uid under systemd, and
+    must not drive the control plane (docs/DAEMON.md, "Trust boundaries"). A descendant
+    of this process; under systemd also any other process of the daemon's own service
+    cgroup (a double fork leaves the ancestry, never the cgroup)."""
+    me = os.getpid()
+    if pid == me:
+        return False
+    p = pid
+    for _ in range(64):
+        p = _ppid(p)
+        if p == me:
+            return True
+        if p <= 1:
+            break
+    own = _cgroup(me)
+    return own.endswith(".service") and _cgroup(pid) == own
+
+
 def peer_allowed(cred: PeerCred, admin_group: str | None) -> bool:
-    """Root, the daemon's own uid, or a member of ``admin_group``."""
+    """Root, the daemon's own uid, or a member of ``admin_group``; never a process of
+    one of the daemon's model workers."""
+    if from_own_worker(cred.pid):
+        return False
     if cred.uid in (0, os.geteuid()):
         return True
     if not admin_group:

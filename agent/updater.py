@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import importlib
 import json
 import logging
 import shutil
@@ -35,7 +34,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.config import Config
-from agent.errors import EdgewardError, PreflightError, UpdateError, local_fault
+from agent.durable import atomic_write_bytes
+from agent.errors import (
+    EdgewardError,
+    PreflightError,
+    TransitionError,
+    UpdateError,
+    local_fault,
+)
 from agent.sources import (
     Candidate,
     InboxSource,
@@ -44,7 +50,7 @@ from agent.sources import (
     disk_free,
     disk_need,
 )
-from agent.store import Store, version_key, write_atomic
+from agent.store import Store, version_key
 
 if TYPE_CHECKING:  # the daemon hands the registry in: updates and serving are siblings
     from agent.serving.registry import ModelRegistry
@@ -56,7 +62,6 @@ __all__ = [
     "STATES",
     "TRANSITIONS",
     "CheckResult",
-    "TransitionError",
     "UpdateMachine",
     "Updater",
 ]
@@ -100,12 +105,6 @@ IN_FLIGHT: frozenset[str] = frozenset(
 
 #: What a check can come to (counted for /metrics, one check may count in several).
 OUTCOMES: tuple[str, ...] = ("installed", "failed", "unchanged", "nothing")
-
-
-class TransitionError(UpdateError):
-    """A transition the table does not allow (a bug, never user input)."""
-
-    code = "bad-transition"
 
 
 @dataclass
@@ -359,7 +358,7 @@ class Updater:
             out = self._compute_digests(vdir)
             if out:
                 try:
-                    write_atomic(cache, json.dumps(out, sort_keys=True).encode())
+                    atomic_write_bytes(cache, json.dumps(out, sort_keys=True).encode())
                 except OSError as exc:
                     logger.warning("cannot cache weights digests of %s %s: %s", name, version, exc)
         self._digests[key] = out
@@ -591,7 +590,8 @@ class Updater:
             m.advance(state)
 
         loop = asyncio.get_running_loop()
-        package = importlib.import_module("agent.package")
+        from agent import package  # the packaging stack loads at the first install
+
         staging: Path | None = None
         installed = False
         current = self.store.current(name)

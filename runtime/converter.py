@@ -56,6 +56,7 @@ from typing import Any
 
 import numpy as np
 
+from agent.durable import atomic_write_bytes, discard_tree, fsync_dir, fsync_file
 from agent.errors import (
     ConverterError,
     EdgewardError,
@@ -501,9 +502,7 @@ def convert(
         if final.exists():
             # Damaged entry (artefact missing or altered): move it aside, rebuild.
             logger.warning("converter cache entry %s is damaged; rebuilding", final.name)
-            doomed = cache_dir / f".tmp-dead-{os.getpid()}-{key[:8]}"
-            os.replace(final, doomed)
-            shutil.rmtree(doomed, ignore_errors=True)
+            discard_tree(final, cache_dir / f".tmp-dead-{os.getpid()}-{key[:8]}", sync=False)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{os.getpid()}-{key[:8]}-", dir=cache_dir))
     except OSError as exc:
         raise ConverterError(
@@ -530,7 +529,7 @@ def convert(
             }
         )
         (tmp / "info.json").write_text(json.dumps(info, indent=1, sort_keys=True))
-        _fsync_dir(tmp)
+        fsync_dir(tmp, best_effort=True)
         try:
             os.replace(tmp, final)
         except OSError:
@@ -538,7 +537,7 @@ def convert(
             if not (final / "info.json").is_file():
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
-        _fsync_dir(cache_dir)
+        fsync_dir(cache_dir, best_effort=True)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise ConverterError(
@@ -597,23 +596,14 @@ def prune_cache(
         except (OSError, ValueError, TypeError):
             last = 0.0
         if now - last >= unused_for_s:
-            doomed = cache_dir / f".tmp-dead-{os.getpid()}-{entry.name[:8]}"
             try:
-                os.replace(entry, doomed)
+                discard_tree(
+                    entry, cache_dir / f".tmp-dead-{os.getpid()}-{entry.name[:8]}", sync=False
+                )
             except OSError:
                 continue
-            shutil.rmtree(doomed, ignore_errors=True)
             removed.append(entry)
     return removed
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _reuse(final: Path, entry_model: str, *, count: bool = True) -> Converted | None:
@@ -631,9 +621,9 @@ def _reuse(final: Path, entry_model: str, *, count: bool = True) -> Converted | 
     if count:
         info["hits"] = int(info.get("hits", 0)) + 1
         info["last_used"] = time.time()
-        tmp = info_path.with_name(f".info.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(info, indent=1, sort_keys=True))
-        os.replace(tmp, info_path)
+        # a lost hit count costs nothing: no fsync on every reuse
+        text = json.dumps(info, indent=1, sort_keys=True).encode()
+        atomic_write_bytes(info_path, text, prefix=f".info.{os.getpid()}.", sync=False)
         logger.info("converter cache hit %s (%d reuses)", final.name, info["hits"])
     return Converted(
         model_path=model,
@@ -787,9 +777,8 @@ def _place(current: Path, dst: Path) -> None:
                 shutil.copyfile(side, dst.parent / side.name)
     tmp = dst.with_name(dst.name + ".part")
     shutil.copyfile(current, tmp)
-    with tmp.open("rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, dst)
+    fsync_file(tmp)
+    os.replace(tmp, dst)  # the whole entry is published (and its directory synced) later
 
 
 def _ort_optimise(src: Path, dst: Path, config: RuntimeConfig, level: str) -> bool:

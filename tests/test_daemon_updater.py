@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from agent.updater import IN_FLIGHT, STATES, TRANSITIONS, TransitionError, UpdateMachine
+from agent.errors import TransitionError
+from agent.updater import IN_FLIGHT, STATES, TRANSITIONS, UpdateMachine
 
 HAPPY = ["checking", "verifying", "unpacking", "converting", "staged", "activating", "active"]
 

@@ -16,17 +16,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.errors import EdgewardError
+from agent.errors import ControlError
 from agent.textsafe import printable
 
 DEFAULT_CONTROL_SOCKET = "/run/edgeward/control.sock"
 
 
-class ControlError(EdgewardError):
-    """The control socket could not be reached or refused the request."""
-
-    code = "control"
-    exit_code = 1
 
 
 def control_request(

@@ -802,7 +802,7 @@ class _Lent:
         self._fail_with(ProtocolError(status, code, message))
 
     def _fail_with(self, exc: ProtocolError) -> None:
-        self._write(exc.response(), False)
+        self._write(error_response(exc), False)
         self._closed()
 
     def _expired(self, phase: Phase) -> None:

@@ -29,9 +29,9 @@ from enum import IntEnum
 from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
-from agent.errors import EdgewardError, InferenceError, OverloadedError
+from agent.errors import EdgewardError, MethodNotAllowedError, OverloadedError, ProtocolError
 from agent.serving.cache import BoundedCache
-from agent.serving.httpbody import CHUNKED, ProtocolError, transfer_length
+from agent.serving.httpbody import CHUNKED, transfer_length
 
 if TYPE_CHECKING:
     from agent.limits import HTTPLimits
@@ -43,8 +43,6 @@ __all__ = [
     "BoundedCache",
     "Head",
     "HeadCache",
-    "MethodNotAllowedError",
-    "PathNotFoundError",
     "PeerCred",
     "Phase",
     "PhaseRule",
@@ -322,19 +320,6 @@ def render_response(resp: Response, keep_alive: bool, head_only: bool = False) -
         head.extend(parts)
         return [b"".join(head)]
     return [b"".join(head), *parts]
-
-
-class MethodNotAllowedError(InferenceError):
-    """405; ``allow`` (the methods the path takes) becomes the ``Allow`` header."""
-
-    code = "method-not-allowed"
-    status = 405
-    allow = "GET"
-
-
-class PathNotFoundError(InferenceError):
-    code = "not-found"
-    status = 404
 
 
 def error_response(exc: EdgewardError | ProtocolError) -> Response:

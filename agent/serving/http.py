@@ -49,7 +49,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Protocol
 
-from agent.errors import ConfigError, EdgewardError
+from agent.errors import ConfigError, SocketInUseError
 from agent.limits import HTTPLimits
 from agent.serving.h1 import (
     CONTINUE,
@@ -234,13 +234,6 @@ class Lender(Protocol):
 
 
 LenderFor = Callable[[str, str, dict[str, str]], "Lender | None"]
-
-
-class SocketInUseError(EdgewardError):
-    """Another live process already serves on the socket path."""
-
-    code = "socket-in-use"
-    status = 500
 
 
 _PEERCRED = struct.Struct("3i")
@@ -639,7 +632,7 @@ class _Conn(asyncio.BufferedProtocol):
         if self._transport is None or self._phase == _CLOSED:
             return
         if self._phase != _HANDLING:
-            self._write(exc.response(), False)
+            self._write(json_response(exc.status, exc.to_dict(), exc.headers()), False)
         self._close_after_write()
 
     def _enter(self, phase: Phase) -> None:

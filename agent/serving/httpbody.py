@@ -15,7 +15,8 @@ gigabytes stops at the cap with 413), and a chunked body is capped as it arrives
 from __future__ import annotations
 
 import zlib
-from typing import Any
+
+from agent.errors import ProtocolError
 
 __all__ = [
     "CHUNKED",
@@ -28,28 +29,6 @@ __all__ = [
 #: ``transfer_length`` result for a chunked body (its length is known only at its end).
 CHUNKED = -1
 _MAX_LINE = 4096  # bytes of one chunk-size line (with extensions) or trailer line
-
-
-class ProtocolError(Exception):
-    """A request that cannot be parsed or received; answered and the connection closed.
-    ``retry_after`` (seconds) becomes a ``Retry-After`` header (a refusal for load).
-    Defined here, below agent/serving/http.py (which re-exports it), so the decoders can raise
-    it without importing the server."""
-
-    def __init__(
-        self, status: int, code: str, message: str, *, retry_after: float | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.retry_after = retry_after
-
-    def response(self) -> Any:
-        """The v2 error response (``agent.serving.h1.error_response``)."""
-        from agent.serving.h1 import error_response  # h1 imports this module
-
-        return error_response(self)
 
 
 def _too_large(limit: int, what: str = "request body") -> ProtocolError:

@@ -38,13 +38,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 from agent.errors import (
     EdgewardError,
     InvalidInputError,
+    MethodNotAllowedError,
     ModelNotReadyError,
+    NotFoundError,
     OverloadedError,
 )
 from agent.serving.h1 import (
     BoundedCache,
-    MethodNotAllowedError,
-    PathNotFoundError,
     error_response,
     internal_error,
 )
@@ -68,8 +68,6 @@ __all__ = [
     "Gate",
     "InferResult",
     "InferenceApp",
-    "MethodNotAllowedError",
-    "PathNotFoundError",
     "Registry",
     "ServedModel",
     "error_response",
@@ -533,7 +531,7 @@ class InferenceApp:
         if parts[-1] == "" and len(parts) > 2:
             parts.pop()
         if len(parts) < 2 or parts[0] != "" or parts[1] != "v2":
-            raise PathNotFoundError(f"no endpoint {request.path[:200]}")
+            raise NotFoundError(f"no endpoint {request.path[:200]}")
         method = request.method
         n = len(parts)
         if n == 4 and parts[2] == "models" and parts[3] == "stats":
@@ -547,7 +545,7 @@ class InferenceApp:
                 version = rest[1]
                 rest = rest[2:]
             if not name or (version is not None and not version):
-                raise PathNotFoundError(f"no endpoint {request.path[:200]}")
+                raise NotFoundError(f"no endpoint {request.path[:200]}")
             if not rest:
                 _allow(method, "GET", request.path)
                 return json_response(200, self.plane.model_metadata(name, version))
@@ -563,9 +561,9 @@ class InferenceApp:
             if rest == ["stats"]:
                 _allow(method, "GET", request.path)
                 return json_response(200, self.plane.statistics(name, version))
-            raise PathNotFoundError(f"no endpoint {request.path[:200]}")
+            raise NotFoundError(f"no endpoint {request.path[:200]}")
         if n == 3 and parts[2] == "models":  # GET /v2/models/stats below; this: no name
-            raise PathNotFoundError(f"no endpoint {request.path[:200]}")
+            raise NotFoundError(f"no endpoint {request.path[:200]}")
         if n == 4 and parts[2] == "repository" and parts[3] == "index":
             _allow(method, "POST", request.path)
             return json_response(200, self.plane.repository_index(_ready_only(request.body)))
@@ -582,7 +580,7 @@ class InferenceApp:
                 return json_response(
                     503, {"error": "not every model is ready", "code": "not-ready", "ready": False}
                 )
-        raise PathNotFoundError(f"no endpoint {request.path[:200]}")
+        raise NotFoundError(f"no endpoint {request.path[:200]}")
 
     async def _infer(self, request: Request, name: str, version: str | None) -> Response:
         # Look the model up before decoding: an unknown model is 404 whatever the body.
