@@ -25,7 +25,7 @@ from runtime import RuntimeConfig, open_model, self_test
 from runtime.converter import find_package_converter
 
 ROOT = Path(__file__).resolve().parent.parent
-EXAMPLE_PROGRAM = ROOT / "configs" / "packages" / "ppocr-det" / "Program"
+EXAMPLE_PROGRAM = ROOT / "agent" / "examples" / "ppocr-det" / "Program"
 
 
 def make_package(
