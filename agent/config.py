@@ -7,7 +7,7 @@ Messages name the key (``inference.mode``) and what would have been accepted.
 
 ``[runtime]``, ``[inference.limits]`` and ``[package_limits]`` are built at load into the
 typed objects their consumers use (``runtime.config.RuntimeConfig``,
-``agent.serving.http.HTTPLimits``, ``agent.limits.Limits``), each validated by its own class,
+``agent.limits.HTTPLimits``, ``agent.limits.Limits``), each validated by its own class,
 so a misspelled key fails before anything starts rather than at the first package.
 
 Environment overrides: ``EDGEWARD_<SECTION>_<KEY>=value`` replaces ``[section] key`` of
@@ -28,8 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import ConfigError
-from agent.limits import Limits
-from agent.serving.http import HTTPLimits
+from agent.limits import HTTPLimits, Limits
 from runtime.config import RuntimeConfig
 
 __all__ = [
@@ -94,7 +93,7 @@ class InferenceConfig:
     # request_timeouts = { det = 120.0 }.
     request_timeout_s: float = 60.0
     request_timeouts: dict[str, float] = field(default_factory=dict)
-    # [inference.limits], built into agent.serving.http.HTTPLimits (keys as it names them).
+    # [inference.limits], built into agent.limits.HTTPLimits (keys as it names them).
     limits: HTTPLimits = field(default_factory=HTTPLimits)
     # "127.0.0.1:8000": also serve the inference protocol over TCP (for containers that
     # cannot mount the socket). Off by default; loopback only unless the next key says
@@ -186,6 +185,17 @@ class DaemonConfig:
     # "text": one line per record (with journald priority prefixes when stderr is the
     # journal); "json": one JSON object per line. Worker lines use the same format.
     log_format: str = "text"
+    # Model workers run third-party code (run scripts, converters); docs/DAEMON.md, "Trust
+    # boundaries". As root the daemon runs them as this user: "auto" = edgeward-worker if
+    # it exists, else nobody; "" = as the daemon itself. Ignored when not root.
+    worker_user: str = "auto"
+    # "landlock": workers cannot open the key directory, the config file, the state
+    # directory (store, inbox) but their own model and the converter cache (Linux 5.13+;
+    # where the kernel has no Landlock the worker says so and runs without). "off": no fence.
+    worker_sandbox: str = "landlock"
+    # Variables of the daemon's environment workers inherit beyond the fixed allow-list
+    # (PATH, LANG, TZ, LD_LIBRARY_PATH, OMP_*, ORT_*, ...): names, or prefixes ending in *.
+    worker_env: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -279,6 +289,7 @@ class Config:
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 _LOG_FORMATS = ("text", "json")
+_WORKER_SANDBOXES = ("landlock", "off")
 
 # Sections that are plain dataclasses of scalars; each is parsed by _section. A new
 # section is one entry here plus its dataclass (and a [section] in the sample config).
@@ -655,6 +666,18 @@ def _validate(cfg: Config) -> None:
     _positive("daemon.worker_start_timeout", d.worker_start_timeout)
     if d.worker_memory_limit_mb is not None:
         _positive("daemon.worker_memory_limit_mb", d.worker_memory_limit_mb)
+    if d.worker_sandbox not in _WORKER_SANDBOXES:
+        raise ConfigError(
+            f"daemon.worker_sandbox: expected one of {', '.join(_WORKER_SANDBOXES)}, "
+            f"got {d.worker_sandbox!r}",
+            code="config-value",
+        )
+    for name in d.worker_env:
+        if not name or "=" in name or "*" in name[:-1]:
+            raise ConfigError(
+                f"daemon.worker_env: {name!r} is not a variable name or a PREFIX*",
+                code="config-value",
+            )
     _positive("metrics.port", cfg.metrics.port, allow_zero=True)
     if cfg.metrics.port > 65535:
         raise ConfigError(

@@ -85,8 +85,31 @@ class Daemon:
             loop=_running_loop(),
             lend=self._lend_settings(name),
             request_timeout=self.cfg.inference.request_timeout(name),
+            fence=self._fence(),
         )
         return worker
+
+    def _fence(self) -> Any:
+        """What a worker may not reach (agent/serving/sandbox.py; docs/DAEMON.md, "Trust
+        boundaries"): the device keys, the config file and every secret file it names,
+        the state directory (the store with every other model, the inbox). The worker
+        opens its own model directory and the converter cache back for itself."""
+        from agent.serving.sandbox import Fence
+
+        cfg = self.cfg
+        d = cfg.daemon
+        deny: list[Path | None] = []
+        if d.worker_sandbox == "landlock":
+            deny = [cfg.paths.keys_dir, cfg.source, cfg.paths.state_dir, cfg.paths.inbox_dir]
+            if cfg.mqtt is not None:
+                deny.append(cfg.mqtt.password_file)
+            if cfg.repository is not None:
+                deny.append(cfg.repository.client_key)
+        return Fence(
+            deny=tuple(str(p) for p in deny if p is not None),
+            user=d.worker_user,
+            env=d.worker_env,
+        )
 
     def _lend_settings(self, name: str) -> dict[str, Any] | None:
         """What a worker needs to answer lent inference connections as this daemon would

@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.config import Config
 from agent.durable import atomic_write_bytes
@@ -42,7 +42,6 @@ from agent.errors import (
     UpdateError,
     local_fault,
 )
-from agent.serving.registry import ModelRegistry
 from agent.sources import (
     Candidate,
     InboxSource,
@@ -52,6 +51,9 @@ from agent.sources import (
     disk_need,
 )
 from agent.store import Store, version_key
+
+if TYPE_CHECKING:  # the daemon hands the registry in: updates and serving are siblings
+    from agent.serving.registry import ModelRegistry
 
 logger = logging.getLogger(__name__)
 

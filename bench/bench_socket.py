@@ -152,6 +152,9 @@ def _serve(sock: str, dirs: list[str]) -> None:
         def metadata(self) -> dict[str, Any]:
             return {"name": self.name, "versions": ["1"], "platform": "onnxruntime"}
 
+        def lender(self) -> None:  # every request is answered by the server
+            return None
+
         async def infer(self, inputs: dict[str, Any], parameters: dict[str, Any]) -> Any:
             if self.name == "tiny":  # a few us: run inline, so only HTTP + codec is timed
                 res = self.sess.run(None, inputs)
@@ -387,7 +390,8 @@ def run(work: Path) -> dict[str, float]:
         f"({_pct(s_tiny_b, 0.5) / _pct(ip_tiny, 0.5):.2f}x, "
         f"+{res['socket_added_p50_us_tiny_binary']:.1f} us, goal <= 150), "
         f"p99 +{res['socket_added_p99_us_tiny_binary']:.1f} us; JSON p50 "
-        f"{_pct(s_tiny_j, 0.5) * us:.1f} us (+{res['socket_added_p50_us_tiny_json']:.1f} us)"
+        f"{_pct(s_tiny_j, 0.5) * us:.1f} us "
+        f"(+{res['socket_added_p50_us_tiny_json']:.1f} us, goal <= 400)"
     )
     print(
         f"cnn 224x224x3: in-process p50 {_pct(ip_big, 0.5) * 1e3:.2f} ms; socket p50 "

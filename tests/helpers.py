@@ -178,6 +178,9 @@ class OrtModel:
             "outputs": [spec(t) for t in self.sess.get_outputs()],
         }
 
+    def lender(self) -> None:  # every request is answered by the server
+        return None
+
     async def infer(self, inputs: dict[str, Any], parameters: dict[str, Any]) -> dict[str, Any]:
         self.parameters.append(parameters)
         return dict(zip(self.out_names, self.sess.run(None, inputs), strict=True))
@@ -196,6 +199,9 @@ class EchoModel:
 
     def metadata(self) -> dict[str, Any]:
         return {"name": self.name, "versions": [self.version], "platform": "echo"}
+
+    def lender(self) -> None:  # every request is answered by the server
+        return None
 
     async def infer(self, inputs: dict[str, Any], parameters: dict[str, Any]) -> dict[str, Any]:
         self.running += 1
@@ -308,6 +314,7 @@ class StandInWorker:
         self.pid: int | None = None
         self.fail = fail
         self.served = 0
+        self.lending = None  # every request is relayed (no LendingWorker)
 
     def start(self, timeout: float = 120.0) -> None:
         if self.fail == "start":

@@ -36,18 +36,14 @@ def daemon(
 
 
 def _post_json(d: DaemonProc, model: str, doc: dict[str, Any]) -> tuple[int, Any]:
-    conn = UnixHTTPConnection(str(d.infer_sock))
-    try:
-        conn.request(
+    with UnixHTTPConnection(str(d.infer_sock)) as conn:
+        status, _h, body = conn.request(
             "POST",
             f"/v2/models/{model}/infer",
-            json.dumps(doc),
+            json.dumps(doc).encode(),
             {"content-type": "application/json"},
         )
-        resp = conn.getresponse()
-        return resp.status, json.loads(resp.read())
-    finally:
-        conn.close()
+        return status, json.loads(body)
 
 
 def test_string_model_installs_without_samples_and_reports_bytes(daemon: DaemonProc) -> None:

@@ -20,14 +20,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.errors import EdgewardError, ModelNotFoundError, ModelNotReadyError
+
+if TYPE_CHECKING:
+    from agent.serving.http import LentConnection
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "LATENCY_BUCKETS",
+    "LendingWorker",
     "ModelRegistry",
     "ModelStats",
     "WorkerLike",
@@ -58,6 +62,34 @@ class WorkerLike(Protocol):
     def stop(self, drain_timeout: float = ...) -> None: ...
     def rss_bytes(self) -> int: ...
     def stats(self) -> dict[str, Any]: ...
+    @property
+    def lending(self) -> LendingWorker | None: ...
+
+
+class LendingWorker(Protocol):
+    """The lending contract: the job of a worker that may serve inference connections
+    itself (``agent.serving.direct.Lending``, a worker's ``lending``; None: every request
+    is relayed). The daemon's HTTP server calls ``lend``/``recall`` (it is an
+    ``agent.serving.http.Lender``); the registry reads the counts and routes the
+    worker's own request counters into the model's statistics."""
+
+    @property
+    def lends(self) -> bool:
+        """Connections may be handed over now (ready, not recalled)."""
+
+    @property
+    def lent(self) -> int:
+        """Connections the worker holds now."""
+
+    @property
+    def lent_busy(self) -> int:
+        """Requests in flight on lent connections."""
+
+    def lend(self, fd: int, data: bytes, conn: LentConnection) -> bool: ...
+
+    def recall(self) -> None: ...
+
+    def set_stats_sink(self, sink: Callable[[dict[str, Any]], None]) -> None: ...
 
 
 WorkerFactory = Callable[[str, str, Path], WorkerLike]
@@ -104,9 +136,9 @@ class WorkerModel:
         self._idle = asyncio.Event()
         self._idle.set()
         self._metadata: dict[str, Any] | None = None
-        sink = getattr(worker, "set_stats_sink", None)
-        if callable(sink):  # requests the worker answers on lent connections
-            sink(self._merge_stats)
+        lw = worker.lending
+        if lw is not None:  # requests the worker answers on lent connections
+            lw.set_stats_sink(self._merge_stats)  # a new Lending after a restart keeps it
 
     @property
     def ready(self) -> bool:
@@ -144,12 +176,13 @@ class WorkerModel:
             if self.inflight == 0:
                 self._idle.set()
 
-    def lender(self) -> Any:
+    def lender(self) -> LendingWorker | None:
         """The worker, if it may serve inference connections itself now (see
         agent/serving/direct.py); None: requests are relayed to it."""
-        if self._retired or not getattr(self.worker, "lends", False):
+        lw = self.worker.lending
+        if self._retired or lw is None or not lw.lends:
             return None
-        return self.worker
+        return lw
 
     def statistics(self) -> dict[str, Any]:
         """Request counters in Triton's statistics-extension shape (per model name,
@@ -193,9 +226,9 @@ class WorkerModel:
         come back after their request in flight (and go to the successor's worker)."""
         self._retired = True
         self._successor = successor
-        recall = getattr(self.worker, "recall", None)
-        if callable(recall):
-            recall()
+        lw = self.worker.lending
+        if lw is not None:
+            lw.recall()
 
     async def drained(self, timeout: float) -> bool:
         """Wait until no request is in flight (relayed, or on a lent connection); False if
@@ -205,7 +238,7 @@ class WorkerModel:
             await asyncio.wait_for(self._idle.wait(), timeout)
         except TimeoutError:
             return False
-        while getattr(self.worker, "lent", 0):
+        while (lw := self.worker.lending) is not None and lw.lent:
             if time.monotonic() >= deadline:
                 return False
             await asyncio.sleep(0.005)
@@ -221,6 +254,7 @@ class WorkerModel:
             stats = self.worker.stats()
         except Exception:
             stats = {}
+        lw = self.worker.lending
         return {
             "name": self.name,
             "version": self.version,
@@ -228,9 +262,9 @@ class WorkerModel:
             "since": self.since,
             "pid": self.worker.pid,
             "rss_bytes": rss,
-            "inflight": self.inflight + int(getattr(self.worker, "lent_busy", 0)),
+            "inflight": self.inflight + (lw.lent_busy if lw is not None else 0),
             "restarts": int(stats.get("restarts", 0)),
-            "lent_connections": int(getattr(self.worker, "lent", 0)),
+            "lent_connections": lw.lent if lw is not None else 0,
             "path": str(self.model_dir),
         }
 

@@ -33,7 +33,6 @@ import itertools
 import json
 import logging
 import os
-import pickle
 import queue
 import select
 import signal
@@ -45,14 +44,18 @@ import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from agent.errors import ModelNotReadyError, WorkerError
 from agent.serving import direct, ipc
 from agent.serving.direct import Lending
+from agent.serving.sandbox import Fence, worker_env, worker_identity
 from runtime.config import RuntimeConfig
+
+if TYPE_CHECKING:
+    pass
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +137,7 @@ class ModelWorker:
         loop: asyncio.AbstractEventLoop | None = None,
         lend: dict[str, Any] | None = None,
         request_timeout: float | None = None,
+        fence: Fence | None = None,
     ):
         self.name = name
         self.version = version
@@ -148,6 +152,9 @@ class ModelWorker:
         self.state = "stopped"
         # Seconds one prediction may take; past it the child is killed and restarted.
         self.request_timeout = request_timeout
+        # What the child may reach (agent/serving/sandbox.py): its user, its environment, the
+        # paths Landlock closes to it. None: the minimal environment only.
+        self.fence = fence
         self.shm_slot_bytes = shm_slot_bytes
         self._arena = ipc.ShmArena(self.max_concurrency, shm_slot_bytes)
         self._region_ids = itertools.count(1)
@@ -180,6 +187,7 @@ class ModelWorker:
         if lend is not None and loop is not None:
             self._lending = Lending(name, version, lend)
             self._lending.hung = self._lent_hung
+            self._lending.serving = self._serving
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -197,6 +205,7 @@ class ModelWorker:
                 self._lending = Lending(self.name, self.version, lg.settings)
                 self._lending.stats_sink = lg.stats_sink
                 self._lending.hung = self._lent_hung
+                self._lending.serving = self._serving
             self.state = "starting"
             if self._arena.closed:  # started again after stop()
                 regions = self._arena.regions
@@ -219,6 +228,42 @@ class ModelWorker:
             self._watchdog.start()
 
     def _spawn(self, timeout: float) -> None:
+        root = str(Path(__file__).resolve().parents[2])
+        fence = self.fence if self.fence is not None else Fence()
+        env = worker_env(
+            os.environ,
+            home=str(self.model_dir),
+            pythonpath=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p),
+            extra=fence.env,
+        )
+        try:
+            ident = worker_identity(fence.user)
+        except LookupError as exc:
+            raise WorkerError(f"{self.name} {self.version}: {exc}", code="worker-user") from None
+        if fence.deny or ident is not None:  # the worker converts into it: it must exist
+            with contextlib.suppress(OSError):  # if not, the converter says so
+                self.cache_dir.mkdir(parents=True, exist_ok=True)
+        if ident is not None:
+            missing = _unreachable(ident, [root, str(self.model_dir)])
+            if missing and fence.user != "auto":
+                raise WorkerError(
+                    f"{self.name} {self.version}: worker user {ident[2]} cannot reach "
+                    f"{missing} (make it and its parents readable, or set "
+                    'daemon.worker_user = "")',
+                    code="worker-user",
+                )
+            if missing:
+                if ident not in _WARNED:
+                    _WARNED.add(ident)
+                    logger.warning(
+                        "worker user %s cannot reach %s: workers run as the daemon's user "
+                        '(set daemon.worker_user = "" to say so, or open the path to it)',
+                        ident[2],
+                        missing,
+                    )
+                ident = None
+            else:
+                _hand_over_tree(self.cache_dir, ident[0], ident[1])
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         lend_pair = direct.channel_pair() if self._lending is not None else None
         extra = (lend_pair[1].fileno(),) if lend_pair is not None else ()
@@ -236,12 +281,6 @@ class ModelWorker:
         )
         with self._regions_lock:  # a region added later is mapped by shared_region()
             regions = [(r.id, r.ro_fd, r.size) for r in self._arena.regions.values()]
-        env = dict(os.environ)
-        root = str(Path(__file__).resolve().parents[2])
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-        # Importing a run script must not write __pycache__ into the installed version:
-        # the store's integrity check (agent/installed.py) would call that a modification.
-        env["PYTHONDONTWRITEBYTECODE"] = "1"
         try:
             proc = subprocess.Popen(
                 [
@@ -262,6 +301,10 @@ class ModelWorker:
                 env=env,
                 stdin=subprocess.DEVNULL,
                 close_fds=True,
+                # As root: an unprivileged user of its own, no supplementary groups.
+                user=ident[0] if ident is not None else None,
+                group=ident[1] if ident is not None else None,
+                extra_groups=[] if ident is not None else None,
                 # Its own process group: whatever the run script starts dies with it.
                 start_new_session=True,
             )
@@ -281,9 +324,10 @@ class ModelWorker:
         chan = ipc.Channel(parent)
         lanes = [ipc.Lane(pairs[i + 1][0], pairs[i][0]) for i in range(0, len(pairs), 2)]
         init = {
-            "model_dir": self.model_dir,
-            "config": self.config,
-            "cache_dir": self.cache_dir,
+            "model_dir": str(self.model_dir),
+            "config": self.config.to_dict(),
+            "explicit": sorted(self.config.explicit),
+            "cache_dir": str(self.cache_dir),
             "loader": self.loader,
             "self_test": self.self_test_fn,
             "slots": self._arena.slots,
@@ -291,8 +335,9 @@ class ModelWorker:
             "max_concurrency": self.max_concurrency,
             "lanes": lane_fds,
             "regions": regions,
+            "deny": list(fence.deny),  # closed by Landlock before the run script is imported
         }
-        chan.send({"op": "init"}, [pickle.dumps(init)])
+        chan.send({"op": "init"}, [json.dumps(init).encode()])  # JSON both ways, no pickle
         parent.settimeout(timeout)
         try:
             header, _ = chan.recv()
@@ -941,36 +986,13 @@ class ModelWorker:
     # --- lent connections (agent/serving/direct.py), on the daemon's event loop ---------------
 
     @property
-    def lends(self) -> bool:
-        """True if inference connections may be handed to this worker now."""
-        lg = self._lending
-        return lg is not None and lg.sock is not None and not lg.recalled and self.state == "ready"
+    def lending(self) -> Lending | None:
+        """The lending job (agent/serving/direct.py, the registry's ``LendingWorker``), or
+        None: every request is relayed. A new one after ``stop()`` and ``start()``."""
+        return self._lending
 
-    @property
-    def lent(self) -> int:
-        """Connections the child holds now."""
-        return self._lending.count if self._lending is not None else 0
-
-    @property
-    def lent_busy(self) -> int:
-        """Requests in flight on lent connections (read by the child, not yet answered)."""
-        return self._lending.busy if self._lending is not None else 0
-
-    def lend(self, fd: int, data: bytes, conn: Any) -> bool:
-        return (
-            self._lending is not None
-            and self.state == "ready"
-            and self._lending.lend(fd, data, conn)
-        )
-
-    def recall(self) -> None:
-        if self._lending is not None:
-            self._lending.recall()
-
-    def set_stats_sink(self, sink: Any) -> None:
-        """``sink(counters)`` gets the child's counts of requests it answered itself."""
-        if self._lending is not None:
-            self._lending.stats_sink = sink
+    def _serving(self) -> bool:
+        return self.state == "ready"
 
     def _count_request(self, n_shm: int, n_reg: int) -> None:
         with self._stats_lock:
@@ -1190,6 +1212,49 @@ def _lane_reply(
             return h, tensors, us, p
 
 
+_WARNED: set[tuple[int, int, str]] = set()
+_REACH = (
+    "import os, sys\n"
+    "bad = [p for p in sys.argv[1:] if not os.access(p, os.R_OK | os.X_OK)]\n"
+    "print(bad[0] if bad else '', end='')"
+)
+
+
+def _unreachable(ident: tuple[int, int, str], paths: list[str]) -> str:
+    """The first of: this interpreter, its site-packages and ``paths`` that the worker
+    user cannot read (a root daemon's interpreter may live in /root); "" if none. Asked
+    of the user itself: a process of its own, the kernel judging (ACLs included)."""
+    import sysconfig
+
+    look = [sysconfig.get_paths()["purelib"], *paths]
+    try:
+        res = subprocess.run(
+            [sys.executable, "-I", "-S", "-c", _REACH, *look],
+            user=ident[0],
+            group=ident[1],
+            extra_groups=[],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return sys.executable
+    if res.returncode != 0:
+        return sys.executable
+    return res.stdout
+
+
+def _hand_over_tree(path: Path, uid: int, gid: int) -> None:
+    """Make the converter cache the worker user's (a root daemon's workers write it):
+    every entry not already owned by ``uid``."""
+    for top, dirs, files in os.walk(path):
+        for name in [top, *(os.path.join(top, n) for n in dirs + files)]:
+            with contextlib.suppress(OSError):
+                if os.lstat(name).st_uid != uid:
+                    os.lchown(name, uid, gid)
+
+
 def _reap(proc: subprocess.Popen[bytes]) -> None:
     """After EOF or a garbled frame: a child still alive a second later is killed."""
     try:
@@ -1237,3 +1302,10 @@ def _describe_exit(rc: int | None) -> str:
         except ValueError:
             return f"killed by signal {-rc}"
     return f"exit code {rc}"
+
+
+if TYPE_CHECKING:  # mypy holds the worker's jobs to the contracts the registry relies on
+    from agent.serving.registry import LendingWorker, WorkerLike
+
+    _worker_contract: type[WorkerLike] = ModelWorker
+    _lending_contract: type[LendingWorker] = Lending

@@ -1,30 +1,33 @@
 """Child entry point of a model worker: ``python -m agent.serving.worker_main SOCK_FD SHM_FD``.
 
-Only this process imports the inference engines. It reads one ``init`` frame (pickled
-settings from its own parent), opens the model, warms it up, answers ``ready`` with the
-KServe metadata (or ``error`` with the failure and exits 1), then serves ``predict``
-frames on ``max_concurrency`` threads, plus one thread per lane (thread mode: a request
-and a reply socketpair per shm slot, fds listed in the init frame, :class:`ipc.Lane`
-frames), until ``shutdown``
-or EOF. Shared regions (zero-copy inputs) come listed in the init frame, or later as a
-``map`` frame carrying the memfd.
+Only this process imports the inference engines. It reads one ``init`` frame (JSON
+settings from its own parent; nothing in either direction is pickled), closes the
+daemon's files to itself (agent/serving/sandbox.py), opens the model, warms it up, answers
+``ready`` with the KServe metadata (or ``error`` with the failure and exits 1), then
+serves ``predict`` frames on ``max_concurrency`` threads, plus one thread per lane
+(thread mode: a request and a reply socketpair per shm slot, fds listed in the init
+frame, :class:`ipc.Lane` frames), until ``shutdown`` or EOF. Shared regions (zero-copy
+inputs) come listed in the init frame, or later as a ``map`` frame carrying the memfd.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
+import json
 import logging
 import os
-import pickle
 import select
 import socket
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
-from agent.serving import ipc
+from agent.serving import ipc, sandbox
+from runtime.config import RuntimeConfig
 
 logger = logging.getLogger("agent.serving.worker_main")
 
@@ -56,13 +59,30 @@ def main(argv: list[str]) -> int:
         _header, payload = chan.recv()
     except ipc.ChannelClosed:
         return 1
-    init: dict[str, Any] = pickle.loads(payload)
+    init: dict[str, Any] = json.loads(bytes(payload))
+    # Before anything of the package runs (and before any other thread exists): close
+    # the daemon's secrets and the store to this process; its own model directory stays
+    # readable and the converter cache writable (agent/serving/sandbox.py).
+    try:
+        if init.get("deny") and not sandbox.confine(
+            init["deny"], read=[str(init["model_dir"])], write=[str(init["cache_dir"])]
+        ):
+            logger.warning(
+                "this kernel has no Landlock: the worker is not fenced off the daemon's "
+                "files (keys, config, store); see docs/DAEMON.md, Trust boundaries"
+            )
+    except OSError as exc:
+        chan.send({"op": "error", "err": ipc.error_to_dict(exc)})
+        return 1
     arena = ipc.ShmArena(init["slots"], init["slot_bytes"], fd=int(argv[1]))
     for rid, fd, size in init.get("regions") or ():
         arena.regions[int(rid)] = ipc.MappedRegion(int(fd), int(size))
     try:
         opener = _import(init["loader"])
-        servable = opener(init["model_dir"], init["config"], cache_dir=init["cache_dir"])
+        config = dataclasses.replace(
+            RuntimeConfig.from_dict(init["config"]), explicit=frozenset(init["explicit"])
+        )
+        servable = opener(Path(init["model_dir"]), config, cache_dir=Path(init["cache_dir"]))
         warm = getattr(servable, "warmup", None)
         if callable(warm):
             warm()
@@ -117,7 +137,7 @@ def main(argv: list[str]) -> int:
     def run_self_test(h: dict[str, Any]) -> None:
         try:
             fn = _import(init["self_test"])
-            n = fn(servable, init["model_dir"])
+            n = fn(servable, Path(init["model_dir"]))
             chan.send({"op": "result", "id": h["id"], "t": [], "n": n})
         except BaseException as exc:
             chan.send({"op": "fail", "id": h["id"], "err": ipc.error_to_dict(exc)})
