@@ -594,11 +594,15 @@ class Updater:
 
         staging: Path | None = None
         installed = False
+        inside: dict[str, float] = {}
         current = self.store.current(name)
         base_dir = self.store.version_dir(name, current) if current else None
         kwargs = {"limits": limits} if limits is not None else {}
+        early: Any = None  # the new version's worker, its process started early
         try:
             self._preflight_disk(cand, src, base_dir)
+            # Its interpreter and imports overlap the download and unpack.
+            early = self._launch(name, version)
             path = cand.path
             if src.downloads:
                 step("downloading")
@@ -639,7 +643,9 @@ class Updater:
             step("converting")
             self._extend_timeout(self.cfg.daemon.worker_start_timeout + 30)
             async with self.registry.lock(name):
-                model = await self.registry.prepare(name, version, vdir)
+                worker, early = early, None
+                model = await self.registry.prepare(name, version, vdir, worker=worker)
+                inside = dict(model.start_phases)
                 step("staged")
                 step("activating")
                 self.store.activate(name, version)
@@ -649,12 +655,16 @@ class Updater:
             self.store.gc(name)
             src.settle(cand, None, final=True)
             logger.info(
-                "updated %s to version %s (%s, %s); %s",
+                "updated %s to version %s (%s, %s); %s%s",
                 name,
                 version,
                 cand.source,
                 cand.why,
                 ", ".join(f"{k} {v:.2f}s" for k, v in took.items()),
+                # what "converting" was made of: the worker's start phases
+                f" (converting: {', '.join(f'{k} {v:.2f}s' for k, v in inside.items())})"
+                if inside
+                else "",
             )
             self._start_health_window(name, version, current)
         except Exception as exc:  # a bug or an OSError must not kill the daemon either
@@ -707,8 +717,19 @@ class Updater:
         else:
             self._clear_fault(name)
         finally:
+            if early is not None:  # the update stopped before it was used
+                await loop.run_in_executor(None, early.stop, 0.0)
             if staging is not None:
                 shutil.rmtree(staging, ignore_errors=True)
+
+    def _launch(self, name: str, version: str) -> Any:
+        """The version's worker with its process already starting, or None (a name the
+        store refuses fails later, where it always did)."""
+        try:
+            return self.registry.launch(name, version, self.store.version_dir(name, version))
+        except Exception as exc:
+            logger.debug("no early worker for %s %s: %s", name, version, exc)
+            return None
 
     def _preflight_disk(self, cand: Candidate, src: Source, base_dir: Path | None) -> None:
         """Refuse early, with the numbers, when the disk cannot hold download + unpack +

@@ -136,6 +136,7 @@ class WorkerModel:
         self._idle = asyncio.Event()
         self._idle.set()
         self._metadata: dict[str, Any] | None = None
+        self.start_phases: dict[str, float] = {}  # seconds per phase of the worker's start
         lw = worker.lending
         if lw is not None:  # requests the worker answers on lent connections
             lw.set_stats_sink(self._merge_stats)  # a new Lending after a restart keeps it
@@ -304,21 +305,43 @@ class ModelRegistry:
         """Serialises loads and swaps of one model name."""
         return self._locks.setdefault(name, asyncio.Lock())
 
-    async def prepare(self, name: str, version: str, model_dir: Path) -> WorkerModel:
-        """Start, warm up and self-test a worker without routing to it yet.
+    def launch(self, name: str, version: str, model_dir: Path) -> WorkerLike:
+        """A worker for a version still being downloaded or unpacked, its process started
+        now (``launch()``, when the worker has it) so that the interpreter and imports
+        overlap that work; :meth:`prepare` takes it. Stop it if it is not used."""
+        worker = self._factory(name, version, model_dir)
+        early = getattr(worker, "launch", None)
+        if callable(early):
+            try:
+                early()
+            except Exception as exc:  # prepare() spawns it then, and reports a failure
+                logger.debug("early launch of %s %s: %s", name, version, exc)
+        return worker
+
+    async def prepare(
+        self, name: str, version: str, model_dir: Path, *, worker: WorkerLike | None = None
+    ) -> WorkerModel:
+        """Start, warm up and self-test a worker without routing to it yet (``worker``:
+        one from :meth:`launch`).
 
         On failure the worker is stopped and the error re-raised; nothing changes.
         """
-        worker = self._factory(name, version, model_dir)
+        if worker is None:
+            worker = self._factory(name, version, model_dir)
         loop = asyncio.get_running_loop()
         stats = self._stats.setdefault(name, ModelStats())
         try:
             await loop.run_in_executor(None, worker.start, self._start_timeout)
+            t0 = time.monotonic()
             await loop.run_in_executor(None, worker.self_test)
+            tested = time.monotonic() - t0
         except BaseException:
             await loop.run_in_executor(None, _stop_quietly, worker, 0.0)
             raise
         model = WorkerModel(worker, model_dir, stats)
+        # the start's phases (worker.start_phases: interpreter, open, warm-up) + self-test
+        phases = getattr(worker, "start_phases", None)
+        model.start_phases = {**(phases if isinstance(phases, dict) else {}), "self-test": tested}
         model.metadata()  # cache now: metadata must not block the event loop later
         return model
 

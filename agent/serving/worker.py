@@ -43,6 +43,7 @@ import threading
 import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -88,6 +89,33 @@ class _Follower:
         self.abandoned = False  # timed out: the async reader reads the late reply
         self.rid = 0
         self.child: _Child | None = None
+
+
+@dataclass
+class _Launched:
+    """A child started by :meth:`ModelWorker.launch` that has not had its model yet."""
+
+    proc: subprocess.Popen[bytes]
+    sock: socket.socket
+    lanes: list[ipc.Lane]
+    lane_fds: list[list[int]]
+    lend_pair: tuple[socket.socket, socket.socket] | None
+    regions: list[tuple[int, int, int]]
+    spawned: float
+    fence: Fence
+
+    def discard(self) -> None:
+        """Never used: end the child (it exits at EOF on its socket anyway)."""
+        with contextlib.suppress(OSError):
+            self.proc.kill()
+        with contextlib.suppress(Exception):
+            self.proc.wait(5)
+        _killpg(self.proc.pid)
+        self.sock.close()
+        for lane in self.lanes:
+            lane.close()
+        if self.lend_pair is not None:
+            self.lend_pair[0].close()
 
 
 class _Child:
@@ -161,6 +189,8 @@ class ModelWorker:
         self._regions_lock = threading.Lock()  # registering vs spawning a child
         self._child: _Child | None = None
         self._meta: dict[str, Any] = {}
+        self.start_phases: dict[str, float] = {}  # the last start: seconds per phase
+        self._launched: _Launched | None = None  # launch(): a child waiting for its model
         self._ids = itertools.count(1)
         self._cv = threading.Condition()
         self._stopping = False
@@ -227,7 +257,27 @@ class ModelWorker:
             )
             self._watchdog.start()
 
+    def launch(self) -> None:
+        """Start the child process now, without a model: its interpreter starts and
+        imports the loader while the caller still downloads and unpacks; :meth:`start`
+        then hands it the model. Idempotent; :meth:`stop` ends a launched child."""
+        with self._cv:
+            if self._launched is not None or self._child is not None:
+                return
+            if self._arena.closed:
+                return  # stopped: start() makes a new arena and spawns then
+            self._launched = self._launch(early=True)
+
     def _spawn(self, timeout: float) -> None:
+        with self._cv:
+            early, self._launched = self._launched, None
+        launched = early if early is not None else self._launch()
+        assert launched is not None
+        self._handshake(launched, timeout)
+
+    def _launch(self, *, early: bool = False) -> _Launched | None:
+        """Start the child. ``early`` (the model is not installed yet): None when the
+        worker user's access to the model must be checked first (spawned at start)."""
         root = str(Path(__file__).resolve().parents[2])
         fence = self.fence if self.fence is not None else Fence()
         env = worker_env(
@@ -236,6 +286,7 @@ class ModelWorker:
             pythonpath=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p),
             extra=fence.env,
         )
+        env["EDGEWARD_WORKER_LOADER"] = self.loader  # imported before the init frame
         try:
             ident = worker_identity(fence.user)
         except LookupError as exc:
@@ -244,8 +295,12 @@ class ModelWorker:
             with contextlib.suppress(OSError):  # if not, the converter says so
                 self.cache_dir.mkdir(parents=True, exist_ok=True)
         if ident is not None:
-            missing = _unreachable(ident, [root, str(self.model_dir)])
+            # early: the model is not there yet; whether the worker user can reach it
+            # is asked when it is (start() spawns then), unless the user falls back anyway
+            missing = _unreachable(ident, [root] if early else [root, str(self.model_dir)])
             if missing and fence.user != "auto":
+                if early:
+                    return None
                 raise WorkerError(
                     f"{self.name} {self.version}: worker user {ident[2]} cannot reach "
                     f"{missing} (make it and its parents readable, or set "
@@ -262,6 +317,8 @@ class ModelWorker:
                         missing,
                     )
                 ident = None
+            elif early:
+                return None
             else:
                 _hand_over_tree(self.cache_dir, ident[0], ident[1])
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -281,6 +338,7 @@ class ModelWorker:
         )
         with self._regions_lock:  # a region added later is mapped by shared_region()
             regions = [(r.id, r.ro_fd, r.size) for r in self._arena.regions.values()]
+        spawned = time.monotonic()
         try:
             proc = subprocess.Popen(
                 [
@@ -321,8 +379,19 @@ class ModelWorker:
             lane_fds = [fds[i : i + 2] for i in range(0, len(fds), 2)]
             for _, b in pairs:
                 b.close()
-        chan = ipc.Channel(parent)
         lanes = [ipc.Lane(pairs[i + 1][0], pairs[i][0]) for i in range(0, len(pairs), 2)]
+        return _Launched(proc, parent, lanes, lane_fds, lend_pair, regions, spawned, fence)
+
+    def _handshake(self, launched: _Launched, timeout: float) -> None:
+        proc, parent, lanes, lend_pair = (
+            launched.proc,
+            launched.sock,
+            launched.lanes,
+            launched.lend_pair,
+        )
+        lane_fds, regions, spawned = launched.lane_fds, launched.regions, launched.spawned
+        fence = launched.fence
+        chan = ipc.Channel(parent)
         init = {
             "model_dir": str(self.model_dir),
             "config": self.config.to_dict(),
@@ -337,11 +406,11 @@ class ModelWorker:
             "regions": regions,
             "deny": list(fence.deny),  # closed by Landlock before the run script is imported
         }
-        chan.send({"op": "init"}, [json.dumps(init).encode()])  # JSON both ways, no pickle
         parent.settimeout(timeout)
         try:
+            chan.send({"op": "init"}, [json.dumps(init).encode()])  # JSON both ways, no pickle
             header, _ = chan.recv()
-        except (ipc.ChannelClosed, TimeoutError) as exc:
+        except (ipc.ChannelClosed, TimeoutError, OSError) as exc:
             proc.kill()
             rc = proc.wait()
             _killpg(proc.pid)
@@ -375,6 +444,7 @@ class ModelWorker:
                 code=str(err.get("code", "worker")),
             )
         self._meta = dict(header.get("meta") or {})
+        self.start_phases = _phases(spawned, header.get("stamps"))
         c = _Child(proc, chan, lanes)
         self._child = c
         if self._loop is not None:
@@ -399,6 +469,10 @@ class ModelWorker:
             self._stopping = True
             self.state = "stopped"
             self._cv.notify_all()
+        with self._cv:
+            early, self._launched = self._launched, None
+        if early is not None:
+            early.discard()
         c = self._child
         if c is None:
             self._arena.close()
@@ -1211,6 +1285,29 @@ def _lane_reply(
         if got == rid:
             return h, tensors, us, p
 
+
+def _phases(spawned: float, stamps: Any) -> dict[str, float]:
+    """Seconds of the child's start phases from its monotonic stamps (CLOCK_MONOTONIC is
+    one clock for every process): interpreter start, loader imports, waiting for the
+    model (a launched child), open (convert, load, validate), warm-up. Empty when the
+    child sent none."""
+    if not isinstance(stamps, dict):
+        return {}
+    names = (
+        ("entered", "interpreter"),
+        ("imported", "imports"),
+        ("init", "waiting for the model"),
+        ("opened", "open"),
+        ("warm", "warm-up"),
+    )
+    out: dict[str, float] = {}
+    last = spawned
+    for key, label in names:
+        t = stamps.get(key)
+        if isinstance(t, int | float) and not isinstance(t, bool):
+            out[label] = max(0.0, float(t) - last)
+            last = float(t)
+    return out
 
 _WARNED: set[tuple[int, int, str]] = set()
 _REACH = (

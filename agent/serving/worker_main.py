@@ -40,6 +40,7 @@ def _import(spec: str) -> Any:
 
 
 def main(argv: list[str]) -> int:
+    entered = time.monotonic()  # system-wide clock: the parent times our start with it
     from agent.logs import setup_logging
 
     # The daemon sets both (agent/logs.py): worker lines share the daemon's format.
@@ -55,6 +56,12 @@ def main(argv: list[str]) -> int:
     tune_malloc()  # per-request tensors reuse heap pages (see agent/malloc.py)
     sock = socket.socket(fileno=int(argv[0]))
     chan = ipc.Channel(sock, fds=True)  # shared regions arrive as fds (op "map")
+    # A launched child (ModelWorker.launch) waits here while the daemon still downloads
+    # and unpacks: import the loader (numpy, the runtime) now. Failing here is not
+    # reported: the import after the init frame reports it.
+    with contextlib.suppress(Exception):
+        importlib.import_module(os.environ.get("EDGEWARD_WORKER_LOADER", "").partition(":")[0])
+    imported = time.monotonic()
     try:
         _header, payload = chan.recv()
     except ipc.ChannelClosed:
@@ -77,16 +84,19 @@ def main(argv: list[str]) -> int:
     arena = ipc.ShmArena(init["slots"], init["slot_bytes"], fd=int(argv[1]))
     for rid, fd, size in init.get("regions") or ():
         arena.regions[int(rid)] = ipc.MappedRegion(int(fd), int(size))
+    stamps = {"entered": entered, "imported": imported, "init": time.monotonic()}
     try:
         opener = _import(init["loader"])
         config = dataclasses.replace(
             RuntimeConfig.from_dict(init["config"]), explicit=frozenset(init["explicit"])
         )
         servable = opener(Path(init["model_dir"]), config, cache_dir=Path(init["cache_dir"]))
+        stamps["opened"] = time.monotonic()
         warm = getattr(servable, "warmup", None)
         if callable(warm):
             warm()
         meta = servable.metadata()
+        stamps["warm"] = time.monotonic()
     except BaseException as exc:  # report any start failure to the parent, then exit
         chan.send({"op": "error", "err": ipc.error_to_dict(exc)})
         return 1
@@ -96,7 +106,15 @@ def main(argv: list[str]) -> int:
 
         lending = DirectServer(socket.socket(fileno=int(argv[2])), servable, meta)
         lending.start()
-    chan.send({"op": "ready", "meta": meta, "pid": os.getpid(), "lends": lending is not None})
+    chan.send(
+        {
+            "op": "ready",
+            "meta": meta,
+            "pid": os.getpid(),
+            "lends": lending is not None,
+            "stamps": stamps,
+        }
+    )
 
     def run(h: dict[str, Any], p: memoryview) -> None:
         rid = h["id"]
