@@ -502,6 +502,9 @@ def _build(
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# the ppocr_cls model's input and output (runtime loader and converter tests)
+CLS_X = np.random.default_rng(7).random((1, 3, 48, 192), dtype=np.float32)
+CLS_OUT = "save_infer_model/scale_0.tmp_1"
 EXAMPLE_PROGRAM = ROOT / "agent" / "examples" / "ppocr-det" / "Program"
 
 

@@ -21,17 +21,13 @@ import pytest
 from agent.errors import ConverterError, MetaInfoError, RuntimeBackendError
 from runtime import RuntimeConfig, open_model, self_test
 from runtime.converter import find_package_converter
-from tests.helpers import EXAMPLE_PROGRAM, make_package
+from tests.helpers import CLS_OUT, CLS_X, EXAMPLE_PROGRAM, make_package
 
 
 def _ort(model: Path, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     s = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     names = [o.name for o in s.get_outputs()]
     return dict(zip(names, s.run(names, feed), strict=True))
-
-
-CLS_X = np.random.default_rng(7).random((1, 3, 48, 192), dtype=np.float32)
-CLS_OUT = "save_infer_model/scale_0.tmp_1"
 
 
 def test_open_onnx_cache_reused(tmp_path: Path, ppocr_cls: Path) -> None:
