@@ -30,9 +30,14 @@ xfs, btrfs, f2fs):
    the entry at the final name whatever it is (a symlink is replaced, not written
    through); this is what lets the daemon write into a directory others can write.
 
+A writer that streams into a descriptor of its own (unpack, the residual apply, a
+resumable download) fsyncs that descriptor itself before handing the name to
+:func:`atomic_replace`: step 1 is then its own ``os.fsync`` call, step 2 is here.
+
 What is deliberately *not* synced (``sync=False``): bookkeeping whose loss only costs a
 counter (the converter cache's hit count). Losing it is harmless; an fsync per cache
-hit is not free.
+hit is not free. Sockets renamed into place by the servers (agent/serving/http.py, the
+gRPC gateway) are not state: they do not outlive the process, so they are not here.
 
 The helper threads at the end (:class:`HashThread`, :class:`WriteHashPipeline`) move
 ``os.write`` and SHA-256 (both release the GIL) off the decoding thread; they never

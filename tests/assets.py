@@ -13,16 +13,14 @@ import sys
 import zipfile
 from pathlib import Path
 
+from agent.cli.demo import MODEL_SOURCE
+
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("EDGEWARD_ASSETS", ROOT / ".cache" / "assets"))
 
 # name -> (pip requirement, wheel glob, member path inside the wheel)
 ASSETS: dict[str, tuple[str, str, str]] = {
-    "ppocr_det.onnx": (
-        "rapidocr-onnxruntime==1.4.4",
-        "rapidocr_onnxruntime-1.4.4-*.whl",
-        "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
-    ),
+    "ppocr_det.onnx": MODEL_SOURCE,  # the demo's model, fetched the same way
     "ppocr_rec.onnx": (
         "rapidocr-onnxruntime==1.4.4",
         "rapidocr_onnxruntime-1.4.4-*.whl",

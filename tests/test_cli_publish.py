@@ -178,7 +178,7 @@ def test_real_model_cli_round_trip(tmp_path: Path, ppocr_det: Path) -> None:
     run("keygen", "--kind", "signing", "--out", str(tmp_path / "sign"))
     run("keygen", "--kind", "device", "--out", str(tmp_path / "dev"))
     sk = next((tmp_path / "sign").glob("*.key"))
-    example = Path(__file__).resolve().parent.parent / "configs" / "packages" / "ppocr-det"
+    example = Path(__file__).resolve().parent.parent / "agent" / "examples" / "ppocr-det"
     pkg = tmp_path / "det.emp"
     run(
         "pack",

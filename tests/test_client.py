@@ -18,7 +18,7 @@ from agent.client import Client
 from agent.errors import InvalidInputError, ModelNotFoundError, PayloadTooLargeError
 from agent.serving.http import HTTPLimits
 from agent.serving.kserve import InferenceApp
-from tests.test_kserve import DictRegistry, EchoModel, OrtModel, ServerThread, tiny_onnx
+from tests.helpers import DictRegistry, EchoModel, OrtModel, ServerThread, tiny_onnx
 
 ROOT = Path(__file__).resolve().parents[1]
 

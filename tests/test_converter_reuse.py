@@ -17,7 +17,7 @@ import runtime.converter as conv
 import runtime.onnx_backend as ob
 from runtime.config import RuntimeConfig
 from runtime.loader import open_model
-from tests.test_runtime_loader import CLS_OUT, CLS_X, make_package
+from tests.helpers import CLS_OUT, CLS_X, make_package
 
 
 def _ort(model: Path) -> np.ndarray:

@@ -86,13 +86,9 @@ import asyncio  # noqa: E402
 import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from agent.config import parse_config  # noqa: E402
 from agent.errors import UpdateError  # noqa: E402
-from agent.serving.registry import ModelRegistry, WorkerLike  # noqa: E402
-from agent.store import Store  # noqa: E402
-from agent.updater import Updater  # noqa: E402
 from tests.daemon_util import make_package, signing_key  # noqa: E402
-from tests.test_registry import StandInWorker  # noqa: E402
+from tests.helpers import drop_in_inbox, updater_setup  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -108,46 +104,17 @@ def pkgs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return out
 
 
-def _setup(tmp_path: Path, trust: Path, fail: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
-    cfg = parse_config(
-        {
-            "paths": {
-                "state_dir": str(tmp_path / "state"),
-                "inbox_dir": str(tmp_path / "inbox"),
-                "trust_dir": str(trust),
-            },
-            "daemon": {"drain_timeout": 1.0},
-        }
-    )
-    (tmp_path / "inbox").mkdir(exist_ok=True)
-    store = Store(cfg.paths.state_dir).open()
-    made: list[StandInWorker] = []
-
-    def factory(name: str, version: str, model_dir: Path) -> WorkerLike:
-        assert (model_dir / "Model").is_dir()  # a complete unpacked version
-        w = StandInWorker(name, version, model_dir, fail=(fail or {}).get(version, ""))
-        made.append(w)
-        return w
-
-    reg = ModelRegistry(factory)
-    return cfg, store, reg, Updater(cfg, store, reg), made
-
-
-def _drop(tmp_path: Path, pkg: Path) -> None:
-    (tmp_path / "inbox" / pkg.name).write_bytes(pkg.read_bytes())
-
-
 def test_check_installs_swaps_and_rolls_back(tmp_path: Path, pkgs: dict[str, Path]) -> None:
     async def go() -> None:
-        _cfg, store, reg, up, made = _setup(tmp_path, pkgs["trust"])
+        _cfg, store, reg, up, made = updater_setup(tmp_path, pkgs["trust"])
         assert (await up.check()).to_dict()["installed"] == {}
-        _drop(tmp_path, pkgs["1"])
+        drop_in_inbox(tmp_path, pkgs["1"])
         res = await up.check()
         assert res.installed == {"tiny": "1"} and res.failed == {}
         assert store.current("tiny") == "1" and reg.get("tiny").version == "1"
         # newest of several wins; older ones are "unchanged"
-        _drop(tmp_path, pkgs["2"])
-        _drop(tmp_path, pkgs["3"])
+        drop_in_inbox(tmp_path, pkgs["2"])
+        drop_in_inbox(tmp_path, pkgs["3"])
         res = await up.check()
         assert res.installed == {"tiny": "3"}
         assert (store.current("tiny"), store.previous("tiny")) == ("3", "1")
@@ -169,11 +136,13 @@ def test_check_installs_swaps_and_rolls_back(tmp_path: Path, pkgs: dict[str, Pat
 
 def test_refused_packages_keep_old_version(tmp_path: Path, pkgs: dict[str, Path]) -> None:
     async def go() -> None:
-        _cfg, store, reg, up, _made = _setup(tmp_path, pkgs["trust"], fail={"3": "self_test"})
-        _drop(tmp_path, pkgs["1"])
+        _cfg, store, reg, up, _made = updater_setup(
+            tmp_path, pkgs["trust"], fail={"3": "self_test"}
+        )
+        drop_in_inbox(tmp_path, pkgs["1"])
         await up.check()
         # untrusted signer: refused at verification, file moved aside with the reason
-        _drop(tmp_path, pkgs["untrusted"])
+        drop_in_inbox(tmp_path, pkgs["untrusted"])
         res = await up.check()
         assert "tiny-9.emp" in res.failed and "unknown-signer" in res.failed["tiny-9.emp"]
         assert (tmp_path / "inbox" / "tiny-9.emp.rejected").exists()
@@ -188,7 +157,7 @@ def test_refused_packages_keep_old_version(tmp_path: Path, pkgs: dict[str, Path]
         assert res.installed == {} and "tiny" in res.failed
         # a version whose self-test fails: failed, removed, old version still serving
         assert (tmp_path / "inbox" / "tiny-2.emp.rejected").exists()
-        _drop(tmp_path, pkgs["3"])
+        drop_in_inbox(tmp_path, pkgs["3"])
         res = await up.check()
         assert "tiny" in res.failed and "self-test" in res.failed["tiny"]
         assert reg.get("tiny").version == "1" and store.current("tiny") == "1"
@@ -205,11 +174,11 @@ def test_refused_packages_keep_old_version(tmp_path: Path, pkgs: dict[str, Path]
 
 
 def test_interrupted_update_becomes_failed_at_start(tmp_path: Path, pkgs: dict[str, Path]) -> None:
-    _cfg, store, _reg, _up, _made = _setup(tmp_path, pkgs["trust"])
+    _cfg, store, _reg, _up, _made = updater_setup(tmp_path, pkgs["trust"])
     store.write_journal(
         {"models": {"tiny": {"state": "unpacking", "version": "1", "target": "2", "since": 1.0}}}
     )
-    _cfg, store, _reg, up, _made = _setup(tmp_path, pkgs["trust"])
+    _cfg, store, _reg, up, _made = updater_setup(tmp_path, pkgs["trust"])
     m = up.machines["tiny"]
     assert m.state == "failed" and "interrupted" in (m.error or "")
     assert json.loads(store.journal_path.read_text())["models"]["tiny"]["state"] == "failed"

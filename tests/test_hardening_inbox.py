@@ -44,7 +44,7 @@ from tests.daemon_util import (
     signing_key,
     start_daemon,
 )
-from tests.test_daemon_updater import _drop, _setup
+from tests.helpers import drop_in_inbox, updater_setup
 
 # --- hostile package builders -----------------------------------------------------------
 
@@ -187,12 +187,12 @@ def test_one_bad_file_costs_only_that_file(tmp_path: Path, pkgs: dict[str, Path]
     hostile = _hostile_packages(pkgs["2"], tmp_path / "h")
 
     async def go() -> None:
-        _cfg, store, _reg, up, _made = _setup(tmp_path, pkgs["trust"])
-        _drop(tmp_path, pkgs["1"])
+        _cfg, store, _reg, up, _made = updater_setup(tmp_path, pkgs["trust"])
+        drop_in_inbox(tmp_path, pkgs["1"])
         await up.check()
         for label, p in hostile.items():
             shutil.copy(p, tmp_path / "inbox" / f"{label}.emp")
-        _drop(tmp_path, pkgs["2"])
+        drop_in_inbox(tmp_path, pkgs["2"])
         res = await up.check()
         assert res.installed == {"tiny": "2"}, res.to_dict()
         assert set(res.failed) == {f"{label}.emp" for label in hostile}
@@ -276,11 +276,11 @@ def test_non_regular_and_sparse_refused(tmp_path: Path, pkgs: dict[str, Path]) -
 
 def test_inbox_non_regular_entries_do_not_block(tmp_path: Path, pkgs: dict[str, Path]) -> None:
     async def go() -> None:
-        _cfg, _store, _reg, up, _made = _setup(tmp_path, pkgs["trust"])
+        _cfg, _store, _reg, up, _made = updater_setup(tmp_path, pkgs["trust"])
         inbox = tmp_path / "inbox"
         undo = _plant_non_regular(inbox)
         _sparse(inbox / "sparse.emp")
-        _drop(tmp_path, pkgs["1"])
+        drop_in_inbox(tmp_path, pkgs["1"])
         try:
             res = await asyncio.wait_for(up.check(), 120)
         finally:
@@ -300,8 +300,8 @@ def test_inbox_non_regular_entries_do_not_block(tmp_path: Path, pkgs: dict[str, 
 
 def test_refusal_never_writes_through_planted_links(tmp_path: Path, pkgs: dict[str, Path]) -> None:
     async def go() -> None:
-        _cfg, store, _reg, up, _made = _setup(tmp_path, pkgs["trust"])
-        _drop(tmp_path, pkgs["1"])
+        _cfg, store, _reg, up, _made = updater_setup(tmp_path, pkgs["trust"])
+        drop_in_inbox(tmp_path, pkgs["1"])
         await up.check()
         served = store.version_dir("tiny", "1") / "Model" / "tiny.onnx"
         before = hashlib.sha256(served.read_bytes()).hexdigest()

@@ -34,7 +34,7 @@ from tests.daemon_util import (
     start_daemon,
     write_config,
 )
-from tests.test_daemon_updater import _drop, _setup
+from tests.helpers import drop_in_inbox, updater_setup
 
 
 @pytest.fixture(scope="module")
@@ -65,10 +65,10 @@ def test_whose_fault() -> None:
 
 def test_rollback_with_newer_package_still_in_inbox(tmp_path: Path, pkgs: dict[str, Path]) -> None:
     async def go() -> None:
-        _cfg, store, _reg, up, _made = _setup(tmp_path, pkgs["trust"])
-        _drop(tmp_path, pkgs["1"])
+        _cfg, store, _reg, up, _made = updater_setup(tmp_path, pkgs["trust"])
+        drop_in_inbox(tmp_path, pkgs["1"])
         assert (await up.check()).installed == {"tiny": "1"}
-        _drop(tmp_path, pkgs["2"])
+        drop_in_inbox(tmp_path, pkgs["2"])
         assert (await up.check()).installed == {"tiny": "2"}
         await up.rollback("tiny")
         assert store.current("tiny") == "1" and up.is_bad("tiny", "2")
@@ -77,15 +77,15 @@ def test_rollback_with_newer_package_still_in_inbox(tmp_path: Path, pkgs: dict[s
             assert res.failed == {} and res.unchanged == ["tiny"]
             assert (store.current("tiny"), store.previous("tiny")) == ("1", "2")
         # another model dropped in later installs
-        _drop(tmp_path, pkgs["other-1"])
+        drop_in_inbox(tmp_path, pkgs["other-1"])
         res = await up.check()
         assert res.installed == {"other": "1"} and res.failed == {}
         # the refusal survives a restart (journal)
-        _cfg, store, _reg, up2, _made = _setup(tmp_path, pkgs["trust"])
+        _cfg, store, _reg, up2, _made = updater_setup(tmp_path, pkgs["trust"])
         assert up2.is_bad("tiny", "2")
         assert json.loads(store.journal_path.read_text())["models"]["tiny"]["bad"]["2"]
         # until a newer version appears
-        _drop(tmp_path, pkgs["3"])
+        drop_in_inbox(tmp_path, pkgs["3"])
         res = await up2.check()
         assert res.installed == {"tiny": "3"}, res.to_dict()
 
@@ -94,13 +94,15 @@ def test_rollback_with_newer_package_still_in_inbox(tmp_path: Path, pkgs: dict[s
 
 def test_one_model_failing_never_blocks_another(tmp_path: Path, pkgs: dict[str, Path]) -> None:
     async def go() -> None:
-        _cfg, store, _reg, up, _made = _setup(tmp_path, pkgs["trust"], fail={"2": "self_test"})
-        _drop(tmp_path, pkgs["1"])
+        _cfg, store, _reg, up, _made = updater_setup(
+            tmp_path, pkgs["trust"], fail={"2": "self_test"}
+        )
+        drop_in_inbox(tmp_path, pkgs["1"])
         await up.check()
         # a half-installed directory of the candidate in the way, and a failing self-test
         (store.models_dir / "tiny" / "versions" / "2").mkdir(parents=True)
-        _drop(tmp_path, pkgs["2"])
-        _drop(tmp_path, pkgs["other-1"])
+        drop_in_inbox(tmp_path, pkgs["2"])
+        drop_in_inbox(tmp_path, pkgs["other-1"])
         res = await up.check()
         assert "tiny" in res.failed and "self-test" in res.failed["tiny"]
         assert res.installed == {"other": "1"}
@@ -113,12 +115,12 @@ def test_device_key_permissions_deferred_not_rejected(
     tmp_path: Path, pkgs: dict[str, Path]
 ) -> None:
     async def go() -> None:
-        cfg, store, _reg, up, _made = _setup(tmp_path, pkgs["trust"])
+        cfg, store, _reg, up, _made = updater_setup(tmp_path, pkgs["trust"])
         keys = tmp_path / "devkeys"
         kp = generate_key("device", keys)
         os.chmod(kp.private, 0o644)  # the operator's mistake
         object.__setattr__(cfg.paths, "keys_dir", keys)
-        _drop(tmp_path, pkgs["1"])
+        drop_in_inbox(tmp_path, pkgs["1"])
         res = await up.check()
         assert "key-permissions" in res.failed["tiny"]
         res = await up.check()  # backing off: reported, not tried
@@ -142,16 +144,16 @@ def test_device_key_permissions_deferred_not_rejected(
 _DISK_SCRIPT = """
 import asyncio, json, subprocess, sys
 from pathlib import Path
-from tests.test_daemon_updater import _drop, _setup
+from tests.helpers import drop_in_inbox, updater_setup
 tmp, trust, pkg, mnt = (Path(a) for a in sys.argv[1:5])
 subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=True)
 (mnt / "state").mkdir()
 (tmp / "state").symlink_to(mnt / "state")
 
 async def go():
-    _cfg, store, _reg, up, _made = _setup(tmp, trust)
+    _cfg, store, _reg, up, _made = updater_setup(tmp, trust)
     object.__setattr__(up.cfg.updates, "retry_backoff", 0.0)
-    _drop(tmp, pkg)
+    drop_in_inbox(tmp, pkg)
     first = (await up.check()).to_dict()
     kept = (tmp / "inbox" / pkg.name).exists()
     fix = up.machines["tiny"].fix
@@ -261,8 +263,8 @@ def test_stopping_abandons_reads_without_blame(tmp_path: Path, pkgs: dict[str, P
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
 
     async def go() -> None:
-        _cfg, store, _reg, up, _made = _setup(tmp_path, pkgs["trust"])
-        _drop(tmp_path, pkgs["1"])
+        _cfg, store, _reg, up, _made = updater_setup(tmp_path, pkgs["trust"])
+        drop_in_inbox(tmp_path, pkgs["1"])
         up.stop()
         with pytest.raises(UpdateError) as ei:  # the check itself gives up
             await up.check()
@@ -271,7 +273,7 @@ def test_stopping_abandons_reads_without_blame(tmp_path: Path, pkgs: dict[str, P
         assert not list((tmp_path / "inbox").glob("*.rejected*"))
         assert store.current("tiny") is None and not up.is_bad("tiny", "1")
         # the next start (a fresh updater) installs it
-        _cfg, store, _reg, up2, _made = _setup(tmp_path, pkgs["trust"])
+        _cfg, store, _reg, up2, _made = updater_setup(tmp_path, pkgs["trust"])
         assert (await up2.check()).installed == {"tiny": "1"}
 
     asyncio.run(go())

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import grp
-import json
 import os
 import socket
 import stat
@@ -19,9 +18,8 @@ from typing import Any
 import pytest
 
 from agent.errors import ConfigError
-from agent.serving.http import HTTPLimits, Request, Response, SocketInUseError, UnixHTTPServer
-from tests.emulation import scaled
-from tests.test_kserve import ServerThread, body_of, raw, status_of
+from agent.serving.http import HTTPLimits, SocketInUseError, UnixHTTPServer
+from tests.helpers import Echo, ServerThread, body_of, raw, read_response, status_of, unix_conn
 
 LIMITS = HTTPLimits(
     max_body_bytes=4 * 1024 * 1024,
@@ -34,33 +32,6 @@ LIMITS = HTTPLimits(
 )
 
 
-class Echo:
-    """Answers with what it saw; ``/slow`` waits for ``release`` (set from the test)."""
-
-    def __init__(self) -> None:
-        self.seen: list[Request] = []
-        self.release = threading.Event()
-        self.entered = threading.Event()
-
-    async def __call__(self, req: Request) -> Response:
-        self.seen.append(req)
-        if req.path == "/slow":
-            self.entered.set()
-            while not self.release.is_set():
-                await asyncio.sleep(0.01)
-        if req.path == "/boom":
-            raise RuntimeError("bug")
-        doc = {
-            "method": req.method,
-            "path": req.path,
-            "query": req.query,
-            "len": len(req.body),
-            "sum": sum(req.body[:1000]),
-            "peer": None if req.peer_cred is None else req.peer_cred.pid,
-        }
-        return Response(200, {"content-type": "application/json"}, json.dumps(doc).encode())
-
-
 @pytest.fixture
 def echo_srv(tmp_path: Path) -> Iterator[tuple[ServerThread, Echo]]:
     echo = Echo()
@@ -68,34 +39,6 @@ def echo_srv(tmp_path: Path) -> Iterator[tuple[ServerThread, Echo]]:
     yield srv, echo
     echo.release.set()
     srv.close()
-
-
-def _conn(path: Path) -> socket.socket:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(scaled(5))
-    s.connect(str(path))
-    return s
-
-
-def _read_response(s: socket.socket, buf: bytearray) -> bytes:
-    """Read one full response from ``s`` (leftover bytes stay in ``buf``)."""
-    while True:
-        head, sep, rest = bytes(buf).partition(b"\r\n\r\n")
-        if sep:
-            length = 0
-            for line in head.split(b"\r\n")[1:]:
-                k, _, v = line.partition(b":")
-                if k.lower() == b"content-length":
-                    length = int(v)
-            if len(rest) >= length:
-                total = len(head) + 4 + length
-                out = bytes(buf[:total])
-                del buf[:total]
-                return out
-        chunk = s.recv(65536)
-        if not chunk:
-            raise ConnectionError(f"closed with {bytes(buf)!r}")
-        buf += chunk
 
 
 def _alive(srv: ServerThread) -> None:
@@ -112,19 +55,19 @@ def _closed(s: socket.socket) -> bool:
 
 def test_keep_alive_and_pipelining(echo_srv: tuple[ServerThread, Echo]) -> None:
     srv, echo = echo_srv
-    s = _conn(srv.path)
+    s = unix_conn(srv.path)
     buf = bytearray()
     for i in range(3):
         s.sendall(b"POST /a?q=%d HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc" % i)
-        r = _read_response(s, buf)
+        r = read_response(s, buf)
         assert status_of(r) == 200 and b"connection: keep-alive" in r
         assert body_of(r)["query"] == f"q={i}" and body_of(r)["len"] == 3
     # two pipelined requests in one write, then a third split across writes
     s.sendall(b"GET /p1 HTTP/1.1\r\n\r\nGET /p%202 HTTP/1.1\r\n\r\nGET /p3 HT")
-    assert body_of(_read_response(s, buf))["path"] == "/p1"
-    assert body_of(_read_response(s, buf))["path"] == "/p 2"
+    assert body_of(read_response(s, buf))["path"] == "/p1"
+    assert body_of(read_response(s, buf))["path"] == "/p 2"
     s.sendall(b"TP/1.1\r\nConnection: close\r\n\r\n")
-    r = _read_response(s, buf)
+    r = read_response(s, buf)
     assert body_of(r)["path"] == "/p3" and b"connection: close" in r
     assert _closed(s)
     assert all(req.peer_cred is not None and req.peer_cred.pid == os.getpid() for req in echo.seen)
@@ -134,7 +77,7 @@ def test_keep_alive_and_pipelining(echo_srv: tuple[ServerThread, Echo]) -> None:
 def test_large_body_and_expect_continue(echo_srv: tuple[ServerThread, Echo]) -> None:
     srv, _ = echo_srv
     body = bytes(range(256)) * 8192  # 2 MiB: read straight into its own buffer
-    s = _conn(srv.path)
+    s = unix_conn(srv.path)
     s.sendall(
         b"POST /big HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body)
     )
@@ -144,7 +87,7 @@ def test_large_body_and_expect_continue(echo_srv: tuple[ServerThread, Echo]) -> 
     assert bytes(buf).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
     del buf[: len(b"HTTP/1.1 100 Continue\r\n\r\n")]
     s.sendall(body)
-    doc = body_of(_read_response(s, buf))
+    doc = body_of(read_response(s, buf))
     assert doc["len"] == len(body) and doc["sum"] == sum(body[:1000])
     s.close()
 
@@ -184,10 +127,10 @@ def test_malformed_requests_get_json_4xx(
     echo_srv: tuple[ServerThread, Echo], data: bytes, status: int, code: str
 ) -> None:
     srv, echo = echo_srv
-    s = _conn(srv.path)
+    s = unix_conn(srv.path)
     s.sendall(data)
     buf = bytearray()
-    r = _read_response(s, buf)
+    r = read_response(s, buf)
     assert status_of(r) == status, r
     doc = body_of(r)
     assert doc["code"] == code and doc["error"]
@@ -201,21 +144,21 @@ def test_handler_exception_is_500_and_connection_survives(
     echo_srv: tuple[ServerThread, Echo],
 ) -> None:
     srv, _ = echo_srv
-    s = _conn(srv.path)
+    s = unix_conn(srv.path)
     buf = bytearray()
     s.sendall(b"GET /boom HTTP/1.1\r\n\r\n")
-    r = _read_response(s, buf)
+    r = read_response(s, buf)
     assert status_of(r) == 500 and body_of(r)["code"] == "internal"
     s.sendall(b"GET /after HTTP/1.1\r\n\r\n")
-    assert body_of(_read_response(s, buf))["path"] == "/after"
+    assert body_of(read_response(s, buf))["path"] == "/after"
     s.close()
 
 
 def test_slow_headers_get_408_then_close(echo_srv: tuple[ServerThread, Echo]) -> None:
     srv, echo = echo_srv
-    s = _conn(srv.path)
+    s = unix_conn(srv.path)
     s.sendall(b"GET / HTTP/1.1\r\nX-Slow: ")  # ... and never finishes (slowloris)
-    r = _read_response(s, bytearray())
+    r = read_response(s, bytearray())
     assert status_of(r) == 408 and body_of(r)["code"] == "header-timeout"
     assert _closed(s)
     s.close()
@@ -226,20 +169,20 @@ def test_slow_headers_get_408_then_close(echo_srv: tuple[ServerThread, Echo]) ->
 def test_lying_content_length(echo_srv: tuple[ServerThread, Echo]) -> None:
     srv, echo = echo_srv
     # shorter body than declared: the server waits, then 408 and close
-    s = _conn(srv.path)
+    s = unix_conn(srv.path)
     s.sendall(b"POST /x HTTP/1.1\r\nContent-Length: 100\r\n\r\nonly-this")
-    r = _read_response(s, bytearray())
+    r = read_response(s, bytearray())
     assert status_of(r) == 408 and body_of(r)["code"] == "body-timeout"
     assert _closed(s)
     s.close()
     assert not echo.seen
     # longer: the next request's bytes are swallowed as body; what is left is garbage
-    s = _conn(srv.path)
+    s = unix_conn(srv.path)
     s.sendall(b"POST /x HTTP/1.1\r\nContent-Length: 10\r\n\r\nabcGET /y HTTP/1.1\r\n\r\n")
     buf = bytearray()
-    first = body_of(_read_response(s, buf))
+    first = body_of(read_response(s, buf))
     assert first["path"] == "/x" and first["len"] == 10
-    r = _read_response(s, buf)
+    r = read_response(s, buf)
     assert status_of(r) == 400 and body_of(r)["code"] == "bad-request-line"
     assert _closed(s)
     s.close()
@@ -253,28 +196,28 @@ def test_max_connections_and_no_leak(tmp_path: Path) -> None:
     srv = ServerThread(tmp_path / "c.sock", Echo(), limits=limits)
     try:
         cap = limits.pid_cap  # all connections below come from this one process
-        busy = [_conn(srv.path) for _ in range(cap)]
+        busy = [unix_conn(srv.path) for _ in range(cap)]
         for s in busy:  # a request line without its end: the slot is in use
             s.sendall(b"GET /x HTTP/1.1\r\n")
         for _ in range(500):  # until the server has read every one of them
             if sum(not c.idle for c in list(srv.server._conns)) == cap:
                 break
             time.sleep(0.01)
-        extra = _conn(srv.path)
-        r = _read_response(extra, bytearray())
+        extra = unix_conn(srv.path)
+        r = read_response(extra, bytearray())
         assert status_of(r) == 503 and body_of(r)["code"] == "too-many-connections"
         extra.close()
         for s in busy:
             s.close()
-        idle = [_conn(srv.path) for _ in range(cap)]
+        idle = [unix_conn(srv.path) for _ in range(cap)]
         for _ in range(500):
             if srv.server.connections == cap:
                 break
             time.sleep(0.01)
-        newest = _conn(srv.path)
+        newest = unix_conn(srv.path)
         assert _closed(idle[0])  # the oldest idle connection made room
         newest.sendall(b"GET /ok HTTP/1.1\r\n\r\n")
-        assert status_of(_read_response(newest, bytearray())) == 200
+        assert status_of(read_response(newest, bytearray())) == 200
         for s in [*idle, newest]:
             s.close()
         for _ in range(500):
@@ -335,8 +278,8 @@ def test_stale_socket_replaced_live_refused(tmp_path: Path) -> None:
 def test_close_drains_in_flight_and_closes_idle(tmp_path: Path) -> None:
     echo = Echo()
     srv = ServerThread(tmp_path / "d.sock", echo, limits=LIMITS)
-    idle = _conn(srv.path)
-    busy = _conn(srv.path)
+    idle = unix_conn(srv.path)
+    busy = unix_conn(srv.path)
     busy.sendall(b"GET /slow HTTP/1.1\r\n\r\n")
     assert echo.entered.wait(5)
     result: dict[str, Any] = {}
@@ -351,9 +294,9 @@ def test_close_drains_in_flight_and_closes_idle(tmp_path: Path) -> None:
     time.sleep(0.1)
     assert "closed" not in result  # still draining
     with pytest.raises((ConnectionRefusedError, FileNotFoundError)):
-        _conn(srv.path)  # no longer accepting
+        unix_conn(srv.path)  # no longer accepting
     echo.release.set()
-    r = _read_response(busy, bytearray())
+    r = read_response(busy, bytearray())
     assert status_of(r) == 200 and b"connection: close" in r
     t.join(10)
     assert result.get("closed")
@@ -377,11 +320,11 @@ def test_http10_and_flood_of_bad_requests_leaves_nothing(
     srv, echo = echo_srv
     r = raw(srv.path, b"GET /old HTTP/1.0\r\n\r\n")
     assert status_of(r) == 200 and b"connection: close" in r
-    s = _conn(srv.path)
+    s = unix_conn(srv.path)
     buf = bytearray()
     for _ in range(2):
         s.sendall(b"GET /ka HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
-        assert b"connection: keep-alive" in _read_response(s, buf)
+        assert b"connection: keep-alive" in read_response(s, buf)
     s.close()
     bad = [
         b"\x00\x01\x02\r\n\r\n",

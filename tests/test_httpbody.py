@@ -22,8 +22,7 @@ from agent.serving.httpbody import (
     decode_content,
     transfer_length,
 )
-from tests.test_http import Echo, _conn, _read_response
-from tests.test_kserve import ServerThread, body_of, status_of
+from tests.helpers import Echo, ServerThread, body_of, read_response, status_of, unix_conn
 
 
 def chunked(body: bytes, size: int = 7, trailer: bytes = b"") -> bytes:
@@ -146,15 +145,15 @@ def _sum(b: bytes) -> int:
 @pytest.mark.parametrize("size", [1, 100, 70_000])
 def test_chunked_body_on_a_kept_alive_connection(srv: ServerThread, size: int) -> None:
     body = bytes(range(256)) * 1000
-    s = _conn(srv.path)
+    s = unix_conn(srv.path)
     buf = bytearray()
     stream = chunked(body, size)
     s.sendall(b"POST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n" + stream[:5000])
     s.sendall(stream[5000:] + b"GET /after HTTP/1.1\r\n\r\n")
-    r = _read_response(s, buf)
+    r = read_response(s, buf)
     assert status_of(r) == 200 and body_of(r)["len"] == len(body)
     assert body_of(r)["sum"] == _sum(body)
-    r = _read_response(s, buf)
+    r = read_response(s, buf)
     assert body_of(r)["path"] == "/after"
     s.close()
 
@@ -162,19 +161,19 @@ def test_chunked_body_on_a_kept_alive_connection(srv: ServerThread, size: int) -
 def test_gzip_body_and_head(srv: ServerThread) -> None:
     body = json.dumps({"k": list(range(1000))}).encode()
     z = gzip.compress(body)
-    s = _conn(srv.path)
+    s = unix_conn(srv.path)
     buf = bytearray()
     s.sendall(
         b"POST /z HTTP/1.1\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n" % len(z) + z
     )
-    r = _read_response(s, buf)
+    r = read_response(s, buf)
     assert status_of(r) == 200 and body_of(r)["len"] == len(body)
     # chunked and gzip together: the transfer coding first, then the content coding
     s.sendall(
         b"POST /zc HTTP/1.1\r\nContent-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n"
         + chunked(z, 333)
     )
-    assert body_of(_read_response(s, buf))["len"] == len(body)
+    assert body_of(read_response(s, buf))["len"] == len(body)
     # HEAD: the headers with the body's length, no body; the connection stays usable
     s.sendall(b"HEAD /h HTTP/1.1\r\n\r\nGET /g HTTP/1.1\r\n\r\n")
     data = b""
@@ -188,12 +187,12 @@ def test_gzip_body_and_head(srv: ServerThread) -> None:
 
 def test_zip_bomb_over_the_socket_is_413(srv: ServerThread) -> None:
     bomb = gzip.compress(b"\0" * (8 << 20))
-    s = _conn(srv.path)
+    s = unix_conn(srv.path)
     s.sendall(
         b"POST /b HTTP/1.1\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n" % len(bomb)
         + bomb
     )
-    r = _read_response(s, bytearray())
+    r = read_response(s, bytearray())
     assert status_of(r) == 413 and body_of(r)["code"] == "payload-too-large"
     s.close()
     s2 = socket.socket(socket.AF_UNIX)

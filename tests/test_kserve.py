@@ -9,7 +9,7 @@ import shutil
 import socket
 import subprocess
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -24,152 +24,19 @@ from agent.errors import (
     ModelNotReadyError,
     OverloadedError,
 )
-from agent.serving.http import HTTPLimits, Request, UnixHTTPServer
 from agent.serving.kserve import InferenceApp
+from tests.helpers import (
+    DictRegistry,
+    EchoModel,
+    OrtModel,
+    ServerThread,
+    body_of,
+    raw,
+    status_of,
+    tiny_onnx,
+)
 
 # --- test doubles over real parts ------------------------------------------------------
-
-
-def tiny_onnx(path: Path, width: int = 4) -> Path:
-    """y = x * 2 + 1 (FP32 [-1, width]); n = argmax-free int64 passthrough of k."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])
-    k = helper.make_tensor_value_info("k", TensorProto.INT64, ["N"])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", width])
-    n = helper.make_tensor_value_info("n", TensorProto.INT64, ["N"])
-    two = helper.make_tensor("two", TensorProto.FLOAT, [], [2.0])
-    one = helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])
-    nodes = [
-        helper.make_node("Mul", ["x", "two"], ["t"]),
-        helper.make_node("Add", ["t", "one"], ["y"]),
-        helper.make_node("Identity", ["k"], ["n"]),
-    ]
-    graph = helper.make_graph(nodes, "tiny", [x, k], [y, n], initializer=[two, one])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 10
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    return path
-
-
-_V2 = {"tensor(float)": "FP32", "tensor(int64)": "INT64"}
-
-
-class OrtModel:
-    """A ServedModel over an in-process onnxruntime session."""
-
-    def __init__(self, name: str, version: str, path: Path) -> None:
-        import onnxruntime as ort
-
-        self.name = name
-        self.version = version
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = 1
-        self.sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        self.out_names = [o.name for o in self.sess.get_outputs()]
-        self.ready = True
-        self.parameters: list[dict[str, Any]] = []
-
-    def metadata(self) -> dict[str, Any]:
-        def spec(t: Any) -> dict[str, Any]:
-            shape = [d if isinstance(d, int) else -1 for d in t.shape]
-            return {"name": t.name, "datatype": _V2[t.type], "shape": shape}
-
-        return {
-            "name": self.name,
-            "versions": [self.version],
-            "platform": "onnxruntime",
-            "inputs": [spec(t) for t in self.sess.get_inputs()],
-            "outputs": [spec(t) for t in self.sess.get_outputs()],
-        }
-
-    def lender(self) -> None:  # every request is answered by the server
-        return None
-
-    async def infer(self, inputs: dict[str, Any], parameters: dict[str, Any]) -> dict[str, Any]:
-        self.parameters.append(parameters)
-        return dict(zip(self.out_names, self.sess.run(None, inputs), strict=True))
-
-
-class EchoModel:
-    """Returns every input as ``<name>_out``; no input metadata (any dtype passes)."""
-
-    def __init__(self, name: str = "echo", version: str = "1") -> None:
-        self.name = name
-        self.version = version
-        self.ready = True
-        self.gate: asyncio.Event | None = None
-        self.started = threading.Event()
-        self.running = 0
-
-    def metadata(self) -> dict[str, Any]:
-        return {"name": self.name, "versions": [self.version], "platform": "echo"}
-
-    def lender(self) -> None:  # every request is answered by the server
-        return None
-
-    async def infer(self, inputs: dict[str, Any], parameters: dict[str, Any]) -> dict[str, Any]:
-        self.running += 1
-        self.started.set()
-        try:
-            if self.gate is not None:
-                await self.gate.wait()
-            if parameters.get("sleep"):
-                await asyncio.sleep(float(parameters["sleep"]))
-            return {f"{k}_out": v for k, v in inputs.items()}
-        finally:
-            self.running -= 1
-
-
-class DictRegistry:
-    def __init__(self, *models: Any) -> None:
-        self.routes = {m.name: m for m in models}
-
-    def models(self) -> list[Any]:
-        return list(self.routes.values())
-
-    def get(self, name: str, version: str | None = None) -> Any:
-        m = self.routes.get(name)
-        if m is None:
-            raise ModelNotFoundError(f"model {name!r} is not loaded")
-        if version is not None and version != m.version:
-            raise ModelNotFoundError(f"model {name!r} version {version!r} is not served")
-        return m
-
-
-class ServerThread:
-    """A UnixHTTPServer running on its own event loop in a background thread."""
-
-    def __init__(
-        self,
-        path: Path,
-        handler: Callable[[Request], Any],
-        *,
-        limits: HTTPLimits | None = None,
-        mode: int = 0o660,
-        group: str | None = None,
-    ) -> None:
-        self.path = path
-        self.loop = asyncio.new_event_loop()
-        self.server = UnixHTTPServer(
-            path, handler, limits=limits or HTTPLimits(), mode=mode, group=group
-        )
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.call(self.server.start())
-
-    def call(self, coro: Any, timeout: float = 30.0) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self, drain: float = 5.0) -> None:
-        try:
-            self.call(self.server.close(drain))
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(10)
-            self.loop.close()
 
 
 @pytest.fixture(scope="module")
@@ -184,45 +51,6 @@ def stack(tmp_path: Path, tiny_model: Path) -> Iterator[tuple[ServerThread, Dict
     srv = ServerThread(tmp_path / "infer.sock", app)
     yield srv, reg
     srv.close()
-
-
-def raw(path: Path, data: bytes, *, timeout: float = 5.0) -> bytes:
-    """Send bytes, read until the server closes or a full response is in."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
-    s.connect(str(path))
-    s.sendall(data)
-    out = b""
-    try:
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            out += chunk
-            if _complete(out):
-                break
-    finally:
-        s.close()
-    return out
-
-
-def _complete(buf: bytes) -> bool:
-    head, sep, body = buf.partition(b"\r\n\r\n")
-    if not sep:
-        return False
-    for line in head.split(b"\r\n")[1:]:
-        k, _, v = line.partition(b":")
-        if k.strip().lower() == b"content-length":
-            return len(body) >= int(v)
-    return True
-
-
-def status_of(resp: bytes) -> int:
-    return int(resp.split(b" ", 2)[1])
-
-
-def body_of(resp: bytes) -> Any:
-    return json.loads(resp.partition(b"\r\n\r\n")[2])
 
 
 # --- endpoints -------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import pytest
 from agent import meta
 from agent.errors import MetaInfoError
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "configs" / "packages" / "ppocr-det"
+EXAMPLE = Path(__file__).resolve().parent.parent / "agent" / "examples" / "ppocr-det"
 
 
 def test_example_meta_is_valid() -> None:

@@ -9,52 +9,12 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from agent.errors import ModelNotFoundError, RuntimeBackendError
 from agent.serving.registry import LATENCY_BUCKETS, ModelRegistry, WorkerLike
-
-
-class StandInWorker:
-    def __init__(self, name: str, version: str, model_dir: Path, *, fail: str = "") -> None:
-        self.name, self.version, self.model_dir = name, version, model_dir
-        self.state = "new"
-        self.pid: int | None = None
-        self.fail = fail
-        self.served = 0
-        self.lending = None  # every request is relayed (no LendingWorker)
-
-    def start(self, timeout: float = 120.0) -> None:
-        if self.fail == "start":
-            raise RuntimeBackendError("cannot load", code="backend")
-        self.state, self.pid = "ready", 1234
-
-    async def apredict(self, inputs: Any, timeout: float | None = None) -> Any:
-        if self.state != "ready":
-            raise RuntimeBackendError(f"worker {self.version} is {self.state}", code="worker")
-        await asyncio.sleep(0.002)
-        if self.state != "ready":
-            raise RuntimeBackendError("stopped mid-request", code="worker")
-        self.served += 1
-        return {"y": self.version}
-
-    def metadata(self) -> dict[str, Any]:
-        return {"name": self.name, "platform": "stand-in", "inputs": [], "outputs": []}
-
-    def self_test(self) -> None:
-        if self.fail == "self_test":
-            raise RuntimeBackendError("sample mismatch", code="self-test")
-
-    def stop(self, drain_timeout: float = 10.0) -> None:
-        self.state = "stopped"
-
-    def rss_bytes(self) -> int:
-        return 1000
-
-    def stats(self) -> dict[str, Any]:
-        return {"restarts": 0}
+from tests.helpers import StandInWorker
 
 
 def _registry(fail: dict[str, str] | None = None) -> tuple[ModelRegistry, list[StandInWorker]]:

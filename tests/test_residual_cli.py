@@ -11,12 +11,12 @@ import pytest
 
 from agent.cli import main
 from agent.residual import weights_digest
-from tests.test_residual_tflite import _perturb
+from tests.helpers import perturb
 
 
 @pytest.fixture
 def models(face_tflite: Path, tmp_path: Path) -> tuple[Path, Path]:
-    return face_tflite, _perturb(face_tflite, tmp_path / "v2.tflite", 0.02, 7)
+    return face_tflite, perturb(face_tflite, tmp_path / "v2.tflite", 0.02, 7)
 
 
 def test_diff_patch_digest(

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from agent.errors import EdgewardError
 from agent.residual import apply_patch, encode_patch, weights_digest
 from agent.residual.layout import scan
-from tests.test_residual_tflite import build_fc_int8
+from tests.helpers import build_fc_int8
 
 FUZZ = settings(
     max_examples=150,

@@ -9,14 +9,13 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-import flatbuffers  # type: ignore[import-untyped]
 import numpy as np
 import pytest
 
 from agent.errors import BaseMismatchError
-from agent.residual import apply_patch, encode_patch, quant, weights_digest
-from agent.residual.layout import scan
+from agent.residual import apply_patch, encode_patch, weights_digest
 from tests.assets import _wheel
+from tests.helpers import build_fc_int8, perturb
 
 
 def _interp(path: Path) -> Any:
@@ -37,21 +36,6 @@ def _run(path: Path, x: np.ndarray[Any, Any]) -> list[np.ndarray[Any, Any]]:
 def _cos(a: np.ndarray[Any, Any], b: np.ndarray[Any, Any]) -> float:
     x, y = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
     return float(x @ y / np.linalg.norm(x) / np.linalg.norm(y))
-
-
-def _perturb(src: Path, dst: Path, scale: float, seed: int) -> Path:
-    """Copy with every float weight buffer (≥ 16 values) nudged in place."""
-    data = bytearray(src.read_bytes())
-    rng = np.random.default_rng(seed)
-    for h in scan(src).holes:
-        if h.dtype not in (quant.F32, quant.F16) or h.nbytes < 64:
-            continue
-        dt = "<f4" if h.dtype == quant.F32 else "<f2"
-        a = np.frombuffer(data, dt, h.nbytes // np.dtype(dt).itemsize, h.offset).astype(np.float32)
-        a += rng.normal(0, 1, a.shape).astype(np.float32) * np.float32(scale * np.abs(a).mean())
-        data[h.offset : h.offset + h.nbytes] = a.astype(dt).tobytes()
-    dst.write_bytes(bytes(data))
-    return dst
 
 
 def _round_trip(base: Path, target: Path, work: Path, **kw: Any) -> tuple[Any, int, Path]:
@@ -83,7 +67,7 @@ def recrop(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_float16_hand_landmark(hand_tflite: Path, tmp_path: Path) -> None:
-    target = _perturb(hand_tflite, tmp_path / "t.tflite", 0.02, 1)
+    target = perturb(hand_tflite, tmp_path / "t.tflite", 0.02, 1)
     x = np.random.default_rng(0).uniform(0, 1, (1, 224, 224, 3)).astype(np.float32)
     want, base_out = _run(target, x), _run(hand_tflite, x)
     assert not np.allclose(want[0], base_out[0])  # the perturbed buffers are weights
@@ -95,7 +79,7 @@ def test_float16_hand_landmark(hand_tflite: Path, tmp_path: Path) -> None:
 
 
 def test_float32_recrop_int4_and_fidelity(recrop: Path, tmp_path: Path) -> None:
-    target = _perturb(recrop, tmp_path / "t.tflite", 0.02, 2)
+    target = perturb(recrop, tmp_path / "t.tflite", 0.02, 2)
     x = np.random.default_rng(1).uniform(0, 1, (1, 256, 256, 3)).astype(np.float32)
     samples = tmp_path / "samples"
     samples.mkdir()
@@ -104,137 +88,6 @@ def test_float32_recrop_int4_and_fidelity(recrop: Path, tmp_path: Path) -> None:
     assert info.stats["q4"] > 40 and size < 0.3 * target.stat().st_size
     assert _cos(_run(target, x)[0], _run(out, x)[0]) > 0.999
     assert info.fidelity is not None and info.fidelity["cosine_min"] > 0.999
-
-
-def _vec(b: flatbuffers.Builder, items: list[Any], kind: str) -> int:
-    if kind == "table":
-        b.StartVector(4, len(items), 4)
-        for x in reversed(items):
-            b.PrependUOffsetTRelative(x)
-        return int(b.EndVector())
-    fmt = {
-        "i32": b.PrependInt32,
-        "u8": b.PrependUint8,
-        "f32": b.PrependFloat32,
-        "i64": b.PrependInt64,
-    }[kind]
-    size = {"i32": 4, "u8": 1, "f32": 4, "i64": 8}[kind]
-    b.StartVector(size, len(items), max(size, 4) if kind == "u8" else size)
-    for x in reversed(items):
-        fmt(x)
-    return int(b.EndVector())
-
-
-def build_fc_int8(
-    w: np.ndarray[Any, Any], bias: np.ndarray[Any, Any], path: Path, *, external: bool = False
-) -> Path:
-    """Int8 FULLY_CONNECTED x int8 [1,K] → y int8 [1,N] with int8 weights [N,K] and an
-    int32 bias; ``external`` puts the payloads after the flatbuffer (offset/size)."""
-    if not external:
-        path.write_bytes(_build(w, bias, None))
-        return path
-    payloads = [w.astype(np.int8).tobytes(), bias.astype("<i4").tobytes()]
-    size = len(_build(w, bias, [(1 << 40, 1)] * 2))
-    offs, pos = [], -(-size // 64) * 64
-    for p in payloads:
-        offs.append((pos, len(p)))
-        pos = -(-(pos + len(p)) // 64) * 64
-    fb = _build(w, bias, offs)
-    assert len(fb) == size
-    out = bytearray(fb)
-    for (o, _n), p in zip(offs, payloads, strict=True):
-        out += bytes(o - len(out))
-        out += p
-    path.write_bytes(bytes(out))
-    return path
-
-
-def _build(
-    w: np.ndarray[Any, Any], bias: np.ndarray[Any, Any], offsets: list[tuple[int, int]] | None
-) -> bytes:
-    """The flatbuffer; payloads inline, or at the given (offset, size) after it."""
-    n, k = w.shape
-    b = flatbuffers.Builder(1024)
-    payloads = [b"", w.astype(np.int8).tobytes(), bias.astype("<i4").tobytes()]
-    bufs = []
-    for i, p in enumerate(payloads):
-        if p and offsets is None:
-            b.StartVector(1, len(p), 16)
-            for byte in reversed(p):
-                b.PrependUint8(byte)
-            data = b.EndVector()
-        else:
-            data = None
-        b.StartObject(3)
-        if data is not None:
-            b.PrependUOffsetTRelativeSlot(0, data, 0)
-        if offsets is not None and i:
-            b.ForceDefaults(True)
-            b.PrependUint64Slot(1, offsets[i - 1][0], 0)
-            b.PrependUint64Slot(2, offsets[i - 1][1], 0)
-            b.ForceDefaults(False)
-        bufs.append(b.EndObject())
-    # tensors: 0 x, 1 w, 2 bias, 3 y
-    specs = [
-        ("x", [1, k], 9, 0, 0.05, 0),
-        ("w", [n, k], 9, 1, 0.01, 0),
-        ("bias", [n], 2, 2, 0.0005, 0),
-        ("y", [1, n], 9, 0, 0.1, 3),
-    ]
-    tensors = []
-    for name, shape, ttype, buf, scale, zp in specs:
-        nm = b.CreateString(name)
-        sh = _vec(b, shape, "i32")
-        sc = _vec(b, [scale], "f32")
-        zpv = _vec(b, [zp], "i64")
-        b.StartObject(7)
-        b.PrependUOffsetTRelativeSlot(2, sc, 0)
-        b.PrependUOffsetTRelativeSlot(3, zpv, 0)
-        q = b.EndObject()
-        b.StartObject(8)
-        b.PrependUOffsetTRelativeSlot(0, sh, 0)
-        b.PrependInt8Slot(1, ttype, 0)
-        b.PrependUint32Slot(2, buf, 0)
-        b.PrependUOffsetTRelativeSlot(3, nm, 0)
-        b.PrependUOffsetTRelativeSlot(4, q, 0)
-        tensors.append(b.EndObject())
-    tv = _vec(b, tensors, "table")
-    ins = _vec(b, [0, 1, 2], "i32")
-    outs = _vec(b, [3], "i32")
-    b.StartObject(10)
-    b.PrependUint32Slot(0, 0, 0)
-    b.PrependUOffsetTRelativeSlot(1, ins, 0)
-    b.PrependUOffsetTRelativeSlot(2, outs, 0)
-    op = b.EndObject()
-    opv = _vec(b, [op], "table")
-    gi = _vec(b, [0], "i32")
-    go = _vec(b, [3], "i32")
-    name = b.CreateString("main")
-    b.StartObject(5)
-    b.PrependUOffsetTRelativeSlot(0, tv, 0)
-    b.PrependUOffsetTRelativeSlot(1, gi, 0)
-    b.PrependUOffsetTRelativeSlot(2, go, 0)
-    b.PrependUOffsetTRelativeSlot(3, opv, 0)
-    b.PrependUOffsetTRelativeSlot(4, name, 0)
-    sg = b.EndObject()
-    sgv = _vec(b, [sg], "table")
-    b.StartObject(4)
-    b.PrependInt8Slot(0, 9, 0)  # deprecated_builtin_code FULLY_CONNECTED
-    b.PrependInt32Slot(2, 1, 1)
-    b.PrependInt32Slot(3, 9, 0)
-    oc = b.EndObject()
-    ocv = _vec(b, [oc], "table")
-    bv = _vec(b, bufs, "table")
-    desc = b.CreateString("edgeward test int8 fc")
-    b.StartObject(8)
-    b.PrependUint32Slot(0, 3, 0)
-    b.PrependUOffsetTRelativeSlot(1, ocv, 0)
-    b.PrependUOffsetTRelativeSlot(2, sgv, 0)
-    b.PrependUOffsetTRelativeSlot(3, desc, 0)
-    b.PrependUOffsetTRelativeSlot(4, bv, 0)
-    model = b.EndObject()
-    b.Finish(model, file_identifier=b"TFL3")
-    return bytes(b.Output())
 
 
 @pytest.mark.parametrize("external", [False, True], ids=["inline", "offset-buffers"])
@@ -256,7 +109,7 @@ def test_int8_integer_delta_is_exact(tmp_path: Path, external: bool) -> None:
 def test_tflite_patch_refuses_other_base(
     hand_tflite: Path, face_tflite: Path, tmp_path: Path
 ) -> None:
-    target = _perturb(face_tflite, tmp_path / "t.tflite", 0.02, 4)
+    target = perturb(face_tflite, tmp_path / "t.tflite", 0.02, 4)
     buf = io.BytesIO()
     info = encode_patch(face_tflite, target, buf)
     with pytest.raises(BaseMismatchError) as e:

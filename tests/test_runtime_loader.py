@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import stat
 import subprocess
-import textwrap
 import threading
 from pathlib import Path
 from typing import Any
@@ -23,65 +21,13 @@ import pytest
 from agent.errors import ConverterError, MetaInfoError, RuntimeBackendError
 from runtime import RuntimeConfig, open_model, self_test
 from runtime.converter import find_package_converter
-
-ROOT = Path(__file__).resolve().parent.parent
-EXAMPLE_PROGRAM = ROOT / "configs" / "packages" / "ppocr-det" / "Program"
-
-
-def make_package(
-    root: Path,
-    model: Path,
-    *,
-    name: str = "m",
-    version: str = "1",
-    backend: str | None = None,
-    entry: str | None = None,
-    runtime_config: dict[str, Any] | None = None,
-    converter_config: dict[str, Any] | None = None,
-    converter: str | None = None,
-    run_script: str | None = None,
-    samples: dict[str, dict[str, np.ndarray]] | None = None,
-) -> Path:
-    """Write an unpacked package: manifest.json, Meta-info/, Model/<entry>, Program/."""
-    entry = entry or model.name
-    (root / "Model").mkdir(parents=True)
-    (root / "Meta-info").mkdir()
-    shutil.copyfile(model, root / "Model" / entry)
-    (root / "manifest.json").write_text(
-        json.dumps({"name": name, "version": version, "models": [{"id": 0, "name": entry}]})
-    )
-    rc = dict(runtime_config or {})
-    if backend:
-        rc["backend"] = backend
-    tech: dict[str, Any] = {"runtime_config": rc}
-    if converter_config is not None:
-        tech["converter_config"] = converter_config
-    (root / "Meta-info" / "technicalinfo.json").write_text(json.dumps(tech))
-    (root / "Meta-info" / "managementinfo.json").write_text(json.dumps({"name": name}))
-    if converter is not None:
-        cdir = root / "Program" / "Library" / "converter"
-        cdir.mkdir(parents=True)
-        (cdir / "convert.py").write_text(textwrap.dedent(converter))
-    if run_script is not None:
-        sdir = root / "Program" / "Scripts"
-        sdir.mkdir(parents=True, exist_ok=True)
-        (sdir / "run.py").write_text(textwrap.dedent(run_script))
-    if samples:
-        sd = root / "Meta-info" / "samples"
-        sd.mkdir()
-        for fname, arrays in samples.items():
-            np.savez(sd / fname, **arrays)  # type: ignore[arg-type]
-    return root
+from tests.helpers import CLS_OUT, CLS_X, EXAMPLE_PROGRAM, make_package
 
 
 def _ort(model: Path, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     s = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     names = [o.name for o in s.get_outputs()]
     return dict(zip(names, s.run(names, feed), strict=True))
-
-
-CLS_X = np.random.default_rng(7).random((1, 3, 48, 192), dtype=np.float32)
-CLS_OUT = "save_infer_model/scale_0.tmp_1"
 
 
 def test_open_onnx_cache_reused(tmp_path: Path, ppocr_cls: Path) -> None:

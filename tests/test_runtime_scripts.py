@@ -12,7 +12,7 @@ import pytest
 
 from agent.errors import InvalidInputError, RunScriptError
 from runtime import RuntimeConfig, open_model, self_test
-from tests.test_runtime_loader import EXAMPLE_PROGRAM, make_package
+from tests.helpers import EXAMPLE_PROGRAM, make_package
 
 
 def _png_module() -> Any:

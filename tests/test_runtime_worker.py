@@ -20,33 +20,9 @@ from agent.errors import (
 )
 from agent.serving.worker import ModelWorker
 from runtime import RuntimeConfig, open_model
-from tests.test_runtime_loader import make_package
+from tests.helpers import L, make_package, toy_worker
 
-L = "tests.test_runtime_worker_loaders"
 CLS_X = np.random.default_rng(7).random((1, 3, 48, 192), dtype=np.float32)
-
-
-def _toy(tmp_path: Path, **kw: object) -> ModelWorker:
-    d = tmp_path / "toy"
-    d.mkdir(exist_ok=True)
-    return ModelWorker(
-        "toy",
-        "1",
-        d,
-        RuntimeConfig(),
-        cache_dir=tmp_path / "c",
-        loader=f"{L}:toy",
-        self_test_fn=f"{L}:toy_self_test",
-        restart_backoff=(0.05, 0.5),
-        **kw,  # type: ignore[arg-type]
-    )
-
-
-def _wait_state(w: ModelWorker, state: str, limit: float = 30.0) -> None:
-    end = time.monotonic() + limit
-    while w.state != state and time.monotonic() < end:
-        time.sleep(0.02)
-    assert w.state == state
 
 
 def test_onnx_same_outputs_large_via_shm(tmp_path: Path, ppocr_det: Path) -> None:
@@ -100,7 +76,7 @@ def test_tflite_same_outputs(tmp_path: Path, hand_tflite: Path) -> None:
 
 
 def test_kill_9_in_flight_fail_then_restart(tmp_path: Path) -> None:
-    w = _toy(tmp_path)
+    w = toy_worker(tmp_path)
     w.start()
     try:
         pid0 = w.pid
@@ -137,7 +113,7 @@ def test_kill_9_in_flight_fail_then_restart(tmp_path: Path) -> None:
 
 
 def test_stream_survives_kill(tmp_path: Path) -> None:
-    w = _toy(tmp_path)
+    w = toy_worker(tmp_path)
     w.start()
     try:
         ok, failed = 0, 0
@@ -157,7 +133,7 @@ def test_stream_survives_kill(tmp_path: Path) -> None:
 
 
 def test_child_errors_keep_class_and_code(tmp_path: Path) -> None:
-    w = _toy(tmp_path)
+    w = toy_worker(tmp_path)
     w.start()
     try:
         with pytest.raises(InvalidInputError) as ei:
@@ -174,7 +150,7 @@ def test_child_errors_keep_class_and_code(tmp_path: Path) -> None:
 
 
 def test_segfault_loader_is_clear_error(tmp_path: Path) -> None:
-    w = _toy(tmp_path)
+    w = toy_worker(tmp_path)
     w.loader = f"{L}:segfault"
     with pytest.raises(WorkerError) as ei:
         w.start(timeout=60)
@@ -185,7 +161,7 @@ def test_segfault_loader_is_clear_error(tmp_path: Path) -> None:
 
 
 def test_failing_start_carries_child_error(tmp_path: Path) -> None:
-    w = _toy(tmp_path)
+    w = toy_worker(tmp_path)
     w.loader = f"{L}:failing"
     with pytest.raises(WorkerError) as ei:
         w.start(timeout=60)
@@ -193,7 +169,7 @@ def test_failing_start_carries_child_error(tmp_path: Path) -> None:
 
 
 def test_memory_cap_restarts(tmp_path: Path) -> None:
-    w = _toy(tmp_path, memory_limit_bytes=200 << 20)
+    w = toy_worker(tmp_path, memory_limit_bytes=200 << 20)
     w.start()
     try:
         pid0 = w.pid
@@ -208,7 +184,7 @@ def test_memory_cap_restarts(tmp_path: Path) -> None:
 
 
 def test_stop_drains(tmp_path: Path) -> None:
-    w = _toy(tmp_path)
+    w = toy_worker(tmp_path)
     w.start()
     res: list[object] = []
     t = threading.Thread(
@@ -230,7 +206,7 @@ def test_stop_drains(tmp_path: Path) -> None:
 
 
 def test_apredict_concurrent_more_than_slots(tmp_path: Path) -> None:
-    w = _toy(tmp_path, max_concurrency=2)
+    w = toy_worker(tmp_path, max_concurrency=2)
     w.start()
 
     async def many() -> list[dict[str, np.ndarray]]:
@@ -246,7 +222,7 @@ def test_apredict_concurrent_more_than_slots(tmp_path: Path) -> None:
 
 
 def test_restart_after_stop_gets_fresh_arena(tmp_path: Path) -> None:
-    w = _toy(tmp_path)
+    w = toy_worker(tmp_path)
     w.start()
     w.stop()
     w.start()
@@ -280,7 +256,7 @@ def test_loop_mode_replies_read_by_the_event_loop(tmp_path: Path) -> None:
 
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
-        w = _toy(tmp_path, loop=loop, max_concurrency=2)
+        w = toy_worker(tmp_path, loop=loop, max_concurrency=2)
         await loop.run_in_executor(None, w.start)
         try:
             assert not any(t.name == "worker-toy" for t in threading.enumerate())
@@ -328,7 +304,7 @@ def test_thread_mode_callers_read_replies_mixed_sync_async_and_timeouts(tmp_path
     """No event loop given: sync callers take turns reading the socket for everybody,
     apredict callers are served by the async reader; a timed-out reader hands the role
     on, so later and concurrent requests still get their replies."""
-    w = _toy(tmp_path, max_concurrency=4)
+    w = toy_worker(tmp_path, max_concurrency=4)
     w.start()
     try:
         with pytest.raises(WorkerError) as info:  # the reader role holder times out
@@ -371,7 +347,7 @@ def test_loop_mode_big_inline_frames_do_not_deadlock(tmp_path: Path) -> None:
 
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
-        w = _toy(tmp_path, loop=loop, max_concurrency=3, shm_slot_bytes=1 << 20)
+        w = toy_worker(tmp_path, loop=loop, max_concurrency=3, shm_slot_bytes=1 << 20)
         made.append(w)
         await loop.run_in_executor(None, w.start)
         try:

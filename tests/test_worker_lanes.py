@@ -13,7 +13,7 @@ import pytest
 
 from agent.errors import InvalidInputError, RuntimeBackendError, WorkerError
 from agent.serving.worker import ModelWorker
-from tests.test_runtime_worker import _toy, _wait_state
+from tests.helpers import toy_worker, wait_state
 
 
 def _in_flight_zero(w: ModelWorker, limit: float = 10.0) -> None:
@@ -26,7 +26,7 @@ def _in_flight_zero(w: ModelWorker, limit: float = 10.0) -> None:
 def test_timed_out_lane_keeps_its_slot_until_the_late_reply(tmp_path: Path) -> None:
     """One slot: the next caller waits for the late reply to free the lane, then gets
     its own answer (not the stale one)."""
-    w = _toy(tmp_path, max_concurrency=1)
+    w = toy_worker(tmp_path, max_concurrency=1)
     w.start()
     try:
         with pytest.raises(WorkerError) as info:
@@ -44,7 +44,7 @@ def test_timed_out_lane_keeps_its_slot_until_the_late_reply(tmp_path: Path) -> N
 def test_kill_9_fails_lane_requests_with_shm_inputs_then_lanes_of_new_child(
     tmp_path: Path,
 ) -> None:
-    w = _toy(tmp_path, max_concurrency=3)
+    w = toy_worker(tmp_path, max_concurrency=3)
     w.start()
     try:
         pid0 = w.pid
@@ -70,7 +70,7 @@ def test_kill_9_fails_lane_requests_with_shm_inputs_then_lanes_of_new_child(
         for e in errors:
             assert isinstance(e, WorkerError) and e.code == "worker-crashed"
             assert "SIGKILL" in e.message
-        _wait_state(w, "ready")
+        wait_state(w, "ready")
         outs: dict[int, float] = {}
 
         def fast(i: int) -> None:
@@ -94,7 +94,7 @@ def test_kill_9_fails_lane_requests_with_shm_inputs_then_lanes_of_new_child(
 
 
 def test_stop_answers_lane_requests_in_flight(tmp_path: Path) -> None:
-    w = _toy(tmp_path, max_concurrency=2)
+    w = toy_worker(tmp_path, max_concurrency=2)
     w.start()
     res: list[object] = []
 
@@ -120,7 +120,7 @@ def test_stop_answers_lane_requests_in_flight(tmp_path: Path) -> None:
 def test_lane_frames_of_every_size(tmp_path: Path) -> None:
     """Inline frames below and above one read, shm tensors, and tensors bigger than the
     slot (inline, MBs each way) all cross a lane intact, from several threads."""
-    w = _toy(tmp_path, max_concurrency=3, shm_slot_bytes=1 << 20)
+    w = toy_worker(tmp_path, max_concurrency=3, shm_slot_bytes=1 << 20)
     w.start()
     try:
         sizes = [1, 100, 600, 5_000, 40_000, 400_000]  # 8 B ... 3.2 MB (> slot: inline)
@@ -148,7 +148,7 @@ def test_model_errors_on_a_lane_answer_that_request_only(tmp_path: Path) -> None
     """An OSError raised by the model (like a run script missing a file) and a bad input
     are answered on the lane with their message; the lane then serves the next request,
     and a header seen before (parsed from the lane's cache) still decodes right."""
-    w = _toy(tmp_path, max_concurrency=1)
+    w = toy_worker(tmp_path, max_concurrency=1)
     w.start()
     try:
         big = np.arange(20_000, dtype=np.float64)  # 160 KB: through the shm slot
@@ -171,7 +171,7 @@ def test_junk_on_a_lane_kills_the_child_and_fails_only_its_requests(tmp_path: Pa
     """A child that writes junk where its reply belongs is as good as dead: the caller
     gets ``worker-crashed`` at once (not at its timeout), the child is killed, and the
     new one serves."""
-    w = _toy(tmp_path, max_concurrency=2)
+    w = toy_worker(tmp_path, max_concurrency=2)
     w.start()
     try:
         pid0 = w.pid
@@ -179,7 +179,7 @@ def test_junk_on_a_lane_kills_the_child_and_fails_only_its_requests(tmp_path: Pa
         with pytest.raises(WorkerError) as info:
             w.predict({"x": np.ones(3), "garble": np.ones(1)}, timeout=25)
         assert info.value.code == "worker-crashed" and time.monotonic() - t0 < 15
-        _wait_state(w, "ready")
+        wait_state(w, "ready")
         assert w.pid != pid0
         assert w.predict({"x": np.ones(3)}, timeout=20)["y"].tolist() == [2.0] * 3
         with pytest.raises(ProcessLookupError):

@@ -17,8 +17,7 @@ from agent.errors import InvalidInputError, RuntimeBackendError
 from agent.serving import ipc
 from agent.serving.worker import ModelWorker
 from runtime import RuntimeConfig, open_model
-from tests.test_runtime_loader import make_package
-from tests.test_runtime_worker import _toy, _wait_state
+from tests.helpers import make_package, toy_worker, wait_state
 
 
 def _fds(pid: int) -> int:
@@ -79,7 +78,7 @@ def test_litert_input_from_a_region_gives_the_same_outputs(
 
 
 def test_region_outlives_a_kill_9_and_a_region_made_before_start(tmp_path: Path) -> None:
-    w = _toy(tmp_path)
+    w = toy_worker(tmp_path)
     early = w.shared_region(800)  # not started yet: handed over in the init frame
     a = early.ndarray((100,), np.float64)
     a[...] = np.arange(100.0)
@@ -92,8 +91,8 @@ def test_region_outlives_a_kill_9_and_a_region_made_before_start(tmp_path: Path)
         pid0 = w.pid
         assert pid0 is not None
         os.kill(pid0, signal.SIGKILL)
-        _wait_state(w, "restarting")
-        _wait_state(w, "ready")
+        wait_state(w, "restarting")
+        wait_state(w, "ready")
         assert w.pid != pid0
         a[0] = 50.0  # rewritten between requests: the worker sees the new data
         np.testing.assert_array_equal(w.predict({"x": a})["y"][:2], [100.0, 2.0])
@@ -108,7 +107,7 @@ def test_region_outlives_a_kill_9_and_a_region_made_before_start(tmp_path: Path)
 def test_worker_maps_regions_read_only(tmp_path: Path) -> None:
     """A model or run script that writes into its input fails that request with a clear
     error; the caller's data is untouched and the worker keeps serving."""
-    w = _toy(tmp_path)
+    w = toy_worker(tmp_path)
     w.start()
     try:
         region = w.shared_region(80)
@@ -127,7 +126,7 @@ def test_worker_maps_regions_read_only(tmp_path: Path) -> None:
 
 
 def test_closed_region_and_strided_views_are_copied(tmp_path: Path) -> None:
-    w = _toy(tmp_path)
+    w = toy_worker(tmp_path)
     w.start()
     try:
         region = w.shared_region(8 * 200_000)
@@ -149,7 +148,7 @@ def test_closed_region_and_strided_views_are_copied(tmp_path: Path) -> None:
 
 
 def test_map_and_unmap_leak_no_descriptors(tmp_path: Path) -> None:
-    w = _toy(tmp_path)
+    w = toy_worker(tmp_path)
     w.start()
     try:
         assert w.pid is not None
@@ -173,7 +172,7 @@ def test_map_and_unmap_leak_no_descriptors(tmp_path: Path) -> None:
 def test_apredict_on_the_loop_reads_regions_in_place(tmp_path: Path) -> None:
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
-        w = _toy(tmp_path, loop=loop, max_concurrency=2)
+        w = toy_worker(tmp_path, loop=loop, max_concurrency=2)
         await loop.run_in_executor(None, w.start)
         try:
             region = await loop.run_in_executor(None, w.shared_region, 8 * 4 * 1000)

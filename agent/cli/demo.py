@@ -25,21 +25,74 @@ import time
 from pathlib import Path
 from typing import Any
 
+from agent.durable import atomic_write_bytes
 from agent.errors import EdgewardError
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-EXAMPLE = REPO_ROOT / "configs" / "packages" / "ppocr-det"
-DEFAULT_MODEL = REPO_ROOT / ".cache" / "assets" / "ppocr_det.onnx"
+# The example package's run script and Meta-info ship as package data, so the demo runs
+# the same from a source checkout and from an installed wheel.
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ppocr-det"
 MODEL_NAME = "ppocr-det"
+MODEL_FILE = "ppocr_det.onnx"
+#: The demo's model is read out of a PyPI wheel (no model hub): (requirement, wheel
+#: glob, member). tests/assets.py fetches it the same way.
+MODEL_SOURCE = (
+    "rapidocr-onnxruntime==1.4.4",
+    "rapidocr_onnxruntime-1.4.4-*.whl",
+    "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
+)
+
+
+def assets_dir() -> Path:
+    """``$EDGEWARD_ASSETS``, else ``.cache/assets`` under the current directory (in a
+    source checkout: where ``make assets`` puts the models)."""
+    return Path(os.environ.get("EDGEWARD_ASSETS") or Path(".cache") / "assets")
+
+
+def demo_model(cache: Path) -> Path:
+    """The demo's ONNX text detector in ``cache``, read out of its wheel the first time
+    (the wheel from ``cache/wheels`` or, when absent, ``pip download --no-deps``)."""
+    out = cache / MODEL_FILE
+    if out.is_file():
+        return out
+    requirement, pattern, member = MODEL_SOURCE
+    wheels = cache / "wheels"
+    found = sorted(wheels.glob(pattern))
+    if not found:
+        wheels.mkdir(parents=True, exist_ok=True)
+        print(f"fetching the demo model: pip download --no-deps {requirement}", flush=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheels),
+             requirement],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        found = sorted(wheels.glob(pattern))
+        if proc.returncode != 0 or not found:
+            raise EdgewardError(
+                f"cannot fetch the demo model ({requirement}): "
+                f"{(proc.stderr.strip().splitlines() or ['no wheel'])[-1]}; pass --model",
+                code="demo",
+            )
+    import zipfile
+
+    with zipfile.ZipFile(found[0]) as z:
+        data = z.read(member)
+    atomic_write_bytes(out, data)
+    return out
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("demo", help="run the whole path end to end on an embedded default")
-    p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="ONNX text detector")
+    p.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="ONNX text detector (default: PP-OCRv4 det from the rapidocr wheel, kept in "
+        "$EDGEWARD_ASSETS or .cache/assets)",
+    )
     p.add_argument(
         "--workdir",
         type=Path,
-        default=REPO_ROOT / ".cache" / "demo",
+        default=Path(".cache") / "demo",
         help="where keys, packages and the daemon's state go (default .cache/demo)",
     )
     p.add_argument("--keep", action="store_true", help="leave the daemon's files behind")
@@ -48,6 +101,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         type=float,
         default=120.0,
         help="seconds one inference may take (a slow board's first run; default 120)",
+    )
+    p.add_argument(
+        "--publish-only",
+        action="store_true",
+        help="stop after the publisher's half (keys, pack, verify, inspect of v1)",
     )
     p.set_defaults(func=run)
 
@@ -190,11 +248,9 @@ onnx = {{ intra_op_threads = 2 }}
 
 def run(args: argparse.Namespace) -> int:
     work: Path = args.workdir.resolve()
-    model: Path = args.model.resolve()
+    model: Path = (args.model or demo_model(assets_dir())).resolve()
     if not model.is_file():
-        raise EdgewardError(
-            f"demo model not found: {model} (run `make assets`, or pass --model)", code="demo"
-        )
+        raise EdgewardError(f"demo model not found: {model} (pass --model)", code="demo")
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
@@ -214,6 +270,9 @@ def run(args: argparse.Namespace) -> int:
     d.cli("pack", "--model", model, "--version", "1", *common, "-o", v1)
     d.cli("verify", v1, "--trust", spub)
     d.cli("inspect", v1)
+    if args.publish_only:
+        print("\ndemo publish steps complete", flush=True)
+        return 0
 
     d.step("3. the daemon, on a local inbox repository")
     cfg = _write_config(work, d.run, args.timeout)
