@@ -57,7 +57,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.residual_pairs import TFLITE_VERSION, TRANSFORMER_VERSION, build, deterministic, file_digests
+from bench.residual_pairs import (
+    TFLITE_VERSION,
+    TRANSFORMER_VERSION,
+    build,
+    deterministic,
+    file_digests,
+)
 from bench.rss import peak_rss_mb
 
 PAIR_VERSION = "pair-v3"  # bump when the pair recipe below changes
@@ -625,7 +631,7 @@ def _rd_pair(name: str, d: Path, ext: str, tmp: Path) -> dict[str, float]:
             line += (
                 f"; allocation {r['allocation']}; {r['sensitivity_runs']} sensitivity + "
                 f"{r['verify_runs']} verify runs; search-sample cosine min "
-                f"{info.fidelity['cosine_min']:.6f}"
+                f"{(info.fidelity or {}).get('cosine_min', float('nan')):.6f}"
             )
         print(line)
         out[f"{key}_ratio"], out[f"{key}_cos"] = ratio, cos

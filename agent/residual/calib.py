@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 MAX_K = 4096  # H is K × K float64: 128 MiB at this size; wider inputs go uncalibrated
 DAMP = 0.01  # GPTQ's dampening: λ = DAMP · mean(diag H)
 GPTQ_BLOCK = 128
+SHRINK_ROWS = 1  # 8 (less shrinkage) lost held-out cosine on the TFLite pair: 0.9978
 
 
 @dataclass
@@ -56,7 +57,9 @@ def linears(model: Path, fmt: str, samples: Path) -> dict[str, Linear]:
         return {}
 
 
-def _accumulate(acts: dict[str, list[Any]], uses: dict[str, tuple[str, bool, int]]) -> dict[str, Linear]:
+def _accumulate(
+    acts: dict[str, list[Any]], uses: dict[str, tuple[str, bool, int]]
+) -> dict[str, Linear]:
     grams: dict[str, Linear] = {}
     by_act: dict[str, npt.NDArray[np.float64]] = {}
     rows: dict[str, int] = {}
@@ -70,9 +73,9 @@ def _accumulate(acts: dict[str, list[Any]], uses: dict[str, tuple[str, bool, int
             by_act[name] = by_act[name] + g if name in by_act else g
             rows[name] = rows.get(name, 0) + len(x)
     for key, (act, in_major, k) in uses.items():
-        g = by_act.get(act)
-        if g is not None and g.shape == (k, k) and rows[act]:
-            grams[key] = Linear(shrink(g / rows[act], rows[act]), in_major, rows[act])
+        gram = by_act.get(act)
+        if gram is not None and gram.shape == (k, k) and rows[act]:
+            grams[key] = Linear(shrink(gram / rows[act], rows[act]), in_major, rows[act])
     return grams
 
 
@@ -83,8 +86,8 @@ def shrink(h: npt.NDArray[np.float64], rows: int) -> npt.NDArray[np.float64]:
     rows lost held-out cosine 0.9996 → 0.955); shrinking towards the identity keeps
     what the samples can vouch for."""
     k = h.shape[0]
-    alpha = k / (k + rows)
-    out = (1 - alpha) * h
+    alpha = k / (k + SHRINK_ROWS * rows)
+    out: npt.NDArray[np.float64] = (1 - alpha) * h
     out[np.diag_indices(k)] += alpha * float(np.mean(np.diag(h)))
     return out
 
@@ -140,7 +143,7 @@ def _tflite(model: Path, samples: Path) -> dict[str, Linear]:
     tensors = {d["index"]: d for d in it.get_tensor_details()}
     uses: dict[str, tuple[str, bool, int]] = {}
     act_index: dict[str, int] = {}
-    for op in it._get_ops_details():  # noqa: SLF001 - the interpreter's only op listing
+    for op in it._get_ops_details():
         if op.get("op_name") != "FULLY_CONNECTED" or len(op["inputs"]) < 2:
             continue
         x, w = int(op["inputs"][0]), int(op["inputs"][1])
@@ -168,7 +171,7 @@ def _tflite(model: Path, samples: Path) -> dict[str, Linear]:
     return _accumulate(acts, uses)
 
 
-def gptq_codes(  # noqa: PLR0914 - one algorithm
+def gptq_codes(
     delta: npt.NDArray[np.float64],
     scales: quant.F32Array,
     bits: int,

@@ -121,7 +121,7 @@ def choose_scales(ra: Reader, rb: Reader, h: Hole, bits: int, block: int) -> qua
     return out2
 
 
-def absmax_scales(
+def absmax_scales(  # noqa: PLR0917
     ra: Reader, rb: Reader, h: Hole, bits: int, block: int, ratio: float
 ) -> quant.F32Array:
     """``absmax · ratio / qmax`` per block (the error-compensated candidates' scales)."""
@@ -152,7 +152,7 @@ def _walk(  # noqa: PLR0917
         yield q, quant.dequant_add(a, q, scales, block, e0), b
 
 
-def plan(  # noqa: PLR0917
+def plan(
     ra: Reader,
     rb: Reader,
     h: Hole,
@@ -201,7 +201,15 @@ def plan(  # noqa: PLR0917
         sizes[unpacked] += len(c.flush())
     ok = finite and not (bmin > 0 and gotmin <= 0)
     return Candidate(
-        bits, block, scales, err if ok else float("inf"), norm, ok, *sizes, codes=codes
+        bits,
+        block,
+        scales,
+        err if ok else float("inf"),
+        norm,
+        ok,
+        size_packed=sizes[0],
+        size_unpacked=sizes[1],
+        codes=codes,
     )
 
 
