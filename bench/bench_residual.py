@@ -3,7 +3,11 @@
 The pair is built, not downloaded: A is a 5.3 M-parameter CNN trained here on a synthetic
 shape task; B is A fully fine-tuned (every layer, AdamW with a small learning rate) on a
 different task (new label mapping, new backgrounds). Both are exported to ONNX and cached
-under ``<work>/cache/<PAIR_VERSION>``, so only the first run trains (about 85 s on 2 idle cores).
+under ``<work>/cache/<PAIR_VERSION>``, so only the first run trains (about 8 min at load
+average ~10). Every pair is trained by ``residual_pairs.build`` in a child process with one
+thread, deterministic kernels capped at AVX2 and seed 0, and pair.json records the SHA-256 of
+A and B (printed below): the same code gives the same pair, so figures are comparable
+across runs (pair-v2 was trained with two threads and came out different in two sessions).
 
 Figures, each against an anchor measured in the same run:
 - ``patch_int8_size_ratio`` / ``patch_int4_size_ratio``: ``encode_patch`` output bytes /
