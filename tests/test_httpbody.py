@@ -1,4 +1,4 @@
-"""agent/httpbody.py: chunked and gzip/deflate request bodies, as a table of byte
+"""agent/serving/httpbody.py: chunked and gzip/deflate request bodies, as a table of byte
 streams fed in every split, and through the daemon's server on a real socket."""
 
 from __future__ import annotations
@@ -14,8 +14,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.http import HTTPLimits
-from agent.httpbody import CHUNKED, ChunkedDecoder, ProtocolError, decode_content, transfer_length
+from agent.serving.http import HTTPLimits
+from agent.serving.httpbody import (
+    CHUNKED,
+    ChunkedDecoder,
+    ProtocolError,
+    decode_content,
+    transfer_length,
+)
 from tests.test_http import Echo, _conn, _read_response
 from tests.test_kserve import ServerThread, body_of, status_of
 

@@ -18,7 +18,9 @@ from pathlib import Path
 import psutil
 import pytest
 
+from agent.serving.connection import UnixHTTPConnection
 from tests.daemon_util import DaemonProc, make_package, needs_worker, signing_key, start_daemon
+from tests.emulation import thread_rss_cost
 
 pytestmark = [pytest.mark.e2e, needs_worker]
 
@@ -55,43 +57,21 @@ BAD: dict[str, bytes] = {
 }
 
 
-class Conn:
-    """One keep-alive HTTP/1.1 connection with a minimal response reader."""
+class Conn(UnixHTTPConnection):
+    """One keep-alive HTTP/1.1 connection, requests written by hand (the agent's one
+    client connection class reads the responses)."""
 
     def __init__(self, path: Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(60)
-        self.sock.connect(str(path))
-        self.buf = b""
-
-    def _fill(self) -> None:
-        chunk = self.sock.recv(65536)
-        if not chunk:
-            raise ConnectionError("connection closed by the daemon")
-        self.buf += chunk
+        super().__init__(str(path), 60)
+        self.sock = self.connect()
 
     def response(self) -> tuple[int, bytes]:
-        while b"\r\n\r\n" not in self.buf:
-            self._fill()
-        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
-        lines = head.split(b"\r\n")
-        status = int(lines[0].split()[1])
-        length = 0
-        for line in lines[1:]:
-            k, _, v = line.partition(b":")
-            if k.strip().lower() == b"content-length":
-                length = int(v)
-        while len(self.buf) < length:
-            self._fill()
-        body, self.buf = self.buf[:length], self.buf[length:]
-        return status, body
+        status, _headers, body = self.read_response()
+        return status, bytes(body)
 
     def call(self, raw: bytes) -> tuple[int, bytes]:
-        self.sock.sendall(raw)
+        self.send(raw)
         return self.response()
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def bad_request(path: Path, kind: str) -> tuple[int, dict[str, object]]:
@@ -195,7 +175,7 @@ def hammer(
 
 
 def _limits() -> dict[str, object]:
-    from agent.http import HTTPLimits
+    from agent.serving.http import HTTPLimits
 
     names = {f for f in HTTPLimits.__dataclass_fields__}
     for key in ("header_timeout", "header_timeout_s", "header_read_timeout"):
@@ -233,8 +213,12 @@ def test_16x2000_with_malformed_rss_flat(tmp_path: Path) -> None:
         assert set(tally.bad) == set(BAD)
         assert tally.served_by == Counter({"2.0": tally.good})
         assert d.proc.poll() is None
-        assert rss_end - rss_warm < 20 * 1024 * 1024, (rss_warm, rss_end)
-        assert worker_end - worker_warm < 20 * 1024 * 1024, (worker_warm, worker_end)
+        # Each malformed request has its own connection; a thread per connection costs
+        # RSS for good only under emulation (measured; ~0 natively, tests/emulation.py).
+        connections = CLIENTS + expected_bad
+        allowance = 20 * 1024 * 1024 + int(thread_rss_cost() * connections)
+        assert rss_end - rss_warm < allowance, (rss_warm, rss_end, allowance)
+        assert worker_end - worker_warm < allowance, (worker_warm, worker_end, allowance)
         print(
             f"\n{tally.good} good + {expected_bad} bad requests in {elapsed:.1f}s; "
             f"daemon RSS {rss_warm / 1e6:.1f} -> {rss_end / 1e6:.1f} MB, worker "

@@ -1,8 +1,8 @@
 """Request body decoding, sans-I/O: the chunked transfer coding and gzip/deflate content
 codings, bounded by the same ``max_body_bytes`` as a ``Content-Length`` body.
 
-One home for both servers that read requests: the daemon's (``agent/http.py``, an
-asyncio protocol) and a worker's lent connections (``runtime/direct.py``, blocking
+One home for both servers that read requests: the daemon's (``agent/serving/http.py``, an
+asyncio protocol) and a worker's lent connections (``agent/serving/direct.py``, blocking
 reads). Each feeds bytes in and takes a body out; neither parses chunks or inflates
 data itself (STYLE rule 13).
 
@@ -15,7 +15,8 @@ gigabytes stops at the cap with 413), and a chunked body is capped as it arrives
 from __future__ import annotations
 
 import zlib
-from typing import Any
+
+from agent.errors import ProtocolError
 
 __all__ = [
     "CHUNKED",
@@ -28,31 +29,6 @@ __all__ = [
 #: ``transfer_length`` result for a chunked body (its length is known only at its end).
 CHUNKED = -1
 _MAX_LINE = 4096  # bytes of one chunk-size line (with extensions) or trailer line
-
-
-class ProtocolError(Exception):
-    """A request that cannot be parsed or received; answered and the connection closed.
-    ``retry_after`` (seconds) becomes a ``Retry-After`` header (a refusal for load).
-    Defined here, below agent/http.py (which re-exports it), so the decoders can raise
-    it without importing the server."""
-
-    def __init__(
-        self, status: int, code: str, message: str, *, retry_after: float | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.retry_after = retry_after
-
-    def response(self) -> Any:
-        """The v2 error response (an ``agent.http.Response``)."""
-        from agent.http import json_response  # the server module imports this one
-
-        headers = None
-        if self.retry_after is not None:
-            headers = {"retry-after": str(max(1, round(self.retry_after)))}
-        return json_response(self.status, {"error": self.message, "code": self.code}, headers)
 
 
 def _too_large(limit: int, what: str = "request body") -> ProtocolError:
