@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.assets import asset
+from tests.emulation import scaled
 
 
 @pytest.mark.e2e
@@ -18,8 +19,8 @@ def test_demo_runs_the_whole_path(tmp_path: Path) -> None:
     work = tmp_path / "demo"
     proc = subprocess.run(
         [sys.executable, "-m", "agent", "demo", "--model", str(asset("ppocr_det.onnx")),
-         "--workdir", str(work)],
-        capture_output=True, text=True, timeout=600, check=False,
+         "--workdir", str(work), "--timeout", str(scaled(60))],
+        capture_output=True, text=True, timeout=scaled(600), check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout

@@ -20,6 +20,7 @@ import pytest
 
 from agent.errors import ConfigError
 from agent.serving.http import HTTPLimits, Request, Response, SocketInUseError, UnixHTTPServer
+from tests.emulation import scaled
 from tests.test_kserve import ServerThread, body_of, raw, status_of
 
 LIMITS = HTTPLimits(
@@ -71,7 +72,7 @@ def echo_srv(tmp_path: Path) -> Iterator[tuple[ServerThread, Echo]]:
 
 def _conn(path: Path) -> socket.socket:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(5)
+    s.settimeout(scaled(5))
     s.connect(str(path))
     return s
 

@@ -43,6 +43,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="where keys, packages and the daemon's state go (default .cache/demo)",
     )
     p.add_argument("--keep", action="store_true", help="leave the daemon's files behind")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=120.0,
+        help="seconds one inference may take (a slow board's first run; default 120)",
+    )
     p.set_defaults(func=run)
 
 
@@ -149,7 +155,7 @@ def _text_image() -> Any:
     return img
 
 
-def _write_config(work: Path, run_dir: Path) -> Path:
+def _write_config(work: Path, run_dir: Path, timeout: float) -> Path:
     """A daemon config whose paths all live under the demo's work dir."""
     cfg = work / "edgeward.toml"
     run_dir.mkdir(exist_ok=True)
@@ -165,6 +171,7 @@ keys_dir = "{work / "keys" / "device"}"
 socket = "{run_dir / "infer.sock"}"
 mode = "0660"
 group = ""
+request_timeout_s = {timeout}
 
 [control]
 socket = "{run_dir / "control.sock"}"
@@ -209,13 +216,13 @@ def run(args: argparse.Namespace) -> int:
     d.cli("inspect", v1)
 
     d.step("3. the daemon, on a local inbox repository")
-    cfg = _write_config(work, d.run)
+    cfg = _write_config(work, d.run, args.timeout)
     log = (work / "agent.log").open("w")
     daemon = subprocess.Popen(
         [*d.exe, "agent", "--config", str(cfg)], stdout=log, stderr=subprocess.STDOUT
     )
     try:
-        return _device_half(d, daemon, model=model, v1=v1, common=common)
+        return _device_half(d, daemon, model=model, v1=v1, common=common, timeout=args.timeout)
     finally:
         if daemon.poll() is None:
             daemon.send_signal(signal.SIGTERM)
@@ -305,12 +312,16 @@ def _png(img: Any) -> Any:
     return np.frombuffer(png, np.uint8)
 
 
-def _infer(sock: Path) -> dict[str, Any]:
-    """One inference over the socket with the Python client; prints what came back."""
+def _infer(sock: Path, timeout: float) -> dict[str, Any]:
+    """One inference over the socket with the Python client; prints what came back.
+    The client waits a little longer than the daemon's own request timeout, so a slow
+    inference ends with the daemon's 504 rather than a bare socket timeout."""
     from agent.client import Client
 
     t0 = time.perf_counter()
-    out: dict[str, Any] = Client(str(sock)).infer(MODEL_NAME, {"image": _png(_text_image())})
+    out: dict[str, Any] = Client(str(sock), timeout=timeout + 10).infer(
+        MODEL_NAME, {"image": _png(_text_image())}
+    )
     ms = (time.perf_counter() - t0) * 1e3
     for name, arr in out.items():
         print(f"  {name}: {arr.dtype} {list(arr.shape)}")
@@ -322,7 +333,13 @@ def _infer(sock: Path) -> dict[str, Any]:
 
 
 def _device_half(
-    d: _Demo, daemon: subprocess.Popen[bytes], *, model: Path, v1: Path, common: list[str | Path]
+    d: _Demo,
+    daemon: subprocess.Popen[bytes],
+    *,
+    model: Path,
+    v1: Path,
+    common: list[str | Path],
+    timeout: float,
 ) -> int:
     sock = d.run / "infer.sock"
     _wait_ready(d, daemon)
@@ -332,7 +349,7 @@ def _device_half(
     d.cli("models", "--control-socket", _control(d))
 
     d.step("4. inference over the Unix socket (KServe v2, binary tensors)")
-    out1 = _infer(sock)
+    out1 = _infer(sock, timeout)
     print(
         f"$ curl --unix-socket {sock} http://localhost/v2/models/{MODEL_NAME}",
         flush=True,
@@ -361,7 +378,7 @@ def _device_half(
     d.cli("check", "--control-socket", _control(d))
     _wait_version(d, "2", daemon)
     d.cli("models", "--control-socket", _control(d))
-    out2 = _infer(sock)
+    out2 = _infer(sock, timeout)
     same = out1["boxes"].tolist() == out2["boxes"].tolist()
     print(f"  v2 finds the same text boxes as v1: {same}")
 
