@@ -3,7 +3,11 @@
 The pair is built, not downloaded: A is a 5.3 M-parameter CNN trained here on a synthetic
 shape task; B is A fully fine-tuned (every layer, AdamW with a small learning rate) on a
 different task (new label mapping, new backgrounds). Both are exported to ONNX and cached
-under ``<work>/cache/<PAIR_VERSION>``, so only the first run trains (about 85 s on 2 idle cores).
+under ``<work>/cache/<PAIR_VERSION>``, so only the first run trains (about 8 min at load
+average ~10). Every pair is trained by ``residual_pairs.build`` in a child process with one
+thread, deterministic kernels capped at AVX2 and seed 0, and pair.json records the SHA-256 of
+A and B (printed below): the same code gives the same pair, so figures are comparable
+across runs (pair-v2 was trained with two threads and came out different in two sessions).
 
 Figures, each against an anchor measured in the same run:
 - ``patch_int8_size_ratio`` / ``patch_int4_size_ratio``: ``encode_patch`` output bytes /
@@ -57,10 +61,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.residual_pairs import TFLITE_VERSION, TRANSFORMER_VERSION, tflite_pair, transformer_pair
+from bench.residual_pairs import (
+    TFLITE_VERSION,
+    TRANSFORMER_VERSION,
+    build,
+    deterministic,
+    file_digests,
+)
 from bench.rss import peak_rss_mb
 
-PAIR_VERSION = "pair-v2"  # bump when the pair recipe below changes
+PAIR_VERSION = "pair-v3"  # bump when the pair recipe below changes
 BIG_VERSION = "big-v2"  # bump when the >= 500 MB model recipe changes
 STEPS_A = 400  # pre-training steps of A (batch 64, AdamW lr 1e-3, cosine)
 STEPS_B = 600  # fine-tune steps of B (batch 64, AdamW lr 3e-4, cosine, every layer)
@@ -234,8 +244,7 @@ def _build_pair(cache: Path) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    torch.set_num_threads(THREADS)
-    torch.manual_seed(0)
+    deterministic()
     cache.mkdir(parents=True, exist_ok=True)
     model = _net()
     params = sum(p.numel() for p in model.parameters())
@@ -260,6 +269,8 @@ def _build_pair(cache: Path) -> dict[str, Any]:
         "acc_a": acc_a,
         "acc_a_on_b": acc_a_on_b,
         "acc_b": acc_b,
+        "torch": torch.__version__,
+        **file_digests(cache, "onnx"),
     }
     info_path.write_text(json.dumps(info, indent=1))
     return info
@@ -624,7 +635,7 @@ def _rd_pair(name: str, d: Path, ext: str, tmp: Path) -> dict[str, float]:
             line += (
                 f"; allocation {r['allocation']}; {r['sensitivity_runs']} sensitivity + "
                 f"{r['verify_runs']} verify runs; search-sample cosine min "
-                f"{info.fidelity['cosine_min']:.6f}"
+                f"{(info.fidelity or {}).get('cosine_min', float('nan')):.6f}"
             )
         print(line)
         out[f"{key}_ratio"], out[f"{key}_cos"] = ratio, cos
@@ -637,13 +648,14 @@ def _rd_figures(tmp: Path) -> dict[str, float]:
     """The two issue-19 pairs, trained once into the repository's .cache/rd."""
     cache = RD_CACHE
     t0 = time.perf_counter()
-    tfm = transformer_pair(cache / TRANSFORMER_VERSION)
-    tfl = tflite_pair(cache / TFLITE_VERSION)
+    tfm = build("transformer", cache / TRANSFORMER_VERSION)
+    tfl = build("tflite", cache / TFLITE_VERSION)
     built = time.perf_counter() - t0
     print(
         f"pair    transformer: byte-level encoder {tfm['params'] / 1e6:.2f} M params, fine-tuned "
         f"(all weights) on other modules, acc {tfm['acc_a']:.2f} → {tfm['acc_b']:.2f}; TFLite "
-        f"MLP {tfl['params'] / 1e6:.2f} M params"
+        f"MLP {tfl['params'] / 1e6:.2f} M params; sha256 A/B transformer {tfm.get('sha256_A')}/"
+        f"{tfm.get('sha256_B')}, TFLite {tfl.get('sha256_A')}/{tfl.get('sha256_B')}"
         + (f"; trained now in {built:.0f} s" if built > 5 else " (cached)")
     )
     res = {
@@ -678,7 +690,7 @@ def run(work: Path) -> dict[str, float]:
         if old.name != PAIR_VERSION:
             shutil.rmtree(old, ignore_errors=True)
     t0 = time.perf_counter()
-    pair = _build_pair(cache / PAIR_VERSION)
+    pair = build("cnn", cache / PAIR_VERSION)
     built = time.perf_counter() - t0
     a, b = cache / PAIR_VERSION / "A.onnx", cache / PAIR_VERSION / "B.onnx"
     samples = cache / PAIR_VERSION / "samples"
@@ -686,7 +698,8 @@ def run(work: Path) -> dict[str, float]:
         f"pair    CNN {pair['params'] / 1e6:.2f} M params, ONNX {b.stat().st_size / 1e6:.1f} MB; "
         f"A: shapes task, {pair['steps_a']} steps, acc {pair['acc_a']:.3f}; "
         f"B: A fine-tuned (all layers) on shape-pair x colour, new backgrounds, "
-        f"{pair['steps_b']} steps, acc {pair['acc_b']:.3f} (A on it {pair['acc_a_on_b']:.3f})"
+        f"{pair['steps_b']} steps, acc {pair['acc_b']:.3f} (A on it {pair['acc_a_on_b']:.3f}); "
+        f"sha256 A {pair.get('sha256_A')} B {pair.get('sha256_B')}"
         + (
             f"; trained now in {pair['train_a_s'] + pair['train_b_s']:.0f} s"
             if built > 5

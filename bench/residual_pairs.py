@@ -15,7 +15,10 @@ converter); 0.85 M parameters, run on ai_edge_litert.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import subprocess
 import sys
 import sysconfig
 import time
@@ -24,11 +27,24 @@ from typing import Any
 
 import numpy as np
 
-TRANSFORMER_VERSION = "tfm-v1"  # bump when the recipe changes
-TFLITE_VERSION = "mlp-tfl-v1"
+TRANSFORMER_VERSION = "tfm-v2"  # bump when the recipe changes
+TFLITE_VERSION = "mlp-tfl-v2"
 SEQ = 32
 D, HEADS, LAYERS, CLASSES = 192, 4, 4, 8
-THREADS = 2
+# Reproducible training (issue 19): the same seeds gave different CNN pairs in two
+# sessions. Runs here with 2 threads reproduce each other, but 1 and 2 threads differ
+# (reduction order), and oneDNN / MKL pick kernels by CPU. So pairs are trained in a
+# child process with one thread, deterministic algorithms, and the kernels capped at
+# AVX2 with MKL's conditional numerical reproducibility; pair.json records the
+# SHA-256 of A and B so runs can be compared.
+TRAIN_ENV = {
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "MKL_CBWR": "AVX2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "DNNL_MAX_CPU_ISA": "AVX2",
+    "PYTHONHASHSEED": "0",
+}
 MODULES_A = (
     "argparse",
     "typing",
@@ -49,6 +65,43 @@ MODULES_B = (
     "collections/__init__",
     "urllib/parse",
 )
+
+
+def deterministic() -> None:
+    """One thread, deterministic kernels, seed 0 (call before building a model)."""
+    import random
+
+    import torch
+
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    torch.manual_seed(0)
+    random.seed(0)
+
+
+def build(kind: str, cache: Path) -> dict[str, Any]:
+    """Train pair ``kind`` (cnn, transformer, tflite) into ``cache`` in a child process
+    with TRAIN_ENV unless pair.json is there already; returns pair.json."""
+    info_path = cache / "pair.json"
+    if not info_path.exists():
+        env = {**os.environ, **TRAIN_ENV}
+        root = Path(__file__).resolve().parent.parent
+        subprocess.run(
+            [sys.executable, "-m", "bench.residual_pairs", kind, str(cache)],
+            check=True,
+            cwd=root,
+            env=env,
+        )
+    info: dict[str, Any] = json.loads(info_path.read_text())
+    return info
+
+
+def file_digests(cache: Path, ext: str) -> dict[str, str]:
+    """SHA-256 (first 16 hex digits) of A and B: equal digests, equal pairs."""
+    return {
+        f"sha256_{n}": hashlib.sha256((cache / f"{n}.{ext}").read_bytes()).hexdigest()[:16]
+        for n in ("A", "B")
+    }
 
 
 def _source(mod: str) -> bytes:
@@ -171,8 +224,7 @@ def transformer_pair(cache: Path) -> dict[str, Any]:
         return info
     import torch
 
-    torch.set_num_threads(THREADS)
-    torch.manual_seed(0)
+    deterministic()
     cache.mkdir(parents=True, exist_ok=True)
     model = _encoder()
     params = sum(p.numel() for p in model.parameters())
@@ -191,6 +243,8 @@ def transformer_pair(cache: Path) -> dict[str, Any]:
         "acc_a": acc_a,
         "acc_b": acc_b,
         "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        **file_digests(cache, "onnx"),
     }
     info_path.write_text(json.dumps(info, indent=1))
     return info
@@ -310,8 +364,7 @@ def tflite_pair(cache: Path) -> dict[str, Any]:
 
     from bench.bench_residual import _images
 
-    torch.set_num_threads(THREADS)
-    torch.manual_seed(0)
+    deterministic()
     cache.mkdir(parents=True, exist_ok=True)
     model = nn.Sequential(
         nn.Flatten(),
@@ -346,13 +399,23 @@ def tflite_pair(cache: Path) -> dict[str, Any]:
     save(cache / "B.tflite")
     for d, seed in (("samples", 200), ("heldout", 300)):
         _save_samples(cache / d, "x", _images(seed, 64, "b")[0].reshape(64, -1))
-    info = {"params": params, "train_s": ta + tb}
+    info = {
+        "params": params,
+        "train_s": ta + tb,
+        "torch": torch.__version__,
+        **file_digests(cache, "tflite"),
+    }
     info_path.write_text(json.dumps(info, indent=1))
     return info
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "tflite":
+    # python -m bench.residual_pairs {cnn,transformer,tflite} DIR (run by build())
+    if sys.argv[1] == "cnn":
+        from bench.bench_residual import _build_pair
+
+        print(_build_pair(Path(sys.argv[2])))
+    elif sys.argv[1] == "tflite":
         print(tflite_pair(Path(sys.argv[2])))
     else:
-        print(transformer_pair(Path(sys.argv[1])))
+        print(transformer_pair(Path(sys.argv[2])))

@@ -261,3 +261,50 @@ def test_pack_records_allocation_in_manifest(pair: dict[str, Path], tmp_path: Pa
     assert f is not None and f["met"] is True and f["output_kind"] == "classification"
     assert f["target"] == {"cosine": 0.999} and sum(f["allocation"].values()) == 4
     assert f["cosine_min"] >= 0.999
+
+
+def test_calibration_finds_linear_inputs_and_gptq_lowers_output_error(
+    pair: dict[str, Path],
+) -> None:
+    """H comes from the layer inputs onnxruntime really produced; error-compensated
+    codes at the same scales give less layer-output error than plain rounding (and
+    more weight error: the search must judge them at the output)."""
+    from agent.residual import calib, quant
+
+    lins = calib.linears(pair["b"], "onnx", pair["samples"])
+    assert sorted(lins) == ["w0", "w1", "w2"]
+    assert lins["w1"].h.shape == (192, 192) and lins["w1"].in_major
+    assert lins["w0"].rows == 32
+    ma = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(pair["a"])).graph.initializer}
+    mb = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(pair["b"])).graph.initializer}
+    d = mb["w1"].astype(np.float64) - ma["w1"].astype(np.float64)
+    row = quant.row_length(d.shape)
+    scales = (np.abs(d).max(1) / quant.QMAX[3]).astype(np.float32)
+    plain = quant.codes(d.reshape(-1), scales, 3, row, 0)
+    comp = calib.gptq_codes(d, scales, 3, row, lins["w1"])
+    assert comp.dtype == np.int8 and np.abs(comp).max() <= quant.QMAX[3]
+    el = quant.element_scales(scales, row, 0, d.size).reshape(d.shape)
+    e_plain = plain.reshape(d.shape) * el - d
+    e_comp = comp.reshape(d.shape) * el - d
+    # 32 rows for 192 inputs: H is mostly shrunk towards I, little to gain, none lost
+    assert lins["w1"].out_err(e_comp) < lins["w1"].out_err(e_plain)
+    assert calib.gptq_codes(d, scales, 3, row, lins["w1"]).tobytes() == comp.tobytes()
+    # correlated inputs with plenty of rows: the compensation pays several times over
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4096, 8)) @ rng.standard_normal((8, 192))
+    x += 0.1 * rng.standard_normal(x.shape)
+    lin = calib.Linear(calib.shrink(x.T @ x / len(x), len(x)), True, len(x))
+    comp = calib.gptq_codes(d, scales, 3, row, lin)
+    e_comp = comp.reshape(d.shape) * el - d
+    assert lin.out_err(e_comp) < 0.3 * lin.out_err(e_plain)
+    assert float(np.sum(e_comp**2)) > float(np.sum(e_plain**2))
+
+
+def test_shrink_keeps_rank_deficient_gram_invertible() -> None:
+    from agent.residual import calib
+
+    x = np.random.default_rng(0).standard_normal((8, 64))
+    h = x.T @ x / 8  # rank 8 of 64
+    s = calib.shrink(h, 8)
+    assert np.linalg.eigvalsh(s).min() > 0.5 * np.mean(np.diag(h))
+    assert np.allclose(calib.shrink(h, 10**9), h, atol=1e-6)

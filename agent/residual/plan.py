@@ -47,6 +47,9 @@ class Candidate:
     ok: bool  # B' finite where B is, positive where B is strictly positive
     size_packed: int = 0  # compressed payload bytes (0: not measured)
     size_unpacked: int = 0  # the same with one byte per code (0: not measured / 8 bits)
+    codes: quant.I8Array | None = None  # given codes (error-compensated rounding), flat
+    out_err: float | None = None  # layer-output error tr(Eᵀ H E), when calibrated
+    label: str = ""  # how it was made, for reports ("" plain rounding)
 
     @property
     def rel_err(self) -> float:
@@ -118,22 +121,53 @@ def choose_scales(ra: Reader, rb: Reader, h: Hole, bits: int, block: int) -> qua
     return out2
 
 
+def absmax_scales(  # noqa: PLR0917
+    ra: Reader, rb: Reader, h: Hole, bits: int, block: int, ratio: float
+) -> quant.F32Array:
+    """``absmax · ratio / qmax`` per block (the error-compensated candidates' scales)."""
+    n = element_count(h.shape)
+    absmax = np.zeros(-(-n // block), np.float64)
+    for e0, a, b in _chunks(ra, rb, h):
+        quant.reduce_blocks(np.abs(_delta(a, b)), e0, block, np.maximum, absmax)
+    out: quant.F32Array = (absmax * ratio / quant.QMAX[bits]).astype(np.float32)
+    return out
+
+
 def _walk(  # noqa: PLR0917
-    ra: Reader, rb: Reader, h: Hole, bits: int, block: int, scales: quant.F32Array
+    ra: Reader,
+    rb: Reader,
+    h: Hole,
+    bits: int,
+    block: int,
+    scales: quant.F32Array,
+    given: quant.I8Array | None = None,
 ) -> Iterator[tuple[quant.I8Array, quant.F32Array, Any]]:
     """(q, B' float32, B float32) per chunk: B' is ``quant.dequant_add``, the device's
-    own arithmetic."""
+    own arithmetic; q rounds Δ unless the codes are ``given``."""
     for e0, a, b in _chunks(ra, rb, h):
-        q = quant.codes(_delta(a, b), scales, bits, block, e0)
+        if given is None:
+            q = quant.codes(_delta(a, b), scales, bits, block, e0)
+        else:
+            q = given[e0 : e0 + len(a)]
         yield q, quant.dequant_add(a, q, scales, block, e0), b
 
 
 def plan(
-    ra: Reader, rb: Reader, h: Hole, bits: int, block: int, *, measure_size: bool
+    ra: Reader,
+    rb: Reader,
+    h: Hole,
+    bits: int,
+    block: int,
+    *,
+    measure_size: bool,
+    scales: quant.F32Array | None = None,
+    codes: quant.I8Array | None = None,
 ) -> Candidate:
-    """Scales, error and validity (and with ``measure_size`` both coded sizes)."""
+    """Scales, error and validity (and with ``measure_size`` both coded sizes); the
+    scales and codes are chosen here unless given."""
     n = element_count(h.shape)
-    scales = choose_scales(ra, rb, h, bits, block)
+    if scales is None:
+        scales = choose_scales(ra, rb, h, bits, block)
     err = norm = 0.0
     bmin, gotmin = float("inf"), float("inf")
     finite = True
@@ -149,7 +183,7 @@ def plan(
             c = zstd_compressor().compressobj(size=total)
             sizes[unpacked] += len(c.compress(head))
             comps.append((unpacked, c))
-    for q, got, b in _walk(ra, rb, h, bits, block, scales):
+    for q, got, b in _walk(ra, rb, h, bits, block, scales, codes):
         got_t = quant.to_f32(quant.from_f32(got, h.dtype), h.dtype)  # as stored
         fin = np.isfinite(b)
         if not np.all(np.isfinite(got_t[fin])):
@@ -166,7 +200,17 @@ def plan(
     for unpacked, c in comps:
         sizes[unpacked] += len(c.flush())
     ok = finite and not (bmin > 0 and gotmin <= 0)
-    return Candidate(bits, block, scales, err if ok else float("inf"), norm, ok, *sizes)
+    return Candidate(
+        bits,
+        block,
+        scales,
+        err if ok else float("inf"),
+        norm,
+        ok,
+        size_packed=sizes[0],
+        size_unpacked=sizes[1],
+        codes=codes,
+    )
 
 
 def emit(
@@ -185,7 +229,7 @@ def emit(
         for unpacked in codings:
             c = zstd_compressor().compressobj(size=cand.raw_payload(n, unpacked))
             comps.append((unpacked, c, [c.compress(head)]))
-    for q, got, _ in _walk(ra, rb, h, cand.bits, cand.block, cand.scales):
+    for q, got, _ in _walk(ra, rb, h, cand.bits, cand.block, cand.scales, cand.codes):
         if sink is not None:
             sink(quant.from_f32(got, h.dtype))
         for unpacked, c, pieces in comps:

@@ -30,7 +30,7 @@ import numpy as np
 
 from agent.errors import ResidualError
 
-from . import fidelity, quant
+from . import calib, fidelity, quant
 from . import plan as plan_mod
 from .layout import Hole, Layout, element_count, scan
 from .stream import IO_CHUNK, Choice, _equal, _Maps
@@ -39,6 +39,8 @@ logger = logging.getLogger(__name__)
 
 MAX_VERIFY = 10  # B' runs that check a budget
 CLOSE = 1.6  # stop when loosest failing / tightest passing budget is below this
+CALIBRATE = True  # layer-output errors and error-compensated candidates for linear weights
+GPTQ_GRID = ((2, 1.0), (2, 0.7), (3, 1.0), (3, 0.7), (4, 1.0), (5, 1.0))
 
 
 @dataclass(frozen=True)
@@ -103,8 +105,32 @@ class _Tensor:
     base: Hole
     full_size: int  # compressed frame bytes of the exact tensor
     cands: list[plan_mod.Candidate] = field(default_factory=list)
-    g: float = 0.0  # output NMSE per unit of Σ(B'−B)²
-    hull: list[tuple[int, float, Choice]] = field(default_factory=list)  # (size, D, choice)
+    g: float = 0.0  # output NMSE per unit of the tensor's error measure
+    hull: list[tuple[int, float, int]] = field(default_factory=list)  # (size, D, cand or -1)
+    lin: calib.Linear | None = None  # calibration: error measured at the layer's output
+
+    def err(self, c: plan_mod.Candidate) -> float:
+        """The candidate's error measure: layer-output error when calibrated."""
+        return c.out_err if self.lin is not None and c.out_err is not None else c.err_sq
+
+    def choice(self, j: int) -> Choice:
+        i = self.hull[j][2]
+        if i < 0:
+            return Choice(0)
+        c = self.cands[i]
+        if c.codes is not None:
+            return Choice(c.bits, c.block, scales=c.scales, codes=c.codes)
+        return Choice(c.bits, c.block)
+
+    def name(self, j: int) -> str:
+        i = self.hull[j][2]
+        if i < 0:
+            return "exact"
+        c = self.cands[i]
+        row = c.block == quant.row_length(self.hole.shape)
+        if c.label == "keep":
+            return "keep"
+        return f"q{c.bits}" + ("" if row else f"/g{c.block}") + (f"+{c.label}" if c.label else "")
 
 
 @dataclass
@@ -176,20 +202,51 @@ def _b_prime(bm: _Maps, tm: _Maps, t: _Tensor, c: plan_mod.Candidate) -> list[An
     return chunks
 
 
+def _calibrate(bm: _Maps, tm: _Maps, t: _Tensor, lin: calib.Linear) -> None:
+    """Layer-output error of every candidate, plus error-compensated (GPTQ) candidates
+    at 2–6 bits per row: same scales and coding, codes chosen for tr(Eᵀ H E)."""
+    t.lin = lin
+    h = t.hole
+    ra, rb = bm.reader(t.base), tm.reader(h)
+    n = element_count(h.shape)
+    isz = quant.ITEMSIZE[h.dtype]
+    a = quant.to_f32(ra(0, n * isz), h.dtype).astype(np.float64)
+    b = quant.to_f32(rb(0, n * isz), h.dtype).astype(np.float64)
+    delta = (b - a).reshape(h.shape)
+    row = quant.row_length(h.shape)
+    for bits, ratio in GPTQ_GRID:
+        scales = plan_mod.absmax_scales(ra, rb, h, bits, row, ratio)
+        codes = calib.gptq_codes(delta, scales, bits, row, lin)
+        c = plan_mod.plan(ra, rb, h, bits, row, measure_size=True, scales=scales, codes=codes)
+        c.label = "gptq"
+        if c.ok and c.raw_payload(n) < h.nbytes:
+            t.cands.append(c)
+    # keeping A's tensor (zero codes, one zero scale): no bytes but the frame
+    keep = plan_mod.plan(
+        ra, rb, h, 2, n, measure_size=True, scales=np.zeros(1, np.float32), codes=None
+    )
+    keep.label = "keep"
+    if keep.ok:
+        t.cands.append(keep)
+    for c in t.cands:
+        got = np.concatenate([quant.to_f32(x, h.dtype) for x in _b_prime(bm, tm, t, c)])
+        c.out_err = lin.out_err((got.astype(np.float64) - b).reshape(h.shape))
+
+
 def _hull(t: _Tensor) -> None:
     """Lower convex hull of (size, g·err) over the tensor's candidates and exact bytes,
     from the smallest size up (later points: more bytes, less error)."""
-    pts = [(t.full_size, 0.0, Choice(0))]
-    for c in t.cands:
+    pts = [(t.full_size, 0.0, -1)]
+    for i, c in enumerate(t.cands):
         if c.ok and c.size < t.full_size:
-            pts.append((c.size, t.g * c.err_sq, Choice(c.bits, c.block)))
-    pts.sort(key=lambda p: (p[0], p[1], p[2].bits, p[2].block))
+            pts.append((c.size, t.g * t.err(c), i))
+    pts.sort(key=lambda p: (p[0], p[1], p[2]))
     # keep only points that lower the error as size grows
-    mono: list[tuple[int, float, Choice]] = []
+    mono: list[tuple[int, float, int]] = []
     for p in pts:
         if not mono or p[1] < mono[-1][1]:
             mono.append(p)
-    hull: list[tuple[int, float, Choice]] = []
+    hull: list[tuple[int, float, int]] = []
     for p in mono:
         while len(hull) >= 2:
             (s1, d1, _), (s2, d2, _) = hull[-2], hull[-1]
@@ -263,6 +320,7 @@ def search(
     work = Path(tempfile.mkdtemp(prefix="edgeward-search-"))
     try:
         ev = _Evaluator(tl, samples, output_kind, work)
+        lins = calib.linears(target, tl.format, samples) if CALIBRATE else {}
         tensors: list[_Tensor] = []
         for h in sorted(tl.holes, key=lambda x: (x.file, x.offset)):
             bh = base_by_key.get(h.key)
@@ -283,19 +341,21 @@ def search(
                 c = plan_mod.plan(ra, rt, h, bits, block, measure_size=True)
                 if c.ok and c.raw_payload(element_count(h.shape)) < h.nbytes:
                     t.cands.append(c)
+            if h.key in lins:
+                _calibrate(bm, tm, t, lins[h.key])
             tensors.append(t)
             bm.release(bh)
             tm.release(h)
         # sensitivities: one run per tensor with a mid-width probe in place
         for t in tensors:
             probe = _probe(t)
-            if probe is None or probe.err_sq == 0:
+            if probe is None or t.err(probe) == 0:
                 t.g = 0.0
             else:
                 ev.write(t.hole, _b_prime(bm, tm, t, probe))
                 m = ev.measure()
                 ev.restore(t.hole)
-                t.g = (m["nmse_mean"] / probe.err_sq) if np.isfinite(m["nmse_mean"]) else 1e30
+                t.g = (m["nmse_mean"] / t.err(probe)) if np.isfinite(m["nmse_mean"]) else 1e30
             _hull(t)
         sens_runs = ev.runs
         target_bytes = sum(tl.sizes)
@@ -361,10 +421,8 @@ def search(
         choices: dict[str, Choice] = {}
         alloc: dict[str, int] = {}
         for t, j in zip(tensors, pos, strict=True):
-            ch = t.hull[j][2]
-            choices[t.hole.key] = ch
-            row = ch.block == quant.row_length(t.hole.shape)
-            name = "exact" if not ch.bits else f"q{ch.bits}" + ("" if row else f"/g{ch.block}")
+            choices[t.hole.key] = t.choice(j)
+            name = t.name(j)
             alloc[name] = alloc.get(name, 0) + 1
         report = {
             "tensors_searched": len(tensors),
@@ -387,10 +445,9 @@ def _measure(
 ) -> dict[str, Any]:
     """Fidelity of the allocation ``pos``: its B' written into the scratch copy, run."""
     for t, j in zip(tensors, pos, strict=True):
-        ch = t.hull[j][2]
-        if ch.bits:
-            c = next(c for c in t.cands if (c.bits, c.block) == (ch.bits, ch.block))
-            ev.write(t.hole, _b_prime(bm, tm, t, c))
+        i = t.hull[j][2]
+        if i >= 0:
+            ev.write(t.hole, _b_prime(bm, tm, t, t.cands[i]))
     try:
         return ev.measure()
     finally:
@@ -414,9 +471,9 @@ def _better(a: dict[str, Any], b: dict[str, Any]) -> bool:
 def _probe(t: _Tensor) -> plan_mod.Candidate | None:
     """The candidate whose error measures the tensor's sensitivity: 4 bits (per 128
     when there are groups), else the narrowest valid one."""
-    by = {(c.bits, c.block): c for c in t.cands}
+    by = {(c.bits, c.block): c for c in t.cands if not c.label}
     for key in ((4, 128), (4, quant.row_length(t.hole.shape))):
-        if key in by and by[key].err_sq > 0:
+        if key in by and t.err(by[key]) > 0:
             return by[key]
-    valid = [c for c in t.cands if c.err_sq > 0]
+    valid = [c for c in t.cands if t.err(c) > 0 and not c.label]
     return min(valid, key=lambda c: (c.bits, c.block)) if valid else None

@@ -462,6 +462,9 @@ class Choice:
 
     bits: int
     block: int = 0
+    # error-compensated codes (flat) and their scales, made by the search
+    scales: Any = field(default=None, compare=False, repr=False)
+    codes: Any = field(default=None, compare=False, repr=False)
 
 
 def _equal(
@@ -791,7 +794,10 @@ def _quant_record(  # noqa: PLR0917 - one call site, all context
         else [(b, quant.block_length(b, h.shape, group_size)) for b in ladder]
     )
     for b, block in tries:
-        cand = plan_mod.plan(ra, rt, h, b, block, measure_size=False)
+        given = (choice.scales, choice.codes) if choice is not None else (None, None)
+        cand = plan_mod.plan(
+            ra, rt, h, b, block, measure_size=False, scales=given[0], codes=given[1]
+        )
         if cand.raw_payload(n) >= h.nbytes:
             break
         err = cand.rel_err
