@@ -27,3 +27,37 @@ if SLOWDOWN > 1.0:
         "emulated", deadline=scaled(200), suppress_health_check=[HealthCheck.too_slow]
     )
     settings.load_profile("emulated")
+
+
+_THREAD_PROBE = """
+import threading, psutil, sys
+p = psutil.Process()
+def run(n):
+    for _ in range(n):
+        t = threading.Thread(target=bytearray, args=(1000,)); t.start(); t.join()
+run(50)
+r0 = p.memory_info().rss
+run(int(sys.argv[1]))
+print(max(0, p.memory_info().rss - r0) / int(sys.argv[1]))
+"""
+
+
+def thread_rss_cost(threads: int = 300) -> float:
+    """Bytes of RSS this interpreter keeps per thread started and joined.
+
+    Natively a finished thread gives its memory back (a few bytes per thread, noise);
+    qemu-user 7.2 keeps about 280 KiB of each guest thread's state for good. A test that
+    checks RSS stays flat while the server starts a thread per connection allows this
+    measured figure times its connection count, which is zero natively.
+    """
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", _THREAD_PROBE, str(threads)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=scaled(60),
+    )
+    return float(out.stdout.strip())

@@ -19,6 +19,7 @@ import psutil
 import pytest
 
 from tests.daemon_util import DaemonProc, make_package, needs_worker, signing_key, start_daemon
+from tests.emulation import thread_rss_cost
 
 pytestmark = [pytest.mark.e2e, needs_worker]
 
@@ -233,8 +234,12 @@ def test_16x2000_with_malformed_rss_flat(tmp_path: Path) -> None:
         assert set(tally.bad) == set(BAD)
         assert tally.served_by == Counter({"2.0": tally.good})
         assert d.proc.poll() is None
-        assert rss_end - rss_warm < 20 * 1024 * 1024, (rss_warm, rss_end)
-        assert worker_end - worker_warm < 20 * 1024 * 1024, (worker_warm, worker_end)
+        # Each malformed request has its own connection; a thread per connection costs
+        # RSS for good only under emulation (measured; ~0 natively, tests/emulation.py).
+        connections = CLIENTS + expected_bad
+        allowance = 20 * 1024 * 1024 + int(thread_rss_cost() * connections)
+        assert rss_end - rss_warm < allowance, (rss_warm, rss_end, allowance)
+        assert worker_end - worker_warm < allowance, (worker_warm, worker_end, allowance)
         print(
             f"\n{tally.good} good + {expected_bad} bad requests in {elapsed:.1f}s; "
             f"daemon RSS {rss_warm / 1e6:.1f} -> {rss_end / 1e6:.1f} MB, worker "
