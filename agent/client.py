@@ -13,10 +13,7 @@ error's ``code`` and HTTP status.
 
 from __future__ import annotations
 
-import contextlib
-import http.client
 import json
-import socket
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -24,169 +21,12 @@ from typing import Any
 import numpy as np
 
 from agent import errors
-from agent.tensors import decode_response, encode_request, remember
+from agent.serving.connection import StaleConnectionError, UnixHTTPConnection
+from agent.serving.tensors import decode_response, encode_request
 
 __all__ = ["DEFAULT_SOCKET", "Client", "UnixHTTPConnection"]
 
 DEFAULT_SOCKET = "/run/edgeward/infer.sock"
-
-
-class UnixHTTPConnection(http.client.HTTPConnection):
-    """``http.client`` over a Unix socket (the host name is only sent in ``Host:``)."""
-
-    def __init__(self, socket_path: str, timeout: float | None = None) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self.socket_path = socket_path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        if self.timeout is not None:
-            sock.settimeout(self.timeout)
-        try:
-            sock.connect(self.socket_path)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
-
-
-class _StaleConnectionError(ConnectionError):
-    """The server closed a kept-alive connection before answering anything."""
-
-
-class _Connection:
-    """A minimal HTTP/1.1 client connection over a Unix socket.
-
-    Not ``http.client``: its response parsing (``email.parser``) costs more than the
-    whole server side of a tiny-model request. Requests go out with one ``sendmsg``
-    (header and tensor buffers without joining them); response bodies are read with
-    ``recv_into`` straight into one ``bytearray`` (arrays decoded from it are writable
-    and not copied again). Only what ``agent.http`` answers needs handling: responses
-    always carry ``Content-Length``.
-    """
-
-    def __init__(self, socket_path: str, timeout: float | None) -> None:
-        self.socket_path = socket_path
-        self.timeout = timeout
-        self.sock: socket.socket | None = None
-        self.reused = False  # True once a response came back on this socket
-        self._buf = bytearray()
-
-    def close(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
-        self._buf.clear()
-
-    def _connect(self) -> socket.socket:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self.socket_path)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
-        self.reused = False
-        return sock
-
-    def exchange(
-        self, method: str, path: str, parts: Sequence[Any], headers: Mapping[str, str]
-    ) -> tuple[int, dict[str, str], bytearray]:
-        sock = self.sock if self.sock is not None else self._connect()
-        length = sum(memoryview(p).nbytes for p in parts)
-        key = (method, path, tuple(headers.items()), length)
-        request_head = _heads.get(key)
-        if request_head is None:
-            head = [f"{method} {path} HTTP/1.1\r\nhost: localhost\r\n"]
-            for k, v in headers.items():
-                head.append(f"{k}: {v}\r\n")
-            if length or method in ("POST", "PUT"):
-                head.append(f"content-length: {length}\r\n")
-            head.append("\r\n")
-            request_head = "".join(head).encode("latin-1")
-            remember(_heads, key, request_head)
-        out = [request_head, *parts]
-        # On a send error either the server answered early and closed (413 for a body over its
-        # limit: the answer is readable) or it had closed this idle connection
-        # (nothing to read: _StaleConnectionError, the caller reconnects).
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            _send_all(sock, out)
-        return self._read_response(sock)
-
-    def _read_response(self, sock: socket.socket) -> tuple[int, dict[str, str], bytearray]:
-        buf = self._buf
-        got_any = bool(buf)
-        while True:
-            end = buf.find(b"\r\n\r\n")
-            if end >= 0:
-                break
-            try:
-                chunk = sock.recv(65536)
-            except ConnectionResetError:
-                chunk = b""
-            if not chunk:
-                if not got_any:
-                    raise _StaleConnectionError("closed before a response")
-                raise ConnectionResetError("the server closed the connection mid-response")
-            got_any = True
-            buf += chunk
-            if len(buf) > 1 << 20:
-                raise ConnectionError("response headers too large")
-        raw_head = bytes(buf[:end])
-        parsed = _response_heads.get(raw_head)
-        if parsed is None:
-            lines = raw_head.decode("latin-1").split("\r\n")
-            parsed = (int(lines[0].split(" ", 2)[1]), {})
-            for line in lines[1:]:
-                k, _, v = line.partition(":")
-                parsed[1][k.strip().lower()] = v.strip()
-            remember(_response_heads, raw_head, parsed)
-        status, rh = parsed[0], dict(parsed[1])
-        length = int(rh.get("content-length", "0"))
-        start = end + 4
-        have = len(buf) - start
-        if have >= length:
-            body = buf[start : start + length]
-            del buf[: start + length]
-        else:
-            body = bytearray(length)
-            body[:have] = buf[start:]
-            buf.clear()
-            view = memoryview(body)
-            pos = have
-            while pos < length:
-                n = sock.recv_into(view[pos:])
-                if n == 0:
-                    raise ConnectionResetError("the server closed the connection mid-response")
-                pos += n
-        if status == 100:
-            return self._read_response(sock)
-        if rh.get("connection", "").lower() == "close":
-            self.close()
-        else:
-            self.reused = True
-        return status, rh, body
-
-
-# A program calling one model sends and gets back the same heads over and over: they
-# are built and parsed once (bounded; cleared when full).
-_heads: dict[tuple[Any, ...], bytes] = {}
-_response_heads: dict[bytes, tuple[int, dict[str, str]]] = {}
-
-
-def _send_all(sock: socket.socket, parts: list[Any]) -> None:
-    views = [memoryview(p).cast("B") for p in parts if memoryview(p).nbytes]
-    while views:
-        sent = sock.sendmsg(views[:64])
-        while sent:
-            first = views[0]
-            if sent >= first.nbytes:
-                sent -= first.nbytes
-                views.pop(0)
-            else:
-                views[0] = first[sent:]
-                sent = 0
 
 
 def _error_class(code: str, status: int) -> type[errors.EdgewardError]:
@@ -255,10 +95,10 @@ class Client:
 
     # --- transport ------------------------------------------------------------------
 
-    def _conn(self) -> _Connection:
-        conn: _Connection | None = getattr(self._local, "conn", None)
+    def _conn(self) -> UnixHTTPConnection:
+        conn: UnixHTTPConnection | None = getattr(self._local, "conn", None)
         if conn is None:
-            conn = _Connection(self.socket_path, self.timeout)
+            conn = UnixHTTPConnection(self.socket_path, self.timeout)
             self._local.conn = conn
         return conn
 
@@ -287,19 +127,12 @@ class Client:
         Reconnects once when the server had closed an idle connection and not a byte
         of a response came back (the request was not processed).
         """
-        parts: Sequence[Any]
-        if body is None:
-            parts = ()
-        elif isinstance(body, (bytes, bytearray, memoryview)):
-            parts = (body,)
-        else:
-            parts = body
         for attempt in (0, 1):
             conn = self._conn()
             reused = conn.sock is not None and conn.reused
             try:
-                return conn.exchange(method, path, parts, headers or {})
-            except _StaleConnectionError:
+                return conn.request(method, path, body, headers)
+            except StaleConnectionError:
                 conn.close()
                 # Retry only on a kept-alive socket the server had closed while idle: a
                 # fresh connection closed without an answer may have run the request.

@@ -7,7 +7,7 @@ Messages name the key (``inference.mode``) and what would have been accepted.
 
 ``[runtime]``, ``[inference.limits]`` and ``[package_limits]`` are built at load into the
 typed objects their consumers use (``runtime.config.RuntimeConfig``,
-``agent.http.HTTPLimits``, ``agent.limits.Limits``), each validated by its own class,
+``agent.limits.HTTPLimits``, ``agent.limits.Limits``), each validated by its own class,
 so a misspelled key fails before anything starts rather than at the first package.
 
 Environment overrides: ``EDGEWARD_<SECTION>_<KEY>=value`` replaces ``[section] key`` of
@@ -28,8 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import ConfigError
-from agent.http import HTTPLimits
-from agent.limits import Limits
+from agent.limits import HTTPLimits, Limits
 from runtime.config import RuntimeConfig
 
 __all__ = [
@@ -84,17 +83,17 @@ class InferenceConfig:
     max_concurrent_per_model: int = 8
     max_queue_per_model: int = 64
     # Hand a kept-alive inference connection to the model's worker, which then answers
-    # its requests itself (no relay through the daemon; runtime/direct.py).
+    # its requests itself (no relay through the daemon; agent/serving/direct.py).
     lend_connections: bool = True
     # Microseconds a worker thread polls for a connection's next request after a short
-    # answer before it sleeps (adaptive; 0 = always sleep). See runtime/direct.py.
+    # answer before it sleeps (adaptive; 0 = always sleep). See agent/serving/direct.py.
     lend_spin_us: int = 200
     # Seconds one prediction may take; past it the request gets 504 and the model's
     # worker is killed and restarted (a run script that hangs or spins). Per model:
     # request_timeouts = { det = 120.0 }.
     request_timeout_s: float = 60.0
-    request_timeouts: dict[str, Any] = field(default_factory=dict)
-    # [inference.limits], built into agent.http.HTTPLimits (keys as it names them).
+    request_timeouts: dict[str, float] = field(default_factory=dict)
+    # [inference.limits], built into agent.limits.HTTPLimits (keys as it names them).
     limits: HTTPLimits = field(default_factory=HTTPLimits)
     # "127.0.0.1:8000": also serve the inference protocol over TCP (for containers that
     # cannot mount the socket). Off by default; loopback only unless the next key says
@@ -105,7 +104,7 @@ class InferenceConfig:
 
     def request_timeout(self, model: str) -> float:
         """Seconds a prediction of ``model`` may take."""
-        return float(self.request_timeouts.get(model, self.request_timeout_s))
+        return self.request_timeouts.get(model, self.request_timeout_s)
 
 
 @dataclass(frozen=True)
@@ -186,6 +185,17 @@ class DaemonConfig:
     # "text": one line per record (with journald priority prefixes when stderr is the
     # journal); "json": one JSON object per line. Worker lines use the same format.
     log_format: str = "text"
+    # Model workers run third-party code (run scripts, converters); docs/DAEMON.md, "Trust
+    # boundaries". As root the daemon runs them as this user: "auto" = edgeward-worker if
+    # it exists, else nobody; "" = as the daemon itself. Ignored when not root.
+    worker_user: str = "auto"
+    # "landlock": workers cannot open the key directory, the config file, the state
+    # directory (store, inbox) but their own model and the converter cache (Linux 5.13+;
+    # where the kernel has no Landlock the worker says so and runs without). "off": no fence.
+    worker_sandbox: str = "landlock"
+    # Variables of the daemon's environment workers inherit beyond the fixed allow-list
+    # (PATH, LANG, TZ, LD_LIBRARY_PATH, OMP_*, ORT_*, ...): names, or prefixes ending in *.
+    worker_env: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -279,6 +289,7 @@ class Config:
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 _LOG_FORMATS = ("text", "json")
+_WORKER_SANDBOXES = ("landlock", "off")
 
 # Sections that are plain dataclasses of scalars; each is parsed by _section. A new
 # section is one entry here plus its dataclass (and a [section] in the sample config).
@@ -388,9 +399,27 @@ def _section(cls: type[Any], name: str, table: Any) -> Any:
             kwargs[key] = _mode(full, value)
         elif (name, key) == ("inference", "limits"):
             kwargs[key] = _limits(full, HTTPLimits, value)
+        elif (name, key) == ("inference", "request_timeouts"):
+            kwargs[key] = _seconds_per_model(full, value)
         else:
             kwargs[key] = _convert(full, str(fields[key].type), value)
     return cls(**kwargs)
+
+
+def _seconds_per_model(key: str, table: Any) -> dict[str, float]:
+    """``{model name: seconds > 0}``, as floats."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{key}: expected a table, got {table!r}", code="config-type")
+    out: dict[str, float] = {}
+    for model, seconds in table.items():
+        full = f"{key}.{model}"
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+            raise ConfigError(
+                f"{full}: expected a number of seconds, got {seconds!r}", code="config-type"
+            )
+        _positive(full, seconds)
+        out[model] = float(seconds)
+    return out
 
 
 def _limits(key: str, cls: type[Any], table: Any) -> Any:
@@ -634,16 +663,21 @@ def _validate(cfg: Config) -> None:
     _positive("inference.max_queue_per_model", cfg.inference.max_queue_per_model, allow_zero=True)
     _positive("inference.lend_spin_us", cfg.inference.lend_spin_us, allow_zero=True)
     _positive("inference.request_timeout_s", cfg.inference.request_timeout_s)
-    for model, seconds in cfg.inference.request_timeouts.items():
-        key = f"inference.request_timeouts.{model}"
-        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
-            raise ConfigError(
-                f"{key}: expected a number of seconds, got {seconds!r}", code="config-type"
-            )
-        _positive(key, seconds)
     _positive("daemon.worker_start_timeout", d.worker_start_timeout)
     if d.worker_memory_limit_mb is not None:
         _positive("daemon.worker_memory_limit_mb", d.worker_memory_limit_mb)
+    if d.worker_sandbox not in _WORKER_SANDBOXES:
+        raise ConfigError(
+            f"daemon.worker_sandbox: expected one of {', '.join(_WORKER_SANDBOXES)}, "
+            f"got {d.worker_sandbox!r}",
+            code="config-value",
+        )
+    for name in d.worker_env:
+        if not name or "=" in name or "*" in name[:-1]:
+            raise ConfigError(
+                f"daemon.worker_env: {name!r} is not a variable name or a PREFIX*",
+                code="config-value",
+            )
     _positive("metrics.port", cfg.metrics.port, allow_zero=True)
     if cfg.metrics.port > 65535:
         raise ConfigError(

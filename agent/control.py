@@ -1,6 +1,6 @@
 """The control socket: status, models, check now, rollback, reload and metrics.
 
-HTTP/JSON over the same Unix-socket HTTP server as inference (``agent.http``), on its
+HTTP/JSON over the same Unix-socket HTTP server as inference (``agent.serving.http``), on its
 own socket (``/run/edgeward/control.sock``, mode 0600 or 0660 with an admin group).
 File permissions are the first gate; the second is ``SO_PEERCRED``: only root, the
 daemon's own user, and members of the configured admin group get an answer, whatever
@@ -29,9 +29,15 @@ import struct
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from agent.errors import EdgewardError, InferenceError
-from agent.http import PeerCred, Request, Response
+from agent.errors import (
+    EdgewardError,
+    MethodNotAllowedError,
+    NotFoundError,
+    PermissionDeniedError,
+)
 from agent.metrics import CONTENT_TYPE, render_metrics
+from agent.serving.h1 import error_response, internal_error
+from agent.serving.http import PeerCred, Request, Response
 
 if TYPE_CHECKING:
     from agent.daemon import Daemon
@@ -39,23 +45,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = ["ControlApp", "PeerCred", "peer_allowed", "peer_credentials", "render_metrics"]
-
-
-class PermissionDeniedError(EdgewardError):
-    """The peer on the control socket is not an administrator."""
-
-    code = "forbidden"
-    status = 403
-
-
-class MethodNotAllowedError(InferenceError):
-    code = "method-not-allowed"
-    status = 405
-
-
-class NotFoundError(InferenceError):
-    code = "not-found"
-    status = 404
 
 
 def peer_credentials(sock: socket.socket) -> PeerCred:
@@ -77,8 +66,47 @@ def _peer_groups(pid: int) -> set[int]:
     return set()
 
 
+def _ppid(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            return int(fh.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _cgroup(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cgroup", encoding="utf-8", errors="replace") as fh:
+            return fh.read().strip()
+    except OSError:
+        return ""
+
+
+def from_own_worker(pid: int) -> bool:
+    """True for a process the daemon started (a model worker, what its run script
+    forked or spawned): it runs third-party code as the daemon's uid under systemd, and
+    must not drive the control plane (docs/DAEMON.md, "Trust boundaries"). A descendant
+    of this process; under systemd also any other process of the daemon's own service
+    cgroup (a double fork leaves the ancestry, never the cgroup)."""
+    me = os.getpid()
+    if pid == me:
+        return False
+    p = pid
+    for _ in range(64):
+        p = _ppid(p)
+        if p == me:
+            return True
+        if p <= 1:
+            break
+    own = _cgroup(me)
+    return own.endswith(".service") and _cgroup(pid) == own
+
+
 def peer_allowed(cred: PeerCred, admin_group: str | None) -> bool:
-    """Root, the daemon's own uid, or a member of ``admin_group``."""
+    """Root, the daemon's own uid, or a member of ``admin_group``; never a process of
+    one of the daemon's model workers."""
+    if from_own_worker(cred.pid):
+        return False
     if cred.uid in (0, os.geteuid()):
         return True
     if not admin_group:
@@ -105,10 +133,17 @@ def _json(status: int, obj: Any) -> Reply:
     return status, "application/json", json.dumps(obj, sort_keys=True).encode()
 
 
+def _error(resp: Response) -> Reply:
+    """An error as the one ``error_response`` renders it (its body is one buffer)."""
+    body = resp.body
+    assert isinstance(body, bytes)
+    return resp.status, "application/json", body
+
+
 class ControlApp:
     """Transport-free control plane: ``dispatch(method, path, peer)`` → reply.
 
-    ``__call__`` adapts it to ``agent.http`` requests; tests may call ``dispatch``.
+    ``__call__`` adapts it to ``agent.serving.http`` requests; tests may call ``dispatch``.
     """
 
     async def __call__(self, request: Request) -> Response:
@@ -144,17 +179,18 @@ class ControlApp:
                 key, arg = "/rollback", path[len("/rollback/") :]
             route = self._routes.get((method, key))
             if route is None:
-                if any(k[1] == key for k in self._routes):
-                    raise MethodNotAllowedError(f"{method} is not allowed on {path}")
+                allowed = sorted(m for m, k in self._routes if k == key)
+                if allowed:
+                    exc = MethodNotAllowedError(f"{method} is not allowed on {path}")
+                    exc.allow = ", ".join(allowed)
+                    raise exc
                 raise NotFoundError(f"no control endpoint {path}")
             return await route(arg)
         except EdgewardError as exc:
-            return _json(exc.status, exc.to_dict())
+            return _error(error_response(exc))
         except Exception as exc:  # never let a bug close the admin's connection silently
             logger.exception("control %s %s failed", method, path)
-            return _json(
-                500, {"error": f"internal error: {type(exc).__name__}", "code": "internal"}
-            )
+            return _error(internal_error(f"internal error: {type(exc).__name__}"))
 
     async def _status(self, _arg: str) -> Reply:
         return _json(200, self.daemon.status())

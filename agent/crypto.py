@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hmac
 import json
 import logging
 import os
@@ -109,7 +108,7 @@ class _Sm4Gcm:
     """SM4-GCM with the AESGCM-like interface (``cryptography`` ``Cipher`` API).
 
     ``cryptography`` (OpenSSL 3) implements SM4 in GCM mode natively; the test suite
-    checks it against RFC 8998 appendix A.1.
+    checks it against RFC 8998 appendix A.1. An OpenSSL without it is refused.
     """
 
     def __init__(self, key: bytes) -> None:
@@ -130,84 +129,7 @@ class _Sm4Gcm:
         return dec.update(body) + dec.finalize()
 
 
-class _Sm4GcmFallback:
-    """SM4-GCM from SM4-ECB/CTR plus a table-driven GHASH (NIST SP 800-38D).
-
-    Used only when the OpenSSL under ``cryptography`` has the SM4 block cipher but not
-    its GCM mode (e.g. OpenSSL 1.1.1). It is about two orders of magnitude slower than
-    the native mode, but produces identical output: the tests compare it with the
-    native implementation and with RFC 8998 appendix A.1.
-
-    With a 96-bit nonce, J0 = nonce ‖ 0x00000001 and the payload is CTR-encrypted from
-    J0 + 1. GCM increments only the low 32 bits; ``modes.CTR`` increments all 128, which
-    differs only after 2^32 - 2 blocks (64 GiB), far above ``MAX_CHUNK_SIZE``.
-    """
-
-    _R = 0xE1 << 120
-
-    def __init__(self, key: bytes) -> None:
-        self._key = key
-        ecb = Cipher(algorithms.SM4(key), modes.ECB()).encryptor()  # noqa: S305 (one block: H)
-        h = int.from_bytes(ecb.update(bytes(16)) + ecb.finalize(), "big")
-        # powers[i] = H·x^i in GCM's bit-reflected GF(2^128); x multiplies by shifting right
-        powers = []
-        v = h
-        for _ in range(128):
-            powers.append(v)
-            v = (v >> 1) ^ self._R if v & 1 else v >> 1
-        # table[j][b] = (byte b at position j, all other bytes zero)·H, by linearity
-        self._table: list[list[int]] = []
-        for j in range(16):
-            row = [0] * 256
-            for k in range(8):
-                bit, p = 0x80 >> k, powers[8 * j + k]
-                for b in range(bit, 256, bit << 1):
-                    for c in range(b, b + bit):
-                        row[c] ^= p
-            self._table.append(row)
-
-    def _ghash(self, aad: bytes, data: bytes) -> bytes:
-        table = self._table
-        y = 0
-        for part in (aad, data):
-            for off in range(0, len(part), 16):
-                block = part[off : off + 16]
-                x = (y ^ int.from_bytes(block.ljust(16, b"\0"), "big")).to_bytes(16, "big")
-                y = 0
-                for j in range(16):
-                    y ^= table[j][x[j]]
-        lengths = struct.pack(">QQ", len(aad) * 8, len(data) * 8)
-        x = (y ^ int.from_bytes(lengths, "big")).to_bytes(16, "big")
-        y = 0
-        for j in range(16):
-            y ^= table[j][x[j]]
-        return y.to_bytes(16, "big")
-
-    def _ctr(self, nonce: bytes, data: bytes) -> tuple[bytes, bytes]:
-        ecb = Cipher(algorithms.SM4(self._key), modes.ECB()).encryptor()  # noqa: S305 (E(J0))
-        ek_j0 = ecb.update(nonce + b"\0\0\0\x01") + ecb.finalize()
-        ctr = Cipher(algorithms.SM4(self._key), modes.CTR(nonce + b"\0\0\0\x02")).encryptor()
-        return ek_j0, ctr.update(data) + ctr.finalize()
-
-    def encrypt(self, nonce: bytes, data: _Data, aad: bytes) -> bytes:
-        ek_j0, ct = self._ctr(nonce, bytes(data))
-        s = self._ghash(aad, ct)
-        return ct + bytes(a ^ b for a, b in zip(s, ek_j0, strict=True))
-
-    def decrypt(self, nonce: bytes, data: _Data, aad: bytes) -> bytes:
-        if len(data) < TAG_SIZE:
-            raise InvalidTag
-        ct, tag = bytes(data[:-TAG_SIZE]), bytes(data[-TAG_SIZE:])
-        ecb = Cipher(algorithms.SM4(self._key), modes.ECB()).encryptor()  # noqa: S305 (E(J0))
-        ek_j0 = ecb.update(nonce + b"\0\0\0\x01") + ecb.finalize()
-        s = self._ghash(aad, ct)
-        expected = bytes(a ^ b for a, b in zip(s, ek_j0, strict=True))
-        if not hmac.compare_digest(expected, tag):
-            raise InvalidTag
-        return self._ctr(nonce, ct)[1]
-
-
-_Aead = AESGCM | ChaCha20Poly1305 | _Sm4Gcm | _Sm4GcmFallback
+_Aead = AESGCM | ChaCha20Poly1305 | _Sm4Gcm
 
 
 def _make_aead(key: bytes, alg: str) -> _Aead:
@@ -226,15 +148,14 @@ def _make_aead(key: bytes, alg: str) -> _Aead:
         ) from exc
 
 
-def _sm4_aead(key16: bytes) -> _Sm4Gcm | _Sm4GcmFallback:
-    """Native SM4-GCM if OpenSSL has it, else the SM4-CTR + GHASH fallback."""
+def _sm4_aead(key16: bytes) -> _Sm4Gcm:
+    """SM4-GCM from OpenSSL, probed with one empty seal: an OpenSSL without it raises
+    ``UnsupportedAlgorithm``, which :func:`_make_aead` turns into ``alg-unsupported``.
+    There is deliberately no pure-Python GCM to fall back on (a table-driven GHASH makes
+    secret-dependent memory lookups): such a device is refused SM4 packages, whole."""
     native = _Sm4Gcm(key16)
-    try:
-        native.encrypt(bytes(NONCE_SIZE), b"", b"")
-        return native
-    except UnsupportedAlgorithm:
-        logger.warning("OpenSSL lacks SM4-GCM; using the slow SM4-CTR + GHASH fallback")
-        return _Sm4GcmFallback(key16)  # raises UnsupportedAlgorithm if SM4 is missing too
+    native.encrypt(bytes(NONCE_SIZE), b"", b"")
+    return native
 
 
 def new_data_key() -> bytes:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import importlib
 import logging
 import os
 import random
@@ -28,8 +27,8 @@ from typing import Any
 from agent.config import Config, check_groups, load_config, metrics_socket
 from agent.control import ControlApp
 from agent.errors import EdgewardError, local_fault
-from agent.registry import ModelRegistry, WorkerLike
 from agent.sdnotify import Notifier, watchdog_interval
+from agent.serving.registry import ModelRegistry, WorkerLike
 from agent.store import Store
 from agent.updater import IN_FLIGHT, Updater
 
@@ -71,7 +70,8 @@ class Daemon:
     # --- workers -------------------------------------------------------------------
 
     def _make_worker(self, name: str, version: str, model_dir: Path) -> WorkerLike:
-        ModelWorker = importlib.import_module("runtime.worker").ModelWorker
+        from agent.serving.worker import ModelWorker  # a daemon without models never loads it
+
         limit = self.cfg.daemon.worker_memory_limit_mb
         worker: WorkerLike = ModelWorker(
             name,
@@ -85,13 +85,36 @@ class Daemon:
             loop=_running_loop(),
             lend=self._lend_settings(name),
             request_timeout=self.cfg.inference.request_timeout(name),
+            fence=self._fence(),
         )
         return worker
+
+    def _fence(self) -> Any:
+        """What a worker may not reach (agent/serving/sandbox.py; docs/DAEMON.md, "Trust
+        boundaries"): the device keys, the config file and every secret file it names,
+        the state directory (the store with every other model, the inbox). The worker
+        opens its own model directory and the converter cache back for itself."""
+        from agent.serving.sandbox import Fence
+
+        cfg = self.cfg
+        d = cfg.daemon
+        deny: list[Path | None] = []
+        if d.worker_sandbox == "landlock":
+            deny = [cfg.paths.keys_dir, cfg.source, cfg.paths.state_dir, cfg.paths.inbox_dir]
+            if cfg.mqtt is not None:
+                deny.append(cfg.mqtt.password_file)
+            if cfg.repository is not None:
+                deny.append(cfg.repository.client_key)
+        return Fence(
+            deny=tuple(str(p) for p in deny if p is not None),
+            user=d.worker_user,
+            env=d.worker_env,
+        )
 
     def _lend_settings(self, name: str) -> dict[str, Any] | None:
         """What a worker needs to answer lent inference connections as this daemon would
         (HTTP limits, admission), or None when lending is off."""
-        from runtime.direct import limits_settings
+        from agent.serving.direct import limits_settings
 
         inf = self.cfg.inference
         if not inf.lend_connections:
@@ -268,7 +291,7 @@ class Daemon:
 
     def _check_sockets_free(self) -> None:
         """Refuse to start when another agent answers on one of our sockets."""
-        from agent.http import bind_path, clear_stale_socket
+        from agent.serving.http import bind_path, clear_stale_socket
 
         for path in self._socket_paths():
             bind_path(path)  # a path too long to bind: say so now, not after loading
@@ -296,8 +319,8 @@ class Daemon:
             self.notifier.status(self.status_line())
 
     async def _bind(self) -> None:
-        from agent.http import HTTPLimits, UnixHTTPServer
-        from agent.kserve import InferenceApp
+        from agent.serving.http import HTTPLimits, UnixHTTPServer
+        from agent.serving.kserve import InferenceApp
 
         inf = self.cfg.inference
         limits = inf.limits
@@ -320,7 +343,7 @@ class Daemon:
         self._servers.append(infer_server)
         if inf.tcp_listen:
             from agent.config import tcp_address
-            from agent.http import TCPHTTPServer
+            from agent.serving.http import TCPHTTPServer
 
             host, port = tcp_address(inf)
             tcp_server = TCPHTTPServer(host, port, app, limits=limits)
@@ -357,8 +380,8 @@ class Daemon:
         await self._bind_metrics()
 
     async def _bind_metrics(self) -> None:
-        from agent.http import HTTPLimits, UnixHTTPServer
         from agent.metrics import MetricsApp
+        from agent.serving.http import HTTPLimits, UnixHTTPServer
 
         m = self.cfg.metrics
         app = MetricsApp(self)

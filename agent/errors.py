@@ -112,6 +112,13 @@ class CryptoError(PackageError):
     code = "crypto"
 
 
+class StoreError(EdgewardError):
+    """The store on disk is unusable or an operation on it is not possible."""
+
+    code = "store"
+    status = 500
+
+
 class KeyFileError(EdgewardError):
     """A key file is missing, malformed or of the wrong kind."""
 
@@ -207,6 +214,88 @@ class OverloadedError(InferenceError):
         self.retry_after = retry_after
 
 
+class MethodNotAllowedError(InferenceError):
+    """The path exists but not for this method; ``allow`` is the ``Allow`` header."""
+
+    code = "method-not-allowed"
+    status = 405
+    allow = "GET"
+
+
+class NotFoundError(InferenceError):
+    """No endpoint at this path (the inference and the control sockets)."""
+
+    code = "not-found"
+    status = 404
+
+
+class ProtocolError(EdgewardError):
+    """A request that cannot be parsed or received (HTTP framing, body coding): it is
+    answered and the connection closed, since the byte stream can no longer be trusted.
+    ``retry_after`` (seconds) becomes a ``Retry-After`` header (a refusal for load)."""
+
+    code = "protocol"
+    status = 400
+
+    def __init__(
+        self, status: int, code: str, message: str, *, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message, code=code, status=status)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str] | None:
+        """Extra response headers (``retry-after`` for a refusal for load)."""
+        if self.retry_after is None:
+            return None
+        return {"retry-after": str(max(1, round(self.retry_after)))}
+
+
+class SocketInUseError(EdgewardError):
+    """Another live process already serves on the socket path."""
+
+    code = "socket-in-use"
+    status = 500
+
+
+# --- control, fleet and command line -------------------------------------------------
+
+
+class PermissionDeniedError(EdgewardError):
+    """The peer on the control socket is not an administrator."""
+
+    code = "forbidden"
+    status = 403
+
+
+class ControlError(EdgewardError):
+    """The control socket could not be reached or refused the request."""
+
+    code = "control"
+    exit_code = 1
+
+
+class FleetError(EdgewardError):
+    """The broker could not be reached or refused us."""
+
+    code = "fleet"
+
+
+class CommandError(EdgewardError):
+    """A fleet command message that is refused (malformed, oversized, unknown)."""
+
+    code = "mqtt-command"
+
+
+class CLIInputError(InvalidInputError):
+    """A ``--input`` argument or its file is unusable."""
+
+    code = "cli-input"
+    exit_code = 2
+
+
+# --- updates --------------------------------------------------------------------------
+
+
 class UpdateError(EdgewardError):
     """An update could not be installed; the serving version is unchanged."""
 
@@ -216,6 +305,12 @@ class UpdateError(EdgewardError):
 
 class PreflightError(UpdateError):
     code = "preflight"
+
+
+class TransitionError(UpdateError):
+    """A transition the update state table does not allow (a bug, never user input)."""
+
+    code = "bad-transition"
 
 
 # --- repository ---------------------------------------------------------------------

@@ -108,7 +108,7 @@ def check_version(
     """Hash every file of ``vdir`` against its kept manifest; never raises for what it
     finds (problems are listed in the result)."""
     from agent.manifest import parse_manifest
-    from agent.package import _external_written, read_capped
+    from agent.package import external_data_files, read_capped
 
     res = VersionCheck(name, version)
     mpath, spath = vdir / "manifest.json", vdir / "manifest.sig"
@@ -156,7 +156,7 @@ def check_version(
                 expected[rel] = (-1, mi.target_digest, True)
             else:
                 allowed.add(rel)
-            allowed.update(str(p) for p in _external_written(mi))
+            allowed.update(str(p) for p in external_data_files(mi))
         else:
             expected[rel] = (mi.size, mi.sha256, False)
     found: set[str] = set()

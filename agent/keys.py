@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 from agent import boundedjson
+from agent.durable import atomic_replace, fsync_dir, write_all
 from agent.errors import KeyFileError, SignatureError
 
 logger = logging.getLogger(__name__)
@@ -85,12 +86,14 @@ def _write_private(path: Path, data: bytes, *, overwrite: bool = False) -> None:
         ) from exc
     try:
         os.fchmod(fd, 0o600)
-        os.write(fd, data)
+        write_all(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
     if overwrite:
-        os.replace(target, path)
+        atomic_replace(target, path)
+    else:
+        fsync_dir(path.parent)
 
 
 def generate_key(

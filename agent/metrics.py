@@ -22,8 +22,8 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from agent import __version__
-from agent.http import Request, Response
-from agent.registry import LATENCY_BUCKETS
+from agent.serving.http import Request, Response
+from agent.serving.registry import LATENCY_BUCKETS
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.config import Config, MqttConfig, topic_name
-from agent.errors import ConfigError, EdgewardError
+from agent.errors import CommandError, ConfigError, EdgewardError
 
 if TYPE_CHECKING:
     import paho.mqtt.client as paho
@@ -58,7 +58,6 @@ __all__ = [
     "Backoff",
     "CheckScheduler",
     "Command",
-    "CommandError",
     "CommandLimits",
     "MqttHost",
     "MqttService",
@@ -100,12 +99,6 @@ def printable(text: str | bytes, limit: int = 120) -> str:
 
 
 # --- commands (sans-I/O) ---------------------------------------------------------------
-
-
-class CommandError(EdgewardError):
-    """A command message that is refused (malformed, oversized, unknown)."""
-
-    code = "mqtt-command"
 
 
 @dataclass(frozen=True)

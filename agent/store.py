@@ -15,12 +15,12 @@ Crash safety (DESIGN §4): a version directory appears in ``versions/`` only by 
 a freshly made temporary symlink, followed by an fsync of the directory. So after a
 ``kill -9`` at any instant ``current`` names either the old or the new complete
 version, never a mix; whatever was half-done lies in ``staging/`` or as a ``.tmp-*``
-entry and is removed by :meth:`Store.open`.
+entry and is removed by :meth:`Store.open`. The primitives and the argument why they
+suffice are in :mod:`agent.durable`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import logging
@@ -33,52 +33,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.errors import EdgewardError, UpdateError
+from agent.durable import (
+    atomic_replace,
+    atomic_write_bytes,
+    discard_tree,
+    fsync_dir,
+    fsync_tree,
+    symlink_atomic,
+)
+from agent.errors import StoreError, UpdateError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Store", "StoreError", "fsync_dir", "reject_file", "write_atomic"]
+__all__ = ["Store", "reject_file"]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-
-
-class StoreError(EdgewardError):
-    """The store on disk is unusable or an operation on it is not possible."""
-
-    code = "store"
-    status = 500
-
-
-def fsync_dir(path: Path) -> None:
-    """fsync a directory so a rename or new entry in it survives power loss."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Replace ``path`` with ``data``: temp file in the same dir, fsync, rename, fsync dir.
-
-    Never follows a link someone else planted: the temp file is created new
-    (``O_EXCL``), its mode set through the descriptor, and the rename replaces whatever
-    entry ``path`` is (a symlink there is replaced, not followed). So this is also how
-    the daemon writes into a directory others can write (the inbox).
-    """
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fchmod(fh.fileno(), mode)
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
 
 
 def reject_file(path: Path, reason: str, *, keep: bool = True) -> None:
@@ -87,7 +56,7 @@ def reject_file(path: Path, reason: str, *, keep: bool = True) -> None:
 
     The inbox is writable by others: nothing here follows a link. ``rename`` and
     ``unlink`` act on the entry itself (a symlink, FIFO or directory is moved as such,
-    never opened) and the reason is written by :func:`write_atomic` (a planted symlink
+    never opened) and the reason is written by :func:`atomic_write_bytes` (a planted symlink
     at the ``.reason`` name is replaced, not written through). Failures are logged.
     """
     try:
@@ -96,28 +65,15 @@ def reject_file(path: Path, reason: str, *, keep: bool = True) -> None:
         return
     try:
         if keep:
-            os.replace(path, path.with_name(path.name + ".rejected"))
+            atomic_replace(path, path.with_name(path.name + ".rejected"))
             text = reason.encode("utf-8", "backslashreplace")  # names need not be UTF-8
-            write_atomic(path.with_name(path.name + ".rejected.reason"), text + b"\n")
+            atomic_write_bytes(path.with_name(path.name + ".rejected.reason"), text + b"\n")
         elif path.is_dir() and not path.is_symlink():
-            os.replace(path, path.with_name(path.name + ".rejected"))  # not ours to delete
+            atomic_replace(path, path.with_name(path.name + ".rejected"))  # not ours to delete
         else:
             path.unlink()
     except OSError as exc:
         logger.warning("cannot move refused package %r aside: %s", path.name, exc)
-
-
-def _symlink_atomic(link: Path, target: str) -> None:
-    """Point ``link`` at ``target`` (relative) by replacing it in one rename."""
-    tmp = link.parent / f".tmp-{link.name}-{os.getpid()}-{time.monotonic_ns()}"
-    os.symlink(target, tmp)
-    try:
-        os.replace(tmp, link)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(link.parent)
 
 
 def check_name(kind: str, value: str) -> str:
@@ -303,13 +259,12 @@ class Store:
         if dest.exists():
             raise StoreError(f"{name} version {version} is already installed", code="store-exists")
         dest.parent.mkdir(parents=True, exist_ok=True)
-        _fsync_tree(src)
-        os.rename(src, dest)
-        fsync_dir(dest.parent)
+        fsync_tree(src)
+        atomic_replace(src, dest)
         if (dest / "manifest.sig").is_file():
             # remembered outside the version: removing its manifest and signature must
             # not turn a signed version into one that cannot be checked
-            write_atomic(self._signed_marker(name, version), b"")
+            atomic_write_bytes(self._signed_marker(name, version), b"")
         logger.debug("store: installed %s %s", name, version)
         return dest
 
@@ -336,8 +291,8 @@ class Store:
         if old == version:
             return old
         if old is not None:
-            _symlink_atomic(model_dir / "previous", f"versions/{old}")
-        _symlink_atomic(model_dir / "current", f"versions/{version}")
+            symlink_atomic(model_dir / "previous", f"versions/{old}")
+        symlink_atomic(model_dir / "current", f"versions/{version}")
         logger.info("store: %s current %s (previous %s)", name, version, old)
         return old
 
@@ -349,8 +304,8 @@ class Store:
                 f"{name}: no previous version to roll back to", code="no-previous", status=409
             )
         model_dir = self.models_dir / name
-        _symlink_atomic(model_dir / "current", f"versions/{prev}")
-        _symlink_atomic(model_dir / "previous", f"versions/{cur}")
+        symlink_atomic(model_dir / "current", f"versions/{prev}")
+        symlink_atomic(model_dir / "previous", f"versions/{cur}")
         logger.info("store: %s rolled back to %s (previous %s)", name, prev, cur)
         return prev, cur
 
@@ -390,7 +345,7 @@ class Store:
 
     def write_journal(self, data: dict[str, Any]) -> None:
         """Replace the journal atomically (temp + fsync + rename + fsync dir)."""
-        write_atomic(self.journal_path, json.dumps(data, indent=1, sort_keys=True).encode())
+        atomic_write_bytes(self.journal_path, json.dumps(data, indent=1, sort_keys=True).encode())
 
 
 def _resumable(entry: Path) -> bool:
@@ -407,14 +362,10 @@ def _resumable(entry: Path) -> bool:
 
 def _discard(vdir: Path) -> None:
     """Delete a version directory so a crash never leaves it half-deleted under its own
-    name: rename it to a ``.tmp-`` name first (atomic; :meth:`Store.open` removes such
-    entries), then delete the renamed tree."""
+    name: renamed to a ``.tmp-`` name first (:meth:`Store.open` removes such entries)."""
     if not vdir.is_dir():
         return
-    doomed = vdir.parent / f".tmp-del-{vdir.name}-{os.getpid()}-{time.monotonic_ns()}"
-    os.rename(vdir, doomed)
-    fsync_dir(vdir.parent)
-    shutil.rmtree(doomed, ignore_errors=True)
+    discard_tree(vdir, vdir.parent / f".tmp-del-{vdir.name}-{os.getpid()}-{time.monotonic_ns()}")
 
 
 def _remove(path: Path) -> None:
@@ -422,18 +373,3 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
     elif path.is_dir():
         shutil.rmtree(path, ignore_errors=True)
-
-
-def _fsync_tree(root: Path) -> None:
-    """fsync every file and directory under ``root`` before it is renamed into place."""
-    for dirpath, _dirnames, filenames in os.walk(root):
-        for fn in filenames:
-            p = os.path.join(dirpath, fn)
-            if os.path.islink(p):
-                continue
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(Path(dirpath))

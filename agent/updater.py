@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import importlib
 import json
 import logging
 import shutil
@@ -32,11 +31,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.config import Config
-from agent.errors import EdgewardError, PreflightError, UpdateError, local_fault
-from agent.registry import ModelRegistry
+from agent.durable import atomic_write_bytes
+from agent.errors import (
+    EdgewardError,
+    PreflightError,
+    TransitionError,
+    UpdateError,
+    local_fault,
+)
 from agent.sources import (
     Candidate,
     InboxSource,
@@ -45,7 +50,10 @@ from agent.sources import (
     disk_free,
     disk_need,
 )
-from agent.store import Store, version_key, write_atomic
+from agent.store import Store, version_key
+
+if TYPE_CHECKING:  # the daemon hands the registry in: updates and serving are siblings
+    from agent.serving.registry import ModelRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +62,6 @@ __all__ = [
     "STATES",
     "TRANSITIONS",
     "CheckResult",
-    "TransitionError",
     "UpdateMachine",
     "Updater",
 ]
@@ -98,12 +105,6 @@ IN_FLIGHT: frozenset[str] = frozenset(
 
 #: What a check can come to (counted for /metrics, one check may count in several).
 OUTCOMES: tuple[str, ...] = ("installed", "failed", "unchanged", "nothing")
-
-
-class TransitionError(UpdateError):
-    """A transition the table does not allow (a bug, never user input)."""
-
-    code = "bad-transition"
 
 
 @dataclass
@@ -357,7 +358,7 @@ class Updater:
             out = self._compute_digests(vdir)
             if out:
                 try:
-                    write_atomic(cache, json.dumps(out, sort_keys=True).encode())
+                    atomic_write_bytes(cache, json.dumps(out, sort_keys=True).encode())
                 except OSError as exc:
                     logger.warning("cannot cache weights digests of %s %s: %s", name, version, exc)
         self._digests[key] = out
@@ -589,14 +590,19 @@ class Updater:
             m.advance(state)
 
         loop = asyncio.get_running_loop()
-        package = importlib.import_module("agent.package")
+        from agent import package  # the packaging stack loads at the first install
+
         staging: Path | None = None
         installed = False
+        inside: dict[str, float] = {}
         current = self.store.current(name)
         base_dir = self.store.version_dir(name, current) if current else None
         kwargs = {"limits": limits} if limits is not None else {}
+        early: Any = None  # the new version's worker, its process started early
         try:
             self._preflight_disk(cand, src, base_dir)
+            # Its interpreter and imports overlap the download and unpack.
+            early = self._launch(name, version)
             path = cand.path
             if src.downloads:
                 step("downloading")
@@ -637,7 +643,9 @@ class Updater:
             step("converting")
             self._extend_timeout(self.cfg.daemon.worker_start_timeout + 30)
             async with self.registry.lock(name):
-                model = await self.registry.prepare(name, version, vdir)
+                worker, early = early, None
+                model = await self.registry.prepare(name, version, vdir, worker=worker)
+                inside = dict(model.start_phases)
                 step("staged")
                 step("activating")
                 self.store.activate(name, version)
@@ -647,12 +655,16 @@ class Updater:
             self.store.gc(name)
             src.settle(cand, None, final=True)
             logger.info(
-                "updated %s to version %s (%s, %s); %s",
+                "updated %s to version %s (%s, %s); %s%s",
                 name,
                 version,
                 cand.source,
                 cand.why,
                 ", ".join(f"{k} {v:.2f}s" for k, v in took.items()),
+                # what "converting" was made of: the worker's start phases
+                f" (converting: {', '.join(f'{k} {v:.2f}s' for k, v in inside.items())})"
+                if inside
+                else "",
             )
             self._start_health_window(name, version, current)
         except Exception as exc:  # a bug or an OSError must not kill the daemon either
@@ -705,8 +717,19 @@ class Updater:
         else:
             self._clear_fault(name)
         finally:
+            if early is not None:  # the update stopped before it was used
+                await loop.run_in_executor(None, early.stop, 0.0)
             if staging is not None:
                 shutil.rmtree(staging, ignore_errors=True)
+
+    def _launch(self, name: str, version: str) -> Any:
+        """The version's worker with its process already starting, or None (a name the
+        store refuses fails later, where it always did)."""
+        try:
+            return self.registry.launch(name, version, self.store.version_dir(name, version))
+        except Exception as exc:
+            logger.debug("no early worker for %s %s: %s", name, version, exc)
+            return None
 
     def _preflight_disk(self, cand: Candidate, src: Source, base_dir: Path | None) -> None:
         """Refuse early, with the numbers, when the disk cannot hold download + unpack +

@@ -13,7 +13,7 @@ lends the kept-alive connection to the model's worker, which answers it itself
 * idle RSS of a daemon serving no models.
 
 The server is the real daemon (``edgeward agent --config`` in a subprocess, via
-``tests.daemon_util.start_daemon``) when its model workers (``runtime.worker``) are
+``tests.daemon_util.start_daemon``) when its model workers (``agent.serving.worker``) are
 available; otherwise ``UnixHTTPServer`` + ``InferenceApp`` over in-process onnxruntime
 sessions in a subprocess (no worker hop) — the mode is printed.
 Anchor and served calls are measured in alternating blocks (latency) and interleaved
@@ -138,8 +138,8 @@ def _serve(sock: str, dirs: list[str]) -> None:
     """``UnixHTTPServer`` + ``InferenceApp`` over in-process onnxruntime sessions."""
 
     from agent.errors import ModelNotFoundError
-    from agent.http import HTTPLimits, UnixHTTPServer
-    from agent.kserve import InferenceApp
+    from agent.serving.http import HTTPLimits, UnixHTTPServer
+    from agent.serving.kserve import InferenceApp
 
     class Served:
         def __init__(self, d: Path) -> None:
@@ -151,6 +151,9 @@ def _serve(sock: str, dirs: list[str]) -> None:
 
         def metadata(self) -> dict[str, Any]:
             return {"name": self.name, "versions": ["1"], "platform": "onnxruntime"}
+
+        def lender(self) -> None:  # every request is answered by the server
+            return None
 
         async def infer(self, inputs: dict[str, Any], parameters: dict[str, Any]) -> Any:
             if self.name == "tiny":  # a few us: run inline, so only HTTP + codec is timed
@@ -330,7 +333,7 @@ def run(work: Path) -> dict[str, float]:
 
     mode = "daemon (edgeward agent --config, model workers)"
     server: Any = None
-    if importlib.util.find_spec("runtime.worker") is not None:
+    if importlib.util.find_spec("agent.serving.worker") is not None:
         from tests.daemon_util import start_daemon
 
         shutil.rmtree(work / "daemon", ignore_errors=True)  # a fresh store every run
@@ -387,7 +390,8 @@ def run(work: Path) -> dict[str, float]:
         f"({_pct(s_tiny_b, 0.5) / _pct(ip_tiny, 0.5):.2f}x, "
         f"+{res['socket_added_p50_us_tiny_binary']:.1f} us, goal <= 150), "
         f"p99 +{res['socket_added_p99_us_tiny_binary']:.1f} us; JSON p50 "
-        f"{_pct(s_tiny_j, 0.5) * us:.1f} us (+{res['socket_added_p50_us_tiny_json']:.1f} us)"
+        f"{_pct(s_tiny_j, 0.5) * us:.1f} us "
+        f"(+{res['socket_added_p50_us_tiny_json']:.1f} us, goal <= 400)"
     )
     print(
         f"cnn 224x224x3: in-process p50 {_pct(ip_big, 0.5) * 1e3:.2f} ms; socket p50 "

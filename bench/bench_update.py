@@ -8,7 +8,8 @@ repository (``tests/repo_util.py``), the daemon as a process, its control socket
   step after the other: ``curl`` downloads the package through the same nginx, ``edgeward
   unpack`` unpacks it, onnxruntime creates a session and runs one inference. The daemon's
   time runs from the trigger (``POST /check``) until the new version serves (the call
-  returns after activation, metadata refresh included). Goal ≥ 0.8.
+  returns after activation, metadata refresh included). ``FULL_PAIRS`` updates, each
+  followed by its anchor on the same package (interleaved); median over median. Goal ≥ 0.8.
 - ``update_residual_wire_ratio``: bytes nginx served for the residual update / for the
   full update of the benchmark's fine-tune pair (``bench.bench_residual``: A, and B = A
   fine-tuned; int8). Goal ≤ 0.2.
@@ -30,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -38,6 +40,7 @@ from typing import Any
 
 QUICK = os.environ.get("EDGEWARD_BENCH_QUICK") == "1"
 FULL_MIB = 24 if QUICK else 100
+FULL_PAIRS = 3  # daemon update + anchor pairs, interleaved (medians)
 KILL9_ROUNDS = int(os.environ.get("EDGEWARD_KILL9_ROUNDS", "20" if QUICK else "200"))
 CELLULAR = 2 * 1000 * 1000  # bytes/s
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,13 +91,46 @@ def _served(nginx: Any, suffix: str, *, headers: bool = False) -> int:
     )
 
 
-def _full_ratio(work: Path, key: Any, trust: Path) -> dict[str, float]:
+def _anchor(work: Path, nginx: Any, tf: Any, trust: Path) -> tuple[float, float, float]:
+    """The full update by hand, one step after the other: (curl, unpack, session + one
+    inference) seconds."""
     import numpy as np
     import onnxruntime as ort
 
+    out = work / "anchor"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    url = f"{nginx.url}/targets/{tf.path.rpartition('/')[0]}/"
+    url += f"{tf.hashes['sha256']}.{tf.path.rpartition('/')[2]}"
+    pub = next(trust.glob("*.pub"))
+    t0 = time.perf_counter()
+    subprocess.run(
+        ["curl", "-sSf", "--cacert", str(nginx.ca_bundle), "-o", str(out / "pkg.emp"), url],
+        check=True,
+    )
+    t1 = time.perf_counter()
+    _edgeward("unpack", str(out / "pkg.emp"), "--trust", str(pub), "-o", str(out / "u"))
+    t2 = time.perf_counter()
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    sess = ort.InferenceSession(
+        str(out / "u" / "Model" / "big.onnx"), opts, providers=["CPUExecutionProvider"]
+    )
+    sess.run(None, {"x": np.ones((1, 4), np.float32)})
+    t3 = time.perf_counter()
+    shutil.rmtree(out, ignore_errors=True)
+    return t1 - t0, t2 - t1, t3 - t2
+
+
+def _full_ratio(work: Path, key: Any, trust: Path) -> dict[str, float]:
+    """``FULL_PAIRS`` full updates (versions 2, 3, ...), each followed by the anchor doing
+    the same by hand on the same package: interleaved, so a load swing on the shared box
+    hits both; the figure is the median anchor over the median daemon time."""
     from tests.nginx_util import Nginx
     from tests.repo_util import TufRepo, big_onnx, fields_of
 
+    versions = range(1, FULL_PAIRS + 2)
     pkgs = {
         v: _pack(
             big_onnx(work / f"m{v}" / "big.onnx", mib=FULL_MIB, seed=v),
@@ -103,56 +139,43 @@ def _full_ratio(work: Path, key: Any, trust: Path) -> dict[str, float]:
             key,
             work / "pkgs" / f"big-{v}.emp",
         )
-        for v in (1, 2)
+        for v in versions
     }
+    for v in versions:
+        shutil.rmtree(work / f"m{v}", ignore_errors=True)
     repo = TufRepo.create(work / "repo")
     repo.add(pkgs[1], fields_of(pkgs[1]))
     repo.publish()
     nginx = Nginx(work / "nginx", work / "repo")
     box = _Box(work / "box", nginx, repo, trust)
+    daemon: list[float] = []
+    anchors: list[tuple[float, float, float]] = []
     try:
         _t, res = box.check()
         assert res["installed"] == {"big": "1"}, res
-        tf = repo.add(pkgs[2], fields_of(pkgs[2]))
-        repo.publish()
-        daemon_s, res = box.check()
-        assert res["installed"] == {"big": "2"}, res
-        # the anchor: the same steps by hand, one after the other
-        out = work / "anchor"
-        shutil.rmtree(out, ignore_errors=True)
-        out.mkdir()
-        url = f"{nginx.url}/targets/{tf.path.rpartition('/')[0]}/"
-        url += f"{tf.hashes['sha256']}.{tf.path.rpartition('/')[2]}"
-        pub = next(trust.glob("*.pub"))
-        t0 = time.perf_counter()
-        subprocess.run(
-            ["curl", "-sSf", "--cacert", str(nginx.ca_bundle), "-o", str(out / "pkg.emp"), url],
-            check=True,
-        )
-        t1 = time.perf_counter()
-        _edgeward("unpack", str(out / "pkg.emp"), "--trust", str(pub), "-o", str(out / "u"))
-        t2 = time.perf_counter()
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = 1
-        opts.inter_op_num_threads = 1
-        sess = ort.InferenceSession(
-            str(out / "u" / "Model" / "big.onnx"), opts, providers=["CPUExecutionProvider"]
-        )
-        sess.run(None, {"x": np.ones((1, 4), np.float32)})
-        t3 = time.perf_counter()
-        anchor = t3 - t0
         size = pkgs[2].stat().st_size
         print(f"full update of a {size / 1e6:.0f} MB package ({FULL_MIB} MiB model):")
-        print(
-            f"  anchor {anchor:.2f} s (curl {t1 - t0:.2f} + unpack {t2 - t1:.2f} + "
-            f"session and one inference {t3 - t2:.2f})"
-        )
-        print(f"  daemon trigger -> serving {daemon_s:.2f} s")
-        stages = [ln for ln in box.d.log().splitlines() if "updated big to version 2" in ln]
-        if stages:  # the daemon's own account of its stages
-            print("  daemon stages: " + stages[-1].split("; ", 1)[-1])
-        print(f"  update_full_ratio = {anchor / daemon_s:.3f} (goal >= 0.8)")
-        return {"update_full_ratio": anchor / daemon_s}
+        for v in versions[1:]:
+            tf = repo.add(pkgs[v], fields_of(pkgs[v]))
+            repo.publish()
+            daemon_s, res = box.check()
+            assert res["installed"] == {"big": str(v)}, res
+            daemon.append(daemon_s)
+            anchors.append(_anchor(work, nginx, tf, trust))
+            c, u, s = anchors[-1]
+            print(
+                f"  v{v}: daemon trigger -> serving {daemon_s:.2f} s; anchor "
+                f"{c + u + s:.2f} s (curl {c:.2f} + unpack {u:.2f} + session and one "
+                f"inference {s:.2f})"
+            )
+            stages = [ln for ln in box.d.log().splitlines() if f"updated big to version {v}" in ln]
+            if stages:  # the daemon's own account of its stages
+                print("    daemon stages: " + stages[-1].split("; ", 1)[-1])
+        anchor = statistics.median(sum(a) for a in anchors)
+        daemon_med = statistics.median(daemon)
+        print(f"  median: anchor {anchor:.2f} s, daemon {daemon_med:.2f} s")
+        print(f"  update_full_ratio = {anchor / daemon_med:.3f} (goal >= 0.8)")
+        return {"update_full_ratio": anchor / daemon_med}
     finally:
         box.stop()
         nginx.stop()

@@ -128,8 +128,8 @@ def _cpu_s(pid: int | None = None) -> float:
 
 
 def run(work: Path) -> dict[str, float]:
+    from agent.serving.worker import ModelWorker
     from runtime import RuntimeConfig, open_model
-    from runtime.worker import ModelWorker
 
     quick = os.environ.get("EDGEWARD_BENCH_QUICK") == "1"
     n_lat = 60 if quick else 400

@@ -4,7 +4,7 @@
 and 4 callers as ``bench_worker``; per round, in alternating order:
 
 - ``inproc``: ``Servable.predict`` in this process (the anchor);
-- ``worker``: :class:`runtime.worker.ModelWorker` (``predict`` on its lanes);
+- ``worker``: :class:`agent.serving.worker.ModelWorker` (``predict`` on its lanes);
 - ``bare``: a forked child serving 4 lanes with nothing but the work a boundary cannot
   avoid: the caller copies its input into its slot of a memfd, sends one byte, the child
   runs the same servable on the slot and answers one byte. No framing, no descriptors,
@@ -61,7 +61,7 @@ def main(rounds: int) -> None:
         time.sleep(3600)
         os._exit(0)
 
-    from runtime.worker import ModelWorker
+    from agent.serving.worker import ModelWorker
 
     servable = open_model(pkg, cfg, cache_dir=cache)
     worker = ModelWorker("cnn", "1", pkg, cfg, cache_dir=cache, max_concurrency=N)

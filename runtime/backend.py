@@ -18,50 +18,9 @@ import numpy as np
 
 from agent.errors import InvalidInputError, InvalidOutputError, RuntimeBackendError
 from runtime.config import RuntimeConfig
+from runtime.dtypes import numpy_dtype, v2_datatype
 
 logger = logging.getLogger(__name__)
-
-# KServe / Open Inference Protocol v2 datatypes <-> numpy.
-_V2_TO_NP: dict[str, np.dtype[Any]] = {
-    "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype(np.uint8),
-    "UINT16": np.dtype(np.uint16),
-    "UINT32": np.dtype(np.uint32),
-    "UINT64": np.dtype(np.uint64),
-    "INT8": np.dtype(np.int8),
-    "INT16": np.dtype(np.int16),
-    "INT32": np.dtype(np.int32),
-    "INT64": np.dtype(np.int64),
-    "FP16": np.dtype(np.float16),
-    "FP32": np.dtype(np.float32),
-    "FP64": np.dtype(np.float64),
-    "BYTES": np.dtype(np.object_),
-}
-_NP_TO_V2: dict[np.dtype[Any], str] = {v: k for k, v in _V2_TO_NP.items()}
-
-
-def v2_datatype(dtype: Any) -> str:
-    """numpy dtype → v2 datatype name (``float32`` → ``"FP32"``)."""
-    dt = np.dtype(dtype)
-    if dt.kind in ("U", "S", "O"):
-        return "BYTES"
-    try:
-        return _NP_TO_V2[dt]
-    except KeyError:
-        raise RuntimeBackendError(
-            f"dtype {dt} has no KServe v2 datatype", code="unsupported-dtype"
-        ) from None
-
-
-def numpy_dtype(datatype: str) -> np.dtype[Any]:
-    """v2 datatype name → numpy dtype (``"FP32"`` → ``float32``)."""
-    try:
-        return _V2_TO_NP[datatype.upper()]
-    except KeyError:
-        raise InvalidInputError(
-            f"unknown datatype {datatype!r}; allowed: {', '.join(_V2_TO_NP)}"
-        ) from None
-
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -99,9 +58,14 @@ def validate_inputs(
 
     Returns the inputs as numpy arrays (no copies for arrays already right).
 
+    The one input validator: the in-process API, run scripts, and the daemon's and a
+    worker's data plane (over the model's v2 metadata) all refuse a request with the
+    same codes, whatever path it took.
+
     Raises:
-        InvalidInputError: unknown or missing input, wrong dtype, wrong rank or a fixed
-            dimension that differs; the message names the input.
+        InvalidInputError: ``unknown-input``, ``missing-input``, ``bad-datatype`` or
+            ``bad-shape`` (wrong rank, or a fixed dimension that differs); the message
+            names the input.
     """
     if not isinstance(inputs, Mapping):
         raise InvalidInputError(f"{model}: inputs must be a mapping of name -> array")
@@ -109,11 +73,12 @@ def validate_inputs(
     unknown = [n for n in inputs if n not in by_name]
     if unknown:
         raise InvalidInputError(
-            f"{model}: unknown input {unknown[0]!r}; expected {sorted(by_name)}"
+            f"{model}: unknown input {unknown[0]!r}; expected {sorted(by_name)}",
+            code="unknown-input",
         )
     missing = [n for n in by_name if n not in inputs]
     if missing:
-        raise InvalidInputError(f"{model}: missing input {missing[0]!r}")
+        raise InvalidInputError(f"{model}: missing input {missing[0]!r}", code="missing-input")
     out: dict[str, np.ndarray] = {}
     for name, value in inputs.items():
         spec = by_name[name]
@@ -123,19 +88,22 @@ def validate_inputs(
         ):
             raise InvalidInputError(
                 f"{model}: input {name!r} has datatype {_dt_name(arr.dtype)}, "
-                f"expected {_dt_name(spec.dtype)}"
+                f"expected {_dt_name(spec.dtype)}",
+                code="bad-datatype",
             )
         if check_shape and spec.shape is not None:
             if arr.ndim != len(spec.shape):
                 raise InvalidInputError(
                     f"{model}: input {name!r} has shape {list(arr.shape)} (rank {arr.ndim}), "
-                    f"expected rank {len(spec.shape)} {list(spec.shape)}"
+                    f"expected rank {len(spec.shape)} {list(spec.shape)}",
+                    code="bad-shape",
                 )
             for axis, (got, want) in enumerate(zip(arr.shape, spec.shape, strict=True)):
                 if want >= 0 and got != want:
                     raise InvalidInputError(
                         f"{model}: input {name!r} has shape {list(arr.shape)}, expected "
-                        f"{list(spec.shape)} (dimension {axis} must be {want})"
+                        f"{list(spec.shape)} (dimension {axis} must be {want})",
+                        code="bad-shape",
                     )
         out[name] = arr
     return out

@@ -17,10 +17,12 @@ Pipeline for one unpacked package (each stage optional):
    dimension of every input/output to ``batch_size`` (ONNX shape rewrite);
    ``weight_compression: fp16`` converts weights with ``onnxconverter_common`` when that
    package is installed (otherwise a clear ``unsupported-compression`` error).
-3. **ORT optimisation** (ONNX): ORT saves the graph optimised at the configured level
-   (``SessionOptions.optimized_model_filepath``); it is served with online optimisation
-   disabled. If ORT cannot save or reload it, the runtime serves the stage-2 model
-   with online optimisation instead (warning).
+3. **ORT optimisation** (ONNX): ORT optimises the graph at the configured level while
+   it loads the session that will serve, saving the optimised graph into the cache on
+   the way (``SessionOptions.optimized_model_filepath``); later starts load that copy
+   with online optimisation disabled. A model of ``ONLINE_OPTIMISE_BYTES`` or more whose
+   only conversion is this one keeps no copy and is optimised at each load. If the
+   optimised graph fails validation, the unoptimised one serves (warning).
    **Delegate selection** (LiteRT): each configured delegate is loaded and validated;
    failing optional delegates are dropped.
 
@@ -29,11 +31,16 @@ unconverted model before it may serve: same output names and shapes, values with
 ``validate_rtol``/``validate_atol`` (at least 1e-2 for fp16) on ``Meta-info/samples/*.npz``
 whose inputs are the model's inputs; without such samples, on seeded random inputs
 built from the model's signature (free dims: batch → ``batch_size`` or 1, others → 32).
+For ONNX the validated session is the one that serves (``Converted.session``), and the
+unconverted reference loads on a thread meanwhile.
 
 Results are cached in ``cache_dir/<key>/`` where the key hashes the device fingerprint,
-the model's sha256, the converter directory, converter_config and ORT options; a
-conversion is built in a temp dir and renamed into place, so the cache never holds a
-half-written artefact. ``info.json`` counts reuses (``hits``).
+the model's sha256 (the signed manifest's, when unpack kept it), the converter
+directory, converter_config and ORT options; a conversion is built in a temp dir and
+renamed into place, so the cache never holds a half-written artefact, and the
+artefact's sha256 plus ``golden.npz`` (the validated graph's answers) are checked at
+every reuse, so a torn or differently-reloading artefact is rebuilt, never served.
+``info.json`` counts reuses (``hits``).
 """
 
 from __future__ import annotations
@@ -49,13 +56,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from agent.durable import atomic_write_bytes, discard_tree, fsync_dir
 from agent.errors import (
     ConverterError,
     EdgewardError,
@@ -134,6 +143,9 @@ class Converted:
     delegates: list[DelegateSpec] | None = None  # LiteRT: the validated selection
     from_cache: bool = False
     info: dict[str, Any] = field(default_factory=dict)
+    # ONNX: the validated backend, loaded and ready to serve (the loader serves it
+    # instead of loading ``model_path`` again); None: load ``model_path``.
+    session: Backend | None = field(default=None, compare=False, repr=False)
 
 
 # --- samples -----------------------------------------------------------------------
@@ -211,6 +223,37 @@ def compare_outputs(
     return None
 
 
+Arrays = dict[str, np.ndarray]
+# (source "samples" | "random", [(input name, inputs, the reference's outputs or error)])
+Answers = tuple[str, list[tuple[str, Arrays, "Arrays | EdgewardError"]]]
+
+
+def reference_answers(
+    reference: Backend,
+    samples: list[tuple[str, dict[str, np.ndarray], dict[str, np.ndarray]]],
+    *,
+    batch: int,
+) -> Answers:
+    """What the unconverted model answers on the validation inputs: the model-level
+    samples, else seeded random inputs. Returns (source, [(name, inputs, outputs or the
+    error)]); the converter computes it on the reference's own thread while the
+    candidate still loads."""
+    names = {s.name for s in reference.inputs}
+    usable = [(n, ins) for n, ins, _ in samples if set(ins) == names]
+    source = "samples"
+    if not usable:
+        usable = [("random", random_inputs(reference.inputs, batch=batch))]
+        source = "random"
+    out: list[tuple[str, dict[str, np.ndarray], dict[str, np.ndarray] | EdgewardError]] = []
+    for sample_name, ins in usable:
+        try:
+            out.append((sample_name, ins, reference.predict(ins)))
+        except EdgewardError as exc:
+            out.append((sample_name, ins, exc))
+            break  # validation stops at the first input the original refuses
+    return source, out
+
+
 def validate_against(
     reference: Backend,
     candidate: Backend,
@@ -220,32 +263,33 @@ def validate_against(
     atol: float,
     batch: int,
     what: str,
+    record: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]] | None = None,
+    answers: Answers | None = None,
 ) -> dict[str, Any]:
     """Run both backends on the model-level samples (or random inputs) and compare.
+
+    ``answers``: the reference's, computed before (:func:`reference_answers`).
+    ``record`` receives each (inputs, candidate outputs) pair that matched: the
+    converter keeps them with a cache entry to check the artefact when it is reused.
 
     Raises:
         ConverterError: outputs differ (code ``converter-validation``).
     """
-    names = {s.name for s in reference.inputs}
-    usable = [(n, ins) for n, ins, _ in samples if set(ins) == names]
-    source = "samples"
-    if not usable:
-        usable = [("random", random_inputs(reference.inputs, batch=batch))]
-        source = "random"
-    for sample_name, ins in usable:
-        try:
-            want = reference.predict(ins)
-        except EdgewardError as exc:
+    if answers is None:
+        answers = reference_answers(reference, samples, batch=batch)
+    source, cases = answers
+    for sample_name, ins, want in cases:
+        if isinstance(want, EdgewardError):
             if source == "random":
                 logger.warning(
                     "cannot validate %s: the unconverted model refuses random inputs (%s)",
                     what,
-                    exc.message,
+                    want.message,
                 )
-                return {"validated": False, "source": source, "reason": exc.message}
+                return {"validated": False, "source": source, "reason": want.message}
             raise ConverterError(
                 f"cannot validate {what}: the unconverted model fails on {sample_name}: "
-                f"{exc.message}",
+                f"{want.message}",
                 code="converter-validation",
             ) from None
         try:
@@ -262,7 +306,9 @@ def validate_against(
                 f"{what} does not match the unconverted model on {sample_name}: {why}",
                 code="converter-validation",
             )
-    return {"validated": True, "source": source, "checked": len(usable)}
+        if record is not None:
+            record.append((ins, got))
+    return {"validated": True, "source": source, "checked": len(cases)}
 
 
 # --- package converter ---------------------------------------------------------------
@@ -436,13 +482,19 @@ def fp16_weights(src: Path, dst: Path) -> None:
 
 
 def cache_key(
-    model_file: Path, model_dir: Path, kind: str, cc: ConverterConfig, config: RuntimeConfig
+    model_file: Path,
+    model_dir: Path,
+    kind: str,
+    cc: ConverterConfig,
+    config: RuntimeConfig,
+    *,
+    model_sha256: str | None = None,
 ) -> str:
     return digest(
         {
             "format": CACHE_FORMAT,
             "device": device_info(config),
-            "model": file_sha256(model_file),
+            "model": model_sha256 or file_sha256(model_file),
             "converter": tree_sha256(model_dir / CONVERTER_DIR),
             "converter_config": cc.raw,
             "backend": kind,
@@ -451,6 +503,37 @@ def cache_key(
             "onnx_provider_options": config.onnx.provider_options,
         }
     )[:32]
+
+
+def pinned_sha256(model_dir: Path, entry_model: str, model_file: Path) -> str | None:
+    """The model's SHA-256 as the package's signed manifest pins it, or None.
+
+    ``unpack`` checked the decoded model against it (container digest, AEAD tags, zstd
+    checksums) and kept ``manifest.sig`` beside the manifest; the daemon checks
+    installed versions against it at start (agent/installed.py). Hashing the model once
+    more for the cache key would read the whole file again. Residual models (pinned by a
+    weights digest, not a file digest) and anything without a kept signature are hashed.
+    """
+    if not (model_dir / "manifest.sig").is_file():
+        return None
+    try:
+        man = json.loads((model_dir / "manifest.json").read_bytes())
+        size = model_file.stat().st_size
+    except (OSError, ValueError):
+        return None
+    for m in man.get("models") or [] if isinstance(man, dict) else []:
+        if not isinstance(m, dict) or m.get("name") != entry_model:
+            continue
+        sha = m.get("sha256")
+        if (
+            isinstance(sha, str)
+            and len(sha) == 64
+            and m.get("size") == size
+            and not m.get("base_digest")
+            and not m.get("target_digest")
+        ):
+            return sha.lower()
+    return None
 
 
 def convert(
@@ -463,6 +546,9 @@ def convert(
     cache_dir: Path,
 ) -> Converted:
     """Produce (or reuse) the validated artefact for one package on this device.
+
+    For ONNX the result carries the validated session (``Converted.session``): the
+    loader serves the very graph that was checked instead of loading it again.
 
     Raises:
         ConverterError: a stage failed or its result does not match the original.
@@ -488,12 +574,20 @@ def convert(
             src, kind=kind, cc=cc, config=config, model_dir=model_dir, result=Converted(src, kind)
         )
 
-    key = cache_key(src, model_dir, kind, cc, config)
+    key = cache_key(
+        src, model_dir, kind, cc, config, model_sha256=pinned_sha256(model_dir, entry_model, src)
+    )
     final = cache_dir / key
+    save_optimised = True
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         _remove_stale_temps(cache_dir)
-        hit = _reuse(final, entry_model)
+        hit = _reuse(final, entry_model, src)
+        if hit is not None and kind == "onnxruntime":
+            ok = _load_reused(hit, config)
+            if not ok:
+                hit = None
+                save_optimised = False  # ORT's saved graph misbehaves here: serve online
         if hit is not None:
             return _select_delegates(
                 hit.model_path, kind=kind, cc=cc, config=config, model_dir=model_dir, result=hit
@@ -501,16 +595,15 @@ def convert(
         if final.exists():
             # Damaged entry (artefact missing or altered): move it aside, rebuild.
             logger.warning("converter cache entry %s is damaged; rebuilding", final.name)
-            doomed = cache_dir / f".tmp-dead-{os.getpid()}-{key[:8]}"
-            os.replace(final, doomed)
-            shutil.rmtree(doomed, ignore_errors=True)
+            discard_tree(final, cache_dir / f".tmp-dead-{os.getpid()}-{key[:8]}", sync=False)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{os.getpid()}-{key[:8]}-", dir=cache_dir))
     except OSError as exc:
         raise ConverterError(
             f"converter cache {cache_dir} is not usable: {exc}", code="converter-cache"
         ) from None
+    session: Backend | None = None
     try:
-        info = _build(
+        info, session = _build(
             tmp,
             src,
             model_dir=model_dir,
@@ -519,18 +612,15 @@ def convert(
             kind=kind,
             cc=cc,
             config=config,
+            save_optimised=save_optimised,
         )
-        info.update(
-            {
-                "key": key,
-                "created": time.time(),
-                "hits": 0,
-                "entry_model": entry_model,
-                "artefact_sha256": file_sha256(tmp / "model" / entry_model),
-            }
-        )
+        info.update({"key": key, "created": time.time(), "hits": 0, "entry_model": entry_model})
+        if info.get("artefact") != "package":
+            info["artefact_sha256"] = file_sha256(tmp / "model" / entry_model)
+        # No fsync of the artefact: an entry torn by a power cut fails its SHA-256 on
+        # reuse and is rebuilt, never served. The renames below are what must be atomic.
         (tmp / "info.json").write_text(json.dumps(info, indent=1, sort_keys=True))
-        _fsync_dir(tmp)
+        fsync_dir(tmp, best_effort=True)
         try:
             os.replace(tmp, final)
         except OSError:
@@ -538,22 +628,100 @@ def convert(
             if not (final / "info.json").is_file():
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
-        _fsync_dir(cache_dir)
+        fsync_dir(cache_dir, best_effort=True)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if session is not None:
+            session.unload()
         raise ConverterError(
             f"cannot write the converted model to {cache_dir}: {exc}", code="converter-cache"
         ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if session is not None:
+            session.unload()
         raise
-    hit = _reuse(final, entry_model, count=False)
+    hit = _reuse(final, entry_model, src, count=False)
     if hit is None:  # pragma: no cover - we just wrote it
+        if session is not None:
+            session.unload()
         raise ConverterError(f"converted artefact {final} vanished", code="converter-cache")
     hit.from_cache = False
+    hit.session = session
     return _select_delegates(
         hit.model_path, kind=kind, cc=cc, config=config, model_dir=model_dir, result=hit
     )
+
+
+GOLDEN = "golden.npz"
+# From this size on, an ONNX model whose only conversion is ORT's graph optimisation is
+# served from the package, optimised at load (see _build): measured on this project's
+# models, a saved optimised graph loads ~0.1 s faster (the optimisation time, which
+# does not grow with the weights) while the copy costs a full write, a full hash and
+# the model's size again on disk on every update.
+ONLINE_OPTIMISE_BYTES = 64 << 20
+
+
+def _save_golden(
+    path: Path, pairs: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]
+) -> bool:
+    """Keep the validated graph's inputs and outputs with the cache entry (pickle-free:
+    string tensors are left out, and then the entry has no golden record)."""
+    arrays: dict[str, np.ndarray] = {}
+    for i, (ins, outs) in enumerate(pairs):
+        for prefix, group in (("input", ins), ("output", outs)):
+            for name, value in group.items():
+                a = np.asarray(value)
+                if a.dtype.kind == "O":
+                    return False
+                arrays[f"{i}/{prefix}:{name}"] = a
+    if not arrays:
+        return False
+    with path.open("wb") as f:
+        np.savez(f, **arrays)  # type: ignore[arg-type]
+    return True
+
+
+def _load_reused(hit: Converted, config: RuntimeConfig) -> bool:
+    """Load a reused ONNX artefact into ``hit.session`` and run the golden record.
+
+    The record holds what the validated graph answered when the entry was built: the
+    artefact reloaded from disk must answer the same (ORT's saved optimised graph is
+    not always equivalent to the one it optimised in memory; bit rot the SHA-256 missed
+    cannot happen, but a different reload can). False: load failed or outputs differ.
+    """
+    from runtime.onnx_backend import OnnxBackend
+
+    cand = OnnxBackend(hit.model_path, config, level=hit.level)
+    try:
+        cand.load()
+        golden = hit.model_path.parent.parent / GOLDEN
+        if golden.is_file():
+            with np.load(golden, allow_pickle=False) as z:
+                cases: dict[str, tuple[dict[str, np.ndarray], dict[str, np.ndarray]]] = {}
+                for k in z.files:
+                    i, _, rest = k.partition("/")
+                    kind, _, name = rest.partition(":")
+                    ins, outs = cases.setdefault(i, ({}, {}))
+                    (ins if kind == "input" else outs)[name] = z[k]
+            for _i, (ins, want) in sorted(cases.items()):
+                why = compare_outputs(
+                    cand.predict(ins), want, config.validate_rtol, config.validate_atol
+                )
+                if why is not None:
+                    raise ConverterError(why, code="converter-validation")
+    except Exception as exc:  # a torn record (BadZipFile...) is a miss too
+        cand.unload()
+        why = exc.message if isinstance(exc, EdgewardError) else str(exc)
+        logger.warning(
+            "cached artefact %s does not reproduce its validated outputs (%s); rebuilding "
+            "and serving the model with online optimisation",
+            hit.model_path.parent.parent.name,
+            why,
+        )
+        return False
+    hit.session = cand
+    return True
 
 
 def _remove_stale_temps(cache_dir: Path) -> None:
@@ -597,43 +765,38 @@ def prune_cache(
         except (OSError, ValueError, TypeError):
             last = 0.0
         if now - last >= unused_for_s:
-            doomed = cache_dir / f".tmp-dead-{os.getpid()}-{entry.name[:8]}"
             try:
-                os.replace(entry, doomed)
+                discard_tree(
+                    entry, cache_dir / f".tmp-dead-{os.getpid()}-{entry.name[:8]}", sync=False
+                )
             except OSError:
                 continue
-            shutil.rmtree(doomed, ignore_errors=True)
             removed.append(entry)
     return removed
 
 
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _reuse(final: Path, entry_model: str, *, count: bool = True) -> Converted | None:
+def _reuse(final: Path, entry_model: str, src: Path, *, count: bool = True) -> Converted | None:
     info_path = final / "info.json"
     try:
         info = json.loads(info_path.read_text())
     except (OSError, ValueError):
         return None
-    model = final / "model" / entry_model
+    if not isinstance(info, dict):
+        return None
+    package = info.get("artefact") == "package"
+    # "package": no copy; the cache key pins the package model's SHA-256
+    model = src if package else final / "model" / entry_model
     if not model.is_file():
         return None
     want = info.get("artefact_sha256")
-    if count and (not isinstance(want, str) or file_sha256(model) != want):
+    if count and not package and (not isinstance(want, str) or file_sha256(model) != want):
         return None  # bit rot or tampering: never serve it
     if count:
         info["hits"] = int(info.get("hits", 0)) + 1
         info["last_used"] = time.time()
-        tmp = info_path.with_name(f".info.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(info, indent=1, sort_keys=True))
-        os.replace(tmp, info_path)
+        # a lost hit count costs nothing: no fsync on every reuse
+        text = json.dumps(info, indent=1, sort_keys=True).encode()
+        atomic_write_bytes(info_path, text, prefix=f".info.{os.getpid()}.", sync=False)
         logger.info("converter cache hit %s (%d reuses)", final.name, info["hits"])
     return Converted(
         model_path=model,
@@ -654,22 +817,66 @@ def _build(
     kind: str,
     cc: ConverterConfig,
     config: RuntimeConfig,
-) -> dict[str, Any]:
-    """Run all stages inside ``tmp``; returns the info record. Validates the result."""
+    save_optimised: bool = True,
+) -> tuple[dict[str, Any], Backend | None]:
+    """Run all stages inside ``tmp``; returns the info record and (ONNX) the validated
+    session to serve. Validates the result.
+
+    The unconverted reference loads on a thread while the stages run (a package
+    converter is a subprocess; ORT releases the GIL while it builds a session). ONNX
+    is validated on the session that will serve: ORT optimises the graph at the
+    configured level while it loads (saving the optimised graph into the cache for
+    later starts as it goes), and that session is compared with the reference and
+    handed to the loader, so one conversion costs two session loads, not four.
+    """
     info: dict[str, Any] = {"backend": kind, "stages": [], "device": device_info(config)}
     out_dir = tmp / "model"
     out_dir.mkdir()
     current = src
     tol_r, tol_a = config.validate_rtol, config.validate_atol
-    reference = make_backend(kind, src, config)
+    reference: Backend
     if kind == "onnxruntime":
         from runtime.onnx_backend import OnnxBackend
 
-        reference = OnnxBackend(src, config, level="disable")
-    reference.load()
+        reference = OnnxBackend(src, config, level="disable", prepack=False)
+    else:
+        reference = make_backend(kind, src, config)
     samples = load_samples(model_dir)
     batch = cc.batch_size or 1
+
+    def load_and_answer() -> Answers:
+        reference.load()
+        return reference_answers(reference, samples, batch=batch)
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="converter-reference")
+    loading = pool.submit(load_and_answer)
+
+    def ref() -> Backend:
+        loading.result()  # the original model's own load error, if any, comes first
+        return reference
+
+    def answers() -> Answers:
+        return loading.result()
+
+    serving: Backend | None = None
     try:
+        later_stages = kind == "onnxruntime" and (
+            cc.batch == "static" or cc.weight_compression == "fp16"
+        )
+        level = config.onnx.graph_optimization_level
+        # A weight-heavy model's load time is its bytes, which an optimised copy does not
+        # shrink: ORT optimises it at every load as fast, and the entry keeps no copy.
+        online = (
+            kind == "onnxruntime"
+            and converter is None
+            and not later_stages
+            and level != "disable"
+            and src.stat().st_size >= ONLINE_OPTIMISE_BYTES
+        )
+        opt = tmp / "stage-opt.onnx" if save_optimised and level != "disable" else None
+        if online:
+            opt = None
+        record: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]] = []
         if converter is not None:
             conv_out = tmp / "converter-out"
             tail = run_package_converter(
@@ -688,30 +895,50 @@ def _build(
                     + (f"; output: {' | '.join(tail.splitlines()[-3:])}" if tail else ""),
                     code="converter-output",
                 )
-            cand = make_backend(kind, produced, config)
+            # ONNX with nothing after it: this session (optimised online, the graph
+            # saved on the way) is the one that serves.
+            final_cand = kind == "onnxruntime" and not later_stages
+            if final_cand:
+                from runtime.onnx_backend import OnnxBackend
+
+                cand: Backend = OnnxBackend(produced, config, level=level, optimized_out=opt)
+            else:
+                cand = make_backend(kind, produced, config)
             try:
                 cand.load()
             except RuntimeBackendError as exc:
+                ref()
                 raise ConverterError(
                     f"package converter output {entry_model} does not load: {exc.message}",
                     code="converter-output",
                 ) from None
             try:
                 info["package_converter"] = validate_against(
-                    reference,
+                    ref(),
                     cand,
                     samples,
                     rtol=tol_r,
                     atol=tol_a,
                     batch=batch,
                     what="package converter output",
+                    record=record,
+                    answers=answers(),
                 )
-            finally:
+            except BaseException:
                 cand.unload()
+                raise
+            if final_cand:
+                serving = cand
+                info["validation"] = info["package_converter"]
+            else:
+                cand.unload()
+                record.clear()
             current = produced
             info["stages"].append("package-converter")
 
         if kind == "onnxruntime":
+            from runtime.onnx_backend import OnnxBackend
+
             if cc.batch == "static":
                 nxt = tmp / "stage-batch.onnx"
                 fix_batch(current, nxt, batch)
@@ -723,116 +950,139 @@ def _build(
                 current = nxt
                 tol_r, tol_a = max(tol_r, 1e-2), max(tol_a, 1e-2)
                 info["stages"].append("fp16-weights")
-            level = config.onnx.graph_optimization_level
-            serve_level: str | None = level
-            pre_opt = current
-            if level != "disable" and _ort_optimise(current, tmp / "stage-opt.onnx", config, level):
-                current, serve_level = tmp / "stage-opt.onnx", "disable"
-                info["stages"].append(f"ort-optimise-{level}")
-            final_model = out_dir / entry_model
-            _place(current, final_model)
-            try:
-                info["validation"] = _validate_final(
-                    reference,
-                    final_model,
-                    level=serve_level,
-                    samples=samples,
-                    config=config,
-                    rtol=tol_r,
-                    atol=tol_a,
-                    batch=batch,
-                )
-            except ConverterError as exc:
-                if current == pre_opt:
-                    raise
-                # ORT's saved optimised graph misbehaves here: serve the model from
-                # before that stage and let ORT optimise online instead.
-                logger.warning(
-                    "ORT-optimised model rejected (%s); serving unoptimised", exc.message
-                )
-                _place(pre_opt, final_model)
-                serve_level = level
-                info["stages"].append("ort-optimise-rejected")
-                info["validation"] = _validate_final(
-                    reference,
-                    final_model,
-                    level=serve_level,
-                    samples=samples,
-                    config=config,
-                    rtol=tol_r,
-                    atol=tol_a,
-                    batch=batch,
-                )
+            serve_level = level
+            if serving is None and level != "disable":
+                serving = _load_optimising(current, config, level, opt, ref)
+                try:
+                    info["validation"] = validate_against(
+                        ref(),
+                        serving,
+                        samples,
+                        rtol=tol_r,
+                        atol=tol_a,
+                        batch=batch,
+                        what="converted model",
+                        record=record,
+                        answers=answers(),
+                    )
+                except ConverterError as exc:
+                    # ORT's optimiser breaks this graph: serve it unoptimised instead.
+                    logger.warning(
+                        "ORT-optimised model rejected (%s); serving unoptimised", exc.message
+                    )
+                    serving.unload()
+                    serving = None
+                    record.clear()
+                    serve_level = "disable"
+                    info["stages"].append("ort-optimise-rejected")
+            artefact = current
+            if serving is not None and level != "disable":
+                if opt is not None and opt.is_file() and opt.stat().st_size > 0:
+                    artefact, serve_level = opt, "disable"
+                    info["stages"].append(f"ort-optimise-{level}")
+                elif opt is not None:
+                    logger.warning("ORT could not save an optimised model; optimising online")
+                elif online:
+                    info["stages"].append(f"ort-online-{level}")
+            if serving is None:
+                serve_level = "disable"
+                if current == src:
+                    serving = ref()  # the unconverted model itself
+                    info["validation"] = {"validated": True, "source": "unconverted"}
+                else:
+                    serving = OnnxBackend(current, config, level="disable")
+                    try:
+                        serving.load()
+                    except RuntimeBackendError as exc:
+                        serving = None
+                        raise ConverterError(
+                            f"converted model does not load: {exc.message}",
+                            code="converter-validation",
+                        ) from None
+                    info["validation"] = validate_against(
+                        ref(),
+                        serving,
+                        samples,
+                        rtol=tol_r,
+                        atol=tol_a,
+                        batch=batch,
+                        what="converted model",
+                        record=record,
+                        answers=answers(),
+                    )
+            if online and artefact == src:
+                info["artefact"] = "package"  # served from the package, no copy
+            else:
+                _place(artefact, out_dir / entry_model)
+            if record:
+                info["golden"] = _save_golden(tmp / GOLDEN, record)
             info["serve_level"] = serve_level
         else:
+            ref()
             _place(current, out_dir / entry_model)
             info["serve_level"] = None
+        ref()
+    except BaseException:
+        if serving is not None and serving is not reference:
+            serving.unload()
+        serving = None
+        raise
     finally:
-        reference.unload()
+        with contextlib.suppress(BaseException):
+            loading.result()  # never unload while it is still loading
+        pool.shutdown(wait=True)
+        if serving is not reference:
+            reference.unload()
     for p in tmp.glob("stage-*"):
         p.unlink()
     shutil.rmtree(tmp / "converter-out", ignore_errors=True)
-    return info
+    return info, serving
+
+
+def _load_optimising(
+    model: Path,
+    config: RuntimeConfig,
+    level: str,
+    opt: Path | None,
+    ref: Callable[[], Backend],
+) -> Backend:
+    """The serving candidate: ``model`` optimised by ORT at ``level`` while it loads,
+    the optimised graph saved to ``opt`` on the way (retried without saving if ORT
+    cannot save it)."""
+    from runtime.onnx_backend import OnnxBackend
+
+    for out in (opt, None) if opt is not None else (None,):
+        cand = OnnxBackend(model, config, level=level, optimized_out=out)
+        try:
+            cand.load()
+            return cand
+        except RuntimeBackendError as exc:
+            why = exc.message
+            if out is not None:
+                logger.warning("ORT could not save an optimised model: %s", why)
+                with contextlib.suppress(OSError):
+                    out.unlink()
+    ref()
+    raise ConverterError(f"model does not load for optimisation: {why}", code="converter-failed")
 
 
 def _place(current: Path, dst: Path) -> None:
-    """Copy a stage's model to the artefact path and flush it (stages stay for fallback).
+    """Move (a stage file of this build) or copy a model to the artefact path.
 
     A package converter's output may hold side files (ONNX external data): they are
-    copied along when its model is served unchanged.
+    copied along when its model is served unchanged. Nothing is fsynced: the entry's
+    SHA-256, checked on every reuse, is what keeps a torn artefact from serving.
     """
     if current.parent.name == "converter-out":
         for side in current.parent.iterdir():
             if side.name != current.name and side.is_file() and not side.is_symlink():
                 shutil.copyfile(side, dst.parent / side.name)
+    if current.name.startswith("stage-") and current.parent == dst.parent.parent:
+        os.replace(current, dst)
+        return
     tmp = dst.with_name(dst.name + ".part")
     shutil.copyfile(current, tmp)
-    with tmp.open("rb") as f:
-        os.fsync(f.fileno())
     os.replace(tmp, dst)
-
-
-def _ort_optimise(src: Path, dst: Path, config: RuntimeConfig, level: str) -> bool:
-    from runtime.onnx_backend import create_session
-
-    try:
-        create_session(src, config.onnx, level=level, optimized_out=dst)
-    except RuntimeBackendError as exc:
-        if "cannot load" in exc.message:
-            raise ConverterError(
-                f"model does not load for optimisation: {exc.message}", code="converter-failed"
-            ) from None
-        logger.warning("ORT could not save an optimised model: %s", exc.message)
-        return False
-    return dst.is_file() and dst.stat().st_size > 0
-
-
-def _validate_final(
-    reference: Backend,
-    model: Path,
-    *,
-    level: str | None,
-    samples: list[tuple[str, dict[str, np.ndarray], dict[str, np.ndarray]]],
-    config: RuntimeConfig,
-    rtol: float,
-    atol: float,
-    batch: int,
-) -> dict[str, Any]:
-    from runtime.onnx_backend import OnnxBackend
-
-    cand = OnnxBackend(model, config, level=level)
-    try:
-        cand.load()
-    except RuntimeBackendError as exc:
-        raise ConverterError(
-            f"converted model does not load: {exc.message}", code="converter-validation"
-        ) from None
-    try:
-        return validate_against(
-            reference, cand, samples, rtol=rtol, atol=atol, batch=batch, what="converted model"
-        )
-    finally:
-        cand.unload()
 
 
 def _select_delegates(

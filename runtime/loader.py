@@ -278,7 +278,12 @@ def open_model(
         config=cfg,
         cache_dir=Path(cache),
     )
-    backend = _make_loaded_backend(converted, cfg)
+    # The converter hands over the session it validated (or checked on reuse): serving
+    # it saves loading the model once more.
+    backend = converted.session if converted.session is not None else None
+    converted.session = None
+    if backend is None:
+        backend = _make_loaded_backend(converted, cfg)
     script = None
     if info.run_script is not None:
         try:

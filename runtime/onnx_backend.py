@@ -79,10 +79,15 @@ def resolve_providers(opts: OnnxOptions) -> tuple[list[str], list[dict[str, Any]
 
 
 def session_options(
-    opts: OnnxOptions, *, level: str | None = None, optimized_out: Path | None = None
+    opts: OnnxOptions,
+    *,
+    level: str | None = None,
+    optimized_out: Path | None = None,
+    prepack: bool = True,
 ) -> Any:
     """ORT ``SessionOptions`` from config; ``optimized_out`` makes ORT save the optimised
-    graph there (the built-in converter uses this)."""
+    graph there (the built-in converter uses this); ``prepack=False`` skips re-laying
+    out weights for faster kernels (a validation reference runs a few inputs only)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -105,6 +110,8 @@ def session_options(
         so.add_session_config_entry("session.inter_op.allow_spinning", flag)
     if optimized_out is not None:
         so.optimized_model_filepath = str(optimized_out)
+    if not prepack:
+        so.add_session_config_entry("session.disable_prepacking", "1")
     # Fatal only: run errors reach the caller as exceptions; ORT's own stderr lines
     # would duplicate them (and warnings are noise in the daemon log).
     so.log_severity_level = 4
@@ -117,6 +124,7 @@ def create_session(
     *,
     level: str | None = None,
     optimized_out: Path | None = None,
+    prepack: bool = True,
 ) -> Any:
     """An ``InferenceSession`` with the configured providers.
 
@@ -126,7 +134,7 @@ def create_session(
     import onnxruntime as ort
 
     providers, provider_options = resolve_providers(opts)
-    so = session_options(opts, level=level, optimized_out=optimized_out)
+    so = session_options(opts, level=level, optimized_out=optimized_out, prepack=prepack)
     try:
         sess = ort.InferenceSession(
             str(model_path),
@@ -173,9 +181,19 @@ class OnnxBackend(Backend):
     kind = "onnxruntime"
     platform = "onnxruntime_onnx"
 
-    def __init__(self, model_path: Path, config: Any = None, *, level: str | None = None):
+    def __init__(
+        self,
+        model_path: Path,
+        config: Any = None,
+        *,
+        level: str | None = None,
+        optimized_out: Path | None = None,
+        prepack: bool = True,
+    ):
         super().__init__(model_path, config)
         self._level = level
+        self._optimized_out = optimized_out  # the converter: ORT saves its graph here
+        self._prepack = prepack
         self._session: Any = None
         self._output_names: list[str] = []
         self._text_inputs: list[str] = []
@@ -185,7 +203,13 @@ class OnnxBackend(Backend):
         return list(self._session.get_providers()) if self._session is not None else []
 
     def _load(self) -> None:
-        self._session = create_session(self.model_path, self.config.onnx, level=self._level)
+        self._session = create_session(
+            self.model_path,
+            self.config.onnx,
+            level=self._level,
+            optimized_out=self._optimized_out,
+            prepack=self._prepack,
+        )
         self._inputs = [_spec(a) for a in self._session.get_inputs()]
         self._outputs = [_spec(a) for a in self._session.get_outputs()]
         self._output_names = [o.name for o in self._outputs]

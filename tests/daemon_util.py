@@ -41,12 +41,12 @@ ROOT = Path(__file__).resolve().parents[1]
 def _has_worker() -> bool:
     import importlib.util
 
-    return importlib.util.find_spec("runtime.worker") is not None
+    return importlib.util.find_spec("agent.serving.worker") is not None
 
 
-#: Tests that serve a model need the runtime's worker processes (runtime/worker.py).
+#: Tests that serve a model need the runtime's worker processes (agent/serving/worker.py).
 needs_worker = pytest.mark.skipif(
-    not _has_worker(), reason="runtime.worker (model worker processes) is not in the tree yet"
+    not _has_worker(), reason="agent.serving.worker (model worker processes) is not in the tree yet"
 )
 
 PackageSpec = Path | tuple[str, str, Path]
@@ -171,10 +171,18 @@ def write_config(
     lend: bool = True,
     extra: str = "",
     inference_extra: str = "",
+    worker_user: str = "",
+    daemon_extra: str = "",
 ) -> Path:
     """A config whose paths all live under ``work``; ``lend=False`` relays every request
-    through the daemon (no lent connections, runtime/direct.py); ``inference_extra``
-    are TOML lines added to ``[inference]``."""
+    through the daemon (no lent connections, agent/serving/direct.py);
+    ``inference_extra`` and ``daemon_extra`` are TOML lines added to ``[inference]``
+    and ``[daemon]``.
+
+    Workers run as the daemon's user (``worker_user = ""``): the suite runs as root in
+    pytest's temp directories, which only root may enter, so a worker under another uid
+    could not reach its model there. Workers under another uid are tested by
+    tests/test_hardening_serve.py in a tree that user may read (``worker_user``)."""
     state = work / "state"
     run = run_dir(work)
     inbox = work / "inbox"
@@ -211,6 +219,8 @@ check_on_start = {"true" if check_on_start else "false"}
 drain_timeout = {drain_timeout}
 worker_start_timeout = 120.0
 log_level = "info"
+worker_user = "{worker_user}"
+{daemon_extra}
 
 [runtime]
 onnx = {{ intra_op_threads = 1, inter_op_threads = 1 }}
@@ -343,6 +353,7 @@ def start_daemon(
     wait_ready: bool = True,
     env: dict[str, str] | None = None,
     watchdog_usec: int | None = None,
+    python: str = sys.executable,
     **config_kw: Any,
 ) -> DaemonProc:
     """Install ``packages``, start ``edgeward agent`` on temp sockets, wait for READY=1.
@@ -370,7 +381,7 @@ def start_daemon(
         penv.pop("WATCHDOG_USEC", None)
     with open(log_path, "ab") as logf:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "agent", "agent", "--config", str(config)],
+            [python, "-m", "agent", "agent", "--config", str(config)],
             stdout=logf,
             stderr=subprocess.STDOUT,
             env=penv,
@@ -406,26 +417,15 @@ def http_unix(
     headers: dict[str, str] | None = None,
     timeout: float = 60.0,
 ) -> tuple[int, dict[str, str], bytes]:
-    """One HTTP/1.1 request over a Unix socket with http.client."""
-    import http.client
+    """One HTTP/1.1 request over a Unix socket (the one client connection class)."""
+    from agent.serving.connection import UnixHTTPConnection
 
-    class Conn(http.client.HTTPConnection):
-        def connect(self) -> None:
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.settimeout(timeout)
-            s.connect(str(sock_path))
-            self.sock = s
-
-    conn = Conn("localhost", timeout=timeout)
-    try:
+    with UnixHTTPConnection(str(sock_path), timeout) as conn:
         h = dict(headers or {})
         if body or method == "POST":
             h.setdefault("Content-Type", "application/json")
-        conn.request(method, path, body=body or None, headers=h)
-        resp = conn.getresponse()
-        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
-    finally:
-        conn.close()
+        status, rh, data = conn.request(method, path, body or None, h)
+        return status, rh, bytes(data)
 
 
 def infer_json(sock_path: Path, model: str, x: Any) -> tuple[int, Any]:

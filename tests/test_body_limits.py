@@ -1,6 +1,6 @@
 """Chunked and compressed request bodies are held to the limits of plain ones, against a
-real daemon's inference socket, lent (the worker reads the body, runtime/direct.py) and
-relayed (the daemon reads it, agent/http.py): decompression bombs (nested gzip to
+real daemon's inference socket, lent (the worker reads the body, agent/serving/direct.py) and
+relayed (the daemon reads it, agent/serving/http.py): decompression bombs (nested gzip to
 1 GiB, deflate past the expansion ratio), a chunked body over ``max_body_bytes``, a
 stream of 1-byte chunks, and chunked or gzip bodies that together pass the body budget.
 Every refusal is one line, and the model keeps serving."""
@@ -20,7 +20,7 @@ from typing import Any
 import psutil
 import pytest
 
-from agent.httpbody import MAX_RATIO
+from agent.serving.httpbody import MAX_RATIO
 from tests.daemon_util import DaemonProc, start_daemon
 from tests.text_models import string_model_dir
 

@@ -13,8 +13,8 @@ import pytest
 
 from agent.client import Client, UnixHTTPConnection
 from agent.errors import InvalidInputError, InvalidOutputError
-from agent.tensors import decode_request, encode_request, encode_tensor
-from runtime import ipc
+from agent.serving import ipc
+from agent.serving.tensors import decode_request, encode_request, encode_tensor
 from runtime.backend import TensorSpec, check_output
 from runtime.converter import random_inputs
 from tests.daemon_util import DaemonProc, start_daemon
@@ -37,18 +37,14 @@ def daemon(
 
 
 def _post_json(d: DaemonProc, model: str, doc: dict[str, Any]) -> tuple[int, Any]:
-    conn = UnixHTTPConnection(str(d.infer_sock))
-    try:
-        conn.request(
+    with UnixHTTPConnection(str(d.infer_sock)) as conn:
+        status, _h, body = conn.request(
             "POST",
             f"/v2/models/{model}/infer",
-            json.dumps(doc),
+            json.dumps(doc).encode(),
             {"content-type": "application/json"},
         )
-        resp = conn.getresponse()
-        return resp.status, json.loads(resp.read())
-    finally:
-        conn.close()
+        return status, json.loads(body)
 
 
 # ONNX Runtime (``Identity``) and LiteRT (``RESHAPE`` on a TFLite string tensor).

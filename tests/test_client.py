@@ -16,8 +16,8 @@ import pytest
 from agent.cli import main
 from agent.client import Client
 from agent.errors import InvalidInputError, ModelNotFoundError, PayloadTooLargeError
-from agent.http import HTTPLimits
-from agent.kserve import InferenceApp
+from agent.serving.http import HTTPLimits
+from agent.serving.kserve import InferenceApp
 from tests.test_kserve import DictRegistry, EchoModel, OrtModel, ServerThread, tiny_onnx
 
 ROOT = Path(__file__).resolve().parents[1]

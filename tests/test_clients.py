@@ -401,8 +401,8 @@ def test_curl(daemon: tuple[DaemonProc, int, Path], tmp_path: Path) -> None:
 
 
 def test_chunked_and_gzip_on_a_lent_connection(daemon: tuple[DaemonProc, int, Path]) -> None:
-    """The worker's own reader (runtime/direct.py) decodes chunked and gzip bodies with
-    agent/httpbody.py: chunk lines split across reads, a body bigger than its buffer."""
+    """The worker's own reader (agent/serving/direct.py) decodes chunked and gzip bodies with
+    agent/serving/httpbody.py: chunk lines split across reads, a body bigger than its buffer."""
     d, _port, _g = daemon
     texts = [f"wörd {i}\x00" for i in range(3000)]
     doc = {"inputs": [{"name": "s", "shape": [len(texts)], "datatype": "BYTES", "data": texts}]}

@@ -23,7 +23,7 @@ from agent.config import (
     parse_config,
 )
 from agent.errors import ConfigError
-from agent.http import HTTPLimits
+from agent.serving.http import HTTPLimits
 from runtime.config import RuntimeConfig
 from runtime.providers import check_provider_names
 
@@ -63,6 +63,24 @@ def test_sample_config_with_commented_keys_is_exactly_the_defaults() -> None:
     assert set(doc["package_limits"]) == set(Config().package_limits.__dataclass_fields__)
     limit_keys = {f.name for f in dataclasses.fields(HTTPLimits) if f.default is not None}
     assert limit_keys <= set(doc["inference"]["limits"]) <= set(HTTPLimits.__dataclass_fields__)
+
+
+def test_every_commented_key_of_the_sample_is_accepted() -> None:
+    """Uncommenting any key of the example config (also the ``## `` sections that turn
+    MQTT and the repository on) gives a config that loads: the sample documents only
+    keys the parser accepts, and every key of the optional sections."""
+    text = (ROOT / "configs" / "edgeward.toml").read_text()
+    commented = re.compile(r"^#{1,2} ?(\[[a-z_.]+\]$|[a-z_]+ = )", flags=re.M)
+    assert len(commented.findall(text)) > 40
+    live = commented.sub(r"\1", text)
+    assert not commented.search(live)
+    doc = tomllib.loads(live)
+    cfg = parse_config(doc)
+    assert cfg.mqtt is not None and cfg.repository is not None
+    from agent.config import MqttConfig, RepositoryConfig
+
+    for section, cls in (("mqtt", MqttConfig), ("repository", RepositoryConfig)):
+        assert set(doc[section]) == {f.name for f in dataclasses.fields(cls)}, section
 
 
 def test_typed_sections_are_built_and_checked_at_load() -> None:

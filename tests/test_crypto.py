@@ -568,42 +568,31 @@ def test_no_secrets_in_logs(tmp_path: Path, caplog: pytest.LogCaptureFixture) ->
         assert base64.b64encode(secret).decode() not in text
 
 
-# --- SM4-GCM fallback (OpenSSL without SM4-GCM) ---------------------------------------
+# --- OpenSSL without SM4-GCM ------------------------------------------------------------
 
 
-def test_sm4_fallback_matches_rfc8998_and_native() -> None:
-    key = bytes.fromhex("0123456789ABCDEFFEDCBA9876543210")
-    iv = bytes.fromhex("00001234567800000000ABCD")
-    aad = bytes.fromhex("FEEDFACEDEADBEEFFEEDFACEDEADBEEFABADDAD2")
-    pt = bytes.fromhex(
-        "AAAAAAAAAAAAAAAABBBBBBBBBBBBBBBBCCCCCCCCCCCCCCCCDDDDDDDDDDDDDDDD"
-        "EEEEEEEEEEEEEEEEFFFFFFFFFFFFFFFFEEEEEEEEEEEEEEEEAAAAAAAAAAAAAAAA"
-    )
-    fb = crypto._Sm4GcmFallback(key)
-    sealed = fb.encrypt(iv, pt, aad)
-    assert sealed[-16:].hex() == "83de3541e4c2b58177e065a9bf7b62ec"
-    assert sealed == crypto._Sm4Gcm(key).encrypt(iv, pt, aad)
-    native = crypto._Sm4Gcm(key)
-    for n in (0, 1, 15, 16, 17, 100):
-        for a in (b"", b"a", AAD * 3):
-            data = os.urandom(n)
-            nonce = os.urandom(12)
-            s = fb.encrypt(nonce, data, a)
-            assert s == native.encrypt(nonce, data, a)
-            assert fb.decrypt(nonce, s, a) == data
-            with pytest.raises(crypto.InvalidTag):
-                fb.decrypt(nonce, s[:-1] + bytes([s[-1] ^ 1]), a)
-
-
-def test_sm4_stream_uses_fallback_when_native_missing(monkeypatch: pytest.MonkeyPatch) -> None:
-    data = os.urandom(3 * CS + 1)
-    prefix, native_sealed = _seal(data, "sm4-gcm")
+def _no_sm4_gcm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What OpenSSL 1.1.1 answers for SM4 in GCM mode (``cryptography`` raises this)."""
 
     def missing(self: object, nonce: bytes, data: bytes, aad: bytes) -> bytes:
         raise crypto.UnsupportedAlgorithm("no SM4-GCM")
 
     monkeypatch.setattr(crypto._Sm4Gcm, "encrypt", missing)
-    enc = crypto.StreamEncryptor(KEY, "sm4-gcm", AAD, CS, prefix)
-    assert isinstance(enc._aead, crypto._Sm4GcmFallback)
-    assert enc.update(data) + enc.finalize() == native_sealed
-    assert _decrypt_in_pieces(native_sealed, prefix, "sm4-gcm", 9) == data
+
+
+def test_sm4_refused_when_openssl_lacks_gcm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No pure-Python fallback: both directions refuse with alg-unsupported, one line."""
+    data = os.urandom(2 * CS + 1)
+    prefix, sealed = _seal(data, "sm4-gcm")
+    aes_prefix, aes_sealed = _seal(data)
+    _no_sm4_gcm(monkeypatch)
+    with pytest.raises(CryptoError) as ei:
+        crypto.StreamEncryptor(KEY, "sm4-gcm", AAD, CS, prefix)
+    assert ei.value.code == "alg-unsupported"
+    assert ei.value.message == "sm4-gcm is not available in this OpenSSL build"
+    with pytest.raises(CryptoError) as ei:
+        _decrypt_in_pieces(sealed, prefix, "sm4-gcm", 9)
+    assert ei.value.code == "alg-unsupported"
+    assert not hasattr(crypto, "_Sm4GcmFallback")
+    # the other algorithms are unaffected
+    assert _decrypt_in_pieces(aes_sealed, aes_prefix, "aes-256-gcm", 9) == data

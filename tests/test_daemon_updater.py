@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from agent.updater import IN_FLIGHT, STATES, TRANSITIONS, TransitionError, UpdateMachine
+from agent.errors import TransitionError
+from agent.updater import IN_FLIGHT, STATES, TRANSITIONS, UpdateMachine
 
 HAPPY = ["checking", "verifying", "unpacking", "converting", "staged", "activating", "active"]
 
@@ -87,7 +88,7 @@ from pathlib import Path  # noqa: E402
 
 from agent.config import parse_config  # noqa: E402
 from agent.errors import UpdateError  # noqa: E402
-from agent.registry import ModelRegistry, WorkerLike  # noqa: E402
+from agent.serving.registry import ModelRegistry, WorkerLike  # noqa: E402
 from agent.store import Store  # noqa: E402
 from agent.updater import Updater  # noqa: E402
 from tests.daemon_util import make_package, signing_key  # noqa: E402

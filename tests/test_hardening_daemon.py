@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from agent.config import unmapped_group
-from agent.store import Store, StoreError
+from agent.errors import StoreError
+from agent.store import Store
 from tests.daemon_util import ROOT, start_daemon, write_config
 
 

@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psutil
 import pytest
 
@@ -38,6 +39,7 @@ from tests.daemon_util import (
     http_unix,
     infer_json,
     needs_worker,
+    run_dir,
     start_daemon,
     tiny_model_dir,
     write_config,
@@ -156,6 +158,7 @@ def hostile(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[Da
         lend=lend,
         inference_extra="request_timeout_s = 30.0\nrequest_timeouts = { tiny = 2.0 }",
         env={"EW_TEST_DIR": str(test_dir)},
+        daemon_extra='worker_env = ["EW_TEST_DIR"]',  # workers get an allow-listed env
     )
     try:
         yield d, test_dir
@@ -516,7 +519,7 @@ def test_connection_flood_leaves_room_for_others(tmp_path: Path, lend: bool) -> 
 
 def test_limits_are_validated() -> None:
     from agent.errors import ConfigError
-    from agent.http import HTTPLimits
+    from agent.serving.http import HTTPLimits
 
     with pytest.raises(ConfigError, match="max_inflight_body_bytes"):
         HTTPLimits(max_body_bytes=64 * MIB, max_inflight_body_bytes=MIB)
@@ -542,13 +545,27 @@ def test_request_timeout_config_is_validated() -> None:
         parse_config({"inference": {"request_timeouts": {"det": "soon"}}})
 
 
-# --- item 11: run scripts and the device key ----------------------------------------------
+# --- item 11 / issue #15: the worker is a trust boundary -----------------------------------
+#
+# A run script is third-party code. It runs in the model's worker, which must not reach
+# what the daemon holds: the device keys, the daemon's config, other models in the store,
+# the daemon's environment; nor write into the store. Each vector is a probe the hostile
+# run script makes at load time; the positive controls (its own model directory, a
+# directory the test gave it) prove the probes ran and the fence is not "deny all".
 
-KEY_PROBE_RUN_SCRIPT = """\
+PROBE_RUN_SCRIPT = """\
+import json
 import os
 from pathlib import Path
 
-DIR = Path(os.environ["EW_TEST_DIR"])
+PROBES = json.loads(%r)
+
+
+def _try(fn):
+    try:
+        return "ok: " + str(fn())
+    except OSError as exc:
+        return "denied: " + str(exc.strerror)
 
 
 class Model:
@@ -556,39 +573,197 @@ class Model:
 
     def __init__(self, model_dir, backend, config):
         self.backend = backend
-        try:
-            data = (Path(os.environ["EW_TEST_KEYS"]) / "device.key").read_bytes()
-            (DIR / "keyread").write_text("read %d bytes" % len(data))
-        except OSError as exc:
-            (DIR / "keyread").write_text("denied: %s" % exc.strerror)
+        own = Path(model_dir)
+        found = {
+            "own_model": _try(lambda: len((own / "manifest.json").read_bytes())),
+            "device_key": _try(lambda: len(Path(PROBES["key"]).read_bytes())),
+            "key_dir_listing": _try(lambda: os.listdir(PROBES["keys"])),
+            "config": _try(lambda: len(Path(PROBES["config"]).read_bytes())),
+            "other_model": _try(lambda: len(Path(PROBES["other"]).read_bytes())),
+            "store_listing": _try(lambda: os.listdir(own.parents[2])),
+            "write_own_model": _try(lambda: (own / "planted.py").write_text("x")),
+            "write_store": _try(lambda: (own.parents[2] / "planted").mkdir()),
+            "env_secret": os.environ.get("EW_DAEMON_SECRET", "absent"),
+            "home": os.environ.get("HOME", ""),
+            "uid": os.getuid(),
+        }
+        Path(PROBES["out"]).write_text(json.dumps(found))
 
     def predict(self, inputs):
+        out = Path(PROBES["out"]).with_name("control.txt")
+        if not out.exists():  # the control socket is bound after the workers are up
+            import socket
+
+            try:
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.connect(PROBES["control"])
+                s.sendall(b"POST /check HTTP/1.1\\r\\nhost: x\\r\\ncontent-length: 0\\r\\n\\r\\n")
+                line = s.recv(4096).split(b"\\r\\n")[0].decode()
+            except (FileNotFoundError, ConnectionRefusedError):
+                line = ""  # a warm-up call: not bound yet
+            except OSError as exc:
+                line = "denied: " + str(exc.strerror)
+            if line:
+                out.write_text(line)
         return self.backend.predict(inputs)
 """
 
 
-@pytest.mark.xfail(
-    strict=True, reason="worker sandbox: issue #15 (run scripts run as the daemon's uid)"
-)
-def test_run_script_cannot_read_the_device_key(tmp_path: Path) -> None:
-    test_dir = tmp_path / "t"
-    test_dir.mkdir()
-    keys = tmp_path / "keys"
+def _landlock() -> bool:
+    from agent.serving.sandbox import landlock_abi
+
+    return landlock_abi() > 0
+
+
+def _probe_daemon(
+    base: Path, *, worker_user: str = "", sandbox: str = "landlock", python: str = sys.executable
+) -> dict[str, Any]:
+    """A daemon with a device key, a secret in its environment, a second model, and the
+    probing run script in model ``tiny``; returns what the probe found."""
+    out_dir = base / "t"
+    out_dir.mkdir()
+    out_dir.chmod(0o777)  # a worker under another uid writes its findings here
+    keys = base / "keys"
     keys.mkdir(mode=0o700)
     (keys / "device.key").write_bytes(b"-----BEGIN PRIVATE KEY-----\nsecret\n")
     (keys / "device.key").chmod(0o600)
-    src = tiny_model_dir(tmp_path / "src", "tiny", "1", slow=True)
-    (src / "Program" / "Scripts" / "run.py").write_text(KEY_PROBE_RUN_SCRIPT)
-    cfg = write_config(tmp_path / "w")
+    work = base / "w"
+    cfg = write_config(work, worker_user=worker_user, daemon_extra=f'worker_sandbox = "{sandbox}"')
     cfg.write_text(cfg.read_text().replace('keys_dir = ""', f'keys_dir = "{keys}"'))
-    d = start_daemon(
-        tmp_path / "w",
-        [src],
-        config=cfg,
-        env={"EW_TEST_DIR": str(test_dir), "EW_TEST_KEYS": str(keys)},
-    )
+    cfg.chmod(0o600)
+    other = tiny_model_dir(base / "src", "other", "1")
+    probes = {
+        "key": str(keys / "device.key"),
+        "keys": str(keys),
+        "config": str(cfg),
+        "other": str(work / "state" / "models" / "other" / "versions" / "1" / "manifest.json"),
+        "out": str(out_dir / "found.json"),
+        "control": str(run_dir(work) / "control.sock"),
+    }
+    src = tiny_model_dir(base / "src", "tiny", "1", slow=True)
+    (src / "Program" / "Scripts" / "run.py").write_text(PROBE_RUN_SCRIPT % json.dumps(probes))
+    env = {"EW_DAEMON_SECRET": "s3cr3t"}
+    if python != sys.executable:  # this checkout's packages, under that interpreter
+        import sysconfig
+
+        root = str(Path(__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join((root, sysconfig.get_paths()["purelib"]))
+    d = start_daemon(work, [src, other], config=cfg, env=env, python=python)
     try:
-        probe = (test_dir / "keyread").read_text()
-        assert probe.startswith("denied"), probe
+        assert Path(probes["other"]).is_file()  # the probe's target is where it looks
+        found: dict[str, Any] = json.loads((out_dir / "found.json").read_text())
+        found["model_dir"] = str(work / "state" / "models" / "tiny" / "versions" / "1")
+        # the fenced worker still serves
+        status, out = infer_json(d.infer_sock, "tiny", np.ones((1, 4), np.float32))
+        assert status == 200, out
+        found["control"] = (out_dir / "control.txt").read_text()
+        # the same request from the test (root) is answered: the refusal is the worker's
+        st, _h, _b = http_unix(d.control_sock, "GET", "/status")
+        assert st == 200
     finally:
         d.stop()
+    return found
+
+
+def _assert_fenced(found: dict[str, Any]) -> None:
+    assert found["own_model"].startswith("ok"), found  # the probes ran, and not "deny all"
+    for vector in ("device_key", "key_dir_listing", "config", "write_own_model", "write_store"):
+        assert found[vector].startswith("denied"), (vector, found)
+    assert found["env_secret"] == "absent", found
+    # the control socket: refused by the daemon (a worker of its own: 403) or, for a
+    # worker under another uid, by the socket file's mode before that
+    c = found["control"]
+    assert c.startswith("HTTP/1.1 403") or (
+        found["uid"] != os.getuid() and c == "denied: Permission denied"
+    ), found
+    assert Path(found["home"]).resolve() == Path(found["model_dir"]).resolve(), found
+
+
+@pytest.mark.skipif(not _landlock(), reason="this kernel has no Landlock")
+def test_run_script_cannot_read_the_device_key(tmp_path: Path) -> None:
+    """Same uid as the daemon (a daemon under systemd, User=edgeward): Landlock fences
+    the worker off the keys, the config, the store but its own model; the daemon's
+    environment does not reach it."""
+    found = _probe_daemon(tmp_path)
+    _assert_fenced(found)
+    assert found["uid"] == os.getuid()
+    for vector in ("other_model", "store_listing"):
+        assert found[vector].startswith("denied"), (vector, found)
+
+
+def _shared_python() -> str:
+    """An interpreter of this Python version that another user may run: this one, or
+    the system's when this one lives where only root may go (pyenv under /root)."""
+    import shutil
+
+    with contextlib.suppress(OSError):
+        probe = [sys.executable, "-c", "pass"]
+        if subprocess.run(probe, user="nobody", capture_output=True, check=False).returncode == 0:
+            return sys.executable
+    name = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    found = shutil.which(name, path="/usr/local/bin:/usr/bin:/bin")
+    assert found, f"no {name} that user nobody may run (this one: {sys.executable})"
+    return found
+
+
+def _traversable_base() -> Path:
+    """A temp tree another uid may enter (pytest's own is root-only, mode 0700)."""
+    base = Path(tempfile.mkdtemp(prefix="ew-fence-", dir="/tmp"))
+    base.chmod(0o755)
+    return base
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="changing the worker's uid needs a root daemon")
+@pytest.mark.parametrize("sandbox", ["off", "landlock"])
+def test_root_daemon_runs_workers_as_another_user(sandbox: str) -> None:
+    """A root daemon runs workers as an unprivileged user ("auto": edgeward-worker, else
+    nobody): file permissions alone close the key directory (0700 root), the config
+    file (0600 root) and the store (root's, 0755) to it; with Landlock other models'
+    directories too (their files are 0644)."""
+    if sandbox == "landlock" and not _landlock():
+        pytest.skip("this kernel has no Landlock")
+    import pwd
+    import shutil
+
+    base = _traversable_base()
+    try:
+        found = _probe_daemon(base, worker_user="auto", sandbox=sandbox, python=_shared_python())
+        want = next(n for n in ("edgeward-worker", "nobody") if _user_exists(n))
+        assert found["uid"] == pwd.getpwnam(want).pw_uid != 0, found
+        _assert_fenced(found)
+        if sandbox == "landlock":
+            assert found["other_model"].startswith("denied"), found
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _user_exists(name: str) -> bool:
+    import pwd
+
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+def test_no_pickle_on_the_daemon_side() -> None:
+    """Nothing a worker sends can execute code in the daemon: no module the daemon
+    imports unpickles (BYTES cross as length-prefixed bytes, errors as JSON); the only
+    ``pickle.loads`` is the worker's, of the daemon's init frame."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    offenders = []
+    for path in sorted([*root.glob("agent/**/*.py"), *root.glob("runtime/**/*.py")]):
+        if path.name == "worker_main.py":  # the child: it unpickles what its parent sent
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            if any(n.split(".")[0] in ("pickle", "marshal", "shelve", "dill") for n in names):
+                offenders.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert offenders == [], offenders

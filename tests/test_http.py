@@ -1,4 +1,4 @@
-"""agent.http over real Unix sockets: keep-alive, limits, malformed and hostile
+"""agent.serving.http over real Unix sockets: keep-alive, limits, malformed and hostile
 clients, socket file permissions, stale/live sockets, drain on close."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from agent.errors import ConfigError
-from agent.http import HTTPLimits, Request, Response, SocketInUseError, UnixHTTPServer
+from agent.serving.http import HTTPLimits, Request, Response, SocketInUseError, UnixHTTPServer
 from tests.test_kserve import ServerThread, body_of, raw, status_of
 
 LIMITS = HTTPLimits(

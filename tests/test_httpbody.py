@@ -1,4 +1,4 @@
-"""agent/httpbody.py: chunked and gzip/deflate request bodies, as a table of byte
+"""agent/serving/httpbody.py: chunked and gzip/deflate request bodies, as a table of byte
 streams fed in every split, and through the daemon's server on a real socket."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.http import HTTPLimits
-from agent.httpbody import (
+from agent.serving.http import HTTPLimits
+from agent.serving.httpbody import (
     CHUNK_BYTES,
     CHUNKED,
     MAX_CHUNKS,

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from runtime import ipc
+from agent.serving import ipc
 
 
 @pytest.fixture

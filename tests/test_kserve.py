@@ -24,8 +24,8 @@ from agent.errors import (
     ModelNotReadyError,
     OverloadedError,
 )
-from agent.http import HTTPLimits, Request, UnixHTTPServer
-from agent.kserve import InferenceApp
+from agent.serving.http import HTTPLimits, Request, UnixHTTPServer
+from agent.serving.kserve import InferenceApp
 
 # --- test doubles over real parts ------------------------------------------------------
 
@@ -85,6 +85,9 @@ class OrtModel:
             "outputs": [spec(t) for t in self.sess.get_outputs()],
         }
 
+    def lender(self) -> None:  # every request is answered by the server
+        return None
+
     async def infer(self, inputs: dict[str, Any], parameters: dict[str, Any]) -> dict[str, Any]:
         self.parameters.append(parameters)
         return dict(zip(self.out_names, self.sess.run(None, inputs), strict=True))
@@ -103,6 +106,9 @@ class EchoModel:
 
     def metadata(self) -> dict[str, Any]:
         return {"name": self.name, "versions": [self.version], "platform": "echo"}
+
+    def lender(self) -> None:  # every request is answered by the server
+        return None
 
     async def infer(self, inputs: dict[str, Any], parameters: dict[str, Any]) -> dict[str, Any]:
         self.running += 1
@@ -328,7 +334,7 @@ def test_json_floats_round_trip_bit_exact(stack: tuple[ServerThread, DictRegistr
         assert got.dtype == a.dtype and got.shape == a.shape, name
         assert got.tobytes() == a.tobytes(), name
     # whole values stay float literals ("2.0", not "2"), as json.dumps writes them
-    from agent.tensors import encode_request
+    from agent.serving.tensors import encode_request
 
     parts, _ = encode_request({"w": np.array([2.0, 0.0, -7.0, 0.5], np.float32)}, binary=False)
     data = json.loads(parts[0])["inputs"][0]["data"]
@@ -510,7 +516,7 @@ def test_large_tensors_round_trip(stack: tuple[ServerThread, DictRegistry]) -> N
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(10)
     s.connect(str(srv.path))
-    from agent.tensors import encode_request
+    from agent.serving.tensors import encode_request
 
     parts, hl = encode_request({"big": big})
     body = b"".join(parts)

@@ -1,4 +1,4 @@
-"""Lent connections (runtime/direct.py): the model's worker answers kept-alive inference
+"""Lent connections (agent/serving/direct.py): the model's worker answers kept-alive inference
 connections itself. Real daemon, real worker processes, real sockets, real kill -9."""
 
 from __future__ import annotations
@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ import pytest
 
 from agent.client import Client
 from agent.errors import InvalidInputError, ModelNotFoundError, WorkerError
+from agent.serving.connection import UnixHTTPConnection
 from tests.daemon_util import (
     DaemonProc,
     http_unix,
@@ -41,14 +41,13 @@ def _wait(cond: Any, what: str, timeout: float = 30.0) -> None:
         time.sleep(0.02)
 
 
-class RawConn:
-    """One kept-alive HTTP/1.1 connection, requests written by hand (pipelining too)."""
+class RawConn(UnixHTTPConnection):
+    """One kept-alive HTTP/1.1 connection, requests written by hand (pipelining too);
+    the agent's one client connection class reads the responses."""
 
     def __init__(self, path: Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(30)
-        self.sock.connect(str(path))
-        self.buf = b""
+        super().__init__(str(path), 30)
+        self.connect()
 
     @staticmethod
     def infer_bytes(model: str, x: list[list[float]], extra: str = "") -> bytes:
@@ -61,26 +60,9 @@ class RawConn:
         )
         return head.encode() + body
 
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
     def read(self) -> tuple[int, dict[str, str], bytes]:
-        while b"\r\n\r\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("closed")
-            self.buf += chunk
-        head, _, rest = self.buf.partition(b"\r\n\r\n")
-        lines = head.decode().split("\r\n")
-        headers = {k.lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
-        n = int(headers["content-length"])
-        while len(rest) < n:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("closed mid-body")
-            rest += chunk
-        self.buf = rest[n:]
-        return int(lines[0].split()[1]), headers, rest[:n]
+        status, headers, body = self.read_response()
+        return status, headers, bytes(body)
 
     def infer(self, model: str, x: list[list[float]]) -> tuple[int, Any]:
         self.send(self.infer_bytes(model, x))
@@ -88,14 +70,13 @@ class RawConn:
         return status, json.loads(body)
 
     def closed_by_peer(self) -> bool:
+        if self.sock is None:  # the last answer said "connection: close"
+            return True
         self.sock.settimeout(5)
         try:
             return self.sock.recv(1) == b""
         except ConnectionResetError:
             return True
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def _answer_while(

@@ -18,6 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from agent.serving.connection import UnixHTTPConnection
 from tests.daemon_util import DaemonProc, make_package, needs_worker, signing_key, start_daemon
 from tests.emulation import thread_rss_cost
 
@@ -56,43 +57,21 @@ BAD: dict[str, bytes] = {
 }
 
 
-class Conn:
-    """One keep-alive HTTP/1.1 connection with a minimal response reader."""
+class Conn(UnixHTTPConnection):
+    """One keep-alive HTTP/1.1 connection, requests written by hand (the agent's one
+    client connection class reads the responses)."""
 
     def __init__(self, path: Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(60)
-        self.sock.connect(str(path))
-        self.buf = b""
-
-    def _fill(self) -> None:
-        chunk = self.sock.recv(65536)
-        if not chunk:
-            raise ConnectionError("connection closed by the daemon")
-        self.buf += chunk
+        super().__init__(str(path), 60)
+        self.sock = self.connect()
 
     def response(self) -> tuple[int, bytes]:
-        while b"\r\n\r\n" not in self.buf:
-            self._fill()
-        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
-        lines = head.split(b"\r\n")
-        status = int(lines[0].split()[1])
-        length = 0
-        for line in lines[1:]:
-            k, _, v = line.partition(b":")
-            if k.strip().lower() == b"content-length":
-                length = int(v)
-        while len(self.buf) < length:
-            self._fill()
-        body, self.buf = self.buf[:length], self.buf[length:]
-        return status, body
+        status, _headers, body = self.read_response()
+        return status, bytes(body)
 
     def call(self, raw: bytes) -> tuple[int, bytes]:
-        self.sock.sendall(raw)
+        self.send(raw)
         return self.response()
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def bad_request(path: Path, kind: str) -> tuple[int, dict[str, object]]:
@@ -196,7 +175,7 @@ def hammer(
 
 
 def _limits() -> dict[str, object]:
-    from agent.http import HTTPLimits
+    from agent.serving.http import HTTPLimits
 
     names = {f for f in HTTPLimits.__dataclass_fields__}
     for key in ("header_timeout", "header_timeout_s", "header_read_timeout"):

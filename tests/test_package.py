@@ -3,6 +3,7 @@ mediapipe TFLite models run after unpacking."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import stat
@@ -20,10 +21,10 @@ from agent.errors import (
     LimitError,
     MetaInfoError,
     PackageError,
-    ResidualError,
+    SignatureError,
 )
 from agent.keys import Keyring, TrustStore, key_id
-from agent.package import Limits, PackSpec, inspect, pack, unpack, verify
+from agent.package import Limits, PackSpec, inspect, pack, reader, unpack, verify
 from agent.tario import TarReader
 
 
@@ -72,6 +73,64 @@ def test_round_trip_each_alg(tmp_path: Path, keys, alg: str) -> None:  # type: i
     assert json.loads((tmp_path / "u" / "manifest.json").read_bytes())["version"] == 7
     # no temp leftovers next to the output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "b.bin", "p.emp", "u"]
+
+
+def test_sm4_package_refused_without_openssl_sm4_gcm(  # type: ignore[no-untyped-def]
+    tmp_path: Path, keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A device whose OpenSSL lacks SM4-GCM refuses an SM4 package with alg-unsupported
+    and writes nothing (there is no pure-Python fallback)."""
+    sk, trust, dev, ring = keys
+    out = tmp_path / "p.emp"
+    spec = PackSpec(
+        models=[_model(tmp_path, 20_000)],
+        name="sm4",
+        version=1,
+        signing_keys=[sk],
+        encrypt_for=[dev.public_key()],
+        alg="sm4-gcm",
+        chunk_size=4096,
+    )
+    pack(spec, out)
+
+    def missing(self: object, nonce: bytes, data: bytes, aad: bytes) -> bytes:
+        raise crypto.UnsupportedAlgorithm("no SM4-GCM")  # what OpenSSL 1.1.1 answers
+
+    monkeypatch.setattr(crypto._Sm4Gcm, "encrypt", missing)
+    with pytest.raises(CryptoError) as ei:
+        unpack(out, tmp_path / "u", trust=trust, keyring=ring)
+    assert ei.value.code == "alg-unsupported"
+    assert not (tmp_path / "u").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    with pytest.raises(CryptoError) as ei:
+        pack(spec, tmp_path / "again.emp")
+    assert ei.value.code == "alg-unsupported"
+    assert not (tmp_path / "again.emp").exists()
+
+
+def test_trust_check_on_bytes_alone(tmp_path: Path, keys) -> None:  # type: ignore[no-untyped-def]
+    """The reader decides trust from bytes and streams, without a file: the signed
+    manifest from its two byte strings, a whole package from an in-memory stream."""
+    sk, trust, _, _ = keys
+    out = tmp_path / "p.emp"
+    spec = PackSpec(models=[_model(tmp_path, 5_000)], name="b", version=1, signing_keys=[sk])
+    m = pack(spec, out)
+    data = out.read_bytes()
+    opened = reader.verify_stream(io.BytesIO(data), trust)
+    assert opened.manifest == m and opened.signer == key_id(sk.public_key())
+    raw, sig = opened.manifest.raw, opened.signature
+    manifest, signer = reader.trusted_manifest(raw, sig, trust, Limits())
+    assert manifest == m and signer == opened.signer
+    stranger = TrustStore()
+    stranger.add(Ed25519PrivateKey.generate().public_key())
+    for bad_raw, bad_trust in ((raw, stranger), (raw.replace(b'"b"', b'"c"'), trust)):
+        with pytest.raises(SignatureError):
+            reader.trusted_manifest(bad_raw, sig, bad_trust, Limits())
+    with pytest.raises(LimitError):  # the size cap is checked before a byte is read
+        reader.open_stream(io.BytesIO(data), Limits(max_package_bytes=100), trust, size=len(data))
+    cut = data[: len(data) // 2]
+    with pytest.raises(PackageError):  # a truncated stream never verifies
+        reader.verify_stream(io.BytesIO(cut), trust)
 
 
 def test_tar_layout_first_entries(tmp_path: Path, keys) -> None:  # type: ignore[no-untyped-def]
@@ -212,29 +271,9 @@ def test_meta_dir_validated_at_pack(tmp_path: Path, keys) -> None:  # type: igno
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
-def test_residual_unavailable(tmp_path: Path, keys, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
-    """Without the residual module (a trimmed install) a residual pack is one clear error."""
-    import sys
-
-    monkeypatch.setitem(sys.modules, "agent.residual", None)  # import now raises ImportError
-    sk, trust, _, _ = keys
-    base_model = _model(tmp_path, 10_000, "base.bin")
-    out = tmp_path / "v1.emp"
-    pack(PackSpec(models=[base_model], name="res", version=1, signing_keys=[sk]), out)
-    u = tmp_path / "v1"
-    unpack(out, u, trust=trust)
-    with pytest.raises(ResidualError) as info:
-        pack(
-            PackSpec(models=[base_model], name="res", version=2, signing_keys=[sk], base=u),
-            tmp_path / "v2.emp",
-        )
-    assert info.value.code == "residual-unavailable"
-    assert not (tmp_path / "v2.emp").exists()
-
-
 def test_base_mismatch_errors(tmp_path: Path) -> None:
     from agent.manifest import BaseRef, Manifest, ModelInfo
-    from agent.package import _check_base
+    from agent.package.installer import check_base
 
     m = Manifest(
         name="a",
@@ -256,10 +295,10 @@ def test_base_mismatch_errors(tmp_path: Path) -> None:
         base=BaseRef("a", 1),
     )
     with pytest.raises(BaseMismatchError) as info:
-        _check_base(m, None)
+        check_base(m, None)
     assert info.value.code == "base-required"
     with pytest.raises(BaseMismatchError) as info:
-        _check_base(m, tmp_path)
+        check_base(m, tmp_path)
     assert info.value.code == "base-invalid"
 
 
@@ -340,7 +379,6 @@ def _tiny_onnx(path: Path, w: np.ndarray, b: np.ndarray) -> None:
 
 def test_residual_chain(tmp_path: Path, keys) -> None:  # type: ignore[no-untyped-def]
     """v1 full → v2 residual on v1 (base given as .emp) → v3 residual on v2 (as a dir)."""
-    pytest.importorskip("agent.residual")
     import onnxruntime as ort
 
     sk, trust, dev, ring = keys
@@ -394,53 +432,16 @@ def test_residual_chain(tmp_path: Path, keys) -> None:  # type: ignore[no-untype
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
-class _XorResidual:
-    """Stand-in with the agent.residual API (byte-wise XOR patches), so the package
-    layer's residual wiring is exercised even where the real module is absent."""
-
-    class PatchInfo:
-        def __init__(self, base_digest: str, target_digest: str) -> None:
-            self.base_digest, self.target_digest = base_digest, target_digest
-            self.fidelity = {"cosine_min": np.float32(1.0)}
-            self.stats = {"tensors": np.int64(1)}
-
-    @staticmethod
-    def digest(data: bytes) -> str:
-        import hashlib
-
-        return "sha256:" + hashlib.sha256(data).hexdigest()
-
-    def encode_patch(self, base: Path, target: Path, out, *, bits, group_size, max_rel_err):  # type: ignore[no-untyped-def]
-        a, b = base.read_bytes(), target.read_bytes()
-        out.write(bytes(x ^ y for x, y in zip(a, b, strict=True)))
-        return self.PatchInfo(self.digest(a), self.digest(b))
-
-    def apply_patch(
-        self,
-        base: Path,
-        patch,
-        out: Path,
-        *,
-        expected_base_digest,  # type: ignore[no-untyped-def]
-        expected_target_digest,
-    ) -> str:
-        a = base.read_bytes()
-        if self.digest(a) != expected_base_digest:
-            raise BaseMismatchError("wrong base", code="base-mismatch")
-        b = bytes(x ^ y for x, y in zip(a, patch.read(), strict=True))
-        out.write_bytes(b)
-        return self.digest(b)
-
-
-def test_residual_wiring(tmp_path: Path, keys, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
-    import sys
-
-    monkeypatch.setitem(sys.modules, "agent.residual", _XorResidual())
+def test_residual_wiring(tmp_path: Path, keys) -> None:  # type: ignore[no-untyped-def]
+    """The pack's patch report lands in the manifest as plain JSON; a base whose bytes
+    are not the ones the patch was made against is refused and nothing is left."""
     sk, trust, dev, ring = keys
-    v1m, v2m = _model(tmp_path, 20_000, "v1.bin"), tmp_path / "v2.bin"
-    data = bytearray(v1m.read_bytes())
-    data[100:200] = bytes(100)
-    v2m.write_bytes(bytes(data))
+    rng = np.random.default_rng(5)
+    w = rng.normal(0, 1, (64, 32)).astype(np.float32)
+    b = rng.normal(0, 1, (32,)).astype(np.float32)
+    v1m, v2m = tmp_path / "v1.onnx", tmp_path / "v2.onnx"
+    _tiny_onnx(v1m, w, b)
+    _tiny_onnx(v2m, w + 0.01 * rng.normal(0, 1, w.shape).astype(np.float32), b)
     common = {"signing_keys": [sk], "encrypt_for": [dev.public_key()], "name": "wire"}
     pack(PackSpec(models=[v1m], version=1, **common), tmp_path / "v1.emp")
     m2 = pack(
@@ -448,17 +449,16 @@ def test_residual_wiring(tmp_path: Path, keys, monkeypatch: pytest.MonkeyPatch) 
         tmp_path / "v2.emp",
     )
     mi = m2.models[0]
-    assert mi.encoding == ("residual", "aes-256-gcm") and mi.name == "v1.bin"
-    assert mi.fidelity == {"cosine_min": 1.0} and mi.stats == {"tensors": 1}
-    assert m2.base is not None and (m2.base.name, m2.base.version) == ("wire", 1)
+    assert mi.encoding == ("residual", "aes-256-gcm") and mi.name == "v1.onnx"
+    doc = json.loads(m2.raw)["models"][0]
+    assert doc["stats"]["tensors"] == mi.stats["tensors"] == 2  # numpy counts became ints
     unpack(tmp_path / "v1.emp", tmp_path / "u1", trust=trust, keyring=ring)
     unpack(
         tmp_path / "v2.emp", tmp_path / "u2", trust=trust, keyring=ring, base_dir=tmp_path / "u1"
     )
-    assert (tmp_path / "u2" / "Model" / "v1.bin").read_bytes() == v2m.read_bytes()
     assert not (tmp_path / "u2" / ".patches").exists()
     # a base that is not the one the patch was made against: refused, nothing left
-    (tmp_path / "u1" / "Model" / "v1.bin").write_bytes(bytes(len(data)))
+    _tiny_onnx(tmp_path / "u1" / "Model" / "v1.onnx", w + 1.0, b)
     with pytest.raises(BaseMismatchError):
         unpack(
             tmp_path / "v2.emp",

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from agent.errors import ModelNotFoundError, RuntimeBackendError
-from agent.registry import LATENCY_BUCKETS, ModelRegistry, WorkerLike
+from agent.serving.registry import LATENCY_BUCKETS, ModelRegistry, WorkerLike
 
 
 class StandInWorker:
@@ -24,6 +24,7 @@ class StandInWorker:
         self.pid: int | None = None
         self.fail = fail
         self.served = 0
+        self.lending = None  # every request is relayed (no LendingWorker)
 
     def start(self, timeout: float = 120.0) -> None:
         if self.fail == "start":

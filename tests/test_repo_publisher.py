@@ -647,7 +647,7 @@ def test_an_interrupted_publish_leaves_the_old_repository_and_no_reused_version(
     repo.add([pkgs["v1"]])
     repo.publish(_signers(keys))
     repo.add([pkgs["v2"]])
-    real = publisher.write_atomic
+    real = publisher.atomic_write_bytes
 
     def dies_at(name: str):  # type: ignore[no-untyped-def]
         def write(path: Path, data: bytes, mode: int = 0o644) -> None:
@@ -657,21 +657,21 @@ def test_an_interrupted_publish_leaves_the_old_repository_and_no_reused_version(
 
         return write
 
-    monkeypatch.setattr(publisher, "write_atomic", dies_at("timestamp.json"))
+    monkeypatch.setattr(publisher, "atomic_write_bytes", dies_at("timestamp.json"))
     with pytest.raises(OSError):
         repo.publish(_signers(keys))
     st = repo.status()
     assert {r: st["roles"][r]["version"] for r in ROLES} == dict.fromkeys(ROLES, 1)
     assert [d["path"] for d in st["staged"]] == ["ocr/2/ocr-2.emp"]
     assert (repo.metadata_dir / "2.targets.json").exists()  # orphan, never referenced
-    monkeypatch.setattr(publisher, "write_atomic", real)
+    monkeypatch.setattr(publisher, "atomic_write_bytes", real)
     ch = repo.publish(_signers(keys))
     assert ch.versions == {"targets": 3, "snapshot": 3, "timestamp": 2}
     assert ch.added == ("ocr/2/ocr-2.emp",)
 
     # a rotation that dies between <v>.root.json and root.json: devices already see
     # 2.root.json, so the next command takes it as the root in force and repairs root.json
-    monkeypatch.setattr(publisher, "write_atomic", dies_at("root.json"))
+    monkeypatch.setattr(publisher, "atomic_write_bytes", dies_at("root.json"))
     with pytest.raises(OSError):
         repo.rotate(
             "root",
@@ -679,7 +679,7 @@ def test_an_interrupted_publish_leaves_the_old_repository_and_no_reused_version(
             new_key=load_signer(keys["root2"]),
             root_signers=[load_signer(keys["root"])],
         )
-    monkeypatch.setattr(publisher, "write_atomic", real)
+    monkeypatch.setattr(publisher, "atomic_write_bytes", real)
     assert Metadata.from_file(str(repo.metadata_dir / "root.json")).signed.version == 1
     assert repo.status()["roles"]["root"]["version"] == 2
     repo.publish(_signers(keys))

@@ -11,8 +11,9 @@ import pytest
 from ai_edge_litert.interpreter import Interpreter
 
 from agent.errors import ConfigError, InvalidInputError, RuntimeBackendError
-from runtime.backend import make_backend, numpy_dtype, v2_datatype
+from runtime.backend import make_backend
 from runtime.config import RuntimeConfig
+from runtime.dtypes import numpy_dtype, v2_datatype
 
 
 def _plain_ort(model: Path, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -18,8 +18,8 @@ from agent.errors import (
     RuntimeBackendError,
     WorkerError,
 )
+from agent.serving.worker import ModelWorker
 from runtime import RuntimeConfig, open_model
-from runtime.worker import ModelWorker
 from tests.test_runtime_loader import make_package
 
 L = "tests.test_runtime_worker_loaders"
@@ -263,7 +263,7 @@ def test_parent_does_not_import_engines() -> None:
     import sys
 
     code = (
-        "import sys, runtime.worker; "
+        "import sys, agent.serving.worker; "
         "print(any(m in sys.modules for m in ('onnxruntime', 'ai_edge_litert', 'tflite_runtime')))"
     )
     root = Path(__file__).resolve().parent.parent

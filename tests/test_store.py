@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import UpdateError
-from agent.store import Store, StoreError, write_atomic
+from agent.durable import atomic_write_bytes
+from agent.errors import StoreError, UpdateError
+from agent.store import Store
 
 
 def _version(store: Store, name: str, version: str) -> Path:
@@ -124,7 +125,7 @@ def test_journal_roundtrip_and_corruption(tmp_path: Path) -> None:
     assert store.read_journal()["models"]["m"]["state"] == "active"
     store.journal_path.write_bytes(b"{not json")
     assert store.read_journal() == {}
-    write_atomic(tmp_path / "x", b"abc", mode=0o600)
+    atomic_write_bytes(tmp_path / "x", b"abc", mode=0o600)
     assert (tmp_path / "x").read_bytes() == b"abc"
     assert (tmp_path / "x").stat().st_mode & 0o777 == 0o600
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]

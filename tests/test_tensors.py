@@ -1,4 +1,4 @@
-"""agent.tensors: the v2 JSON and binary tensor codec, driven directly (no sockets)."""
+"""agent.serving.tensors: the v2 JSON and binary tensor codec, driven directly (no sockets)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from agent.errors import InvalidInputError
-from agent.tensors import (
+from agent.serving.tensors import (
     DATATYPES,
     datatype_of,
     decode_request,
@@ -165,3 +165,82 @@ def test_outputs_selection_parsed() -> None:
     req = decode_request(json.dumps(doc).encode())
     assert [(o.name, o.binary) for o in req.outputs or []] == [("y", True), ("z", None)]
     assert not req.binary_output
+
+
+# --- the fast JSON path decides as the general one ----------------------------------------
+#
+# A flat ``data`` list of the declared length takes agent.serving.tensors._flat_json (struct,
+# type sets); the same values nested one level deeper take the general path. Both must
+# give the same array, bit for bit, or the same error code, for whatever JSON holds.
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_JSON_SCALARS = st.one_of(
+    st.booleans(),
+    st.none(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.sampled_from([0, 1, -1, 127, 128, 255, 256, 32767, 65535, 2**31, 2**32, 2**63, 2**64]),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from([1e39, -1e39, 65504.0, 65520.0, 1e-46, 5e-324, 3.4028235e38, -0.0]),
+    st.text(max_size=3),
+    st.lists(st.integers(0, 3), max_size=2),
+)
+
+
+_JSON_LISTS = st.one_of(
+    st.lists(_JSON_SCALARS, max_size=6),  # mixed: mostly the general path
+    st.lists(st.floats(width=32), max_size=40),  # homogeneous: mostly the fast path
+    st.lists(st.floats(), max_size=40),
+    st.lists(st.integers(min_value=-(2**65), max_value=2**65), max_size=40),
+    st.lists(st.integers(min_value=-300, max_value=300), max_size=40),
+    st.lists(st.booleans(), max_size=40),
+    st.lists(st.text(max_size=4), max_size=10),
+)
+
+
+def _outcome(spec: dict[str, Any]) -> tuple[str, Any]:
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):  # numpy's own warnings
+            arr = decode_tensor(spec)
+    except InvalidInputError as exc:
+        return "error", exc.code
+    flat = arr.reshape(-1)
+    return arr.dtype.str, flat.tobytes() if arr.dtype != object else flat.tolist()
+
+
+@settings(max_examples=300, deadline=None)
+@given(datatype=st.sampled_from(list(DATATYPES)), data=_JSON_LISTS)
+def test_fast_json_path_agrees_with_the_general_one(datatype: str, data: list[Any]) -> None:
+    n = len(data)
+    fast = _outcome({"name": "t", "datatype": datatype, "shape": [n], "data": data})
+    general = _outcome({"name": "t", "datatype": datatype, "shape": [1, n], "data": [data]})
+    assert fast == general
+
+
+@pytest.mark.parametrize("datatype", list(DATATYPES))
+def test_fast_json_path_same_values_every_datatype(datatype: str) -> None:
+    """Typical values of every datatype: a flat list and its nested twin agree, and the
+    JSON encoder's text reads back to the same bits (extremes, subnormals, -0.0)."""
+    dt = DATATYPES[datatype]
+    if datatype == "BYTES":
+        a = np.array([b"", b"abc", "é€".encode(), b'\\"'], dtype=object)
+    elif datatype == "BOOL":
+        a = np.array([True, False, False, True])
+    elif dt.kind in "iu":
+        info = np.iinfo(dt)
+        a = np.array([info.min, info.max, 0, 1, info.max // 3], dtype=dt)
+    else:
+        fi = np.finfo(dt)
+        a = np.array([fi.max, -fi.max, fi.tiny, fi.smallest_subnormal, -0.0, 0.1, 2.0], dtype=dt)
+    parts, hl = encode_request({"t": a}, binary=False)
+    assert hl is None
+    doc = json.loads(b"".join(parts))
+    flat = doc["inputs"][0]
+    assert flat["data"] == json.loads(json.dumps(flat["data"]))  # plain JSON values
+    got = decode_request(b"".join(parts)).inputs["t"]
+    nested = decode_tensor(dict(flat, shape=[1, a.size], data=[flat["data"]])).reshape(-1)
+    if datatype == "BYTES":
+        assert got.tolist() == a.tolist() == nested.tolist()
+    else:
+        assert got.dtype == a.dtype and got.tobytes() == a.tobytes() == nested.tobytes()

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from agent.errors import InvalidInputError, RuntimeBackendError, WorkerError
-from runtime.worker import ModelWorker
+from agent.serving.worker import ModelWorker
 from tests.test_runtime_worker import _toy, _wait_state
 
 

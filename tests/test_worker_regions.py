@@ -1,5 +1,5 @@
 """Shared regions: inputs the caller writes into worker-mapped memory cross uncopied
-(real child processes, a real ONNX model; see runtime/ipc.py SharedRegion)."""
+(real child processes, a real ONNX model; see agent/serving/ipc.py SharedRegion)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 from agent.errors import InvalidInputError, RuntimeBackendError
-from runtime import RuntimeConfig, ipc, open_model
-from runtime.worker import ModelWorker
+from agent.serving import ipc
+from agent.serving.worker import ModelWorker
+from runtime import RuntimeConfig, open_model
 from tests.test_runtime_loader import make_package
 from tests.test_runtime_worker import _toy, _wait_state
 

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from agent.durable import atomic_replace
 from agent.errors import UsageError
 
 __all__ = ["Progress", "add_force", "add_json", "print_json", "refuse_overwrite", "replace_dir"]
@@ -47,13 +48,13 @@ def replace_dir(new: Path, out: Path) -> None:
     if os.path.lexists(out):
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)
-        os.replace(new, out)
+        atomic_replace(new, out)
         if old.is_dir() and not old.is_symlink():
             shutil.rmtree(old)
         else:
             old.unlink()
     else:
-        os.replace(new, out)
+        atomic_replace(new, out)
 
 
 class Progress:

@@ -9,42 +9,19 @@ from __future__ import annotations
 
 import argparse
 import errno
-import http.client
 import json
 import os
-import socket
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from agent.errors import EdgewardError
+from agent.errors import ControlError
 from agent.textsafe import printable
 
 DEFAULT_CONTROL_SOCKET = "/run/edgeward/control.sock"
 
 
-class ControlError(EdgewardError):
-    """The control socket could not be reached or refused the request."""
-
-    code = "control"
-    exit_code = 1
-
-
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self._path)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
 
 
 def control_request(
@@ -55,12 +32,13 @@ def control_request(
     Raises:
         ControlError: the socket is missing, refuses us, or the daemon is not running.
     """
+    from agent.serving.connection import UnixHTTPConnection
+
     sp = sock_path or os.environ.get("EDGEWARD_CONTROL_SOCKET") or DEFAULT_CONTROL_SOCKET
-    conn = _UnixConnection(sp, timeout)
+    conn = UnixHTTPConnection(sp, timeout)
     try:
-        conn.request(method, path, headers={"Content-Length": "0"} if method == "POST" else {})
-        resp = conn.getresponse()
-        return resp.status, resp.read(), resp.getheader("Content-Type") or ""
+        status, headers, body = conn.request(method, path)
+        return status, bytes(body), headers.get("content-type", "")
     except FileNotFoundError:
         raise ControlError(
             f"control socket {sp} does not exist (is the edgeward agent running?)",

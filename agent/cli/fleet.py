@@ -20,7 +20,7 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent.errors import ConfigError, EdgewardError
+from agent.errors import ConfigError, FleetError
 
 if TYPE_CHECKING:
     from agent.config import BrokerAddress
@@ -29,12 +29,6 @@ if TYPE_CHECKING:
 PREFIX = "edgeward"
 #: Largest status or event document read from the broker.
 MAX_DOC_BYTES = 64 * 1024
-
-
-class FleetError(EdgewardError):
-    """The broker could not be reached or refused us."""
-
-    code = "fleet"
 
 
 def _printable(value: Any, limit: int = 60) -> str:

@@ -16,16 +16,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from agent.errors import EdgewardError, InvalidInputError
+from agent.errors import CLIInputError, EdgewardError
 
 DEFAULT_SOCKET = "/run/edgeward/infer.sock"
-
-
-class CLIInputError(InvalidInputError):
-    """A ``--input`` argument or its file is unusable."""
-
-    code = "cli-input"
-    exit_code = 2
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:

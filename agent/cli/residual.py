@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import secrets
 from pathlib import Path
 from typing import Any
 
 from agent.cli.common import add_force, add_json, refuse_overwrite
+from agent.durable import atomic_file
 from agent.errors import ResidualError
 
 
@@ -132,17 +131,8 @@ def _diff(args: argparse.Namespace) -> int:
 
     out: Path = args.output
     refuse_overwrite(out, args.force)
-    tmp = out.with_name(f".{out.name}.{secrets.token_hex(4)}.part")
-    try:
-        with open(tmp, "wb") as f:
-            info = encode_patch(
-                args.base, args.target, f, samples=args.samples, **patch_kwargs(args)
-            )
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_file(out, prefix=f".{out.name}.", suffix=".part") as f:
+        info = encode_patch(args.base, args.target, f, samples=args.samples, **patch_kwargs(args))
     size = out.stat().st_size
     target_size = int(info.stats["target_bytes"])
     ratio = size / max(1, target_size)

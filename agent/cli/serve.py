@@ -166,8 +166,8 @@ def _serve(args: argparse.Namespace) -> int:
         UpdatesConfig,
     )
     from agent.daemon import Daemon, apply_logging, preflight
-    from agent.http import bind_path
     from agent.malloc import tune_malloc
+    from agent.serving.http import bind_path
 
     # Kept relative when given relative: a Unix socket address holds ~100 bytes, and a
     # project directory can be deeper than that; the daemon never changes directory.

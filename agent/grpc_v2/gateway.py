@@ -19,7 +19,7 @@ gRPC status of the same meaning (400 → INVALID_ARGUMENT, 404 → NOT_FOUND, 50
 UNAVAILABLE, ...) with the message ``[code] error``.
 
 Access: the socket gets the inference socket's mode and group (bound under a temporary
-name with a 0600 umask, then chmod/chown and renamed into place, as agent/http.py
+name with a 0600 umask, then chmod/chown and renamed into place, as agent/serving/http.py
 does). gRPC cannot report the peer's SO_PEERCRED, so the file permissions are the
 access control, as they are for the inference socket's callers.
 """
@@ -46,7 +46,7 @@ from google.protobuf import json_format
 from agent.client import Client
 from agent.grpc_v2 import grpc_service_pb2 as _pb
 from agent.grpc_v2 import grpc_service_pb2_grpc as _pb_grpc
-from agent.http import _resolve_group, clear_stale_socket
+from agent.serving.http import _resolve_group, clear_stale_socket
 
 logger = logging.getLogger(__name__)
 

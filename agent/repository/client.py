@@ -43,9 +43,9 @@ from tuf.api.metadata import TargetFile
 from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
 
 from agent.config import RepositoryConfig
+from agent.durable import atomic_write_bytes, fsync_dir
 from agent.errors import RepositoryError
 from agent.repository.fields import TargetFields
-from agent.store import fsync_dir, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -235,7 +235,7 @@ class _DurableUpdater(Updater):
     """tuf's Updater with metadata written durably (fsync file and directory)."""
 
     def _persist_file(self, filename: str, data: bytes) -> None:
-        write_atomic(Path(filename), data)
+        atomic_write_bytes(Path(filename), data)
 
     def top_level_targets(self) -> dict[str, TargetFile]:
         """Targets of the verified top-level targets role (delegations are not used)."""
@@ -384,7 +384,7 @@ class RepositoryClient:
         pos = _resume_point(part, sidecar, expect, hashers)
         if pos == 0:
             part.unlink(missing_ok=True)
-            write_atomic(sidecar, json.dumps(expect, sort_keys=True).encode())
+            atomic_write_bytes(sidecar, json.dumps(expect, sort_keys=True).encode())
             part.touch()
         elif pos < offer.length:
             self.stats.resumes += 1

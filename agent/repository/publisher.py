@@ -17,7 +17,7 @@ and timestamp. ``publish`` and ``refresh`` need only online keys; ``init`` and
 :mod:`agent.repository.fields`.
 
 Crash safety: every file is written to a temporary name in its directory, fsynced and
-renamed (:func:`agent.store.write_atomic`). New versioned files are written before the
+renamed (:func:`agent.durable.atomic_write_bytes`). New versioned files are written before the
 files that point at them (targets → snapshot → root → timestamp), so a client or a CDN
 reading during a publish sees the old consistent set or the new one. A lock file keeps a
 cron ``refresh`` and a manual ``publish`` from interleaving.
@@ -54,12 +54,12 @@ from tuf.api.metadata import (
 )
 from tuf.api.serialization.json import JSONSerializer
 
+from agent.durable import atomic_replace, atomic_write_bytes
 from agent.errors import EdgewardError, PackageError, RepositoryError
 from agent.keys import key_id as edgeward_key_id
 from agent.keys import load_private, load_public
 from agent.manifest import Manifest
 from agent.repository.fields import FIELDS_KEY, TargetFields, target_path
-from agent.store import fsync_dir, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -362,7 +362,7 @@ class Repository:
             "expiry_s": {r: int(expiry[r].total_seconds()) for r in ROLES},
             "staged": {p: tf.to_dict() for p, tf in sorted(staged.items())},
         }
-        write_atomic(self.path / STATE_FILE, json.dumps(doc, indent=1).encode() + b"\n")
+        atomic_write_bytes(self.path / STATE_FILE, json.dumps(doc, indent=1).encode() + b"\n")
 
     @staticmethod
     def _expiry_with(
@@ -380,11 +380,11 @@ class Repository:
 
     def _write_root(self, md: Metadata[Root]) -> None:
         data = md.to_bytes(_SERIALIZER)
-        write_atomic(self.metadata_dir / f"{md.signed.version}.root.json", data)
-        write_atomic(self.metadata_dir / "root.json", data)
+        atomic_write_bytes(self.metadata_dir / f"{md.signed.version}.root.json", data)
+        atomic_write_bytes(self.metadata_dir / "root.json", data)
 
     def _write(self, name: str, md: Metadata[Any]) -> None:
-        write_atomic(self.metadata_dir / name, md.to_bytes(_SERIALIZER))
+        atomic_write_bytes(self.metadata_dir / name, md.to_bytes(_SERIALIZER))
 
     @staticmethod
     def _check_signer(root: Root, role: str, signer: Signer | None, option: str) -> Signer:
@@ -571,13 +571,12 @@ class Repository:
                         dest = self.targets_dir / os.path.dirname(path)
                         dest.mkdir(parents=True, exist_ok=True)
                         final = dest / f"{digest}.{os.path.basename(path)}"
-                        os.replace(tmp, final)
+                        atomic_replace(tmp, final)
                     except BaseException:
                         with contextlib.suppress(OSError):
                             os.unlink(tmp)
                         raise
                     created.append(final)
-                    fsync_dir(dest)
                     batch[path] = TargetFile(
                         length=length,
                         hashes={"sha256": digest},

@@ -15,6 +15,7 @@ place only when the digest of what was written equals the expected target digest
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import logging
@@ -31,6 +32,7 @@ from typing import Any, BinaryIO, cast
 
 import numpy as np
 
+from agent.durable import WriteHashPipeline, atomic_replace
 from agent.errors import (
     BaseMismatchError,
     EdgewardError,
@@ -727,7 +729,7 @@ def encode_patch(
             os.fsync(f.fileno())
             f.close()
         for part, final in recon_paths:
-            os.replace(part, final)
+            atomic_replace(part, final)
         recon_paths = []
     finally:
         bmaps.close()
@@ -938,12 +940,7 @@ def apply_patch(
         for fd in fds:
             os.fsync(fd)
         for t, f2 in zip(tmps, finals, strict=True):
-            os.replace(t, f2)
-        dfd = os.open(out.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+            atomic_replace(t, f2)
         ok = True
         return digest
     except EdgewardError:
@@ -966,98 +963,44 @@ DEV_CHUNK = 1 << 18  # elements per device dequantisation step: 1 MiB of float32
 POOL = 6  # output buffers of DEV_CHUNK float32 in flight between writing and hashing
 
 
-def _write_all(fd: int, data: Any) -> None:
-    view = memoryview(data).cast("B")
-    while len(view):
-        n = os.write(fd, view)
-        view = view[n:]
-
-
 class _Writer:
-    """Output chunks go through two helper threads: one writes them (``os.write`` from
-    the buffer, no copies), the next hashes them; file I/O and SHA-256 release the GIL,
-    so both overlap the decoding on the calling thread. Pooled buffers return to the
-    pool once hashed; other chunks are never modified after they are queued."""
+    """The apply's :class:`~agent.durable.WriteHashPipeline` plus a pool of output
+    buffers: a pooled buffer returns to the pool once its chunk is written and hashed;
+    other chunks are never modified after they are queued."""
 
     def __init__(self) -> None:
-        self.wq: queue.Queue[tuple[Any, ...] | None] = queue.Queue(maxsize=2 * POOL)
-        self.hq: queue.Queue[tuple[Any, ...] | None] = queue.Queue(maxsize=2 * POOL)
+        self.pipe = WriteHashPipeline(2 * POOL, name="residual")
         self.free: queue.SimpleQueue[np.ndarray[Any, Any]] = queue.SimpleQueue()
         for _ in range(POOL):
             self.free.put(_take_buffer())
         self.qbuf = _take_buffer()  # packed q of one chunk, used on the calling thread
-        self.error: BaseException | None = None
-        self.abandon = self.returned = False
-        self.threads = [
-            threading.Thread(target=self._write, name="residual-write", daemon=True),
-            threading.Thread(target=self._hash, name="residual-hash", daemon=True),
-        ]
-        for t in self.threads:
-            t.start()
-
-    def _write(self) -> None:
-        while (task := self.wq.get()) is not None:
-            if task[0] == "w" and self.error is None and not self.abandon:
-                try:
-                    _write_all(task[1], task[2])
-                except BaseException as exc:  # handed to the caller in check()
-                    self.error = exc
-            self.hq.put(task)
-            del task
-        self.hq.put(None)
-
-    def _hash(self) -> None:
-        while (task := self.hq.get()) is not None:
-            if task[0] == "w":
-                _, _, data, sha, pooled = task
-                if self.error is None and not self.abandon:
-                    try:
-                        sha.update(data)
-                    except BaseException as exc:
-                        self.error = exc
-                if pooled is not None:
-                    self.free.put(pooled)
-            elif self.error is None and not self.abandon:
-                try:
-                    task[1]()
-                except BaseException as exc:
-                    self.error = exc
-            del task
+        self.returned = False
 
     def check(self) -> None:
-        if self.error is not None:
-            raise self.error
+        self.pipe.check()
 
     def buffer(self) -> np.ndarray[Any, Any]:
         """A free uint8 buffer of 4·DEV_CHUNK bytes (waits for the hasher if need be)."""
-        self.check()
+        self.pipe.check()
         return self.free.get()
 
     def release(self, buf: np.ndarray[Any, Any]) -> None:
         self.free.put(buf)
 
     def write(self, fd: int, data: Chunk, sha: Any, pooled: Any = None) -> None:
-        self.put("w", fd, data, sha, pooled)
+        done = None if pooled is None else functools.partial(self.free.put, pooled)
+        self.pipe.write(fd, data, sha, done)
 
-    def put(self, *task: Any) -> None:
-        self.check()
-        self.wq.put(task)
-
-    def _join(self) -> None:
-        self.wq.put(None)
-        for t in self.threads:
-            t.join()
+    def call(self, fn: Callable[[], None]) -> None:
+        self.pipe.call(fn)
 
     def finish(self) -> None:
         """Wait for every queued chunk; re-raise a write or hashing error."""
-        self._join()
-        self.check()
+        self.pipe.finish()
 
     def stop(self) -> None:
         """Drop what is queued (error path), wait for the threads, return the buffers."""
-        if self.threads[1].is_alive():
-            self.abandon = True
-            self._join()
+        self.pipe.stop()
         if self.returned:
             return
         self.returned = True
@@ -1168,24 +1111,27 @@ def _apply_stream(
             seen.add(rec.hole.key)
             of.copy_skeleton(rec.skel_pos)
             sha = _apply_record(rd, rec, base_by_key, maps, of)
-            writer.put(
-                "call",
-                lambda h=rec.hole, sha=sha, pos=rec.skel_pos, i=i: dig.tensor(
-                    h, sha.digest(), i, pos
-                ),
-            )
+            # digests are read on the hashing thread, once the chunks before are hashed
+            writer.call(functools.partial(_tensor_done, dig, rec.hole, sha, i, rec.skel_pos))
         of.copy_skeleton(hdr.skeleton_sizes[i])
         frame.close()
         if of.written != hdr.sizes[i]:
             raise _bad("output size differs from the declared size")
-        writer.put(
-            "call",
-            lambda i=i, sha=of.skeleton_sha: dig.file(
-                hdr.names[i], hdr.skeleton_sizes[i], sha.digest()
-            ),
+        writer.call(
+            functools.partial(
+                _file_done, dig, hdr.names[i], hdr.skeleton_sizes[i], of.skeleton_sha
+            )
         )
     writer.finish()
     return dig.value()
+
+
+def _tensor_done(dig: _Digest, hole: Hole, sha: Any, i: int, pos: int) -> None:
+    dig.tensor(hole, sha.digest(), i, pos)
+
+
+def _file_done(dig: _Digest, name: str, skeleton_size: int, sha: Any) -> None:
+    dig.file(name, skeleton_size, sha.digest())
 
 
 def _apply_record(

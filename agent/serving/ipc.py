@@ -30,7 +30,8 @@ from typing import Any, cast
 import numpy as np
 
 from agent.errors import InvalidInputError
-from agent.tensors import bytes_elements, decode_bytes, pack_bytes, remember
+from agent.serving.cache import BoundedCache
+from agent.serving.tensors import bytes_elements, decode_bytes, pack_bytes
 
 HEAD = struct.Struct("!II")
 LANE_HEAD = struct.Struct("!IIQI")  # header length, payload length, request id, aux
@@ -197,8 +198,8 @@ class Lane:
         self.wsock = wsock
         self._buf = bytearray(LANE_BUF)
         self._view = memoryview(self._buf)
-        self._parsed: dict[bytes, tuple[dict[str, Any], list[Tensor]]] = {}
-        self._encoded: dict[tuple[Any, ...], bytes] = {}
+        self._parsed: BoundedCache[bytes, tuple[dict[str, Any], list[Tensor]]] = BoundedCache(256)
+        self._encoded: BoundedCache[tuple[Any, ...], bytes] = BoundedCache(256)
 
     def send(
         self, rid: int, aux: int, header: dict[str, Any], payload: list[Any] | None = None
@@ -263,7 +264,7 @@ class Lane:
                 return _JSON.encode(header).encode()
             if hb is None:
                 hb = _JSON.encode(header).encode()
-                remember(self._encoded, key, hb)
+                self._encoded.remember(key, hb)
             return hb
         return _JSON.encode(header).encode()
 
@@ -277,7 +278,7 @@ class Lane:
         if header.get("op") not in ("predict", "result"):
             return header, []  # errors: rare, and their messages differ
         tensors = compile_descs(header["t"])
-        remember(self._parsed, hb, (header, tensors))
+        self._parsed.remember(hb, (header, tensors))
         return header, tensors
 
     def close(self) -> None:
@@ -364,7 +365,7 @@ class ShmArena:
 class SharedRegion:
     """A memfd the caller fills directly; inputs inside it reach the worker uncopied.
 
-    Made by :meth:`runtime.worker.ModelWorker.shared_region`, which also maps it into
+    Made by :meth:`agent.serving.worker.ModelWorker.shared_region`, which also maps it into
     the worker (read-only there). Arrays from :meth:`ndarray` stay valid after
     :meth:`close`, but are copied again from then on.
     """

@@ -17,7 +17,7 @@ Endpoints::
     GET  /v2/models/{m}[/versions/{v}]/stats     Triton statistics; /v2/models/stats: all
     POST /v2/repository/index                    the served models (Triton index)
 
-HEAD is answered wherever GET is (headers only, agent/http.py).
+HEAD is answered wherever GET is (headers only, agent/serving/http.py).
 
 Per model at most ``max_concurrent_per_model`` requests run at once and at most
 ``max_queue_per_model`` wait; beyond that the request fails fast with 503 and
@@ -30,24 +30,31 @@ import asyncio
 import collections
 import contextlib
 import logging
-import math
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.errors import (
     EdgewardError,
-    InferenceError,
     InvalidInputError,
+    MethodNotAllowedError,
     ModelNotReadyError,
+    NotFoundError,
     OverloadedError,
 )
-from agent.http import Lender, Request, Response, json_response
+from agent.serving.h1 import (
+    BoundedCache,
+    error_response,
+    internal_error,
+)
+from agent.serving.http import Lender, Request, Response, json_response
+from runtime.backend import TensorSpec, validate_inputs
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from agent.tensors import InferRequest
+    from agent.serving.tensors import InferRequest
 
 # numpy and the codec are imported on the first inference, not at daemon start: an idle
 # daemon without models stays ~12 MB smaller.
@@ -58,10 +65,9 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "EXTENSIONS",
     "DataPlane",
+    "Gate",
     "InferResult",
     "InferenceApp",
-    "MethodNotAllowedError",
-    "PathNotFoundError",
     "Registry",
     "ServedModel",
     "error_response",
@@ -69,7 +75,6 @@ __all__ = [
     "infer_response",
     "input_specs",
     "select_outputs",
-    "validate_inputs",
 ]
 
 EXTENSIONS = [
@@ -101,7 +106,7 @@ CONFIG_TYPES = {
 
 
 class ServedModel(Protocol):
-    """One served model version (implemented by ``agent.registry``)."""
+    """One served model version (implemented by ``agent.serving.registry``)."""
 
     name: str
     version: str
@@ -117,6 +122,23 @@ class ServedModel(Protocol):
 
     def statistics(self) -> dict[str, Any]: ...
 
+    def lender(self) -> Lender | None:
+        """Who may serve this model's inference connections itself now, or None."""
+
+
+class BlockingModel(Protocol):
+    """A model the blocking face of the data plane runs (a worker's own servable)."""
+
+    name: str
+    version: str
+
+    @property
+    def ready(self) -> bool: ...
+
+    def metadata(self) -> dict[str, Any]: ...
+
+    def predict(self, inputs: dict[str, np.ndarray[Any, Any]]) -> Mapping[str, Any]: ...
+
 
 class Registry(Protocol):
     """Name (and version) → served model; ``ModelNotFoundError`` if unknown."""
@@ -126,64 +148,80 @@ class Registry(Protocol):
     def get(self, name: str, version: str | None = None) -> Any: ...
 
 
-class MethodNotAllowedError(InferenceError):
-    code = "method-not-allowed"
-    status = 405
-    allow = "GET"
-
-
-class PathNotFoundError(InferenceError):
-    code = "not-found"
-    status = 404
-
-
 # --- per-model admission ---------------------------------------------------------------
 
 
-class _Gate:
-    """At most ``limit`` holders, at most ``queue`` waiters, FIFO; overflow raises."""
+class Gate:
+    """Per-model admission: at most ``limit`` predictions at once and ``queue`` waiting,
+    first come first served; beyond that :class:`OverloadedError` (503 + Retry-After).
 
-    __slots__ = ("active", "limit", "queue", "waiters")
+    The one gate, with two faces: :meth:`acquire` awaits on the event loop (the daemon's
+    data plane), :meth:`acquire_blocking` blocks a thread (a worker's lent connections);
+    one gate is used through one face. :meth:`release` hands the slot straight to the
+    oldest waiter."""
+
+    __slots__ = ("_lock", "active", "limit", "queue", "waiters")
 
     def __init__(self, limit: int, queue: int) -> None:
-        self.limit = limit
-        self.queue = queue
+        self.limit = max(1, limit)
+        self.queue = max(0, queue)
         self.active = 0
-        self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        # A waiter is a future (async face) or a held lock (blocking face).
+        self.waiters: collections.deque[asyncio.Future[None] | threading.Lock] = (
+            collections.deque()
+        )
+        self._lock = threading.Lock()
 
-    async def acquire(self, model: str) -> None:
+    def _enter(self, model: str) -> bool:
+        """Under the lock: True if a slot was taken; False: wait; raises when full."""
         if self.active < self.limit and not self.waiters:
             self.active += 1
-            return
+            return True
         if len(self.waiters) >= self.queue:
             raise OverloadedError(
                 f"model {model!r} is overloaded ({self.active} running, "
                 f"{len(self.waiters)} queued); retry later",
                 retry_after=1.0,
             )
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.waiters.append(fut)
+        return False
+
+    async def acquire(self, model: str) -> None:
+        with self._lock:
+            if self._enter(model):
+                return
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self.waiters.append(fut)
         try:
             await fut
         except BaseException:
             if fut.done() and not fut.cancelled():
                 self.release()  # we were handed the slot but are going away: pass it on
             else:
-                with_suppress_remove(self.waiters, fut)
+                with self._lock, contextlib.suppress(ValueError):
+                    self.waiters.remove(fut)
             raise
 
-    def release(self) -> None:
-        while self.waiters:
-            fut = self.waiters.popleft()
-            if not fut.done():
-                fut.set_result(None)  # the slot passes to the waiter; active unchanged
+    def acquire_blocking(self, model: str) -> None:
+        with self._lock:
+            if self._enter(model):
                 return
-        self.active -= 1
+            handed = threading.Lock()
+            handed.acquire()
+            self.waiters.append(handed)
+        handed.acquire()  # released by release(): the slot is ours
 
-
-def with_suppress_remove(dq: collections.deque[asyncio.Future[None]], fut: Any) -> None:
-    with contextlib.suppress(ValueError):
-        dq.remove(fut)
+    def release(self) -> None:
+        with self._lock:
+            while self.waiters:
+                w = self.waiters.popleft()
+                if isinstance(w, asyncio.Future):
+                    if not w.done():
+                        w.set_result(None)  # the slot passes on; active unchanged
+                        return
+                else:
+                    w.release()
+                    return
+            self.active -= 1
 
 
 # --- the data plane ----------------------------------------------------------------------
@@ -199,14 +237,14 @@ class InferResult:
     outputs: list[tuple[str, np.ndarray[Any, Any], bool]]
 
 
-@dataclass(frozen=True)
-class _InputSpec:
-    datatype: str
-    shape: tuple[int, ...] | None  # -1 = any
-
-
 class DataPlane:
-    """v2 semantics over a ``Registry``; raises ``EdgewardError`` subclasses."""
+    """v2 semantics over a ``Registry``; raises ``EdgewardError`` subclasses.
+
+    One inference sequence — find the model, check it is ready, validate the inputs
+    against its metadata, pass the admission gate, run, select the outputs — with two
+    faces: :meth:`infer` awaits a ``ServedModel`` (the daemon), :meth:`infer_blocking`
+    calls a ``BlockingModel`` on the calling thread (a worker answering a lent
+    connection, agent/serving/direct.py)."""
 
     def __init__(
         self,
@@ -222,8 +260,13 @@ class DataPlane:
         self.version = version or _package_version()
         self.max_queue = max_queue_per_model
         self.max_concurrent = max_concurrent_per_model
-        self._gates: dict[str, _Gate] = {}
-        self._specs: dict[tuple[str, str, int], dict[str, _InputSpec] | None] = {}
+        self._gates: dict[str, Gate] = {}
+        self._specs: BoundedCache[tuple[str, str, int], list[TensorSpec] | None] = BoundedCache(
+            256
+        )
+        # Input signatures (names, dtypes, shapes) that passed, per model: a program
+        # sends the same ones on every request, validated once.
+        self._valid: BoundedCache[tuple[Any, ...], bool] = BoundedCache(64)
 
     def live(self) -> dict[str, Any]:
         return {"live": True}
@@ -307,7 +350,7 @@ class DataPlane:
             raise ModelNotReadyError(f"model {name!r} version {m.version} is not ready")
         return {"name": m.name, "ready": True}
 
-    def _input_specs(self, m: Any) -> dict[str, _InputSpec] | None:
+    def _input_specs(self, m: Any) -> list[TensorSpec] | None:
         key = (m.name, m.version, id(m))
         try:
             return self._specs[key]
@@ -318,25 +361,40 @@ class DataPlane:
         except Exception:  # metadata of unusual shape: let the backend validate instead
             logger.debug("model %s: cannot read input metadata", m.name, exc_info=True)
             specs = None
-        if len(self._specs) > 256:
-            self._specs.clear()
-        self._specs[key] = specs
-        return specs
+        return self._specs.remember(key, specs)
 
     def _validate(self, m: Any, inputs: Mapping[str, np.ndarray[Any, Any]]) -> None:
-        validate_inputs(m.name, self._input_specs(m), inputs)
+        sig = (m.name, m.version, id(m), *((n, a.dtype, a.shape) for n, a in inputs.items()))
+        if sig not in self._valid:  # what validate_inputs looks at, checked once
+            specs = self._input_specs(m)
+            if specs is not None:  # the one validator (runtime/backend.py), one set of codes
+                validate_inputs(inputs, specs, model=f"model {m.name!r}")
+            self._valid.remember(sig, True)
 
-    async def infer(self, name: str, version: str | None, req: InferRequest) -> InferResult:
+    def _admit(self, name: str, version: str | None, req: InferRequest) -> tuple[Any, Gate]:
         m = self.model(name, version)
         if not m.ready:
             raise ModelNotReadyError(f"model {name!r} version {m.version} is not ready")
         self._validate(m, req.inputs)
         gate = self._gates.get(name)
         if gate is None:
-            gate = self._gates[name] = _Gate(self.max_concurrent, self.max_queue)
+            gate = self._gates[name] = Gate(self.max_concurrent, self.max_queue)
+        return m, gate
+
+    async def infer(self, name: str, version: str | None, req: InferRequest) -> InferResult:
+        m, gate = self._admit(name, version, req)
         await gate.acquire(name)
         try:
             result = await m.infer(req.inputs, req.parameters)
+        finally:
+            gate.release()
+        return InferResult(m.name, m.version, req.id, select_outputs(result, req))
+
+    def infer_blocking(self, name: str, version: str | None, req: InferRequest) -> InferResult:
+        m, gate = self._admit(name, version, req)
+        gate.acquire_blocking(name)
+        try:
+            result = m.predict(req.inputs)
         finally:
             gate.release()
         return InferResult(m.name, m.version, req.id, select_outputs(result, req))
@@ -361,56 +419,12 @@ def select_outputs(
     return out
 
 
-def input_specs(meta: Mapping[str, Any]) -> dict[str, _InputSpec] | None:
+def input_specs(meta: Mapping[str, Any]) -> list[TensorSpec] | None:
     """The model's inputs from its v2 metadata (None: no usable list, the backend checks)."""
     raw = meta.get("inputs")
     if not isinstance(raw, list) or not raw:
         return None
-    specs = {}
-    for s in raw:
-        shape = s.get("shape")
-        specs[str(s["name"])] = _InputSpec(
-            str(s.get("datatype", "")).upper(),
-            tuple(int(d) for d in shape) if isinstance(shape, list) else None,
-        )
-    return specs
-
-
-def validate_inputs(
-    model: str, specs: dict[str, _InputSpec] | None, inputs: Mapping[str, np.ndarray[Any, Any]]
-) -> None:
-    """400 naming the input whose name, datatype or shape the model does not take."""
-    if specs is None:
-        return
-    from agent.tensors import datatype_of
-
-    for name, arr in inputs.items():
-        spec = specs.get(name)
-        if spec is None:
-            raise InvalidInputError(
-                f"model {model!r} has no input {name!r}; inputs: {', '.join(specs)}",
-                code="unknown-input",
-            )
-        dt = datatype_of(arr, name=name)
-        if spec.datatype and dt != spec.datatype:
-            raise InvalidInputError(
-                f"input {name!r}: datatype {dt} does not match the model's {spec.datatype}",
-                code="bad-datatype",
-            )
-        if spec.shape is not None and (
-            len(spec.shape) != arr.ndim
-            or any(w >= 0 and w != g for w, g in zip(spec.shape, arr.shape, strict=True))
-        ):
-            raise InvalidInputError(
-                f"input {name!r}: shape {list(arr.shape)} does not match the model's "
-                f"{list(spec.shape)} (-1 = any)",
-                code="bad-shape",
-            )
-    missing = [n for n in specs if n not in inputs]
-    if missing:
-        raise InvalidInputError(
-            f"model {model!r}: missing input(s) {', '.join(missing)}", code="missing-input"
-        )
+    return [TensorSpec.from_v2(s) for s in raw]
 
 
 def header_length(headers: Mapping[str, str]) -> int | None:
@@ -428,7 +442,7 @@ def header_length(headers: Mapping[str, str]) -> int | None:
 
 def infer_response(res: InferResult) -> Response:
     """The 200 response for an inference result (JSON, or binary tensor extension)."""
-    from agent.tensors import encode_response
+    from agent.serving.tensors import encode_response
 
     parts, out_hl = encode_response(
         res.model_name, res.model_version, res.outputs, request_id=res.id
@@ -454,22 +468,12 @@ def _package_version() -> str:
 # --- the HTTP adapter --------------------------------------------------------------------
 
 
-def error_response(exc: EdgewardError) -> Response:
-    """The one mapping from Edgeward errors to v2 error responses."""
-    headers: dict[str, str] | None = None
-    if isinstance(exc, OverloadedError):
-        headers = {"retry-after": str(max(1, math.ceil(exc.retry_after)))}
-    elif isinstance(exc, MethodNotAllowedError):
-        headers = {"allow": exc.allow}
-    return json_response(exc.status, exc.to_dict(), headers)
-
-
 _OCTET = "application/octet-stream"
 _JSON = "application/json"
 
 
 class InferenceApp:
-    """HTTP adapter: ``await app(request) -> Response`` for ``agent.http``."""
+    """HTTP adapter: ``await app(request) -> Response`` for ``agent.serving.http``."""
 
     def __init__(
         self,
@@ -498,13 +502,11 @@ class InferenceApp:
             return error_response(exc)
         except Exception as exc:
             logger.exception("%s %s failed", request.method, request.path)
-            return json_response(
-                500, {"error": f"internal error: {type(exc).__name__}", "code": "internal"}
-            )
+            return internal_error(f"internal error: {type(exc).__name__}")
 
     def lender_for(self, method: str, path: str, headers: dict[str, str]) -> Lender | None:
         """The worker that may serve this connection itself from this request on (an
-        inference on a ready model whose worker lends, see runtime/direct.py), or None:
+        inference on a ready model whose worker lends, see agent/serving/direct.py), or None:
         the request is answered here."""
         if method != "POST" or not path.endswith("/infer"):
             return None
@@ -518,11 +520,10 @@ class InferenceApp:
         if not name or version == "":
             return None
         try:
-            m = self.plane.model(name, version)
+            m: ServedModel = self.plane.model(name, version)
         except EdgewardError:
             return None
-        get = getattr(m, "lender", None)
-        return get() if callable(get) else None
+        return m.lender()
 
     async def _route(self, request: Request) -> Response:
         parts = request.path.split("/")
@@ -530,7 +531,7 @@ class InferenceApp:
         if parts[-1] == "" and len(parts) > 2:
             parts.pop()
         if len(parts) < 2 or parts[0] != "" or parts[1] != "v2":
-            raise PathNotFoundError(f"no endpoint {request.path[:200]}")
+            raise NotFoundError(f"no endpoint {request.path[:200]}")
         method = request.method
         n = len(parts)
         if n == 4 and parts[2] == "models" and parts[3] == "stats":
@@ -544,7 +545,7 @@ class InferenceApp:
                 version = rest[1]
                 rest = rest[2:]
             if not name or (version is not None and not version):
-                raise PathNotFoundError(f"no endpoint {request.path[:200]}")
+                raise NotFoundError(f"no endpoint {request.path[:200]}")
             if not rest:
                 _allow(method, "GET", request.path)
                 return json_response(200, self.plane.model_metadata(name, version))
@@ -560,9 +561,9 @@ class InferenceApp:
             if rest == ["stats"]:
                 _allow(method, "GET", request.path)
                 return json_response(200, self.plane.statistics(name, version))
-            raise PathNotFoundError(f"no endpoint {request.path[:200]}")
+            raise NotFoundError(f"no endpoint {request.path[:200]}")
         if n == 3 and parts[2] == "models":  # GET /v2/models/stats below; this: no name
-            raise PathNotFoundError(f"no endpoint {request.path[:200]}")
+            raise NotFoundError(f"no endpoint {request.path[:200]}")
         if n == 4 and parts[2] == "repository" and parts[3] == "index":
             _allow(method, "POST", request.path)
             return json_response(200, self.plane.repository_index(_ready_only(request.body)))
@@ -579,13 +580,13 @@ class InferenceApp:
                 return json_response(
                     503, {"error": "not every model is ready", "code": "not-ready", "ready": False}
                 )
-        raise PathNotFoundError(f"no endpoint {request.path[:200]}")
+        raise NotFoundError(f"no endpoint {request.path[:200]}")
 
     async def _infer(self, request: Request, name: str, version: str | None) -> Response:
         # Look the model up before decoding: an unknown model is 404 whatever the body.
         self.plane.model(name, version)
         header_len = header_length(request.headers)
-        from agent.tensors import decode_request
+        from agent.serving.tensors import decode_request
 
         req = decode_request(request.body, header_len)
         return infer_response(await self.plane.infer(name, version, req))

@@ -1,32 +1,35 @@
-"""Child entry point of a model worker: ``python -m runtime.worker_main SOCK_FD SHM_FD``.
+"""Child entry point of a model worker: ``python -m agent.serving.worker_main SOCK_FD SHM_FD``.
 
-Only this process imports the inference engines. It reads one ``init`` frame (pickled
-settings from its own parent), opens the model, warms it up, answers ``ready`` with the
-KServe metadata (or ``error`` with the failure and exits 1), then serves ``predict``
-frames on ``max_concurrency`` threads, plus one thread per lane (thread mode: a request
-and a reply socketpair per shm slot, fds listed in the init frame, :class:`ipc.Lane`
-frames), until ``shutdown``
-or EOF. Shared regions (zero-copy inputs) come listed in the init frame, or later as a
-``map`` frame carrying the memfd.
+Only this process imports the inference engines. It reads one ``init`` frame (JSON
+settings from its own parent; nothing in either direction is pickled), closes the
+daemon's files to itself (agent/serving/sandbox.py), opens the model, warms it up, answers
+``ready`` with the KServe metadata (or ``error`` with the failure and exits 1), then
+serves ``predict`` frames on ``max_concurrency`` threads, plus one thread per lane
+(thread mode: a request and a reply socketpair per shm slot, fds listed in the init
+frame, :class:`ipc.Lane` frames), until ``shutdown`` or EOF. Shared regions (zero-copy
+inputs) come listed in the init frame, or later as a ``map`` frame carrying the memfd.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
+import json
 import logging
 import os
-import pickle
 import select
 import socket
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
-from runtime import ipc
+from agent.serving import ipc, sandbox
+from runtime.config import RuntimeConfig
 
-logger = logging.getLogger("runtime.worker_main")
+logger = logging.getLogger("agent.serving.worker_main")
 
 INLINE_US = 500.0  # requests shorter than this on average keep the reader role
 
@@ -37,6 +40,7 @@ def _import(spec: str) -> Any:
 
 
 def main(argv: list[str]) -> int:
+    entered = time.monotonic()  # system-wide clock: the parent times our start with it
     from agent.logs import setup_logging
 
     # The daemon sets both (agent/logs.py): worker lines share the daemon's format.
@@ -52,31 +56,65 @@ def main(argv: list[str]) -> int:
     tune_malloc()  # per-request tensors reuse heap pages (see agent/malloc.py)
     sock = socket.socket(fileno=int(argv[0]))
     chan = ipc.Channel(sock, fds=True)  # shared regions arrive as fds (op "map")
+    # A launched child (ModelWorker.launch) waits here while the daemon still downloads
+    # and unpacks: import the loader (numpy, the runtime) now. Failing here is not
+    # reported: the import after the init frame reports it.
+    with contextlib.suppress(Exception):
+        importlib.import_module(os.environ.get("EDGEWARD_WORKER_LOADER", "").partition(":")[0])
+    imported = time.monotonic()
     try:
         _header, payload = chan.recv()
     except ipc.ChannelClosed:
         return 1
-    init: dict[str, Any] = pickle.loads(payload)
+    init: dict[str, Any] = json.loads(bytes(payload))
+    # Before anything of the package runs (and before any other thread exists): close
+    # the daemon's secrets and the store to this process; its own model directory stays
+    # readable and the converter cache writable (agent/serving/sandbox.py).
+    try:
+        if init.get("deny") and not sandbox.confine(
+            init["deny"], read=[str(init["model_dir"])], write=[str(init["cache_dir"])]
+        ):
+            logger.warning(
+                "this kernel has no Landlock: the worker is not fenced off the daemon's "
+                "files (keys, config, store); see docs/DAEMON.md, Trust boundaries"
+            )
+    except OSError as exc:
+        chan.send({"op": "error", "err": ipc.error_to_dict(exc)})
+        return 1
     arena = ipc.ShmArena(init["slots"], init["slot_bytes"], fd=int(argv[1]))
     for rid, fd, size in init.get("regions") or ():
         arena.regions[int(rid)] = ipc.MappedRegion(int(fd), int(size))
+    stamps = {"entered": entered, "imported": imported, "init": time.monotonic()}
     try:
         opener = _import(init["loader"])
-        servable = opener(init["model_dir"], init["config"], cache_dir=init["cache_dir"])
+        config = dataclasses.replace(
+            RuntimeConfig.from_dict(init["config"]), explicit=frozenset(init["explicit"])
+        )
+        servable = opener(Path(init["model_dir"]), config, cache_dir=Path(init["cache_dir"]))
+        stamps["opened"] = time.monotonic()
         warm = getattr(servable, "warmup", None)
         if callable(warm):
             warm()
         meta = servable.metadata()
+        stamps["warm"] = time.monotonic()
     except BaseException as exc:  # report any start failure to the parent, then exit
         chan.send({"op": "error", "err": ipc.error_to_dict(exc)})
         return 1
     lending = None
-    if len(argv) > 2:  # the daemon lends inference connections (runtime/direct.py)
-        from runtime.direct import DirectServer
+    if len(argv) > 2:  # the daemon lends inference connections (agent/serving/direct.py)
+        from agent.serving.direct import DirectServer
 
         lending = DirectServer(socket.socket(fileno=int(argv[2])), servable, meta)
         lending.start()
-    chan.send({"op": "ready", "meta": meta, "pid": os.getpid(), "lends": lending is not None})
+    chan.send(
+        {
+            "op": "ready",
+            "meta": meta,
+            "pid": os.getpid(),
+            "lends": lending is not None,
+            "stamps": stamps,
+        }
+    )
 
     def run(h: dict[str, Any], p: memoryview) -> None:
         rid = h["id"]
@@ -117,7 +155,7 @@ def main(argv: list[str]) -> int:
     def run_self_test(h: dict[str, Any]) -> None:
         try:
             fn = _import(init["self_test"])
-            n = fn(servable, init["model_dir"])
+            n = fn(servable, Path(init["model_dir"]))
             chan.send({"op": "result", "id": h["id"], "t": [], "n": n})
         except BaseException as exc:
             chan.send({"op": "fail", "id": h["id"], "err": ipc.error_to_dict(exc)})

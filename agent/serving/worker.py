@@ -1,9 +1,9 @@
 """One child process per loaded model version (see docs/RUNTIME.md, "Worker processes").
 
 The daemon never imports an inference engine: :class:`ModelWorker` spawns
-``python -m runtime.worker_main`` (a fresh interpreter, no fork of the threaded
+``python -m agent.serving.worker_main`` (a fresh interpreter, no fork of the threaded
 daemon), talks to it over a Unix socketpair with small framed messages and moves
-tensors of 64 KiB or more through a pre-allocated memfd arena (:mod:`runtime.ipc`).
+tensors of 64 KiB or more through a pre-allocated memfd arena (:mod:`agent.serving.ipc`).
 
 Crash isolation: when the child dies (kill -9, segfault, OOM, memory cap) every request
 in flight fails with ``WorkerError(code="worker-crashed", status 503)`` and the worker
@@ -20,7 +20,7 @@ Supervision: each child is the leader of its own session and process group
 (``killpg``) on stop, on restart and when the child dies. A monitor thread waits for the
 child process itself (``waitpid``), so a death is noticed even when a forked grandchild
 still holds the child's sockets open. A prediction that outlives ``request_timeout``
-seconds (relayed, or on a lent connection: see runtime/direct.py) kills the child: its
+seconds (relayed, or on a lent connection: see agent/serving/direct.py) kills the child: its
 request gets 504 ``worker-timeout``, the state is ``restarting`` at once (readiness
 says so) and the child restarts.
 """
@@ -33,7 +33,6 @@ import itertools
 import json
 import logging
 import os
-import pickle
 import queue
 import select
 import signal
@@ -44,15 +43,20 @@ import threading
 import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from agent.errors import ModelNotReadyError, WorkerError
-from runtime import direct, ipc
+from agent.serving import direct, ipc
+from agent.serving.direct import Lending
+from agent.serving.sandbox import Fence, worker_env, worker_identity
 from runtime.config import RuntimeConfig
-from runtime.direct import Lending
+
+if TYPE_CHECKING:
+    pass
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +89,33 @@ class _Follower:
         self.abandoned = False  # timed out: the async reader reads the late reply
         self.rid = 0
         self.child: _Child | None = None
+
+
+@dataclass
+class _Launched:
+    """A child started by :meth:`ModelWorker.launch` that has not had its model yet."""
+
+    proc: subprocess.Popen[bytes]
+    sock: socket.socket
+    lanes: list[ipc.Lane]
+    lane_fds: list[list[int]]
+    lend_pair: tuple[socket.socket, socket.socket] | None
+    regions: list[tuple[int, int, int]]
+    spawned: float
+    fence: Fence
+
+    def discard(self) -> None:
+        """Never used: end the child (it exits at EOF on its socket anyway)."""
+        with contextlib.suppress(OSError):
+            self.proc.kill()
+        with contextlib.suppress(Exception):
+            self.proc.wait(5)
+        _killpg(self.proc.pid)
+        self.sock.close()
+        for lane in self.lanes:
+            lane.close()
+        if self.lend_pair is not None:
+            self.lend_pair[0].close()
 
 
 class _Child:
@@ -134,6 +165,7 @@ class ModelWorker:
         loop: asyncio.AbstractEventLoop | None = None,
         lend: dict[str, Any] | None = None,
         request_timeout: float | None = None,
+        fence: Fence | None = None,
     ):
         self.name = name
         self.version = version
@@ -148,12 +180,17 @@ class ModelWorker:
         self.state = "stopped"
         # Seconds one prediction may take; past it the child is killed and restarted.
         self.request_timeout = request_timeout
+        # What the child may reach (agent/serving/sandbox.py): its user, its environment, the
+        # paths Landlock closes to it. None: the minimal environment only.
+        self.fence = fence
         self.shm_slot_bytes = shm_slot_bytes
         self._arena = ipc.ShmArena(self.max_concurrency, shm_slot_bytes)
         self._region_ids = itertools.count(1)
         self._regions_lock = threading.Lock()  # registering vs spawning a child
         self._child: _Child | None = None
         self._meta: dict[str, Any] = {}
+        self.start_phases: dict[str, float] = {}  # the last start: seconds per phase
+        self._launched: _Launched | None = None  # launch(): a child waiting for its model
         self._ids = itertools.count(1)
         self._cv = threading.Condition()
         self._stopping = False
@@ -174,12 +211,13 @@ class ModelWorker:
         # thread, so an apredict reply wakes the loop directly, not a thread that then
         # wakes the loop. Synchronous callers still work from any other thread.
         self._loop = loop
-        # Lent connections (runtime/direct.py): the child answers inference connections
+        # Lent connections (agent/serving/direct.py): the child answers inference connections
         # the daemon hands it; only with an event loop (the daemon's), which settles them.
         self._lending: Lending | None = None
         if lend is not None and loop is not None:
             self._lending = Lending(name, version, lend)
             self._lending.hung = self._lent_hung
+            self._lending.serving = self._serving
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -197,6 +235,7 @@ class ModelWorker:
                 self._lending = Lending(self.name, self.version, lg.settings)
                 self._lending.stats_sink = lg.stats_sink
                 self._lending.hung = self._lent_hung
+                self._lending.serving = self._serving
             self.state = "starting"
             if self._arena.closed:  # started again after stop()
                 regions = self._arena.regions
@@ -218,7 +257,70 @@ class ModelWorker:
             )
             self._watchdog.start()
 
+    def launch(self) -> None:
+        """Start the child process now, without a model: its interpreter starts and
+        imports the loader while the caller still downloads and unpacks; :meth:`start`
+        then hands it the model. Idempotent; :meth:`stop` ends a launched child."""
+        with self._cv:
+            if self._launched is not None or self._child is not None:
+                return
+            if self._arena.closed:
+                return  # stopped: start() makes a new arena and spawns then
+            self._launched = self._launch(early=True)
+
     def _spawn(self, timeout: float) -> None:
+        with self._cv:
+            early, self._launched = self._launched, None
+        launched = early if early is not None else self._launch()
+        assert launched is not None
+        self._handshake(launched, timeout)
+
+    def _launch(self, *, early: bool = False) -> _Launched | None:
+        """Start the child. ``early`` (the model is not installed yet): None when the
+        worker user's access to the model must be checked first (spawned at start)."""
+        root = str(Path(__file__).resolve().parents[2])
+        fence = self.fence if self.fence is not None else Fence()
+        env = worker_env(
+            os.environ,
+            home=str(self.model_dir),
+            pythonpath=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p),
+            extra=fence.env,
+        )
+        env["EDGEWARD_WORKER_LOADER"] = self.loader  # imported before the init frame
+        try:
+            ident = worker_identity(fence.user)
+        except LookupError as exc:
+            raise WorkerError(f"{self.name} {self.version}: {exc}", code="worker-user") from None
+        if fence.deny or ident is not None:  # the worker converts into it: it must exist
+            with contextlib.suppress(OSError):  # if not, the converter says so
+                self.cache_dir.mkdir(parents=True, exist_ok=True)
+        if ident is not None:
+            # early: the model is not there yet; whether the worker user can reach it
+            # is asked when it is (start() spawns then), unless the user falls back anyway
+            missing = _unreachable(ident, [root] if early else [root, str(self.model_dir)])
+            if missing and fence.user != "auto":
+                if early:
+                    return None
+                raise WorkerError(
+                    f"{self.name} {self.version}: worker user {ident[2]} cannot reach "
+                    f"{missing} (make it and its parents readable, or set "
+                    'daemon.worker_user = "")',
+                    code="worker-user",
+                )
+            if missing:
+                if ident not in _WARNED:
+                    _WARNED.add(ident)
+                    logger.warning(
+                        "worker user %s cannot reach %s: workers run as the daemon's user "
+                        '(set daemon.worker_user = "" to say so, or open the path to it)',
+                        ident[2],
+                        missing,
+                    )
+                ident = None
+            elif early:
+                return None
+            else:
+                _hand_over_tree(self.cache_dir, ident[0], ident[1])
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         lend_pair = direct.channel_pair() if self._lending is not None else None
         extra = (lend_pair[1].fileno(),) if lend_pair is not None else ()
@@ -236,18 +338,13 @@ class ModelWorker:
         )
         with self._regions_lock:  # a region added later is mapped by shared_region()
             regions = [(r.id, r.ro_fd, r.size) for r in self._arena.regions.values()]
-        env = dict(os.environ)
-        root = str(Path(__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-        # Importing a run script must not write __pycache__ into the installed version:
-        # the store's integrity check (agent/installed.py) would call that a modification.
-        env["PYTHONDONTWRITEBYTECODE"] = "1"
+        spawned = time.monotonic()
         try:
             proc = subprocess.Popen(
                 [
                     sys.executable,
                     "-m",
-                    "runtime.worker_main",
+                    "agent.serving.worker_main",
                     str(child.fileno()),
                     str(self._arena.fd),
                     *(str(fd) for fd in extra),
@@ -262,6 +359,10 @@ class ModelWorker:
                 env=env,
                 stdin=subprocess.DEVNULL,
                 close_fds=True,
+                # As root: an unprivileged user of its own, no supplementary groups.
+                user=ident[0] if ident is not None else None,
+                group=ident[1] if ident is not None else None,
+                extra_groups=[] if ident is not None else None,
                 # Its own process group: whatever the run script starts dies with it.
                 start_new_session=True,
             )
@@ -278,12 +379,24 @@ class ModelWorker:
             lane_fds = [fds[i : i + 2] for i in range(0, len(fds), 2)]
             for _, b in pairs:
                 b.close()
-        chan = ipc.Channel(parent)
         lanes = [ipc.Lane(pairs[i + 1][0], pairs[i][0]) for i in range(0, len(pairs), 2)]
+        return _Launched(proc, parent, lanes, lane_fds, lend_pair, regions, spawned, fence)
+
+    def _handshake(self, launched: _Launched, timeout: float) -> None:
+        proc, parent, lanes, lend_pair = (
+            launched.proc,
+            launched.sock,
+            launched.lanes,
+            launched.lend_pair,
+        )
+        lane_fds, regions, spawned = launched.lane_fds, launched.regions, launched.spawned
+        fence = launched.fence
+        chan = ipc.Channel(parent)
         init = {
-            "model_dir": self.model_dir,
-            "config": self.config,
-            "cache_dir": self.cache_dir,
+            "model_dir": str(self.model_dir),
+            "config": self.config.to_dict(),
+            "explicit": sorted(self.config.explicit),
+            "cache_dir": str(self.cache_dir),
             "loader": self.loader,
             "self_test": self.self_test_fn,
             "slots": self._arena.slots,
@@ -291,12 +404,13 @@ class ModelWorker:
             "max_concurrency": self.max_concurrency,
             "lanes": lane_fds,
             "regions": regions,
+            "deny": list(fence.deny),  # closed by Landlock before the run script is imported
         }
-        chan.send({"op": "init"}, [pickle.dumps(init)])
         parent.settimeout(timeout)
         try:
+            chan.send({"op": "init"}, [json.dumps(init).encode()])  # JSON both ways, no pickle
             header, _ = chan.recv()
-        except (ipc.ChannelClosed, TimeoutError) as exc:
+        except (ipc.ChannelClosed, TimeoutError, OSError) as exc:
             proc.kill()
             rc = proc.wait()
             _killpg(proc.pid)
@@ -330,6 +444,7 @@ class ModelWorker:
                 code=str(err.get("code", "worker")),
             )
         self._meta = dict(header.get("meta") or {})
+        self.start_phases = _phases(spawned, header.get("stamps"))
         c = _Child(proc, chan, lanes)
         self._child = c
         if self._loop is not None:
@@ -354,6 +469,10 @@ class ModelWorker:
             self._stopping = True
             self.state = "stopped"
             self._cv.notify_all()
+        with self._cv:
+            early, self._launched = self._launched, None
+        if early is not None:
+            early.discard()
         c = self._child
         if c is None:
             self._arena.close()
@@ -938,39 +1057,16 @@ class ModelWorker:
         except OSError:  # the reader sees the death and fails this request
             pass
 
-    # --- lent connections (runtime/direct.py), on the daemon's event loop ---------------
+    # --- lent connections (agent/serving/direct.py), on the daemon's event loop ---------------
 
     @property
-    def lends(self) -> bool:
-        """True if inference connections may be handed to this worker now."""
-        lg = self._lending
-        return lg is not None and lg.sock is not None and not lg.recalled and self.state == "ready"
+    def lending(self) -> Lending | None:
+        """The lending job (agent/serving/direct.py, the registry's ``LendingWorker``), or
+        None: every request is relayed. A new one after ``stop()`` and ``start()``."""
+        return self._lending
 
-    @property
-    def lent(self) -> int:
-        """Connections the child holds now."""
-        return self._lending.count if self._lending is not None else 0
-
-    @property
-    def lent_busy(self) -> int:
-        """Requests in flight on lent connections (read by the child, not yet answered)."""
-        return self._lending.busy if self._lending is not None else 0
-
-    def lend(self, fd: int, data: bytes, conn: Any) -> bool:
-        return (
-            self._lending is not None
-            and self.state == "ready"
-            and self._lending.lend(fd, data, conn)
-        )
-
-    def recall(self) -> None:
-        if self._lending is not None:
-            self._lending.recall()
-
-    def set_stats_sink(self, sink: Any) -> None:
-        """``sink(counters)`` gets the child's counts of requests it answered itself."""
-        if self._lending is not None:
-            self._lending.stats_sink = sink
+    def _serving(self) -> bool:
+        return self.state == "ready"
 
     def _count_request(self, n_shm: int, n_reg: int) -> None:
         with self._stats_lock:
@@ -1190,6 +1286,72 @@ def _lane_reply(
             return h, tensors, us, p
 
 
+def _phases(spawned: float, stamps: Any) -> dict[str, float]:
+    """Seconds of the child's start phases from its monotonic stamps (CLOCK_MONOTONIC is
+    one clock for every process): interpreter start, loader imports, waiting for the
+    model (a launched child), open (convert, load, validate), warm-up. Empty when the
+    child sent none."""
+    if not isinstance(stamps, dict):
+        return {}
+    names = (
+        ("entered", "interpreter"),
+        ("imported", "imports"),
+        ("init", "waiting for the model"),
+        ("opened", "open"),
+        ("warm", "warm-up"),
+    )
+    out: dict[str, float] = {}
+    last = spawned
+    for key, label in names:
+        t = stamps.get(key)
+        if isinstance(t, int | float) and not isinstance(t, bool):
+            out[label] = max(0.0, float(t) - last)
+            last = float(t)
+    return out
+
+_WARNED: set[tuple[int, int, str]] = set()
+_REACH = (
+    "import os, sys\n"
+    "bad = [p for p in sys.argv[1:] if not os.access(p, os.R_OK | os.X_OK)]\n"
+    "print(bad[0] if bad else '', end='')"
+)
+
+
+def _unreachable(ident: tuple[int, int, str], paths: list[str]) -> str:
+    """The first of: this interpreter, its site-packages and ``paths`` that the worker
+    user cannot read (a root daemon's interpreter may live in /root); "" if none. Asked
+    of the user itself: a process of its own, the kernel judging (ACLs included)."""
+    import sysconfig
+
+    look = [sysconfig.get_paths()["purelib"], *paths]
+    try:
+        res = subprocess.run(
+            [sys.executable, "-I", "-S", "-c", _REACH, *look],
+            user=ident[0],
+            group=ident[1],
+            extra_groups=[],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return sys.executable
+    if res.returncode != 0:
+        return sys.executable
+    return res.stdout
+
+
+def _hand_over_tree(path: Path, uid: int, gid: int) -> None:
+    """Make the converter cache the worker user's (a root daemon's workers write it):
+    every entry not already owned by ``uid``."""
+    for top, dirs, files in os.walk(path):
+        for name in [top, *(os.path.join(top, n) for n in dirs + files)]:
+            with contextlib.suppress(OSError):
+                if os.lstat(name).st_uid != uid:
+                    os.lchown(name, uid, gid)
+
+
 def _reap(proc: subprocess.Popen[bytes]) -> None:
     """After EOF or a garbled frame: a child still alive a second later is killed."""
     try:
@@ -1237,3 +1399,10 @@ def _describe_exit(rc: int | None) -> str:
         except ValueError:
             return f"killed by signal {-rc}"
     return f"exit code {rc}"
+
+
+if TYPE_CHECKING:  # mypy holds the worker's jobs to the contracts the registry relies on
+    from agent.serving.registry import LendingWorker, WorkerLike
+
+    _worker_contract: type[WorkerLike] = ModelWorker
+    _lending_contract: type[LendingWorker] = Lending

@@ -1,8 +1,8 @@
 """Request body decoding, sans-I/O: the chunked transfer coding and gzip/deflate content
 codings, bounded by the same ``max_body_bytes`` as a ``Content-Length`` body.
 
-One home for both servers that read requests: the daemon's (``agent/http.py``, an
-asyncio protocol) and a worker's lent connections (``runtime/direct.py``, blocking
+One home for both servers that read requests: the daemon's (``agent/serving/http.py``, an
+asyncio protocol) and a worker's lent connections (``agent/serving/direct.py``, blocking
 reads). Each feeds bytes in and takes a body out; neither parses chunks or inflates
 data itself (STYLE rule 13).
 
@@ -13,7 +13,7 @@ Both are held to the limits of a plain body, because neither has a ``Content-Len
 to refuse up front:
 
 * the decoded bytes are charged to the server's body budget (``max_inflight_body_bytes``,
-  agent/http.py ``BodyBudget``) as they are produced, through a :class:`Charge` the
+  agent/serving/http.py ``BodyBudget``) as they are produced, through a :class:`Charge` the
   caller releases once the request is answered: many chunked or compressed bodies at
   once get 503 ``body-budget`` like plain ones;
 * a decompressed body stops at ``max_body_bytes`` and at :data:`MAX_RATIO` times its
@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import zlib
 from typing import Any, Protocol
+
+from agent.errors import ProtocolError
 
 __all__ = [
     "CHUNKED",
@@ -61,33 +63,8 @@ _PIECE = 1024 * 1024  # bytes inflated per step (charged before the next step)
 _WINDOW = 256 * 1024  # encoded bytes given to zlib per step
 
 
-class ProtocolError(Exception):
-    """A request that cannot be parsed or received; answered and the connection closed.
-    ``retry_after`` (seconds) becomes a ``Retry-After`` header (a refusal for load).
-    Defined here, below agent/http.py (which re-exports it), so the decoders can raise
-    it without importing the server."""
-
-    def __init__(
-        self, status: int, code: str, message: str, *, retry_after: float | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.retry_after = retry_after
-
-    def response(self) -> Any:
-        """The v2 error response (an ``agent.http.Response``)."""
-        from agent.http import json_response  # the server module imports this one
-
-        headers = None
-        if self.retry_after is not None:
-            headers = {"retry-after": str(max(1, round(self.retry_after)))}
-        return json_response(self.status, {"error": self.message, "code": self.code}, headers)
-
-
 class Budget(Protocol):
-    """The server's shared body budget (``agent.http.BodyBudget``)."""
+    """The server's shared body budget (``agent.serving.http.BodyBudget``)."""
 
     limit: int
 

@@ -9,7 +9,7 @@ dependencies. The subset of HTTP/1.1 it speaks is what KServe v2 clients and cur
   are read after the previous response is written — reading pauses while a request is
   handled, which is also the back-pressure);
 * request bodies with ``Content-Length`` or chunked, plain or gzip/deflate
-  ``Content-Encoding`` (decoded by ``agent/httpbody.py``, within ``max_body_bytes``);
+  ``Content-Encoding`` (decoded by ``agent/serving/httpbody.py``, within ``max_body_bytes``);
 * ``HEAD`` wherever the handler answers ``GET`` (the headers, no body);
 * ``Expect: 100-continue`` (curl sends it for large bodies).
 
@@ -38,7 +38,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import grp
-import json
 import logging
 import mmap
 import os
@@ -46,20 +45,36 @@ import socket
 import stat
 import struct
 import threading
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Protocol
-from urllib.parse import unquote
 
-from agent.errors import ConfigError, EdgewardError
-from agent.httpbody import (
+from agent.errors import ConfigError, SocketInUseError
+from agent.limits import HTTPLimits
+from agent.serving.h1 import (
+    CONTINUE,
+    Head,
+    PeerCred,
+    Phase,
+    Request,
+    Response,
+    content_length,
+    error_response,
+    expired,
+    find_head,
+    internal_error,
+    json_response,
+    parse_head,
+    parse_request,
+    render_response,
+    timeout,
+)
+from agent.serving.httpbody import (
     CHUNKED,
     Charge,
     ChunkedDecoder,
     ProtocolError,
     decode_content,
-    transfer_length,
 )
 
 logger = logging.getLogger(__name__)
@@ -84,88 +99,6 @@ __all__ = [
 ]
 
 Body = bytes | bytearray | memoryview
-
-
-@dataclass(frozen=True)
-class HTTPLimits:
-    """Per-server limits; every one protects the daemon from a misbehaving local client."""
-
-    max_body_bytes: int = 64 * 1024 * 1024  # bytes; larger Content-Length → 413
-    max_header_bytes: int = 16 * 1024  # bytes of request line + headers → 431
-    max_headers: int = 100  # header lines → 431
-    header_timeout_s: float = 10.0  # seconds from a request's first byte to its blank line
-    body_timeout_s: float = 60.0  # seconds to receive a whole body once headers are in
-    keepalive_timeout_s: float = 75.0  # seconds an idle keep-alive connection stays open
-    max_connections: int = 512  # concurrent connections; more → 503 and close
-    # Bytes of request bodies held in memory at once, over all connections (a body's
-    # buffer grows with the bytes received and is charged here); over it → 503.
-    max_inflight_body_bytes: int = 256 * 1024 * 1024
-    # Connections one process (SO_PEERCRED pid) may hold; None = max_connections // 2.
-    max_connections_per_pid: int | None = None
-    # Slots one uid can never take (kept for other users); None = max_connections // 16.
-    reserved_connections: int | None = None
-
-    def __post_init__(self) -> None:
-        for name in (
-            "max_body_bytes",
-            "max_header_bytes",
-            "max_headers",
-            "max_connections",
-            "max_inflight_body_bytes",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(
-                    f"inference.limits.{name}: expected a positive integer, got {value!r}",
-                    code="config-limits",
-                )
-        if self.max_inflight_body_bytes < self.max_body_bytes:
-            raise ConfigError(
-                f"inference.limits.max_inflight_body_bytes ({self.max_inflight_body_bytes}) "
-                f"must be at least max_body_bytes ({self.max_body_bytes}): otherwise a body "
-                "of the allowed size could never be received",
-                code="config-limits",
-            )
-        per_pid = self.max_connections_per_pid
-        if per_pid is not None and (
-            not isinstance(per_pid, int) or isinstance(per_pid, bool) or per_pid <= 0
-        ):
-            raise ConfigError(
-                "inference.limits.max_connections_per_pid: expected a positive integer, "
-                f"got {per_pid!r}",
-                code="config-limits",
-            )
-        res = self.reserved_connections
-        if res is not None and (
-            not isinstance(res, int) or isinstance(res, bool) or not 0 <= res < self.max_connections
-        ):
-            raise ConfigError(
-                "inference.limits.reserved_connections: expected an integer from 0 to "
-                f"max_connections - 1 ({self.max_connections - 1}), got {res!r}",
-                code="config-limits",
-            )
-        for name in ("header_timeout_s", "body_timeout_s", "keepalive_timeout_s"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or value <= 0:
-                raise ConfigError(
-                    f"inference.limits.{name}: expected a positive number of seconds, "
-                    f"got {value!r}",
-                    code="config-limits",
-                )
-
-    @property
-    def pid_cap(self) -> int:
-        """Connections one process may hold."""
-        cap = self.max_connections_per_pid
-        return cap if cap is not None else max(1, self.max_connections // 2)
-
-    @property
-    def uid_cap(self) -> int:
-        """Connections one user may hold: all but the reserve for other users."""
-        res = self.reserved_connections
-        if res is None:
-            res = self.max_connections // 16
-        return max(1, self.max_connections - res)
 
 
 class BodyBudget:
@@ -206,7 +139,7 @@ class BodyBuffer:
     with a 256 MiB budget.
 
     The one place a request body is buffered, for the daemon's server and for a worker
-    serving a lent connection (runtime/direct.py); a body decoder (e.g. chunked
+    serving a lent connection (agent/serving/direct.py); a body decoder (e.g. chunked
     transfer coding) feeds it through :meth:`window` / :meth:`advance` as well.
 
     Raises ProtocolError(503, "body-budget") when the budget cannot cover the next
@@ -275,38 +208,6 @@ class BodyBuffer:
             self._charged = 0
 
 
-@dataclass(frozen=True)
-class PeerCred:
-    """The connecting process (``SO_PEERCRED``): the kernel's word, not the client's."""
-
-    pid: int
-    uid: int
-    gid: int
-
-
-@dataclass
-class Request:
-    """One parsed request. ``headers`` keys are lower-case; ``path`` is percent-decoded."""
-
-    method: str
-    path: str
-    query: str
-    headers: dict[str, str]
-    body: Body
-    peer_cred: PeerCred | None = None
-    http_version: str = "HTTP/1.1"
-
-
-@dataclass
-class Response:
-    """One response. ``body`` may be a sequence of buffers (written without joining them
-    into one copy when large, e.g. binary tensor outputs)."""
-
-    status: int
-    headers: dict[str, str] = field(default_factory=dict)
-    body: Body | Sequence[Body] = b""
-
-
 Handler = Callable[[Request], Awaitable[Response]]
 
 
@@ -329,7 +230,7 @@ class LentConnection(Protocol):
 
 class Lender(Protocol):
     """A process that can serve a connection itself (a model worker, see
-    runtime/direct.py): the server keeps its own descriptor and stops reading it."""
+    agent/serving/direct.py): the server keeps its own descriptor and stops reading it."""
 
     def lend(self, fd: int, data: bytes, conn: LentConnection) -> bool:
         """Start serving ``fd`` from ``data`` (the request just read); False: not now."""
@@ -341,131 +242,18 @@ class Lender(Protocol):
 LenderFor = Callable[[str, str, dict[str, str]], "Lender | None"]
 
 
-class SocketInUseError(EdgewardError):
-    """Another live process already serves on the socket path."""
-
-    code = "socket-in-use"
-    status = 500
-
-
-def json_response(status: int, obj: object, headers: dict[str, str] | None = None) -> Response:
-    """A JSON response (compact separators: these bodies are on the hot path)."""
-    h = {"content-type": "application/json"}
-    if headers:
-        h.update(headers)
-    return Response(status, h, json.dumps(obj, separators=(",", ":")).encode())
-
-
-_REASONS = {
-    100: "Continue",
-    200: "OK",
-    204: "No Content",
-    400: "Bad Request",
-    403: "Forbidden",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    408: "Request Timeout",
-    411: "Length Required",
-    413: "Content Too Large",
-    415: "Unsupported Media Type",
-    422: "Unprocessable Content",
-    429: "Too Many Requests",
-    431: "Request Header Fields Too Large",
-    500: "Internal Server Error",
-    501: "Not Implemented",
-    503: "Service Unavailable",
-    504: "Gateway Timeout",
-    505: "HTTP Version Not Supported",
-}
-# Pre-encoded status lines: building them per request costs more than the lookup.
-_STATUS_LINES = {c: f"HTTP/1.1 {c} {reason}\r\n".encode() for c, reason in _REASONS.items()}
-_KEEP_ALIVE = b"connection: keep-alive\r\n"
-_CLOSE = b"connection: close\r\n"
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-_HEADER_END = b"\r\n\r\n"
-_SMALL_BODY = 64 * 1024  # bytes; below this a response is joined into one write
 _PEERCRED = struct.Struct("3i")
 _DISCARD = memoryview(bytearray(4096))  # read into when a closing connection is read
 
-# Connection phases (h11-style: everything that moves a connection lives in _Conn).
-_IDLE, _HEAD, _BODY, _HANDLING, _CLOSED, _LENT = range(6)
-
-
-def _status_line(status: int) -> bytes:
-    line = _STATUS_LINES.get(status)
-    if line is None:
-        line = f"HTTP/1.1 {status} Status {status}\r\n".encode()
-    return line
-
-
-def render_response(resp: Response, keep_alive: bool, head_only: bool = False) -> list[Body]:
-    """Status line, headers and body as buffers to write in order (a small response is
-    joined into one buffer: one write, one packet). Framing headers are the server's.
-    ``head_only``: the answer to a HEAD request, its headers (with the body's length)."""
-    body = resp.body
-    parts: Sequence[Body]
-    if isinstance(body, (bytes, bytearray, memoryview)):
-        parts = (body,)
-        length = len(body) if not isinstance(body, memoryview) else body.nbytes
-    else:
-        parts = body
-        length = sum(p.nbytes if isinstance(p, memoryview) else len(p) for p in parts)
-    head: list[Body] = [_status_line(resp.status)]
-    for k, v in resp.headers.items():
-        if k.lower() in ("content-length", "connection", "transfer-encoding"):
-            continue  # framing is the server's business
-        head.append(f"{k}: {v}\r\n".encode("latin-1"))
-    head.append(b"content-length: %d\r\n" % length)
-    head.append(_KEEP_ALIVE if keep_alive else _CLOSE)
-    head.append(b"\r\n")
-    if head_only:
-        return [b"".join(head)]
-    if length <= _SMALL_BODY:
-        head.extend(parts)
-        return [b"".join(head)]
-    return [b"".join(head), *parts]
-
-
-def parse_head(head: str, limits: HTTPLimits) -> tuple[str, str, str, str, dict[str, str]]:
-    """Request line and headers → (method, path, query, version, headers). No regex."""
-    lines = head.split("\r\n")
-    parts = lines[0].split(" ")
-    if len(parts) != 3 or not parts[0] or not parts[1]:
-        raise ProtocolError(400, "bad-request-line", f"malformed request line {lines[0][:80]!r}")
-    method, target, version = parts
-    if version not in ("HTTP/1.1", "HTTP/1.0"):
-        if version.startswith("HTTP/"):
-            raise ProtocolError(505, "http-version", f"unsupported HTTP version {version[:16]!r}")
-        raise ProtocolError(400, "bad-request-line", f"malformed request line {lines[0][:80]!r}")
-    if not method.isalpha() or not method.isupper():
-        raise ProtocolError(400, "bad-request-line", f"malformed method {method[:16]!r}")
-    if len(lines) - 1 > limits.max_headers:
-        raise ProtocolError(
-            431, "too-many-headers", f"more than {limits.max_headers} header fields"
-        )
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if not sep or not name or name != name.strip() or " " in name or "\t" in name:
-            raise ProtocolError(400, "bad-header", f"malformed header line {line[:80]!r}")
-        key = name.lower()
-        value = value.strip()
-        prev = headers.get(key)
-        if prev is not None:
-            if key == "content-length" and prev != value:
-                raise ProtocolError(400, "bad-content-length", "conflicting Content-Length")
-            value = prev + ", " + value if key != "content-length" else value
-        headers[key] = value
-    path, _, query = target.partition("?")
-    if "%" in path:
-        path = unquote(path)
-    return method, path, query, version, headers
-
-
-def content_length(headers: dict[str, str], limits: HTTPLimits) -> int:
-    """The request body's length, or ``CHUNKED``; ProtocolError for a malformed,
-    conflicting or too large framing (agent/httpbody.py)."""
-    return transfer_length(headers, limits.max_body_bytes)
+# Connection phases and what their timers mean: agent/serving/h1.py (PHASES).
+_IDLE, _HEAD, _BODY, _HANDLING, _CLOSED, _LENT = (
+    Phase.IDLE,
+    Phase.HEAD,
+    Phase.BODY,
+    Phase.HANDLING,
+    Phase.CLOSED,
+    Phase.LENT,
+)
 
 
 class _Conn(asyncio.BufferedProtocol):
@@ -489,6 +277,7 @@ class _Conn(asyncio.BufferedProtocol):
         "_read_paused",
         "_returned_by",
         "_server",
+        "_timeouts",
         "_timer",
         "_tracked",
         "_transport",
@@ -507,13 +296,15 @@ class _Conn(asyncio.BufferedProtocol):
         self._buf = bytearray(max(32 * 1024, self._limits.max_header_bytes + 4))
         self._view = memoryview(self._buf)
         self._filled = 0
-        self._phase = _IDLE
+        self._phase: Phase = _IDLE
+        # Seconds each phase may last (h1.PHASES over this server's limits; None: no timer).
+        self._timeouts = server._timeouts
         self._timer: asyncio.TimerHandle | None = None
         self._deadline = 0.0
         self._read_paused = False
         self._bb: BodyBuffer | None = None  # the body being received (phase _BODY)
         self._chunked: ChunkedDecoder | None = None  # a chunked body being decoded
-        self._pending: tuple[str, str, str, str, dict[str, str]] | None = None
+        self._pending: Head | None = None  # the head whose body is being received
         self._peer: PeerCred | None = None
         self._keep_alive = True
         self._write_paused = False
@@ -545,7 +336,7 @@ class _Conn(asyncio.BufferedProtocol):
         if srv._closing:
             self._fail(503, "shutting-down", "the server is shutting down")
             return
-        self._arm(self._limits.keepalive_timeout_s)
+        self._enter(_IDLE)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._phase = _CLOSED
@@ -615,8 +406,7 @@ class _Conn(asyncio.BufferedProtocol):
                 self._read_paused = True
             return
         if self._phase == _IDLE:
-            self._phase = _HEAD
-            self._arm(self._limits.header_timeout_s)
+            self._enter(_HEAD)
         try:
             self._try_head(max(0, self._filled - nbytes - 3))
         except Exception:  # a parser bug must cost one connection, not the server
@@ -631,7 +421,7 @@ class _Conn(asyncio.BufferedProtocol):
         return True
 
     def _feed_chunks(self) -> None:
-        """Decode what the scratch buffer holds of a chunked body (agent/httpbody.py)."""
+        """Decode what the scratch buffer holds of a chunked body (agent/serving/httpbody.py)."""
         dec = self._chunked
         assert dec is not None
         try:
@@ -655,47 +445,43 @@ class _Conn(asyncio.BufferedProtocol):
     def _try_head(self, search_from: int) -> None:
         if self._phase != _HEAD:
             return
-        limit = self._limits.max_header_bytes
-        end = self._buf.find(_HEADER_END, search_from, min(self._filled, limit + 4))
-        if end < 0:
-            if self._filled > limit or self._filled >= len(self._buf):
-                self._fail(431, "headers-too-large", f"request headers exceed {limit} bytes")
-            return
-        if end == 0 and self._buf[:2] == b"\r\n":
-            # Tolerate stray CRLF between requests (RFC 9112 §2.2).
-            self._shift(2)
-            self._try_head(0)
-            return
         try:
-            head = self._buf[:end].decode("latin-1")
-            method, path, query, version, headers = parse_head(head, self._limits)
-            length = self._content_length(headers)
+            end = find_head(self._buf, search_from, self._filled, self._limits)
+            if end < 0:
+                if self._filled >= len(self._buf):  # cannot happen: the buffer is larger
+                    limit = self._limits.max_header_bytes
+                    raise ProtocolError(
+                        431, "headers-too-large", f"request headers exceed {limit} bytes"
+                    )
+                return
+            if end == 0 and self._buf[:2] == b"\r\n":
+                # Tolerate stray CRLF between requests (RFC 9112 §2.2).
+                self._shift(2)
+                self._try_head(0)
+                return
+            head = parse_request(self._buf[:end], self._limits)
         except ProtocolError as exc:
             self._fail_with(exc)
             return
-        conn_hdr = headers.get("connection", "").lower()
-        if version == "HTTP/1.0":
-            self._keep_alive = "keep-alive" in conn_hdr
-        elif "close" in conn_hdr:
-            self._keep_alive = False
+        self._keep_alive = self._keep_alive and head.keep_alive
         start = end + 4
         srv = self._server
         if srv.lender_for is not None and not (srv._closing or self._closing):
-            lender = srv.lender_for(method, path, headers)
+            lender = srv.lender_for(head.method, head.path, head.headers)
             if lender is not None and lender is not self._returned_by and self._lend(lender):
                 self._returned_by = None
                 return
         self._returned_by = None
-        self._pending = (method, path, query, version, headers)
+        self._pending = head
+        length = head.length
         if length == CHUNKED:
             self._shift(start)
             self._chunked = ChunkedDecoder(
                 self._limits.max_body_bytes, self._limits.max_header_bytes, srv._budget
             )
-            self._phase = _BODY
-            self._arm(self._limits.body_timeout_s)
-            if "100-continue" in headers.get("expect", "").lower() and self._transport is not None:
-                self._transport.write(_CONTINUE)
+            self._enter(_BODY)
+            if head.expect_continue and self._transport is not None:
+                self._transport.write(CONTINUE)
             self._feed_chunks()
             return
         have = self._filled - start
@@ -714,13 +500,9 @@ class _Conn(asyncio.BufferedProtocol):
             self._fail_with(exc)
             return
         self._filled = 0
-        self._phase = _BODY
-        self._arm(self._limits.body_timeout_s)
-        if "100-continue" in headers.get("expect", "").lower() and self._transport is not None:
-            self._transport.write(_CONTINUE)
-
-    def _content_length(self, headers: dict[str, str]) -> int:
-        return content_length(headers, self._limits)
+        self._enter(_BODY)
+        if head.expect_continue and self._transport is not None:
+            self._transport.write(CONTINUE)
 
     def _shift(self, n: int) -> None:
         """Drop the first ``n`` bytes of the scratch buffer (keep pipelined bytes)."""
@@ -735,7 +517,7 @@ class _Conn(asyncio.BufferedProtocol):
         assert bb is not None
         self._dispatch(bb.take(), bb)
 
-    # --- lending (runtime/direct.py) -------------------------------------------------
+    # --- lending (agent/serving/direct.py) -------------------------------------------------
 
     def _lend(self, lender: Lender) -> bool:
         """Hand the connection, from the start of the request just parsed, to ``lender``."""
@@ -766,12 +548,10 @@ class _Conn(asyncio.BufferedProtocol):
         self._buf[: len(data)] = data
         self._filled = len(data)
         self._returned_by = lender if here else None
-        self._phase = _IDLE
-        self._arm(self._limits.keepalive_timeout_s)
+        self._enter(_IDLE)
         self._transport.resume_reading()
         if self._filled:
-            self._phase = _HEAD
-            self._arm(self._limits.header_timeout_s)
+            self._enter(_HEAD)
             self._try_head(0)
 
     def lent_closed(self) -> None:
@@ -787,7 +567,7 @@ class _Conn(asyncio.BufferedProtocol):
             self.lent_returned(b"", False)
         elif state == 1:  # the request was read and not answered: say so, as for others
             self._phase = _HANDLING
-            self._write(json_response(status, {"error": message, "code": code}), False)
+            self._write(error_response(ProtocolError(status, code, message)), False)
             self._close_after_write()
         else:  # half an answer is on the wire: only closing tells the client
             self._phase = _CLOSED
@@ -795,8 +575,8 @@ class _Conn(asyncio.BufferedProtocol):
 
     def _dispatch(self, body: Body, bb: BodyBuffer | ChunkedDecoder | None = None) -> None:
         assert self._pending is not None and self._transport is not None
-        method, path, query, version, headers = self._pending
-        self._pending = None
+        head, self._pending = self._pending, None
+        headers = head.headers
         charge: Charge | None = None
         if "content-encoding" in headers:
             # The decoded body is charged to the budget, like the bytes received.
@@ -810,7 +590,7 @@ class _Conn(asyncio.BufferedProtocol):
                 self._fail_with(exc)
                 return
         self._phase = _HANDLING  # the timer, if it fires now, does nothing
-        req = Request(method, path, query, headers, body, self._peer, version)
+        req = Request(head.method, head.path, head.query, headers, body, self._peer, head.version)
         task = self._loop.create_task(self._run(req, bb, charge))
         self._server._inflight.add(task)
         task.add_done_callback(self._server._inflight.discard)
@@ -825,7 +605,7 @@ class _Conn(asyncio.BufferedProtocol):
             resp = await self._server.handler(req)
         except Exception:
             logger.exception("handler failed for %s %s", req.method, req.path)
-            resp = json_response(500, {"error": "internal server error", "code": "internal"})
+            resp = internal_error()
         finally:
             if bb is not None:  # answered: the body's bytes go back to the budget
                 bb.release()
@@ -844,14 +624,12 @@ class _Conn(asyncio.BufferedProtocol):
             self._write_ready = None
             if self._phase == _CLOSED:
                 return
-        self._phase = _IDLE
-        self._arm(self._limits.keepalive_timeout_s)
+        self._enter(_IDLE)
         if self._read_paused:
             self._read_paused = False
             self._transport.resume_reading()
         if self._filled:  # a pipelined request is already buffered
-            self._phase = _HEAD
-            self._arm(self._limits.header_timeout_s)
+            self._enter(_HEAD)
             self._try_head(0)
 
     # --- writing, timers, failure ----------------------------------------------------
@@ -876,8 +654,15 @@ class _Conn(asyncio.BufferedProtocol):
         if self._transport is None or self._phase == _CLOSED:
             return
         if self._phase != _HANDLING:
-            self._write(exc.response(), False)
+            self._write(json_response(exc.status, exc.to_dict(), exc.headers()), False)
         self._close_after_write()
+
+    def _enter(self, phase: Phase) -> None:
+        """Move to ``phase`` and arm its timer (h1.PHASES)."""
+        self._phase = phase
+        seconds = self._timeouts[phase]
+        if seconds is not None:
+            self._arm(seconds)
 
     def _arm(self, seconds: float) -> None:
         # One lazily re-scheduled timer per connection instead of a new TimerHandle per
@@ -895,19 +680,16 @@ class _Conn(asyncio.BufferedProtocol):
 
     def _timeout(self) -> None:
         self._timer = None
-        if self._phase in (_HANDLING, _CLOSED, _LENT):
+        if self._timeouts[self._phase] is None:
             return  # re-armed when the response is written or the connection is back
         if self._loop.time() < self._deadline:
             self._timer = self._loop.call_at(self._deadline, self._timeout)
             return
-        if self._phase == _IDLE:
+        err = expired(self._phase)
+        if err is None:
             self._close_after_write()  # idle keep-alive: close silently
-        elif self._phase == _HEAD:
-            self._fail(408, "header-timeout", "request headers not received in time")
-        elif self._phase == _BODY:
-            self._fail(
-                408, "body-timeout", "request body shorter than its Content-Length or too slow"
-            )
+        else:
+            self._fail_with(err)
 
     # --- shutdown --------------------------------------------------------------------
 
@@ -956,6 +738,7 @@ class UnixHTTPServer:
         self._by_uid: dict[int, dict[_Conn, None]] = {}
         self._by_pid: dict[int, dict[_Conn, None]] = {}
         self._budget = BodyBudget(self.limits.max_inflight_body_bytes)
+        self._timeouts = [timeout(p, self.limits) for p in Phase]
         self._inflight: set[asyncio.Task[None]] = set()
         self._closing = False
         self._ino: tuple[int, int] | None = None

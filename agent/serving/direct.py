@@ -32,7 +32,7 @@ answer partly written, 3 its prediction running; a second byte per slot counts t
 predictions started (mod 256). The daemon reads both every ``HUNG_CHECK_S``: a slot
 seen predicting the same request for longer than ``request_timeout`` means a hung
 run script, and the worker is killed and restarted (that request gets 504; see
-runtime/worker.py). The descriptor's O_NONBLOCK flag is shared with the daemon's
+agent/serving/worker.py). The descriptor's O_NONBLOCK flag is shared with the daemon's
 copy, so the worker never makes it blocking: it waits with ``poll``.
 """
 
@@ -52,29 +52,23 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
-from agent.errors import EdgewardError, OverloadedError
-from agent.http import (
-    BodyBudget,
-    BodyBuffer,
-    HTTPLimits,
-    ProtocolError,
-    content_length,
-    parse_head,
-    render_response,
-)
-from agent.httpbody import CHUNKED, Charge, ChunkedDecoder, decode_content
-from agent.kserve import (
-    InferResult,
+from agent.errors import EdgewardError
+from agent.serving import ipc
+from agent.serving.h1 import (
+    CHUNKED,
+    HeadCache,
+    Phase,
     error_response,
-    header_length,
-    infer_response,
-    input_specs,
-    select_outputs,
-    validate_inputs,
+    expired,
+    find_head,
+    render_response,
+    timeout,
 )
-from agent.registry import LATENCY_BUCKETS
-from agent.tensors import decode_request
-from runtime import ipc
+from agent.serving.http import BodyBudget, BodyBuffer, HTTPLimits, ProtocolError
+from agent.serving.httpbody import Charge, ChunkedDecoder, decode_content
+from agent.serving.kserve import DataPlane, header_length, infer_response
+from agent.serving.registry import LATENCY_BUCKETS
+from agent.serving.tensors import decode_request
 
 logger = logging.getLogger(__name__)
 
@@ -119,9 +113,11 @@ def channel_pair() -> tuple[socket.socket, socket.socket]:
 
 
 class Lending:
-    """The daemon's half for one ``ModelWorker``: lends connections to its current child
-    process and settles them when they come back, close, or the child dies. Every
-    method except :meth:`wait_unlent` runs on the daemon's event loop."""
+    """The daemon's half for one ``ModelWorker``, the lending job of a worker: lends
+    connections to its current child process and settles them when they come back,
+    close, or the child dies. Implements the registry's ``LendingWorker`` contract (and
+    so ``agent.serving.http.Lender``). Every method except :meth:`wait_unlent` runs on
+    the daemon's event loop."""
 
     def __init__(self, name: str, version: str, settings: dict[str, Any]):
         self.name = name
@@ -139,6 +135,8 @@ class Lending:
         self.unlent = threading.Event()
         self.unlent.set()
         self.stats_sink: Callable[[dict[str, Any]], None] | None = None
+        # Whether the worker serves now (its state is "ready"); set by the worker.
+        self.serving: Callable[[], bool] = lambda: True
         # Called with the timeout when a prediction on a lent connection outlived it.
         self.hung: Callable[[float], None] | None = None
         timeout = settings.get("request_timeout")
@@ -151,6 +149,27 @@ class Lending:
     @property
     def count(self) -> int:
         return len(self._lent)
+
+    # --- the LendingWorker contract (agent/serving/registry.py) ---------------------
+
+    @property
+    def lends(self) -> bool:
+        """True if inference connections may be handed to this worker now."""
+        return self.sock is not None and not self.recalled and self.serving()
+
+    @property
+    def lent(self) -> int:
+        """Connections the child holds now."""
+        return len(self._lent)
+
+    @property
+    def lent_busy(self) -> int:
+        """Requests in flight on lent connections (read by the child, not yet answered)."""
+        return self.busy
+
+    def set_stats_sink(self, sink: Callable[[dict[str, Any]], None]) -> None:
+        """``sink(counters)`` gets the child's counts of requests it answered itself."""
+        self.stats_sink = sink
 
     @property
     def busy(self) -> int:
@@ -199,6 +218,8 @@ class Lending:
     def lend(self, fd: int, data: bytes, conn: Any) -> bool:
         sock = self.sock
         if sock is None or self.recalled or not self._free or len(data) > MAX_DATA:
+            return False
+        if not self.serving():
             return False
         self._cids += 1
         cid = self._cids
@@ -317,39 +338,45 @@ class Lending:
 # --- worker side ---------------------------------------------------------------------
 
 
-class _Gate:
-    """At most ``limit`` predictions at once, at most ``queue`` waiting; beyond: 503."""
+class _OwnModel:
+    """The worker's one model as the data plane's blocking face runs it; every
+    prediction is timed for the daemon's /metrics (sent batched, see ``_stats_loop``)."""
 
-    def __init__(self, limit: int, queue: int) -> None:
-        self.limit = max(1, limit)
-        self.queue = max(0, queue)
-        self.active = 0
-        self.waiting = 0
-        self.cv = threading.Condition()
+    ready = True  # a worker that lends is serving
 
-    def acquire(self, model: str) -> None:
-        with self.cv:
-            if self.active < self.limit and not self.waiting:
-                self.active += 1
-                return
-            if self.waiting >= self.queue:
-                raise OverloadedError(
-                    f"model {model!r} is overloaded ({self.active} running, "
-                    f"{self.waiting} queued); retry later",
-                    retry_after=1.0,
-                )
-            self.waiting += 1
-            try:
-                while self.active >= self.limit:
-                    self.cv.wait()
-            finally:
-                self.waiting -= 1
-            self.active += 1
+    def __init__(self, srv: DirectServer, servable: Any, meta: dict[str, Any]) -> None:
+        self.srv = srv
+        self.servable = servable
+        self.meta = meta
+        self.name = ""
+        self.version = ""
 
-    def release(self) -> None:
-        with self.cv:
-            self.active -= 1
-            self.cv.notify()
+    def metadata(self) -> dict[str, Any]:
+        return self.meta
+
+    def predict(self, inputs: dict[str, Any]) -> Any:
+        t0 = time.perf_counter()
+        ok = False
+        try:
+            out = self.servable.predict(inputs)
+            ok = True
+            return out
+        finally:
+            self.srv._observe(time.perf_counter() - t0, ok)
+
+
+class _OwnRegistry:
+    """The data plane's registry in a worker: its one model (the shell already routed
+    the request by its path, ``DirectServer.paths``)."""
+
+    def __init__(self, model: _OwnModel) -> None:
+        self.model = model
+
+    def models(self) -> list[_OwnModel]:
+        return [self.model]
+
+    def get(self, name: str, version: str | None = None) -> _OwnModel:
+        return self.model
 
 
 class DirectServer:
@@ -357,17 +384,13 @@ class DirectServer:
 
     def __init__(self, sock: socket.socket, servable: Any, meta: dict[str, Any]) -> None:
         self.sock = sock
-        self.servable = servable
-        try:
-            self.specs = input_specs(meta)
-        except Exception:
-            self.specs = None
+        self.model = _OwnModel(self, servable, meta)
+        self.plane = self._plane(4, 64)
         self.name = ""
         self.version = ""
         self.paths: tuple[str, str] = ("", "")
         self.limits = HTTPLimits()
         self.budget = BodyBudget(self.limits.max_inflight_body_bytes)
-        self.gate = _Gate(4, 64)
         self.state: mmap.mmap | None = None
         self.recalled = False
         self.busy = 0  # connections inside a request (a spin gives way to them)
@@ -375,9 +398,9 @@ class DirectServer:
         self.spin_s = 0.0
         self.wake_r, self.wake_w = os.pipe()
         self._send_lock = threading.Lock()
-        self._valid: set[tuple[Any, ...]] = set()  # input signatures that passed
         # Parsed request heads by their bytes (read-only once stored).
-        self.heads: dict[bytes, tuple[str, str, str, dict[str, str], int]] = {}
+        self.heads = HeadCache(256)
+        self.timeouts = [timeout(p, self.limits) or 0.0 for p in Phase]  # h1.PHASES
         self._buckets = LATENCY_BUCKETS
         self._stats_lock = threading.Lock()
         self._stats_ev = threading.Event()
@@ -430,36 +453,31 @@ class DirectServer:
             f"/v2/models/{self.name}/versions/{self.version}/infer",
         )
         self.limits = HTTPLimits(**head.get("limits", {}))
+        self.timeouts = [timeout(p, self.limits) or 0.0 for p in Phase]  # h1.PHASES
         self.budget = BodyBudget(self.limits.max_inflight_body_bytes)
         limit, queue = head.get("gate", [4, 64])
-        self.gate = _Gate(int(limit), int(queue))
+        self.model.name, self.model.version = self.name, self.version
+        self.plane = self._plane(int(limit), int(queue))
         self.spin_s = max(0.0, float(head.get("spin_us", 0))) / 1e6
         self.state = mmap.mmap(state_fd, 2 * MAX_LENT)
         os.close(state_fd)
 
     # --- one request ------------------------------------------------------------------
 
+    def _plane(self, limit: int, queue: int) -> DataPlane:
+        return DataPlane(
+            _OwnRegistry(self.model),
+            version="worker",  # only server metadata shows it, and the daemon answers that
+            max_concurrent_per_model=limit,
+            max_queue_per_model=queue,
+        )
+
     def handle(self, headers: dict[str, str], body: bytes | bytearray | memoryview) -> Any:
-        """One inference → the HTTP response, errors as v2 error JSON (as the daemon)."""
+        """One inference → the HTTP response, errors as v2 error JSON (as the daemon):
+        the data plane's blocking face (agent/serving/kserve.py)."""
         try:
             req = decode_request(body, header_length(headers))
-            sig = tuple((n, a.dtype, a.shape) for n, a in req.inputs.items())
-            if sig not in self._valid:  # what validate_inputs looks at, checked once
-                validate_inputs(self.name, self.specs, req.inputs)
-                if len(self._valid) >= 64:
-                    self._valid.clear()
-                self._valid.add(sig)
-            self.gate.acquire(self.name)
-            t0 = time.perf_counter()
-            ok = False
-            try:
-                out = self.servable.predict(req.inputs)
-                ok = True
-            finally:
-                self.gate.release()
-                self._observe(time.perf_counter() - t0, ok)
-            res = InferResult(self.name, self.version, req.id, select_outputs(out, req))
-            return infer_response(res)
+            return infer_response(self.plane.infer_blocking(self.name, self.version, req))
         except EdgewardError as exc:
             return error_response(exc)
         except Exception as exc:  # as the relayed path reports an engine's own exception
@@ -602,6 +620,7 @@ class _Lent:
     def _serve(self) -> None:
         srv = self.srv
         lim = srv.limits
+        timeouts = srv.timeouts
         buf = self.buf
         while True:
             if not self.filled:  # between requests
@@ -610,51 +629,36 @@ class _Lent:
                 self._set(IDLE)
                 n = self._spin() if self._spin_now() else -1
                 if n < 0:
-                    n = self._recv(self.view, time.monotonic() + lim.keepalive_timeout_s, True)
+                    n = self._recv(self.view, time.monotonic() + timeouts[Phase.IDLE], True)
                 if n == -2:
                     continue
                 if n <= 0:  # EOF, or idle past the keep-alive timeout: close, as the server
                     return self._closed()
                 self._set(BUSY)
                 self.filled = n
-            deadline = time.monotonic() + lim.header_timeout_s
-            end = buf.find(b"\r\n\r\n", 0, self.filled)
-            while end < 0:
-                if self.filled > lim.max_header_bytes:
-                    return self._fail(
-                        431,
-                        "headers-too-large",
-                        f"request headers exceed {lim.max_header_bytes} bytes",
-                    )
-                if self.filled >= len(buf):  # a head bigger than our buffer: the daemon's
+            deadline = time.monotonic() + timeouts[Phase.HEAD]
+            try:
+                end = find_head(buf, 0, self.filled, lim)
+                while end < 0:
+                    if self.filled >= len(buf):  # a head bigger than our buffer: the daemon's
+                        return self._give_back(True)
+                    n = self._recv(self.view[self.filled :], deadline, False)
+                    if n == 0:
+                        return self._closed()
+                    if n < 0:
+                        return self._expired(Phase.HEAD)
+                    self.filled += n
+                    end = find_head(buf, self.filled - n - 3, self.filled, lim)
+                if end == 0:  # a request needs a request line: let the daemon sort it out
                     return self._give_back(True)
-                n = self._recv(self.view[self.filled :], deadline, False)
-                if n == 0:
-                    return self._closed()
-                if n < 0:
-                    return self._fail(408, "header-timeout", "request headers not received in time")
-                self.filled += n
-                end = buf.find(b"\r\n\r\n", max(0, self.filled - n - 3), self.filled)
-            if end == 0:  # a request needs a request line: let the daemon sort it out
-                return self._give_back(True)
-            raw_head = bytes(buf[:end])
-            parsed = srv.heads.get(raw_head)
-            if parsed is None:
-                try:
-                    method, path, _q, version, headers = parse_head(raw_head.decode("latin-1"), lim)
-                    length = content_length(headers, lim)
-                except ProtocolError as exc:
-                    return self._fail_with(exc)
-                parsed = (method, path, version, headers, length)
-                if len(srv.heads) >= 256:
-                    srv.heads.clear()
-                srv.heads[raw_head] = parsed  # a program repeats the same head
-            method, path, version, headers, length = parsed
-            if method != "POST" or path not in srv.paths or "expect" in headers:
+                head = srv.heads.parse(bytes(buf[:end]), lim)  # a program repeats its head
+            except ProtocolError as exc:
+                return self._fail_with(exc)
+            headers = head.headers
+            if head.method != "POST" or head.path not in srv.paths or "expect" in headers:
                 return self._give_back(True)  # not ours: the daemon answers it
-            conn_hdr = headers.get("connection", "").lower()
-            keep = "keep-alive" in conn_hdr if version == "HTTP/1.0" else "close" not in conn_hdr
-            got = self._read_body(end + 4, length)
+            keep = head.keep_alive
+            got = self._read_body(end + 4, head.length)
             if got is None:
                 return None
             raw_body, bb = got
@@ -697,7 +701,7 @@ class _Lent:
         """The body (a copy: the scratch buffer is reused) and, for one that did not fit
         the scratch buffer or came chunked, what holds its budget charge (release it
         once answered); None if the connection ended or was refused."""
-        deadline = time.monotonic() + self.srv.limits.body_timeout_s
+        deadline = time.monotonic() + self.srv.timeouts[Phase.BODY]
         if length == CHUNKED:
             return self._read_chunked(start, deadline)
         total = start + length
@@ -734,8 +738,8 @@ class _Lent:
         return bb.take(), bb
 
     def _read_chunked(self, start: int, deadline: float) -> tuple[bytearray, ChunkedDecoder] | None:
-        """A chunked body, decoded by agent/httpbody.py from the scratch buffer and
-        charged to this worker's body budget (the decoder holds the charge)."""
+        """A chunked body, decoded by agent/serving/httpbody.py from the scratch buffer
+        and charged to this worker's body budget (the decoder holds the charge)."""
         lim = self.srv.limits
         dec = ChunkedDecoder(lim.max_body_bytes, lim.max_header_bytes, self.srv.budget)
         pos = start
@@ -772,9 +776,7 @@ class _Lent:
         if n == 0:
             self._closed()
         else:
-            self._fail(
-                408, "body-timeout", "request body shorter than its Content-Length or too slow"
-            )
+            self._expired(Phase.BODY)
 
     # --- writing and endings ----------------------------------------------------------
 
@@ -805,8 +807,16 @@ class _Lent:
         self._fail_with(ProtocolError(status, code, message))
 
     def _fail_with(self, exc: ProtocolError) -> None:
-        self._write(exc.response(), False)
+        self._write(error_response(exc), False)
         self._closed()
+
+    def _expired(self, phase: Phase) -> None:
+        """``phase``'s timer ran out: its answer (h1.PHASES), then close."""
+        err = expired(phase)
+        if err is None:
+            self._closed()
+        else:
+            self._fail_with(err)
 
     def _give_back(self, here: bool) -> None:
         data = bytes(self.buf[: self.filled])

@@ -1,7 +1,7 @@
 """Which model versions are served, and the hot swap between them.
 
 Implements the ``ServedModel`` / ``Registry`` protocols of docs/INTERFACES.md over
-``runtime.worker.ModelWorker`` processes. Routing is one dict entry per model name,
+``agent.serving.worker.ModelWorker`` processes. Routing is one dict entry per model name,
 replaced in a single assignment on the event loop, so a request sees either the old or
 the new version, never nothing.
 
@@ -20,14 +20,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.errors import EdgewardError, ModelNotFoundError, ModelNotReadyError
+
+if TYPE_CHECKING:
+    from agent.serving.http import LentConnection
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "LATENCY_BUCKETS",
+    "LendingWorker",
     "ModelRegistry",
     "ModelStats",
     "WorkerLike",
@@ -42,7 +46,7 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 
 
 class WorkerLike(Protocol):
-    """What the registry needs of ``runtime.worker.ModelWorker``."""
+    """What the registry needs of ``agent.serving.worker.ModelWorker``."""
 
     name: str
     version: str
@@ -58,6 +62,34 @@ class WorkerLike(Protocol):
     def stop(self, drain_timeout: float = ...) -> None: ...
     def rss_bytes(self) -> int: ...
     def stats(self) -> dict[str, Any]: ...
+    @property
+    def lending(self) -> LendingWorker | None: ...
+
+
+class LendingWorker(Protocol):
+    """The lending contract: the job of a worker that may serve inference connections
+    itself (``agent.serving.direct.Lending``, a worker's ``lending``; None: every request
+    is relayed). The daemon's HTTP server calls ``lend``/``recall`` (it is an
+    ``agent.serving.http.Lender``); the registry reads the counts and routes the
+    worker's own request counters into the model's statistics."""
+
+    @property
+    def lends(self) -> bool:
+        """Connections may be handed over now (ready, not recalled)."""
+
+    @property
+    def lent(self) -> int:
+        """Connections the worker holds now."""
+
+    @property
+    def lent_busy(self) -> int:
+        """Requests in flight on lent connections."""
+
+    def lend(self, fd: int, data: bytes, conn: LentConnection) -> bool: ...
+
+    def recall(self) -> None: ...
+
+    def set_stats_sink(self, sink: Callable[[dict[str, Any]], None]) -> None: ...
 
 
 WorkerFactory = Callable[[str, str, Path], WorkerLike]
@@ -104,9 +136,10 @@ class WorkerModel:
         self._idle = asyncio.Event()
         self._idle.set()
         self._metadata: dict[str, Any] | None = None
-        sink = getattr(worker, "set_stats_sink", None)
-        if callable(sink):  # requests the worker answers on lent connections
-            sink(self._merge_stats)
+        self.start_phases: dict[str, float] = {}  # seconds per phase of the worker's start
+        lw = worker.lending
+        if lw is not None:  # requests the worker answers on lent connections
+            lw.set_stats_sink(self._merge_stats)  # a new Lending after a restart keeps it
 
     @property
     def ready(self) -> bool:
@@ -144,12 +177,13 @@ class WorkerModel:
             if self.inflight == 0:
                 self._idle.set()
 
-    def lender(self) -> Any:
+    def lender(self) -> LendingWorker | None:
         """The worker, if it may serve inference connections itself now (see
-        runtime/direct.py); None: requests are relayed to it."""
-        if self._retired or not getattr(self.worker, "lends", False):
+        agent/serving/direct.py); None: requests are relayed to it."""
+        lw = self.worker.lending
+        if self._retired or lw is None or not lw.lends:
             return None
-        return self.worker
+        return lw
 
     def statistics(self) -> dict[str, Any]:
         """Request counters in Triton's statistics-extension shape (per model name,
@@ -193,9 +227,9 @@ class WorkerModel:
         come back after their request in flight (and go to the successor's worker)."""
         self._retired = True
         self._successor = successor
-        recall = getattr(self.worker, "recall", None)
-        if callable(recall):
-            recall()
+        lw = self.worker.lending
+        if lw is not None:
+            lw.recall()
 
     async def drained(self, timeout: float) -> bool:
         """Wait until no request is in flight (relayed, or on a lent connection); False if
@@ -205,7 +239,7 @@ class WorkerModel:
             await asyncio.wait_for(self._idle.wait(), timeout)
         except TimeoutError:
             return False
-        while getattr(self.worker, "lent", 0):
+        while (lw := self.worker.lending) is not None and lw.lent:
             if time.monotonic() >= deadline:
                 return False
             await asyncio.sleep(0.005)
@@ -221,6 +255,7 @@ class WorkerModel:
             stats = self.worker.stats()
         except Exception:
             stats = {}
+        lw = self.worker.lending
         return {
             "name": self.name,
             "version": self.version,
@@ -228,9 +263,9 @@ class WorkerModel:
             "since": self.since,
             "pid": self.worker.pid,
             "rss_bytes": rss,
-            "inflight": self.inflight + int(getattr(self.worker, "lent_busy", 0)),
+            "inflight": self.inflight + (lw.lent_busy if lw is not None else 0),
             "restarts": int(stats.get("restarts", 0)),
-            "lent_connections": int(getattr(self.worker, "lent", 0)),
+            "lent_connections": lw.lent if lw is not None else 0,
             "path": str(self.model_dir),
         }
 
@@ -270,21 +305,43 @@ class ModelRegistry:
         """Serialises loads and swaps of one model name."""
         return self._locks.setdefault(name, asyncio.Lock())
 
-    async def prepare(self, name: str, version: str, model_dir: Path) -> WorkerModel:
-        """Start, warm up and self-test a worker without routing to it yet.
+    def launch(self, name: str, version: str, model_dir: Path) -> WorkerLike:
+        """A worker for a version still being downloaded or unpacked, its process started
+        now (``launch()``, when the worker has it) so that the interpreter and imports
+        overlap that work; :meth:`prepare` takes it. Stop it if it is not used."""
+        worker = self._factory(name, version, model_dir)
+        early = getattr(worker, "launch", None)
+        if callable(early):
+            try:
+                early()
+            except Exception as exc:  # prepare() spawns it then, and reports a failure
+                logger.debug("early launch of %s %s: %s", name, version, exc)
+        return worker
+
+    async def prepare(
+        self, name: str, version: str, model_dir: Path, *, worker: WorkerLike | None = None
+    ) -> WorkerModel:
+        """Start, warm up and self-test a worker without routing to it yet (``worker``:
+        one from :meth:`launch`).
 
         On failure the worker is stopped and the error re-raised; nothing changes.
         """
-        worker = self._factory(name, version, model_dir)
+        if worker is None:
+            worker = self._factory(name, version, model_dir)
         loop = asyncio.get_running_loop()
         stats = self._stats.setdefault(name, ModelStats())
         try:
             await loop.run_in_executor(None, worker.start, self._start_timeout)
+            t0 = time.monotonic()
             await loop.run_in_executor(None, worker.self_test)
+            tested = time.monotonic() - t0
         except BaseException:
             await loop.run_in_executor(None, _stop_quietly, worker, 0.0)
             raise
         model = WorkerModel(worker, model_dir, stats)
+        # the start's phases (worker.start_phases: interpreter, open, warm-up) + self-test
+        phases = getattr(worker, "start_phases", None)
+        model.start_phases = {**(phases if isinstance(phases, dict) else {}), "self-test": tested}
         model.metadata()  # cache now: metadata must not block the event loop later
         return model
 
