@@ -13,6 +13,23 @@ socket (agent/grpc_v2/gateway.py: ``import grpc`` costs ~26 MB, which the daemon
 budget cannot hold), so its added latency includes one more process hop; the daemon's
 idle RSS is measured with the gateway running, and the gateway's own RSS is printed and
 recorded beside it.
+
+The floor, measured in the same blocks: the same RPC answered by a bare grpcio server
+(this file run with ``--floor SOCKET``: the gateway's server settings, a handler that
+returns a canned answer of the same size, no upstream, no inference). It is what the
+Python grpcio client and server cost by themselves, which no gateway design over grpcio
+can go below.
+
+Where the rest goes (2026-12-03, load 7-15 on 2 vCPUs, interleaved medians): the
+gateway's own work per RPC, run in-process without gRPC, is ~75 us (the HTTP client's is
+~73); inside the grpcio server the same handler takes ~280 us and the RPC ~800 us.
+``perf`` on the gateway shows a quarter of its samples in context switches (futex waits
+between the C-core threads, the poll thread and the pool thread). A grpc.aio server (with
+an asyncio or a blocking upstream), 1 or 8 pool threads, ``grpc.optimization_target``,
+the worker's spin off and a spinning upstream read all measured within the noise (±10%).
+A throwaway hand-written HTTP/2 responder (frames + the hpack package, one thread per
+connection) answered the same grpcio client in 178 us against 316 us for the bare grpcio
+server: that transport, not grpcio's, is the way under 200.
 ``EDGEWARD_BENCH_QUICK=1`` shortens the loops.
 """
 
@@ -20,6 +37,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -62,6 +80,35 @@ def _idle_rss(work: Path) -> tuple[float, float]:
         d.stop()
 
 
+def _floor_server(path: str) -> None:
+    """A bare grpcio server with the gateway's settings: ModelInfer answers y = the
+    input's bytes, without an upstream (the floor of the gRPC figure)."""
+    import threading
+    from concurrent import futures
+
+    import grpc
+
+    from agent.grpc_v2 import grpc_service_pb2 as pb
+    from agent.grpc_v2 import grpc_service_pb2_grpc as pb_grpc
+
+    class Echo(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+        def ModelInfer(self, request: Any, context: Any) -> Any:
+            resp = pb.ModelInferResponse(model_name=request.model_name, model_version="1")
+            resp.outputs.add(name="y", datatype="FP32", shape=[1, TINY_WIDTH])
+            resp.raw_output_contents.append(request.raw_input_contents[0])
+            return resp
+
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=8),
+        options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.so_reuseport", 0)],
+    )
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(Echo(), server)
+    server.add_insecure_port(f"unix:{path}")
+    server.start()
+    print("READY", flush=True)
+    threading.Event().wait()
+
+
 def run(work: Path) -> dict[str, float]:
     import grpc
 
@@ -95,6 +142,20 @@ def run(work: Path) -> dict[str, float]:
             return np.frombuffer(resp.raw_output_contents[0], dtype=np.float32)
 
         assert np.array_equal(via_grpc(), (x * 2).reshape(-1))
+        floor_sock = work / "floor.sock"
+        floor_sock.unlink(missing_ok=True)
+        floor = subprocess.Popen(
+            [sys.executable, "-m", "bench.bench_grpc", "--floor", str(floor_sock)],
+            stdout=subprocess.PIPE,
+            cwd=ROOT,
+        )
+        assert floor.stdout is not None and floor.stdout.readline().strip() == b"READY"
+        floor_channel = grpc.insecure_channel(f"unix:{floor_sock}")
+        floor_stub = pb_grpc.GRPCInferenceServiceStub(floor_channel)
+
+        def via_floor() -> Any:
+            return floor_stub.ModelInfer(req)
+
         http = Client(str(d.infer_sock))
 
         def via_http() -> Any:
@@ -102,6 +163,10 @@ def run(work: Path) -> dict[str, float]:
 
         a_g, s_g = _paired_lat(anchor, via_grpc, n)
         a_h, s_h = _paired_lat(anchor, via_http, n)
+        a_f, s_f = _paired_lat(anchor, via_floor, n)
+        floor_channel.close()
+        floor.kill()
+        floor.wait()
         live = pb.ServerLiveRequest()
         # the floor: an RPC that does no inference (the gateway asks the daemon's
         # /v2/health/live, a short HTTP round trip answered by the daemon itself)
@@ -113,12 +178,19 @@ def run(work: Path) -> dict[str, float]:
     us = 1e6
     grpc_added = (_pct(s_g, 0.5) - _pct(a_g, 0.5)) * us
     http_added = (_pct(s_h, 0.5) - _pct(a_h, 0.5)) * us
+    floor_added = (_pct(s_f, 0.5) - _pct(a_f, 0.5)) * us
     print(
         f"tiny [1,{TINY_WIDTH}] fp32: in-process p50 {_pct(a_g, 0.5) * us:.1f} us; gRPC "
         f"(raw_input_contents, gateway process) p50 {_pct(s_g, 0.5) * us:.1f} us "
         f"(+{grpc_added:.1f} us, goal <= 200); HTTP binary (lent connection) p50 "
         f"{_pct(s_h, 0.5) * us:.1f} us (+{http_added:.1f} us); gRPC / HTTP added "
         f"{grpc_added / http_added:.2f}x"
+    )
+    print(
+        f"the floor: the same RPC answered by a bare grpcio server (no gateway, no inference) "
+        f"p50 {_pct(s_f, 0.5) * us:.1f} us (+{floor_added:.1f} us); the gateway adds "
+        f"{grpc_added - floor_added:.1f} us over it (its HTTP hop to the worker and the "
+        f"inference included); uptime load {os.getloadavg()[0]:.1f}"
     )
     print(
         f"gRPC ServerLive (no inference: Python gRPC client + server + one HTTP round trip "
@@ -131,11 +203,14 @@ def run(work: Path) -> dict[str, float]:
     return {
         "grpc_added_p50_us_tiny": grpc_added,
         "grpc_http_added_p50_us_tiny": http_added,
+        "grpc_floor_added_p50_us_tiny": floor_added,
         "daemon_idle_rss_mb_grpc": daemon_rss,
         "grpc_gateway_idle_rss_mb": gateway_rss,
     }
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--floor"]:
+        _floor_server(sys.argv[2])
     print(run(ROOT / "bench" / "work" / "grpc"))
     sys.exit(0)

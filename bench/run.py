@@ -161,6 +161,11 @@ FIGURES: dict[str, tuple[str, tuple[str, float] | None, int]] = {
     "update_kill9_points": ("kill -9 points survived, 0 inconsistent", (">=", 200), 12),
     "grpc_added_p50_us_tiny": ("tiny model over gRPC (gateway), added p50 us", ("<=", 200), 18),
     "grpc_http_added_p50_us_tiny": ("the same over HTTP, beside it, added p50 us", None, 18),
+    "grpc_floor_added_p50_us_tiny": (
+        "the same RPC on a bare grpcio server (no gateway, no inference): the floor, us",
+        None,
+        18,
+    ),
     "daemon_idle_rss_mb_grpc": ("daemon idle RSS with [grpc] enabled, MB", ("<=", 60), 18),
     "grpc_gateway_idle_rss_mb": ("the gRPC gateway process's idle RSS, MB", None, 18),
 }

@@ -30,7 +30,8 @@ def daemon(
     root = tmp_path_factory.mktemp("bytes")
     text = string_model_dir(root / "src", "text", "1")
     scripted = string_model_dir(root / "src", "scripted", "1", script=OBJECT_SCRIPT)
-    d = start_daemon(root / "w", [text, scripted], lend=request.param)
+    tfl = string_model_dir(root / "src", "tftext", "1", kind="tflite")
+    d = start_daemon(root / "w", [text, scripted, tfl], lend=request.param)
     yield d
     d.stop()
 
@@ -46,26 +47,44 @@ def _post_json(d: DaemonProc, model: str, doc: dict[str, Any]) -> tuple[int, Any
         return status, json.loads(body)
 
 
-def test_string_model_installs_without_samples_and_reports_bytes(daemon: DaemonProc) -> None:
-    meta = Client(str(daemon.infer_sock)).metadata("text")
+# ONNX Runtime (``Identity``) and LiteRT (``RESHAPE`` on a TFLite string tensor).
+MODELS = ["text", "tftext"]
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_string_model_installs_without_samples_and_reports_bytes(
+    daemon: DaemonProc, model: str
+) -> None:
+    meta = Client(str(daemon.infer_sock)).metadata(model)
     assert meta["inputs"] == [{"name": "s", "datatype": "BYTES", "shape": [-1]}]
     assert meta["outputs"][0]["datatype"] == "BYTES"
 
 
-def test_json_form_round_trips_text(daemon: DaemonProc) -> None:
+@pytest.mark.parametrize("model", MODELS)
+def test_json_form_round_trips_text(daemon: DaemonProc, model: str) -> None:
     doc = {"inputs": [{"name": "s", "shape": [len(TEXTS)], "datatype": "BYTES", "data": TEXTS}]}
-    status, body = _post_json(daemon, "text", doc)
+    status, body = _post_json(daemon, model, doc)
     assert status == 200, body
     assert body["outputs"] == [
         {"name": "y", "datatype": "BYTES", "shape": [len(TEXTS)], "data": TEXTS}
     ]
 
 
+@pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("binary", [True, False])
-def test_python_client_gets_utf8_bytes(daemon: DaemonProc, binary: bool) -> None:
+def test_python_client_gets_utf8_bytes(daemon: DaemonProc, binary: bool, model: str) -> None:
     arr = np.array([t.encode() for t in TEXTS], dtype=object)
-    out = Client(str(daemon.infer_sock), binary=binary).infer("text", {"s": arr})
+    out = Client(str(daemon.infer_sock), binary=binary).infer(model, {"s": arr})
     assert out["y"].tolist() == [t.encode() for t in TEXTS]
+
+
+def test_litert_carries_any_bytes(daemon: DaemonProc) -> None:
+    """TFLite strings are bytes, not text: non-UTF-8 and trailing NULs pass unchanged
+    in binary form (ONNX Runtime refuses non-UTF-8, below)."""
+    raw = [b"\xff\xfe", b"tail\x00\x00", b"\x00", b""]
+    arr = np.array(raw, dtype=object)
+    out = Client(str(daemon.infer_sock), binary=True).infer("tftext", {"s": arr})
+    assert out["y"].tolist() == raw
 
 
 def test_non_utf8_bytes_are_refused_by_onnxruntime_with_400(daemon: DaemonProc) -> None:

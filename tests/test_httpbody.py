@@ -16,7 +16,12 @@ from hypothesis import strategies as st
 
 from agent.serving.http import HTTPLimits
 from agent.serving.httpbody import (
+    CHUNK_BYTES,
     CHUNKED,
+    MAX_CHUNKS,
+    MAX_RATIO,
+    RATIO_FLOOR,
+    Charge,
     ChunkedDecoder,
     ProtocolError,
     decode_content,
@@ -142,9 +147,9 @@ def _sum(b: bytes) -> int:
     return sum(b[:1000])
 
 
-@pytest.mark.parametrize("size", [1, 100, 70_000])
-def test_chunked_body_on_a_kept_alive_connection(srv: ServerThread, size: int) -> None:
-    body = bytes(range(256)) * 1000
+@pytest.mark.parametrize(("size", "n"), [(1, 1000), (300, 256_000), (70_000, 256_000)])
+def test_chunked_body_on_a_kept_alive_connection(srv: ServerThread, size: int, n: int) -> None:
+    body = (bytes(range(256)) * 1000)[:n]
     s = unix_conn(srv.path)
     buf = bytearray()
     stream = chunked(body, size)
@@ -198,3 +203,66 @@ def test_zip_bomb_over_the_socket_is_413(srv: ServerThread) -> None:
     s2 = socket.socket(socket.AF_UNIX)
     s2.connect(str(srv.path))  # the server keeps serving
     s2.close()
+
+
+class _Budget:
+    """A budget as agent.http.BodyBudget, counting."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self, n: int) -> bool:
+        if self.used + n > self.limit:
+            return False
+        self.used += n
+        return True
+
+    def give(self, n: int) -> None:
+        self.used -= n
+
+
+def test_chunked_body_is_charged_and_released() -> None:
+    budget = _Budget(1000)
+    dec = ChunkedDecoder(10_000, budget=budget)
+    dec.feed(chunked(b"x" * 600, 100))
+    assert dec.done and budget.used == 600
+    dec.release()
+    dec.release()  # idempotent
+    assert budget.used == 0
+    over = ChunkedDecoder(10_000, budget=budget)
+    with pytest.raises(ProtocolError) as ei:
+        over.feed(chunked(b"x" * 1200, 100))
+    assert (ei.value.status, ei.value.code) == (503, "body-budget")
+    assert ei.value.retry_after is not None
+    over.release()
+    assert budget.used == 0
+
+
+def test_one_byte_chunks_stop_at_the_chunk_cap() -> None:
+    dec = ChunkedDecoder(1 << 20)
+    with pytest.raises(ProtocolError) as ei:
+        dec.feed(chunked(b"y" * 5000, 1))
+    assert (ei.value.status, ei.value.code) == (413, "too-many-chunks")
+    assert len(dec.body) == MAX_CHUNKS + MAX_CHUNKS // CHUNK_BYTES  # where it stopped
+    big = ChunkedDecoder(1 << 20)
+    big.feed(chunked(b"y" * 500_000, CHUNK_BYTES))  # chunks of the ratio's size: any number
+    assert big.done
+
+
+def test_inflated_body_is_charged_and_ratio_capped() -> None:
+    budget = _Budget(1 << 30)
+    charge = Charge(budget)
+    body = bytes(range(256)) * 4000  # ~1 MB, compresses ~250x
+    out = decode_content({"content-encoding": "gzip"}, gzip.compress(body), 1 << 30, charge)
+    assert bytes(out) == body and budget.used == len(body)
+    charge.release()
+    assert budget.used == 0
+    bomb = zlib.compress(bytes(RATIO_FLOOR * 2))  # under max_body, ~1000x
+    with pytest.raises(ProtocolError) as ei:
+        decode_content({"content-encoding": "deflate"}, bomb, 1 << 30, Charge(budget))
+    assert ei.value.status == 413 and f"more than {MAX_RATIO}x" in ei.value.message
+    small = Charge(_Budget(1000))
+    with pytest.raises(ProtocolError) as ei:
+        decode_content({"content-encoding": "gzip"}, gzip.compress(body), 1 << 30, small)
+    assert ei.value.code == "body-budget"

@@ -39,22 +39,104 @@ def string_onnx(path: Path) -> Path:
     return path
 
 
+def string_tflite(path: Path) -> Path:
+    """``y = RESHAPE(s, [-1])`` on a TFLite string tensor of any length, written as the
+    flatbuffer by hand (no TensorFlow here): LiteRT's string tensors for the BYTES tests.
+    Tensor type 5 is STRING, 2 INT32; builtin operator 22 is RESHAPE."""
+    import flatbuffers  # type: ignore[import-untyped]
+
+    b = flatbuffers.Builder(1024)
+
+    def ints(items: list[int]) -> int:
+        b.StartVector(4, len(items), 4)
+        for x in reversed(items):
+            b.PrependInt32(x)
+        return int(b.EndVector())
+
+    def tables(items: list[int]) -> int:
+        b.StartVector(4, len(items), 4)
+        for x in reversed(items):
+            b.PrependUOffsetTRelative(x)
+        return int(b.EndVector())
+
+    b.StartVector(1, 4, 16)
+    for byte in reversed((-1).to_bytes(4, "little", signed=True)):
+        b.PrependUint8(byte)
+    new_shape = b.EndVector()
+    b.StartObject(3)
+    empty = b.EndObject()  # buffer 0 is always the empty one
+    b.StartObject(3)
+    b.PrependUOffsetTRelativeSlot(0, new_shape, 0)
+    shape_buf = b.EndObject()
+    tensors = []
+    for name, ttype, buf in (("s", 5, 0), ("y", 5, 0), ("new_shape", 2, 1)):
+        nm = b.CreateString(name)
+        shape = ints([1])
+        signature = ints([1] if buf else [-1])
+        b.StartObject(8)
+        b.PrependUOffsetTRelativeSlot(0, shape, 0)
+        b.PrependInt8Slot(1, ttype, 0)
+        b.PrependUint32Slot(2, buf, 0)
+        b.PrependUOffsetTRelativeSlot(3, nm, 0)
+        b.PrependUOffsetTRelativeSlot(7, signature, 0)
+        tensors.append(b.EndObject())
+    tv = tables(tensors)
+    op_in, op_out = ints([0, 2]), ints([1])
+    b.StartObject(10)
+    b.PrependUint32Slot(0, 0, 0)
+    b.PrependUOffsetTRelativeSlot(1, op_in, 0)
+    b.PrependUOffsetTRelativeSlot(2, op_out, 0)
+    ops = tables([b.EndObject()])
+    g_in, g_out = ints([0]), ints([1])
+    main = b.CreateString("main")
+    b.StartObject(5)
+    b.PrependUOffsetTRelativeSlot(0, tv, 0)
+    b.PrependUOffsetTRelativeSlot(1, g_in, 0)
+    b.PrependUOffsetTRelativeSlot(2, g_out, 0)
+    b.PrependUOffsetTRelativeSlot(3, ops, 0)
+    b.PrependUOffsetTRelativeSlot(4, main, 0)
+    subgraphs = tables([b.EndObject()])
+    b.StartObject(4)
+    b.PrependInt8Slot(0, 22, 0)
+    b.PrependInt32Slot(2, 1, 1)
+    b.PrependInt32Slot(3, 22, 0)
+    codes = tables([b.EndObject()])
+    buffers = tables([empty, shape_buf])
+    desc = b.CreateString("edgeward test string reshape")
+    b.StartObject(8)
+    b.PrependUint32Slot(0, 3, 0)
+    b.PrependUOffsetTRelativeSlot(1, codes, 0)
+    b.PrependUOffsetTRelativeSlot(2, subgraphs, 0)
+    b.PrependUOffsetTRelativeSlot(3, desc, 0)
+    b.PrependUOffsetTRelativeSlot(4, buffers, 0)
+    b.Finish(b.EndObject(), file_identifier=b"TFL3")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(bytes(b.Output()))
+    return path
+
+
 def string_model_dir(
-    root: Path, name: str = "text", version: str = "1", *, script: str = ""
+    root: Path, name: str = "text", version: str = "1", *, script: str = "", kind: str = "onnx"
 ) -> Path:
-    """An unpacked package around :func:`string_onnx`, without samples (the converter
-    makes its own validation inputs), optionally with a run script."""
+    """An unpacked package around :func:`string_onnx` (or :func:`string_tflite` for
+    ``kind="tflite"``), without samples (the converter makes its own validation
+    inputs), optionally with a run script."""
     d = root / f"{name}-{version}"
-    string_onnx(d / "Model" / "text.onnx")
+    if kind == "tflite":
+        model, backend = "text.tflite", "litert"
+        string_tflite(d / "Model" / model)
+    else:
+        model, backend = "text.onnx", "onnxruntime"
+        string_onnx(d / "Model" / model)
     if script:
         (d / "Program" / "Scripts").mkdir(parents=True, exist_ok=True)
         (d / "Program" / "Scripts" / "run.py").write_text(script)
     (d / "Meta-info").mkdir(parents=True, exist_ok=True)
     (d / "Meta-info" / "technicalinfo.json").write_text(
-        json.dumps({"runtime_config": {"backend": "onnxruntime", "entry_model": "text.onnx"}})
+        json.dumps({"runtime_config": {"backend": backend, "entry_model": model}})
     )
     (d / "manifest.json").write_text(
-        json.dumps({"name": name, "version": version, "models": [{"name": "text.onnx"}]})
+        json.dumps({"name": name, "version": version, "models": [{"name": model}]})
     )
     return d
 

@@ -273,36 +273,34 @@ class Servicer(_pb_grpc.GRPCInferenceServiceServicer):
         return self._run(context, self._infer, request)
 
     def _infer(self, request: Any) -> Any:
-        raws = list(request.raw_input_contents)
+        raws = request.raw_input_contents
         if raws and len(raws) != len(request.inputs):
             raise _Upstream(
                 400,
                 "bad-tensor",
                 f"{len(raws)} raw_input_contents for {len(request.inputs)} inputs",
             )
-        inputs: list[dict[str, Any]] = []
-        parts: list[bytes] = []
-        for i, t in enumerate(request.inputs):
-            data = raws[i] if raws else _pack_contents(t)
-            spec: dict[str, Any] = {
-                "name": t.name,
-                "datatype": t.datatype,
-                "shape": list(t.shape),
-                "parameters": {"binary_data_size": len(data)},
-            }
-            inputs.append(spec)
-            parts.append(data)
-        params = {k: _param_value(v) for k, v in request.parameters.items()}
-        params["binary_data_output"] = True
-        doc: dict[str, Any] = {"parameters": params, "inputs": inputs}
-        if request.id:
-            doc["id"] = request.id
-        if request.outputs:
-            doc["outputs"] = [
-                {"name": o.name, "parameters": {"binary_data": True}} for o in request.outputs
-            ]
-        head = json.dumps(doc, separators=(",", ":")).encode()
+        parts = list(raws) if raws else [_pack_contents(t) for t in request.inputs]
         path = self._model_path(request.model_name, request.model_version) + "/infer"
+        # A program sends the same model, names, shapes and sizes over and over: the
+        # request's JSON head is built once per such signature (bounded, as client.py).
+        key = None
+        if not request.parameters and not request.id:
+            key = (
+                path,
+                tuple(
+                    (t.name, t.datatype, tuple(t.shape), len(d))
+                    for t, d in zip(request.inputs, parts, strict=True)
+                ),
+                tuple(o.name for o in request.outputs),
+            )
+        head = _heads.get(key) if key is not None else None
+        if head is None:
+            head = _request_head(request, parts)
+            if key is not None:
+                if len(_heads) >= _CACHE_MAX:
+                    _heads.clear()
+                _heads[key] = head
         _s, hdrs, body = self._call(
             "POST",
             path,
@@ -312,6 +310,34 @@ class Servicer(_pb_grpc.GRPCInferenceServiceServicer):
         return _infer_response(hdrs, body)
 
 
+_CACHE_MAX = 256  # entries of each cache below (cleared when full)
+_heads: dict[Any, bytes] = {}  # request signature → the v2 JSON head
+_answers: dict[bytes, tuple[Any, list[int] | None]] = {}  # response head → (template, sizes)
+
+
+def _request_head(request: Any, parts: list[bytes]) -> bytes:
+    """The v2 binary request's JSON head for a ModelInferRequest."""
+    inputs: list[dict[str, Any]] = [
+        {
+            "name": t.name,
+            "datatype": t.datatype,
+            "shape": list(t.shape),
+            "parameters": {"binary_data_size": len(data)},
+        }
+        for t, data in zip(request.inputs, parts, strict=True)
+    ]
+    params = {k: _param_value(v) for k, v in request.parameters.items()}
+    params["binary_data_output"] = True
+    doc: dict[str, Any] = {"parameters": params, "inputs": inputs}
+    if request.id:
+        doc["id"] = request.id
+    if request.outputs:
+        doc["outputs"] = [
+            {"name": o.name, "parameters": {"binary_data": True}} for o in request.outputs
+        ]
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
 def _tensor_meta(t: dict[str, Any]) -> Any:
     return pb.ModelMetadataResponse.TensorMetadata(
         name=t.get("name", ""), datatype=t.get("datatype", ""), shape=t.get("shape", [])
@@ -319,11 +345,37 @@ def _tensor_meta(t: dict[str, Any]) -> Any:
 
 
 def _infer_response(hdrs: dict[str, str], body: bytearray) -> Any:
-    """The daemon's binary v2 answer → ModelInferResponse with raw_output_contents."""
+    """The daemon's binary v2 answer → ModelInferResponse with raw_output_contents.
+    The same model answers the same head over and over (names, shapes, sizes): the
+    message without its tensors is built once per head and copied."""
     raw_len = hdrs.get(HEADER_LENGTH)
     view = memoryview(body)
     hl = int(raw_len) if raw_len is not None else view.nbytes
-    doc = json.loads(bytes(view[:hl]))
+    raw_head = bytes(view[:hl])
+    cached = _answers.get(raw_head)
+    if cached is None:
+        doc = json.loads(raw_head)
+        cached = _answer_template(doc)
+        # Not kept: answers that carry an id or JSON data (they do not repeat).
+        if not doc.get("id") and cached[1] is not None and len(cached[1]) == len(doc["outputs"]):
+            if len(_answers) >= _CACHE_MAX:
+                _answers.clear()
+            _answers[raw_head] = cached
+    template, sizes = cached
+    resp = pb.ModelInferResponse()
+    resp.CopyFrom(template)
+    if sizes:
+        pos = hl
+        raws = []
+        for size in sizes:
+            raws.append(bytes(view[pos : pos + size]))
+            pos += size
+        resp.raw_output_contents.extend(raws)
+    return resp
+
+
+def _answer_template(doc: dict[str, Any]) -> tuple[Any, list[int] | None]:
+    """(the response without binary tensors, the binary tensors' sizes in order)."""
     resp = pb.ModelInferResponse(
         model_name=doc.get("model_name", ""),
         model_version=str(doc.get("model_version", "")),
@@ -331,21 +383,17 @@ def _infer_response(hdrs: dict[str, str], body: bytearray) -> Any:
     )
     for k, v in (doc.get("parameters") or {}).items():
         _set_param(resp.parameters, k, v)
-    pos = hl
-    raws: list[bytes] = []
+    sizes: list[int] = []
     for o in doc.get("outputs", []):
         out = resp.outputs.add(name=o["name"], datatype=o["datatype"], shape=o["shape"])
         size = (o.get("parameters") or {}).get("binary_data_size")
         if size is None:  # a JSON output (not asked for, but be exact): pack it
             out.contents.CopyFrom(_json_contents(o))
             continue
-        raws.append(bytes(view[pos : pos + int(size)]))
-        pos += int(size)
-    if raws:
-        if len(raws) != len(resp.outputs):
-            raise _Upstream(500, "internal", "mixed binary and JSON outputs from the daemon")
-        resp.raw_output_contents.extend(raws)
-    return resp
+        sizes.append(int(size))
+    if sizes and len(sizes) != len(resp.outputs):
+        raise _Upstream(500, "internal", "mixed binary and JSON outputs from the daemon")
+    return resp, sizes or None
 
 
 def _json_contents(o: dict[str, Any]) -> Any:

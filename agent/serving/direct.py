@@ -65,7 +65,7 @@ from agent.serving.h1 import (
     timeout,
 )
 from agent.serving.http import BodyBudget, BodyBuffer, HTTPLimits, ProtocolError
-from agent.serving.httpbody import ChunkedDecoder, decode_content
+from agent.serving.httpbody import Charge, ChunkedDecoder, decode_content
 from agent.serving.kserve import DataPlane, header_length, infer_response
 from agent.serving.registry import LATENCY_BUCKETS
 from agent.serving.tensors import decode_request
@@ -662,9 +662,11 @@ class _Lent:
             if got is None:
                 return None
             raw_body, bb = got
+            charge = Charge(srv.budget)  # a decoded body is charged like one received
             try:
-                body = decode_content(headers, raw_body, lim.max_body_bytes)
+                body = decode_content(headers, raw_body, lim.max_body_bytes, charge)
             except ProtocolError as exc:
+                charge.release()
                 if bb is not None:
                     bb.release()
                 return self._fail_with(exc)
@@ -685,6 +687,7 @@ class _Lent:
                     srv.busy -= 1
                 if bb is not None:  # answered: the body's bytes go back to the budget
                     bb.release()
+                charge.release()
             self.cost = time.perf_counter() - t0
             if not ok:
                 return self._closed()
@@ -694,10 +697,10 @@ class _Lent:
 
     def _read_body(
         self, start: int, length: int
-    ) -> tuple[bytearray | memoryview, BodyBuffer | None] | None:
+    ) -> tuple[bytearray | memoryview, BodyBuffer | ChunkedDecoder | None] | None:
         """The body (a copy: the scratch buffer is reused) and, for one that did not fit
-        the scratch buffer, its :class:`BodyBuffer` (release it once answered); None if
-        the connection ended or was refused."""
+        the scratch buffer or came chunked, what holds its budget charge (release it
+        once answered); None if the connection ended or was refused."""
         deadline = time.monotonic() + self.srv.timeouts[Phase.BODY]
         if length == CHUNKED:
             return self._read_chunked(start, deadline)
@@ -734,17 +737,17 @@ class _Lent:
             return None
         return bb.take(), bb
 
-    def _read_chunked(
-        self, start: int, deadline: float
-    ) -> tuple[bytearray, BodyBuffer | None] | None:
-        """A chunked body, decoded by agent/serving/httpbody.py from the scratch buffer."""
+    def _read_chunked(self, start: int, deadline: float) -> tuple[bytearray, ChunkedDecoder] | None:
+        """A chunked body, decoded by agent/serving/httpbody.py from the scratch buffer
+        and charged to this worker's body budget (the decoder holds the charge)."""
         lim = self.srv.limits
-        dec = ChunkedDecoder(lim.max_body_bytes, lim.max_header_bytes)
+        dec = ChunkedDecoder(lim.max_body_bytes, lim.max_header_bytes, self.srv.budget)
         pos = start
         while True:
             try:
                 pos += dec.feed(self.view[pos : self.filled])
             except ProtocolError as exc:
+                dec.release()
                 self._fail_with(exc)
                 return None
             if dec.done:
@@ -752,17 +755,19 @@ class _Lent:
                 if rest:
                     self.buf[:rest] = self.buf[pos : self.filled]
                 self.filled = rest
-                return dec.body, None
+                return dec.body, dec
             # keep the unconsumed part (an incomplete chunk line) at the front
             rest = self.filled - pos
             if pos:
                 self.buf[:rest] = self.buf[pos : self.filled]
                 self.filled, pos = rest, 0
             if self.filled >= len(self.buf):
+                dec.release()
                 self._fail(400, "bad-chunk", "chunk line too long")
                 return None
             n = self._recv(self.view[self.filled :], deadline, False)
             if n <= 0:
+                dec.release()
                 self._body_failed(n)
                 return None
             self.filled += n

@@ -69,7 +69,13 @@ from agent.serving.h1 import (
     render_response,
     timeout,
 )
-from agent.serving.httpbody import CHUNKED, ChunkedDecoder, ProtocolError, decode_content
+from agent.serving.httpbody import (
+    CHUNKED,
+    Charge,
+    ChunkedDecoder,
+    ProtocolError,
+    decode_content,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -342,6 +348,9 @@ class _Conn(asyncio.BufferedProtocol):
         bb, self._bb = self._bb, None
         if bb is not None:  # a body cut short: its bytes go back to the budget
             bb.release()
+        dec, self._chunked = self._chunked, None
+        if dec is not None:
+            dec.release()
 
     @property
     def idle(self) -> bool:
@@ -419,14 +428,16 @@ class _Conn(asyncio.BufferedProtocol):
             used = dec.feed(self._view[: self._filled])
         except ProtocolError as exc:
             self._chunked = None
+            dec.release()
             self._fail_with(exc)
             return
         self._shift(used)
         if dec.done:
             self._chunked = None
-            self._dispatch(dec.body)
+            self._dispatch(dec.body, dec)
         elif self._filled >= len(self._buf):  # cannot happen: lines are capped below this
             self._chunked = None
+            dec.release()
             self._fail(400, "bad-chunk", "chunk line too long")
 
     # --- parsing ---------------------------------------------------------------------
@@ -466,7 +477,7 @@ class _Conn(asyncio.BufferedProtocol):
         if length == CHUNKED:
             self._shift(start)
             self._chunked = ChunkedDecoder(
-                self._limits.max_body_bytes, self._limits.max_header_bytes
+                self._limits.max_body_bytes, self._limits.max_header_bytes, srv._budget
             )
             self._enter(_BODY)
             if head.expect_continue and self._transport is not None:
@@ -562,25 +573,34 @@ class _Conn(asyncio.BufferedProtocol):
             self._phase = _CLOSED
             self._transport.abort()
 
-    def _dispatch(self, body: Body, bb: BodyBuffer | None = None) -> None:
+    def _dispatch(self, body: Body, bb: BodyBuffer | ChunkedDecoder | None = None) -> None:
         assert self._pending is not None and self._transport is not None
         head, self._pending = self._pending, None
         headers = head.headers
+        charge: Charge | None = None
         if "content-encoding" in headers:
+            # The decoded body is charged to the budget, like the bytes received.
+            charge = Charge(self._server._budget)
             try:
-                body = decode_content(headers, body, self._limits.max_body_bytes)
+                body = decode_content(headers, body, self._limits.max_body_bytes, charge)
             except ProtocolError as exc:
+                charge.release()
                 if bb is not None:
                     bb.release()
                 self._fail_with(exc)
                 return
         self._phase = _HANDLING  # the timer, if it fires now, does nothing
         req = Request(head.method, head.path, head.query, headers, body, self._peer, head.version)
-        task = self._loop.create_task(self._run(req, bb))
+        task = self._loop.create_task(self._run(req, bb, charge))
         self._server._inflight.add(task)
         task.add_done_callback(self._server._inflight.discard)
 
-    async def _run(self, req: Request, bb: BodyBuffer | None = None) -> None:
+    async def _run(
+        self,
+        req: Request,
+        bb: BodyBuffer | ChunkedDecoder | None = None,
+        charge: Charge | None = None,
+    ) -> None:
         try:
             resp = await self._server.handler(req)
         except Exception:
@@ -589,6 +609,8 @@ class _Conn(asyncio.BufferedProtocol):
         finally:
             if bb is not None:  # answered: the body's bytes go back to the budget
                 bb.release()
+            if charge is not None:
+                charge.release()
         if self._phase == _CLOSED or self._transport is None:
             return
         keep = self._keep_alive and not self._server._closing and not self._closing

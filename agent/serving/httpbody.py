@@ -7,19 +7,40 @@ reads). Each feeds bytes in and takes a body out; neither parses chunks or infla
 data itself (STYLE rule 13).
 
 Why these: ``requests`` and ``httpx`` send a generator body chunked, and tritonclient's
-request compression sends ``Content-Encoding: gzip`` or ``deflate``. A decompressed body
-is capped at ``max_body_bytes`` while it is inflated (a 1 KiB zip bomb that expands to
-gigabytes stops at the cap with 413), and a chunked body is capped as it arrives.
+request compression sends ``Content-Encoding: gzip`` or ``deflate``.
+
+Both are held to the limits of a plain body, because neither has a ``Content-Length``
+to refuse up front:
+
+* the decoded bytes are charged to the server's body budget (``max_inflight_body_bytes``,
+  agent/serving/http.py ``BodyBudget``) as they are produced, through a :class:`Charge` the
+  caller releases once the request is answered: many chunked or compressed bodies at
+  once get 503 ``body-budget`` like plain ones;
+* a decompressed body stops at ``max_body_bytes`` and at :data:`MAX_RATIO` times its
+  compressed size (above :data:`RATIO_FLOOR`), checked while inflating, a piece at a
+  time: a 1 KiB bomb that expands to gigabytes is refused with 413 after at most
+  ``RATIO_FLOOR`` bytes, and nested codings (``gzip, gzip``) multiply nothing;
+* a chunked body may have at most :data:`MAX_CHUNKS` chunks plus one per
+  :data:`CHUNK_BYTES` of data (413 ``too-many-chunks``): a stream of 1-byte chunks
+  costs Python a loop turn per byte, which would make parsing, not the body, the cost
+  of a request (bounded so to ~1 µs of parsing per 256 bytes).
 """
 
 from __future__ import annotations
 
 import zlib
+from typing import Any, Protocol
 
 from agent.errors import ProtocolError
 
 __all__ = [
     "CHUNKED",
+    "CHUNK_BYTES",
+    "MAX_CHUNKS",
+    "MAX_RATIO",
+    "RATIO_FLOOR",
+    "Budget",
+    "Charge",
     "ChunkedDecoder",
     "ProtocolError",
     "decode_content",
@@ -29,6 +50,64 @@ __all__ = [
 #: ``transfer_length`` result for a chunked body (its length is known only at its end).
 CHUNKED = -1
 _MAX_LINE = 4096  # bytes of one chunk-size line (with extensions) or trailer line
+#: Chunks a body may have beyond one per ``CHUNK_BYTES`` of its data (an 8 KiB-chunked
+#: body never comes near it; 1-byte chunks stop after this many).
+MAX_CHUNKS = 1024
+CHUNK_BYTES = 256
+#: A decoded body may be this many times its encoded size (deflate's own limit is about
+#: 1032:1, reached only by runs of one byte) ...
+MAX_RATIO = 256
+#: ... once it is past this many bytes (small bodies of zeros are fine).
+RATIO_FLOOR = 1024 * 1024
+_PIECE = 1024 * 1024  # bytes inflated per step (charged before the next step)
+_WINDOW = 256 * 1024  # encoded bytes given to zlib per step
+
+
+class Budget(Protocol):
+    """The server's shared body budget (``agent.serving.http.BodyBudget``)."""
+
+    limit: int
+
+    def take(self, n: int) -> bool: ...
+
+    def give(self, n: int) -> None: ...
+
+
+def over_budget(budget: Budget) -> ProtocolError:
+    """503 ``body-budget``: bodies in flight would pass the budget (retry later)."""
+    return ProtocolError(
+        503,
+        "body-budget",
+        f"request bodies in flight exceed {budget.limit} bytes; retry later",
+        retry_after=1.0,
+    )
+
+
+class Charge:
+    """Bytes of one decoded body charged to a budget; :meth:`release` once answered.
+    Without a budget it only counts."""
+
+    __slots__ = ("budget", "n")
+
+    def __init__(self, budget: Budget | None) -> None:
+        self.budget = budget
+        self.n = 0  # bytes charged now
+
+    def add(self, n: int) -> None:
+        """Charge ``n`` more bytes.
+
+        Raises:
+            ProtocolError: 503 ``body-budget`` (nothing charged) past the budget.
+        """
+        if self.budget is not None and not self.budget.take(n):
+            raise over_budget(self.budget)
+        self.n += n
+
+    def release(self) -> None:
+        """Give every byte back (idempotent)."""
+        if self.n and self.budget is not None:
+            self.budget.give(self.n)
+        self.n = 0
 
 
 def _too_large(limit: int, what: str = "request body") -> ProtocolError:
@@ -83,19 +162,37 @@ class ChunkedDecoder:
     ``feed(data)`` consumes what it can and returns how many bytes it used; an
     incomplete chunk-size or trailer line is left unconsumed, so the caller keeps it in
     its buffer and feeds it again with more bytes behind it. ``done`` turns True after
-    the last chunk and the trailer; ``body`` holds the decoded bytes. Chunk extensions
-    and trailer fields are read and ignored.
+    the last chunk and the trailer; ``body`` holds the decoded bytes, charged to
+    ``budget`` as they arrive (call :meth:`release` once the request is answered or
+    refused). Chunk extensions and trailer fields are read and ignored.
     """
 
-    __slots__ = ("_left", "_state", "_trailer", "body", "max_body", "max_trailer")
+    __slots__ = (
+        "_chunks",
+        "_left",
+        "_state",
+        "_trailer",
+        "body",
+        "charge",
+        "max_body",
+        "max_trailer",
+    )
 
-    def __init__(self, max_body: int, max_trailer: int = 16 * 1024) -> None:
+    def __init__(
+        self, max_body: int, max_trailer: int = 16 * 1024, budget: Budget | None = None
+    ) -> None:
         self.max_body = max_body
         self.max_trailer = max_trailer
         self.body = bytearray()
+        self.charge = Charge(budget)
         self._state = _SIZE
         self._left = 0
         self._trailer = 0
+        self._chunks = 0
+
+    def release(self) -> None:
+        """The body's bytes go back to the budget (idempotent)."""
+        self.charge.release()
 
     @property
     def done(self) -> bool:
@@ -106,7 +203,9 @@ class ChunkedDecoder:
 
         Raises:
             ProtocolError: 400 ``bad-chunk`` for malformed framing, 413 when the decoded
-                body would exceed ``max_body``, 431 for trailers over ``max_trailer``.
+                body would exceed ``max_body`` or has too many chunks for its size
+                (``too-many-chunks``), 431 for trailers over ``max_trailer``, 503
+                ``body-budget`` past the server's budget.
         """
         # One copy per feed: every line search below is then a bytes.find over a window,
         # not a slice copied per chunk (1-byte chunks made that quadratic in the window).
@@ -118,6 +217,7 @@ class ChunkedDecoder:
             state = self._state
             if state == _DATA:
                 take = min(self._left, end - pos)
+                self.charge.add(take)
                 self.body += view[pos : pos + take]
                 pos += take
                 self._left -= take
@@ -142,6 +242,14 @@ class ChunkedDecoder:
                 if size == 0:
                     self._state = _TRAILER
                 else:
+                    self._chunks += 1
+                    if self._chunks > MAX_CHUNKS + len(self.body) // CHUNK_BYTES:
+                        raise ProtocolError(
+                            413,
+                            "too-many-chunks",
+                            f"chunked request body has more than {self._chunks - 1} chunks "
+                            f"for {len(self.body)} bytes; send larger chunks",
+                        )
                     self._left = size
                     self._state = _DATA
             elif not line:  # _TRAILER: fields until an empty line
@@ -167,20 +275,29 @@ _CODINGS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate
 
 
 def decode_content(
-    headers: dict[str, str], body: bytes | bytearray | memoryview, max_body: int
+    headers: dict[str, str],
+    body: bytes | bytearray | memoryview,
+    max_body: int,
+    charge: Charge | None = None,
 ) -> bytes | bytearray | memoryview:
     """The body with its ``Content-Encoding`` undone (gzip, deflate, identity; several
     in the order they were applied). Without the header the body is returned as is.
+    The decoded bytes are charged to ``charge`` as they are inflated (the caller
+    releases it once the request is answered, or refused: it holds what was charged).
 
     Raises:
         ProtocolError: 415 for an unknown coding, 400 ``bad-encoding`` for corrupt or
-            truncated data, 413 when the decoded body would exceed ``max_body``
-            (checked while inflating: a zip bomb never grows past the cap).
+            truncated data, 413 when the decoded body would exceed ``max_body`` or
+            :data:`MAX_RATIO` times the encoded size (checked while inflating: a zip
+            bomb never grows past the cap), 503 ``body-budget`` past the budget.
     """
     ce = headers.get("content-encoding")
     if ce is None:
         return body
+    if charge is None:
+        charge = Charge(None)
     codings = [c.strip().lower() for c in ce.split(",") if c.strip()]
+    encoded = len(body)  # the ratio cap of every layer: nesting codings gains nothing
     for coding in reversed(codings):
         if coding == "identity":
             continue
@@ -191,28 +308,68 @@ def decode_content(
                 "unsupported-encoding",
                 f"Content-Encoding {coding[:32]!r} is not supported; use gzip or deflate",
             )
-        body = _inflate(body, wbits, max_body, coding)
+        body = _inflate(
+            body, wbits, max_body=max_body, encoded=encoded, coding=coding, charge=charge
+        )
     return body
 
 
 def _inflate(
-    data: bytes | bytearray | memoryview, wbits: int, max_body: int, coding: str
+    data: bytes | bytearray | memoryview,
+    wbits: int,
+    *,
+    max_body: int,
+    encoded: int,
+    coding: str,
+    charge: Charge,
 ) -> bytearray:
-    """Inflate with the output capped at ``max_body`` + 1 bytes (then 413)."""
+    """Inflate a piece at a time, each charged before the next, the output capped at
+    ``max_body`` and at ``MAX_RATIO`` x ``encoded`` bytes above ``RATIO_FLOOR`` (413)."""
+    ratio_cap = max(RATIO_FLOOR, MAX_RATIO * encoded)
     d = zlib.decompressobj(wbits)
+    out = bytearray()  # writable, as other bodies (numpy.frombuffer views of it)
+    src = memoryview(data)
+    pos = 0
+    # Input goes in a window at a time: zlib copies what a capped call leaves unread
+    # (``unconsumed_tail``), and a whole large body copied per piece is quadratic.
+    pending: Any = b""
     try:
-        out = d.decompress(data, max_body + 1)
+        while not d.eof:
+            if not pending and pos < src.nbytes:
+                pending = src[pos : pos + _WINDOW]
+                pos += _WINDOW
+            piece = d.decompress(pending, _PIECE)
+            pending = d.unconsumed_tail
+            if not piece:
+                if not pending and pos >= src.nbytes:
+                    break  # all input read, no end of stream: truncated (below)
+                continue
+            if len(out) + len(piece) > max_body:
+                raise _too_large(max_body, f"{coding}-decoded request body")
+            if len(out) + len(piece) > ratio_cap:
+                raise ProtocolError(
+                    413,
+                    "payload-too-large",
+                    f"{coding}-decoded request body expands more than {MAX_RATIO}x its "
+                    f"{encoded} bytes as sent (a decompression bomb?); send it uncompressed",
+                )
+            charge.add(len(piece))
+            out += piece
     except zlib.error as exc:
-        if wbits == zlib.MAX_WBITS:  # some clients send raw deflate without the zlib header
-            return _inflate(data, -zlib.MAX_WBITS, max_body, coding)
+        if wbits == zlib.MAX_WBITS and not out:  # raw deflate without the zlib header
+            return _inflate(
+                data,
+                -zlib.MAX_WBITS,
+                max_body=max_body,
+                encoded=encoded,
+                coding=coding,
+                charge=charge,
+            )
         raise ProtocolError(
             400, "bad-encoding", f"{coding} request body is corrupt: {exc}"
         ) from None
-    if len(out) > max_body:
-        raise _too_large(max_body, f"{coding}-decoded request body")
-    # Output under the cap means all input was read: no end of stream = truncated.
     if not d.eof:
         raise ProtocolError(400, "bad-encoding", f"{coding} request body is truncated")
-    if d.unused_data:
+    if d.unused_data or pos < src.nbytes:
         raise ProtocolError(400, "bad-encoding", f"bytes after the end of the {coding} data")
-    return bytearray(out)  # writable, as other bodies (numpy.frombuffer views of it)
+    return out
