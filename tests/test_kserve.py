@@ -165,7 +165,7 @@ def test_json_floats_round_trip_bit_exact(stack: tuple[ServerThread, DictRegistr
     from agent.serving.tensors import encode_request
 
     parts, _ = encode_request({"w": np.array([2.0, 0.0, -7.0, 0.5], np.float32)}, binary=False)
-    data = json.loads(parts[0])["inputs"][0]["data"]
+    data = json.loads(b"".join(parts))["inputs"][0]["data"]
     assert data == [2.0, 0.0, -7.0, 0.5] and all(isinstance(v, float) for v in data)
 
 

@@ -244,3 +244,117 @@ def test_fast_json_path_same_values_every_datatype(datatype: str) -> None:
         assert got.tolist() == a.tolist() == nested.tolist()
     else:
         assert got.dtype == a.dtype and got.tobytes() == a.tobytes() == nested.tobytes()
+
+
+# --- numeric arrays parsed straight into numpy (simdjson) decide as orjson's parse --------
+#
+# loads_bounded finds flat numeric ``data`` arrays in the text and parses them with
+# simdjson; the rest of the document goes through orjson. Whatever the text, the request
+# must decode to the same arrays, bit for bit, or be refused with the same error code, as
+# with the fast path off.
+
+from agent.serving import tensors as tensors_mod  # noqa: E402
+
+
+def _request_outcome(body: bytes, fast: bool) -> tuple[str, Any]:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tensors_mod, "FAST_NUMBERS_MIN_BYTES", 0 if fast else 1 << 62)
+        mp.setattr(tensors_mod, "_FAST_NUMBERS_MIN_TEXT", 0)
+        try:
+            with np.errstate(over="ignore", invalid="ignore"):
+                req = decode_request(body)
+        except InvalidInputError as exc:
+            return "error", exc.code
+    out = []
+    for name, arr in req.inputs.items():
+        flat = arr.reshape(-1)
+        out.append((name, arr.dtype.str, arr.shape, flat.tobytes() if arr.dtype != object
+                    else flat.tolist()))  # fmt: skip
+    return "ok", (out, req.id, req.parameters)
+
+
+def _both_paths(body: bytes) -> tuple[str, Any]:
+    fast = _request_outcome(body, True)
+    assert fast == _request_outcome(body, False), body[:300]
+    return fast
+
+
+@settings(max_examples=300, deadline=None)
+@given(datatype=st.sampled_from(list(DATATYPES)), data=_JSON_LISTS, spaced=st.booleans())
+def test_numbers_fast_path_agrees_with_orjson(datatype: str, data: list[Any], spaced: bool) -> None:
+    spec = {"name": "t", "datatype": datatype, "shape": [len(data)], "data": data}
+    sep = (", ", " : ") if spaced else (",", ":")
+    _both_paths(json.dumps({"inputs": [spec]}, separators=sep).encode())
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # "data" inside strings, as a value, in parameters, twice, nested, escaped quotes
+        '{"id": "\\"data\\": [1, 2]", "inputs": [{"name": "a", "datatype": "FP32", '
+        '"shape": [2], "data": [1.5, 2]}]}',
+        '{"id": "data", "inputs": [{"name": "data", "datatype": "FP32", "shape": [2], '
+        '"data": [1.5, 2]}]}',
+        '{"parameters": {"data": [1, 2]}, "inputs": [{"name": "a", "datatype": "INT32", '
+        '"shape": [2], "data": [3, 4]}]}',
+        '{"inputs": [{"name": "a", "datatype": "FP32", "shape": [2], "data": [1, 2], '
+        '"data": [3, 4]}]}',
+        '{"inputs": [{"name": "a", "datatype": "FP32", "shape": [2, 1], "data": [[1], [2]]}]}',
+        '{"inputs": [{"name": "a", "datatype": "FP32", "shape": [3], "data": [[], 1, [2, 3]]}]}',
+        '{"inputs": [{"name": "a", "datatype": "FP32", "shape": [2], "data": [1, "]"]}]}',
+        '{"inputs": [{"name": "a", "datatype": "FP32", "shape": [2], "data": [1, {"data": [2]}]}]}',
+        '{"inputs": [{"name": "a", "datatype": "FP32", "shape": [2], "data": [1, 2]}], '
+        '"outputs": [{"name": "y", "data": [1, 2]}]}',
+        # numbers simdjson or orjson refuse, or read differently
+        '{"inputs": [{"name": "a", "datatype": "FP32", "shape": [2], "data": [1, NaN]}]}',
+        '{"inputs": [{"name": "a", "datatype": "FP64", "shape": [2], "data": [1, 1e400]}]}',
+        '{"inputs": [{"name": "a", "datatype": "FP32", "shape": [2], "data": [1, 1e39]}]}',
+        '{"inputs": [{"name": "a", "datatype": "FP16", "shape": [2], "data": [1, 65520]}]}',
+        '{"inputs": [{"name": "a", "datatype": "FP32", "shape": [2], "data": [1e-400, -0]}]}',
+        '{"inputs": [{"name": "a", "datatype": "UINT64", "shape": [2], '
+        '"data": [18446744073709551615, 0]}]}',
+        '{"inputs": [{"name": "a", "datatype": "INT64", "shape": [2], '
+        '"data": [123456789012345678901234567890, 0]}]}',
+        '{"inputs": [{"name": "a", "datatype": "FP64", "shape": [2], '
+        '"data": [9007199254740993, 18446744073709551615]}]}',
+        '{"inputs": [{"name": "a", "datatype": "INT8", "shape": [2], "data": [1.5, 2]}]}',
+        '{"inputs": [{"name": "a", "datatype": "UINT8", "shape": [2], "data": [-1, 2]}]}',
+        '{"inputs": [{"name": "a", "datatype": "BOOL", "shape": [2], "data": [1, 0]}]}',
+        '{"inputs": [{"name": "a", "datatype": "BYTES", "shape": [2], "data": [1, 0]}]}',
+        '{"inputs": [{"name": "a", "datatype": "FP32", "shape": [0], "data": []}]}',
+        # broken JSON stays broken: around, inside and after the array
+        '{"inputs": [{"name": "a", "datatype": "FP32", "shape": [2], "data": [1,, 2]}]}',
+        '{"inputs": [{"name": "a", "datatype": "FP32", "shape": [2], "data": [1, 2]]}]}',
+        '{"inputs": [{"name": "a", "datatype": "FP32", "shape": [2], "data": [01, 2]}]}',
+        '{"inputs": [{"name": "a", "datatype": "FP32", "shape": [2], "data": [1, 2]}]',
+        '{"inputs": [{"name": "a", "datatype": "FP32", "shape": [2], "data" [1, 2]}]}',
+        '{"inputs": [{"name": "a", "datatype": "FP32", "shape": [2], "data": [1, 2',
+        '{"inputs": [{"name": "a", "datatype": "FP32", "shape": [2], "data": [1, 2]}]} x',
+        '"data": [1, 2]',
+    ],
+)
+def test_numbers_fast_path_hostile_documents(text: str) -> None:
+    _both_paths(text.encode())
+
+
+def test_numbers_fast_path_reads_big_tensors_exactly() -> None:
+    """Every float32 bit pattern class (extremes, subnormals, -0.0, random) written by
+    the encoder reads back bit-exactly through simdjson; the body takes the fast path."""
+    rng = np.random.default_rng(7)
+    fi = np.finfo(np.float32)
+    special = np.array([fi.max, -fi.max, fi.tiny, fi.smallest_subnormal, -0.0, 0.1, 2.0,
+                        1e-40, 3.4e38], np.float32)  # fmt: skip
+    bits = rng.integers(0, 2**32, 20000, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    a = np.concatenate([special, bits[np.isfinite(bits)]]).reshape(1, -1)
+    parts, _ = encode_request({"x": a}, binary=False)
+    body = b"".join(parts)
+    doc = tensors_mod.loads_bounded(body, "inputs")
+    assert type(doc["inputs"][0]["data"]).__name__ == "_Numbers"
+    got = decode_request(body).inputs["x"]
+    assert got.dtype == np.float32 and got.tobytes() == a.tobytes()
+    # the response direction, and int64 beyond float64's 53 bits
+    k = rng.integers(-(2**63), 2**63 - 1, 3000, dtype=np.int64)
+    parts, _ = encode_response("m", "1", [("y", a, False), ("k", k, False)])
+    doc2, out = decode_response(b"".join(parts))
+    assert out["y"].tobytes() == a.tobytes() and out["k"].tobytes() == k.tobytes()
+    assert doc2["model_name"] == "m" and "data" not in doc2["outputs"][0]

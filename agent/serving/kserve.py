@@ -447,8 +447,8 @@ def infer_response(res: InferResult) -> Response:
     parts, out_hl = encode_response(
         res.model_name, res.model_version, res.outputs, request_id=res.id
     )
-    if out_hl is None:
-        return Response(200, {"content-type": _JSON}, parts[0])
+    if out_hl is None:  # JSON: its parts unjoined (the tensors' data as orjson wrote them)
+        return Response(200, {"content-type": _JSON}, parts[0] if len(parts) == 1 else parts)
     return Response(
         200,
         {"content-type": _OCTET, "inference-header-content-length": str(out_hl)},
