@@ -29,6 +29,11 @@ class StaleConnectionError(ConnectionError):
     """The server closed a kept-alive connection before answering anything."""
 
 
+# Bytes a request may have in flight (SO_SNDBUF; the kernel caps it at
+# net.core.wmem_max): a 224x224x3 float32 tensor (600 KB) goes out in one write
+# instead of three rounds of writing, sleeping and being woken by the reader.
+SEND_BUFFER = 1 << 20
+
 # A program calling one model sends and gets back the same heads over and over: they
 # are built and parsed once.
 _request_heads: BoundedCache[tuple[Any, ...], bytes] = BoundedCache(256)
@@ -51,6 +56,8 @@ class UnixHTTPConnection:
         if self.sock is not None:
             return self.sock
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         sock.settimeout(self.timeout)
         try:
             sock.connect(self.socket_path)
