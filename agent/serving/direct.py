@@ -782,7 +782,7 @@ class _Lent:
 
     def _write(self, resp: Any, keep: bool) -> bool:
         self._set(WRITING)
-        views = [memoryview(b).cast("B") for b in render_response(resp, keep)]
+        views = [memoryview(b).cast("B") for b in render_response(resp, keep, gather=True)]
         deadline = time.monotonic() + self.srv.limits.body_timeout_s
         while views:
             try:

@@ -294,10 +294,14 @@ def _status_line(status: int) -> bytes:
     return line
 
 
-def render_response(resp: Response, keep_alive: bool, head_only: bool = False) -> list[Body]:
+def render_response(
+    resp: Response, keep_alive: bool, head_only: bool = False, gather: bool = False
+) -> list[Body]:
     """Status line, headers and body as buffers to write in order (a small response is
     joined into one buffer: one write, one packet). Framing headers are the server's.
-    ``head_only``: the answer to a HEAD request, its headers (with the body's length)."""
+    ``head_only``: the answer to a HEAD request, its headers (with the body's length).
+    ``gather``: the writer sends all buffers with one ``sendmsg``, so only the head is
+    joined (a JSON tensor's 45 KB are not copied once more)."""
     body = resp.body
     parts: Sequence[Body]
     if isinstance(body, (bytes, bytearray, memoryview)):
@@ -316,7 +320,7 @@ def render_response(resp: Response, keep_alive: bool, head_only: bool = False) -
     head.append(b"\r\n")
     if head_only:
         return [b"".join(head)]
-    if length <= _SMALL_BODY:
+    if length <= _SMALL_BODY and not (gather and len(parts) > 1):
         head.extend(parts)
         return [b"".join(head)]
     return [b"".join(head), *parts]
