@@ -181,13 +181,13 @@ class _Numbers:
 
     __slots__ = ("text", "values")
 
-    def __init__(self, values: np.ndarray[Any, Any], text: bytes) -> None:
+    def __init__(self, values: np.ndarray[Any, Any], text: memoryview) -> None:
         self.values = values
         self.text = text
 
     def as_list(self) -> list[Any]:
         """The values as orjson gives them (Python ints and floats)."""
-        out: list[Any] = orjson.loads(self.text)
+        out: list[Any] = orjson.loads(bytes(self.text))
         return out
 
     def to_dtype(self, datatype: str, dt: np.dtype[Any], n: int) -> np.ndarray[Any, Any] | None:
@@ -226,14 +226,14 @@ def _array_parser(size: int) -> Any:
     return parser
 
 
-def _parse_numbers(text: bytes) -> np.ndarray[Any, Any] | None:
-    """``text`` (``[`` … ``]``, no ``[`` inside) as int64 or float64 values; None if it
-    is not a flat JSON array of numbers (or simdjson refuses a number: past 64 bits,
-    beyond float64)."""
+def _parse_numbers(raw: bytes | bytearray, start: int, end: int) -> np.ndarray[Any, Any] | None:
+    """``raw[start:end]`` (``[`` … ``]``, no ``[`` inside) as int64 or float64 values;
+    None if it is not a flat JSON array of numbers (or simdjson refuses a number: past
+    64 bits, beyond float64)."""
     # Integer literals only? (A refused try costs as much as a conversion.)
-    ints = text.find(b".") < 0 and text.find(b"e") < 0 and text.find(b"E") < 0
+    ints = all(raw.find(c, start, end) < 0 for c in (b".", b"e", b"E"))
     try:
-        arr = _array_parser(len(text)).parse(text)
+        arr = _array_parser(end - start).parse(memoryview(raw)[start:end])
         buf = None
         kind: Any = np.int64
         if ints:
@@ -292,15 +292,15 @@ def _loads_numbers(raw: bytes | bytearray, tensors: str) -> Any:
         k = raw.find(b"]", j)
         if k < 0:
             return None
-        text = bytes(raw[j : k + 1]) if k + 1 - j >= _FAST_NUMBERS_MIN_TEXT else b""
-        values = _parse_numbers(text) if text else None
+        big = k + 1 - j >= _FAST_NUMBERS_MIN_TEXT
+        values = _parse_numbers(raw, j, k + 1) if big else None
         if values is None:  # go past it: each byte is looked at a bounded number of times
             quotes += raw.count(b'"', scan, k + 1)
             scan = k + 1
             continue
         pieces.append(raw[done:j])
         pieces.append(b'"\\u0000%d"' % len(found))
-        found.append(_Numbers(values, text))
+        found.append(_Numbers(values, memoryview(raw)[j : k + 1]))
         done = scan = k + 1  # numbers only: no quote in between
         if len(found) >= _FAST_NUMBERS_MAX_ARRAYS:
             break
