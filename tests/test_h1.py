@@ -157,6 +157,19 @@ def test_render_keeps_large_buffers_apart() -> None:
     assert odd.startswith(b"HTTP/1.1 299 Status 299\r\n")
 
 
+def test_render_gather_keeps_small_parts_apart() -> None:
+    """A writer with one sendmsg (a lent connection) gets a JSON body's parts as they are;
+    the bytes on the wire are the same as joined."""
+    body = [b'{"outputs":[{"name":"y","data":', b"[1.0,2.0]" * 100, b"}]}"]
+    resp = Response(200, {"content-type": "application/json"}, body)
+    (joined,) = h1.render_response(resp, True)
+    parts = h1.render_response(resp, True, gather=True)
+    assert len(parts) == 4 and parts[2] is body[1]
+    assert b"".join(parts) == joined
+    (one,) = h1.render_response(Response(200, {}, b"hi"), True, gather=True)
+    assert one.endswith(b"\r\n\r\nhi")
+
+
 def test_error_bytes_is_the_v2_error_and_closes() -> None:
     wire = h1.error_bytes(ProtocolError(503, "body-budget", "busy", retry_after=0.2))
     head_part, _, body = wire.partition(b"\r\n\r\n")
