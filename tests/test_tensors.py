@@ -358,3 +358,21 @@ def test_numbers_fast_path_reads_big_tensors_exactly() -> None:
     doc2, out = decode_response(b"".join(parts))
     assert out["y"].tobytes() == a.tobytes() and out["k"].tobytes() == k.tobytes()
     assert doc2["model_name"] == "m" and "data" not in doc2["outputs"][0]
+
+
+def test_binary_data_starts_aligned() -> None:
+    """The JSON header of a binary message is padded (spaces) to a multiple of 64 bytes,
+    so tensors decoded from a body buffer are aligned: onnxruntime copies a misaligned
+    input before every run."""
+    a = np.arange(3 * 224 * 224, dtype=np.float32).reshape(1, 3, 224, 224)
+    b = np.arange(7, dtype=np.float64)
+    parts, hl = encode_request({"image": a, "w": b}, request_id="odd-length-id-7")
+    assert hl is not None and hl % 64 == 0 and bytes(parts[0]).endswith(b" ")
+    req = decode_request(bytearray(b"".join(bytes(p) for p in parts)), hl)
+    assert req.inputs["image"].flags.aligned and req.inputs["w"].flags.aligned
+    np.testing.assert_array_equal(req.inputs["image"], a)
+    parts, hl = encode_response("m", "1", [("y", a, True), ("z", b, False)])
+    assert hl is not None and hl % 64 == 0
+    doc, out = decode_response(bytearray(b"".join(bytes(p) for p in parts)), hl)
+    assert out["y"].flags.aligned and doc["model_name"] == "m"
+    np.testing.assert_array_equal(out["z"], b)

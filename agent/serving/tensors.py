@@ -903,10 +903,25 @@ def encode_response(
     parts = _join_doc(doc_head, "outputs", objs)
     if not raws:
         return parts, None
-    head = b"".join(parts)
+    head = _aligned_head(parts)
     if key is not None:
         _response_heads.remember(key, head)
     return [head, *raws], len(head)
+
+
+BINARY_ALIGN = 64  # the binary data after a JSON header starts at a multiple of this
+
+
+def _aligned_head(parts: list[bytes]) -> bytes:
+    """The JSON header of a binary message, padded with spaces (JSON whitespace, counted
+    in its length) to a multiple of BINARY_ALIGN. A body buffer starts aligned, so the
+    first tensor's bytes are then aligned for any datatype, and so are the next ones
+    whose predecessors' sizes are multiples of their item size. A misaligned array is
+    copied by onnxruntime (numpy's aligned flag) before every run, with the GIL held:
+    ~0.15 ms for a 224x224x3 float32 image, measured."""
+    head = b"".join(parts)
+    pad = -len(head) % BINARY_ALIGN
+    return head + b" " * pad if pad else head
 
 
 # Response headers by (model, version, id, outputs' names, dtypes and shapes): the same
@@ -969,7 +984,7 @@ def encode_request(
     parts = _join_doc(_dumps(doc), "inputs", specs)
     if not raws:
         return parts, None
-    head = b"".join(parts)
+    head = _aligned_head(parts)
     if key is not None:
         _request_heads.remember(key, head)
     return [head, *raws], len(head)
