@@ -57,10 +57,15 @@ def main(argv: list[str]) -> int:
     sock = socket.socket(fileno=int(argv[0]))
     chan = ipc.Channel(sock, fds=True)  # shared regions arrive as fds (op "map")
     # A launched child (ModelWorker.launch) waits here while the daemon still downloads
-    # and unpacks: import the loader (numpy, the runtime) now. Failing here is not
-    # reported: the import after the init frame reports it.
+    # and unpacks: import the loader (numpy, the runtime) now, and let it prepare what
+    # does not depend on the model (its ``prefetch()``: the engine's import, the device
+    # fingerprint). Failing here is not reported: the import after the init frame is.
     with contextlib.suppress(Exception):
-        importlib.import_module(os.environ.get("EDGEWARD_WORKER_LOADER", "").partition(":")[0])
+        loader = os.environ.get("EDGEWARD_WORKER_LOADER", "").partition(":")[0]
+        mod = importlib.import_module(loader)
+        prefetch = getattr(mod, "prefetch", None)
+        if callable(prefetch):
+            prefetch()
     imported = time.monotonic()
     try:
         _header, payload = chan.recv()
