@@ -838,8 +838,16 @@ def _build(
     if kind == "onnxruntime":
         from runtime.onnx_backend import OnnxBackend
 
-        # weights read in place from the (page-cached) file: no copy, next to no load
-        reference = OnnxBackend(src, config, level="disable", prepack=False, shared_weights=True)
+        # weights read in place from the (page-cached) file: no copy, next to no load; one
+        # thread that never spins: it answers a few inputs beside the serving session's load
+        quiet = dataclasses.replace(config.onnx, intra_op_threads=1, allow_spinning=False)
+        reference = OnnxBackend(
+            src,
+            dataclasses.replace(config, onnx=quiet),
+            level="disable",
+            prepack=False,
+            shared_weights=True,
+        )
     else:
         reference = make_backend(kind, src, config)
     samples = load_samples(model_dir)
