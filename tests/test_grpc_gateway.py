@@ -102,7 +102,7 @@ def test_sigterm_stops_the_gateway_and_removes_its_socket(tmp_path: Path) -> Non
 
 def test_missing_extra_is_one_line(tmp_path: Path) -> None:
     code = (
-        "import sys, runpy; sys.modules['grpc'] = None; "
+        "import sys, runpy; sys.modules['hpack'] = None; "
         "runpy.run_module('agent.grpc_v2', run_name='__main__')"
     )
     r = subprocess.run(
