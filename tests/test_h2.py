@@ -387,3 +387,29 @@ def test_arbitrary_bytes_after_the_preface_never_escape(data: bytes) -> None:
     srv.data_to_send()
     srv.receive(PREFACE + frame(SETTINGS, 0, 0) + data)
     frames(srv.data_to_send())
+
+
+def test_kept_heads_are_forgotten_when_the_table_changes() -> None:
+    """The same indexed-only block means other fields once the dynamic table changed."""
+    r = Raw()
+    pseudo = b"\x83\x86\x84"  # :method POST, :scheme http, :path / (static table)
+    ctype = b"\x5f\x10application/grpc"  # content-type, literal, indexed → entry 62
+
+    def tag(value: bytes) -> bytes:  # x-tag: value, literal with indexing → entry 62
+        return b"\x40\x05x-tag" + bytes((len(value),)) + value
+
+    def call(sid: int, block: bytes) -> str:
+        r.calls.clear()
+        r.send(frame(HEADERS, 0x4, sid, block) + frame(DATA, 1, sid, grpc_msg(b"m")))
+        (c,) = r.calls
+        r.srv.respond(sid, b"")
+        r.srv.data_to_send()
+        return c.headers["x-tag"]
+
+    assert call(1, pseudo + tag(b"one") + ctype) == "one"  # 62 content-type, 63 x-tag one
+    same = pseudo + b"\xbe\xbf"  # indexed only: entries 62 and 63
+    assert call(3, same) == "one"
+    assert call(5, same) == "one"  # from the kept head
+    # 62 x-tag two, 63 content-type, 64 x-tag one: the same bytes now mean x-tag two
+    assert call(7, pseudo + tag(b"two") + b"\xbf") == "two"
+    assert call(9, same) == "two"

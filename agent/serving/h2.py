@@ -68,6 +68,7 @@ FRAME = struct.Struct("!HBBBL")  # length (24 bits as H + B), type, flags, strea
 U32 = struct.Struct("!L")
 MSG_PREFIX = struct.Struct("!BL")
 MAX_CLOSED_KEPT = 256  # recently reset streams remembered (their late frames ignored)
+MAX_BLOCKS_KEPT = 64  # parsed header blocks kept per connection (see H2Server._end_block)
 MAX_OUTPUT = 1 << 20  # bytes of control frames queued and not written: the peer is not reading
 
 
@@ -154,6 +155,7 @@ class _Stream:
     sid: int
     send_window: int
     recv_window: int
+    method: str = ""
     path: str = ""
     headers: dict[str, str] = field(default_factory=dict)
     body: bytearray = field(default_factory=bytearray)
@@ -224,6 +226,52 @@ def _status_block(status: int, message: str) -> bytes:
     return encode_headers(fields)
 
 
+def _request_head(fields: list[tuple[bytes, bytes]]) -> tuple[str, str, dict[str, str]]:
+    """A request's header fields → (method, path, regular headers); _StreamError when
+    malformed (RFC 9113 8.2, 8.3)."""
+    method = path = b""
+    seen: set[bytes] = set()
+    regular = False
+    headers: dict[str, str] = {}
+    for name, value in fields:
+        if name[:1] == b":":
+            if regular or name not in _PSEUDO or name in seen:
+                raise _StreamError(ErrorCode.PROTOCOL_ERROR, "bad pseudo-header")
+            seen.add(name)
+            if name == b":method":
+                method = value
+            elif name == b":path":
+                path = value
+            continue
+        regular = True
+        if name.lower() != name or name in _CONNECTION_HEADERS:
+            raise _StreamError(ErrorCode.PROTOCOL_ERROR, "malformed header field")
+        if name == b"te" and value != b"trailers":
+            raise _StreamError(ErrorCode.PROTOCOL_ERROR, "te other than trailers")
+        key = name.decode("latin-1")
+        prev = headers.get(key)
+        text = value.decode("latin-1")
+        headers[key] = text if prev is None else prev + "," + text
+    if not {b":method", b":scheme", b":path"} <= seen or not path:
+        raise _StreamError(ErrorCode.PROTOCOL_ERROR, "missing pseudo-headers")
+    return method.decode("latin-1"), path.decode("latin-1"), headers
+
+
+def _only_indexed(block: bytes) -> bool:
+    """Whether ``block`` is indexed field representations only (RFC 7541 6.1)."""
+    i, n = 0, len(block)
+    while i < n:
+        b = block[i]
+        if not b & 0x80:
+            return False
+        i += 1
+        if b & 0x7F == 0x7F:  # a multi-byte index
+            while i < n and block[i] & 0x80:
+                i += 1
+            i += 1
+    return True
+
+
 def grpc_timeout(value: str) -> float | None:
     """grpc-timeout (``1..8 digits`` + unit) in seconds; None if malformed."""
     if len(value) < 2 or len(value) > 9 or not value[:-1].isdigit():
@@ -263,6 +311,7 @@ class H2Server:
         self._buffered = 0
         self._decoder = hpack.Decoder(max_header_list_size=lim.max_header_bytes)
         self._decoder.max_allowed_table_size = lim.header_table_size
+        self._heads: dict[bytes, tuple[str, str, dict[str, str]]] = {}  # see _end_block
         settings = [
             (S_HEADER_TABLE_SIZE, lim.header_table_size),
             (S_ENABLE_PUSH, 0),
@@ -605,15 +654,12 @@ class H2Server:
         self._cont = None
         block = bytes(self._cont_block)
         self._cont_block = bytearray()
-        try:
-            fields = cast("list[tuple[bytes, bytes]]", self._decoder.decode(block, raw=True))
-        except hpack.OversizedHeaderListError:
-            raise _ConnError(
-                ErrorCode.ENHANCE_YOUR_CALM,
-                f"decoded headers over {self.limits.max_header_bytes} bytes",
-            ) from None
-        except hpack.HPACKError as exc:
-            raise _ConnError(ErrorCode.COMPRESSION_ERROR, f"HPACK: {exc}") from None
+        # A program repeats its header block; once its fields are in the dynamic table
+        # the block is indexed references only, which do not change the table: such a
+        # block's parsed head is kept and reused until a block that may change the
+        # table comes (then every kept head is forgotten; see _decode).
+        head = self._heads.get(block)
+        fields = self._decode(block) if head is None else []
         if self._cont_error is not None:
             raise self._cont_error
         if self._cont_refused:
@@ -623,41 +669,35 @@ class H2Server:
         if st.sid in self._streams:  # request trailers: END_STREAM is set
             self._on_end(st, calls)
             return
-        if len(fields) > self.limits.max_headers:
-            raise _StreamError(
-                ErrorCode.PROTOCOL_ERROR, f"more than {self.limits.max_headers} header fields"
-            )
-        self._request_head(st, fields)
+        if head is None:
+            if len(fields) > self.limits.max_headers:
+                raise _StreamError(
+                    ErrorCode.PROTOCOL_ERROR, f"more than {self.limits.max_headers} header fields"
+                )
+            head = _request_head(fields)
+            if _only_indexed(block):
+                if len(self._heads) >= MAX_BLOCKS_KEPT:
+                    self._heads.clear()
+                self._heads[block] = head
+        st.method, st.path = head[0], head[1]
+        st.headers = dict(head[2])
         self._streams[st.sid] = st
         if self._cont_end:
             self._on_end(st, calls)
 
-    def _request_head(self, st: _Stream, fields: list[tuple[bytes, bytes]]) -> None:
-        method = b""
-        seen: set[bytes] = set()
-        regular = False
-        for name, value in fields:
-            if name[:1] == b":":
-                if regular or name not in _PSEUDO or name in seen:
-                    raise _StreamError(ErrorCode.PROTOCOL_ERROR, "bad pseudo-header")
-                seen.add(name)
-                if name == b":method":
-                    method = value
-                elif name == b":path":
-                    st.path = value.decode("latin-1")
-                continue
-            regular = True
-            if name.lower() != name or name in _CONNECTION_HEADERS:
-                raise _StreamError(ErrorCode.PROTOCOL_ERROR, "malformed header field")
-            if name == b"te" and value != b"trailers":
-                raise _StreamError(ErrorCode.PROTOCOL_ERROR, "te other than trailers")
-            key = name.decode("latin-1")
-            prev = st.headers.get(key)
-            text = value.decode("latin-1")
-            st.headers[key] = text if prev is None else prev + "," + text
-        if not {b":method", b":scheme", b":path"} <= seen or not st.path:
-            raise _StreamError(ErrorCode.PROTOCOL_ERROR, "missing pseudo-headers")
-        st.headers[":method"] = method.decode("latin-1")
+    def _decode(self, block: bytes) -> list[tuple[bytes, bytes]]:
+        """HPACK-decode ``block`` (forgetting the kept heads if it may change the table)."""
+        if not _only_indexed(block):
+            self._heads.clear()
+        try:
+            return cast("list[tuple[bytes, bytes]]", self._decoder.decode(block, raw=True))
+        except hpack.OversizedHeaderListError:
+            raise _ConnError(
+                ErrorCode.ENHANCE_YOUR_CALM,
+                f"decoded headers over {self.limits.max_header_bytes} bytes",
+            ) from None
+        except hpack.HPACKError as exc:
+            raise _ConnError(ErrorCode.COMPRESSION_ERROR, f"HPACK: {exc}") from None
 
     def _on_data(self, flags: int, sid: int, payload: memoryview, calls: list[Call]) -> None:
         if sid == 0:
@@ -719,8 +759,7 @@ class H2Server:
         """The request of ``st`` is complete: one gRPC message, or a gRPC error."""
         st.remote_done = True
         h = st.headers
-        method = h.pop(":method", "")
-        if method != "POST":
+        if st.method != "POST":
             self._http_error(st, b"405")
             return
         if not h.get("content-type", "").startswith("application/grpc"):
