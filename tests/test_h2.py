@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import struct
+import zlib
 from typing import Any
 
 import h2.config
@@ -343,7 +344,14 @@ def test_compressed_messages_gzip_or_refused() -> None:
     assert trailers(out, 5)["grpc-status"] == str(Status.RESOURCE_EXHAUSTED)
     out = r.send(r.headers(7) + frame(DATA, 1, 7, grpc_msg(b"x")[:-1]))
     assert trailers(out, 7)["grpc-status"] == str(Status.INTERNAL)
-    r.answer_and_check(9)
+    r.calls.clear()
+    deflated = zlib.compress(b"xyz" * 50)
+    r.send(
+        r.headers(9, extra=[("grpc-encoding", "deflate")])
+        + frame(DATA, 1, 9, grpc_msg(deflated, 1))
+    )
+    assert [c.message for c in r.calls] == [b"xyz" * 50]
+    r.answer_and_check(11)
 
 
 def test_not_grpc_gets_an_http_status() -> None:

@@ -46,6 +46,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent import futures
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,7 @@ from google.protobuf.message import DecodeError
 
 from agent.client import Client
 from agent.grpc_v2 import grpc_service_pb2 as _pb
-from agent.serving.h2 import H2Limits, H2Server, Status
+from agent.serving.h2 import Call, H2Limits, H2Server, Status
 from agent.serving.http import _resolve_group, clear_stale_socket
 
 logger = logging.getLogger(__name__)
@@ -407,6 +408,24 @@ def _json_contents(o: dict[str, Any]) -> Any:
 READ_SIZE = 256 * 1024  # bytes asked of recv at once
 
 
+class _Conn:
+    """One client connection: its socket and core, and a lock for both (the reader
+    thread and pooled calls answer on it)."""
+
+    def __init__(self, sock: socket.socket, h2: H2Server) -> None:
+        self.sock = sock
+        self.h2 = h2
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)
+        self.pending = 0  # calls handed to the pool and not yet answered
+
+    def flush(self) -> None:
+        """Write what the core queued (the caller holds ``lock``)."""
+        out = self.h2.data_to_send()
+        if out:
+            self.sock.sendall(out)
+
+
 class Gateway:
     """gRPC on a Unix socket with the inference socket's mode, group and limits:
     start → serve (a thread per connection, each with its H2Server) → stop(grace)."""
@@ -420,6 +439,7 @@ class Gateway:
         group: str | None = None,
         max_message_bytes: int = 64 * 1024 * 1024,
         max_concurrent: int = 512,
+        threads: int = 8,
         timeout: float = 60.0,
         idle_timeout: float = 75.0,
         limits: H2Limits | None = None,
@@ -443,6 +463,9 @@ class Gateway:
         self._stopping = False
         self._accepter: threading.Thread | None = None
         self._threads: set[threading.Thread] = set()
+        # Calls that overlap on one connection (the common one-at-a-time call is
+        # answered on the connection's own thread).
+        self._pool = futures.ThreadPoolExecutor(threads, thread_name_prefix="grpc-call")
 
     def start(self) -> None:
         gid = _resolve_group(self.group) if self.group else None
@@ -506,53 +529,78 @@ class Gateway:
             t.start()
 
     def _serve(self, conn: socket.socket, h2: H2Server) -> None:
+        c = _Conn(conn, h2)
         try:
-            self._loop(conn, h2)
+            self._loop(c)
         except OSError:
             pass  # the peer went away
         except Exception:  # a gateway bug: log it, lose only this connection
             logger.exception("grpc connection failed")
         finally:
+            with c.cond:  # calls still running in the pool answer before the close
+                c.cond.wait_for(lambda: c.pending == 0, self.timeout)
             with self._lock:
                 self._conns.pop(conn, None)
             self._threads.discard(threading.current_thread())
             conn.close()
 
-    def _loop(self, conn: socket.socket, h2: H2Server) -> None:
-        service = self.service
-        conn.sendall(h2.data_to_send())
+    def _loop(self, c: _Conn) -> None:
+        conn, h2 = c.sock, c.h2
+        with c.lock:
+            c.flush()
         while True:
             # Idle between calls: the keep-alive timeout; a request under way: the body's.
             conn.settimeout(self.timeout if h2.open_streams else self.idle_timeout)
             try:
                 data = conn.recv(READ_SIZE)
             except TimeoutError:
-                h2.goaway()
-                with contextlib.suppress(OSError):
-                    conn.sendall(h2.data_to_send())
-                return
+                data = b""
             if not data:
-                if self._stopping:
+                with c.lock:
                     h2.goaway()
                     with contextlib.suppress(OSError):
-                        conn.sendall(h2.data_to_send())
+                        c.flush()
                 return
-            for call in h2.receive(data):
-                status, answer = service.call(call.path, call.message)
-                if status == Status.OK:
-                    assert isinstance(answer, bytes)
-                    h2.respond(call.stream_id, answer)
-                else:
-                    h2.fail(call.stream_id, status, str(answer))
-            out = h2.data_to_send()
-            if out:
-                conn.sendall(out)
+            with c.lock:
+                calls = h2.receive(data)
+                c.flush()
+                inline = len(calls) == 1 and c.pending == 0
+                if not inline:
+                    c.pending += len(calls)
+            # The usual case, one call at a time, is answered on this thread (no
+            # hand-over); calls that overlap run on the pool, answered as they finish.
+            if inline:
+                self._answer(c, calls[0])
+            else:
+                for call in calls:
+                    self._pool.submit(self._pooled, c, call)
             if h2.closed:
                 if h2.error:
                     logger.info("grpc connection closed: %s", h2.error)
                 return
             if (h2.peer_goaway or self._stopping) and not h2.open_streams:
                 return
+
+    def _answer(self, c: _Conn, call: Call) -> None:
+        status, answer = self.service.call(call.path, call.message)
+        with c.lock:
+            if status == Status.OK:
+                assert isinstance(answer, bytes)
+                c.h2.respond(call.stream_id, answer)
+            else:
+                c.h2.fail(call.stream_id, status, str(answer))
+            with contextlib.suppress(OSError):  # the reader sees the close
+                c.flush()
+
+    def _pooled(self, c: _Conn, call: Call) -> None:
+        try:
+            self._answer(c, call)
+        except Exception:
+            logger.exception("grpc call failed")
+        finally:
+            with c.cond:
+                c.pending -= 1
+                c.cond.notify_all()
 
     def stop(self, grace: float) -> None:
         """Refuse new connections, GOAWAY the open ones, wait up to ``grace`` seconds
@@ -570,6 +618,7 @@ class Gateway:
         deadline = time.monotonic() + grace
         for t in list(self._threads):
             t.join(max(0.0, deadline - time.monotonic()))
+        self._pool.shutdown(wait=False, cancel_futures=True)
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
@@ -591,7 +640,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-concurrent", type=int, default=512)
     ap.add_argument("--max-header-bytes", type=int, default=16 * 1024)
     ap.add_argument("--max-headers", type=int, default=100)
-    ap.add_argument("--threads", type=int, default=8)  # kept for old configs: unused
+    ap.add_argument("--threads", type=int, default=8)
     ap.add_argument("--timeout", type=float, default=60.0)
     ap.add_argument("--idle-timeout", type=float, default=75.0)
     ap.add_argument("--grace", type=float, default=10.0)
@@ -613,6 +662,7 @@ def main(argv: list[str] | None = None) -> int:
         mode=int(args.mode, 8),
         group=args.group or None,
         max_concurrent=args.max_concurrent,
+        threads=args.threads,
         timeout=args.timeout,
         idle_timeout=args.idle_timeout,
         limits=limits,

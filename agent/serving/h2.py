@@ -9,7 +9,7 @@ CONTINUATION (HPACK decoding with the ``hpack`` package, bounded), DATA with flo
 control both ways (our windows replenished as bytes arrive, the peer's initial window
 and maximum frame size respected, answers queued until the peer opens its window),
 PING, RST_STREAM, GOAWAY, the concurrent-stream limit, gRPC's length-prefixed messages
-(uncompressed or gzip, charged to the body budget before and after inflating) and the
+(uncompressed, gzip or deflate, charged to the body budget before and after inflating) and the
 trailers that carry ``grpc-status`` / ``grpc-message``.
 
 Errors follow RFC 9113: a frame that breaks the connection's state (a bad preface,
@@ -204,10 +204,11 @@ _RESPONSE_HEAD = encode_headers(
     [
         (b":status", b"200"),
         (b"content-type", b"application/grpc"),
-        (b"grpc-accept-encoding", b"identity,gzip"),
+        (b"grpc-accept-encoding", b"identity,gzip,deflate"),
     ]
 )
 _TRAILERS_OK = encode_headers([(b"grpc-status", b"0")])
+_WBITS = {"gzip": 31, "deflate": 15}  # grpc-encoding → zlib's wbits (deflate = zlib format)
 _MESSAGE_MAX = 1024  # characters of grpc-message kept
 _UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 _CONNECTION_HEADERS = frozenset(
@@ -776,12 +777,12 @@ class H2Server:
         message = bytes(memoryview(body)[5:])
         if flag == 1:
             enc = h.get("grpc-encoding", "identity")
-            if enc != "gzip":
+            if enc not in _WBITS:
                 self.fail(
                     st.sid, Status.UNIMPLEMENTED, f"message compression {enc!r} is not supported"
                 )
                 return
-            inflated = self._gunzip(st, message)
+            inflated = self._inflate(st, message, _WBITS[enc])
             if inflated is None:
                 return
             message = inflated
@@ -793,13 +794,15 @@ class H2Server:
         t = h.get("grpc-timeout")
         calls.append(Call(st.sid, st.path, h, message, grpc_timeout(t) if t else None))
 
-    def _gunzip(self, st: _Stream, data: bytes) -> bytes | None:
+    def _inflate(self, st: _Stream, data: bytes, wbits: int) -> bytes | None:
+        """A compressed message inflated within the message budget (a bomb stops at
+        ``max_message_bytes`` + 1 bytes), or None when refused."""
         limit = self.limits.max_message_bytes
-        d = zlib.decompressobj(wbits=31)
+        d = zlib.decompressobj(wbits=wbits)
         try:
             out = d.decompress(data, limit + 1)
         except zlib.error as exc:
-            self.fail(st.sid, Status.INTERNAL, f"gzip: {exc}")
+            self.fail(st.sid, Status.INTERNAL, f"inflating the message: {exc}")
             return None
         if len(out) > limit or d.unconsumed_tail:
             self.fail(
@@ -807,7 +810,7 @@ class H2Server:
             )
             return None
         if not d.eof:
-            self.fail(st.sid, Status.INTERNAL, "gzip: truncated message")
+            self.fail(st.sid, Status.INTERNAL, "a truncated compressed message")
             return None
         return out
 
