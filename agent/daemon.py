@@ -363,6 +363,9 @@ class Daemon:
                 max_concurrent=limits.max_connections,
                 threads=g.threads,
                 timeout=limits.body_timeout_s,
+                idle_timeout=limits.keepalive_timeout_s,
+                max_header_bytes=limits.max_header_bytes,
+                max_headers=limits.max_headers,
                 grace=self.cfg.daemon.drain_timeout,
                 log_level=self.cfg.daemon.log_level,
             )
