@@ -27,12 +27,19 @@ and a grpc.aio server, 1 or 8 pool threads, ``grpc.optimization_target``, the wo
 spin off and a spinning upstream read all measured within the noise. A throwaway
 hand-written HTTP/2 responder answered the same client in 178 us against 316 us for
 bare grpcio, which led to agent/serving/h2.py (``python -m bench.h2_cores``: 32 us per
-call cycle against 281 us for the h2 package). With it the gateway's own work per RPC
-(core, protobuf, the v2 head, the HTTP hop to the worker, measured in-process) is
-~20 us over the HTTP client's; what remains above the goal is the grpcio client and the
-two wake-ups of the gateway's process hop (an idle vCPU that halts costs 40-100 us to
-wake on this VM). Under 200 us needs the worker to answer the gRPC connection itself
-(lent, as HTTP connections are), without the gateway's hop.
+call cycle against 281 us for the h2 package). With it, this file run against main's
+grpcio gateway, interleaved, 3 runs each at load 7-11: +625..757 us against +926..965;
+in ``bench.run grpc`` at load 5-6, our core's floor +239..254 us against grpcio's
++416..516 in the same runs. Where the rest goes, measured inside the gateway: HPACK and
+framing ~31 us per call, protobuf and the v2 head ~40 us, the upstream HTTP request to
+the worker ~205 us. The same upstream request issued back to back from one process
+takes ~115 us; issued after a 300 us pause (as the gateway does: it sleeps while the
+grpcio client works) 267-344 us: the gateway and the worker have gone idle and their
+vCPUs cold. Spinning on the upstream read and a longer worker spin (``lend_spin_us =
+2000``) measured within the noise. So the goal needs the hop gone: the worker answering
+the gRPC connection itself (lent, as HTTP connections are), which also needs the
+connection's HTTP/2 state to travel with it or foreign calls relayed over the worker's
+channel (workers may not reach the daemon's sockets).
 ``EDGEWARD_BENCH_QUICK=1`` shortens the loops.
 """
 
