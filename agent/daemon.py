@@ -366,6 +366,7 @@ class Daemon:
                 idle_timeout=limits.keepalive_timeout_s,
                 max_header_bytes=limits.max_header_bytes,
                 max_headers=limits.max_headers,
+                max_inflight_bytes=limits.max_inflight_body_bytes,
                 grace=self.cfg.daemon.drain_timeout,
                 log_level=self.cfg.daemon.log_level,
             )

@@ -421,3 +421,19 @@ def test_kept_heads_are_forgotten_when_the_table_changes() -> None:
     # 62 x-tag two, 63 content-type, 64 x-tag one: the same bytes now mean x-tag two
     assert call(7, pseudo + tag(b"two") + b"\xbf") == "two"
     assert call(9, same) == "two"
+
+
+def test_calls_not_yet_answered_stay_charged_to_the_connection_budget() -> None:
+    """Complete calls hold their message until answered: a client cannot pile up
+    messages past ``max_buffered_bytes`` by sending many calls at once."""
+    r = Raw(H2Limits(max_message_bytes=800, max_buffered_bytes=1000))
+    r.request(1, b"a" * 600)
+    assert len(r.calls) == 1
+    out = r.request(3, b"b" * 600)
+    t = trailers(out, 3)
+    assert t["grpc-status"] == str(Status.RESOURCE_EXHAUSTED) and "in flight" in t["grpc-message"]
+    r.srv.respond(1, b"done")
+    r.srv.data_to_send()
+    r.calls.clear()
+    r.request(5, b"c" * 600)
+    assert [c.message for c in r.calls] == [b"c" * 600]

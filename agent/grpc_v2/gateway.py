@@ -640,6 +640,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-concurrent", type=int, default=512)
     ap.add_argument("--max-header-bytes", type=int, default=16 * 1024)
     ap.add_argument("--max-headers", type=int, default=100)
+    ap.add_argument("--max-inflight-bytes", type=int, default=256 * 1024 * 1024)
     ap.add_argument("--threads", type=int, default=8)
     ap.add_argument("--timeout", type=float, default=60.0)
     ap.add_argument("--idle-timeout", type=float, default=75.0)
@@ -654,7 +655,7 @@ def main(argv: list[str] | None = None) -> int:
         max_message_bytes=args.max_message_bytes,
         max_header_bytes=args.max_header_bytes,
         max_headers=args.max_headers,
-        max_buffered_bytes=max(args.max_message_bytes + 5, 1 << 20),
+        max_buffered_bytes=max(args.max_inflight_bytes, args.max_message_bytes + 5),
     )
     gw = Gateway(
         args.socket,

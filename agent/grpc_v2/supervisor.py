@@ -38,6 +38,7 @@ class GatewayProcess:
         grace: float,
         max_header_bytes: int = 16 * 1024,
         max_headers: int = 100,
+        max_inflight_bytes: int = 256 * 1024 * 1024,
         idle_timeout: float = 75.0,
         log_level: str = "info",
     ) -> None:
@@ -69,6 +70,8 @@ class GatewayProcess:
             str(max_header_bytes),
             "--max-headers",
             str(max_headers),
+            "--max-inflight-bytes",
+            str(max_inflight_bytes),
             "--grace",
             str(grace),
             "--log-level",

@@ -116,7 +116,9 @@ class H2Limits:
     max_header_bytes: int = 16 * 1024  # a header block, compressed and decoded
     max_headers: int = 100  # fields of one header block
     max_concurrent_streams: int = 100  # open streams per connection; more → REFUSED_STREAM
-    max_buffered_bytes: int = 256 * 1024 * 1024  # request bytes held per connection
+    # Request bytes held per connection: bodies being received and the messages of calls
+    # not yet answered (inflated ones count both ways); over it → RESOURCE_EXHAUSTED.
+    max_buffered_bytes: int = 256 * 1024 * 1024
     window: int = 1 << 20  # our stream and connection receive windows (>= 65535)
     header_table_size: int = 4096  # the HPACK dynamic table we let the peer use
 
@@ -165,6 +167,7 @@ class _Stream:
     pending: memoryview | None = None  # DATA not yet sent (waiting for window)
     trailers: bytes = b""  # the trailers' header block, sent after ``pending``
     declared: int = -1  # the message's length from its 5-byte prefix
+    charged: int = 0  # request bytes held for it (received, then the call's message)
 
 
 # --- HPACK output (literal fields, never indexed, no Huffman) --------------------------
@@ -370,7 +373,7 @@ class H2Server:
     def _drop(self, sid: int) -> None:
         st = self._streams.pop(sid, None)
         if st is not None:
-            self._buffered -= len(st.body)
+            self._buffered -= st.charged
         self._reset[sid] = None
         if len(self._reset) > MAX_CLOSED_KEPT:
             del self._reset[next(iter(self._reset))]
@@ -402,7 +405,7 @@ class H2Server:
         """Our side of ``st`` is closed: forget it, resetting a request still arriving."""
         if st.remote_done:
             self._streams.pop(st.sid, None)
-            self._buffered -= len(st.body)
+            self._buffered -= st.charged
         else:  # we answered before the request ended (too large): stop its DATA
             self._rst(st.sid, ErrorCode.NO_ERROR)
 
@@ -726,6 +729,7 @@ class H2Server:
                 self.fail(sid, Status.RESOURCE_EXHAUSTED, "too many request bytes in flight")
                 return
             st.body += data
+            st.charged += len(data)
             self._buffered += len(data)
             if st.declared < 0 and len(st.body) >= 5:
                 st.declared = MSG_PREFIX.unpack_from(st.body)[1]
@@ -785,12 +789,16 @@ class H2Server:
             inflated = self._inflate(st, message, _WBITS[enc])
             if inflated is None:
                 return
+            if self._buffered + len(inflated) > self.limits.max_buffered_bytes:
+                self.fail(st.sid, Status.RESOURCE_EXHAUSTED, "too many request bytes in flight")
+                return
+            st.charged += len(inflated)
+            self._buffered += len(inflated)
             message = inflated
         elif flag != 0:
             self.fail(st.sid, Status.INTERNAL, f"bad gRPC message flag {flag}")
             return
-        self._buffered -= len(body)
-        st.body = bytearray()
+        st.body = bytearray()  # still charged: the call holds its message until answered
         t = h.get("grpc-timeout")
         calls.append(Call(st.sid, st.path, h, message, grpc_timeout(t) if t else None))
 
