@@ -727,7 +727,7 @@ def tcp_address(inf: InferenceConfig) -> tuple[str, int]:
     host = host.strip("[]")
     if not sep or not host or not port_s.isdigit() or not 0 < int(port_s) < 65536:
         raise ConfigError(
-            f'inference.tcp_listen: expected HOST:PORT such as "127.0.0.1:8000", '
+            f"inference.tcp_listen: expected HOST:PORT such as \"127.0.0.1:8000\", "
             f"got {inf.tcp_listen!r}",
             code="config-value",
         )

@@ -22,6 +22,8 @@ from agent.textsafe import printable
 DEFAULT_CONTROL_SOCKET = "/run/edgeward/control.sock"
 
 
+
+
 def control_request(
     path: str, method: str = "GET", *, sock_path: str | None = None, timeout: float = 600.0
 ) -> tuple[int, bytes, str]:

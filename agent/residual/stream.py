@@ -1124,7 +1124,9 @@ def _apply_stream(
         if of.written != hdr.sizes[i]:
             raise _bad("output size differs from the declared size")
         writer.call(
-            functools.partial(_file_done, dig, hdr.names[i], hdr.skeleton_sizes[i], of.skeleton_sha)
+            functools.partial(
+                _file_done, dig, hdr.names[i], hdr.skeleton_sizes[i], of.skeleton_sha
+            )
         )
     writer.finish()
     return dig.value()

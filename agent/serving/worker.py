@@ -1309,7 +1309,6 @@ def _phases(spawned: float, stamps: Any) -> dict[str, float]:
             last = float(t)
     return out
 
-
 _WARNED: set[tuple[int, int, str]] = set()
 _REACH = (
     "import os, sys\n"
