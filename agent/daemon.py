@@ -364,6 +364,7 @@ class Daemon:
                 threads=g.threads,
                 timeout=limits.body_timeout_s,
                 idle_timeout=limits.keepalive_timeout_s,
+                header_timeout=limits.header_timeout_s,
                 max_header_bytes=limits.max_header_bytes,
                 max_headers=limits.max_headers,
                 max_inflight_bytes=limits.max_inflight_body_bytes,

@@ -49,7 +49,7 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DaemonProc
     d = start_daemon(
         work,
         [tiny_model_dir(root / "src", "tiny", "1")],
-        limits={"max_body_bytes": 65536},
+        limits={"max_body_bytes": 65536, "header_timeout_s": 2.0},
         extra=f'[grpc]\nenabled = true\nsocket = "{sock}"\n',
     )
     yield d, sock
@@ -209,3 +209,17 @@ def test_hostile_connections_get_goaway_and_the_gateway_serves_on(
     ok.set_data_from_numpy(np.ones((1, 4), np.float32))
     assert c.infer("tiny", [ok]).as_numpy("y").tolist() == [[2.0] * 4]
     c.close()
+
+
+@pytest.mark.e2e
+def test_an_incomplete_header_block_is_closed_after_header_timeout(
+    small: tuple[DaemonProc, Path],
+) -> None:
+    """A client that starts a header block and never ends it (slowloris) gets GOAWAY
+    and the close once the inference socket's header_timeout_s (2 s here) runs out."""
+    _d, sock = small
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(sock))
+        s.sendall(PREFACE + _frame(4, 0, 0) + _frame(1, 0, 1, b"\x83\x86"))  # no END_HEADERS
+        frames = _read_frames(s)
+    assert [f[0] for f in frames if f[0] == 7] == [7]

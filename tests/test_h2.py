@@ -437,3 +437,19 @@ def test_calls_not_yet_answered_stay_charged_to_the_connection_budget() -> None:
     r.calls.clear()
     r.request(5, b"c" * 600)
     assert [c.message for c in r.calls] == [b"c" * 600]
+
+
+def test_the_phase_says_which_timer_runs() -> None:
+    srv = H2Server()
+    srv.receive(PREFACE[:10])
+    assert srv.phase == "idle"  # nothing of a request yet (the preface is a connection's)
+    srv.receive(PREFACE[10:])
+    assert srv.phase == "head"  # the preface, and its SETTINGS not yet
+    r = Raw()
+    assert r.srv.phase == "idle"
+    r.send(frame(HEADERS, 0, 1, r.enc.encode(GRPC_HEADERS)))  # no END_HEADERS
+    assert r.srv.phase == "head"
+    r.send(frame(CONT, 0x4, 1, b""))
+    assert r.srv.phase == "body"
+    r.send(frame(DATA, 1, 1, grpc_msg(b"x")))
+    assert len(r.calls) == 1 and r.srv.phase == "idle"  # the call is being answered

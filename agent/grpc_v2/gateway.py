@@ -442,6 +442,7 @@ class Gateway:
         threads: int = 8,
         timeout: float = 60.0,
         idle_timeout: float = 75.0,
+        header_timeout: float = 10.0,
         limits: H2Limits | None = None,
     ) -> None:
         self.path = path
@@ -450,6 +451,7 @@ class Gateway:
         self.max_concurrent = max_concurrent  # connections
         self.timeout = timeout
         self.idle_timeout = idle_timeout
+        self._timeouts = {"head": header_timeout, "body": timeout, "idle": idle_timeout}
         self.limits = limits or H2Limits(
             max_message_bytes=max_message_bytes,
             max_buffered_bytes=max(max_message_bytes + 5, 1 << 20),
@@ -549,8 +551,10 @@ class Gateway:
         with c.lock:
             c.flush()
         while True:
-            # Idle between calls: the keep-alive timeout; a request under way: the body's.
-            conn.settimeout(self.timeout if h2.open_streams else self.idle_timeout)
+            # The inference socket's timers: an incomplete header block gets
+            # header_timeout_s, an incomplete request body body_timeout_s, an idle
+            # connection (or one waiting for its answers) keepalive_timeout_s.
+            conn.settimeout(self._timeouts[h2.phase])
             try:
                 data = conn.recv(READ_SIZE)
             except TimeoutError:
@@ -644,6 +648,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=8)
     ap.add_argument("--timeout", type=float, default=60.0)
     ap.add_argument("--idle-timeout", type=float, default=75.0)
+    ap.add_argument("--header-timeout", type=float, default=10.0)
     ap.add_argument("--grace", type=float, default=10.0)
     ap.add_argument("--log-level", default="info")
     args = ap.parse_args(argv)
@@ -666,6 +671,7 @@ def main(argv: list[str] | None = None) -> int:
         threads=args.threads,
         timeout=args.timeout,
         idle_timeout=args.idle_timeout,
+        header_timeout=args.header_timeout,
         limits=limits,
     )
     stop = threading.Event()

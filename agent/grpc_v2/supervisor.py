@@ -40,6 +40,7 @@ class GatewayProcess:
         max_headers: int = 100,
         max_inflight_bytes: int = 256 * 1024 * 1024,
         idle_timeout: float = 75.0,
+        header_timeout: float = 10.0,
         log_level: str = "info",
     ) -> None:
         self.socket_path = socket_path
@@ -66,6 +67,8 @@ class GatewayProcess:
             str(timeout),
             "--idle-timeout",
             str(idle_timeout),
+            "--header-timeout",
+            str(header_timeout),
             "--max-header-bytes",
             str(max_header_bytes),
             "--max-headers",

@@ -340,6 +340,17 @@ class H2Server:
     def open_streams(self) -> int:
         return len(self._streams)
 
+    @property
+    def phase(self) -> str:
+        """What the connection waits for from the peer, for the shell's timers (as
+        ``h1.PHASES``): ``head`` (a header block is incomplete), ``body`` (a request's
+        DATA is incomplete), else ``idle`` (between calls, or calls being answered)."""
+        if self._cont is not None or (self._preface and not self._settings_seen):
+            return "head"
+        if any(not st.remote_done for st in self._streams.values()):
+            return "body"
+        return "idle"
+
     def _frame(self, ftype: int, flags: int, sid: int, payload: bytes | memoryview = b"") -> None:
         n = len(payload)
         self._out += FRAME.pack(n >> 8, n & 0xFF, ftype, flags, sid)
