@@ -156,7 +156,8 @@ class Transport:
         self.pending: dict[int, tuple[Any, int | None]] = {}  # id → (future, slot)
         self.lock = threading.Lock()
         self.failed = False  # the child is gone: no new requests
-        self.closed = False
+        self.closed = False  # on the loop: the socket is closed
+        self._closing = False
         self._ids = itertools.count(1)
         # The frame being read (on the loop).
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -341,7 +342,12 @@ class Transport:
 
     def close(self) -> None:
         """Close the socket, after the loop stopped watching its fd (a closed fd left in
-        the selector would break the next socket with that number)."""
+        the selector would break the next socket with that number). Once only: stop()
+        and the child's death may both ask."""
+        with self.lock:
+            if self._closing:
+                return
+            self._closing = True
         done = threading.Event()
 
         def close() -> None:  # on the loop, so after a pending attach()
