@@ -114,7 +114,7 @@ class Daemon:
     def _lend_settings(self, name: str) -> dict[str, Any] | None:
         """What a worker needs to answer lent inference connections as this daemon would
         (HTTP limits, admission), or None when lending is off."""
-        from agent.serving.direct import limits_settings
+        from agent.serving.lending import limits_settings
 
         inf = self.cfg.inference
         if not inf.lend_connections:

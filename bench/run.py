@@ -75,8 +75,6 @@ FIGURES: dict[str, tuple[str, tuple[str, float] | None, int]] = {
     ),
     "worker_added_p50_us_224": ("worker vs in-process, 224x224x3 CNN, added p50 us", None, 4),
     "worker_throughput_ratio_4c": ("worker / in-process throughput, 4 callers", (">=", 0.9), 4),
-    "worker_added_p50_us_224_region": ("the same, input in a shared region, added p50 us", None, 4),
-    "worker_throughput_ratio_4c_region": ("the same, input in a shared region", None, 4),
     "socket_added_p50_us_tiny_binary": ("tiny model, binary tensors, added p50 us", ("<=", 150), 5),
     "socket_added_p99_us_tiny_binary": ("tiny model, binary tensors, added p99 us", None, 5),
     "socket_added_p50_us_tiny_json": ("tiny model, JSON tensors, added p50 us", ("<=", 400), 15),
