@@ -288,6 +288,10 @@ def main(argv: list[str]) -> int:
     results: dict[str, float] = json.loads(out.read_text()) if out.exists() else {}
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     repeat = max(1, int(os.environ.get("EDGEWARD_BENCH_REPEAT", "3")))
+    spread_file = HERE / "spread.json"
+    kept: dict[str, list[float]] = (
+        json.loads(spread_file.read_text()) if spread_file.exists() else {}
+    )
     spread: dict[str, list[float]] = {}
     chunks: dict[str, list[str]] = {}
     tee = _Tee(sys.stdout)
@@ -312,6 +316,11 @@ def main(argv: list[str]) -> int:
     for key, vals in spread.items():
         results[key] = statistics.median(vals)
     out.write_text(json.dumps(dict(sorted(results.items())), indent=2) + "\n")
+    # Each key's per-run values, kept so a partial run's document still shows the other
+    # areas' ranges (results.json holds the medians only: numbers the issues name).
+    kept.update(spread)
+    kept = {k: v for k, v in kept.items() if k in results}
+    spread_file.write_text(json.dumps(dict(sorted(kept.items())), indent=1) + "\n")
     print(f"\nwrote {out}")
     TRANSCRIPTS.mkdir(exist_ok=True)
     for area, parts in chunks.items():
@@ -321,7 +330,7 @@ def main(argv: list[str]) -> int:
         for a in AREAS
         if (TRANSCRIPTS / f"{a}.txt").exists()
     )
-    _write_doc(results, spread, transcript, started)
+    _write_doc(results, kept, transcript, started)
     print(f"wrote {ROOT / 'BENCHMARKS.md'}")
     return 0
 
