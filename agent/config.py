@@ -115,7 +115,9 @@ class GrpcConfig:
 
     enabled: bool = False
     socket: Path = Path("/run/edgeward/grpc.sock")
-    threads: int = 8  # gateway threads (concurrent RPCs in progress)
+    # gateway threads for calls that overlap on one connection (each connection has a
+    # thread of its own, which answers the one-at-a-time call itself)
+    threads: int = 8
 
 
 @dataclass(frozen=True)

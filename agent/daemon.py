@@ -114,7 +114,7 @@ class Daemon:
     def _lend_settings(self, name: str) -> dict[str, Any] | None:
         """What a worker needs to answer lent inference connections as this daemon would
         (HTTP limits, admission), or None when lending is off."""
-        from agent.serving.direct import limits_settings
+        from agent.serving.lending import limits_settings
 
         inf = self.cfg.inference
         if not inf.lend_connections:
@@ -363,6 +363,11 @@ class Daemon:
                 max_concurrent=limits.max_connections,
                 threads=g.threads,
                 timeout=limits.body_timeout_s,
+                idle_timeout=limits.keepalive_timeout_s,
+                header_timeout=limits.header_timeout_s,
+                max_header_bytes=limits.max_header_bytes,
+                max_headers=limits.max_headers,
+                max_inflight_bytes=limits.max_inflight_body_bytes,
                 grace=self.cfg.daemon.drain_timeout,
                 log_level=self.cfg.daemon.log_level,
             )

@@ -27,7 +27,7 @@ from agent.store import check_name, reject_file, version_key
 
 if TYPE_CHECKING:
     from agent.config import Config
-    from agent.repository.client import Listing, Offer, RepositoryClient
+    from agent.repository.client import Listing, Offer, RepositoryClient, Tail
 
 logger = logging.getLogger(__name__)
 
@@ -299,10 +299,11 @@ class RepositorySource:
                 p.unlink(missing_ok=True)
                 p.with_name(p.name + ".json").unlink(missing_ok=True)
 
-    def fetch(self, cand: Candidate) -> Path:
+    def fetch(self, cand: Candidate, tail: Tail | None = None) -> Path:
+        """The verified download (``tail``: follows it as it is written)."""
         assert cand.offer is not None
         self.staging.mkdir(parents=True, exist_ok=True)
-        return self.client.download(cand.offer, self.part_path(cand))
+        return self.client.download(cand.offer, self.part_path(cand), tail)
 
     def settle(self, cand: Candidate, reason: str | None, *, final: bool) -> None:
         """Installed or refused for good: the partial file goes; a transient failure keeps

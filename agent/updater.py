@@ -22,6 +22,7 @@ is retried on the next check (a partial download resumes).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import logging
@@ -31,7 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from agent.config import Config
 from agent.durable import atomic_write_bytes
@@ -604,14 +605,32 @@ class Updater:
             # Its interpreter and imports overlap the download and unpack.
             early = self._launch(name, version)
             path = cand.path
+            keyring = self._keyring()
+            streamed: Any = None  # the manifest of a package unpacked while it downloaded
             if src.downloads:
                 step("downloading")
                 self._extend_timeout(max(300.0, cand.size / 1e5))
-                path = await loop.run_in_executor(None, src.fetch, cand)
+                if isinstance(src, RepositorySource):
+                    staging = self.store.staging(prefix=f"{name}-{version}-")
+                    path, streamed = await self._fetch_unpacking(
+                        cand,
+                        src,
+                        staging / "pkg",
+                        trust=trust,
+                        keyring=keyring,
+                        base_dir=base_dir,
+                        kwargs=kwargs,
+                    )
+                else:
+                    path = await loop.run_in_executor(None, src.fetch, cand)
             assert path is not None
             step("verifying")
-            manifest = await loop.run_in_executor(
-                None, lambda: package.read_manifest(path, trust, limits, nofollow=True)
+            manifest = (
+                streamed
+                if streamed is not None
+                else await loop.run_in_executor(
+                    None, lambda: package.read_manifest(path, trust, limits, nofollow=True)
+                )
             )
             if str(manifest.name) != name or str(manifest.version) != version:
                 raise UpdateError(
@@ -620,23 +639,24 @@ class Updater:
                     code="changed",
                 )
             step("unpacking")
-            staging = self.store.staging(prefix=f"{name}-{version}-")
+            if staging is None:
+                staging = self.store.staging(prefix=f"{name}-{version}-")
             out = staging / "pkg"
-            keyring = self._keyring()
             self._extend_timeout(300)
-            await loop.run_in_executor(
-                None,
-                lambda: package.unpack(
-                    path,
-                    out,
-                    trust=trust,
-                    keyring=keyring,
-                    base_dir=base_dir,
-                    nofollow=cand.source == "inbox",
-                    progress=self._go_on,
-                    **kwargs,
-                ),
-            )
+            if streamed is None:
+                await loop.run_in_executor(
+                    None,
+                    lambda: package.unpack(
+                        path,
+                        out,
+                        trust=trust,
+                        keyring=keyring,
+                        base_dir=base_dir,
+                        nofollow=cand.source == "inbox",
+                        progress=self._go_on,
+                        **kwargs,
+                    ),
+                )
             self._preflight_memory(out)
             vdir = self.store.install(name, version, out)
             installed = True
@@ -721,6 +741,75 @@ class Updater:
                 await loop.run_in_executor(None, early.stop, 0.0)
             if staging is not None:
                 shutil.rmtree(staging, ignore_errors=True)
+
+    async def _fetch_unpacking(
+        self,
+        cand: Candidate,
+        src: RepositorySource,
+        out: Path,
+        *,
+        trust: Any,
+        keyring: Any,
+        base_dir: Path | None,
+        kwargs: dict[str, Any],
+    ) -> tuple[Path, Any]:
+        """Download ``cand`` and unpack it into ``out`` in one pass: the unpacker reads the
+        ``.part`` file behind the downloader (:class:`agent.repository.client.Tail`), so
+        hashing, decrypting, decompressing and writing overlap the transfer instead of
+        following it. The unpacker sees the end of the package only once the download
+        matched the target's length and hashes; nothing leaves ``staging/`` before both
+        are done. The download stays what it was (``.part``, resume, caps, retries).
+
+        Returns (the verified download, the unpacked package's manifest), or (the
+        download, None) when the unpack in the stream failed while the download succeeded
+        (a download that started over, a bad package): the caller then unpacks the file
+        as it would have, which gives the authoritative outcome. A failed download raises
+        its own error (the unpacker's half-done directory goes with ``staging``).
+        """
+        from agent import package
+        from agent.repository.client import Tail
+
+        loop = asyncio.get_running_loop()
+        tail = Tail(src.part_path(cand), stopping=self._stopping.is_set)
+        unpacking = loop.run_in_executor(
+            None,
+            lambda: package.unpack(
+                tail.part,
+                out,
+                trust=trust,
+                keyring=keyring,
+                base_dir=base_dir,
+                progress=self._go_on,
+                stream=cast(BinaryIO, tail),
+                size=cand.size,
+                **kwargs,
+            ),
+        )
+        try:
+            try:
+                path = await loop.run_in_executor(None, src.fetch, cand, tail)
+            except BaseException:
+                tail.finish("the download failed")  # fetch may fail before downloading
+                with contextlib.suppress(BaseException):
+                    await unpacking
+                raise
+            try:
+                return path, await unpacking
+            except EdgewardError as exc:
+                if exc.code == "stopping":
+                    raise
+                why = f"[{exc.code}] {exc.message}"
+            except Exception as exc:  # an OSError: the file's own unpack decides
+                why = f"{type(exc).__name__}: {exc}"
+            logger.info(
+                "%s: unpacking while downloading failed (%s); unpacking the download",
+                path.name,
+                why,
+            )
+            shutil.rmtree(out, ignore_errors=True)
+            return path, None
+        finally:
+            tail.close()
 
     def _launch(self, name: str, version: str) -> Any:
         """The version's worker with its process already starting, or None (a name the

@@ -4,32 +4,42 @@ figure beside it, and the daemon's idle RSS with gRPC enabled.
 Anchor: the tiny model (``y = x * 2`` on a [1, 4096] float32 tensor) run in this
 process with onnxruntime, measured in alternating blocks with the served calls (helpers
 from bench/bench_socket.py). Served: the real daemon with ``[grpc] enabled = true``;
-gRPC calls go through the generated stub with ``raw_input_contents`` (the cheapest
-client, so the figure is the server side's), HTTP calls through ``agent.client.Client``
-with binary tensors on a kept-alive (lent) connection.
+gRPC calls go through the generated grpcio stub with ``raw_input_contents`` (the
+cheapest client, so the figure is the server side's), HTTP calls through
+``agent.client.Client`` with binary tensors on a kept-alive (lent) connection.
 
-The gRPC gateway is a process of its own that relays each RPC to the daemon's inference
-socket (agent/grpc_v2/gateway.py: ``import grpc`` costs ~26 MB, which the daemon's 60 MB
-budget cannot hold), so its added latency includes one more process hop; the daemon's
-idle RSS is measured with the gateway running, and the gateway's own RSS is printed and
-recorded beside it.
+The gRPC gateway is a process of its own (agent/grpc_v2/gateway.py) serving our HTTP/2
+core (agent/serving/h2.py) with one thread per connection, and relays each RPC to the
+daemon's inference socket (a lent connection: the worker answers it), so its added
+latency includes one more process hop; the daemon's idle RSS is measured with the
+gateway running, and the gateway's own RSS is printed and recorded beside it.
 
-The floor, measured in the same blocks: the same RPC answered by a bare grpcio server
-(this file run with ``--floor SOCKET``: the gateway's server settings, a handler that
-returns a canned answer of the same size, no upstream, no inference). It is what the
-Python grpcio client and server cost by themselves, which no gateway design over grpcio
-can go below.
+Two floors, measured in the same blocks, each the same RPC answered with a canned
+answer of the same size (no upstream, no inference): a bare grpcio server with the old
+gateway's settings (``--floor SOCKET``), and our HTTP/2 core in the gateway's own
+connection loop (``--core-floor SOCKET``). The core's floor is what the Python grpcio
+client, the transport and two process wake-ups cost by themselves.
 
-Where the rest goes (2026-12-03, load 7-15 on 2 vCPUs, interleaved medians): the
-gateway's own work per RPC, run in-process without gRPC, is ~75 us (the HTTP client's is
-~73); inside the grpcio server the same handler takes ~280 us and the RPC ~800 us.
-``perf`` on the gateway shows a quarter of its samples in context switches (futex waits
-between the C-core threads, the poll thread and the pool thread). A grpc.aio server (with
-an asyncio or a blocking upstream), 1 or 8 pool threads, ``grpc.optimization_target``,
-the worker's spin off and a spinning upstream read all measured within the noise (±10%).
-A throwaway hand-written HTTP/2 responder (frames + the hpack package, one thread per
-connection) answered the same grpcio client in 178 us against 316 us for the bare grpcio
-server: that transport, not grpcio's, is the way under 200.
+History (2026-12-03, 2 vCPUs shared, interleaved medians): with grpcio's server the
+gateway added ~1000 us at load 2 (the bare grpcio server alone 580-630 us); ``perf``
+showed a quarter of its samples in context switches between grpcio's C-core threads,
+and a grpc.aio server, 1 or 8 pool threads, ``grpc.optimization_target``, the worker's
+spin off and a spinning upstream read all measured within the noise. A throwaway
+hand-written HTTP/2 responder answered the same client in 178 us against 316 us for
+bare grpcio, which led to agent/serving/h2.py (``python -m bench.h2_cores``: 32 us per
+call cycle against 281 us for the h2 package). With it, this file run against main's
+grpcio gateway, interleaved, 3 runs each at load 7-11: +625..757 us against +926..965;
+in ``bench.run grpc`` at load 5-6, our core's floor +239..254 us against grpcio's
++416..516 in the same runs. Where the rest goes, measured inside the gateway: HPACK and
+framing ~31 us per call, protobuf and the v2 head ~40 us, the upstream HTTP request to
+the worker ~205 us. The same upstream request issued back to back from one process
+takes ~115 us; issued after a 300 us pause (as the gateway does: it sleeps while the
+grpcio client works) 267-344 us: the gateway and the worker have gone idle and their
+vCPUs cold. Spinning on the upstream read and a longer worker spin (``lend_spin_us =
+2000``) measured within the noise. So the goal needs the hop gone: the worker answering
+the gRPC connection itself (lent, as HTTP connections are), which also needs the
+connection's HTTP/2 state to travel with it or foreign calls relayed over the worker's
+channel (workers may not reach the daemon's sockets).
 ``EDGEWARD_BENCH_QUICK=1`` shortens the loops.
 """
 
@@ -109,6 +119,40 @@ def _floor_server(path: str) -> None:
     threading.Event().wait()
 
 
+def _core_floor_server(path: str) -> None:
+    """Our HTTP/2 core in the gateway's connection loop, ModelInfer answering y = the
+    input's bytes without an upstream (the floor of the gateway's transport)."""
+    import threading
+
+    from agent.grpc_v2 import grpc_service_pb2 as pb
+    from agent.grpc_v2.gateway import Gateway, Service
+
+    class Echo(Service):
+        def call(self, path: str, message: bytes) -> tuple[int, bytes | str]:
+            request = pb.ModelInferRequest.FromString(message)
+            resp = pb.ModelInferResponse(model_name=request.model_name, model_version="1")
+            resp.outputs.add(name="y", datatype="FP32", shape=[1, TINY_WIDTH])
+            resp.raw_output_contents.append(request.raw_input_contents[0])
+            return 0, resp.SerializeToString()
+
+    gw = Gateway(Path(path), "/nonexistent", mode=0o600)
+    gw.service = Echo("/nonexistent", 1.0)
+    gw.start()
+    print("READY", flush=True)
+    threading.Event().wait()
+
+
+def _spawn_floor(flag: str, sock: Path) -> subprocess.Popen[bytes]:
+    sock.unlink(missing_ok=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.bench_grpc", flag, str(sock)],
+        stdout=subprocess.PIPE,
+        cwd=ROOT,
+    )
+    assert proc.stdout is not None and proc.stdout.readline().strip() == b"READY"
+    return proc
+
+
 def run(work: Path) -> dict[str, float]:
     import grpc
 
@@ -142,19 +186,20 @@ def run(work: Path) -> dict[str, float]:
             return np.frombuffer(resp.raw_output_contents[0], dtype=np.float32)
 
         assert np.array_equal(via_grpc(), (x * 2).reshape(-1))
-        floor_sock = work / "floor.sock"
-        floor_sock.unlink(missing_ok=True)
-        floor = subprocess.Popen(
-            [sys.executable, "-m", "bench.bench_grpc", "--floor", str(floor_sock)],
-            stdout=subprocess.PIPE,
-            cwd=ROOT,
-        )
-        assert floor.stdout is not None and floor.stdout.readline().strip() == b"READY"
-        floor_channel = grpc.insecure_channel(f"unix:{floor_sock}")
+        floor = _spawn_floor("--floor", work / "floor.sock")
+        floor_channel = grpc.insecure_channel(f"unix:{work / 'floor.sock'}")
         floor_stub = pb_grpc.GRPCInferenceServiceStub(floor_channel)
+        core = _spawn_floor("--core-floor", work / "core.sock")
+        core_channel = grpc.insecure_channel(f"unix:{work / 'core.sock'}")
+        core_stub = pb_grpc.GRPCInferenceServiceStub(core_channel)
 
         def via_floor() -> Any:
             return floor_stub.ModelInfer(req)
+
+        def via_core() -> Any:
+            return core_stub.ModelInfer(req)
+
+        assert core_stub.ModelInfer(req).raw_output_contents[0] == req.raw_input_contents[0]
 
         http = Client(str(d.infer_sock))
 
@@ -164,9 +209,11 @@ def run(work: Path) -> dict[str, float]:
         a_g, s_g = _paired_lat(anchor, via_grpc, n)
         a_h, s_h = _paired_lat(anchor, via_http, n)
         a_f, s_f = _paired_lat(anchor, via_floor, n)
-        floor_channel.close()
-        floor.kill()
-        floor.wait()
+        a_c, s_c = _paired_lat(anchor, via_core, n)
+        for ch, proc in ((floor_channel, floor), (core_channel, core)):
+            ch.close()
+            proc.kill()
+            proc.wait()
         live = pb.ServerLiveRequest()
         # the floor: an RPC that does no inference (the gateway asks the daemon's
         # /v2/health/live, a short HTTP round trip answered by the daemon itself)
@@ -179,21 +226,24 @@ def run(work: Path) -> dict[str, float]:
     grpc_added = (_pct(s_g, 0.5) - _pct(a_g, 0.5)) * us
     http_added = (_pct(s_h, 0.5) - _pct(a_h, 0.5)) * us
     floor_added = (_pct(s_f, 0.5) - _pct(a_f, 0.5)) * us
+    core_added = (_pct(s_c, 0.5) - _pct(a_c, 0.5)) * us
     print(
         f"tiny [1,{TINY_WIDTH}] fp32: in-process p50 {_pct(a_g, 0.5) * us:.1f} us; gRPC "
-        f"(raw_input_contents, gateway process) p50 {_pct(s_g, 0.5) * us:.1f} us "
+        f"(raw_input_contents, gateway process, our HTTP/2 core) p50 {_pct(s_g, 0.5) * us:.1f} us "
         f"(+{grpc_added:.1f} us, goal <= 200); HTTP binary (lent connection) p50 "
         f"{_pct(s_h, 0.5) * us:.1f} us (+{http_added:.1f} us); gRPC / HTTP added "
         f"{grpc_added / http_added:.2f}x"
     )
     print(
-        f"the floor: the same RPC answered by a bare grpcio server (no gateway, no inference) "
-        f"p50 {_pct(s_f, 0.5) * us:.1f} us (+{floor_added:.1f} us); the gateway adds "
-        f"{grpc_added - floor_added:.1f} us over it (its HTTP hop to the worker and the "
-        f"inference included); uptime load {os.getloadavg()[0]:.1f}"
+        f"floors, the same RPC with a canned answer (no upstream, no inference): our HTTP/2 "
+        f"core in the gateway's loop p50 {_pct(s_c, 0.5) * us:.1f} us (+{core_added:.1f} us); "
+        f"a bare grpcio server p50 {_pct(s_f, 0.5) * us:.1f} us (+{floor_added:.1f} us); "
+        f"the gateway adds {grpc_added - core_added:.1f} us over its core's floor (the HTTP "
+        f"hop to the worker and the inference included); uptime load "
+        f"{os.getloadavg()[0]:.1f}"
     )
     print(
-        f"gRPC ServerLive (no inference: Python gRPC client + server + one HTTP round trip "
+        f"gRPC ServerLive (no inference: grpcio client + the gateway + one HTTP round trip "
         f"to the daemon) p50 {_pct(s_live, 0.5) * us:.1f} us"
     )
     print(
@@ -204,6 +254,7 @@ def run(work: Path) -> dict[str, float]:
         "grpc_added_p50_us_tiny": grpc_added,
         "grpc_http_added_p50_us_tiny": http_added,
         "grpc_floor_added_p50_us_tiny": floor_added,
+        "grpc_core_floor_added_p50_us_tiny": core_added,
         "daemon_idle_rss_mb_grpc": daemon_rss,
         "grpc_gateway_idle_rss_mb": gateway_rss,
     }
@@ -212,5 +263,7 @@ def run(work: Path) -> dict[str, float]:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--floor"]:
         _floor_server(sys.argv[2])
+    if sys.argv[1:2] == ["--core-floor"]:
+        _core_floor_server(sys.argv[2])
     print(run(ROOT / "bench" / "work" / "grpc"))
     sys.exit(0)

@@ -4,7 +4,8 @@
 and 4 callers as ``bench_worker``; per round, in alternating order:
 
 - ``inproc``: ``Servable.predict`` in this process (the anchor);
-- ``worker``: :class:`agent.serving.worker.ModelWorker` (``predict`` on its lanes);
+- ``worker``: :class:`agent.serving.worker.ModelWorker` (``predict``; its event loop
+  reads the replies);
 - ``bare``: a forked child serving 4 lanes with nothing but the work a boundary cannot
   avoid: the caller copies its input into its slot of a memfd, sends one byte, the child
   runs the same servable on the slot and answers one byte. No framing, no descriptors,

@@ -838,7 +838,16 @@ def _build(
     if kind == "onnxruntime":
         from runtime.onnx_backend import OnnxBackend
 
-        reference = OnnxBackend(src, config, level="disable", prepack=False)
+        # weights read in place from the (page-cached) file: no copy, next to no load; one
+        # thread that never spins: it answers a few inputs beside the serving session's load
+        quiet = dataclasses.replace(config.onnx, intra_op_threads=1, allow_spinning=False)
+        reference = OnnxBackend(
+            src,
+            dataclasses.replace(config, onnx=quiet),
+            level="disable",
+            prepack=False,
+            shared_weights=True,
+        )
     else:
         reference = make_backend(kind, src, config)
     samples = load_samples(model_dir)
@@ -987,7 +996,11 @@ def _build(
             if serving is None:
                 serve_level = "disable"
                 if current == src:
-                    serving = ref()  # the unconverted model itself
+                    # the unconverted model itself, loaded to serve (the reference reads
+                    # its weights in place from the file, unpacked for a few inputs)
+                    ref()
+                    serving = OnnxBackend(src, config, level="disable")
+                    serving.load()
                     info["validation"] = {"validated": True, "source": "unconverted"}
                 else:
                     serving = OnnxBackend(current, config, level="disable")

@@ -161,8 +161,11 @@ class Servable:
         config: RuntimeConfig,
         converted: Converted,
         script: RunScript | None = None,
+        warmed: bool = False,
     ):
         self.info = info
+        # the backend already ran on the warm-up's input (the converter's validation)
+        self._warmed = warmed
         self.name = info.name
         self.version = info.version
         self.model_dir = model_dir
@@ -228,8 +231,12 @@ class Servable:
 
         Uses the first model-level sample, else seeded random inputs from the signature
         (see docs/RUNTIME.md). Returns False if the model refused the warm-up input
-        (logged; not an error: a model may need specific sizes).
+        (logged; not an error: a model may need specific sizes). A session the converter
+        just validated ran on that very input already: nothing to do then.
         """
+        if self._warmed:
+            self._warmed = False
+            return True
         names = {s.name for s in self.backend.inputs}
         feed = next((ins for _, ins, _ in load_samples(self.model_dir) if set(ins) == names), None)
         if feed is None:
@@ -247,6 +254,16 @@ class Servable:
             self.script.close()
             self.script = None
         self.backend.unload()
+
+
+def prefetch() -> None:
+    """What a model worker does while it waits for its model (agent/serving/worker_main.py):
+    import onnxruntime and compute the device fingerprint the converter cache key hashes,
+    so neither is on an update's critical path (~0.1 s on the 2-core VM). It starts no
+    thread that runs package code and reads nothing of a package."""
+    from runtime.fingerprint import device_info
+
+    device_info()
 
 
 def open_model(
@@ -281,6 +298,11 @@ def open_model(
     # The converter hands over the session it validated (or checked on reuse): serving
     # it saves loading the model once more.
     backend = converted.session if converted.session is not None else None
+    checked = (converted.info.get("validation") or {}).get("checked", 0)
+    # a fresh build validated this session on the warm-up's inputs (a reused one may not
+    # have run at all: no golden record)
+    warmed = backend is not None and not converted.from_cache and isinstance(checked, int)
+    warmed = warmed and checked > 0
     converted.session = None
     if backend is None:
         backend = _make_loaded_backend(converted, cfg)
@@ -308,7 +330,13 @@ def open_model(
         ", cached" if converted.from_cache else "",
     )
     return Servable(
-        info, model_dir, backend=backend, config=cfg, converted=converted, script=script
+        info,
+        model_dir,
+        backend=backend,
+        config=cfg,
+        converted=converted,
+        script=script,
+        warmed=warmed,
     )
 
 

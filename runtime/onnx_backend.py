@@ -125,8 +125,11 @@ def create_session(
     level: str | None = None,
     optimized_out: Path | None = None,
     prepack: bool = True,
+    shared_weights: bool = False,
 ) -> Any:
-    """An ``InferenceSession`` with the configured providers.
+    """An ``InferenceSession`` with the configured providers. ``shared_weights``: large
+    weights are read in place from the mapped file (:mod:`runtime.onnx_weights`; for a
+    short-lived validation reference), falling back to the ordinary load.
 
     Raises:
         RuntimeBackendError: ORT refuses the model (code ``model-load``).
@@ -134,14 +137,26 @@ def create_session(
     import onnxruntime as ort
 
     providers, provider_options = resolve_providers(opts)
+    sess = None
+    if shared_weights:
+        from runtime.onnx_weights import shared_weights_session
+
+        so = session_options(opts, level=level, optimized_out=optimized_out, prepack=prepack)
+        try:
+            sess = shared_weights_session(
+                model_path, so, providers, provider_options=provider_options
+            )
+        except Exception as exc:  # the ordinary load below decides (and reports) for good
+            logger.debug("%s: no shared-weights session (%s)", model_path.name, exc)
     so = session_options(opts, level=level, optimized_out=optimized_out, prepack=prepack)
     try:
-        sess = ort.InferenceSession(
-            str(model_path),
-            sess_options=so,
-            providers=providers,
-            provider_options=provider_options,
-        )
+        if sess is None:
+            sess = ort.InferenceSession(
+                str(model_path),
+                sess_options=so,
+                providers=providers,
+                provider_options=provider_options,
+            )
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... classes
         raise RuntimeBackendError(
             f"onnxruntime cannot load {model_path.name}: {_last_line(exc)}", code="model-load"
@@ -189,11 +204,13 @@ class OnnxBackend(Backend):
         level: str | None = None,
         optimized_out: Path | None = None,
         prepack: bool = True,
+        shared_weights: bool = False,
     ):
         super().__init__(model_path, config)
         self._level = level
         self._optimized_out = optimized_out  # the converter: ORT saves its graph here
         self._prepack = prepack
+        self._shared_weights = shared_weights  # weights read in place (a reference)
         self._session: Any = None
         self._output_names: list[str] = []
         self._text_inputs: list[str] = []
@@ -209,6 +226,7 @@ class OnnxBackend(Backend):
             level=self._level,
             optimized_out=self._optimized_out,
             prepack=self._prepack,
+            shared_weights=self._shared_weights,
         )
         self._inputs = [_spec(a) for a in self._session.get_inputs()]
         self._outputs = [_spec(a) for a in self._session.get_outputs()]

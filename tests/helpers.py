@@ -570,10 +570,12 @@ def toy_worker(tmp_path: Path, **kw: object) -> ModelWorker:
         d,
         RuntimeConfig(),
         cache_dir=tmp_path / "c",
-        loader=f"{L}:toy",
-        self_test_fn=f"{L}:toy_self_test",
-        restart_backoff=(0.05, 0.5),
-        **kw,  # type: ignore[arg-type]
+        **{  # type: ignore[arg-type]
+            "loader": f"{L}:toy",
+            "self_test_fn": f"{L}:toy_self_test",
+            "restart_backoff": (0.05, 0.5),
+            **kw,
+        },
     )
 
 

@@ -163,7 +163,7 @@ def test_worker_boundary_carries_bytes_without_pickle() -> None:
         "u": np.array(["héllo", "x"]),
         "f": np.arange(3, dtype=np.float32),
     }
-    descs, parts, _, _ = ipc.encode(arrays, None, None)
+    descs, parts, _ = ipc.encode(arrays, None, None)
     assert {d["e"] for d in descs} == {"bytes", "raw"}
     payload = bytearray(b"".join(bytes(p) for p in parts))
     assert b"pickle" not in payload and b"\x80\x05" not in payload[:2]

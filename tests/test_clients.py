@@ -448,3 +448,31 @@ def test_chunked_and_gzip_on_a_lent_connection(daemon: tuple[DaemonProc, int, Pa
     (text,) = [m for m in json.loads(raw)["models"] if m["name"] == "text"]
     assert text["lent_connections"] >= 1  # it was the worker that read those bodies
     s.close()
+
+
+def test_grpc_concurrent_and_compressed_calls(triton_grpc: Any) -> None:
+    """Calls that overlap on one channel (one HTTP/2 connection) are each answered with
+    their own result; gzip and deflate request messages are inflated."""
+    import queue
+
+    import tritonclient.grpc as grpcclient
+
+    done: queue.Queue[tuple[int, Any, Any]] = queue.Queue()
+    for i in range(12):
+        x = grpcclient.InferInput("x", [1, 4], "FP32")
+        x.set_data_from_numpy(np.full((1, 4), i, np.float32))
+        triton_grpc.async_infer(
+            "tiny",
+            [x],
+            callback=lambda result, error, i=i: done.put((i, result, error)),
+            client_timeout=60,
+        )
+    got = {}
+    for _ in range(12):
+        i, r, e = done.get(timeout=120)
+        assert e is None, e
+        got[i] = r.as_numpy("y").tolist()
+    assert got == {i: [[2.0 * i] * 4] for i in range(12)}
+    for algo in ("gzip", "deflate"):
+        res = triton_grpc.infer("tiny", [_tiny_input("grpc")], compression_algorithm=algo)
+        assert res.as_numpy("y").tolist() == [[2.0, 4.0, 6.0, 8.0]]

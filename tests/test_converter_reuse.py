@@ -162,3 +162,34 @@ def test_torn_golden_record_is_a_miss_not_a_failure(tmp_path: Path, ppocr_cls: P
         s2.predict({"x": CLS_X})[CLS_OUT], _ort(ppocr_cls), rtol=1e-4, atol=1e-5
     )
     s2.close()
+
+
+def test_reference_reads_weights_in_place_and_still_validates(
+    tmp_path: Path, sessions: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import runtime.onnx_weights as ow
+    from tests.repo_util import big_onnx
+
+    monkeypatch.setattr(conv, "ONLINE_OPTIMISE_BYTES", 1)  # served from the package
+    shared: list[bool] = []
+    real = ow.shared_weights_session
+
+    def spy(*a: Any, **kw: Any) -> Any:
+        sess = real(*a, **kw)
+        shared.append(sess is not None)
+        return sess
+
+    monkeypatch.setattr(ow, "shared_weights_session", spy)
+    model = big_onnx(tmp_path / "big.onnx", mib=2, seed=4)  # one 2 MiB weight
+    pkg = make_package(tmp_path / "pkg", model)
+    s = open_model(pkg, RuntimeConfig(), cache_dir=tmp_path / "c")
+    ref = next(m for m in sessions if m.get("level") == "disable")
+    assert ref["shared_weights"] is True and shared == [True]
+    assert s.converted.info["validation"] == {"validated": True, "source": "random", "checked": 1}
+    # the serving session is an ordinary load (its own weights, prepacked)
+    serve = next(m for m in sessions if m.get("level") != "disable")
+    assert not serve.get("shared_weights")
+    x = np.random.default_rng(5).standard_normal((3, 4)).astype(np.float32)
+    want = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_allclose(s.predict({"x": x})["y"], want[0], rtol=1e-5, atol=1e-5)
+    s.close()

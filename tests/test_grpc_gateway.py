@@ -1,11 +1,14 @@
 """The gRPC gateway's lifecycle and limits, and the config of the extra listeners:
 a gateway killed with SIGKILL comes back, messages over max_body_bytes are refused,
+hostile connections get GOAWAY while the gateway serves on,
 a missing extra is one clear line, tcp_listen refuses non-loopback addresses."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import time
@@ -18,7 +21,13 @@ import pytest
 
 from agent.config import parse_config
 from agent.errors import ConfigError
+from agent.serving.h2 import PREFACE
 from tests.daemon_util import ROOT, DaemonProc, run_dir, start_daemon, tiny_model_dir
+
+
+def _frame(ftype: int, flags: int, sid: int, payload: bytes = b"") -> bytes:
+    n = len(payload)
+    return struct.pack("!HBBBL", n >> 8, n & 0xFF, ftype, flags, sid) + payload
 
 
 def _gateway_pids(d: DaemonProc) -> list[int]:
@@ -40,7 +49,7 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DaemonProc
     d = start_daemon(
         work,
         [tiny_model_dir(root / "src", "tiny", "1")],
-        limits={"max_body_bytes": 65536},
+        limits={"max_body_bytes": 65536, "header_timeout_s": 2.0},
         extra=f'[grpc]\nenabled = true\nsocket = "{sock}"\n',
     )
     yield d, sock
@@ -102,7 +111,7 @@ def test_sigterm_stops_the_gateway_and_removes_its_socket(tmp_path: Path) -> Non
 
 def test_missing_extra_is_one_line(tmp_path: Path) -> None:
     code = (
-        "import sys, runpy; sys.modules['grpc'] = None; "
+        "import sys, runpy; sys.modules['hpack'] = None; "
         "runpy.run_module('agent.grpc_v2', run_name='__main__')"
     )
     r = subprocess.run(
@@ -151,3 +160,66 @@ def test_grpc_section() -> None:
         parse_config({"grpc": {"socket": "/run/edgeward/infer.sock"}})
     with pytest.raises(ConfigError, match=r"unknown key grpc\.port"):
         parse_config({"grpc": {"port": 1}})
+
+
+def _read_frames(s: socket.socket) -> list[tuple[int, int, int, bytes]]:
+    """Frames until the server closes the connection."""
+    data = b""
+    s.settimeout(60)
+    while chunk := s.recv(65536):
+        data += chunk
+    out, pos = [], 0
+    while pos + 9 <= len(data):
+        hi, lo, ftype, flags, sid = struct.unpack_from("!HBBBL", data, pos)
+        n = (hi << 8) | lo
+        out.append((ftype, flags, sid, data[pos + 9 : pos + 9 + n]))
+        pos += 9 + n
+    return out
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    ("payload", "code"),
+    [
+        (b"GET / HTTP/1.1\r\nhost: x\r\n\r\n", 0x1),  # not HTTP/2: PROTOCOL_ERROR
+        # a header block that decodes past max_header_bytes: ENHANCE_YOUR_CALM
+        (
+            PREFACE
+            + _frame(4, 0, 0)
+            + _frame(1, 0x5, 1, b"\x40\x05x-big\x7f\xa1\x1e" + b"v" * 4000 + b"\xbe" * 8000),
+            0xB,
+        ),
+    ],
+    ids=["bad-preface", "hpack-bomb"],
+)
+def test_hostile_connections_get_goaway_and_the_gateway_serves_on(
+    small: tuple[DaemonProc, Path], payload: bytes, code: int
+) -> None:
+    import tritonclient.grpc as grpcclient
+
+    _d, sock = small
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(sock))
+        s.sendall(payload)
+        frames = _read_frames(s)
+    goaways = [f for f in frames if f[0] == 7]
+    assert len(goaways) == 1 and struct.unpack_from("!L", goaways[0][3], 4)[0] == code
+    c = grpcclient.InferenceServerClient(f"unix:{sock}")
+    ok = grpcclient.InferInput("x", [1, 4], "FP32")
+    ok.set_data_from_numpy(np.ones((1, 4), np.float32))
+    assert c.infer("tiny", [ok]).as_numpy("y").tolist() == [[2.0] * 4]
+    c.close()
+
+
+@pytest.mark.e2e
+def test_an_incomplete_header_block_is_closed_after_header_timeout(
+    small: tuple[DaemonProc, Path],
+) -> None:
+    """A client that starts a header block and never ends it (slowloris) gets GOAWAY
+    and the close once the inference socket's header_timeout_s (2 s here) runs out."""
+    _d, sock = small
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(sock))
+        s.sendall(PREFACE + _frame(4, 0, 0) + _frame(1, 0, 1, b"\x83\x86"))  # no END_HEADERS
+        frames = _read_frames(s)
+    assert [f[0] for f in frames if f[0] == 7] == [7]

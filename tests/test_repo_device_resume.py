@@ -131,3 +131,35 @@ def test_daemon_killed_mid_download_resumes_after_restart(
     finally:
         d.stop()
         nginx.stop()
+
+
+def test_download_that_starts_over_is_unpacked_from_the_file(
+    tmp_path: Path, pkg: tuple[Path, Path]
+) -> None:
+    """A server that ignores Range restarts a resumed download from byte 0: the unpack
+    that followed the first bytes is dropped and the finished file is unpacked instead."""
+    package, trust = pkg
+    repo = TufRepo.create(tmp_path / "repo")
+    tf = repo.add(package, fields_of(package))
+    repo.publish()
+    nginx = Nginx(tmp_path / "nginx", tmp_path / "repo", extra_server="max_ranges 0;")
+    rtable = write_repo_config(tmp_path, nginx, repo, retries=1, backoff_s=0.1)
+    cfg = write_config(tmp_path / "d", trust_dir=trust, extra=rtable)
+    staging = tmp_path / "d" / "state" / "staging"
+    staging.mkdir(parents=True)
+    expect = {"path": tf.path, "length": tf.length, "hashes": dict(tf.hashes)}
+    (staging / "big-1.part").write_bytes(package.read_bytes()[: tf.length // 2])
+    (staging / "big-1.part.json").write_text(json.dumps(expect, sort_keys=True))
+    d = start_daemon(tmp_path / "d", config=cfg)
+    try:
+        res = json.loads(d.cli("check", "--json", timeout=180).stdout)
+        assert res["installed"] == {"big": "1"}, res
+        _served_bytes, ranges = _served(nginx, package)
+        assert any(r.startswith("bytes=") for r in ranges), ranges  # it did try to resume
+        log = d.log()
+        assert "the server ignored Range; starting over" in log
+        assert "unpacking while downloading failed" in log and "started over" in log
+        assert part_files(d.state_dir) == []
+    finally:
+        d.stop()
+        nginx.stop()

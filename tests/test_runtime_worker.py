@@ -150,8 +150,7 @@ def test_child_errors_keep_class_and_code(tmp_path: Path) -> None:
 
 
 def test_segfault_loader_is_clear_error(tmp_path: Path) -> None:
-    w = toy_worker(tmp_path)
-    w.loader = f"{L}:segfault"
+    w = toy_worker(tmp_path, loader=f"{L}:segfault")
     with pytest.raises(WorkerError) as ei:
         w.start(timeout=60)
     assert ei.value.code == "worker-crashed" and "SIGSEGV" in ei.value.message
@@ -161,8 +160,7 @@ def test_segfault_loader_is_clear_error(tmp_path: Path) -> None:
 
 
 def test_failing_start_carries_child_error(tmp_path: Path) -> None:
-    w = toy_worker(tmp_path)
-    w.loader = f"{L}:failing"
+    w = toy_worker(tmp_path, loader=f"{L}:failing")
     with pytest.raises(WorkerError) as ei:
         w.start(timeout=60)
     assert ei.value.code == "converter-stage" and "onnxsim failed" in ei.value.message
@@ -259,7 +257,10 @@ def test_loop_mode_replies_read_by_the_event_loop(tmp_path: Path) -> None:
         w = toy_worker(tmp_path, loop=loop, max_concurrency=2)
         await loop.run_in_executor(None, w.start)
         try:
-            assert not any(t.name == "worker-toy" for t in threading.enumerate())
+            # the daemon's loop reads the replies: no thread of the worker's own does
+            assert not any(t.name.startswith("worker-toy-r") for t in threading.enumerate()), [
+                t.name for t in threading.enumerate()
+            ]
             xs = [np.full((200, 200), float(i), dtype=np.float32) for i in range(6)]  # shm
             small = [np.arange(3.0) + i for i in range(6)]  # inline
             outs = await asyncio.gather(*(w.apredict({"x": x}, timeout=20) for x in xs + small))
@@ -300,13 +301,14 @@ def test_loop_mode_replies_read_by_the_event_loop(tmp_path: Path) -> None:
     asyncio.run(scenario())
 
 
-def test_thread_mode_callers_read_replies_mixed_sync_async_and_timeouts(tmp_path: Path) -> None:
-    """No event loop given: sync callers take turns reading the socket for everybody,
-    apredict callers are served by the async reader; a timed-out reader hands the role
-    on, so later and concurrent requests still get their replies."""
+def test_no_loop_given_a_private_loop_reads_mixed_sync_async_and_timeouts(tmp_path: Path) -> None:
+    """No event loop given: the worker reads its replies on a loop thread of its own, for
+    sync callers on several threads and apredict callers on another loop alike; a
+    timed-out request's late reply is still read, and stop ends that thread."""
     w = toy_worker(tmp_path, max_concurrency=4)
     w.start()
     try:
+        assert any(t.name == "worker-toy-replies" for t in threading.enumerate())
         with pytest.raises(WorkerError) as info:  # the reader role holder times out
             w.predict({"x": np.ones(1), "sleep": np.array([1.0])}, timeout=0.2)
         assert info.value.code == "worker-timeout"
@@ -337,6 +339,7 @@ def test_thread_mode_callers_read_replies_mixed_sync_async_and_timeouts(tmp_path
         assert w.stats()["in_flight"] == 0
     finally:
         w.stop()
+    assert not any(t.name == "worker-toy-replies" for t in threading.enumerate())
 
 
 def test_loop_mode_big_inline_frames_do_not_deadlock(tmp_path: Path) -> None:

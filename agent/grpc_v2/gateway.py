@@ -1,13 +1,19 @@
 """KServe v2 / Triton gRPC on a Unix socket, in its own process, as a thin adapter over
 the daemon's one data plane.
 
-Why a process of its own: ``import grpc`` alone costs ~26 MB of resident memory, which
-would take the daemon's idle RSS past its 60 MB budget. So the daemon starts this
-process when ``[grpc] enabled = true`` and keeps it running; the gateway maps every RPC
-onto the v2 HTTP request that means the same on the daemon's inference socket (binary
-tensors, kept-alive connections, one per gateway thread) and maps the answer back.
-There is no second inference path: validation, admission, errors, statistics and lent
-connections (the worker answers the gateway's connection itself) are the daemon's.
+The transport is our own HTTP/2 core (``agent/serving/h2.py``, sans-I/O) driven by one
+blocking thread per connection: grpcio's server costs 360-600 us per RPC by itself
+(bench/bench_grpc.py), several times the whole budget. The process needs protobuf (the
+generated ``grpc_service_pb2``) and ``hpack``, not grpcio.
+
+Why a process of its own: it keeps protobuf's ~10 MB and the gateway's threads out of
+the daemon's 60 MB idle budget, and it is the simplest correct shape: the daemon starts
+this process when ``[grpc] enabled = true`` and keeps it running; the gateway maps every
+RPC onto the v2 HTTP request that means the same on the daemon's inference socket
+(binary tensors, kept-alive connections, one per gateway connection thread) and maps
+the answer back. There is no second inference path: validation, admission, errors,
+statistics and lent connections (the worker answers the gateway's connection itself)
+are the daemon's.
 
 Tensors cross unchanged: ``raw_input_contents`` / ``raw_output_contents`` have exactly
 the binary tensor extension's layout (little-endian, row-major, BYTES elements as a
@@ -20,8 +26,10 @@ UNAVAILABLE, ...) with the message ``[code] error``.
 
 Access: the socket gets the inference socket's mode and group (bound under a temporary
 name with a 0600 umask, then chmod/chown and renamed into place, as agent/serving/http.py
-does). gRPC cannot report the peer's SO_PEERCRED, so the file permissions are the
-access control, as they are for the inference socket's callers.
+does). The gateway does not ask SO_PEERCRED: the file permissions are the access
+control, as they are for the inference socket's callers; its limits are the inference
+socket's (message size = max_body_bytes, header bytes and fields, connections,
+keep-alive and body timeouts).
 """
 
 from __future__ import annotations
@@ -32,40 +40,42 @@ import json
 import logging
 import os
 import signal
+import socket
 import struct
 import sys
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from concurrent import futures
 from pathlib import Path
 from typing import Any
 
-import grpc
 from google.protobuf import json_format
+from google.protobuf.message import DecodeError
 
 from agent.client import Client
 from agent.grpc_v2 import grpc_service_pb2 as _pb
-from agent.grpc_v2 import grpc_service_pb2_grpc as _pb_grpc
+from agent.serving.h2 import Call, H2Limits, H2Server, Status
 from agent.serving.http import _resolve_group, clear_stale_socket
 
 logger = logging.getLogger(__name__)
 
-# The generated modules build their classes at import time: typed as Any here.
+# The generated module builds its classes at import time: typed as Any here.
 pb: Any = _pb
-pb_grpc: Any = _pb_grpc
 
-__all__ = ["Gateway", "main"]
+__all__ = ["Gateway", "Service", "main"]
 
 _STATUS = {
-    400: grpc.StatusCode.INVALID_ARGUMENT,
-    404: grpc.StatusCode.NOT_FOUND,
-    405: grpc.StatusCode.UNIMPLEMENTED,
-    408: grpc.StatusCode.DEADLINE_EXCEEDED,
-    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    415: grpc.StatusCode.INVALID_ARGUMENT,
-    503: grpc.StatusCode.UNAVAILABLE,
+    400: Status.INVALID_ARGUMENT,
+    404: Status.NOT_FOUND,
+    405: Status.UNIMPLEMENTED,
+    408: Status.DEADLINE_EXCEEDED,
+    413: Status.RESOURCE_EXHAUSTED,
+    415: Status.INVALID_ARGUMENT,
+    503: Status.UNAVAILABLE,
 }
 HEADER_LENGTH = "inference-header-content-length"
+SERVICE = "/inference.GRPCInferenceService/"
 
 # Typed contents → (the InferTensorContents field, numpy dtype of the wire form).
 _CONTENTS = {
@@ -132,11 +142,41 @@ def _pack_contents(t: Any) -> bytes:
         raise _Upstream(400, "bad-tensor", f"tensor {t.name!r}: {exc}") from None
 
 
-class Servicer(_pb_grpc.GRPCInferenceServiceServicer):
-    """The RPCs, each one v2 HTTP request to the daemon."""
+class Service:
+    """The RPCs, each one v2 HTTP request to the daemon: :meth:`call` maps a gRPC
+    method and its request message to (gRPC status, answer message or error text)."""
 
     def __init__(self, upstream: str, timeout: float) -> None:
         self.client = Client(upstream, timeout=timeout, binary=True)
+        self.methods: dict[str, tuple[Any, Callable[[Any], Any]]] = {
+            "ServerLive": (pb.ServerLiveRequest, self.server_live),
+            "ServerReady": (pb.ServerReadyRequest, self.server_ready),
+            "ModelReady": (pb.ModelReadyRequest, self.model_ready),
+            "ServerMetadata": (pb.ServerMetadataRequest, self.server_metadata),
+            "ModelMetadata": (pb.ModelMetadataRequest, self.model_metadata),
+            "ModelConfig": (pb.ModelConfigRequest, self.model_config),
+            "ModelStatistics": (pb.ModelStatisticsRequest, self.model_statistics),
+            "RepositoryIndex": (pb.RepositoryIndexRequest, self.repository_index),
+            "ModelInfer": (pb.ModelInferRequest, self.infer),
+        }
+
+    def call(self, path: str, message: bytes) -> tuple[int, bytes | str]:
+        """(0, the answer's bytes) or (a gRPC status, its message)."""
+        method = self.methods.get(path[len(SERVICE) :]) if path.startswith(SERVICE) else None
+        if method is None:
+            return Status.UNIMPLEMENTED, f"unknown method {path[:200]!r}"
+        cls, fn = method
+        try:
+            request = cls.FromString(message)
+        except DecodeError as exc:
+            return Status.INVALID_ARGUMENT, f"[bad-message] cannot parse the request: {exc}"
+        try:
+            return Status.OK, fn(request).SerializeToString()
+        except _Upstream as exc:
+            return _STATUS.get(exc.status, Status.INTERNAL), f"[{exc.code}] {exc.message}"
+        except Exception as exc:  # a gateway bug: say so, keep serving
+            logger.exception("grpc gateway failed")
+            return Status.INTERNAL, f"[internal] {type(exc).__name__}"
 
     # --- plumbing ---------------------------------------------------------------------
 
@@ -171,108 +211,64 @@ class Servicer(_pb_grpc.GRPCInferenceServiceServicer):
             raise _Upstream(400, "bad-model-name", f"invalid model name {name!r}")
         return f"/v2/models/{name}" + (f"/versions/{version}" if version else "")
 
-    @staticmethod
-    def _abort(context: Any, exc: _Upstream) -> None:
-        code = _STATUS.get(exc.status, grpc.StatusCode.INTERNAL)
-        context.abort(code, f"[{exc.code}] {exc.message}")
-
-    def _run(self, context: Any, fn: Any, *args: Any) -> Any:
-        try:
-            return fn(*args)
-        except _Upstream as exc:
-            self._abort(context, exc)
-        except Exception as exc:  # a gateway bug: say so, keep serving
-            logger.exception("grpc gateway failed")
-            context.abort(grpc.StatusCode.INTERNAL, f"[internal] {type(exc).__name__}")
-        return None  # pragma: no cover - abort raises
-
     # --- health and metadata ----------------------------------------------------------
 
-    def ServerLive(self, request: Any, context: Any) -> Any:
-        return self._run(
-            context,
-            lambda: pb.ServerLiveResponse(live=self._json("GET", "/v2/health/live")["live"]),
+    def server_live(self, request: Any) -> Any:
+        return pb.ServerLiveResponse(live=self._json("GET", "/v2/health/live")["live"])
+
+    def server_ready(self, request: Any) -> Any:
+        status, _h, _d = self._call("GET", "/v2/health/ready", ok=(200, 503))
+        return pb.ServerReadyResponse(ready=status == 200)
+
+    def model_ready(self, request: Any) -> Any:
+        path = self._model_path(request.name, request.version) + "/ready"
+        status, _h, _d = self._call("GET", path, ok=(200, 503))
+        return pb.ModelReadyResponse(ready=status == 200)
+
+    def server_metadata(self, request: Any) -> Any:
+        doc = self._json("GET", "/v2")
+        return pb.ServerMetadataResponse(
+            name=doc.get("name", ""),
+            version=doc.get("version", ""),
+            extensions=doc.get("extensions", []),
         )
 
-    def ServerReady(self, request: Any, context: Any) -> Any:
-        def go() -> Any:
-            status, _h, _d = self._call("GET", "/v2/health/ready", ok=(200, 503))
-            return pb.ServerReadyResponse(ready=status == 200)
-
-        return self._run(context, go)
-
-    def ModelReady(self, request: Any, context: Any) -> Any:
-        def go() -> Any:
-            path = self._model_path(request.name, request.version) + "/ready"
-            status, _h, _d = self._call("GET", path, ok=(200, 503))
-            return pb.ModelReadyResponse(ready=status == 200)
-
-        return self._run(context, go)
-
-    def ServerMetadata(self, request: Any, context: Any) -> Any:
-        def go() -> Any:
-            doc = self._json("GET", "/v2")
-            return pb.ServerMetadataResponse(
-                name=doc.get("name", ""),
-                version=doc.get("version", ""),
-                extensions=doc.get("extensions", []),
-            )
-
-        return self._run(context, go)
-
-    def ModelMetadata(self, request: Any, context: Any) -> Any:
-        def go() -> Any:
-            doc = self._json("GET", self._model_path(request.name, request.version))
-            return pb.ModelMetadataResponse(
-                name=doc.get("name", request.name),
-                versions=[str(v) for v in doc.get("versions", [])],
-                platform=doc.get("platform", ""),
-                inputs=[_tensor_meta(t) for t in doc.get("inputs", [])],
-                outputs=[_tensor_meta(t) for t in doc.get("outputs", [])],
-            )
-
-        return self._run(context, go)
+    def model_metadata(self, request: Any) -> Any:
+        doc = self._json("GET", self._model_path(request.name, request.version))
+        return pb.ModelMetadataResponse(
+            name=doc.get("name", request.name),
+            versions=[str(v) for v in doc.get("versions", [])],
+            platform=doc.get("platform", ""),
+            inputs=[_tensor_meta(t) for t in doc.get("inputs", [])],
+            outputs=[_tensor_meta(t) for t in doc.get("outputs", [])],
+        )
 
     # --- Triton extensions (read-only) ------------------------------------------------
 
-    def ModelConfig(self, request: Any, context: Any) -> Any:
-        def go() -> Any:
-            doc = self._json("GET", self._model_path(request.name, request.version) + "/config")
-            return json_format.ParseDict(
-                {"config": doc}, pb.ModelConfigResponse(), ignore_unknown_fields=True
-            )
+    def model_config(self, request: Any) -> Any:
+        doc = self._json("GET", self._model_path(request.name, request.version) + "/config")
+        return json_format.ParseDict(
+            {"config": doc}, pb.ModelConfigResponse(), ignore_unknown_fields=True
+        )
 
-        return self._run(context, go)
+    def model_statistics(self, request: Any) -> Any:
+        if request.name:
+            path = self._model_path(request.name, request.version) + "/stats"
+        else:
+            path = "/v2/models/stats"
+        doc = self._json("GET", path)
+        return json_format.ParseDict(doc, pb.ModelStatisticsResponse(), ignore_unknown_fields=True)
 
-    def ModelStatistics(self, request: Any, context: Any) -> Any:
-        def go() -> Any:
-            if request.name:
-                path = self._model_path(request.name, request.version) + "/stats"
-            else:
-                path = "/v2/models/stats"
-            doc = self._json("GET", path)
-            return json_format.ParseDict(
-                doc, pb.ModelStatisticsResponse(), ignore_unknown_fields=True
-            )
-
-        return self._run(context, go)
-
-    def RepositoryIndex(self, request: Any, context: Any) -> Any:
-        def go() -> Any:
-            body = json.dumps({"ready": bool(request.ready)}).encode()
-            models = self._json("POST", "/v2/repository/index", body)
-            return json_format.ParseDict(
-                {"models": models}, pb.RepositoryIndexResponse(), ignore_unknown_fields=True
-            )
-
-        return self._run(context, go)
+    def repository_index(self, request: Any) -> Any:
+        body = json.dumps({"ready": bool(request.ready)}).encode()
+        models = self._json("POST", "/v2/repository/index", body)
+        return json_format.ParseDict(
+            {"models": models}, pb.RepositoryIndexResponse(), ignore_unknown_fields=True
+        )
 
     # --- inference ----------------------------------------------------------------------
 
-    def ModelInfer(self, request: Any, context: Any) -> Any:
-        return self._run(context, self._infer, request)
-
-    def _infer(self, request: Any) -> Any:
+    def infer(self, request: Any) -> Any:
         raws = request.raw_input_contents
         if raws and len(raws) != len(request.inputs):
             raise _Upstream(
@@ -409,10 +405,30 @@ def _json_contents(o: dict[str, Any]) -> Any:
 
 # --- the process ----------------------------------------------------------------------
 
+READ_SIZE = 256 * 1024  # bytes asked of recv at once
+
+
+class _Conn:
+    """One client connection: its socket and core, and a lock for both (the reader
+    thread and pooled calls answer on it)."""
+
+    def __init__(self, sock: socket.socket, h2: H2Server) -> None:
+        self.sock = sock
+        self.h2 = h2
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)
+        self.pending = 0  # calls handed to the pool and not yet answered
+
+    def flush(self) -> None:
+        """Write what the core queued (the caller holds ``lock``)."""
+        out = self.h2.data_to_send()
+        if out:
+            self.sock.sendall(out)
+
 
 class Gateway:
-    """A gRPC server on a Unix socket with the inference socket's mode, group and
-    limits: bind → serve → stop(grace)."""
+    """gRPC on a Unix socket with the inference socket's mode, group and limits:
+    start → serve (a thread per connection, each with its H2Server) → stop(grace)."""
 
     def __init__(
         self,
@@ -425,17 +441,33 @@ class Gateway:
         max_concurrent: int = 512,
         threads: int = 8,
         timeout: float = 60.0,
+        idle_timeout: float = 75.0,
+        header_timeout: float = 10.0,
+        limits: H2Limits | None = None,
     ) -> None:
         self.path = path
-        self.upstream = upstream
         self.mode = mode
         self.group = group
-        self.max_message_bytes = max_message_bytes
-        self.max_concurrent = max_concurrent
-        self.threads = threads
+        self.max_concurrent = max_concurrent  # connections
         self.timeout = timeout
-        self.server: Any = None
+        self.idle_timeout = idle_timeout
+        self._timeouts = {"head": header_timeout, "body": timeout, "idle": idle_timeout}
+        self.limits = limits or H2Limits(
+            max_message_bytes=max_message_bytes,
+            max_buffered_bytes=max(max_message_bytes + 5, 1 << 20),
+        )
+        self.service = Service(upstream, timeout)
+        self.upstream = upstream
+        self._sock: socket.socket | None = None
         self._ino: tuple[int, int] | None = None
+        self._conns: dict[socket.socket, H2Server] = {}
+        self._lock = threading.Lock()
+        self._stopping = False
+        self._accepter: threading.Thread | None = None
+        self._threads: set[threading.Thread] = set()
+        # Calls that overlap on one connection (the common one-at-a-time call is
+        # answered on the connection's own thread).
+        self._pool = futures.ThreadPoolExecutor(threads, thread_name_prefix="grpc-call")
 
     def start(self) -> None:
         gid = _resolve_group(self.group) if self.group else None
@@ -443,37 +475,28 @@ class Gateway:
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="grpc"),
-            maximum_concurrent_rpcs=self.max_concurrent,
-            options=[
-                ("grpc.max_receive_message_length", self.max_message_bytes),
-                ("grpc.max_send_message_length", -1),
-                ("grpc.so_reuseport", 0),
-            ],
-        )
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-            Servicer(self.upstream, self.timeout), server
-        )
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)  # the file exists 0600 until it gets its mode and group
         try:
-            server.add_insecure_port(f"unix:{tmp}")
-            server.start()
+            sock.bind(str(tmp))
         finally:
             os.umask(old)
         try:
             os.chmod(tmp, self.mode)
             if gid is not None:
                 os.chown(tmp, -1, gid)
+            sock.listen(128)
             os.rename(tmp, self.path)
         except BaseException:
-            server.stop(0)
+            sock.close()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
         st = os.stat(self.path)
         self._ino = (st.st_dev, st.st_ino)
-        self.server = server
+        self._sock = sock
+        self._accepter = threading.Thread(target=self._accept, name="grpc-accept", daemon=True)
+        self._accepter.start()
         logger.info(
             "grpc listening on %s (mode %04o, group %s) for %s",
             self.path,
@@ -482,9 +505,124 @@ class Gateway:
             self.upstream,
         )
 
+    def _accept(self) -> None:
+        assert self._sock is not None
+        while not self._stopping:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                if self._stopping:
+                    return
+                continue
+            with self._lock:
+                full = len(self._conns) >= self.max_concurrent
+                if not full:
+                    h2 = H2Server(self.limits)
+                    self._conns[conn] = h2
+            if full:  # over the connection limit: GOAWAY (REFUSED_STREAM-like) and close
+                with contextlib.suppress(OSError):
+                    h2 = H2Server(self.limits)
+                    h2.goaway(0xB, "too many connections")
+                    conn.sendall(h2.data_to_send())
+                conn.close()
+                continue
+            t = threading.Thread(target=self._serve, args=(conn, h2), name="grpc-conn", daemon=True)
+            self._threads.add(t)
+            t.start()
+
+    def _serve(self, conn: socket.socket, h2: H2Server) -> None:
+        c = _Conn(conn, h2)
+        try:
+            self._loop(c)
+        except OSError:
+            pass  # the peer went away
+        except Exception:  # a gateway bug: log it, lose only this connection
+            logger.exception("grpc connection failed")
+        finally:
+            with c.cond:  # calls still running in the pool answer before the close
+                c.cond.wait_for(lambda: c.pending == 0, self.timeout)
+            with self._lock:
+                self._conns.pop(conn, None)
+            self._threads.discard(threading.current_thread())
+            conn.close()
+
+    def _loop(self, c: _Conn) -> None:
+        conn, h2 = c.sock, c.h2
+        with c.lock:
+            c.flush()
+        while True:
+            # The inference socket's timers: an incomplete header block gets
+            # header_timeout_s, an incomplete request body body_timeout_s, an idle
+            # connection (or one waiting for its answers) keepalive_timeout_s.
+            conn.settimeout(self._timeouts[h2.phase])
+            try:
+                data = conn.recv(READ_SIZE)
+            except TimeoutError:
+                data = b""
+            if not data:
+                with c.lock:
+                    h2.goaway()
+                    with contextlib.suppress(OSError):
+                        c.flush()
+                return
+            with c.lock:
+                calls = h2.receive(data)
+                c.flush()
+                inline = len(calls) == 1 and c.pending == 0
+                if not inline:
+                    c.pending += len(calls)
+            # The usual case, one call at a time, is answered on this thread (no
+            # hand-over); calls that overlap run on the pool, answered as they finish.
+            if inline:
+                self._answer(c, calls[0])
+            else:
+                for call in calls:
+                    self._pool.submit(self._pooled, c, call)
+            if h2.closed:
+                if h2.error:
+                    logger.info("grpc connection closed: %s", h2.error)
+                return
+            if (h2.peer_goaway or self._stopping) and not h2.open_streams:
+                return
+
+    def _answer(self, c: _Conn, call: Call) -> None:
+        status, answer = self.service.call(call.path, call.message)
+        with c.lock:
+            if status == Status.OK:
+                assert isinstance(answer, bytes)
+                c.h2.respond(call.stream_id, answer)
+            else:
+                c.h2.fail(call.stream_id, status, str(answer))
+            with contextlib.suppress(OSError):  # the reader sees the close
+                c.flush()
+
+    def _pooled(self, c: _Conn, call: Call) -> None:
+        try:
+            self._answer(c, call)
+        except Exception:
+            logger.exception("grpc call failed")
+        finally:
+            with c.cond:
+                c.pending -= 1
+                c.cond.notify_all()
+
     def stop(self, grace: float) -> None:
-        if self.server is not None:
-            self.server.stop(grace).wait(grace + 1)
+        """Refuse new connections, GOAWAY the open ones, wait up to ``grace`` seconds
+        for their calls in progress, remove the socket file."""
+        self._stopping = True
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
+            self._sock.close()
+        with self._lock:
+            conns = list(self._conns.items())
+        for conn, _h2 in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RD)  # its loop answers the call under way, ends
+        deadline = time.monotonic() + grace
+        for t in list(self._threads):
+            t.join(max(0.0, deadline - time.monotonic()))
+        self._pool.shutdown(wait=False, cancel_futures=True)
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
@@ -504,8 +642,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--group", default="")
     ap.add_argument("--max-message-bytes", type=int, default=64 * 1024 * 1024)
     ap.add_argument("--max-concurrent", type=int, default=512)
+    ap.add_argument("--max-header-bytes", type=int, default=16 * 1024)
+    ap.add_argument("--max-headers", type=int, default=100)
+    ap.add_argument("--max-inflight-bytes", type=int, default=256 * 1024 * 1024)
     ap.add_argument("--threads", type=int, default=8)
     ap.add_argument("--timeout", type=float, default=60.0)
+    ap.add_argument("--idle-timeout", type=float, default=75.0)
+    ap.add_argument("--header-timeout", type=float, default=10.0)
     ap.add_argument("--grace", type=float, default=10.0)
     ap.add_argument("--log-level", default="info")
     args = ap.parse_args(argv)
@@ -513,15 +656,23 @@ def main(argv: list[str] | None = None) -> int:
         level=args.log_level.upper(),
         format="grpc[%(process)d] %(levelname)s %(name)s: %(message)s",
     )
+    limits = H2Limits(
+        max_message_bytes=args.max_message_bytes,
+        max_header_bytes=args.max_header_bytes,
+        max_headers=args.max_headers,
+        max_buffered_bytes=max(args.max_inflight_bytes, args.max_message_bytes + 5),
+    )
     gw = Gateway(
         args.socket,
         args.upstream,
         mode=int(args.mode, 8),
         group=args.group or None,
-        max_message_bytes=args.max_message_bytes,
         max_concurrent=args.max_concurrent,
         threads=args.threads,
         timeout=args.timeout,
+        idle_timeout=args.idle_timeout,
+        header_timeout=args.header_timeout,
+        limits=limits,
     )
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

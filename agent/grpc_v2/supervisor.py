@@ -1,5 +1,6 @@
 """The daemon's side of the gRPC gateway: start the process, restart it if it dies,
-stop it on shutdown. Imports no gRPC (the daemon stays small; see gateway.py)."""
+stop it on shutdown. Imports neither protobuf nor the HTTP/2 core (the daemon stays
+small; see gateway.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["GatewayProcess"]
 
-START_TIMEOUT = 30.0  # seconds for the gateway to import grpc and bind its socket
+START_TIMEOUT = 30.0  # seconds for the gateway to import protobuf and bind its socket
 MAX_BACKOFF = 30.0  # seconds between restarts of a gateway that keeps dying
 
 
@@ -35,6 +36,11 @@ class GatewayProcess:
         threads: int,
         timeout: float,
         grace: float,
+        max_header_bytes: int = 16 * 1024,
+        max_headers: int = 100,
+        max_inflight_bytes: int = 256 * 1024 * 1024,
+        idle_timeout: float = 75.0,
+        header_timeout: float = 10.0,
         log_level: str = "info",
     ) -> None:
         self.socket_path = socket_path
@@ -59,6 +65,16 @@ class GatewayProcess:
             str(threads),
             "--timeout",
             str(timeout),
+            "--idle-timeout",
+            str(idle_timeout),
+            "--header-timeout",
+            str(header_timeout),
+            "--max-header-bytes",
+            str(max_header_bytes),
+            "--max-headers",
+            str(max_headers),
+            "--max-inflight-bytes",
+            str(max_inflight_bytes),
             "--grace",
             str(grace),
             "--log-level",

@@ -8,12 +8,13 @@ nothing is ever written outside the output directory; files are created only ins
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO, cast
 
@@ -42,12 +43,14 @@ from agent.package.envelopes import data_key
 from agent.package.paths import open_package, read_capped
 from agent.package.reader import (
     COPY,
+    Opened,
     Progress,
     check_all_models,
     check_header,
     container_limits,
     meta_check,
     models_of,
+    open_stream,
     walk,
 )
 from agent.tario import MemberReader
@@ -108,8 +111,14 @@ def unpack(
     progress: Progress | None = None,
     verify_decoded: bool = False,
     nofollow: bool = False,
+    stream: BinaryIO | None = None,
+    size: int | None = None,
 ) -> Manifest:
     """Verify, decrypt, decompress (and patch) a package into ``out_dir``.
+
+    ``stream``: read the package from it (``size`` bytes when known) instead of opening
+    ``pkg`` (its name is used in messages): the daemon unpacks a download while it
+    arrives (agent/repository/client.py ``Tail``).
 
     ``out_dir`` must not exist or be an empty directory. Layout: ``docs/INTERFACES.md``
     (``manifest.json``, ``Meta-info/``, ``Program/``, ``Model/<name>`` decoded).
@@ -147,6 +156,8 @@ def unpack(
             progress=progress,
             verify_decoded=verify_decoded,
             nofollow=nofollow,
+            stream=stream,
+            size=size,
         )
         if out_dir.exists():
             out_dir.rmdir()
@@ -170,10 +181,12 @@ def _unpack_into(
     progress: Progress | None,
     verify_decoded: bool,
     nofollow: bool = False,
+    stream: BinaryIO | None = None,
+    size: int | None = None,
 ) -> Manifest:
     out = _Out(tmp)
     patches: list[tuple[ModelInfo, Path]] = []
-    with open_package(pkg, limits, trust, nofollow=nofollow) as opened:
+    with _opened(pkg, limits, trust, nofollow=nofollow, stream=stream, size=size) as opened:
         manifest = opened.manifest
         signature = opened.signature
         residual = [m for m in manifest.models if m.residual]
@@ -230,6 +243,23 @@ def _unpack_into(
             os.close(fd)
     out.sync_dirs()
     return manifest
+
+
+@contextlib.contextmanager
+def _opened(
+    pkg: Path,
+    limits: Limits,
+    trust: TrustStore,
+    *,
+    nofollow: bool,
+    stream: BinaryIO | None,
+    size: int | None,
+) -> Iterator[Opened]:
+    if stream is None:
+        with open_package(pkg, limits, trust, nofollow=nofollow) as opened:
+            yield opened
+    else:
+        yield open_stream(stream, limits, trust, size=size, name=Path(pkg).name)
 
 
 def _decode_container(

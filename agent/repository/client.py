@@ -22,6 +22,7 @@ Layout of a repository URL: ``<url>/metadata/<role>.json`` and ``<url>/targets/<
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -43,15 +44,17 @@ from tuf.api.metadata import TargetFile
 from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
 
 from agent.config import RepositoryConfig
-from agent.durable import atomic_write_bytes, fsync_dir
+from agent.durable import WriteHashPipeline, atomic_write_bytes, fsync_dir
 from agent.errors import RepositoryError
 from agent.repository.fields import TargetFields
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Listing", "Offer", "RepositoryClient", "TransferStats"]
+__all__ = ["Listing", "Offer", "RepositoryClient", "Tail", "TailBroken", "TransferStats"]
 
 _CHUNK = 256 << 10  # bytes per read from the socket
+_BATCH = 1 << 20  # bytes gathered before they are written and hashed (on helper threads)
+_DEPTH = 8  # batches queued to those threads at most
 _SMALL_BODY = 4096  # error bodies up to this are read so the connection stays reusable
 _MAX_REDIRECTS = 3
 _FSYNC_EVERY = 16 << 20  # bytes of a .part between fsyncs (resume point after power loss)
@@ -111,6 +114,85 @@ class Listing:
     offers: list[Offer]
     expires: dict[str, float]  # role -> unix time
     skipped: dict[str, str]  # target path -> why it was ignored
+
+
+class TailBroken(RepositoryError):
+    """The download under a :class:`Tail` failed or started over."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="repo-tail")
+
+
+class Tail:
+    """The ``.part`` file read while the download writes it, so a package downloads,
+    verifies and unpacks in one pass (agent/updater.py).
+
+    The downloader says how many leading bytes of the file are written for good
+    (:meth:`advance`) and how the download ended (:meth:`finish`, after the target's
+    length and hashes checked): :meth:`read` blocks until bytes are there and reports the
+    end of the file only after that check, so whatever reads the tail cannot finish on
+    bytes the signed metadata does not vouch for. When the download starts over (a
+    server that ignores ``Range``) the bytes read so far may not be the final ones: the
+    reader fails (:class:`TailBroken`) and the caller unpacks the finished file instead.
+    ``stopping``: polled while waiting (the daemon is stopping: give up).
+    """
+
+    def __init__(self, part: Path, stopping: Callable[[], bool] | None = None) -> None:
+        self.part = part
+        self._stopping = stopping
+        self._cv = threading.Condition()
+        self._avail = 0  # leading bytes of the file written for good
+        self._end = False  # the download finished and verified
+        self._error: str | None = None
+        self._pos = 0
+        self._fd: int | None = None
+
+    # the downloader's side
+
+    def advance(self, written: int) -> None:
+        with self._cv:
+            if written > self._avail:
+                self._avail = written
+                self._cv.notify_all()
+
+    def restart(self) -> None:
+        self.finish("the download started over")
+
+    def finish(self, error: str | None = None) -> None:
+        with self._cv:
+            if error is None:
+                self._end = True
+            elif self._error is None:
+                self._error = error
+            self._cv.notify_all()
+
+    # the reader's side
+
+    def read(self, n: int | None = -1) -> bytes:
+        with self._cv:
+            while self._error is None and self._avail <= self._pos and not self._end:
+                if self._stopping is not None and self._stopping():
+                    raise TailBroken("the daemon is stopping")
+                self._cv.wait(0.5)
+            if self._error is not None:
+                raise TailBroken(self._error)
+            k = self._avail - self._pos
+        if k == 0:
+            return b""
+        if n is not None and n >= 0:
+            k = min(k, n)
+        if self._fd is None:
+            self._fd = os.open(self.part, os.O_RDONLY | os.O_CLOEXEC)
+        data = os.pread(self._fd, k, self._pos)
+        if len(data) != k:
+            raise TailBroken(f"{self.part.name} is shorter than the download reported")
+        self._pos += k
+        return data
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 class _Cut(Exception):
@@ -368,16 +450,29 @@ class RepositoryClient:
 
     # --- packages ------------------------------------------------------------------
 
-    def download(self, offer: Offer, part: Path) -> Path:
+    def download(self, offer: Offer, part: Path, tail: Tail | None = None) -> Path:
         """Fetch ``offer`` into ``part`` (resuming it) and check length and hashes.
 
         Returns ``part`` complete and verified against the target. A hash mismatch
         deletes the file (the next attempt starts over); a cut transfer keeps it.
+        ``tail``: told of every byte written for good and of the outcome (a reader
+        follows the file).
 
         Raises:
             RepositoryError: ``repo-length`` (longer than declared), ``repo-hash``,
                 ``repo-download`` (retries exhausted), ``repo-redirect``, ``repo-slow``.
         """
+        try:
+            out = self._download(offer, part, tail)
+        except BaseException as exc:
+            if tail is not None:
+                tail.finish(f"the download failed: {exc}")
+            raise
+        if tail is not None:
+            tail.finish()
+        return out
+
+    def _download(self, offer: Offer, part: Path, tail: Tail | None) -> Path:
         sidecar = part.with_name(part.name + ".json")
         expect = {"path": offer.path, "length": offer.length, "hashes": offer.hashes}
         hashers = {alg: hashlib.new(alg) for alg in offer.hashes}
@@ -389,6 +484,8 @@ class RepositoryClient:
         elif pos < offer.length:
             self.stats.resumes += 1
             logger.info("resuming %s at byte %d of %d", part.name, pos, offer.length)
+        if tail is not None:
+            tail.advance(pos)
         f = offer.fields
         self.stats.progress = {
             "model": f.model,
@@ -404,7 +501,9 @@ class RepositoryClient:
             for url in self.cfg.urls:
                 base = url if url.endswith("/") else url + "/"
                 try:
-                    pos = self._range(base + "targets/" + offer.url_path, part, pos, offer, hashers)
+                    pos = self._range(
+                        base + "targets/" + offer.url_path, part, pos, offer, hashers, tail=tail
+                    )
                     break
                 except _Cut as exc:
                     last = str(exc)
@@ -435,7 +534,16 @@ class RepositoryClient:
                 )
         return part
 
-    def _range(self, url: str, part: Path, pos: int, offer: Offer, hashers: dict[str, Any]) -> int:
+    def _range(
+        self,
+        url: str,
+        part: Path,
+        pos: int,
+        offer: Offer,
+        hashers: dict[str, Any],
+        *,
+        tail: Tail | None = None,
+    ) -> int:
         """One GET from ``pos``; returns the new position. Raises _Cut to retry."""
         headers = {"Range": f"bytes={pos}-"} if pos else None
         try:
@@ -449,6 +557,8 @@ class RepositoryClient:
             if pos and resp.status_code == 200:
                 logger.info("%s: the server ignored Range; starting over", url)
                 pos = 0
+                if tail is not None:
+                    tail.restart()
                 for alg in hashers:
                     hashers[alg] = hashlib.new(alg)
             elif resp.status_code == 416:
@@ -468,10 +578,18 @@ class RepositoryClient:
                     f"metadata declares {offer.length}; refused (endless data)",
                     code="repo-length",
                 )
-            mode = "r+b" if pos else "wb"
-            with open(part, mode) as fh:
-                fh.seek(pos)
-                fh.truncate()
+            # Pieces (one TLS record, 16 KiB, per read1) are gathered into _BATCH-sized
+            # blocks that two helper threads write and hash (both release the GIL), so the
+            # socket keeps being read meanwhile; the periodic fsync runs on them too.
+            fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            sink = WriteHashPipeline(_DEPTH, name="download")
+            hashing = _Hashers(hashers)
+            pending: list[bytes] = []
+            npending = 0
+            written = pos  # queued to the sink (the file once it finishes)
+            try:
+                os.ftruncate(fd, pos)
+                os.lseek(fd, pos, os.SEEK_SET)
                 synced = pos
                 try:
                     for piece in self.fetcher.chunks(resp, metadata=False):
@@ -481,15 +599,19 @@ class RepositoryClient:
                                 "bytes the signed metadata declares; refused (endless data)",
                                 code="repo-length",
                             )
-                        fh.write(piece)
-                        for h in hashers.values():
-                            h.update(piece)
+                        pending.append(piece)
+                        npending += len(piece)
                         pos += len(piece)
                         self.stats.progress["done"] = pos
-                        if pos - synced >= _FSYNC_EVERY:
-                            fh.flush()
-                            os.fsync(fh.fileno())
-                            synced = pos
+                        if npending >= _BATCH:
+                            sink.write(fd, b"".join(pending), hashing)
+                            written += npending
+                            pending, npending = [], 0
+                            if tail is not None:  # once the batch is in the file
+                                sink.call(functools.partial(tail.advance, written))
+                            if written - synced >= _FSYNC_EVERY:
+                                sink.call(functools.partial(os.fsync, fd))
+                                synced = written
                 except requests.RequestException as exc:
                     raise _Cut(_why(exc)) from None
                 except RepositoryError as exc:
@@ -497,12 +619,31 @@ class RepositoryClient:
                         raise
                     raise _Cut(exc.message) from None
                 finally:
-                    fh.flush()
-                    os.fsync(fh.fileno())
+                    # what arrived before a cut is kept: written, hashed, synced
+                    if pending and not sink.stopped and sink.error is None:
+                        sink.write(fd, b"".join(pending), hashing)
+                    sink.finish()
+                    if tail is not None:
+                        tail.advance(pos)
+                    os.fsync(fd)
+            finally:
+                sink.stop()
+                os.close(fd)
             if pos < offer.length:
                 raise _Cut(f"connection closed at byte {pos} of {offer.length}")
         fsync_dir(part.parent)
         return pos
+
+
+class _Hashers:
+    """Several hashlib objects updated as one (the sink's hashing thread feeds them)."""
+
+    def __init__(self, hashers: dict[str, Any]) -> None:
+        self._hashers = hashers
+
+    def update(self, data: Any, /) -> None:
+        for h in self._hashers.values():
+            h.update(data)
 
 
 def _range_start(value: str) -> int:

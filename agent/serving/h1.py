@@ -62,6 +62,7 @@ __all__ = [
 
 Body = bytes | bytearray | memoryview
 
+
 @dataclass(frozen=True)
 class PeerCred:
     """The connecting process (``SO_PEERCRED``): the kernel's word, not the client's."""

@@ -167,9 +167,7 @@ class Gate:
         self.queue = max(0, queue)
         self.active = 0
         # A waiter is a future (async face) or a held lock (blocking face).
-        self.waiters: collections.deque[asyncio.Future[None] | threading.Lock] = (
-            collections.deque()
-        )
+        self.waiters: collections.deque[asyncio.Future[None] | threading.Lock] = collections.deque()
         self._lock = threading.Lock()
 
     def _enter(self, model: str) -> bool:
@@ -261,9 +259,7 @@ class DataPlane:
         self.max_queue = max_queue_per_model
         self.max_concurrent = max_concurrent_per_model
         self._gates: dict[str, Gate] = {}
-        self._specs: BoundedCache[tuple[str, str, int], list[TensorSpec] | None] = BoundedCache(
-            256
-        )
+        self._specs: BoundedCache[tuple[str, str, int], list[TensorSpec] | None] = BoundedCache(256)
         # Input signatures (names, dtypes, shapes) that passed, per model: a program
         # sends the same ones on every request, validated once.
         self._valid: BoundedCache[tuple[Any, ...], bool] = BoundedCache(64)

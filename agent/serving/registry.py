@@ -50,8 +50,9 @@ class WorkerLike(Protocol):
 
     name: str
     version: str
-    state: str
 
+    @property
+    def state(self) -> str: ...
     @property
     def pid(self) -> int | None: ...
 
@@ -68,7 +69,7 @@ class WorkerLike(Protocol):
 
 class LendingWorker(Protocol):
     """The lending contract: the job of a worker that may serve inference connections
-    itself (``agent.serving.direct.Lending``, a worker's ``lending``; None: every request
+    itself (``agent.serving.lending.Lending``, a worker's ``lending``; None: every request
     is relayed). The daemon's HTTP server calls ``lend``/``recall`` (it is an
     ``agent.serving.http.Lender``); the registry reads the counts and routes the
     worker's own request counters into the model's statistics."""

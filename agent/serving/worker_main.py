@@ -1,13 +1,15 @@
-"""Child entry point of a model worker: ``python -m agent.serving.worker_main SOCK_FD SHM_FD``.
+"""Child entry point of a model worker: ``python -m agent.serving.worker_main SOCK_FD SHM_FD
+[LEND_FD]``.
 
-Only this process imports the inference engines. It reads one ``init`` frame (JSON
-settings from its own parent; nothing in either direction is pickled), closes the
-daemon's files to itself (agent/serving/sandbox.py), opens the model, warms it up, answers
-``ready`` with the KServe metadata (or ``error`` with the failure and exits 1), then
-serves ``predict`` frames on ``max_concurrency`` threads, plus one thread per lane
-(thread mode: a request and a reply socketpair per shm slot, fds listed in the init
-frame, :class:`ipc.Lane` frames), until ``shutdown`` or EOF. Shared regions (zero-copy
-inputs) come listed in the init frame, or later as a ``map`` frame carrying the memfd.
+Only this process imports the inference engines, and it runs the package's run scripts:
+the daemon treats it as untrusted (docs/DAEMON.md, "Trust boundaries"). It reads one
+``init`` frame (JSON settings from its own parent; nothing in either direction is
+pickled), closes the daemon's files to itself (agent/serving/sandbox.py), opens the
+model, warms it up, answers ``ready`` with the KServe metadata (or ``error`` with the
+failure and exits 1), then serves ``predict`` and ``self_test`` frames (agent/serving/ipc.py)
+on ``max_concurrency`` threads until ``shutdown`` or EOF. With ``LEND_FD`` it also
+answers the connections the daemon lends it (agent/serving/direct.py). The daemon's end
+of all this is agent/serving/supervisor.py and agent/serving/transport.py.
 """
 
 from __future__ import annotations
@@ -55,12 +57,17 @@ def main(argv: list[str]) -> int:
 
     tune_malloc()  # per-request tensors reuse heap pages (see agent/malloc.py)
     sock = socket.socket(fileno=int(argv[0]))
-    chan = ipc.Channel(sock, fds=True)  # shared regions arrive as fds (op "map")
+    chan = ipc.Channel(sock)
     # A launched child (ModelWorker.launch) waits here while the daemon still downloads
-    # and unpacks: import the loader (numpy, the runtime) now. Failing here is not
-    # reported: the import after the init frame reports it.
+    # and unpacks: import the loader (numpy, the runtime) now, and let it prepare what
+    # does not depend on the model (its ``prefetch()``: the engine's import, the device
+    # fingerprint). Failing here is not reported: the import after the init frame is.
     with contextlib.suppress(Exception):
-        importlib.import_module(os.environ.get("EDGEWARD_WORKER_LOADER", "").partition(":")[0])
+        loader = os.environ.get("EDGEWARD_WORKER_LOADER", "").partition(":")[0]
+        mod = importlib.import_module(loader)
+        prefetch = getattr(mod, "prefetch", None)
+        if callable(prefetch):
+            prefetch()
     imported = time.monotonic()
     try:
         _header, payload = chan.recv()
@@ -82,8 +89,6 @@ def main(argv: list[str]) -> int:
         chan.send({"op": "error", "err": ipc.error_to_dict(exc)})
         return 1
     arena = ipc.ShmArena(init["slots"], init["slot_bytes"], fd=int(argv[1]))
-    for rid, fd, size in init.get("regions") or ():
-        arena.regions[int(rid)] = ipc.MappedRegion(int(fd), int(size))
     stamps = {"entered": entered, "imported": imported, "init": time.monotonic()}
     try:
         opener = _import(init["loader"])
@@ -123,7 +128,7 @@ def main(argv: list[str]) -> int:
             t0 = time.perf_counter()
             inputs = ipc.decode(h["t"], p, arena, copy=False)
             outputs = servable.predict(inputs)
-            descs, parts, n_shm, _ = ipc.encode(outputs, arena, slot)
+            descs, parts, n_shm = ipc.encode(outputs, arena, slot)
             dt = round((time.perf_counter() - t0) * 1e6)
             chan.send({"op": "result", "id": rid, "t": descs, "shm": n_shm, "us": dt}, parts)
         except ipc.ChannelClosed:
@@ -131,26 +136,6 @@ def main(argv: list[str]) -> int:
         except BaseException as exc:
             with contextlib.suppress(OSError):
                 chan.send({"op": "fail", "id": rid, "err": ipc.error_to_dict(exc)})
-
-    def map_region(h: dict[str, Any]) -> None:
-        """``map``: a shared region's fd (read-only here); ``unmap``: forget it."""
-        fds = list(h.get("_fds") or ())
-        try:
-            rid = int(h["r"])
-            if h["op"] == "unmap":
-                old = arena.regions.pop(rid, None)
-                if old is not None:
-                    old.close()
-            elif rid not in arena.regions:  # a child spawned meanwhile has it already
-                if len(fds) != 1:
-                    raise ValueError(f"map: expected one fd, got {len(fds)}")
-                arena.regions[rid] = ipc.MappedRegion(fds.pop(), int(h["size"]))
-            chan.send({"op": "result", "id": h["id"], "t": []})
-        except BaseException as exc:
-            chan.send({"op": "fail", "id": h["id"], "err": ipc.error_to_dict(exc)})
-        finally:
-            for fd in fds:
-                os.close(fd)
 
     def run_self_test(h: dict[str, Any]) -> None:
         try:
@@ -204,64 +189,14 @@ def main(argv: list[str]) -> int:
                     cost["ema"] = us if ema < 0 else ema + 0.2 * (us - ema)
                 elif op == "self_test":
                     run_self_test(h)
-                elif op in ("map", "unmap"):
-                    map_region(h)
-                else:
-                    for fd in h.get("_fds") or ():
-                        os.close(fd)
-
-    # Lanes (thread mode): one socket per shm slot, served by its own thread; the
-    # parent's sync caller blocks on its lane, so a request wakes one thread each side.
-    lanes = [
-        ipc.Lane(socket.socket(fileno=rfd), socket.socket(fileno=wfd))
-        for rfd, wfd in init.get("lanes") or ()
-    ]
-
-    def run_lane(lane: ipc.Lane, rid: int, slot: int, tensors: list[ipc.Tensor], p: Any) -> None:
-        """As ``run``, in a lane's frames (the id and slot come in the frame prefix, the
-        busy time goes back in it). A function, so the inputs (views of a shared region,
-        maybe) are let go when the answer is out and an unmap can free the region."""
-        try:
-            t0 = time.perf_counter()
-            inputs = ipc.decode(tensors, p, arena, copy=False, compiled=True)
-            outputs = servable.predict(inputs)
-            descs, parts, n_shm, _ = ipc.encode(outputs, arena, slot)
-            us = round((time.perf_counter() - t0) * 1e6)
-            reply: tuple[int, dict[str, Any], list[Any]] = (
-                us,
-                {"op": "result", "t": descs, "shm": n_shm},
-                parts,
-            )
-        except BaseException as exc:
-            reply = (0, {"op": "fail", "err": ipc.error_to_dict(exc)}, [])
-        with contextlib.suppress(OSError):  # the parent is gone: the lane reads EOF next
-            lane.send(rid, *reply)
-
-    def serve_lane(lane: ipc.Lane) -> None:
-        while True:
-            try:
-                rid, slot, h, tensors, p = lane.recv()
-            except ipc.ChannelClosed:
-                return
-            if h.get("op") == "predict":
-                run_lane(lane, rid, slot, tensors, p)
 
     threads = [
         threading.Thread(target=serve, name=f"predict-{i}", daemon=True)
         for i in range(max(1, int(init["max_concurrency"])))
     ]
-    lane_threads = [
-        threading.Thread(target=serve_lane, args=(lane,), name=f"lane-{i}", daemon=True)
-        for i, lane in enumerate(lanes)
-    ]
-    for t in threads + lane_threads:
+    for t in threads:
         t.start()
     for t in threads:
-        t.join()
-    for lane in lanes:  # shutdown: lane requests already received still get answers
-        with contextlib.suppress(OSError):
-            lane.sock.shutdown(socket.SHUT_RD)
-    for t in lane_threads:
         t.join()
     try:
         servable.close()

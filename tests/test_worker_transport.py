@@ -1,4 +1,6 @@
-"""Thread mode lanes: a sync predict uses its shm slot's own socket (real child process)."""
+"""The worker's transport (agent/serving/transport.py) from synchronous callers: requests
+from several threads, their replies read by the worker's private event loop (real child
+process)."""
 
 from __future__ import annotations
 
@@ -23,16 +25,18 @@ def _in_flight_zero(w: ModelWorker, limit: float = 10.0) -> None:
     assert w.stats()["in_flight"] == 0
 
 
-def test_timed_out_lane_keeps_its_slot_until_the_late_reply(tmp_path: Path) -> None:
-    """One slot: the next caller waits for the late reply to free the lane, then gets
-    its own answer (not the stale one)."""
+def test_timed_out_request_keeps_its_slot_until_the_late_reply(tmp_path: Path) -> None:
+    """One slot: the late reply frees it, and the next caller gets its own answer (not
+    the stale one)."""
     w = toy_worker(tmp_path, max_concurrency=1)
     w.start()
     try:
         with pytest.raises(WorkerError) as info:
             w.predict({"x": np.ones(2), "sleep": np.array([0.5])}, timeout=0.1)
         assert info.value.code == "worker-timeout"
-        assert w.stats()["in_flight"] == 1  # the slot's lane still awaits that reply
+        assert w.stats()["in_flight"] == 1  # its reply is still awaited
+        out = w.predict({"x": np.full(30_000, 7.0)}, timeout=20)  # through the one slot
+        assert out["y"].tolist() == [14.0] * 30_000
         out = w.predict({"x": np.full(3, 7.0)}, timeout=20)
         assert out["y"].tolist() == [14.0, 14.0, 14.0]
         _in_flight_zero(w)
@@ -41,7 +45,7 @@ def test_timed_out_lane_keeps_its_slot_until_the_late_reply(tmp_path: Path) -> N
         w.stop()
 
 
-def test_kill_9_fails_lane_requests_with_shm_inputs_then_lanes_of_new_child(
+def test_kill_9_fails_requests_with_shm_inputs_then_the_new_child_serves(
     tmp_path: Path,
 ) -> None:
     w = toy_worker(tmp_path, max_concurrency=3)
@@ -83,7 +87,7 @@ def test_kill_9_fails_lane_requests_with_shm_inputs_then_lanes_of_new_child(
         ts = [threading.Thread(target=fast, args=(i,)) for i in range(3)]
         for t in ts:
             t.start()
-        w.self_test()  # shares the main socket with nothing else meanwhile
+        w.self_test()  # on the same channel meanwhile
         for t in ts:
             t.join(30)
         assert outs == {n: 2.0 * n for n in range(30)}
@@ -93,7 +97,7 @@ def test_kill_9_fails_lane_requests_with_shm_inputs_then_lanes_of_new_child(
         w.stop()
 
 
-def test_stop_answers_lane_requests_in_flight(tmp_path: Path) -> None:
+def test_stop_answers_requests_in_flight(tmp_path: Path) -> None:
     w = toy_worker(tmp_path, max_concurrency=2)
     w.start()
     res: list[object] = []
@@ -117,9 +121,9 @@ def test_stop_answers_lane_requests_in_flight(tmp_path: Path) -> None:
         os.kill(pid or 0, 0)
 
 
-def test_lane_frames_of_every_size(tmp_path: Path) -> None:
+def test_frames_of_every_size(tmp_path: Path) -> None:
     """Inline frames below and above one read, shm tensors, and tensors bigger than the
-    slot (inline, MBs each way) all cross a lane intact, from several threads."""
+    slot (inline, MBs each way) all cross intact, from several threads."""
     w = toy_worker(tmp_path, max_concurrency=3, shm_slot_bytes=1 << 20)
     w.start()
     try:
@@ -144,10 +148,9 @@ def test_lane_frames_of_every_size(tmp_path: Path) -> None:
         w.stop()
 
 
-def test_model_errors_on_a_lane_answer_that_request_only(tmp_path: Path) -> None:
+def test_model_errors_answer_that_request_only(tmp_path: Path) -> None:
     """An OSError raised by the model (like a run script missing a file) and a bad input
-    are answered on the lane with their message; the lane then serves the next request,
-    and a header seen before (parsed from the lane's cache) still decodes right."""
+    are answered with their message; the worker then serves the next request."""
     w = toy_worker(tmp_path, max_concurrency=1)
     w.start()
     try:
@@ -162,12 +165,12 @@ def test_model_errors_on_a_lane_answer_that_request_only(tmp_path: Path) -> None
             np.testing.assert_array_equal(w.predict({"x": big + 1}, timeout=20)["y"], big * 2 + 2)
         st = w.stats()
         assert (st["errors"], st["requests"], st["in_flight"]) == (4, 8, 0)
-        assert st["child_busy_us"] > 0  # the busy time crosses in the lane frame prefix
+        assert st["child_busy_us"] > 0  # the child's busy time crosses in the reply
     finally:
         w.stop()
 
 
-def test_junk_on_a_lane_kills_the_child_and_fails_only_its_requests(tmp_path: Path) -> None:
+def test_junk_for_a_reply_kills_the_child_and_fails_only_its_requests(tmp_path: Path) -> None:
     """A child that writes junk where its reply belongs is as good as dead: the caller
     gets ``worker-crashed`` at once (not at its timeout), the child is killed, and the
     new one serves."""

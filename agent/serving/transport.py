@@ -1,0 +1,403 @@
+"""The daemon's end of a worker's frame channel: requests out, replies read by an event loop.
+
+One :class:`Transport` per child process (a restart makes a new one) sends ``predict``
+and ``self_test`` frames (agent/serving/ipc.py: a JSON header, tensors inline or in the
+worker's shared-memory slots) and settles each request when its reply frame comes.
+
+Replies are read one way only: by an event loop (``add_reader``), never by the caller's
+thread. In the daemon that is the daemon's own loop (:class:`ReplyLoop` given it), so an
+``apredict`` reply wakes the loop directly. A worker used without one (tests, benchmarks,
+scripts) runs a private loop on a thread of its own; a synchronous ``predict`` from any
+thread then waits on a ``concurrent.futures.Future`` the loop settles.
+
+A reply frame is untrusted input (the child runs a package's run scripts): it is parsed
+as JSON, never unpickled; a frame that does not parse, or a prefix that announces an
+absurd header, ends the child (``lost("garbled")``), and a malformed descriptor fails
+that one request (docs/DAEMON.md, "Trust boundaries").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import socket
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+import numpy as np
+
+from agent.errors import ModelNotReadyError, WorkerError
+from agent.serving import ipc
+
+logger = logging.getLogger(__name__)
+
+
+class Busy(Exception):
+    """No free transfer slot right now (``apredict`` then waits on a thread)."""
+
+
+class Counters:
+    """A worker's request counters, kept across its children (``ModelWorker.stats``)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.requests = 0
+        self.errors = 0
+        self.shm_tensors_in = 0
+        self.shm_tensors_out = 0
+        self.child_busy_us = 0  # time the child spent decoding, predicting, encoding
+        self.restarts = 0
+        self.last_error: str | None = None
+
+    def error(self, exc: BaseException | str) -> None:
+        with self.lock:
+            self.errors += 1
+            self.last_error = str(exc)
+
+    def snapshot(self) -> dict[str, Any]:
+        with self.lock:
+            return {
+                "requests": self.requests,
+                "errors": self.errors,
+                "restarts": self.restarts,
+                "shm_tensors_in": self.shm_tensors_in,
+                "shm_tensors_out": self.shm_tensors_out,
+                "child_busy_us": self.child_busy_us,
+                "last_error": self.last_error,
+            }
+
+
+class ReplyLoop:
+    """The event loop that reads a worker's replies: the daemon's (``loop``), or a
+    private one on a thread of its own, started on first use and ended by :meth:`close`.
+    A given loop that has been closed meanwhile is replaced by a private one."""
+
+    def __init__(self, name: str, loop: asyncio.AbstractEventLoop | None) -> None:
+        self.name = name
+        self.given = loop
+        self._private: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        given = self.given
+        if given is not None and not given.is_closed():
+            return given
+        with self._lock:
+            if self._private is None:
+                loop = asyncio.new_event_loop()
+                self._thread = threading.Thread(
+                    target=loop.run_forever, name=f"worker-{self.name}-replies", daemon=True
+                )
+                self._thread.start()
+                self._private = loop
+            return self._private
+
+    def on_loop(self) -> bool:
+        """True when called on the loop that reads the replies (creates none)."""
+        r = running_loop()
+        return r is not None and (r is self.given or r is self._private)
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> bool:
+        """Run ``fn(*args)`` on the loop (now, if this is it); False if it is closed."""
+        loop = self.loop
+        if running_loop() is loop:
+            fn(*args)
+            return True
+        try:
+            loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # closed between the look and the call
+            return False
+        return True
+
+    def close(self) -> None:
+        """End the private loop's thread (the daemon's loop is the daemon's)."""
+        with self._lock:
+            loop, thread = self._private, self._thread
+            self._private = self._thread = None
+        if loop is None or thread is None:
+            return
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(loop.stop)
+        thread.join(5.0)
+        if not thread.is_alive():
+            loop.close()
+
+
+class Transport:
+    """One child's channel, daemon side: pending requests and the replies that settle
+    them. Thread-safe; the reading runs on the :class:`ReplyLoop`'s loop.
+
+    ``lost(why)`` is called (on the loop) once the channel ends: ``"eof"`` (the child
+    closed it or died) or ``"garbled"`` (it wrote something that is not a frame)."""
+
+    def __init__(
+        self,
+        label: str,
+        chan: ipc.Channel,
+        arena: ipc.ShmArena,
+        *,
+        replies: ReplyLoop,
+        counters: Counters,
+        lost: Callable[[str], None],
+    ) -> None:
+        self.label = label  # "name version", for messages
+        self.chan = chan
+        self.arena = arena
+        self.replies = replies
+        self.counters = counters
+        self._lost = lost
+        self.pending: dict[int, tuple[Any, int | None]] = {}  # id → (future, slot)
+        self.lock = threading.Lock()
+        self.failed = False  # the child is gone: no new requests
+        self.closed = False  # on the loop: the socket is closed
+        self._closing = False
+        self._ids = itertools.count(1)
+        # The frame being read (on the loop).
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._rbuf = bytearray(ipc.HEAD.size)
+        self._rgot = 0
+        self._hlen = -1  # header length of the frame being read; -1 = reading its prefix
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.pending)
+
+    # --- reading replies, on the loop ---------------------------------------------------
+
+    def attach(self) -> None:
+        """Start reading replies (on the loop)."""
+        if self.closed or self._loop is not None:
+            return
+        self._loop = running_loop()
+        assert self._loop is not None
+        self._loop.add_reader(self.chan.sock.fileno(), self._on_readable)
+
+    def _detach(self) -> None:
+        loop, self._loop = self._loop, None
+        if loop is not None:
+            with contextlib.suppress(Exception):
+                loop.remove_reader(self.chan.sock.fileno())
+
+    def _on_readable(self) -> None:
+        """Read what the socket holds without blocking; deliver every complete frame."""
+        sock = self.chan.sock
+        while self._loop is not None:
+            view = memoryview(self._rbuf)
+            try:
+                n = sock.recv_into(view[self._rgot :], 0, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                n = 0
+            if n == 0 and len(view) > self._rgot:  # EOF: the child is gone
+                self._detach()
+                self._lost("eof")
+                return
+            self._rgot += n
+            if self._rgot < len(self._rbuf):
+                continue
+            if self._hlen < 0:
+                hl, pl = ipc.HEAD.unpack(self._rbuf)
+                if hl > ipc.MAX_HEADER or hl == 0:
+                    self._garbled()
+                    return
+                self._hlen = hl
+                self._rbuf = bytearray(hl + pl)
+                self._rgot = 0
+                continue
+            body, hl = self._rbuf, self._hlen
+            self._rbuf, self._rgot, self._hlen = bytearray(ipc.HEAD.size), 0, -1
+            try:
+                header = json.loads(body[:hl])
+            except ValueError:
+                header = None
+            if not isinstance(header, dict):
+                self._garbled()
+                return
+            self._deliver(header, memoryview(body)[hl:])
+
+    def _garbled(self) -> None:
+        """A garbled stream is as good as a dead child."""
+        self._detach()
+        self._lost("garbled")
+
+    def _deliver(self, h: dict[str, Any], p: memoryview) -> None:
+        """Settle the request a reply frame answers and free its slot."""
+        rid = h.get("id")
+        with self.lock:
+            entry = self.pending.pop(rid, None) if type(rid) is int else None
+        if entry is None:
+            return
+        fut, slot = entry
+        try:
+            result, exc = self._outcome(h, p)
+            settle(fut, result, exc)
+        finally:
+            if slot is not None:
+                self.arena.release(slot)
+
+    def _outcome(self, h: dict[str, Any], p: memoryview) -> tuple[Any, BaseException | None]:
+        """(result, None) or (None, error) of a reply frame; call before its slot is freed
+        (shm outputs are copied out)."""
+        try:
+            if h.get("op") == "result":
+                out = ipc.decode(h["t"], p, self.arena, copy=True)
+                with self.counters.lock:
+                    self.counters.shm_tensors_out += int(h.get("shm", 0))
+                    self.counters.child_busy_us += int(h.get("us", 0))
+                return (out if "n" not in h else int(h["n"])), None
+            return None, ipc.error_from_dict(h.get("err") or {})
+        except Exception as exc:  # a malformed frame fails that request only
+            return None, WorkerError(f"bad reply from worker: {exc}")
+
+    # --- sending requests, from any thread ------------------------------------------------
+
+    def submit(
+        self,
+        header: dict[str, Any],
+        inputs: dict[str, np.ndarray] | None,
+        timeout: float | None,
+        *,
+        nowait: bool = False,
+        fut: Any = None,
+        defer_send: bool = False,
+    ) -> Any:
+        """Send one request; returns ``fut`` (an asyncio future of the reply loop) or a
+        new ``concurrent.futures.Future``, settled when the reply comes. ``nowait``: raise
+        :class:`Busy` rather than wait for a slot; ``defer_send``: return (future, header,
+        payload) unsent, for :meth:`send_from_loop`."""
+        if fut is None:
+            fut = Future()
+        slot = None
+        if inputs is not None and any(
+            isinstance(v, np.ndarray) and v.nbytes >= ipc.SHM_MIN for v in inputs.values()
+        ):
+            slot = self.arena.acquire(0.0 if nowait else timeout)
+            if slot is None and nowait:
+                raise Busy
+            if slot is None:
+                raise ModelNotReadyError(f"model {self.label}: no free transfer slot")
+        try:
+            descs, parts, n_shm = ipc.encode(inputs or {}, self.arena, slot)
+        except BaseException:
+            if slot is not None:
+                self.arena.release(slot)
+            raise
+        rid = next(self._ids)
+        header.update(id=rid, t=descs, slot=slot)
+        with self.lock:
+            if self.failed:
+                if slot is not None:
+                    self.arena.release(slot)
+                raise WorkerError(f"{self.label}: worker died", code="worker-crashed")
+            self.pending[rid] = (fut, slot)
+        with self.counters.lock:
+            self.counters.requests += 1
+            self.counters.shm_tensors_in += n_shm
+        if defer_send:
+            return fut, header, parts
+        with contextlib.suppress(OSError):  # the loop sees a death and fails this request
+            self.chan.send(header, parts)
+        return fut
+
+    async def send_from_loop(
+        self, loop: asyncio.AbstractEventLoop, header: dict[str, Any], parts: Any
+    ) -> None:
+        """Send without blocking the loop: the loop also reads the replies, and a child
+        blocked sending a big reply reads no more requests, so a loop blocked in send
+        would deadlock both. What does not go out at once is sent from a thread."""
+        try:
+            state, bufs = self.chan.send_nowait(header, parts)
+            if state == "later":
+                await loop.run_in_executor(None, self.chan.send_bufs, bufs)
+            elif state == "rest":
+                await loop.run_in_executor(None, self.chan.finish, bufs)
+        except OSError:  # the loop sees the death and fails this request
+            pass
+
+    def shutdown(self) -> None:
+        """Ask the child to finish what it has read and exit."""
+        with contextlib.suppress(OSError):
+            self.chan.send({"op": "shutdown"})
+
+    # --- the end ------------------------------------------------------------------------
+
+    def fail_all(self, code: str, message: str) -> None:
+        """The child is gone: fail every pending request (and any sent from now on)."""
+        with self.lock:
+            self.failed = True
+            items = list(self.pending.values())
+            self.pending.clear()
+        for fut, slot in items:
+            settle(fut, None, WorkerError(message, code=code, status=status_of(code)))
+            if slot is not None:
+                self.arena.release(slot)
+
+    def close(self) -> None:
+        """Close the socket, after the loop stopped watching its fd (a closed fd left in
+        the selector would break the next socket with that number). Once only: stop()
+        and the child's death may both ask."""
+        with self.lock:
+            if self._closing:
+                return
+            self._closing = True
+        done = threading.Event()
+
+        def close() -> None:  # on the loop, so after a pending attach()
+            self.closed = True
+            self._detach()
+            self.chan.close()
+            done.set()
+
+        if not self.replies.call(close):  # loop closed: its selector is gone too
+            self.chan.close()
+            return
+        if not done.wait(5.0):
+            logger.warning("%s: event loop did not release the worker socket", self.label)
+
+
+def settle(fut: Any, result: Any, exc: BaseException | None) -> None:
+    """Complete a concurrent or an asyncio future from whichever thread we are on."""
+    if isinstance(fut, asyncio.Future):
+        loop = fut.get_loop()
+        if running_loop() is loop:
+            _set_future(fut, result, exc)
+        else:
+            with contextlib.suppress(RuntimeError):  # loop closed: nobody waits
+                loop.call_soon_threadsafe(_set_future, fut, result, exc)
+        return
+    if fut.done():
+        return
+    if exc is None:
+        fut.set_result(result)
+    else:
+        fut.set_exception(exc)
+
+
+def _set_future(fut: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+    if fut.done():  # cancelled (timeout) meanwhile
+        return
+    if exc is None:
+        fut.set_result(result)
+    else:
+        fut.set_exception(exc)
+
+
+def status_of(code: str) -> int:
+    """HTTP status of a request failed because its worker went away: 504 when it was
+    killed for a request that ran past the timeout, else 503 (retry)."""
+    return 504 if code == "worker-timeout" else 503
+
+
+def running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
