@@ -8,7 +8,8 @@ tensor, more than copying it. Fixed thresholds keep those blocks on the heap and
 the pages: the 224×224×3 round trip through the socket drops by ~35%, and unpacking a
 1.1 GB package (4 MiB pieces) spends ~0.3 s less in the kernel (~560 → ~690 MB/s). The
 price is that up to ``TRIM`` bytes of freed heap stay resident after a burst of big
-requests. Called by the daemon, each model worker and the ``edgeward`` CLI — never on
+requests. Called by the daemon, each model worker, the gRPC gateway and the ``edgeward``
+CLI — never on
 import, since it changes process-wide settings.
 """
 

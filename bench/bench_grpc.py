@@ -14,11 +14,14 @@ daemon's inference socket (a lent connection: the worker answers it), so its add
 latency includes one more process hop; the daemon's idle RSS is measured with the
 gateway running, and the gateway's own RSS is printed and recorded beside it.
 
-Two floors, measured in the same blocks, each the same RPC answered with a canned
+Three floors, measured in the same blocks, each the same RPC answered with a canned
 answer of the same size (no upstream, no inference): a bare grpcio server with the old
-gateway's settings (``--floor SOCKET``), and our HTTP/2 core in the gateway's own
-connection loop (``--core-floor SOCKET``). The core's floor is what the Python grpcio
-client, the transport and two process wake-ups cost by themselves.
+gateway's settings (``--floor SOCKET``), our HTTP/2 core in the gateway's own
+connection loop (``--core-floor SOCKET``), and a do-nothing responder that writes
+precomputed frames (bench/grpc_floor.py's ``raw`` server): what the grpcio client
+costs by itself, which no server can go below. The CPU each process spends per gRPC
+call (client, gateway, worker) is printed beside them: the chain is serial, so their
+sum is the latency.
 
 History (2026-12-03, 2 vCPUs shared, interleaved medians): with grpcio's server the
 gateway added ~1000 us at load 2 (the bare grpcio server alone 580-630 us); ``perf``
@@ -40,6 +43,20 @@ vCPUs cold. Spinning on the upstream read and a longer worker spin (``lend_spin_
 the gRPC connection itself (lent, as HTTP connections are), which also needs the
 connection's HTTP/2 state to travel with it or foreign calls relayed over the worker's
 channel (workers may not reach the daemon's sockets).
+
+Decomposed (2026-12-03, load 0.3-0.6, ``python -m bench.grpc_floor``): the grpcio
+client against the do-nothing responder takes 190-260 us p50 and 195-230 us of its own
+CPU per call (its C-core event-engine threads included; protobuf is ~1 us of it); our
+core with a canned answer adds 30-90 us over that; the whole gateway chain is CPU-bound
+(client ~215-230, gateway ~135-175, worker ~125-135 us CPU per call, perf: a third of
+the gateway's own in wake-ups of the other processes). So ``<= 200`` is at or under
+the client's own floor on this VM. Options for the hop, measured: our core + protobuf
++ onnxruntime in one process (the best a worker answering the gRPC connection itself
+could do) 411 us p50 against ~480-500 through the gateway; the daemon relaying to the
+worker instead of lending costs +292 us over a lent connection (HTTP, 384 against 92
+us), so a gRPC listener in the daemon would be slower, not faster; a spinning worker
+(``lend_spin_us`` 0/200/1000) is within the noise; glibc malloc tuning in the gateway
+(agent/malloc.py, as the daemon and workers have) -22..-37 us.
 ``EDGEWARD_BENCH_QUICK=1`` shortens the loops.
 """
 
@@ -71,6 +88,20 @@ def _rss_mb(pid: int) -> float:
     import psutil
 
     return float(psutil.Process(pid).memory_info().rss) / 2**20
+
+
+def _cpu(pid: int) -> float:
+    """CPU seconds of process ``pid`` (every thread), from /proc (10 ms ticks)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu() -> float:
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
 
 
 def _idle_rss(work: Path) -> tuple[float, float]:
@@ -126,6 +157,9 @@ def _core_floor_server(path: str) -> None:
 
     from agent.grpc_v2 import grpc_service_pb2 as pb
     from agent.grpc_v2.gateway import Gateway, Service
+    from agent.malloc import tune_malloc
+
+    tune_malloc()  # as the gateway's main() does
 
     class Echo(Service):
         def call(self, path: str, message: bytes) -> tuple[int, bytes | str]:
@@ -144,17 +178,17 @@ def _core_floor_server(path: str) -> None:
 
 def _spawn_floor(flag: str, sock: Path) -> subprocess.Popen[bytes]:
     sock.unlink(missing_ok=True)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bench.bench_grpc", flag, str(sock)],
-        stdout=subprocess.PIPE,
-        cwd=ROOT,
-    )
+    argv = ["-m", "bench.bench_grpc", flag, str(sock)]
+    if flag == "--raw-floor":  # bench/grpc_floor.py's do-nothing responder
+        argv = ["-m", "bench.grpc_floor", "--serve", "raw", str(sock)]
+    proc = subprocess.Popen([sys.executable, *argv], stdout=subprocess.PIPE, cwd=ROOT)
     assert proc.stdout is not None and proc.stdout.readline().strip() == b"READY"
     return proc
 
 
 def run(work: Path) -> dict[str, float]:
     import grpc
+    import psutil
 
     from agent.client import Client
     from agent.grpc_v2 import grpc_service_pb2 as pb
@@ -193,11 +227,18 @@ def run(work: Path) -> dict[str, float]:
         core_channel = grpc.insecure_channel(f"unix:{work / 'core.sock'}")
         core_stub = pb_grpc.GRPCInferenceServiceStub(core_channel)
 
+        raw = _spawn_floor("--raw-floor", work / "raw.sock")
+        raw_channel = grpc.insecure_channel(f"unix:{work / 'raw.sock'}")
+        raw_stub = pb_grpc.GRPCInferenceServiceStub(raw_channel)
+
         def via_floor() -> Any:
             return floor_stub.ModelInfer(req)
 
         def via_core() -> Any:
             return core_stub.ModelInfer(req)
+
+        def via_raw() -> Any:
+            return raw_stub.ModelInfer(req)
 
         assert core_stub.ModelInfer(req).raw_output_contents[0] == req.raw_input_contents[0]
 
@@ -206,11 +247,19 @@ def run(work: Path) -> dict[str, float]:
         def via_http() -> Any:
             return http.infer("tiny", {"x": x})
 
+        kids = psutil.Process(d.proc.pid).children(recursive=True)
+        pids = {
+            "gateway": next(k.pid for k in kids if "agent.grpc_v2" in " ".join(k.cmdline())),
+            "worker": next(k.pid for k in kids if "worker_main" in " ".join(k.cmdline())),
+        }
+        cpu0 = {k: _cpu(p) for k, p in pids.items()} | {"client": _own_cpu()}
         a_g, s_g = _paired_lat(anchor, via_grpc, n)
+        cpu1 = {k: _cpu(p) for k, p in pids.items()} | {"client": _own_cpu()}
         a_h, s_h = _paired_lat(anchor, via_http, n)
         a_f, s_f = _paired_lat(anchor, via_floor, n)
         a_c, s_c = _paired_lat(anchor, via_core, n)
-        for ch, proc in ((floor_channel, floor), (core_channel, core)):
+        a_r, s_r = _paired_lat(anchor, via_raw, n)
+        for ch, proc in ((floor_channel, floor), (core_channel, core), (raw_channel, raw)):
             ch.close()
             proc.kill()
             proc.wait()
@@ -227,6 +276,10 @@ def run(work: Path) -> dict[str, float]:
     http_added = (_pct(s_h, 0.5) - _pct(a_h, 0.5)) * us
     floor_added = (_pct(s_f, 0.5) - _pct(a_f, 0.5)) * us
     core_added = (_pct(s_c, 0.5) - _pct(a_c, 0.5)) * us
+    raw_added = (_pct(s_r, 0.5) - _pct(a_r, 0.5)) * us
+    # CPU per gRPC call (the anchor's in-process runs, ~5 us each, are in the client's)
+    calls = len(s_g) + 50 + 2 * 10  # _paired_lat's timed calls, its warm-up, 2 per block
+    cpu = {k: (cpu1[k] - cpu0[k]) / calls * us for k in cpu0}
     print(
         f"tiny [1,{TINY_WIDTH}] fp32: in-process p50 {_pct(a_g, 0.5) * us:.1f} us; gRPC "
         f"(raw_input_contents, gateway process, our HTTP/2 core) p50 {_pct(s_g, 0.5) * us:.1f} us "
@@ -238,9 +291,16 @@ def run(work: Path) -> dict[str, float]:
         f"floors, the same RPC with a canned answer (no upstream, no inference): our HTTP/2 "
         f"core in the gateway's loop p50 {_pct(s_c, 0.5) * us:.1f} us (+{core_added:.1f} us); "
         f"a bare grpcio server p50 {_pct(s_f, 0.5) * us:.1f} us (+{floor_added:.1f} us); "
+        f"a do-nothing responder (precomputed frames: the grpcio client's own floor) p50 "
+        f"{_pct(s_r, 0.5) * us:.1f} us (+{raw_added:.1f} us); "
         f"the gateway adds {grpc_added - core_added:.1f} us over its core's floor (the HTTP "
         f"hop to the worker and the inference included); uptime load "
         f"{os.getloadavg()[0]:.1f}"
+    )
+    print(
+        f"CPU per gRPC ModelInfer (process totals / calls): grpcio client "
+        f"{cpu['client']:.0f} us, gateway {cpu['gateway']:.0f} us, worker {cpu['worker']:.0f} us "
+        f"(the chain is serial: their sum is the latency, less what overlaps)"
     )
     print(
         f"gRPC ServerLive (no inference: grpcio client + the gateway + one HTTP round trip "
@@ -255,6 +315,7 @@ def run(work: Path) -> dict[str, float]:
         "grpc_http_added_p50_us_tiny": http_added,
         "grpc_floor_added_p50_us_tiny": floor_added,
         "grpc_core_floor_added_p50_us_tiny": core_added,
+        "grpc_client_floor_added_p50_us_tiny": raw_added,
         "daemon_idle_rss_mb_grpc": daemon_rss,
         "grpc_gateway_idle_rss_mb": gateway_rss,
     }

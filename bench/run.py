@@ -173,6 +173,11 @@ FIGURES: dict[str, tuple[str, tuple[str, float] | None, int]] = {
         None,
         18,
     ),
+    "grpc_client_floor_added_p50_us_tiny": (
+        "the same RPC on a do-nothing responder: the grpcio client's own cost, us",
+        None,
+        18,
+    ),
     "daemon_idle_rss_mb_grpc": ("daemon idle RSS with [grpc] enabled, MB", ("<=", 60), 18),
     "grpc_gateway_idle_rss_mb": ("the gRPC gateway process's idle RSS, MB", None, 18),
 }
