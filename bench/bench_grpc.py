@@ -121,9 +121,9 @@ def _idle_rss(work: Path) -> tuple[float, float]:
         d.stop()
 
 
-def _floor_server(path: str) -> None:
-    """A bare grpcio server with the gateway's settings: ModelInfer answers y = the
-    input's bytes, without an upstream (the floor of the gRPC figure)."""
+def _floor_server(path: str, options: list[tuple[str, Any]] | None = None) -> None:
+    """A bare grpcio server (by default with the gateway's settings): ModelInfer answers
+    y = the input's bytes, without an upstream (the floor of the gRPC figure)."""
     import threading
     from concurrent import futures
 
@@ -139,10 +139,9 @@ def _floor_server(path: str) -> None:
             resp.raw_output_contents.append(request.raw_input_contents[0])
             return resp
 
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=8),
-        options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.so_reuseport", 0)],
-    )
+    if options is None:
+        options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.so_reuseport", 0)]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=options)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(Echo(), server)
     server.add_insecure_port(f"unix:{path}")
     server.start()

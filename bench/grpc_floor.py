@@ -36,7 +36,6 @@ is built once, as the benchmark does), ``SerializeToString`` of the request and
 from __future__ import annotations
 
 import os
-import resource
 import socket
 import statistics
 import struct
@@ -48,7 +47,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-WIDTH = 4096
+from bench.bench_grpc import _cpu, _own_cpu
+from bench.bench_socket import TINY_WIDTH as WIDTH
+
 ROOT = Path(__file__).resolve().parents[1]
 FRAME = struct.Struct("!HBBBL")
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -153,7 +154,9 @@ def _serve_raw(conn: socket.socket, answer: bytes) -> None:
             conn.sendall(_frame(6, 1, 0, payload))
 
 
-def _serve_core(conn: socket.socket, answer: bytes) -> None:
+def _h2_loop(conn: socket.socket, answer_for: Callable[[bytes], bytes]) -> None:
+    """Our HTTP/2 core in the gateway's blocking loop shape, answering each call's
+    message with ``answer_for(message)``."""
     from agent.serving.h2 import H2Server
 
     h2 = H2Server()
@@ -163,12 +166,16 @@ def _serve_core(conn: socket.socket, answer: bytes) -> None:
         if not data:
             return
         for call in h2.receive(data):
-            h2.respond(call.stream_id, answer)
+            h2.respond(call.stream_id, answer_for(call.message))
         out = h2.data_to_send()
         if out:
             conn.sendall(out)
         if h2.closed:
             return
+
+
+def _serve_core(conn: socket.socket, answer: bytes) -> None:
+    _h2_loop(conn, lambda _message: answer)
 
 
 def _serve_model(conn: socket.socket, answer: bytes) -> None:
@@ -178,55 +185,29 @@ def _serve_model(conn: socket.socket, answer: bytes) -> None:
     import numpy as np
 
     from agent.grpc_v2 import grpc_service_pb2 as pb
-    from agent.serving.h2 import H2Server
     from bench.bench_socket import _session, _tiny_onnx
 
     sess = _session(_tiny_onnx(ROOT / "bench" / "work" / "grpc_floor" / "tiny.onnx"))
-    h2 = H2Server()
-    conn.sendall(h2.data_to_send())
-    while True:
-        data = conn.recv(256 * 1024)
-        if not data:
-            return
-        for call in h2.receive(data):
-            req = pb.ModelInferRequest.FromString(call.message)
-            t = req.inputs[0]
-            x = np.frombuffer(req.raw_input_contents[0], dtype=np.float32).reshape(t.shape)
-            (y,) = sess.run(None, {t.name: x})
-            resp = pb.ModelInferResponse(model_name=req.model_name, model_version="1")
-            resp.outputs.add(name="y", datatype="FP32", shape=list(y.shape))
-            resp.raw_output_contents.append(y.tobytes())
-            h2.respond(call.stream_id, resp.SerializeToString())
-        out = h2.data_to_send()
-        if out:
-            conn.sendall(out)
-        if h2.closed:
-            return
+
+    def run(message: bytes) -> bytes:
+        req = pb.ModelInferRequest.FromString(message)
+        t = req.inputs[0]
+        x = np.frombuffer(req.raw_input_contents[0], dtype=np.float32).reshape(t.shape)
+        (y,) = sess.run(None, {t.name: x})
+        resp = pb.ModelInferResponse(model_name=req.model_name, model_version="1")
+        resp.outputs.add(name="y", datatype="FP32", shape=list(y.shape))
+        resp.raw_output_contents.append(y.tobytes())
+        return bytes(resp.SerializeToString())
+
+    _h2_loop(conn, run)
 
 
 def _serve(kind: str, path: str) -> None:
     _req, answer = _messages()
     if kind == "grpcio":
-        from concurrent import futures
+        from bench.bench_grpc import _floor_server
 
-        import grpc
-
-        from agent.grpc_v2 import grpc_service_pb2 as pb
-        from agent.grpc_v2 import grpc_service_pb2_grpc as pb_grpc
-
-        class Echo(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
-            def ModelInfer(self, request: Any, context: Any) -> Any:
-                resp = pb.ModelInferResponse(model_name=request.model_name, model_version="1")
-                resp.outputs.add(name="y", datatype="FP32", shape=[1, WIDTH])
-                resp.raw_output_contents.append(request.raw_input_contents[0])
-                return resp
-
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(Echo(), server)
-        server.add_insecure_port(f"unix:{path}")
-        server.start()
-        print("READY", flush=True)
-        threading.Event().wait()
+        _floor_server(path, options=[])
     fn = {"raw": _serve_raw, "core": _serve_core, "model": _serve_model}[kind]
     lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     lsock.bind(path)
@@ -304,27 +285,16 @@ def _grpcio_client(path: str, message: bytes) -> Callable[[], Any]:
     return lambda: stub.ModelInfer(req)
 
 
-def _server_cpu(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _own_cpu() -> float:
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return ru.ru_utime + ru.ru_stime
-
-
 def _block(fn: Callable[[], Any], n: int, pid: int) -> tuple[float, float, float]:
     """(p50 wall, client CPU, server CPU) of n calls, seconds (CPU summed: the kernel
     counts it in 10 ms ticks, so only sums over many calls mean anything)."""
     lat = []
-    c0, s0 = _own_cpu(), _server_cpu(pid)
+    c0, s0 = _own_cpu(), _cpu(pid)
     for _ in range(n):
         t0 = time.perf_counter()
         fn()
         lat.append(time.perf_counter() - t0)
-    c1, s1 = _own_cpu(), _server_cpu(pid)
+    c1, s1 = _own_cpu(), _cpu(pid)
     lat.sort()
     return lat[n // 2], c1 - c0, s1 - s0
 
