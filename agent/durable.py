@@ -64,10 +64,12 @@ __all__ = [
     "atomic_replace",
     "atomic_write_bytes",
     "discard_tree",
+    "failpoint",
     "fsync_dir",
     "fsync_file",
     "fsync_tree",
     "symlink_atomic",
+    "unlink_durable",
     "write_all",
 ]
 
@@ -208,6 +210,27 @@ def discard_tree(path: Path, doomed: Path, *, sync: bool = True) -> None:
     if sync:
         fsync_dir(path.parent)
     shutil.rmtree(doomed, ignore_errors=True)
+
+
+def unlink_durable(path: Path) -> bool:
+    """Remove the entry ``path`` (a link is removed, not followed) and fsync its directory,
+    so the removal survives a power cut. Returns False when there was nothing to remove."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    fsync_dir(path.parent)
+    return True
+
+
+def failpoint(name: str) -> None:
+    """Die here with SIGKILL, as a power cut would, when ``EDGEWARD_FAILPOINT`` names this
+    point. The crash-recovery tests put a real ``kill -9`` between two durable steps
+    this way (tests/test_repo_device_health.py); unset, it costs one dictionary lookup."""
+    if os.environ.get("EDGEWARD_FAILPOINT") == name:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # --- helper threads -------------------------------------------------------------------

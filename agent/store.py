@@ -37,9 +37,11 @@ from agent.durable import (
     atomic_replace,
     atomic_write_bytes,
     discard_tree,
+    failpoint,
     fsync_dir,
     fsync_tree,
     symlink_atomic,
+    unlink_durable,
 )
 from agent.errors import StoreError, UpdateError
 
@@ -308,6 +310,25 @@ class Store:
         symlink_atomic(model_dir / "previous", f"versions/{cur}")
         logger.info("store: %s rolled back to %s (previous %s)", name, prev, cur)
         return prev, cur
+
+    def fall_back(self, name: str, version: str) -> None:
+        """Serve ``version`` again and forget ``previous`` (a health rollback: the version
+        that was current is refused, so no link may name it any more).
+
+        ``current`` is switched first: a crash between the two steps leaves current =
+        previous = ``version``, which names nothing refused and which
+        :meth:`drop_previous` finishes at the next start.
+        """
+        if not self.has(name, version):
+            raise StoreError(f"{name} version {version} is not installed", code="store-missing")
+        symlink_atomic(self.models_dir / name / "current", f"versions/{version}")
+        failpoint("store-fall-back-switched")
+        self.drop_previous(name)
+        logger.info("store: %s fell back to %s (no previous)", name, version)
+
+    def drop_previous(self, name: str) -> None:
+        """Remove the ``previous`` link (durably)."""
+        unlink_durable(self.models_dir / name / "previous")
 
     def gc(self, name: str) -> list[str]:
         """Delete versions that are neither current nor previous; returns their names."""

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from agent.config import Config
-from agent.durable import atomic_write_bytes
+from agent.durable import atomic_write_bytes, failpoint
 from agent.errors import (
     EdgewardError,
     PreflightError,
@@ -128,6 +128,9 @@ class UpdateMachine:
     retry_at: float = 0.0
     retries: int = 0  # consecutive local faults (the backoff doubles with each)
     fix: str | None = None  # what the operator should fix, while a local fault lasts
+    #: a rollback under way: {"from", "to", "keep_previous"}. Journaled with the bad mark
+    #: before any link moves; a restart finishes it (Updater._finish_rollback).
+    rollback: dict[str, Any] | None = None
 
     def advance(self, new: str, *, error: str | None = None, target: str | None = None) -> None:
         """Move to ``new`` if the table allows it; notify the observer."""
@@ -158,6 +161,7 @@ class UpdateMachine:
             "retry_at": self.retry_at,
             "retries": self.retries,
             "fix": self.fix,
+            "rollback": self.rollback,
         }
 
 
@@ -238,9 +242,21 @@ class Updater:
                 retry_at=_number(rec.get("retry_at")),
                 retries=int(_number(rec.get("retries"))),
                 fix=rec.get("fix") if isinstance(rec.get("fix"), str) else None,
+                rollback=_rollback_intent(rec.get("rollback")),
             )
             m.on_change = self._changed
             self.machines[name] = m
+            if m.rollback is not None:
+                logger.warning(
+                    "rollback of %s from version %s to %s was interrupted; finishing it",
+                    name,
+                    m.rollback["from"],
+                    m.rollback["to"],
+                )
+                try:
+                    self._finish_rollback(m)
+                except (OSError, EdgewardError) as exc:
+                    logger.error("cannot finish the rollback of %s: %s", name, exc)
             if state in IN_FLIGHT:
                 logger.warning(
                     "update of %s to %s was interrupted in state %s; the store serves %s",
@@ -287,13 +303,15 @@ class Updater:
 
     def mark_bad(self, name: str, version: str, reason: str) -> None:
         """Never install ``version`` of ``name`` again; a newer version is still tried."""
-        m = self.machine(name)
+        self._refuse(self.machine(name), version, reason)
+        self._write_journal()
+
+    def _refuse(self, m: UpdateMachine, version: str, reason: str) -> None:
         m.bad[version] = reason
         if len(m.bad) > self.MAX_BAD:
             for old in sorted(m.bad, key=version_key)[: len(m.bad) - self.MAX_BAD]:
                 del m.bad[old]
-        self._write_journal()
-        logger.warning("%s version %s is refused from now on: %s", name, version, reason)
+        logger.warning("%s version %s is refused from now on: %s", m.name, version, reason)
 
     def is_bad(self, name: str, version: str) -> bool:
         """Whether ``version`` of ``name`` was refused for good (see :meth:`mark_bad`)."""
@@ -898,18 +916,41 @@ class Updater:
             return
         logger.error("%s version %s is unhealthy: %s; rolling back", name, version, reason)
         try:
-            await self.rollback(name)
-        except EdgewardError as exc:
-            logger.error("health rollback of %s failed: %s", name, exc.message)
-            return
-        self.mark_bad(name, version, f"[unhealthy] {reason}")
-        self.machine(name).error = f"version {version} rolled back: {reason}"
-        self._write_journal()
+            await self._health_rollback(name, version, reason)
+        except (OSError, EdgewardError) as exc:
+            logger.error("health rollback of %s failed: %s", name, exc)
 
     # --- rollback ------------------------------------------------------------------
+    #
+    # Both kinds journal the intent together with the bad mark before any link moves,
+    # so a crash at any point leaves either nothing done (the journal write did not
+    # happen) or an intent that the next start finishes (_load_journal runs before any
+    # model loads). A bad mark is never lost and `previous` never names a refused
+    # version after a health rollback.
+
+    async def _health_rollback(self, name: str, bad: str, reason: str) -> None:
+        """Serve the previous version again, refuse ``bad`` for good, forget it: after
+        this `previous` is empty (nothing healthy to go back to) and ``bad``'s
+        directory is gone."""
+        async with self._lock, self.registry.lock(name):
+            cur, prev = self.store.current(name), self.store.previous(name)
+            why = f"[unhealthy] {reason}"
+            if cur != bad or prev is None or prev == cur:
+                self.mark_bad(name, bad, why)  # nothing to go back to: keep serving
+                return
+            # the previous version's worker answers before any link moves
+            model = await self.registry.prepare(name, prev, self.store.version_dir(name, prev))
+            m = self._begin_rollback(name, bad, prev, why, keep_previous=False)
+            self._switch_links(m)
+            await self.registry.activate(model, self.cfg.daemon.drain_timeout)
+            self._finish_rollback(m)
+            m.error = f"version {bad} rolled back: {reason}"
+            self._write_journal()
+            logger.info("rolled back %s from unhealthy version %s to %s", name, bad, prev)
 
     async def rollback(self, name: str) -> dict[str, str]:
-        """Serve the previous version again (it becomes current; current becomes previous)."""
+        """Serve the previous version again (it becomes current; current becomes previous
+        and is refused from now on: a newer version is still installed)."""
         async with self._lock, self.registry.lock(name):
             cur, prev = self.store.current(name), self.store.previous(name)
             if cur is None:
@@ -919,14 +960,57 @@ class Updater:
                     f"{name}: no previous version to roll back to", code="no-previous", status=409
                 )
             model = await self.registry.prepare(name, prev, self.store.version_dir(name, prev))
-            self.store.rollback(name)
+            m = self._begin_rollback(name, cur, prev, "rolled back", keep_previous=True)
+            self._switch_links(m)
             await self.registry.activate(model, self.cfg.daemon.drain_timeout)
-            m = self.machine(name)
-            m.version = prev
-            m.advance("rolled-back")
+            self._finish_rollback(m)
             logger.info("rolled back %s from version %s to %s", name, cur, prev)
-            self.mark_bad(name, cur, "rolled back")
             return {"name": name, "current": prev, "previous": cur}
+
+    def _begin_rollback(
+        self, name: str, bad: str, good: str, reason: str, *, keep_previous: bool
+    ) -> UpdateMachine:
+        """Journal the bad mark and the intent in one atomic write."""
+        m = self.machine(name)
+        self._refuse(m, bad, reason)
+        m.rollback = {"from": bad, "to": good, "keep_previous": keep_previous}
+        self._write_journal()
+        failpoint("rollback-journaled")
+        return m
+
+    def _switch_links(self, m: UpdateMachine) -> None:
+        """The store's half of a journaled rollback; a no-op when already done."""
+        assert m.rollback is not None
+        bad, good = m.rollback["from"], m.rollback["to"]
+        if self.store.current(m.name) == bad and self.store.has(m.name, good):
+            if m.rollback["keep_previous"]:
+                self.store.rollback(m.name)  # swap: previous = bad, for the operator
+            else:
+                self.store.fall_back(m.name, good)
+        elif not m.rollback["keep_previous"] and self.store.previous(m.name) in (
+            bad,
+            self.store.current(m.name),
+        ):
+            self.store.drop_previous(m.name)  # a crash fell between the two links
+        failpoint("rollback-switched")
+
+    def _finish_rollback(self, m: UpdateMachine) -> None:
+        """Complete a journaled rollback (live, or at start after a crash): links, the
+        refused version's directory (health rollback), then clear the intent."""
+        assert m.rollback is not None
+        self._switch_links(m)
+        bad, good = m.rollback["from"], m.rollback["to"]
+        name = m.name
+        linked = (self.store.current(name), self.store.previous(name))
+        if not m.rollback["keep_previous"] and self.store.has(name, bad) and bad not in linked:
+            self.store.remove_version(name, bad)
+        failpoint("rollback-discarded")
+        m.rollback = None
+        m.version = self.store.current(name) or good
+        if m.state != "rolled-back":
+            m.advance("rolled-back")  # writes the journal
+        else:
+            self._write_journal()
 
     def close(self) -> None:
         """Stop a running health window and the repository session (daemon shutdown)."""
@@ -943,6 +1027,16 @@ class Updater:
 
 def _str_dict(value: Any) -> dict[str, str]:
     return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else {}
+
+
+def _rollback_intent(value: Any) -> dict[str, Any] | None:
+    """A journaled rollback intent, or None when absent or malformed."""
+    if not isinstance(value, dict):
+        return None
+    bad, good = value.get("from"), value.get("to")
+    if not isinstance(bad, str) or not isinstance(good, str):
+        return None
+    return {"from": bad, "to": good, "keep_previous": bool(value.get("keep_previous"))}
 
 
 def _number(value: Any) -> float:

@@ -4,7 +4,9 @@ bad, and not fetched again until a newer version appears (real nginx, real daemo
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -162,8 +164,113 @@ def test_unhealthy_version_is_rolled_back_and_marked_bad(
     upd = st["updates"]["tiny"]  # type: ignore[index]
     assert upd["state"] == "rolled-back" and "unhealthy" in upd["bad"]["3"], upd
     assert "health window" in d.log()
+    _assert_fell_back(d, nginx)
+
+
+def _assert_fell_back(d: DaemonProc, nginx: Nginx) -> None:
+    """After a health rollback from 3 to 1: 1 serves, 3 is refused, no link names it,
+    its directory is gone, and the next check does not fetch it again."""
+    assert _scale(d) == 2.0
+    st = _status(d)
+    assert st["models"] == {"tiny": "1"}, st
+    upd = st["updates"]["tiny"]  # type: ignore[index]
+    assert "unhealthy" in upd["bad"]["3"] and upd["rollback"] is None, upd
+    (m,) = json.loads(d.cli("models", "--json").stdout)["models"]
+    assert m["previous"] is None, m  # nothing healthy to go back to
+    tiny = d.work / "state" / "models" / "tiny"
+    assert sorted(p.name for p in (tiny / "versions").iterdir()) == ["1"]
+    assert not (tiny / "previous").exists() and not (tiny / "previous").is_symlink()
     fetched = bytes_for(nginx, "tiny-3.emp")
     res = _check(d)
     assert res["installed"] == {} and res["failed"] == {}, res
     assert bytes_for(nginx, "tiny-3.emp") == fetched
     assert _scale(d) == 2.0
+
+
+#: The durable steps of a health rollback (agent/updater.py, agent/store.py): a real
+#: SIGKILL of the daemon at each, then a restart must finish the rollback.
+HEALTH_CRASH_POINTS = (
+    "rollback-journaled",  # bad mark + intent written, no link moved
+    "store-fall-back-switched",  # current -> 1, previous still -> 1
+    "rollback-switched",  # links done, version 3's directory still there
+    "rollback-discarded",  # all done but the intent cleared
+)
+
+
+def _crash_box(
+    tmp_path: Path, pkgs: dict[str, Path], point: str, new: str = "3"
+) -> tuple[Nginx, DaemonProc, Path]:
+    """A daemon serving 1 that dies at ``point``, with ``new`` published after 1."""
+    repo = TufRepo.create(tmp_path / "repo")
+    for v in ("1", new):
+        repo.add(pkgs[v], fields_of(pkgs[v]))
+        if v == "1":
+            repo.publish()
+            nginx = Nginx(tmp_path / "nginx", tmp_path / "repo")
+            rtable = write_repo_config(tmp_path, nginx, repo)
+            cfg = write_config(tmp_path / "d", trust_dir=pkgs["trust"], extra=rtable)
+            d = start_daemon(tmp_path / "d", config=cfg, env={"EDGEWARD_FAILPOINT": point})
+            assert _check(d)["installed"] == {"tiny": "1"}
+    repo.publish()
+    return nginx, d, cfg
+
+
+def _run_until_dead(d: DaemonProc) -> None:
+    """Requests until the health window trips and the failpoint kills the daemon."""
+    workers: set[int] = set()
+    deadline = time.monotonic() + 60
+    while d.proc.poll() is None:
+        assert time.monotonic() < deadline, d.log()
+        workers.update(d.worker_pids())
+        with contextlib.suppress(OSError):
+            infer_json(d.infer_sock, "tiny", [[1.0, 1.0, 1.0, 1.0]])
+        time.sleep(0.05)
+    assert d.proc.returncode == -signal.SIGKILL, d.log()
+    d.kill_group(sorted(workers))  # what a power cut does to the workers too
+
+
+@pytest.mark.parametrize("point", HEALTH_CRASH_POINTS)
+def test_crash_during_health_rollback_is_finished_at_restart(
+    tmp_path: Path, pkgs: dict[str, Path], point: str
+) -> None:
+    nginx, d, cfg = _crash_box(tmp_path, pkgs, point)
+    try:
+        assert _check(d)["installed"] == {"tiny": "3"}
+        _run_until_dead(d)
+        d = start_daemon(tmp_path / "d", config=cfg)
+        assert "was interrupted; finishing it" in d.log()
+        _assert_fell_back(d, nginx)
+    finally:
+        d.stop()
+        nginx.stop()
+
+
+@pytest.mark.parametrize("point", ["rollback-journaled", "rollback-switched"])
+def test_crash_during_manual_rollback_keeps_the_mark(
+    tmp_path: Path, pkgs: dict[str, Path], point: str
+) -> None:
+    """``edgeward rollback`` swaps the links (previous = the refused version, for the
+    operator to see); a crash inside it still ends with the swap done and the mark kept,
+    so the next check does not install the refused version again."""
+    nginx, d, cfg = _crash_box(tmp_path, pkgs, point, new="4")
+    try:
+        assert _check(d)["installed"] == {"tiny": "4"}
+        assert _scale(d) == 5.0
+        d.cli("rollback", "tiny", timeout=60)  # the daemon dies inside it
+        d.proc.wait(30)
+        assert d.proc.returncode == -signal.SIGKILL, d.log()
+        d.kill_group()
+        d = start_daemon(tmp_path / "d", config=cfg)
+        assert _scale(d) == 2.0
+        st = _status(d)
+        assert st["models"] == {"tiny": "1"}, st
+        assert st["updates"]["tiny"]["bad"]["4"] == "rolled back"  # type: ignore[index]
+        (m,) = json.loads(d.cli("models", "--json").stdout)["models"]
+        assert m["previous"] == "4", m
+        fetched = bytes_for(nginx, "tiny-4.emp")
+        res = _check(d)
+        assert res["installed"] == {} and res["failed"] == {}, res
+        assert bytes_for(nginx, "tiny-4.emp") == fetched
+    finally:
+        d.stop()
+        nginx.stop()
