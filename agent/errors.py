@@ -342,6 +342,7 @@ LOCAL_FAULTS: dict[str, str] = {
     "key-type": "replace the device key in paths.keys_dir with an X25519 key",
     "no-recipient-key": "install this device's key (one the package is encrypted for)",
     "store": "check the state directory (permissions, filesystem)",
+    "disk-full": "free disk space in the state directory",
 }
 
 #: errno values of an OSError that are about this device, with what to fix.
@@ -357,6 +358,48 @@ _LOCAL_ERRNOS: dict[int, str] = {
 }
 
 
+#: errno values that mean "the filesystem is full" (ENOSPC, EDQUOT).
+_FULL_ERRNOS = frozenset({28, 122})
+
+
+def causes(exc: BaseException) -> list[BaseException]:
+    """``exc`` and what it was raised from or while handling (``__cause__``, else an
+    unsuppressed ``__context__``), bounded and cycle-safe."""
+    chain: list[BaseException] = []
+    cur: BaseException | None = exc
+    while cur is not None and len(chain) < 16 and all(cur is not c for c in chain):
+        chain.append(cur)
+        nxt = cur.__cause__
+        if nxt is None and not cur.__suppress_context__:
+            nxt = cur.__context__
+        cur = nxt
+    return chain
+
+
+def human_bytes(n: int) -> str:
+    """``n`` bytes for a message: "512 B", "3.4 KiB", "12.0 MiB", "1.50 GiB"."""
+    if n < 1024:
+        return f"{n} B"
+    if n < 1 << 20:
+        return f"{n / 1024:.1f} KiB"
+    if n < 1 << 30:
+        return f"{n / 2**20:.1f} MiB"
+    return f"{n / 2**30:.2f} GiB"
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` comes down to a full filesystem: an ENOSPC/EDQUOT ``OSError``
+    anywhere in its chain (wrapped by a decoder, a thread pool or our own errors), or an
+    error already classified ``disk-full`` (a worker's, which crosses processes as a
+    code)."""
+    for e in causes(exc):
+        if isinstance(e, OSError) and e.errno in _FULL_ERRNOS:
+            return True
+        if isinstance(e, EdgewardError) and e.code == "disk-full":
+            return True
+    return False
+
+
 def local_fault(exc: BaseException) -> str | None:
     """What to fix on this device when ``exc`` is a local fault, or None when the
     failure is the package's own (it is then refused for good).
@@ -365,6 +408,8 @@ def local_fault(exc: BaseException) -> str | None:
     every source; the repository's transport errors are local too: the link, not the
     package).
     """
+    if disk_full(exc):
+        return LOCAL_FAULTS["disk-full"]
     if isinstance(exc, EdgewardError):
         if isinstance(exc, RepositoryError):
             return "check the link to the repository"

@@ -22,14 +22,13 @@ is retried on the next check (a partial download resumes).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import json
 import logging
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
@@ -41,6 +40,8 @@ from agent.errors import (
     PreflightError,
     TransitionError,
     UpdateError,
+    disk_full,
+    human_bytes,
     local_fault,
 )
 from agent.sources import (
@@ -707,16 +708,24 @@ class Updater:
             self._start_health_window(name, version, current)
         except Exception as exc:  # a bug or an OSError must not kill the daemon either
             stage = m.state
-            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            if stage == "downloading" and isinstance(src, RepositorySource):
+                stage = "downloading and unpacking"  # one pass (_fetch_unpacking)
+            if disk_full(exc):
                 # reclaim first (the partial download and the half-unpacked version
                 # go), then say how much there is: the numbers after cleanup
                 src.settle(cand, "disk full", final=True)
                 if staging is not None:
                     shutil.rmtree(staging, ignore_errors=True)
+                if installed and version not in (
+                    self.store.current(name),
+                    self.store.previous(name),
+                ):
+                    self.store.remove_version(name, version)
+                    installed = False
                 exc = UpdateError(
                     f"disk full in {self.store.root} while {stage} {name} version {version} "
-                    f"({cand.size // 2**20} MiB package): "
-                    f"{disk_free(self.store.root) // 2**20} MiB free after cleanup",
+                    f"({human_bytes(cand.size)} package): "
+                    f"{human_bytes(disk_free(self.store.root))} free after cleanup",
                     code="disk-full",
                 )
                 exc.__cause__ = OSError(errno.ENOSPC, "No space left on device")
@@ -783,6 +792,10 @@ class Updater:
         (a download that started over, a bad package): the caller then unpacks the file
         as it would have, which gives the authoritative outcome. A failed download raises
         its own error (the unpacker's half-done directory goes with ``staging``).
+
+        A full disk is different: unpacking again cannot succeed, so the unpack's error
+        is raised as it is, and the download is told to stop at its next piece
+        (:meth:`Tail.abandon`) instead of filling the disk further for nothing.
         """
         from agent import package
         from agent.repository.client import Tail
@@ -803,21 +816,31 @@ class Updater:
                 **kwargs,
             ),
         )
+
+        def unpack_ended(fut: asyncio.Future[Any]) -> None:
+            exc = None if fut.cancelled() else fut.exception()
+            if exc is not None and disk_full(exc):
+                tail.abandon("the disk is full")
+
+        unpacking.add_done_callback(unpack_ended)
         try:
             try:
                 path = await loop.run_in_executor(None, src.fetch, cand, tail)
             except BaseException:
                 tail.finish("the download failed")  # fetch may fail before downloading
-                with contextlib.suppress(BaseException):
-                    await unpacking
+                failed = await _failure(unpacking)
+                if failed is not None and disk_full(failed):
+                    raise failed from None  # the cause; the download only stopped
                 raise
             try:
                 return path, await unpacking
             except EdgewardError as exc:
-                if exc.code == "stopping":
+                if exc.code == "stopping" or disk_full(exc):
                     raise
                 why = f"[{exc.code}] {exc.message}"
             except Exception as exc:  # an OSError: the file's own unpack decides
+                if disk_full(exc):
+                    raise
                 why = f"{type(exc).__name__}: {exc}"
             logger.info(
                 "%s: unpacking while downloading failed (%s); unpacking the download",
@@ -1027,6 +1050,15 @@ class Updater:
 
 def _str_dict(value: Any) -> dict[str, str]:
     return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else {}
+
+
+async def _failure(fut: Awaitable[Any]) -> BaseException | None:
+    """Wait for ``fut``; what it raised, or None."""
+    try:
+        await fut
+    except BaseException as exc:
+        return exc
+    return None
 
 
 def _rollback_intent(value: Any) -> dict[str, Any] | None:

@@ -71,6 +71,8 @@ from agent.errors import (
     InvalidInputError,
     MetaInfoError,
     RuntimeBackendError,
+    disk_full,
+    human_bytes,
 )
 from runtime.backend import Backend, TensorSpec, make_backend
 from runtime.config import DelegateSpec, RuntimeConfig
@@ -598,6 +600,8 @@ def convert(
             discard_tree(final, cache_dir / f".tmp-dead-{os.getpid()}-{key[:8]}", sync=False)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{os.getpid()}-{key[:8]}-", dir=cache_dir))
     except OSError as exc:
+        if disk_full(exc):
+            raise _full(cache_dir, entry_model) from exc
         raise ConverterError(
             f"converter cache {cache_dir} is not usable: {exc}", code="converter-cache"
         ) from None
@@ -629,17 +633,20 @@ def convert(
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
         fsync_dir(cache_dir, best_effort=True)
-    except OSError as exc:
+    except BaseException as exc:
+        # Whatever failed (the package's converter, ORT saving the optimised graph, our
+        # own writes), a filesystem found full before the cleanup is the device's fault:
+        # the version is retried later, never refused for good.
+        full = disk_full(exc) or _nearly_full(cache_dir)
         shutil.rmtree(tmp, ignore_errors=True)
         if session is not None:
             session.unload()
-        raise ConverterError(
-            f"cannot write the converted model to {cache_dir}: {exc}", code="converter-cache"
-        ) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if session is not None:
-            session.unload()
+        if full and isinstance(exc, Exception):
+            raise _full(cache_dir, entry_model) from exc
+        if isinstance(exc, OSError):
+            raise ConverterError(
+                f"cannot write the converted model to {cache_dir}: {exc}", code="converter-cache"
+            ) from None
         raise
     hit = _reuse(final, entry_model, src, count=False)
     if hit is None:  # pragma: no cover - we just wrote it
@@ -660,6 +667,26 @@ GOLDEN = "golden.npz"
 # does not grow with the weights) while the copy costs a full write, a full hash and
 # the model's size again on disk on every update.
 ONLINE_OPTIMISE_BYTES = 64 << 20
+
+
+#: A cache filesystem with less than this free after a failed conversion was full.
+FULL_BYTES = 1 << 20
+
+
+def _nearly_full(path: Path) -> bool:
+    try:
+        return shutil.disk_usage(path).free < FULL_BYTES
+    except OSError:
+        return False
+
+
+def _full(cache_dir: Path, entry_model: str) -> ConverterError:
+    free = shutil.disk_usage(cache_dir).free if cache_dir.exists() else 0
+    return ConverterError(
+        f"disk full in {cache_dir} while converting {entry_model}: "
+        f"{human_bytes(free)} free after cleanup",
+        code="disk-full",
+    )
 
 
 def _save_golden(

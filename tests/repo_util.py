@@ -248,15 +248,19 @@ def make_residual(
     return out
 
 
-def big_onnx(path: Path, *, mib: int, seed: int = 0) -> Path:
+def big_onnx(path: Path, *, mib: int, seed: int = 0, zeros: bool = False) -> Path:
     """``y = max(x @ W, axis=1)`` with a random (incompressible) ``W`` of about ``mib`` MiB:
-    a package large enough to cut a download half-way."""
+    a package large enough to cut a download half-way. ``zeros``: W is all zeros, so
+    the package is tiny on the wire and ``mib`` MiB once unpacked."""
     import numpy as np
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     k = mib * (1 << 20) // 16
-    w = np.random.default_rng(seed).standard_normal((4, k)).astype(np.float32)
+    if zeros:
+        w = np.zeros((4, k), dtype=np.float32)
+    else:
+        w = np.random.default_rng(seed).standard_normal((4, k)).astype(np.float32)
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])
     nodes = [
@@ -271,26 +275,29 @@ def big_onnx(path: Path, *, mib: int, seed: int = 0) -> Path:
     return path
 
 
-def big_package(work: Path, key: Path, name: str, version: str, *, mib: int, seed: int) -> Path:
-    """A signed ``.emp`` around :func:`big_onnx` (no self-test samples)."""
+def big_package(
+    work: Path,
+    key: Path,
+    name: str,
+    version: str,
+    *,
+    mib: int,
+    seed: int,
+    zeros: bool = False,
+    program: Path | None = None,
+) -> Path:
+    """A signed ``.emp`` around :func:`big_onnx` (no self-test samples); ``program``: a
+    ``Program/`` directory to bundle (run scripts, a package converter)."""
     from tests.daemon_util import edgeward
 
-    model = big_onnx(work / f"big-{version}" / "big.onnx", mib=mib, seed=seed)
+    model = big_onnx(work / f"big-{version}" / "big.onnx", mib=mib, seed=seed, zeros=zeros)
     out = work / "pkgs" / f"{name}-{version}.emp"
     out.parent.mkdir(parents=True, exist_ok=True)
-    edgeward(
-        "pack",
-        "--model",
-        str(model),
-        "--name",
-        name,
-        "--version",
-        version,
-        "--signing-key",
-        str(key),
-        "-o",
-        str(out),
-    )
+    args = ["pack", "--model", str(model), "--name", name, "--version", version]
+    args += ["--signing-key", str(key), "-o", str(out)]
+    if program is not None:
+        args += ["--program", str(program)]
+    edgeward(*args)
     return out
 
 

@@ -15,6 +15,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -94,7 +95,8 @@ def test_small_disk(tmp_path: Path) -> None:
         _fill(state / "filler")
         t.join(120)
         why = json.loads(out[0])["failed"]["tiny"]
-        assert "[disk-full]" in why and "MiB free after cleanup" in why, why
+        assert "[disk-full]" in why and "free after cleanup" in why, why
+        assert "while downloading and unpacking tiny version 2" in why, why
         assert part_files(state) == []
         status, body = infer_json(d.infer_sock, "tiny", [[1.0, 1.0, 1.0, 1.0]])
         assert status == 200 and body["outputs"][0]["data"][0] == 2.0
@@ -109,3 +111,135 @@ def test_small_disk(tmp_path: Path) -> None:
         nginx.stop()
         with contextlib.suppress(subprocess.CalledProcessError):
             subprocess.run(["umount", "-l", str(state)], check=True)
+
+
+#: A package converter that writes the model and then a scratch file larger than any
+#: preflight estimate into its output directory (on the state filesystem).
+GREEDY_CONVERTER = """\
+import argparse, shutil, sys
+from pathlib import Path
+from typing import Any
+
+p = argparse.ArgumentParser()
+for opt in ("--input", "--output", "--backend", "--device-info"):
+    p.add_argument(opt)
+a = p.parse_args()
+src = Path(a.input) / "Model" / "big.onnx"
+shutil.copyfile(src, Path(a.output) / "big.onnx")
+with open(Path(a.output) / "scratch.bin", "wb") as fh:
+    block = bytes(1 << 20)
+    for _ in range(%d):
+        fh.write(block)
+print("converted")
+"""
+
+
+class _Box:
+    """A daemon serving tiny version 1 from a real repository, its state directory a
+    tmpfs of ``mib`` MiB; ``v2`` published on :meth:`publish`."""
+
+    def __init__(self, tmp_path: Path, mib: int, v2: Path, trust: Path, v1: Path) -> None:
+        self.v2 = v2
+        self.repo = TufRepo.create(tmp_path / "repo")
+        self.repo.add(v1, fields_of(v1))
+        self.repo.publish()
+        self.nginx = Nginx(tmp_path / "nginx", tmp_path / "repo")
+        rtable = write_repo_config(tmp_path, self.nginx, self.repo, retries=0)
+        cfg = write_config(tmp_path / "d", trust_dir=trust, extra=rtable, check_on_start=True)
+        self.state = tmp_path / "d" / "state"
+        self.state.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={mib}m", "tmpfs", str(self.state)], check=True
+        )
+        self.d = start_daemon(tmp_path / "d", config=cfg)
+        deadline = time.monotonic() + 120
+        while self.status()["models"] != {"tiny": "1"}:
+            assert time.monotonic() < deadline, self.d.log()
+            time.sleep(0.2)
+
+    def status(self) -> dict[str, Any]:
+        out: dict[str, Any] = json.loads(self.d.cli("status", "--json").stdout)
+        return out
+
+    def check(self) -> dict[str, Any]:
+        out: dict[str, Any] = json.loads(self.d.cli("check", "--json", timeout=180).stdout)
+        return out
+
+    def publish(self) -> None:
+        self.repo.add(self.v2, fields_of(self.v2))
+        self.repo.publish()
+
+    def serves_v1(self) -> None:
+        status, body = infer_json(self.d.infer_sock, "tiny", [[1.0, 1.0, 1.0, 1.0]])
+        assert status == 200 and body["outputs"][0]["data"][0] == 2.0, body
+
+    def grow(self, mib: int) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={mib}m", str(self.state)], check=True)
+
+    def close(self) -> None:
+        self.d.stop()
+        self.nginx.stop()
+        with contextlib.suppress(subprocess.CalledProcessError):
+            subprocess.run(["umount", "-l", str(self.state)], check=True)
+
+
+def _refused_for_now(box: _Box, why: str) -> None:
+    """A full disk is this device's fault: nothing half-done is left, version 1 keeps
+    serving, version 2 is not refused for good but retried."""
+    assert why.count("\n") == 0, why
+    assert "[disk-full]" in why and "free after cleanup" in why, why
+    assert part_files(box.state) == [], part_files(box.state)
+    tiny = box.state / "models" / "tiny"
+    assert sorted(p.name for p in (tiny / "versions").iterdir()) == ["1"]
+    box.serves_v1()
+    upd = box.status()["updates"]["tiny"]
+    assert "2" not in upd["bad"] and upd["retries"] == 1 and upd["fix"], upd
+
+
+def test_disk_full_during_unpack(tmp_path: Path) -> None:
+    """A package tiny on the wire that unpacks to more than the preflight's estimate:
+    the download succeeds, the one-pass unpack hits ENOSPC. One clean failure, no
+    second unpack of the downloaded file; with room, the next check installs it."""
+    key, trust = signing_key(tmp_path / "keys")
+    v1 = make_package(tmp_path, key, "tiny", "1", scale=2.0)
+    v2 = big_package(tmp_path, key, "tiny", "2", mib=48, seed=0, zeros=True)
+    assert v2.stat().st_size < 1 << 20  # zeros: the preflight expects little
+    box = _Box(tmp_path, 40, v2, trust, v1)
+    try:
+        box.publish()
+        why = box.check()["failed"]["tiny"]
+        assert "while downloading and unpacking tiny version 2" in why, why
+        _refused_for_now(box, why)
+        log = box.d.log()
+        assert "unpacking the download" not in log, log  # no second unpack
+        assert sum(e.path.endswith("tiny-2.emp") for e in box.nginx.log()) == 1
+        box.grow(160)
+        res = box.check()
+        assert res["installed"] == {"tiny": "2"}, (res, box.d.log())
+    finally:
+        box.close()
+
+
+def test_disk_full_during_convert(tmp_path: Path) -> None:
+    """The package's converter writes more than the preflight's estimate and fails on a
+    full disk: ``disk-full`` (retried later), not ``converter-failed`` (which would
+    refuse a good version for good)."""
+    key, trust = signing_key(tmp_path / "keys")
+    v1 = make_package(tmp_path, key, "tiny", "1", scale=2.0)
+    program = tmp_path / "program"
+    conv = program / "Library" / "converter"
+    conv.mkdir(parents=True)
+    (conv / "convert.py").write_text(GREEDY_CONVERTER % 64)
+    v2 = big_package(tmp_path, key, "tiny", "2", mib=1, seed=3, program=program)
+    box = _Box(tmp_path, 40, v2, trust, v1)
+    try:
+        box.publish()
+        why = box.check()["failed"]["tiny"]
+        assert "while converting" in why, why
+        _refused_for_now(box, why)
+        assert not any(box.state.glob("cache/*/model/scratch.bin"))  # the half-done entry went
+        box.grow(160)
+        res = box.check()
+        assert res["installed"] == {"tiny": "2"}, (res, box.d.log())
+    finally:
+        box.close()

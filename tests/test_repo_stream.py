@@ -132,3 +132,36 @@ def test_a_wrong_hash_never_reaches_the_end_of_the_tail(tmp_path: Path) -> None:
     finally:
         client.close()
         web.stop()
+
+
+def test_an_abandoned_tail_stops_the_download_and_keeps_the_part(tmp_path: Path) -> None:
+    """The reader gave up for a reason more bytes cannot cure (the unpack found the disk
+    full): the download stops at its next piece instead of filling the disk for
+    nothing, keeps what it has for a resume, and a later attempt completes."""
+    web, client, data = _setup(tmp_path, 4 << 20, limit_rate=1 << 20)
+    part = tmp_path / "big-2.part"
+    offer = _offer(data)
+    try:
+        tail = Tail(part)
+
+        def reader() -> None:
+            while tail.read(1 << 16):
+                if tail._pos >= 256 << 10:  # a quarter MiB in: give up
+                    tail.abandon("the disk is full")
+                    return
+
+        t = threading.Thread(target=reader, daemon=True)
+        t.start()
+        with pytest.raises(RepositoryError) as err:
+            client.download(offer, part, tail)
+        t.join(30)
+        assert err.value.code == "repo-abandoned" and "the disk is full" in err.value.message
+        kept = part.stat().st_size
+        assert 256 << 10 <= kept < len(data) // 2, kept  # stopped soon after, not at the end
+        assert part.read_bytes() == data[:kept]
+        tail.close()
+        assert client.download(offer, part) == part  # the next attempt resumes
+        assert part.read_bytes() == data and client.stats.resumes == 1
+    finally:
+        client.close()
+        web.stop()

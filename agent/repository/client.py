@@ -146,6 +146,9 @@ class Tail:
         self._error: str | None = None
         self._pos = 0
         self._fd: int | None = None
+        #: set by the reader when it gave up for a reason the rest of the download
+        #: cannot cure (the disk is full): the downloader stops at its next piece
+        self.abandoned: str | None = None
 
     # the downloader's side
 
@@ -167,6 +170,11 @@ class Tail:
             self._cv.notify_all()
 
     # the reader's side
+
+    def abandon(self, why: str) -> None:
+        """Tell the downloader to stop (it raises ``repo-abandoned``, keeping the
+        ``.part`` for a later resume)."""
+        self.abandoned = why
 
     def read(self, n: int | None = -1) -> bytes:
         with self._cv:
@@ -593,6 +601,11 @@ class RepositoryClient:
                 synced = pos
                 try:
                     for piece in self.fetcher.chunks(resp, metadata=False):
+                        if tail is not None and tail.abandoned is not None:
+                            raise RepositoryError(
+                                f"download of {offer.path} stopped at byte {pos}: {tail.abandoned}",
+                                code="repo-abandoned",
+                            )
                         if len(piece) > offer.length - pos:
                             raise RepositoryError(
                                 f"{offer.path}: the server sends more than the {offer.length} "

@@ -281,10 +281,14 @@ def decode(
 
 
 def error_to_dict(exc: BaseException) -> dict[str, Any]:
-    """Class name + code + status + message, so the parent re-raises the same error."""
+    """Class name + code + status + message, so the parent re-raises the same error. A
+    full disk keeps its meaning across the boundary (``disk-full``: the device's fault,
+    retried later, never the package's)."""
+    from agent.errors import disk_full
+
     return {
         "cls": type(exc).__name__,
-        "code": getattr(exc, "code", "worker"),
+        "code": "disk-full" if disk_full(exc) else getattr(exc, "code", "worker"),
         "status": getattr(exc, "status", 500),
         "msg": getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}",
     }
