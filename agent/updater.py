@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import json
 import logging
 import shutil
@@ -55,6 +56,7 @@ from agent.sources import (
 from agent.store import Store, version_key
 
 if TYPE_CHECKING:  # the daemon hands the registry in: updates and serving are siblings
+    from agent.manifest import Manifest
     from agent.serving.registry import ModelRegistry
 
 logger = logging.getLogger(__name__)
@@ -319,7 +321,7 @@ class Updater:
         m = self.machines.get(name)
         return m is not None and version in m.bad
 
-    def defer(self, name: str, reason: str, fix: str) -> float:
+    def defer(self, name: str, reason: str, fix: str, *, kept: bool = True) -> float:
         """A local fault stopped ``name``'s update: retry after a backoff that doubles
         with each consecutive fault (``updates.retry_backoff`` up to
         ``updates.retry_backoff_max`` seconds). Returns the time of the next attempt."""
@@ -332,9 +334,9 @@ class Updater:
         m.error = f"{reason}; to fix: {fix}; retrying in {delay:.0f} s"
         self._write_journal()
         logger.error(
-            "update of %s deferred (local fault, the package is kept): %s; to fix: %s; "
-            "next attempt in %.0f s",
+            "update of %s deferred (local fault, %s): %s; to fix: %s; next attempt in %.0f s",
             name,
+            "the package is kept" if kept else "the partial download is reclaimed",
             reason,
             fix,
             delay,
@@ -673,6 +675,9 @@ class Updater:
                         base_dir=base_dir,
                         nofollow=cand.source == "inbox",
                         progress=self._go_on,
+                        on_manifest=functools.partial(
+                            self._preflight_declared, cand, src, base_dir
+                        ),
                         **kwargs,
                     ),
                 )
@@ -749,7 +754,7 @@ class Updater:
                 src.settle(cand, reason, final=False)  # the next start resumes
             elif fix is not None:
                 src.settle(cand, reason, final=False)  # kept: a partial download resumes
-                self.defer(name, reason, fix)
+                self.defer(name, reason, fix, kept=not disk_full(exc))
             elif isinstance(exc, EdgewardError):
                 # the package's own fault: never this version again
                 self._clear_fault(name)
@@ -813,14 +818,15 @@ class Updater:
                 progress=self._go_on,
                 stream=cast(BinaryIO, tail),
                 size=cand.size,
+                on_manifest=functools.partial(self._preflight_declared, cand, src, base_dir),
                 **kwargs,
             ),
         )
 
         def unpack_ended(fut: asyncio.Future[Any]) -> None:
             exc = None if fut.cancelled() else fut.exception()
-            if exc is not None and disk_full(exc):
-                tail.abandon("the disk is full")
+            if exc is not None and _final(exc):
+                tail.abandon(exc.message if isinstance(exc, EdgewardError) else "the disk is full")
 
         unpacking.add_done_callback(unpack_ended)
         try:
@@ -829,17 +835,17 @@ class Updater:
             except BaseException:
                 tail.finish("the download failed")  # fetch may fail before downloading
                 failed = await _failure(unpacking)
-                if failed is not None and disk_full(failed):
+                if failed is not None and _final(failed):
                     raise failed from None  # the cause; the download only stopped
                 raise
             try:
                 return path, await unpacking
             except EdgewardError as exc:
-                if exc.code == "stopping" or disk_full(exc):
+                if exc.code == "stopping" or _final(exc):
                     raise
                 why = f"[{exc.code}] {exc.message}"
             except Exception as exc:  # an OSError: the file's own unpack decides
-                if disk_full(exc):
+                if _final(exc):
                     raise
                 why = f"{type(exc).__name__}: {exc}"
             logger.info(
@@ -872,6 +878,27 @@ class Updater:
                 f"not enough disk space in {self.store.root}: {free // 2**20} MiB free, "
                 f"{need // 2**20} MiB needed to download, unpack and convert {name_v(cand)} "
                 f"({cand.size // 2**20} MiB package)",
+                code="disk-space",
+            )
+
+    def _preflight_declared(
+        self, cand: Candidate, src: Source, base_dir: Path | None, manifest: Manifest
+    ) -> None:
+        """The second preflight, once the signed manifest is read and before anything is
+        decoded: its declared sizes replace the first one's estimate. A package small on
+        the wire that decodes to far more (zeros compress well) is refused here instead
+        of filling the disk other programs on the box need too."""
+        need = declared_need(manifest, base_dir)
+        if isinstance(src, RepositorySource):
+            part = src.part_path(cand)
+            need += max(0, cand.size - (part.stat().st_size if part.exists() else 0))
+        free = disk_free(self.store.root)
+        if free < need:
+            raise PreflightError(
+                f"not enough disk space in {self.store.root}: {human_bytes(free)} free, "
+                f"{human_bytes(need)} needed to unpack and convert {name_v(cand)} (its signed "
+                f"manifest declares {human_bytes(declared_need(manifest, base_dir, bare=True))} "
+                "once unpacked)",
                 code="disk-space",
             )
 
@@ -1050,6 +1077,29 @@ class Updater:
 
 def _str_dict(value: Any) -> dict[str, str]:
     return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else {}
+
+
+def declared_need(manifest: Manifest, base_dir: Path | None, *, bare: bool = False) -> int:
+    """Bytes an install of ``manifest``'s package needs on disk: its decoded models and
+    other files, plus the converter's output (about the models again) and 16 MiB of
+    headroom; ``bare``: the unpacked bytes alone. A residual model decodes to about its
+    base model's size."""
+    containers = {m.container for m in manifest.models}
+    files = sum(f.size for f in manifest.files if f.path not in containers)
+    models = 0
+    for m in manifest.models:
+        base = base_dir / "Model" / m.name if base_dir is not None else None
+        if m.residual and base is not None and base.is_file():
+            models += max(m.size, base.stat().st_size)
+        else:
+            models += m.size
+    return files + models if bare else files + 2 * models + (16 << 20)
+
+
+def _final(exc: BaseException) -> bool:
+    """A failed unpack that unpacking the file again cannot cure: the disk is full, or
+    the declared sizes do not fit."""
+    return disk_full(exc) or isinstance(exc, PreflightError)
 
 
 async def _failure(fut: Awaitable[Any]) -> BaseException | None:

@@ -11,6 +11,7 @@ import contextlib
 import errno
 import json
 import os
+import shutil
 import subprocess
 import threading
 import time
@@ -38,8 +39,15 @@ pytestmark = [
 ]
 
 
-def _fill(path: Path) -> None:
-    """Write ``path`` until the filesystem is full."""
+def _fill(path: Path, leave: int = 0) -> None:
+    """Write ``path`` until the filesystem is full, or has ``leave`` bytes free."""
+    if leave:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, shutil.disk_usage(path.parent).free - leave)
+        finally:
+            os.close(fd)
+        return
     block = b"\0" * (1 << 20)
     with open(path, "wb") as fh:
         try:
@@ -183,12 +191,16 @@ class _Box:
             subprocess.run(["umount", "-l", str(self.state)], check=True)
 
 
-def _refused_for_now(box: _Box, why: str) -> None:
+def _refused_for_now(box: _Box, why: str, code: str = "disk-full") -> None:
     """A full disk is this device's fault: nothing half-done is left, version 1 keeps
     serving, version 2 is not refused for good but retried."""
     assert why.count("\n") == 0, why
-    assert "[disk-full]" in why and "free after cleanup" in why, why
-    assert part_files(box.state) == [], part_files(box.state)
+    assert f"[{code}]" in why, why
+    if code == "disk-full":  # the partial download goes too: room is what is missing
+        assert "free after cleanup" in why, why
+        assert part_files(box.state) == [], part_files(box.state)
+    else:  # the download is kept (it resumes); nothing was decoded
+        assert set(part_files(box.state)) <= {"tiny-2.part", "tiny-2.part.json"}
     tiny = box.state / "models" / "tiny"
     assert sorted(p.name for p in (tiny / "versions").iterdir()) == ["1"]
     box.serves_v1()
@@ -196,24 +208,63 @@ def _refused_for_now(box: _Box, why: str) -> None:
     assert "2" not in upd["bad"] and upd["retries"] == 1 and upd["fix"], upd
 
 
-def test_disk_full_during_unpack(tmp_path: Path) -> None:
-    """A package tiny on the wire that unpacks to more than the preflight's estimate:
-    the download succeeds, the one-pass unpack hits ENOSPC. One clean failure, no
-    second unpack of the downloaded file; with room, the next check installs it."""
+def test_declared_size_is_checked_before_unpacking(tmp_path: Path) -> None:
+    """A package tiny on the wire whose signed manifest declares more than the disk
+    holds (zeros compress well): refused as ``disk-space`` once the manifest is read,
+    before anything is decoded, instead of filling the disk; not refused for good: with
+    room, the next check installs it."""
     key, trust = signing_key(tmp_path / "keys")
     v1 = make_package(tmp_path, key, "tiny", "1", scale=2.0)
     v2 = big_package(tmp_path, key, "tiny", "2", mib=48, seed=0, zeros=True)
-    assert v2.stat().st_size < 1 << 20  # zeros: the preflight expects little
+    assert v2.stat().st_size < 1 << 20  # the first preflight expects little
     box = _Box(tmp_path, 40, v2, trust, v1)
     try:
         box.publish()
         why = box.check()["failed"]["tiny"]
-        assert "while downloading and unpacking tiny version 2" in why, why
-        _refused_for_now(box, why)
-        log = box.d.log()
-        assert "unpacking the download" not in log, log  # no second unpack
+        assert why.startswith("[disk-space] not enough disk space"), why
+        assert "its signed manifest declares 48.0 MiB once unpacked" in why, why
+        _refused_for_now(box, why, code="disk-space")
+        assert "unpacking the download" not in box.d.log()  # no second unpack
         assert sum(e.path.endswith("tiny-2.emp") for e in box.nginx.log()) == 1
         box.grow(160)
+        res = box.check()
+        assert res["installed"] == {"tiny": "2"}, (res, box.d.log())
+    finally:
+        box.close()
+
+
+def test_disk_filled_during_unpack(tmp_path: Path) -> None:
+    """Another writer fills the disk while the package downloads and unpacks in one
+    pass: whichever write hits ENOSPC first (the unpack's or the download's), one clean
+    ``disk-full`` failure, no second unpack, nothing left behind; with room again the
+    next check installs."""
+    key, trust = signing_key(tmp_path / "keys")
+    v1 = make_package(tmp_path, key, "tiny", "1", scale=2.0)
+    v2 = big_package(tmp_path, key, "tiny", "2", mib=4, seed=5)
+    box = _Box(tmp_path, 64, v2, trust, v1)
+    try:
+        box.nginx.reconfigure(limit_rate=1 << 20)
+        box.publish()
+        out: list[str] = []
+        t = threading.Thread(
+            target=lambda: out.append(box.d.cli("check", "--json", timeout=180).stdout)
+        )
+        t.start()
+        part = box.state / "staging" / "tiny-2.part"
+        deadline = time.monotonic() + 60
+        while not (part.exists() and part.stat().st_size >= 1 << 20):
+            assert time.monotonic() < deadline, box.d.log()
+            time.sleep(0.02)
+        # room for the rest of the download, not for the unpacked copy beside it
+        left = v2.stat().st_size - part.stat().st_size
+        _fill(box.state / "filler", leave=left + (512 << 10))
+        t.join(120)
+        why = json.loads(out[0])["failed"]["tiny"]
+        assert "while downloading and unpacking tiny version 2" in why, why
+        _refused_for_now(box, why)
+        assert "unpacking the download" not in box.d.log()
+        (box.state / "filler").unlink()
+        box.nginx.reconfigure(limit_rate=None)
         res = box.check()
         assert res["installed"] == {"tiny": "2"}, (res, box.d.log())
     finally:

@@ -14,7 +14,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO, cast
 
@@ -113,12 +113,17 @@ def unpack(
     nofollow: bool = False,
     stream: BinaryIO | None = None,
     size: int | None = None,
+    on_manifest: Callable[[Manifest], None] | None = None,
 ) -> Manifest:
     """Verify, decrypt, decompress (and patch) a package into ``out_dir``.
 
     ``stream``: read the package from it (``size`` bytes when known) instead of opening
     ``pkg`` (its name is used in messages): the daemon unpacks a download while it
     arrives (agent/repository/client.py ``Tail``).
+
+    ``on_manifest``: called with the verified manifest before anything is decoded (the
+    daemon checks the declared sizes against the free disk there); what it raises ends
+    the unpack.
 
     ``out_dir`` must not exist or be an empty directory. Layout: ``docs/INTERFACES.md``
     (``manifest.json``, ``Meta-info/``, ``Program/``, ``Model/<name>`` decoded).
@@ -158,6 +163,7 @@ def unpack(
             nofollow=nofollow,
             stream=stream,
             size=size,
+            on_manifest=on_manifest,
         )
         if out_dir.exists():
             out_dir.rmdir()
@@ -183,12 +189,15 @@ def _unpack_into(
     nofollow: bool = False,
     stream: BinaryIO | None = None,
     size: int | None = None,
+    on_manifest: Callable[[Manifest], None] | None = None,
 ) -> Manifest:
     out = _Out(tmp)
     patches: list[tuple[ModelInfo, Path]] = []
     with _opened(pkg, limits, trust, nofollow=nofollow, stream=stream, size=size) as opened:
         manifest = opened.manifest
         signature = opened.signature
+        if on_manifest is not None:
+            on_manifest(manifest)
         residual = [m for m in manifest.models if m.residual]
         base_manifest = check_base(manifest, base_dir) if residual else None
         envelope_bytes = [
