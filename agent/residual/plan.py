@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from . import lowrank as lowrank_mod
 from . import quant
 from .layout import Hole, element_count
 
@@ -50,6 +51,10 @@ class Candidate:
     codes: quant.I8Array | None = None  # given codes (error-compensated rounding), flat
     out_err: float | None = None  # layer-output error tr(Eᵀ H E), when calibrated
     label: str = ""  # how it was made, for reports ("" plain rounding)
+    #: low-rank factors sent first (lowrank.py); then ``bits`` 0 means no remainder,
+    #: else the remainder B − (A + L·R) quantised as above
+    lowrank: lowrank_mod.Factors | None = None
+    size_factors: int = 0  # compressed factor frame bytes, with its u64 length
 
     @property
     def rel_err(self) -> float:
@@ -59,8 +64,11 @@ class Candidate:
 
     @property
     def size(self) -> int:
-        """Frame bytes (with its u64 length) of the smaller coding."""
+        """Frame bytes (with its u64 length) of the smaller coding (plus the factor
+        frame of a low-rank candidate)."""
         sizes = [s for s in (self.size_packed, self.size_unpacked) if s]
+        if self.lowrank is not None:
+            return self.size_factors + (8 + min(sizes) if sizes else 0)
         return 8 + min(sizes) if sizes else 0
 
     def raw_payload(self, n: int, unpacked: bool = False) -> int:
@@ -213,12 +221,73 @@ def plan(
     )
 
 
+def lowrank_base(ra: Reader, h: Hole, f: lowrank_mod.Factors) -> Reader:
+    """A reader of A + L·R (float32 bytes): the base the remainder is quantised against,
+    computed as the device computes it (lowrank.delta_piece, then one float32 add)."""
+    n = element_count(h.shape)
+    a = quant.to_f32(ra(0, 4 * n), quant.F32)
+    ap = np.add(a, lowrank_mod.delta_piece(f, f.floats(), 0, n), dtype=np.float32)
+    view = memoryview(ap.view(np.uint8))
+    return lambda o, k: view[o : o + k]
+
+
+def plan_lowrank(
+    ra: Reader, rb: Reader, h: Hole, f: lowrank_mod.Factors, *, bits: int, block: int
+) -> Candidate:
+    """A low-rank candidate: the factors, then (``bits`` > 0) the remainder quantised
+    at ``bits`` per ``block``; sizes measured, error of exactly the device's B'."""
+    rap = lowrank_base(ra, h, f)
+    if bits:
+        c = plan(rap, rb, h, bits, block, measure_size=True)
+    else:  # the factors alone: B' = A + L·R
+        err, norm, ok = _lowrank_only_error(rap, rb, h)
+        c = Candidate(0, 0, np.zeros(0, np.float32), err, norm, ok)
+    c.lowrank = f
+    c.size_factors = 8 + len(zstd_compressor().compress(f.payload()))
+    return c
+
+
+def _lowrank_only_error(rap: Reader, rb: Reader, h: Hole) -> tuple[float, float, bool]:
+    """(Σ (B' − B)², Σ B², valid) for B' = A + L·R, with plan()'s validity rules."""
+    n = element_count(h.shape)
+    got = quant.to_f32(rap(0, 4 * n), quant.F32)
+    b = quant.to_f32(rb(0, 4 * n), quant.F32)
+    fin = np.isfinite(b)
+    b64 = b.astype(np.float64)[fin]
+    norm = float(np.dot(b64, b64))
+    if not np.all(np.isfinite(got[fin])) or (
+        b.size and float(np.min(b)) > 0 and float(np.min(got)) <= 0
+    ):
+        return float("inf"), norm, False
+    diff = got.astype(np.float64)[fin] - b64
+    return float(np.dot(diff, diff)), norm, True
+
+
 def emit(
     ra: Reader, rb: Reader, h: Hole, cand: Candidate, sink: Sink | None, *, compress: bool = True
 ) -> tuple[int, list[bytes]]:
     """Feed B' chunks (storage bytes) to ``sink``; return (bits byte, compressed frame
     pieces) of the smaller coding (packed unless one code per byte compresses smaller;
-    8 bits is always one byte per code)."""
+    8 bits is always one byte per code). A low-rank candidate's remainder is coded
+    against A + L·R (its factor frame is :func:`factor_pieces`); without a remainder
+    the bits byte is 0 and there are no pieces."""
+    if cand.lowrank is not None:
+        rap = lowrank_base(ra, h, cand.lowrank)
+        if cand.bits == 0:
+            if sink is not None:
+                for o in range(0, h.nbytes, 4 * CHUNK):
+                    sink(rap(o, min(4 * CHUNK, h.nbytes - o)))
+            return 0, []
+        inner = Candidate(
+            cand.bits,
+            cand.block,
+            cand.scales,
+            cand.err_sq,
+            cand.norm_sq,
+            cand.ok,
+            codes=cand.codes,
+        )
+        return emit(rap, rb, h, inner, sink, compress=compress)
     n = element_count(h.shape)
     head = cand.scales.astype("<f4").tobytes()
     comps: list[tuple[bool, Any, list[bytes]]] = []
@@ -245,6 +314,11 @@ def emit(
     assert best is not None
     _, unpacked, pieces = best
     return cand.bits | (quant.UNPACKED if unpacked else 0), [p for p in pieces if p]
+
+
+def factor_pieces(f: lowrank_mod.Factors) -> list[bytes]:
+    """The factor frame of a low-rank record."""
+    return compress_stream(lowrank_mod.payload_size(f.m, f.n, f.rank), iter([f.payload()]))
 
 
 def compress_stream(

@@ -41,6 +41,7 @@ from agent.errors import (
     TargetDigestError,
 )
 
+from . import lowrank as lowrank_mod
 from . import plan as plan_mod
 from . import quant
 from .layout import Hole, Layout, element_count, scan
@@ -51,8 +52,8 @@ MAGIC = b"EWRP"
 TRAILER = b"EWRT"
 VERSION = 1
 FORMATS = {"onnx": 1, "tflite": 2, "raw": 3}
-SKIP, FULL, QUANT, IDELTA = 1, 2, 3, 4
-KIND_NAMES = {SKIP: "skip", FULL: "full", QUANT: "quant", IDELTA: "idelta"}
+SKIP, FULL, QUANT, IDELTA, LOWRANK = 1, 2, 3, 4, 5
+KIND_NAMES = {SKIP: "skip", FULL: "full", QUANT: "quant", IDELTA: "idelta", LOWRANK: "lowrank"}
 END_FILE = 0
 
 IO_CHUNK = 1 << 22  # bytes per copy step
@@ -337,6 +338,7 @@ class _Record:
     hole: Hole  # key, dtype and shape of the target tensor; offset/file unused
     bits: int = 0
     block: int = 0
+    rank: int = 0  # LOWRANK: the factors' rank (bits 0: no remainder)
 
 
 def _write_record_head(out: BinaryIO, r: _Record) -> None:
@@ -348,6 +350,8 @@ def _write_record_head(out: BinaryIO, r: _Record) -> None:
     out.write(struct.pack("<Q", r.hole.nbytes))
     if r.kind == QUANT:
         out.write(struct.pack("<BQ", r.bits, r.block))
+    if r.kind == LOWRANK:
+        out.write(struct.pack("<BQI", r.bits, r.block, r.rank))
 
 
 def _read_record_head(rd: _In, kind: int) -> _Record:
@@ -375,6 +379,19 @@ def _read_record_head(rd: _In, kind: int) -> _Record:
             or dtype not in quant.FLOATS
         ):
             raise _bad(f"tensor {key!r}: bad quantisation header")
+    if kind == LOWRANK:
+        r.bits, r.block, r.rank = rd.unpack("<BQI")
+        width = r.bits & ~quant.UNPACKED
+        mn = lowrank_mod.matrix(shape)
+        if (
+            dtype != quant.F32
+            or mn is None
+            or not 1 <= r.rank <= min(mn)
+            or (r.bits and (width not in quant.BITS or r.block < 1))
+            or (r.bits & quant.UNPACKED and width == 8)
+            or (not r.bits and r.block)
+        ):
+            raise _bad(f"tensor {key!r}: bad low-rank header")
     return r
 
 
@@ -465,6 +482,8 @@ class Choice:
     # error-compensated codes (flat) and their scales, made by the search
     scales: Any = field(default=None, compare=False, repr=False)
     codes: Any = field(default=None, compare=False, repr=False)
+    # low-rank factors sent first (bits 0: and nothing else), made by the search
+    lowrank: Any = field(default=None, compare=False, repr=False)
 
 
 def _equal(
@@ -600,7 +619,10 @@ def encode_patch(
         **{f"q{b}": 0 for b in quant.BITS},
         "unpacked_codes": 0,
         "fallbacks": 0,
-        "bytes": {k: 0 for k in ("skeleton", "skip", "full", "idelta", "quant", "header")},
+        "lowrank": 0,
+        "bytes": {
+            k: 0 for k in ("skeleton", "skip", "full", "idelta", "quant", "lowrank", "header")
+        },
         "bytes_per_width": {f"q{b}": 0 for b in quant.BITS},
         "max_rel_err": 0.0,
         "target_bytes": sum(tl.sizes),
@@ -669,11 +691,14 @@ def encode_patch(
                 same = bh is not None and bh.dtype == h.dtype and bh.shape == h.shape
                 choice = (choices or {}).get(h.key)
                 pieces: list[bytes] | None = None
+                extra: list[bytes] | None = None  # a low-rank record's remainder frame
                 if same and ra is not None and _equal(ra, rt, h.nbytes):
                     rec = _Record(SKIP, skel_pos, h)
                     stats["skip"] += 1
                     for o in range(0, h.nbytes, IO_CHUNK):
                         sink(rt(o, min(IO_CHUNK, h.nbytes - o)))
+                elif same and ra is not None and choice is not None and choice.lowrank is not None:
+                    rec, pieces, extra = _lowrank_record(ra, rt, h, choice, stats, sink)
                 elif (
                     same
                     and ra is not None
@@ -720,6 +745,8 @@ def encode_patch(
                     n_frame = put_frame(pieces, what)
                     if rec.kind == QUANT:
                         stats["bytes_per_width"][f"q{rec.bits & 0x7F}"] += n_frame
+                    if extra:
+                        put_frame(extra, what)
                 dig.tensor(h, sha.digest(), i, rec.skel_pos)
                 if bh is not None:
                     bmaps.release(bh)
@@ -770,6 +797,31 @@ def _full_pieces(rt: Callable[[int, int], memoryview], h: Hole, sink: Sink) -> l
             yield t
 
     return plan_mod.compress_stream(h.nbytes, body())
+
+
+def _lowrank_record(  # noqa: PLR0917 - one call site, all context
+    ra: Callable[[int, int], memoryview],
+    rt: Callable[[int, int], memoryview],
+    h: Hole,
+    choice: Choice,
+    stats: dict[str, Any],
+    sink: Sink,
+) -> tuple[_Record, list[bytes], list[bytes]]:
+    """A low-rank record: its factor frame, then the remainder's frame (none when the
+    factors alone were chosen)."""
+    f = choice.lowrank
+    cand = plan_mod.Candidate(
+        choice.bits, choice.block, choice.scales, 0.0, 0.0, True, codes=choice.codes, lowrank=f
+    )
+    if choice.bits and choice.scales is None:
+        cand.scales = plan_mod.choose_scales(
+            plan_mod.lowrank_base(ra, h, f), rt, h, choice.bits, choice.block
+        )
+    bits_byte, rest = plan_mod.emit(ra, rt, h, cand, sink)
+    stats["lowrank"] += 1
+    stats["unpacked_codes"] += 1 if bits_byte & quant.UNPACKED else 0
+    rec = _Record(LOWRANK, 0, h, bits_byte, choice.block if choice.bits else 0, f.rank)
+    return rec, plan_mod.factor_pieces(f), rest
 
 
 def _quant_record(  # noqa: PLR0917 - one call site, all context
@@ -1124,9 +1176,7 @@ def _apply_stream(
         if of.written != hdr.sizes[i]:
             raise _bad("output size differs from the declared size")
         writer.call(
-            functools.partial(
-                _file_done, dig, hdr.names[i], hdr.skeleton_sizes[i], of.skeleton_sha
-            )
+            functools.partial(_file_done, dig, hdr.names[i], hdr.skeleton_sizes[i], of.skeleton_sha)
         )
     writer.finish()
     return dig.value()
@@ -1170,6 +1220,10 @@ def _apply_record(
             of.write(base(o, min(IO_CHUNK, h.nbytes - o)), sha)
     else:
         size = h.nbytes
+        if rec.kind == LOWRANK:
+            _apply_lowrank(rd, base, rec, of, sha)
+            maps.release(bh)
+            return sha
         if rec.kind == QUANT:
             n = element_count(h.shape)
             size = 4 * (-(-n // rec.block)) + quant.code_size(n, rec.bits)
@@ -1215,6 +1269,54 @@ def _apply_quant(
             data = quant.from_f32(d, h.dtype)
             of.writer.release(buf)
             of.write(data, sha)
+
+
+def _apply_lowrank(
+    rd: _In, base: Callable[[int, int], memoryview], rec: _Record, of: _OutFile, sha: Any
+) -> None:
+    """Device side of a low-rank record: the factor frame, then B' = A + L·R (+ the
+    remainder, as ``_apply_quant`` adds it) with lowrank.delta_piece's arithmetic, the
+    publisher's own, in pooled buffers."""
+    h = rec.hole
+    n = element_count(h.shape)
+    mn = lowrank_mod.matrix(h.shape)
+    assert mn is not None  # checked with the header
+    m, cols = mn
+    fsize = lowrank_mod.payload_size(m, cols, rec.rank)
+    rsize = 4 * (-(-n // rec.block)) + quant.code_size(n, rec.bits) if rec.bits else 0
+    if fsize + rsize >= h.nbytes:
+        raise _bad(f"tensor {h.key!r}: low-rank record not smaller than the tensor")
+    frame = _Frame(rd.f, fsize, of.dctx)
+    try:
+        f = lowrank_mod.read(frame.read(fsize), m, cols, rec.rank)
+    except ValueError as exc:
+        raise _bad(f"tensor {h.key!r}: {exc}") from None
+    frame.close()
+    floats = f.floats()
+    rframe = _Frame(rd.f, rsize, of.dctx) if rec.bits else None
+    scales = (
+        np.frombuffer(rframe.read(4 * (-(-n // rec.block))), dtype="<f4").astype(np.float32)
+        if rframe is not None
+        else None
+    )
+    for e0 in range(0, n, DEV_CHUNK):
+        k = min(DEV_CHUNK, n - e0)
+        a = quant.to_f32(base(e0 * 4, k * 4), h.dtype)
+        buf = of.writer.buffer()
+        d = buf.view(np.float32)[:k]
+        try:
+            np.add(a, lowrank_mod.delta_piece(f, floats, e0, k), out=d, dtype=np.float32)
+            if rframe is not None and scales is not None:
+                packed = of.writer.qbuf[: quant.code_size(k, rec.bits)]
+                rframe.readinto(packed)
+                q = quant.unpack(packed, rec.bits, k)
+                quant.dequant_add(d.copy(), q, scales, rec.block, e0, out=d)
+        except BaseException:
+            of.writer.release(buf)
+            raise
+        of.write(d, sha, buf)
+    if rframe is not None:
+        rframe.close()
 
 
 def _apply_idelta(
