@@ -68,6 +68,12 @@ FIGURES: dict[str, tuple[str, tuple[str, float] | None, int]] = {
     "patch_rd_size_ratio_999_tflite": ("the same, TFLite MLP pair", None, 19),
     "patch_rd_cosine_min_999": ("held-out cosine B vs B' of those patches, min", (">=", 0.999), 19),
     "patch_rd_seconds": ("seconds of the two searches", None, 19),
+    "patch_rd_size_ratio_9999_transformer": (
+        "transformer pair: --target-cosine 0.9999 patch / .emp (the int8 row's fidelity class)",
+        None,
+        19,
+    ),
+    "patch_rd_cosine_min_9999_transformer": ("held-out cosine of that patch", None, 19),
     "patch_make_peak_rss_mb": (
         "peak RSS making an int8 patch of a 512 MiB pair, MB",
         ("<=", 406),

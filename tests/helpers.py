@@ -584,3 +584,36 @@ def wait_state(w: ModelWorker, state: str, limit: float = 30.0) -> None:
     while w.state != state and time.monotonic() < end:
         time.sleep(0.02)
     assert w.state == state
+
+
+def mlp_onnx(ws: list[Any], path: Path, *, bias: Any = None, out: str | None = None) -> Path:
+    """An ONNX MLP ``x → MatMul(w0) → Relu → … → MatMul(w_last) [+ bias]`` (ir_version 10),
+    the residual tests' model pairs. ``out``: the output's name (default ``logits``)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(w, f"w{i}") for i, w in enumerate(ws)]
+    nodes, h = [], "x"
+    for i in range(len(ws)):
+        nodes.append(helper.make_node("MatMul", [h, f"w{i}"], [f"m{i}"]))
+        if i < len(ws) - 1:
+            nodes.append(helper.make_node("Relu", [f"m{i}"], [f"r{i}"]))
+            h = f"r{i}"
+    last = f"m{len(ws) - 1}"
+    name = out or "logits"
+    if bias is not None:
+        inits.append(numpy_helper.from_array(bias, "b2"))
+        nodes.append(helper.make_node("Add", [last, "b2"], [name]))
+    else:
+        nodes.append(helper.make_node("Identity", [last], [name]))
+    g = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", ws[0].shape[0]])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["n", ws[-1].shape[1]])],
+        inits,
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 10
+    onnx.save(m, str(path))
+    return path

@@ -14,35 +14,16 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import numpy_helper
 
 from agent.errors import EdgewardError
 from agent.residual import apply_patch, encode_patch, lowrank, search
 from agent.residual.search import Target
 from agent.residual.stream import LOWRANK, Choice
+from tests.helpers import mlp_onnx
+from tests.test_residual_search import _cos_min
 
 SHAPES = ((96, 256), (256, 256), (256, 10))
-
-
-def _mlp(ws: list[Any], path: Path) -> Path:
-    inits = [numpy_helper.from_array(w, f"w{i}") for i, w in enumerate(ws)]
-    nodes, h = [], "x"
-    for i in range(len(ws)):
-        nodes.append(helper.make_node("MatMul", [h, f"w{i}"], [f"m{i}"]))
-        if i < len(ws) - 1:
-            nodes.append(helper.make_node("Relu", [f"m{i}"], [f"r{i}"]))
-            h = f"r{i}"
-    g = helper.make_graph(
-        nodes,
-        "mlp",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", SHAPES[0][0]])],
-        [helper.make_tensor_value_info(f"m{len(ws) - 1}", TensorProto.FLOAT, ["n", 10])],
-        inits,
-    )
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 10
-    onnx.save(m, str(path))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +44,8 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         x = np.random.default_rng(seed).standard_normal((32, SHAPES[0][0])).astype(np.float32)
         np.savez(d / name / "s.npz", **{"input:x": x})  # type: ignore[arg-type]
     return {
-        "a": _mlp(wa, d / "a.onnx"),
-        "b": _mlp(wb, d / "b.onnx"),
+        "a": mlp_onnx(wa, d / "a.onnx"),
+        "b": mlp_onnx(wb, d / "b.onnx"),
         **{k: d / k for k in ("samples", "heldout")},
     }
 
@@ -76,8 +57,14 @@ def _out(model: Path, samples: Path) -> Any:
     return np.asarray(sess.run(None, {"x": x})[0], np.float64)
 
 
-def _cos_min(a: Any, b: Any) -> float:
-    return float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min())
+def _apply(pair: dict[str, Path], patch: bytes, info: Any, out: Path) -> None:
+    apply_patch(
+        pair["a"],
+        io.BytesIO(patch),
+        out,
+        expected_base_digest=info.base_digest,
+        expected_target_digest=info.target_digest,
+    )
 
 
 def test_delta_is_the_same_whatever_the_chunking() -> None:
@@ -114,13 +101,7 @@ def test_record_round_trip_is_bit_exact(
     info = encode_patch(pair["a"], pair["b"], buf, choices=choices, reconstruct=recon)
     assert info.stats["lowrank"] == 1
     out = tmp_path / "dev" / "m.onnx"
-    apply_patch(
-        pair["a"],
-        io.BytesIO(buf.getvalue()),
-        out,
-        expected_base_digest=info.base_digest,
-        expected_target_digest=info.target_digest,
-    )
+    _apply(pair, buf.getvalue(), info, out)
     assert out.read_bytes() == recon.read_bytes()
 
 
@@ -137,13 +118,7 @@ def test_search_picks_factors_on_a_low_rank_finetune(
             fidelity_target=Target(cosine=0.999),
         )
         out = tmp_path / f"dev{len(buf.getvalue())}" / "m.onnx"
-        apply_patch(
-            pair["a"],
-            io.BytesIO(buf.getvalue()),
-            out,
-            expected_base_digest=info.base_digest,
-            expected_target_digest=info.target_digest,
-        )
+        _apply(pair, buf.getvalue(), info, out)
         cos = _cos_min(_out(pair["b"], pair["heldout"]), _out(out, pair["heldout"]))
         assert cos >= 0.999, cos  # measured here, on inputs the search never saw
         return len(buf.getvalue()), info.fidelity
@@ -182,12 +157,6 @@ def test_malformed_lowrank_records_are_refused(
     struct.pack_into(at[1], patch, at[0], value)
     out = tmp_path / "dev" / "m.onnx"
     with pytest.raises(EdgewardError) as err:
-        apply_patch(
-            pair["a"],
-            io.BytesIO(bytes(patch)),
-            out,
-            expected_base_digest=info.base_digest,
-            expected_target_digest=info.target_digest,
-        )
+        _apply(pair, bytes(patch), info, out)
     assert "low-rank" in err.value.message, err.value.message
     assert not out.exists()

@@ -12,39 +12,20 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import numpy_helper
 
 from agent.cli import main
 from agent.errors import ResidualError
 from agent.residual import apply_patch, encode_patch
 from agent.residual.fidelity import kind_from_meta, metrics
 from agent.residual.search import Target
+from tests.helpers import mlp_onnx
 
 SHAPES = ((64, 192), (192, 192), (192, 10))
 
 
 def _mlp(ws: list[np.ndarray[Any, Any]], bias: np.ndarray[Any, Any], path: Path) -> Path:
-    inits = [numpy_helper.from_array(w, f"w{i}") for i, w in enumerate(ws)]
-    inits.append(numpy_helper.from_array(bias, "b2"))
-    nodes = []
-    h = "x"
-    for i in range(len(ws)):
-        nodes.append(helper.make_node("MatMul", [h, f"w{i}"], [f"m{i}"]))
-        if i < len(ws) - 1:
-            nodes.append(helper.make_node("Relu", [f"m{i}"], [f"r{i}"]))
-            h = f"r{i}"
-    nodes.append(helper.make_node("Add", [f"m{len(ws) - 1}", "b2"], ["logits"]))
-    g = helper.make_graph(
-        nodes,
-        "mlp",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", SHAPES[0][0]])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 10])],
-        inits,
-    )
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 10
-    onnx.save(m, str(path))
-    return path
+    return mlp_onnx(ws, path, bias=bias)
 
 
 @pytest.fixture(scope="module")

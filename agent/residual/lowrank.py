@@ -35,6 +35,9 @@ from .layout import element_count
 RANKS = (1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 128)  # ranks tried
 MAX_ELEMENTS = 1 << 24  # larger tensors are not factorised (SVD time and memory)
 MAX_SHARE = 0.6  # a rank whose factors exceed this share of the tensor's elements is skipped
+#: the largest rank a record may carry: decoding costs rank × elements multiply-adds, so
+#: with MAX_ELEMENTS this bounds what one record can make a device compute
+MAX_RANK = 256
 
 
 def matrix(shape: tuple[int, ...]) -> tuple[int, int] | None:

@@ -386,7 +386,8 @@ def _read_record_head(rd: _In, kind: int) -> _Record:
         if (
             dtype != quant.F32
             or mn is None
-            or not 1 <= r.rank <= min(mn)
+            or mn[0] * mn[1] > lowrank_mod.MAX_ELEMENTS
+            or not 1 <= r.rank <= min(*mn, lowrank_mod.MAX_RANK)
             or (r.bits and (width not in quant.BITS or r.block < 1))
             or (r.bits & quant.UNPACKED and width == 8)
             or (not r.bits and r.block)
