@@ -41,6 +41,7 @@ from agent.errors import (
     PreflightError,
     TransitionError,
     UpdateError,
+    causes,
     disk_full,
     human_bytes,
     local_fault,
@@ -249,26 +250,29 @@ class Updater:
             )
             m.on_change = self._changed
             self.machines[name] = m
+        # Only once every record is loaded: a transition writes the journal, which must
+        # not lose the models not read yet (their bad marks).
+        for m in self.machines.values():
+            if m.state in IN_FLIGHT:
+                logger.warning(
+                    "update of %s to %s was interrupted in state %s; the store serves %s",
+                    m.name,
+                    m.target,
+                    m.state,
+                    self.store.current(m.name),
+                )
+                m.advance("failed", error=f"interrupted in state {m.state}")
             if m.rollback is not None:
                 logger.warning(
                     "rollback of %s from version %s to %s was interrupted; finishing it",
-                    name,
+                    m.name,
                     m.rollback["from"],
                     m.rollback["to"],
                 )
                 try:
                     self._finish_rollback(m)
                 except (OSError, EdgewardError) as exc:
-                    logger.error("cannot finish the rollback of %s: %s", name, exc)
-            if state in IN_FLIGHT:
-                logger.warning(
-                    "update of %s to %s was interrupted in state %s; the store serves %s",
-                    name,
-                    m.target,
-                    state,
-                    self.store.current(name),
-                )
-                m.advance("failed", error=f"interrupted in state {state}")
+                    logger.error("cannot finish the rollback of %s: %s", m.name, exc)
 
     def _changed(self, machine: UpdateMachine, old: str) -> None:
         self.transitions[machine.state] = self.transitions.get(machine.state, 0) + 1
@@ -832,11 +836,12 @@ class Updater:
         try:
             try:
                 path = await loop.run_in_executor(None, src.fetch, cand, tail)
-            except BaseException:
+            except BaseException as broke:
                 tail.finish("the download failed")  # fetch may fail before downloading
                 failed = await _failure(unpacking)
-                if failed is not None and _final(failed):
-                    raise failed from None  # the cause; the download only stopped
+                if failed is not None and _final(failed) and not _final(broke):
+                    # the download only stopped (Tail.abandon): the unpack's is the cause
+                    raise _final_cause(failed) from None
                 raise
             try:
                 return path, await unpacking
@@ -1100,6 +1105,20 @@ def _final(exc: BaseException) -> bool:
     """A failed unpack that unpacking the file again cannot cure: the disk is full, or
     the declared sizes do not fit."""
     return disk_full(exc) or isinstance(exc, PreflightError)
+
+
+def _final_cause(exc: BaseException) -> BaseException:
+    """The exception in ``exc``'s chain that makes it final (the ENOSPC itself, the
+    preflight refusal, a worker's ``disk-full``), to be raised on its own: raising a
+    wrapper anew would replace the context that links it to its cause."""
+    for e in causes(exc):
+        if (
+            isinstance(e, PreflightError)
+            or (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT))
+            or (isinstance(e, EdgewardError) and e.code == "disk-full")
+        ):
+            return e  # final by itself, whatever its context becomes
+    return exc
 
 
 async def _failure(fut: Awaitable[Any]) -> BaseException | None:

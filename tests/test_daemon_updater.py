@@ -182,3 +182,35 @@ def test_interrupted_update_becomes_failed_at_start(tmp_path: Path, pkgs: dict[s
     m = up.machines["tiny"]
     assert m.state == "failed" and "interrupted" in (m.error or "")
     assert json.loads(store.journal_path.read_text())["models"]["tiny"]["state"] == "failed"
+
+
+def test_start_up_journal_writes_keep_every_model(
+    tmp_path: Path, pkgs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first journal write at start (an interrupted update becoming failed) happens
+    once every model's record is read: a crash right after it must not lose another
+    model's refused versions."""
+    _cfg, store, _reg, _up, _made = updater_setup(tmp_path, pkgs["trust"])
+    store.write_journal(
+        {
+            "models": {
+                "a": {"state": "downloading", "version": "1", "target": "2", "since": 1.0},
+                "b": {"state": "active", "version": "5", "bad": {"6": "[unhealthy] x"}},
+            }
+        }
+    )
+    from agent.store import Store
+
+    first: list[dict[str, object]] = []
+    real = Store.write_journal
+
+    def spy(self: Store, data: dict[str, object]) -> None:
+        if not first:
+            first.append(json.loads(json.dumps(data)))
+        real(self, data)
+
+    monkeypatch.setattr(Store, "write_journal", spy)
+    _cfg, store, _reg, up, _made = updater_setup(tmp_path, pkgs["trust"])
+    assert up.machines["a"].state == "failed"
+    models = first[0]["models"]
+    assert isinstance(models, dict) and models["b"]["bad"] == {"6": "[unhealthy] x"}, models
