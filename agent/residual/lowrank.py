@@ -18,8 +18,8 @@ add per element and component; numpy never fuses them, and each IEEE operation r
 same on every CPU). No BLAS, no reduction whose order could differ between machines, so
 B' is the same bytes everywhere, chunk by chunk.
 
-Float32 tensors of at least two dimensions are eligible; the matrix is (elements / row,
-row), row = the last dimension (quant.row_length).
+Float32 tensors of at least two dimensions are eligible; the matrix is (first dimension,
+product of the others), the rows quant.row_length uses (a conv kernel: out × in·kh·kw).
 """
 
 from __future__ import annotations
