@@ -31,7 +31,33 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "onnx-int4-g64": ("ppocr_det.onnx", {"bits": 4, "group_size": 64}),
     "tflite-int8": ("hand_landmark_lite.tflite", {"bits": 8}),
     "tflite-int4": ("hand_landmark_lite.tflite", {"bits": 4}),
+    # low-rank records (float32 matrices as rank-8 factors, with and without a remainder;
+    # the TFLite asset keeps float16 weights, which have no low-rank records)
+    "onnx-lowrank": ("ppocr_det.onnx", {"lowrank": (8, 0)}),
+    "onnx-lowrank-q2": ("ppocr_det.onnx", {"lowrank": (8, 2)}),
 }
+
+
+def _lowrank_choices(base: Path, target: Path, rank: int, bits: int) -> dict[str, Any]:
+    """A low-rank choice for every float32 matrix that can be factorised at ``rank``."""
+    from agent.residual import lowrank
+    from agent.residual.stream import Choice
+
+    bl, tl = scan(base), scan(target)
+    by_key = bl.by_key()
+    out: dict[str, Any] = {}
+    for h in tl.holes:
+        b = by_key.get(h.key)
+        mn = lowrank.matrix(h.shape)
+        if b is None or mn is None or h.dtype != quant.F32 or b.shape != h.shape:
+            continue
+        a_raw = bl.paths[b.file].read_bytes()[b.offset : b.offset + b.nbytes]
+        t_raw = tl.paths[h.file].read_bytes()[h.offset : h.offset + h.nbytes]
+        delta = np.frombuffer(t_raw, "<f4").astype(np.float64) - np.frombuffer(a_raw, "<f4")
+        factors = lowrank.factorise(delta.reshape(mn), (rank,))
+        if factors:
+            out[h.key] = Choice(bits, mn[1] if bits else 0, lowrank=factors[-1])
+    return out
 
 
 def _perturb_onnx(src: Path, dst: Path, seed: int) -> None:
@@ -80,8 +106,15 @@ def write(out: Path) -> dict[str, Any]:
         base_copy = out / f"{case}.base{suffix}"
         base_copy.write_bytes(base.read_bytes())
         recon = out / f"{case}.recon{suffix}"
+        args = dict(kw)
+        if "lowrank" in args:
+            rank, bits = args.pop("lowrank")
+            args["choices"] = _lowrank_choices(base_copy, target, rank, bits)
+            assert args["choices"], case  # the case must hold low-rank records
         with (out / f"{case}.patch").open("wb") as f:
-            info = encode_patch(base_copy, target, f, reconstruct=recon, **kw)
+            info = encode_patch(base_copy, target, f, reconstruct=recon, **args)
+        if "choices" in args:
+            assert info.stats["lowrank"] == len(args["choices"]), info.stats
         index[case] = {
             "base": base_copy.name,
             "patch": f"{case}.patch",
