@@ -232,11 +232,11 @@ def lowrank_base(ra: Reader, h: Hole, f: lowrank_mod.Factors) -> Reader:
 
 
 def plan_lowrank(
-    ra: Reader, rb: Reader, h: Hole, f: lowrank_mod.Factors, *, bits: int, block: int
+    rap: Reader, rb: Reader, h: Hole, f: lowrank_mod.Factors, *, bits: int, block: int
 ) -> Candidate:
     """A low-rank candidate: the factors, then (``bits`` > 0) the remainder quantised
-    at ``bits`` per ``block``; sizes measured, error of exactly the device's B'."""
-    rap = lowrank_base(ra, h, f)
+    at ``bits`` per ``block``; sizes measured, error of exactly the device's B'.
+    ``rap``: :func:`lowrank_base` of the factors (made once for all remainder widths)."""
     if bits:
         c = plan(rap, rb, h, bits, block, measure_size=True)
     else:  # the factors alone: B' = A + L·R

@@ -248,8 +248,9 @@ def _lowrank_candidates(ra: Any, rb: Any, h: Hole) -> list[plan_mod.Candidate]:
     del a, b
     out = []
     for f in factors:
+        rap = plan_mod.lowrank_base(ra, h, f)
         for bits in LOWRANK_REMAINDER:
-            c = plan_mod.plan_lowrank(ra, rb, h, f, bits=bits, block=mn[1])
+            c = plan_mod.plan_lowrank(rap, rb, h, f, bits=bits, block=mn[1])
             if c.ok and c.size < h.nbytes:
                 c.label = "lowrank"  # not a probe for the sensitivity run
                 out.append(c)
