@@ -696,7 +696,7 @@ class Updater:
                 inside = dict(model.start_phases)
                 step("staged")
                 step("activating")
-                self.store.activate(name, version)
+                await self._switch_or_discard(model, self.store.activate, name, version)
                 await self.registry.activate(model, self.cfg.daemon.drain_timeout)
             m.version = version
             step("active")
@@ -996,7 +996,7 @@ class Updater:
             # the previous version's worker answers before any link moves
             model = await self.registry.prepare(name, prev, self.store.version_dir(name, prev))
             m = self._begin_rollback(name, bad, prev, why, keep_previous=False)
-            self._switch_links(m)
+            await self._switch_or_discard(model, self._switch_links, m)
             await self.registry.activate(model, self.cfg.daemon.drain_timeout)
             self._finish_rollback(m)
             m.error = f"version {bad} rolled back: {reason}"
@@ -1016,11 +1016,28 @@ class Updater:
                 )
             model = await self.registry.prepare(name, prev, self.store.version_dir(name, prev))
             m = self._begin_rollback(name, cur, prev, "rolled back", keep_previous=True)
-            self._switch_links(m)
+            try:
+                await self._switch_or_discard(model, self._switch_links, m)
+            except BaseException:
+                if self.store.current(name) == cur:  # nothing moved: nothing was done
+                    m.rollback = None
+                    m.bad.pop(cur, None)
+                    self._write_journal()
+                raise
             await self.registry.activate(model, self.cfg.daemon.drain_timeout)
             self._finish_rollback(m)
             logger.info("rolled back %s from version %s to %s", name, cur, prev)
             return {"name": name, "current": prev, "previous": cur}
+
+    async def _switch_or_discard(self, model: Any, switch: Callable[..., Any], *args: Any) -> None:
+        """Move the store's links; if that fails (a full disk refuses even a symlink),
+        stop the worker prepared for the new links: it would serve nothing."""
+        try:
+            switch(*args)
+        except BaseException:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, _stop_quietly, model.worker)
+            raise
 
     def _begin_rollback(
         self, name: str, bad: str, good: str, reason: str, *, keep_previous: bool
@@ -1099,6 +1116,13 @@ def declared_need(manifest: Manifest, base_dir: Path | None, *, bare: bool = Fal
         else:
             models += m.size
     return files + models if bare else files + 2 * models + (16 << 20)
+
+
+def _stop_quietly(worker: Any) -> None:
+    try:
+        worker.stop(0.0)
+    except Exception as exc:  # the error that got us here is the one to report
+        logger.warning("stopping an unused worker: %s", exc)
 
 
 def _final(exc: BaseException) -> bool:

@@ -214,3 +214,43 @@ def test_start_up_journal_writes_keep_every_model(
     assert up.machines["a"].state == "failed"
     models = first[0]["models"]
     assert isinstance(models, dict) and models["b"]["bad"] == {"6": "[unhealthy] x"}, models
+
+
+def test_a_link_switch_that_fails_stops_the_prepared_worker(
+    tmp_path: Path, pkgs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk can refuse even the new ``current`` symlink after the new version's
+    worker started: the update fails as disk-full (retried later, not refused), that
+    worker is stopped, and the old version keeps serving; the same for a rollback."""
+    import errno
+
+    from agent.store import Store
+
+    async def go() -> None:
+        _cfg, store, reg, up, made = updater_setup(tmp_path, pkgs["trust"])
+        drop_in_inbox(tmp_path, pkgs["1"])
+        assert (await up.check()).installed == {"tiny": "1"}
+        drop_in_inbox(tmp_path, pkgs["2"])
+        real = Store.activate
+
+        def full(self: Store, name: str, version: str) -> str | None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(Store, "activate", full)
+        res = await up.check()
+        assert "[disk-full]" in res.failed["tiny"], res.failed
+        assert made[-1].version == "2" and made[-1].state == "stopped"
+        assert reg.get("tiny").version == "1" and store.current("tiny") == "1"
+        assert not up.is_bad("tiny", "2")
+        monkeypatch.setattr(Store, "activate", real)
+        drop_in_inbox(tmp_path, pkgs["2"])
+        assert (await up.check(retry_deferred=True)).installed == {"tiny": "2"}
+        monkeypatch.setattr(Store, "rollback", lambda self, name: full(self, name, ""))
+        with pytest.raises(OSError):
+            await up.rollback("tiny")
+        assert made[-1].version == "1" and made[-1].state == "stopped"
+        assert reg.get("tiny").version == "2" and store.current("tiny") == "2"
+        # nothing moved: no intent left for a restart to finish, no mark on 2
+        assert up.machines["tiny"].rollback is None and not up.is_bad("tiny", "2")
+
+    asyncio.run(go())
