@@ -552,14 +552,15 @@ def _lowrank_sweep(  # noqa: PLR0917 - the search's state, one call site
     passing: tuple[float, list[int], dict[str, Any], int] | None,
 ) -> tuple[float, list[int], dict[str, Any], int] | None:
     """A second allocation, checked for real: every matrix with low-rank candidates at
-    the same rank, factors only; the other tensors as in the greedy's passing
-    allocation (else exact). The additive error model predicts low-rank truncation
-    poorly (dropping the smallest components is not rounding noise), and a fine-tune's
-    Δ is often low-rank in every layer alike, so a bisection over the rank ladder finds
-    the smallest rank that meets the goal. Returns (0, positions, metrics, bytes) of the
-    smallest passing rank (chosen candidates appended to the tensors' hulls), or None."""
-    lr_tensors = [t for t in tensors if any(c.lowrank is not None and not c.bits for c in t.cands)]
-    if not lr_tensors:
+    the same rank (factors alone, or with the same remainder width: SWEEP_REMAINDER);
+    the other tensors as in the greedy's passing allocation (small ones exact). The
+    additive error model predicts low-rank truncation poorly (dropping the smallest
+    components is not rounding noise), and a fine-tune's Δ is often low-rank in every
+    layer alike, so a bisection over the rank ladder finds the smallest rank that meets
+    the goal. Returns (0, positions, metrics, bytes) of the smallest passing allocation
+    (its candidates appended to the tensors' hulls), or None."""
+    lr = {id(t) for t in tensors if any(c.lowrank is not None for c in t.cands)}
+    if not lr:
         return None
     # the rest: the greedy's choice where it is a real saving, exact where the tensor
     # is small (biases, norms: their rounding costs more fidelity than bytes saved)
@@ -570,8 +571,9 @@ def _lowrank_sweep(  # noqa: PLR0917 - the search's state, one call site
     ]
 
     def pick(t: _Tensor, rank: int, bits: int) -> int | None:
-        """The factors-only candidate at ``rank`` (None: the tensor has no such rank, too
-        small a matrix to factorise that far; it keeps its other choice)."""
+        """The candidate at ``rank`` with a ``bits`` remainder (0: factors alone), or
+        None: the tensor has no such rank (too small a matrix to factorise that far)
+        and keeps its other choice."""
         only = [
             (c.lowrank.rank, i)
             for i, c in enumerate(t.cands)
@@ -585,7 +587,7 @@ def _lowrank_sweep(  # noqa: PLR0917 - the search's state, one call site
     def run(rank: int, bits: int) -> tuple[list[int], dict[str, Any], int]:
         idx = list(base_idx)
         for k, t in enumerate(tensors):
-            i = pick(t, rank, bits) if t in lr_tensors else None
+            i = pick(t, rank, bits) if id(t) in lr else None
             if i is not None:
                 idx[k] = i
         size = sum(
