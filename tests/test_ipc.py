@@ -105,3 +105,108 @@ def test_malformed_descriptors_are_refused(descs: Any) -> None:
     """What the daemon turns into a failed request (a reply is the child's word)."""
     with pytest.raises((ValueError, KeyError, ipc.ChannelClosed)):
         ipc.decode(descs, bytearray(16), None, copy=True)
+
+
+def test_frames_written_together_are_read_one_by_one(
+    pair: tuple[ipc.Channel, ipc.Channel, socket.socket],
+) -> None:
+    """The reader reads ahead: frames that arrive in one write (or a small frame then
+    one bigger than the read-ahead buffer) still come out whole and in order."""
+    _, receiver, raw = pair
+    small = [ipc._frame({"op": "result", "id": i}, [bytes([i]) * i]) for i in range(1, 6)]
+    big_payload = bytes(range(256)) * (ipc.READ_AHEAD // 128)  # 2 x the buffer
+    frames = [*small, ipc._frame({"op": "result", "id": 99}, [big_payload]), small[0]]
+    blob = b"".join(b"".join(bytes(p) for p in f) for f in frames)
+    t = threading.Thread(target=raw.sendall, args=(blob,))
+    t.start()
+    for i in range(1, 6):
+        h, p = receiver.recv()
+        assert h == {"op": "result", "id": i} and bytes(p) == bytes([i]) * i
+    h, p = receiver.recv()
+    assert h["id"] == 99 and bytes(p) == big_payload
+    h, p = receiver.recv()
+    assert h["id"] == 1 and bytes(p) == b"\x01"
+    t.join()
+
+
+def _reader_frames(chunks: list[bytes], unread: bytes = b"") -> list[Any]:
+    """What the daemon's non-blocking reader makes of ``chunks`` written one by one."""
+    from agent.serving.transport import _EOF, _GARBLED, _FrameReader
+
+    a, b = socket.socketpair()
+    try:
+        r = _FrameReader(b, unread)
+        out: list[Any] = []
+        for c in chunks:
+            a.sendall(c)
+            while True:
+                got = r.read()
+                if got is None:
+                    break
+                if got is _EOF or got is _GARBLED:
+                    out.append("eof" if got is _EOF else "garbled")
+                    return out
+                h, p = got  # type: ignore[misc]
+                out.append((h["id"], bytes(p)))
+        a.close()
+        got = r.read()
+        while got is None:  # the socket says EOF on a read
+            got = r.read()
+        out.append("eof" if got is _EOF else "garbled" if got is _GARBLED else got)
+        return out
+    finally:
+        a.close()
+        b.close()
+
+
+def test_the_daemons_reader_reassembles_frames_cut_anywhere() -> None:
+    payloads = [b"", b"x" * 10, bytes(ipc.READ_AHEAD + 5), b"tail"]
+    blob = b"".join(
+        b"".join(bytes(p) for p in ipc._frame({"id": i}, [pl])) for i, pl in enumerate(payloads)
+    )
+    want = [(i, pl) for i, pl in enumerate(payloads)] + ["eof"]
+    assert _reader_frames([blob]) == want  # all at once
+    for cut in (1, 7, 8, 9, 20, 100, ipc.READ_AHEAD, len(blob) - 3):  # in two pieces
+        assert _reader_frames([blob[:cut], blob[cut:]]) == want, cut
+    step = 4099  # in many odd pieces
+    assert _reader_frames([blob[i : i + step] for i in range(0, len(blob), step)]) == want
+    # bytes a Channel had read ahead before the reader took the socket over
+    assert _reader_frames([blob[50:]], unread=blob[:50]) == want
+
+
+@pytest.mark.parametrize(
+    "junk",
+    [
+        ipc.HEAD.pack(ipc.MAX_HEADER + 1, 0),
+        ipc.HEAD.pack(0, 0),
+        _frame(b"[1]"),
+        _frame(b"{no"),
+        _frame(b'{"id": "\xff"}'),  # not UTF-8
+    ],
+    ids=["huge-header", "empty-header", "not-object", "not-json", "not-utf8"],
+)
+def test_the_daemons_reader_calls_junk_garbled(junk: bytes) -> None:
+    ok = b"".join(bytes(p) for p in ipc._frame({"id": 1}, [b"ok"]))
+    assert _reader_frames([ok + junk]) == [(1, b"ok"), "garbled"]
+
+
+def test_slots_wait_for_a_release_and_time_out() -> None:
+    arena = ipc.ShmArena(2, 4096)
+    try:
+        a, b = arena.acquire(0.0), arena.acquire(0.0)
+        assert {a, b} == {0, 1}
+        assert arena.acquire(0.0) is None
+        assert arena.acquire(0.05) is None  # waited, none came
+        got: list[int | None] = []
+        waiters = [threading.Thread(target=lambda: got.append(arena.acquire(30))) for _ in range(2)]
+        for t in waiters:
+            t.start()
+        assert a is not None and b is not None
+        arena.release(a)
+        arena.release(b)
+        for t in waiters:
+            t.join(30)
+        assert sorted(x for x in got if x is not None) == [0, 1]
+        assert len(got) == 2
+    finally:
+        arena.close()

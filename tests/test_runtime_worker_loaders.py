@@ -10,6 +10,7 @@ import contextlib
 import ctypes
 import os
 import stat
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -31,10 +32,14 @@ def failing(model_dir: Path, config: Any, *, cache_dir: Path) -> Any:
 class Toy:
     """Echo/sum servable: ``x`` -> ``y = x * 2``; ``hog`` (MiB) allocates and holds;
     ``scribble`` overwrites ``x`` in place first; ``oserror`` fails as a run script that
-    cannot open a file does; ``garble`` writes junk into every socket it has, then hangs."""
+    cannot open a file does; ``garble`` writes junk into every socket it has, then hangs;
+    ``barrier`` (n) returns only once n requests are inside ``predict`` at the same time
+    (a request served alone fails after 20 s)."""
 
     def __init__(self) -> None:
         self._held: list[np.ndarray] = []
+        self._lock = threading.Lock()
+        self._barriers: dict[int, threading.Barrier] = {}
 
     def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if "hog" in inputs:
@@ -45,6 +50,11 @@ class Toy:
             return {"y": a[:1]}
         if "sleep" in inputs:
             time.sleep(float(inputs["sleep"].reshape(-1)[0]))
+        if "barrier" in inputs:
+            n = int(inputs["barrier"].reshape(-1)[0])
+            with self._lock:
+                b = self._barriers.setdefault(n, threading.Barrier(n, timeout=20))
+            b.wait()
         if "garble" in inputs:
             for name in os.listdir("/proc/self/fd"):
                 with contextlib.suppress(OSError):

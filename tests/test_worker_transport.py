@@ -9,6 +9,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -187,5 +188,62 @@ def test_junk_for_a_reply_kills_the_child_and_fails_only_its_requests(tmp_path: 
         assert w.predict({"x": np.ones(3)}, timeout=20)["y"].tolist() == [2.0] * 3
         with pytest.raises(ProcessLookupError):
             os.kill(pid0 or 0, 0)
+    finally:
+        w.stop()
+
+
+@pytest.mark.parametrize("big", [False, True], ids=["inline", "shm"])
+def test_every_slot_is_served_at_once(tmp_path: Path, big: bool) -> None:
+    """max_concurrency requests are inside the model together (each on a lane of its
+    own): the toy's barrier lets none of them return until all of them are in."""
+    w = toy_worker(tmp_path, max_concurrency=3)
+    w.start()
+    try:
+        x = np.arange(30_000 if big else 3, dtype=np.float64)
+        outs: list[Any] = []
+        errors: list[BaseException] = []
+
+        def call() -> None:
+            try:
+                outs.append(w.predict({"x": x, "barrier": np.array([3])}, timeout=30))
+            except BaseException as exc:
+                errors.append(exc)
+
+        for _round in range(2):  # the lanes serve again once answered
+            outs.clear()
+            threads = [threading.Thread(target=call) for _ in range(3)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(40)
+            assert not errors
+            assert len(outs) == 3
+            for out in outs:
+                np.testing.assert_array_equal(out["y"], x * 2)
+        assert w.stats()["shm_tensors_in"] == (6 if big else 0)
+    finally:
+        w.stop()
+
+
+def test_more_callers_than_lanes_wait_for_one(tmp_path: Path) -> None:
+    """Twelve callers, two lanes: the rest wait for a lane (not an error) and every
+    caller gets its own answer."""
+    w = toy_worker(tmp_path, max_concurrency=2)
+    w.start()
+    try:
+        got: dict[int, Any] = {}
+
+        def call(i: int) -> None:
+            got[i] = w.predict({"x": np.full(4, float(i)), "sleep": np.array([0.02])}, timeout=30)
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert sorted(got) == list(range(12))
+        for i, out in got.items():
+            assert out["y"].tolist() == [2.0 * i] * 4
+        _in_flight_zero(w)
     finally:
         w.stop()

@@ -15,15 +15,16 @@ child's frames as untrusted input (a garbled one ends that child, see docs/DAEMO
 from __future__ import annotations
 
 import contextlib
-import json
 import mmap
 import os
 import socket
 import struct
 import threading
+import time
 from typing import Any
 
 import numpy as np
+import orjson
 
 from agent.errors import InvalidInputError
 from agent.serving.tensors import bytes_elements, decode_bytes, pack_bytes
@@ -32,7 +33,8 @@ HEAD = struct.Struct("!II")
 SHM_MIN = 64 * 1024
 ALIGN = 64
 MAX_HEADER = 16 * 1024 * 1024
-_JSON = json.JSONEncoder(separators=(",", ":"))
+READ_AHEAD = 64 * 1024  # a Channel's read buffer: frames up to this size take one read
+_HEADER_OPTS = orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY  # as lenient as json
 
 
 class ChannelClosed(Exception):
@@ -45,6 +47,8 @@ class Channel:
     def __init__(self, sock: socket.socket):
         self.sock = sock
         self._lock = threading.Lock()
+        self._rbuf = bytearray(READ_AHEAD)  # recv's read-ahead: [_rpos, _rend) unread
+        self._rpos = self._rend = 0
 
     def send(self, header: dict[str, Any], payload: list[bytes | memoryview] | None = None) -> None:
         """Send one frame (blocking until all of it is out)."""
@@ -97,25 +101,52 @@ class Channel:
             sent = self.sock.sendmsg(views[:512])
             views = _skip(views, sent)
 
-    def _recv_exact(self, n: int) -> bytearray:
-        buf = bytearray(n)
-        _read_at_least(self.sock, memoryview(buf), 0, n)
-        return buf
+    def _fill(self, n: int) -> None:
+        """At least ``n`` unread bytes in the read buffer (``n`` fits it)."""
+        buf = self._rbuf
+        if self._rpos + n > len(buf):  # move what is unread to the front
+            have = self._rend - self._rpos
+            buf[:have] = buf[self._rpos : self._rend]
+            self._rpos, self._rend = 0, have
+        self._rend = _read_at_least(self.sock, memoryview(buf), self._rend, self._rpos + n)
 
     def recv(self) -> tuple[dict[str, Any], memoryview]:
-        """One frame: the header and a view of the payload."""
+        """One frame: the header and a view of the payload (its own copy).
+
+        Reads ahead into a buffer of READ_AHEAD bytes, so a small frame usually costs
+        one system call (its prefix, header and payload arrive together); a bigger
+        frame is read straight into a buffer of its own."""
         try:
-            hl, pl = HEAD.unpack(self._recv_exact(HEAD.size))
+            self._fill(HEAD.size)
+            hl, pl = HEAD.unpack_from(self._rbuf, self._rpos)
             if hl > MAX_HEADER:
                 raise ChannelClosed(f"frame header of {hl} bytes")
-            body = self._recv_exact(hl + pl)
-            header = json.loads(body[:hl])
-            payload = memoryview(body)[hl:]
+            self._rpos += HEAD.size
+            n = hl + pl
+            if n <= len(self._rbuf):
+                self._fill(n)
+                body = self._rbuf[self._rpos : self._rpos + n]
+                self._rpos += n
+            else:
+                body = bytearray(n)
+                have = self._rend - self._rpos
+                body[:have] = self._rbuf[self._rpos : self._rend]
+                self._rpos = self._rend = 0
+                _read_at_least(self.sock, memoryview(body), have, n)
+            view = memoryview(body)
+            header = orjson.loads(view[:hl])
             if not isinstance(header, dict):
                 raise ValueError("frame header is not an object")
         except (OSError, ValueError, ChannelClosed) as exc:  # garbled = a dead peer
             raise ChannelClosed(str(exc)) from exc
-        return header, payload
+        return header, view[hl:]
+
+    def unread(self) -> bytes:
+        """The bytes read ahead and not yet returned as a frame (for a reader that takes
+        the socket over); the buffer is then empty."""
+        out = bytes(self._rbuf[self._rpos : self._rend])
+        self._rpos = self._rend = 0
+        return out
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -133,7 +164,7 @@ def _read_at_least(sock: socket.socket, view: memoryview, got: int, need: int) -
 
 
 def _frame(header: dict[str, Any], payload: list[bytes | memoryview] | None) -> list[Any]:
-    hb = _JSON.encode(header).encode()
+    hb = orjson.dumps(header, option=_HEADER_OPTS)
     parts: list[bytes | memoryview] = list(payload or [])
     plen = sum(memoryview(p).nbytes for p in parts)
     return [HEAD.pack(len(hb), plen), hb, *parts]
@@ -164,26 +195,42 @@ class ShmArena:
         self.fd = fd
         self.mm = mmap.mmap(fd, size)
         self._free = list(range(slots))  # a stack: the slot used last (warm) goes next
-        self._cv = threading.Condition()
+        self._lock = threading.Lock()  # _free and _waiting
+        self._cv = threading.Condition()  # waiters for a free slot
         self._waiting = 0
         self.closed = False
 
     def acquire(self, timeout: float | None) -> int | None:
-        with self._cv:
-            if self._free:
-                return self._free.pop()
-            self._waiting += 1
-            try:
-                if not self._cv.wait_for(lambda: bool(self._free), timeout):
-                    return None
-            finally:
+        """A free slot, waiting up to ``timeout`` seconds (None: forever); None if none
+        came. A free slot costs one plain lock; the Condition is for waiters only."""
+        free = self._free
+        with self._lock:
+            if free:
+                return free.pop()
+            if timeout is not None and timeout <= 0:
+                return None
+            self._waiting += 1  # before any check below: release() then notifies
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            with self._cv:
+                while True:
+                    with self._lock:
+                        if free:
+                            return free.pop()
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        return None
+                    self._cv.wait(left)
+        finally:
+            with self._lock:
                 self._waiting -= 1
-            return self._free.pop()
 
     def release(self, slot: int) -> None:
-        with self._cv:
+        with self._lock:
             self._free.append(slot)
-            if self._waiting:  # Condition.notify is Python code: only when needed
+            waiting = self._waiting
+        if waiting:  # Condition.notify is Python code: only when needed
+            with self._cv:
                 self._cv.notify()
 
     def close(self) -> None:
@@ -241,6 +288,16 @@ def encode(
 
 
 _ENCODINGS = ("raw", "shm", "bytes")
+_DTYPES: dict[Any, np.dtype[Any]] = {}  # dtype strings seen in frames (a few per model)
+
+
+def _dtype(spec: Any) -> np.dtype[Any]:
+    dt = _DTYPES.get(spec)
+    if dt is None:
+        dt = np.dtype(spec)  # TypeError for what is not a dtype: a malformed frame
+        if len(_DTYPES) < 64 and type(spec) is str:
+            _DTYPES[spec] = dt
+    return dt
 
 
 def decode(
@@ -268,7 +325,7 @@ def decode(
                 )
             out[name] = decode_bytes(memoryview(payload)[off : off + ln], shape, name)
             continue
-        dtype = np.dtype(d["t"])
+        dtype = _dtype(d["t"])
         count = ln // dtype.itemsize if dtype.itemsize else 0
         if e == "shm":
             if arena is None:

@@ -66,6 +66,14 @@ class Spawned:
     lend_sock: socket.socket | None  # the daemon's end of the lending channel
     spawned: float
     fence: Fence
+    lanes: list[socket.socket]  # per slot: requests out, replies in (the daemon's ends)
+
+    def close_sockets(self) -> None:
+        self.sock.close()
+        for lane in self.lanes:
+            lane.close()
+        if self.lend_sock is not None:
+            self.lend_sock.close()
 
     def discard(self) -> None:
         """Never used: end the child (it exits at EOF on its socket anyway)."""
@@ -74,9 +82,7 @@ class Spawned:
         with contextlib.suppress(Exception):
             self.proc.wait(5)
         killpg(self.proc.pid)
-        self.sock.close()
-        if self.lend_sock is not None:
-            self.lend_sock.close()
+        self.close_sockets()
 
 
 class Child:
@@ -255,8 +261,20 @@ class Supervisor:
             else:
                 _hand_over_tree(self.cache_dir, ident[0], ident[1])
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Two one-way socket pairs per transfer slot (a lane, see Transport): a request
+        # wakes the one child thread that serves it. One-way, because on a two-way
+        # socket our reading of a reply would wake that thread's blocked read for
+        # nothing (the write-space wake-up shares the reader's wait queue).
+        ends: list[socket.socket] = []  # ours: requests out, replies in, per lane
+        theirs: list[socket.socket] = []  # the child's: requests in, replies out
+        for _ in range(self.arena.slots):
+            req_out, req_in = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            rep_in, rep_out = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            ends += [req_out, rep_in]
+            theirs += [req_in, rep_out]
         lend_pair = channel_pair() if self.lending is not None else None
         extra = (lend_pair[1].fileno(),) if lend_pair is not None else ()
+        lane_fds = [s.fileno() for s in theirs]
         spawned = time.monotonic()
         try:
             proc = subprocess.Popen(
@@ -266,9 +284,12 @@ class Supervisor:
                     "agent.serving.worker_main",
                     str(child.fileno()),
                     str(self.arena.fd),
+                    ",".join(
+                        f"{a}:{b}" for a, b in zip(lane_fds[::2], lane_fds[1::2], strict=True)
+                    ),
                     *(str(fd) for fd in extra),
                 ],
-                pass_fds=(child.fileno(), self.arena.fd, *extra),
+                pass_fds=(child.fileno(), self.arena.fd, *lane_fds, *extra),
                 env=env,
                 stdin=subprocess.DEVNULL,
                 close_fds=True,
@@ -281,14 +302,18 @@ class Supervisor:
             )
         except BaseException:
             parent.close()
+            for sock in ends:
+                sock.close()
             if lend_pair is not None:
                 lend_pair[0].close()
             raise
         finally:
             child.close()
+            for sock in theirs:
+                sock.close()
             if lend_pair is not None:
                 lend_pair[1].close()
-        return Spawned(proc, parent, lend_pair[0] if lend_pair else None, spawned, fence)
+        return Spawned(proc, parent, lend_pair[0] if lend_pair else None, spawned, fence, ends)
 
     def _connect(self, sp: Spawned, timeout: float) -> None:
         """Send the ``init`` frame, wait for ``ready``, then route requests to the child."""
@@ -314,9 +339,7 @@ class Supervisor:
             proc.kill()
             rc = proc.wait()
             killpg(proc.pid)
-            chan.close()
-            if sp.lend_sock is not None:
-                sp.lend_sock.close()
+            sp.close_sockets()
             if isinstance(exc, TimeoutError):
                 raise WorkerError(
                     f"{self.label}: worker did not become ready in {timeout:g} s",
@@ -331,9 +354,7 @@ class Supervisor:
             err = header.get("err") or {}
             proc.wait()
             killpg(proc.pid)
-            chan.close()
-            if sp.lend_sock is not None:
-                sp.lend_sock.close()
+            sp.close_sockets()
             raise WorkerError(
                 f"{self.label}: {err.get('msg', 'worker failed to start')}",
                 code=str(err.get("code", "worker")),
@@ -345,6 +366,7 @@ class Supervisor:
             self.label,
             chan,
             self.arena,
+            [(ipc.Channel(a), b) for a, b in zip(sp.lanes[::2], sp.lanes[1::2], strict=True)],
             replies=self.replies,
             counters=self.counters,
             lost=lambda why: self._lost(c, why),

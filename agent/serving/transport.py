@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
-import json
 import logging
 import socket
 import threading
@@ -30,6 +30,7 @@ from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
+import orjson
 
 from agent.errors import ModelNotReadyError, WorkerError
 from agent.serving import ipc
@@ -142,6 +143,7 @@ class Transport:
         label: str,
         chan: ipc.Channel,
         arena: ipc.ShmArena,
+        lanes: list[tuple[ipc.Channel, socket.socket]] | None = None,
         *,
         replies: ReplyLoop,
         counters: Counters,
@@ -150,6 +152,14 @@ class Transport:
         self.label = label  # "name version", for messages
         self.chan = chan
         self.arena = arena
+        # A lane per transfer slot: a predict request goes out on its slot's lane, where
+        # one thread of the child waits for exactly that lane (agent/serving/
+        # worker_main.py), and its reply comes back on the lane's own reply socket.
+        # Control frames (self_test, shutdown) and their replies use ``chan``.
+        self.lanes = [c for c, _ in lanes or []]
+        if self.lanes and len(self.lanes) != arena.slots:
+            raise ValueError(f"{len(self.lanes)} lanes for {arena.slots} transfer slots")
+        self._reply_socks = [r for _, r in lanes or []]
         self.replies = replies
         self.counters = counters
         self._lost = lost
@@ -159,11 +169,9 @@ class Transport:
         self.closed = False  # on the loop: the socket is closed
         self._closing = False
         self._ids = itertools.count(1)
-        # The frame being read (on the loop).
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._rbuf = bytearray(ipc.HEAD.size)
-        self._rgot = 0
-        self._hlen = -1  # header length of the frame being read; -1 = reading its prefix
+        self._readers = [_FrameReader(chan.sock, chan.unread())]
+        self._readers += [_FrameReader(r) for r in self._reply_socks]
 
     @property
     def in_flight(self) -> int:
@@ -177,51 +185,33 @@ class Transport:
             return
         self._loop = running_loop()
         assert self._loop is not None
-        self._loop.add_reader(self.chan.sock.fileno(), self._on_readable)
+        for r in self._readers:
+            self._loop.add_reader(r.sock.fileno(), self._on_readable, r)
+            if r.end:  # read ahead before we took the socket over
+                self._loop.call_soon(self._on_readable, r)
 
     def _detach(self) -> None:
         loop, self._loop = self._loop, None
         if loop is not None:
-            with contextlib.suppress(Exception):
-                loop.remove_reader(self.chan.sock.fileno())
+            for r in self._readers:
+                with contextlib.suppress(Exception):
+                    loop.remove_reader(r.sock.fileno())
 
-    def _on_readable(self) -> None:
-        """Read what the socket holds without blocking; deliver every complete frame."""
-        sock = self.chan.sock
+    def _on_readable(self, reader: _FrameReader) -> None:
+        """Deliver every complete frame the socket holds, without blocking."""
         while self._loop is not None:
-            view = memoryview(self._rbuf)
-            try:
-                n = sock.recv_into(view[self._rgot :], 0, socket.MSG_DONTWAIT)
-            except (BlockingIOError, InterruptedError):
+            got = reader.read()
+            if got is None:  # nothing more for now
                 return
-            except OSError:
-                n = 0
-            if n == 0 and len(view) > self._rgot:  # EOF: the child is gone
+            if got is _EOF:  # the child is gone (every socket of it ends at once)
                 self._detach()
                 self._lost("eof")
                 return
-            self._rgot += n
-            if self._rgot < len(self._rbuf):
-                continue
-            if self._hlen < 0:
-                hl, pl = ipc.HEAD.unpack(self._rbuf)
-                if hl > ipc.MAX_HEADER or hl == 0:
-                    self._garbled()
-                    return
-                self._hlen = hl
-                self._rbuf = bytearray(hl + pl)
-                self._rgot = 0
-                continue
-            body, hl = self._rbuf, self._hlen
-            self._rbuf, self._rgot, self._hlen = bytearray(ipc.HEAD.size), 0, -1
-            try:
-                header = json.loads(body[:hl])
-            except ValueError:
-                header = None
-            if not isinstance(header, dict):
+            if got is _GARBLED:
                 self._garbled()
                 return
-            self._deliver(header, memoryview(body)[hl:])
+            assert isinstance(got, tuple)
+            self._deliver(*got)
 
     def _garbled(self) -> None:
         """A garbled stream is as good as a dead child."""
@@ -276,8 +266,9 @@ class Transport:
         if fut is None:
             fut = Future()
         slot = None
-        if inputs is not None and any(
-            isinstance(v, np.ndarray) and v.nbytes >= ipc.SHM_MIN for v in inputs.values()
+        if (self.lanes and header.get("op") == "predict") or (
+            inputs is not None
+            and any(isinstance(v, np.ndarray) and v.nbytes >= ipc.SHM_MIN for v in inputs.values())
         ):
             slot = self.arena.acquire(0.0 if nowait else timeout)
             if slot is None and nowait:
@@ -304,8 +295,29 @@ class Transport:
         if defer_send:
             return fut, header, parts
         with contextlib.suppress(OSError):  # the loop sees a death and fails this request
-            self.chan.send(header, parts)
+            self.channel_for(header).send(header, parts)
         return fut
+
+    def channel_for(self, header: dict[str, Any]) -> ipc.Channel:
+        """The lane of the request's slot, or the control channel."""
+        slot = header.get("slot")
+        if self.lanes and header.get("op") == "predict" and type(slot) is int:
+            lane: ipc.Channel = self.lanes[slot]
+            return lane
+        return self.chan
+
+    def send_nowait(self, header: dict[str, Any], parts: Any) -> Callable[[], None] | None:
+        """Send without blocking; None once all of it went out (or the child is gone:
+        the loop sees the death and fails the request), else what finishes the send
+        from a thread that may block."""
+        chan = self.channel_for(header)
+        try:
+            state, bufs = chan.send_nowait(header, parts)
+        except OSError:
+            return None
+        if state == "sent":
+            return None
+        return functools.partial(chan.send_bufs if state == "later" else chan.finish, bufs)
 
     async def send_from_loop(
         self, loop: asyncio.AbstractEventLoop, header: dict[str, Any], parts: Any
@@ -313,14 +325,10 @@ class Transport:
         """Send without blocking the loop: the loop also reads the replies, and a child
         blocked sending a big reply reads no more requests, so a loop blocked in send
         would deadlock both. What does not go out at once is sent from a thread."""
-        try:
-            state, bufs = self.chan.send_nowait(header, parts)
-            if state == "later":
-                await loop.run_in_executor(None, self.chan.send_bufs, bufs)
-            elif state == "rest":
-                await loop.run_in_executor(None, self.chan.finish, bufs)
-        except OSError:  # the loop sees the death and fails this request
-            pass
+        rest = self.send_nowait(header, parts)
+        if rest is not None:
+            with contextlib.suppress(OSError):
+                await loop.run_in_executor(None, rest)
 
     def shutdown(self) -> None:
         """Ask the child to finish what it has read and exit."""
@@ -353,14 +361,111 @@ class Transport:
         def close() -> None:  # on the loop, so after a pending attach()
             self.closed = True
             self._detach()
-            self.chan.close()
+            self._close_channels()
             done.set()
 
         if not self.replies.call(close):  # loop closed: its selector is gone too
-            self.chan.close()
+            self._close_channels()
             return
         if not done.wait(5.0):
             logger.warning("%s: event loop did not release the worker socket", self.label)
+
+    def _close_channels(self) -> None:
+        self.chan.close()
+        for lane in self.lanes:
+            lane.close()
+        for r in self._reply_socks:
+            r.close()
+
+
+_EOF = object()
+_GARBLED = object()
+
+
+class _FrameReader:
+    """Reads frames from one socket without blocking (on the loop). Reads ahead into
+    a buffer, so a reply usually costs one ``recv``; a frame bigger than the buffer is
+    read into one of its own."""
+
+    __slots__ = ("big", "buf", "drained", "end", "got", "hlen", "sock")
+
+    def __init__(self, sock: socket.socket, unread: bytes = b"") -> None:
+        self.sock = sock
+        self.buf = bytearray(max(ipc.READ_AHEAD, len(unread)))
+        self.buf[: len(unread)] = unread  # what a Channel had read ahead on this socket
+        self.end = len(unread)  # bytes in buf (a frame's start is always at 0)
+        self.big: bytearray | None = None  # the body of a frame bigger than buf
+        self.got = 0  # bytes of ``big`` read
+        self.hlen = 0
+        self.drained = False  # skip the read that would only say EAGAIN
+
+    def read(self) -> tuple[dict[str, Any], memoryview] | object | None:
+        """The next complete frame as (header, payload), ``_EOF``, ``_GARBLED``, or None
+        when the socket has no more bytes for now."""
+        while True:
+            frame = self._take()
+            if frame is not None:
+                return frame
+            if self.drained:  # the last read did not fill its buffer: the socket is empty
+                self.drained = False  # (the loop calls again when more comes)
+                return None
+            big = self.big
+            view = memoryview(big)[self.got :] if big is not None else memoryview(self.buf)
+            if big is None:
+                view = view[self.end :]
+            try:
+                n = self.sock.recv_into(view, 0, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return None
+            except OSError:
+                n = 0
+            if n == 0:
+                return _EOF
+            self.drained = n < len(view)
+            if big is not None:
+                self.got += n
+            else:
+                self.end += n
+
+    def _take(self) -> tuple[dict[str, Any], memoryview] | object | None:
+        """A complete frame out of what was read, or None (more is needed)."""
+        if self.big is not None:
+            if self.got < len(self.big):
+                return None
+            body, self.big = self.big, None
+            return _parse(body, self.hlen)
+        buf, end = self.buf, self.end
+        if end < ipc.HEAD.size:
+            return None
+        hl, pl = ipc.HEAD.unpack_from(buf)
+        if hl > ipc.MAX_HEADER or hl == 0:
+            return _GARBLED
+        total = ipc.HEAD.size + hl + pl
+        if total > len(buf):  # read the rest into a buffer of its own
+            self.big = bytearray(hl + pl)
+            self.got = end - ipc.HEAD.size
+            self.big[: self.got] = buf[ipc.HEAD.size : end]
+            self.hlen, self.end = hl, 0
+            return None
+        if end < total:
+            return None
+        body = buf[ipc.HEAD.size : total]  # a copy: the buffer is reused
+        rest = end - total
+        if rest:
+            buf[:rest] = buf[total:end]
+        self.end = rest
+        return _parse(body, hl)
+
+
+def _parse(body: bytearray, hl: int) -> tuple[dict[str, Any], memoryview] | object:
+    view = memoryview(body)
+    try:
+        header = orjson.loads(view[:hl])
+    except orjson.JSONDecodeError:
+        return _GARBLED
+    if not isinstance(header, dict):
+        return _GARBLED
+    return header, view[hl:]
 
 
 def settle(fut: Any, result: Any, exc: BaseException | None) -> None:

@@ -18,6 +18,7 @@ for lent connections); the frames both speak are agent/serving/ipc.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -184,7 +185,8 @@ class ModelWorker:
         try:
             c = self._sup.ready_child(0.0)
             if loop is self._replies.given:  # the loop itself settles this future
-                waiter, header, parts = c.transport.submit(
+                t = c.transport
+                waiter, header, parts = t.submit(
                     {"op": "predict"},
                     inputs,
                     timeout,
@@ -192,7 +194,10 @@ class ModelWorker:
                     fut=loop.create_future(),
                     defer_send=True,
                 )
-                await c.transport.send_from_loop(loop, header, parts)
+                rest = t.send_nowait(header, parts)  # a request frame fits the socket
+                if rest is not None:  # a full socket: finish from a thread
+                    with contextlib.suppress(OSError):
+                        await loop.run_in_executor(None, rest)
             else:
                 waiter = asyncio.wrap_future(
                     c.transport.submit({"op": "predict"}, inputs, timeout, nowait=True)
@@ -201,7 +206,9 @@ class ModelWorker:
             c, cf = await loop.run_in_executor(None, self._submit_waiting, inputs, timeout)
             waiter = asyncio.wrap_future(cf)
         try:
-            out: dict[str, np.ndarray] = await asyncio.wait_for(waiter, timeout)
+            out: dict[str, np.ndarray] = await (
+                waiter if timeout is None else asyncio.wait_for(waiter, timeout)
+            )
         except TimeoutError:
             self._counters.error("timeout")
             if enforce:

@@ -1,14 +1,15 @@
 """Child entry point of a model worker: ``python -m agent.serving.worker_main SOCK_FD SHM_FD
-[LEND_FD]``.
+IN_FD:OUT_FD,IN_FD:OUT_FD,... [LEND_FD]`` (a lane per transfer slot).
 
 Only this process imports the inference engines, and it runs the package's run scripts:
 the daemon treats it as untrusted (docs/DAEMON.md, "Trust boundaries"). It reads one
 ``init`` frame (JSON settings from its own parent; nothing in either direction is
 pickled), closes the daemon's files to itself (agent/serving/sandbox.py), opens the
 model, warms it up, answers ``ready`` with the KServe metadata (or ``error`` with the
-failure and exits 1), then serves ``predict`` and ``self_test`` frames (agent/serving/ipc.py)
-on ``max_concurrency`` threads until ``shutdown`` or EOF. With ``LEND_FD`` it also
-answers the connections the daemon lends it (agent/serving/direct.py). The daemon's end
+failure and exits 1), then serves ``predict`` frames (agent/serving/ipc.py) on one
+thread per lane (a socket pair per transfer slot) and ``self_test`` frames on the
+control socket, until ``shutdown`` or EOF. With ``LEND_FD`` it also answers the
+connections the daemon lends it (agent/serving/direct.py). The daemon's end
 of all this is agent/serving/supervisor.py and agent/serving/transport.py.
 """
 
@@ -20,7 +21,6 @@ import importlib
 import json
 import logging
 import os
-import select
 import socket
 import sys
 import threading
@@ -32,8 +32,6 @@ from agent.serving import ipc, sandbox
 from runtime.config import RuntimeConfig
 
 logger = logging.getLogger("agent.serving.worker_main")
-
-INLINE_US = 500.0  # requests shorter than this on average keep the reader role
 
 
 def _import(spec: str) -> Any:
@@ -58,6 +56,11 @@ def main(argv: list[str]) -> int:
     tune_malloc()  # per-request tensors reuse heap pages (see agent/malloc.py)
     sock = socket.socket(fileno=int(argv[0]))
     chan = ipc.Channel(sock)
+    lanes = [  # per lane: requests in, replies out (two one-way socket pairs)
+        tuple(ipc.Channel(socket.socket(fileno=int(fd))) for fd in lane.split(":"))
+        for lane in argv[2].split(",")
+        if lane
+    ]
     # A launched child (ModelWorker.launch) waits here while the daemon still downloads
     # and unpacks: import the loader (numpy, the runtime) now, and let it prepare what
     # does not depend on the model (its ``prefetch()``: the engine's import, the device
@@ -106,10 +109,10 @@ def main(argv: list[str]) -> int:
         chan.send({"op": "error", "err": ipc.error_to_dict(exc)})
         return 1
     lending = None
-    if len(argv) > 2:  # the daemon lends inference connections (agent/serving/direct.py)
+    if len(argv) > 3:  # the daemon lends inference connections (agent/serving/direct.py)
         from agent.serving.direct import DirectServer
 
-        lending = DirectServer(socket.socket(fileno=int(argv[2])), servable, meta)
+        lending = DirectServer(socket.socket(fileno=int(argv[3])), servable, meta)
         lending.start()
     chan.send(
         {
@@ -121,7 +124,7 @@ def main(argv: list[str]) -> int:
         }
     )
 
-    def run(h: dict[str, Any], p: memoryview) -> None:
+    def run(ch: ipc.Channel, h: dict[str, Any], p: memoryview) -> None:
         rid = h["id"]
         slot = h.get("slot")
         try:
@@ -130,12 +133,12 @@ def main(argv: list[str]) -> int:
             outputs = servable.predict(inputs)
             descs, parts, n_shm = ipc.encode(outputs, arena, slot)
             dt = round((time.perf_counter() - t0) * 1e6)
-            chan.send({"op": "result", "id": rid, "t": descs, "shm": n_shm, "us": dt}, parts)
+            ch.send({"op": "result", "id": rid, "t": descs, "shm": n_shm, "us": dt}, parts)
         except ipc.ChannelClosed:
             return
         except BaseException as exc:
             with contextlib.suppress(OSError):
-                chan.send({"op": "fail", "id": rid, "err": ipc.error_to_dict(exc)})
+                ch.send({"op": "fail", "id": rid, "err": ipc.error_to_dict(exc)})
 
     def run_self_test(h: dict[str, Any]) -> None:
         try:
@@ -145,63 +148,50 @@ def main(argv: list[str]) -> int:
         except BaseException as exc:
             chan.send({"op": "fail", "id": h["id"], "err": ipc.error_to_dict(exc)})
 
-    # Leader/follower: each of the max_concurrency threads takes the reader role in
-    # turn, reads one frame, hands the role on and serves that frame itself, so a
-    # request costs no extra thread hand-off inside the child. Handing the role on wakes
-    # a follower (a futex wake and a GIL round on a 2-core box: ~50 us); for requests that
-    # take less than INLINE_US on average the leader keeps the role and serves the frame
-    # itself (a frame that is already waiting still goes to a follower), so a tiny model
-    # costs no wake-up at all and a concurrent frame waits at most one short request.
-    recv_lock = threading.Lock()
-    cost = {"ema": -1.0}  # moving average of the request time in us; -1 = not known yet
-
-    poller = select.poll()  # used only by the thread holding recv_lock
-    poller.register(sock, select.POLLIN)
-
-    def readable() -> bool:
-        return bool(poller.poll(0))
-
-    def serve() -> None:
+    # One thread per lane (a socket pair per transfer slot, see agent/serving/transport.py):
+    # a request wakes exactly the thread that serves it, which answers on the same lane.
+    # No reader role is handed between threads, so a request costs one wake-up in here.
+    def serve_lane(inbox: ipc.Channel, outbox: ipc.Channel) -> None:
         while True:
-            recv_lock.acquire()
-            keep = True
-            while keep:
-                try:
-                    h, p = chan.recv()
-                except ipc.ChannelClosed:
-                    recv_lock.release()
-                    return
-                op = h.get("op")
-                if op == "shutdown":
-                    # Stop reading; requests already received still send their answers.
-                    with contextlib.suppress(OSError):
-                        sock.shutdown(socket.SHUT_RD)
-                    recv_lock.release()
-                    return
-                ema = cost["ema"]
-                keep = op == "predict" and 0 <= ema < INLINE_US and not readable()
-                if not keep:
-                    recv_lock.release()
-                if op == "predict":
-                    t0 = time.perf_counter()
-                    run(h, p)
-                    us = (time.perf_counter() - t0) * 1e6
-                    cost["ema"] = us if ema < 0 else ema + 0.2 * (us - ema)
-                elif op == "self_test":
-                    run_self_test(h)
+            try:
+                h, p = inbox.recv()
+            except ipc.ChannelClosed:
+                return
+            if h.get("op") == "predict":
+                run(outbox, h, p)
 
     threads = [
-        threading.Thread(target=serve, name=f"predict-{i}", daemon=True)
-        for i in range(max(1, int(init["max_concurrency"])))
+        threading.Thread(target=serve_lane, args=ln, name=f"lane-{i}", daemon=True)
+        for i, ln in enumerate(lanes)
     ]
     for t in threads:
         t.start()
+    # The control channel: self-tests, shutdown (and a predict, should one come here).
+    while True:
+        try:
+            h, p = chan.recv()
+        except ipc.ChannelClosed:
+            break
+        op = h.get("op")
+        if op == "shutdown":
+            break
+        if op == "predict":
+            run(chan, h, p)
+        elif op == "self_test":
+            run_self_test(h)
+    # Stop reading; requests already received still send their answers.
+    for inbox, _ in lanes:
+        with contextlib.suppress(OSError):
+            inbox.sock.shutdown(socket.SHUT_RD)
     for t in threads:
         t.join()
     try:
         servable.close()
     finally:
         chan.close()
+        for inbox, outbox in lanes:
+            inbox.close()
+            outbox.close()
     return 0
 
 
