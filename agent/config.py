@@ -85,9 +85,10 @@ class InferenceConfig:
     # Hand a kept-alive inference connection to the model's worker, which then answers
     # its requests itself (no relay through the daemon; agent/serving/direct.py).
     lend_connections: bool = True
-    # Microseconds a worker thread polls for a connection's next request after a short
-    # answer before it sleeps (adaptive; 0 = always sleep). See agent/serving/direct.py.
-    lend_spin_us: int = 200
+    # At most this many microseconds a worker thread polls for a connection's next
+    # request after a short answer before it sleeps (adaptive: 1.5x the connection's
+    # usual gap; 0 = always sleep). See agent/serving/direct.py.
+    lend_spin_us: int = 1000
     # Seconds one prediction may take; past it the request gets 504 and the model's
     # worker is killed and restarted (a run script that hangs or spins). Per model:
     # request_timeouts = { det = 120.0 }.

@@ -55,6 +55,9 @@ logger = logging.getLogger(__name__)
 
 STATS_EVERY = 0.2  # seconds between stats messages while requests come
 SPIN_MAX_REQUEST_S = 0.001  # requests longer than this: a wake-up is noise, never spin
+SPIN_SLACK = 1.5  # a poll lasts this many times the connection's usual gap, plus SPIN_PAD
+SPIN_PAD_S = 30e-6
+GAP_CAP_S = 0.01  # longer gaps are recorded as this (the average stays responsive)
 
 
 # --- worker side ---------------------------------------------------------------------
@@ -262,6 +265,8 @@ class _Lent:
         self.cost = 1.0  # seconds the last request took (handle + write); none yet
         self.spins = 0
         self.spin_score = 0
+        self.gap = -1.0  # moving average: seconds from an answer to the next request
+        self.answered = 0.0  # perf_counter() when the last answer went out
 
     def run(self) -> None:
         try:
@@ -309,21 +314,28 @@ class _Lent:
     # request; on a virtual machine an idle vCPU halts, and waking it costs 40-50 us
     # (measured here: a third of a tiny model's whole round trip). So after answering a
     # short request, when no other connection of this worker is busy, the thread polls
-    # its socket for up to ``spin_us`` before sleeping, as onnxruntime's own thread pool
-    # spins between ops. Adaptive: a spin the next request did not arrive in
-    # lowers ``spin_score``; below zero the thread only probes every 32nd time, so
-    # sparse traffic (a camera at 30 fps) costs at most ``spin_us``/32 per request.
+    # its socket before sleeping, as onnxruntime's own thread pool spins between ops.
+    # How long follows the connection's own pace: SPIN_SLACK times the moving average
+    # of its gaps (answer out -> next request in) plus SPIN_PAD_S, at most ``spin_us``
+    # (a client that decodes and encodes JSON tensors takes ~4x longer to come back
+    # than one that sends binary tensors; one fixed time either wastes CPU on the
+    # quick one or misses the slow one). A connection whose usual gap is longer than
+    # ``spin_us`` does not poll. A poll the next request did not arrive in lowers
+    # ``spin_score``; below zero the thread only probes every 32nd time, so irregular
+    # traffic costs at most ``spin_us``/32 per request.
 
     def _spin_now(self) -> bool:
         srv = self.srv
         if srv.spin_s <= 0 or srv.busy or self.cost > SPIN_MAX_REQUEST_S:
+            return False
+        if self.gap > srv.spin_s:
             return False
         self.spins += 1
         return self.spin_score >= 0 or self.spins % 32 == 0
 
     def _spin(self) -> int:
         """Bytes of the next request read while polling; 0 on EOF, -1 if none came."""
-        deadline = time.perf_counter() + self.srv.spin_s
+        deadline = time.perf_counter() + self.spin_budget()
         recv_into, view = self.sock.recv_into, self.view
         while True:
             try:
@@ -338,6 +350,20 @@ class _Lent:
             if time.perf_counter() >= deadline or self.srv.busy:
                 self.spin_score = max(self.spin_score - 4, -4)
                 return -1
+
+    def spin_budget(self) -> float:
+        """Seconds the next poll may last (see above)."""
+        budget = self.srv.spin_s
+        if self.gap >= 0:
+            budget = min(budget, SPIN_SLACK * self.gap + SPIN_PAD_S)
+        return budget
+
+    def _came(self) -> None:
+        """A request began to arrive: fold the gap since our last answer into ``gap``."""
+        if not self.answered:
+            return
+        g = min(time.perf_counter() - self.answered, GAP_CAP_S)
+        self.gap = g if self.gap < 0 else self.gap + 0.2 * (g - self.gap)
 
     def _serve(self) -> None:
         srv = self.srv
@@ -356,6 +382,7 @@ class _Lent:
                     continue
                 if n <= 0:  # EOF, or idle past the keep-alive timeout: close, as the server
                     return self._closed()
+                self._came()
                 self._set(BUSY)
                 self.filled = n
             deadline = time.monotonic() + timeouts[Phase.HEAD]
@@ -410,7 +437,8 @@ class _Lent:
                 if bb is not None:  # answered: the body's bytes go back to the budget
                     bb.release()
                 charge.release()
-            self.cost = time.perf_counter() - t0
+            self.answered = time.perf_counter()
+            self.cost = self.answered - t0
             if not ok:
                 return self._closed()
             self._set(BUSY if self.filled else IDLE)
