@@ -57,6 +57,11 @@ FIGURES: dict[str, tuple[str, tuple[str, float] | None, int]] = {
     "patch_apply_ratio": ("apply GB/s / numpy a += q*s GB/s", (">=", 0.5), 3),
     "patch_apply_peak_rss_mb": ("peak RSS applying to a 512 MiB model, MB", ("<=", 260), 3),
     "patch_int8_size_ratio_transformer": ("transformer pair: int8 patch / .emp", ("<=", 0.17), 19),
+    "patch_int8_entropy_floor_transformer": (
+        "transformer pair: entropy floor of int8 codes / .emp",
+        None,
+        19,
+    ),
     "patch_int8_cosine_min_transformer": ("transformer int8: held-out cosine", (">=", 0.9999), 19),
     "patch_rd_size_ratio_999": (
         "--target-cosine 0.999 patch / .emp, max of the transformer and TFLite pairs",
