@@ -210,3 +210,47 @@ def test_slots_wait_for_a_release_and_time_out() -> None:
         assert len(got) == 2
     finally:
         arena.close()
+
+
+def test_coroutines_waiting_for_a_slot_get_freed_ones_in_order() -> None:
+    import asyncio
+
+    from agent.errors import ModelNotReadyError
+
+    async def scenario() -> None:
+        arena = ipc.ShmArena(1, 4096)
+        try:
+            held = await arena.acquire_async(None)  # free: no wait
+            order: list[str] = []
+
+            async def wait(name: str, timeout: float | None) -> int:
+                slot = await arena.acquire_async(timeout)
+                order.append(name)
+                return slot
+
+            a = asyncio.ensure_future(wait("a", None))
+            b = asyncio.ensure_future(wait("b", None))
+            late = asyncio.ensure_future(wait("late", 0.05))
+            await asyncio.sleep(0.1)
+            assert late.done() and isinstance(late.exception(), TimeoutError)
+            c = asyncio.ensure_future(wait("c", None))
+            await asyncio.sleep(0)
+            c.cancel()  # gave up before its turn: it must not keep the slot
+            arena.release(held)  # on the loop: handed to "a" directly
+            assert await a == held
+            t = threading.Thread(target=arena.release, args=(held,))  # from a thread
+            t.start()
+            assert await b == held
+            t.join()
+            assert order == ["a", "b"]
+            arena.release(held)  # "c" was cancelled: the slot is free again
+            assert arena.acquire(0.0) == held
+            d = asyncio.ensure_future(arena.acquire_async(None))
+            await asyncio.sleep(0)
+            arena.close()  # a stopped worker: the waiter hears so at once
+            with pytest.raises(ModelNotReadyError):
+                await d
+        finally:
+            arena.close()
+
+    asyncio.run(scenario())

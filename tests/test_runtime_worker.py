@@ -8,6 +8,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -377,3 +378,47 @@ def test_loop_mode_big_inline_frames_do_not_deadlock(tmp_path: Path) -> None:
         t.join(10)
         pytest.fail("event loop and worker child deadlocked on big inline frames")
     assert not errors, errors
+
+
+def test_loop_mode_callers_beyond_the_slots_wait_without_threads(tmp_path: Path) -> None:
+    """With every slot taken, apredict on the reply loop waits for a freed slot on the
+    loop itself (handed over in order): no executor thread per waiting request, and a
+    wait that runs out of time fails alone and leaks no slot."""
+    import concurrent.futures
+
+    class Counting(concurrent.futures.ThreadPoolExecutor):
+        submitted = 0
+
+        def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+            Counting.submitted += 1
+            return super().submit(fn, *args, **kwargs)
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        w = toy_worker(tmp_path, loop=loop, max_concurrency=2)
+        await loop.run_in_executor(None, w.start)
+        try:
+            loop.set_default_executor(Counting(max_workers=2))
+            before = Counting.submitted
+            xs = [np.arange(3.0) + i for i in range(20)]
+            calls = [w.apredict({"x": x, "sleep": np.array([0.01])}, timeout=30) for x in xs]
+            outs = await asyncio.gather(*calls)
+            for x, o in zip(xs, outs, strict=True):
+                np.testing.assert_array_equal(o["y"], x * 2)
+            assert Counting.submitted == before  # nobody waited on a thread
+            # two slow requests hold both slots; a third cannot get one in 0.2 s
+            slow = [
+                asyncio.ensure_future(w.apredict({"x": np.ones(1), "sleep": np.array([1.0])}))
+                for _ in range(2)
+            ]
+            while w.stats()["in_flight"] < 2:
+                await asyncio.sleep(0.01)
+            with pytest.raises(ModelNotReadyError, match="no free transfer slot"):
+                await w.apredict({"x": np.ones(1)}, timeout=0.2)
+            await asyncio.gather(*slow)
+            outs = await asyncio.gather(*(w.apredict({"x": np.ones(2)}) for _ in range(4)))
+            assert all(o["y"].tolist() == [2.0, 2.0] for o in outs)  # both slots came back
+        finally:
+            await loop.run_in_executor(None, w.stop)
+
+    asyncio.run(scenario())

@@ -14,6 +14,8 @@ child's frames as untrusted input (a garbled one ends that child, see docs/DAEMO
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import contextlib
 import mmap
 import os
@@ -26,7 +28,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from agent.errors import InvalidInputError
+from agent.errors import InvalidInputError, ModelNotReadyError
 from agent.serving.tensors import bytes_elements, decode_bytes, pack_bytes
 
 HEAD = struct.Struct("!II")
@@ -195,9 +197,13 @@ class ShmArena:
         self.fd = fd
         self.mm = mmap.mmap(fd, size)
         self._free = list(range(slots))  # a stack: the slot used last (warm) goes next
-        self._lock = threading.Lock()  # _free and _waiting
-        self._cv = threading.Condition()  # waiters for a free slot
+        self._lock = threading.Lock()  # _free, _waiting and _async
+        self._cv = threading.Condition()  # threads waiting for a free slot
         self._waiting = 0
+        # Coroutines waiting for a free slot (acquire_async): a freed slot goes to the
+        # first of them, on its own event loop, before any thread sees it.
+        self._async: collections.deque[tuple[asyncio.Future[int], asyncio.AbstractEventLoop]]
+        self._async = collections.deque()
         self.closed = False
 
     def acquire(self, timeout: float | None) -> int | None:
@@ -225,21 +231,77 @@ class ShmArena:
             with self._lock:
                 self._waiting -= 1
 
+    async def acquire_async(self, timeout: float | None) -> int:
+        """A free slot, waited for on the running event loop (no thread blocks);
+        TimeoutError past ``timeout`` seconds, ModelNotReadyError if the arena closes."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+            fut: asyncio.Future[int] = loop.create_future()
+            self._async.append((fut, loop))
+        try:
+            return await (fut if timeout is None else asyncio.wait_for(fut, timeout))
+        except BaseException:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                self.release(fut.result())  # handed to us as we gave up: pass it on
+            else:
+                with self._lock, contextlib.suppress(ValueError):
+                    self._async.remove((fut, loop))
+            raise
+
     def release(self, slot: int) -> None:
         with self._lock:
-            self._free.append(slot)
+            if self._async:  # a coroutine waits: the slot is its own from here
+                fut, loop = self._async.popleft()
+            else:
+                fut = None
+                self._free.append(slot)
             waiting = self._waiting
+        if fut is not None:
+            if _running_loop() is loop:
+                self._hand(fut, slot)
+            else:
+                try:
+                    loop.call_soon_threadsafe(self._hand, fut, slot)
+                except RuntimeError:  # that loop is closed: nobody waits there
+                    self.release(slot)
+            return
         if waiting:  # Condition.notify is Python code: only when needed
             with self._cv:
                 self._cv.notify()
 
+    def _hand(self, fut: asyncio.Future[int], slot: int) -> None:
+        """On the waiter's loop: give it ``slot``, or pass the slot on if it gave up."""
+        if fut.done():
+            self.release(slot)
+        else:
+            fut.set_result(slot)
+
     def close(self) -> None:
         self.closed = True
+        with self._lock:
+            waiters, self._async = list(self._async), collections.deque()
+        for fut, loop in waiters:
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits there
+                loop.call_soon_threadsafe(_fail_waiter, fut)
         # BufferError: a view is still alive; the mapping goes with the process.
         with contextlib.suppress(BufferError):
             self.mm.close()
         with contextlib.suppress(OSError):
             os.close(self.fd)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+def _fail_waiter(fut: asyncio.Future[int]) -> None:
+    if not fut.done():
+        fut.set_exception(ModelNotReadyError("the worker stopped; no transfer slot"))
 
 
 def encode(

@@ -258,18 +258,20 @@ class Transport:
         nowait: bool = False,
         fut: Any = None,
         defer_send: bool = False,
+        slot: int | None = None,
     ) -> Any:
         """Send one request; returns ``fut`` (an asyncio future of the reply loop) or a
         new ``concurrent.futures.Future``, settled when the reply comes. ``nowait``: raise
         :class:`Busy` rather than wait for a slot; ``defer_send``: return (future, header,
-        payload) unsent, for :meth:`send_from_loop`."""
+        payload) unsent, for :meth:`send_from_loop`; ``slot``: one already taken
+        (``arena.acquire_async``), given back here if the request cannot go out."""
         if fut is None:
             fut = Future()
-        slot = None
-        if (self.lanes and header.get("op") == "predict") or (
+        needs_slot = (self.lanes and header.get("op") == "predict") or (
             inputs is not None
             and any(isinstance(v, np.ndarray) and v.nbytes >= ipc.SHM_MIN for v in inputs.values())
-        ):
+        )
+        if slot is None and needs_slot:
             slot = self.arena.acquire(0.0 if nowait else timeout)
             if slot is None and nowait:
                 raise Busy

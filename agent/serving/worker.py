@@ -182,29 +182,39 @@ class ModelWorker:
         if enforce:
             timeout = self.request_timeout
         c: Child | None = None
+        slot_wait = False
         try:
             c = self._sup.ready_child(0.0)
             if loop is self._replies.given:  # the loop itself settles this future
-                t = c.transport
-                waiter, header, parts = t.submit(
-                    {"op": "predict"},
-                    inputs,
-                    timeout,
-                    nowait=True,
-                    fut=loop.create_future(),
-                    defer_send=True,
-                )
-                rest = t.send_nowait(header, parts)  # a request frame fits the socket
-                if rest is not None:  # a full socket: finish from a thread
-                    with contextlib.suppress(OSError):
-                        await loop.run_in_executor(None, rest)
+                try:
+                    waiter = await self._submit_on_loop(loop, c.transport, inputs, timeout, None)
+                except Busy:  # every slot taken: wait for one on the loop, below
+                    slot_wait = True
             else:
                 waiter = asyncio.wrap_future(
                     c.transport.submit({"op": "predict"}, inputs, timeout, nowait=True)
                 )
-        except (Busy, ModelNotReadyError):  # restarting or all slots busy: wait off-loop
+        except (Busy, ModelNotReadyError):  # restarting: wait off-loop
             c, cf = await loop.run_in_executor(None, self._submit_waiting, inputs, timeout)
             waiter = asyncio.wrap_future(cf)
+        if slot_wait:  # no thread waits: a freed slot is handed to this coroutine
+            assert c is not None
+            arena = c.transport.arena  # the worker's, kept across restarts of its child
+            try:
+                slot = await arena.acquire_async(timeout)
+            except TimeoutError:
+                self._counters.error("timeout")
+                raise ModelNotReadyError(
+                    f"model {self.name}: no free transfer slot in {timeout:g} s"
+                ) from None
+            try:
+                c = self._sup.ready_child(0.0)  # the child may have died meanwhile
+            except ModelNotReadyError:  # restarting: wait for the new child off-loop
+                arena.release(slot)
+                c, cf = await loop.run_in_executor(None, self._submit_waiting, inputs, timeout)
+                waiter = asyncio.wrap_future(cf)
+            else:
+                waiter = await self._submit_on_loop(loop, c.transport, inputs, timeout, slot)
         try:
             out: dict[str, np.ndarray] = await (
                 waiter if timeout is None else asyncio.wait_for(waiter, timeout)
@@ -225,6 +235,31 @@ class ModelWorker:
             self._counters.error(exc)
             raise
         return out
+
+    async def _submit_on_loop(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        t: Any,
+        inputs: dict[str, np.ndarray],
+        timeout: float | None,
+        slot: int | None,
+    ) -> Any:
+        """Send a request from the loop that reads its reply; the future it settles.
+        Busy when no slot is free (and ``slot`` is None)."""
+        waiter, header, parts = t.submit(
+            {"op": "predict"},
+            inputs,
+            timeout,
+            nowait=True,
+            fut=loop.create_future(),
+            defer_send=True,
+            slot=slot,
+        )
+        rest = t.send_nowait(header, parts)  # a request frame fits its lane's socket
+        if rest is not None:  # a full socket: finish from a thread
+            with contextlib.suppress(OSError):
+                await loop.run_in_executor(None, rest)
+        return waiter
 
     def _submit_waiting(
         self, inputs: dict[str, np.ndarray], timeout: float | None
