@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import socket
 import stat
 import threading
 import time
@@ -33,6 +34,7 @@ class Toy:
     """Echo/sum servable: ``x`` -> ``y = x * 2``; ``hog`` (MiB) allocates and holds;
     ``scribble`` overwrites ``x`` in place first; ``oserror`` fails as a run script that
     cannot open a file does; ``garble`` writes junk into every socket it has, then hangs;
+    ``hangup`` shuts every socket it has for writing (the daemon sees EOF), then hangs;
     ``barrier`` (n) returns only once n requests are inside ``predict`` at the same time
     (a request served alone fails after 20 s)."""
 
@@ -55,6 +57,14 @@ class Toy:
             with self._lock:
                 b = self._barriers.setdefault(n, threading.Barrier(n, timeout=20))
             b.wait()
+        if "hangup" in inputs:  # shut every socket it has for writing, keep running
+            for name in os.listdir("/proc/self/fd"):
+                with contextlib.suppress(OSError):
+                    if stat.S_ISSOCK(os.fstat(int(name)).st_mode):
+                        s = socket.socket(fileno=os.dup(int(name)))
+                        s.shutdown(socket.SHUT_WR)
+                        s.close()
+            time.sleep(30)
         if "garble" in inputs:
             for name in os.listdir("/proc/self/fd"):
                 with contextlib.suppress(OSError):

@@ -171,17 +171,21 @@ def test_model_errors_answer_that_request_only(tmp_path: Path) -> None:
         w.stop()
 
 
-def test_junk_for_a_reply_kills_the_child_and_fails_only_its_requests(tmp_path: Path) -> None:
-    """A child that writes junk where its reply belongs is as good as dead: the caller
-    gets ``worker-crashed`` at once (not at its timeout), the child is killed, and the
-    new one serves."""
+@pytest.mark.parametrize("how", ["garble", "hangup"])
+def test_junk_for_a_reply_kills_the_child_and_fails_only_its_requests(
+    tmp_path: Path, how: str
+) -> None:
+    """A child that writes junk where its reply belongs (garble), or shuts its sockets
+    while it keeps running (hangup: EOF without an exit), is as good as dead: the
+    caller gets ``worker-crashed`` at once (not at its timeout), the child is killed,
+    and the new one serves."""
     w = toy_worker(tmp_path, max_concurrency=2)
     w.start()
     try:
         pid0 = w.pid
         t0 = time.monotonic()
         with pytest.raises(WorkerError) as info:
-            w.predict({"x": np.ones(3), "garble": np.ones(1)}, timeout=25)
+            w.predict({"x": np.ones(3), how: np.ones(1)}, timeout=25)
         assert info.value.code == "worker-crashed" and time.monotonic() - t0 < 15
         wait_state(w, "ready")
         assert w.pid != pid0

@@ -443,13 +443,29 @@ class Supervisor:
     # --- health -----------------------------------------------------------------------
 
     def _lost(self, c: Child, why: str) -> None:
-        """The channel ended (on the loop): the child is gone, or garbled its stream and
-        is as good as gone."""
-        if why == "garbled":
-            logger.error("%s: garbled frame from the worker; killing it", self.label)
-            with contextlib.suppress(OSError):
-                c.proc.kill()
+        """The channel ended (on the loop): the child is gone, or garbled its stream or
+        closed one of its sockets (a run script can) and is as good as gone: it is
+        killed, so its requests fail now and it restarts, rather than hanging until the
+        request timeout with its replies no longer read."""
+        if why != "garbled":
+            threading.Thread(target=self._closed_channel, args=(c,), daemon=True).start()
+            return
+        logger.error("%s: garbled frame from the worker; killing it", self.label)
+        with contextlib.suppress(OSError):
+            c.proc.kill()
         threading.Thread(target=self._gone, args=(c,), daemon=True).start()
+
+    def _closed_channel(self, c: Child) -> None:
+        """EOF: a child's sockets close as it exits. One still alive a moment later
+        closed (or shut down) a socket itself, which a run script can do."""
+        try:
+            c.proc.wait(EOF_GRACE_S)
+        except subprocess.TimeoutExpired:
+            if not self._stopping:
+                logger.error("%s: the worker closed its end of a channel; killing it", self.label)
+                with contextlib.suppress(OSError):
+                    c.proc.kill()
+        self._gone(c)
 
     def _monitor(self, c: Child) -> None:
         c.proc.wait()
@@ -565,6 +581,9 @@ class Supervisor:
                     f"model {self.name} version {self.version} is {self.state}"
                 )
             return c
+
+
+EOF_GRACE_S = 0.5  # a child whose socket closed and that has not exited by then is killed
 
 
 def phases(spawned: float, stamps: Any) -> dict[str, float]:
