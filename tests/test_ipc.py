@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import select
 import socket
 import threading
 from collections.abc import Iterator
@@ -137,17 +138,23 @@ def _reader_frames(chunks: list[bytes], unread: bytes = b"") -> list[Any]:
     try:
         r = _FrameReader(b, unread)
         out: list[Any] = []
-        for c in chunks:
-            a.sendall(c)
+        for c in chunks:  # each chunk sent (from a thread: it may not fit the socket)
+            t = threading.Thread(target=a.sendall, args=(c,))  # and read before the next
+            t.start()
             while True:
                 got = r.read()
                 if got is None:
-                    break
+                    if not t.is_alive() and not select.select([b], [], [], 0)[0]:
+                        break
+                    select.select([b], [], [], 0.01)
+                    continue
                 if got is _EOF or got is _GARBLED:
                     out.append("eof" if got is _EOF else "garbled")
+                    t.join()
                     return out
                 h, p = got  # type: ignore[misc]
                 out.append((h["id"], bytes(p)))
+            t.join()
         a.close()
         got = r.read()
         while got is None:  # the socket says EOF on a read
@@ -160,7 +167,8 @@ def _reader_frames(chunks: list[bytes], unread: bytes = b"") -> list[Any]:
 
 
 def test_the_daemons_reader_reassembles_frames_cut_anywhere() -> None:
-    payloads = [b"", b"x" * 10, bytes(ipc.READ_AHEAD + 5), b"tail"]
+    big = bytes(range(256)) * 4096  # 1 MiB: its buffer grows as the bytes arrive
+    payloads = [b"", b"x" * 10, bytes(ipc.READ_AHEAD + 5), big, b"tail"]
     blob = b"".join(
         b"".join(bytes(p) for p in ipc._frame({"id": i}, [pl])) for i, pl in enumerate(payloads)
     )
@@ -168,7 +176,7 @@ def test_the_daemons_reader_reassembles_frames_cut_anywhere() -> None:
     assert _reader_frames([blob]) == want  # all at once
     for cut in (1, 7, 8, 9, 20, 100, ipc.READ_AHEAD, len(blob) - 3):  # in two pieces
         assert _reader_frames([blob[:cut], blob[cut:]]) == want, cut
-    step = 4099  # in many odd pieces
+    step = 40_009  # in many odd pieces
     assert _reader_frames([blob[i : i + step] for i in range(0, len(blob), step)]) == want
     # bytes a Channel had read ahead before the reader took the socket over
     assert _reader_frames([blob[50:]], unread=blob[:50]) == want
@@ -182,8 +190,9 @@ def test_the_daemons_reader_reassembles_frames_cut_anywhere() -> None:
         _frame(b"[1]"),
         _frame(b"{no"),
         _frame(b'{"id": "\xff"}'),  # not UTF-8
+        _frame(b"{}", ipc.MAX_FRAME),  # announces more than a frame may hold
     ],
-    ids=["huge-header", "empty-header", "not-object", "not-json", "not-utf8"],
+    ids=["huge-header", "empty-header", "not-object", "not-json", "not-utf8", "huge-frame"],
 )
 def test_the_daemons_reader_calls_junk_garbled(junk: bytes) -> None:
     ok = b"".join(bytes(p) for p in ipc._frame({"id": 1}, [b"ok"]))
@@ -254,3 +263,14 @@ def test_coroutines_waiting_for_a_slot_get_freed_ones_in_order() -> None:
             arena.close()
 
     asyncio.run(scenario())
+
+
+def test_a_frame_over_the_callers_bound_closes_the_channel(
+    pair: tuple[ipc.Channel, ipc.Channel, socket.socket],
+) -> None:
+    """The daemon reads a starting child's ``ready`` with a bound of a header alone:
+    a frame that announces more is refused before anything is allocated for it."""
+    _, receiver, raw = pair
+    raw.sendall(_frame(b'{"op": "ready"}', ipc.MAX_HEADER))
+    with pytest.raises(ipc.ChannelClosed, match="frame of"):
+        receiver.recv(max_frame=ipc.MAX_HEADER)

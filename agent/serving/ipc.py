@@ -35,6 +35,7 @@ HEAD = struct.Struct("!II")
 SHM_MIN = 64 * 1024
 ALIGN = 64
 MAX_HEADER = 16 * 1024 * 1024
+MAX_FRAME = 1 << 30  # header + payload: a frame announcing more is garbled (a dead peer)
 READ_AHEAD = 64 * 1024  # a Channel's read buffer: frames up to this size take one read
 _HEADER_OPTS = orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY  # as lenient as json
 
@@ -112,8 +113,10 @@ class Channel:
             self._rpos, self._rend = 0, have
         self._rend = _read_at_least(self.sock, memoryview(buf), self._rend, self._rpos + n)
 
-    def recv(self) -> tuple[dict[str, Any], memoryview]:
-        """One frame: the header and a view of the payload (its own copy).
+    def recv(self, max_frame: int = MAX_FRAME) -> tuple[dict[str, Any], memoryview]:
+        """One frame: the header and a view of the payload (its own copy). A frame
+        that announces more than ``max_frame`` bytes closes the channel before anything
+        is allocated for it.
 
         Reads ahead into a buffer of READ_AHEAD bytes, so a small frame usually costs
         one system call (its prefix, header and payload arrive together); a bigger
@@ -121,8 +124,8 @@ class Channel:
         try:
             self._fill(HEAD.size)
             hl, pl = HEAD.unpack_from(self._rbuf, self._rpos)
-            if hl > MAX_HEADER:
-                raise ChannelClosed(f"frame header of {hl} bytes")
+            if hl > MAX_HEADER or hl + pl > max_frame:
+                raise ChannelClosed(f"frame of {hl} + {pl} bytes")
             self._rpos += HEAD.size
             n = hl + pl
             if n <= len(self._rbuf):
@@ -238,6 +241,8 @@ class ShmArena:
         with self._lock:
             if self._free:
                 return self._free.pop()
+            if self.closed:
+                raise ModelNotReadyError("the worker stopped; no transfer slot")
             fut: asyncio.Future[int] = loop.create_future()
             self._async.append((fut, loop))
         try:
@@ -259,7 +264,7 @@ class ShmArena:
                 self._free.append(slot)
             waiting = self._waiting
         if fut is not None:
-            if _running_loop() is loop:
+            if running_loop() is loop:
                 self._hand(fut, slot)
             else:
                 try:
@@ -279,8 +284,8 @@ class ShmArena:
             fut.set_result(slot)
 
     def close(self) -> None:
-        self.closed = True
         with self._lock:
+            self.closed = True
             waiters, self._async = list(self._async), collections.deque()
         for fut, loop in waiters:
             with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits there
@@ -292,7 +297,8 @@ class ShmArena:
             os.close(self.fd)
 
 
-def _running_loop() -> asyncio.AbstractEventLoop | None:
+def running_loop() -> asyncio.AbstractEventLoop | None:
+    """The event loop running on this thread, or None."""
     try:
         return asyncio.get_running_loop()
     except RuntimeError:

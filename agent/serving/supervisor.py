@@ -334,7 +334,7 @@ class Supervisor:
         parent.settimeout(timeout)
         try:
             chan.send({"op": "init"}, [json.dumps(init).encode()])  # JSON both ways
-            header, _ = chan.recv()
+            header, _ = chan.recv(max_frame=ipc.MAX_HEADER)  # ready: a header only
         except (ipc.ChannelClosed, TimeoutError, OSError) as exc:
             proc.kill()
             rc = proc.wait()

@@ -34,6 +34,7 @@ import orjson
 
 from agent.errors import ModelNotReadyError, WorkerError
 from agent.serving import ipc
+from agent.serving.ipc import running_loop
 
 logger = logging.getLogger(__name__)
 
@@ -389,15 +390,18 @@ class _FrameReader:
     a buffer, so a reply usually costs one ``recv``; a frame bigger than the buffer is
     read into one of its own."""
 
-    __slots__ = ("big", "buf", "drained", "end", "got", "hlen", "sock")
+    __slots__ = ("big", "buf", "drained", "end", "got", "hlen", "need", "sock")
 
     def __init__(self, sock: socket.socket, unread: bytes = b"") -> None:
         self.sock = sock
         self.buf = bytearray(max(ipc.READ_AHEAD, len(unread)))
         self.buf[: len(unread)] = unread  # what a Channel had read ahead on this socket
         self.end = len(unread)  # bytes in buf (a frame's start is always at 0)
-        self.big: bytearray | None = None  # the body of a frame bigger than buf
+        # The body of a frame bigger than buf: it grows with the bytes that arrive (a
+        # child announcing 1 GiB costs the daemon only what it really sends).
+        self.big: bytearray | None = None
         self.got = 0  # bytes of ``big`` read
+        self.need = 0  # the body's announced size
         self.hlen = 0
         self.drained = False  # skip the read that would only say EAGAIN
 
@@ -412,6 +416,8 @@ class _FrameReader:
                 self.drained = False  # (the loop calls again when more comes)
                 return None
             big = self.big
+            if big is not None and self.got == len(big):  # full, not done: double it
+                big = self.big = big + bytearray(min(len(big), self.need - len(big)))
             view = memoryview(big)[self.got :] if big is not None else memoryview(self.buf)
             if big is None:
                 view = view[self.end :]
@@ -432,7 +438,7 @@ class _FrameReader:
     def _take(self) -> tuple[dict[str, Any], memoryview] | object | None:
         """A complete frame out of what was read, or None (more is needed)."""
         if self.big is not None:
-            if self.got < len(self.big):
+            if self.got < self.need:
                 return None
             body, self.big = self.big, None
             return _parse(body, self.hlen)
@@ -440,12 +446,13 @@ class _FrameReader:
         if end < ipc.HEAD.size:
             return None
         hl, pl = ipc.HEAD.unpack_from(buf)
-        if hl > ipc.MAX_HEADER or hl == 0:
+        if hl > ipc.MAX_HEADER or hl == 0 or hl + pl > ipc.MAX_FRAME:
             return _GARBLED
         total = ipc.HEAD.size + hl + pl
         if total > len(buf):  # read the rest into a buffer of its own
-            self.big = bytearray(hl + pl)
             self.got = end - ipc.HEAD.size
+            self.need = hl + pl
+            self.big = bytearray(min(self.need, 2 * len(buf)))
             self.big[: self.got] = buf[ipc.HEAD.size : end]
             self.hlen, self.end = hl, 0
             return None
@@ -501,10 +508,3 @@ def status_of(code: str) -> int:
     """HTTP status of a request failed because its worker went away: 504 when it was
     killed for a request that ran past the timeout, else 503 (retry)."""
     return 504 if code == "worker-timeout" else 503
-
-
-def running_loop() -> asyncio.AbstractEventLoop | None:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
