@@ -310,7 +310,7 @@ def test_no_loop_given_a_private_loop_reads_mixed_sync_async_and_timeouts(tmp_pa
     w.start()
     try:
         assert any(t.name == "worker-toy-replies" for t in threading.enumerate())
-        with pytest.raises(WorkerError) as info:  # the reader role holder times out
+        with pytest.raises(WorkerError) as info:  # its lane stays busy past the timeout
             w.predict({"x": np.ones(1), "sleep": np.array([1.0])}, timeout=0.2)
         assert info.value.code == "worker-timeout"
         results: dict[int, float] = {}
