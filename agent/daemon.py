@@ -669,6 +669,7 @@ def run(config_path: Path) -> int:
     from agent.malloc import tune_malloc
 
     tune_malloc()
+    raise_fd_limit()
 
     async def _main() -> None:
         daemon = Daemon(cfg)
@@ -676,6 +677,25 @@ def run(config_path: Path) -> int:
 
     asyncio.run(_main())
     return 0
+
+
+def raise_fd_limit(want: int = 65536) -> int:
+    """Raise the soft limit on open files toward the hard one (at most ``want``); the new
+    soft limit. Each model worker holds about a dozen descriptors in the daemon (its
+    control socket, two per lane, the lending channel, its memfd) besides the clients'
+    connections, and systemd starts services with a soft limit of 1024. The daemon waits
+    with epoll and poll only, never select(), so descriptors past 1024 are safe."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(hard, want)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            return soft
+        return target
+    return soft
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
