@@ -123,9 +123,7 @@ class Channel:
         frame is read straight into a buffer of its own."""
         try:
             self._fill(HEAD.size)
-            hl, pl = HEAD.unpack_from(self._rbuf, self._rpos)
-            if hl > MAX_HEADER or hl + pl > max_frame:
-                raise ChannelClosed(f"frame of {hl} + {pl} bytes")
+            hl, pl = frame_sizes(self._rbuf, self._rpos, max_frame)
             self._rpos += HEAD.size
             n = hl + pl
             if n <= len(self._rbuf):
@@ -138,13 +136,9 @@ class Channel:
                 body[:have] = self._rbuf[self._rpos : self._rend]
                 self._rpos = self._rend = 0
                 _read_at_least(self.sock, memoryview(body), have, n)
-            view = memoryview(body)
-            header = orjson.loads(view[:hl])
-            if not isinstance(header, dict):
-                raise ValueError("frame header is not an object")
-        except (OSError, ValueError, ChannelClosed) as exc:  # garbled = a dead peer
+            return split_frame(body, hl)
+        except (OSError, ValueError) as exc:  # garbled = a dead peer
             raise ChannelClosed(str(exc)) from exc
-        return header, view[hl:]
 
     def unread(self) -> bytes:
         """The bytes read ahead and not yet returned as a frame (for a reader that takes
@@ -156,6 +150,26 @@ class Channel:
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.close()
+
+
+def frame_sizes(buf: bytes | bytearray, pos: int, max_frame: int = MAX_FRAME) -> tuple[int, int]:
+    """(header length, payload length) of the frame whose prefix is at ``buf[pos:]``;
+    ValueError for a prefix no well-formed frame has (no header, a header over
+    MAX_HEADER, more than ``max_frame`` bytes in all), before anything is allocated."""
+    hl, pl = HEAD.unpack_from(buf, pos)
+    if hl == 0 or hl > MAX_HEADER or hl + pl > max_frame:
+        raise ValueError(f"frame of {hl} + {pl} bytes")
+    return hl, pl
+
+
+def split_frame(body: bytearray, hl: int) -> tuple[dict[str, Any], memoryview]:
+    """A frame's body (header, then payload) → (header, view of the payload); ValueError
+    when the header is not a JSON object."""
+    view = memoryview(body)
+    header = orjson.loads(view[:hl])
+    if not isinstance(header, dict):
+        raise ValueError("frame header is not an object")
+    return header, view[hl:]
 
 
 def _read_at_least(sock: socket.socket, view: memoryview, got: int, need: int) -> int:

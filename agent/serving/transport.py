@@ -30,7 +30,6 @@ from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
-import orjson
 
 from agent.errors import ModelNotReadyError, WorkerError
 from agent.serving import ipc
@@ -445,8 +444,9 @@ class _FrameReader:
         buf, end = self.buf, self.end
         if end < ipc.HEAD.size:
             return None
-        hl, pl = ipc.HEAD.unpack_from(buf)
-        if hl > ipc.MAX_HEADER or hl == 0 or hl + pl > ipc.MAX_FRAME:
+        try:
+            hl, pl = ipc.frame_sizes(buf, 0)
+        except ValueError:
             return _GARBLED
         total = ipc.HEAD.size + hl + pl
         if total > len(buf):  # read the rest into a buffer of its own
@@ -467,14 +467,10 @@ class _FrameReader:
 
 
 def _parse(body: bytearray, hl: int) -> tuple[dict[str, Any], memoryview] | object:
-    view = memoryview(body)
     try:
-        header = orjson.loads(view[:hl])
-    except orjson.JSONDecodeError:
+        return ipc.split_frame(body, hl)
+    except ValueError:
         return _GARBLED
-    if not isinstance(header, dict):
-        return _GARBLED
-    return header, view[hl:]
 
 
 def settle(fut: Any, result: Any, exc: BaseException | None) -> None:

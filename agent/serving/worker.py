@@ -18,7 +18,6 @@ for lent connections); the frames both speak are agent/serving/ipc.py.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -255,10 +254,7 @@ class ModelWorker:
             defer_send=True,
             slot=slot,
         )
-        rest = t.send_nowait(header, parts)  # a request frame fits its lane's socket
-        if rest is not None:  # a full socket: finish from a thread
-            with contextlib.suppress(OSError):
-                await loop.run_in_executor(None, rest)
+        await t.send_from_loop(loop, header, parts)  # a frame fits its lane's empty socket
         return waiter
 
     def _submit_waiting(
