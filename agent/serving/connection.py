@@ -14,13 +14,16 @@ import this without the tensor codec.
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
+import threading
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from agent.serving.h1 import BoundedCache
 
-__all__ = ["StaleConnectionError", "UnixHTTPConnection"]
+__all__ = ["InFlight", "StaleConnectionError", "UnixHTTPConnection"]
 
 Reply = tuple[int, dict[str, str], bytearray]  # status, lower-case headers, body
 
@@ -39,18 +42,43 @@ SEND_BUFFER = 1 << 20
 _request_heads: BoundedCache[tuple[Any, ...], bytes] = BoundedCache(256)
 _response_heads: BoundedCache[bytes, tuple[int, dict[str, str]]] = BoundedCache(256)
 
+READ_CHUNK = 1 << 16  # the read buffer: a head and a small body in one recv
+MAX_RESPONSE_HEAD = 1 << 20
+# Polling for an answer (UnixHTTPConnection._await): the budget follows the
+# connection's own waits, as the worker's poll for a lent connection's next request
+# follows its gaps (agent/serving/direct.py: SPIN_SLACK, SPIN_PAD_S, GAP_CAP_S).
+SPIN_SLACK = 1.5
+SPIN_PAD_S = 30e-6
+WAIT_CAP_S = 0.01  # longer waits are recorded as this (the average stays responsive)
+MAX_SPIN_S = WAIT_CAP_S / 2  # a longer poll could never be ruled out by the average
+SPIN_CPUS = (os.cpu_count() or 1) > 1  # on one CPU a poll only delays the server
+
 
 class UnixHTTPConnection:
     """One kept-alive HTTP/1.1 connection to ``socket_path`` (opened on first use).
 
-    ``timeout``: seconds for connect and for each read (None: wait forever)."""
+    ``timeout``: seconds for connect and for each read (None: wait forever).
+    ``spin_us``: how long a request may poll for its answer instead of sleeping (see
+    "Waiting for an answer" below); 0 never polls."""
 
-    def __init__(self, socket_path: str, timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        socket_path: str,
+        timeout: float | None = None,
+        *,
+        spin_us: int = 0,
+        in_flight: InFlight | None = None,
+    ) -> None:
         self.socket_path = str(socket_path)
         self.timeout = timeout
         self.sock: socket.socket | None = None
         self.reused = False  # True once a response came back on this socket
-        self._buf = bytearray()
+        self._buf = bytearray(READ_CHUNK)  # bytes read and not yet consumed: _buf[:_fill]
+        self._view = memoryview(self._buf)
+        self._fill = 0
+        self.spin_s = min(spin_us / 1e6, MAX_SPIN_S) if SPIN_CPUS else 0.0
+        self.in_flight = in_flight if in_flight is not None else InFlight()
+        self.wait = -1.0  # moving average: seconds from a request out to its answer in
 
     def connect(self) -> socket.socket:
         if self.sock is not None:
@@ -72,7 +100,7 @@ class UnixHTTPConnection:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
-        self._buf.clear()
+        self._fill = 0
 
     def __enter__(self) -> UnixHTTPConnection:
         return self
@@ -111,38 +139,94 @@ class UnixHTTPConnection:
                 head.append(f"content-length: {length}\r\n")
             head.append("\r\n")
             request_head = _request_heads.remember(key, "".join(head).encode("latin-1"))
-        # On a send error either the server answered early and closed (413 for a body
-        # over its limit: the answer is readable) or it had closed this idle connection
-        # (nothing to read: StaleConnectionError, the caller may reconnect).
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            _send_all(sock, [request_head, *parts])
-        return self.read_response()
+        flight = self.in_flight
+        flight.enter()
+        try:
+            # On a send error either the server answered early and closed (413 for a
+            # body over its limit: the answer is readable) or it had closed this idle
+            # connection (nothing to read: StaleConnectionError, the caller may
+            # reconnect).
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                _send_all(sock, [request_head, *parts])
+            sent = time.perf_counter()
+            if not self._fill and flight.alone():
+                budget = self._budget()
+                if budget > 0:
+                    self._spin(sock, sent + budget)
+            reply = self.read_response()
+        finally:
+            flight.leave()
+        w = min(time.perf_counter() - sent, WAIT_CAP_S)
+        self.wait = w if self.wait < 0 else self.wait + 0.2 * (w - self.wait)
+        return reply
 
     def send(self, data: bytes | bytearray | memoryview) -> None:
         """Raw bytes on the connection (a request written by hand, pipelined ones)."""
         self.connect().sendall(data)
 
+    # --- Waiting for an answer ----------------------------------------------------
+    #
+    # A thread that sleeps in ``recv`` is woken by the server's answer; on a virtual
+    # machine an idle vCPU halts, and waking it costs ~40-70 us, and the code that runs
+    # next starts with cold caches and branch predictors (a JSON tensor decode then
+    # takes ~20 % longer, measured here). So, as the worker polls a lent connection
+    # for the next request (agent/serving/direct.py), a request whose answers have
+    # come back quickly polls the socket for its own: for SPIN_SLACK times the moving
+    # average of this connection's waits plus SPIN_PAD_S, at most ``spin_s``. A
+    # connection whose usual wait is longer than ``spin_s`` (a model that runs for
+    # milliseconds) sleeps as before, and so does a request while another of the same
+    # client is in flight (several threads polling would take the cores the server
+    # needs), and every request on a one-CPU machine.
+
+    def _budget(self) -> float:
+        """Seconds the next request may poll for its answer (see above)."""
+        if not 0 <= self.wait <= self.spin_s:
+            return 0.0
+        return min(self.spin_s, SPIN_SLACK * self.wait + SPIN_PAD_S)
+
+    def _spin(self, sock: socket.socket, deadline: float) -> None:
+        """Poll until the answer's first bytes are in the buffer or ``deadline``."""
+        now = time.perf_counter
+        recv_into, view = sock.recv_into, self._view
+        sock.settimeout(0)
+        try:
+            while True:
+                try:
+                    self._fill = recv_into(view)
+                    return  # bytes, or 0 at EOF: read_response reports it
+                except (BlockingIOError, InterruptedError):
+                    if now() >= deadline:
+                        return
+                except OSError:  # a reset or the like: read_response reports it
+                    return
+        finally:
+            sock.settimeout(self.timeout)
+
     def read_response(self) -> Reply:
         """The next response on the connection → (status, headers, body)."""
         sock = self.connect()
-        buf = self._buf
-        got_any = bool(buf)
-        while True:
-            end = buf.find(b"\r\n\r\n")
-            if end >= 0:
-                break
+        got_any = self._fill > 0
+        end = self._buf.find(b"\r\n\r\n", 0, self._fill)
+        while end < 0:
+            if self._fill == len(self._buf):
+                if self._fill >= MAX_RESPONSE_HEAD:
+                    raise ConnectionError("response headers too large")
+                self._view.release()  # a bytearray with a view cannot grow
+                self._buf.extend(bytes(len(self._buf)))  # room for a big head
+                self._view = memoryview(self._buf)
+            start = max(self._fill - 3, 0)
             try:
-                chunk = sock.recv(65536)
+                n = sock.recv_into(self._view[self._fill :])
             except ConnectionResetError:
-                chunk = b""
-            if not chunk:
+                n = 0
+            if not n:
                 if not got_any:
                     raise StaleConnectionError("closed before a response")
                 raise ConnectionResetError("the server closed the connection mid-response")
             got_any = True
-            buf += chunk
-            if len(buf) > 1 << 20:
-                raise ConnectionError("response headers too large")
+            self._fill += n
+            end = self._buf.find(b"\r\n\r\n", start, self._fill)
+        buf = self._buf
         raw_head = bytes(buf[:end])
         parsed = _response_heads.get(raw_head)
         if parsed is None:
@@ -155,14 +239,18 @@ class UnixHTTPConnection:
         status, rh = parsed[0], dict(parsed[1])
         length = int(rh.get("content-length", "0"))
         start = end + 4
-        have = len(buf) - start
+        have = self._fill - start
         if have >= length:
             body = buf[start : start + length]
-            del buf[: start + length]
+            rest = have - length
+            if rest:  # a pipelined answer's first bytes: to the front
+                buf[:rest] = self._view[start + length : self._fill]
+            self._fill = rest
         else:
+            # One copy: what came with the head, then the rest straight from the socket.
             body = bytearray(length)
-            body[:have] = buf[start:]
-            buf.clear()
+            body[:have] = self._view[start : self._fill]
+            self._fill = 0
             view = memoryview(body)
             pos = have
             while pos < length:
@@ -170,6 +258,10 @@ class UnixHTTPConnection:
                 if n == 0:
                     raise ConnectionResetError("the server closed the connection mid-response")
                 pos += n
+        if len(buf) > READ_CHUNK and not self._fill:  # a big head passed: shrink back
+            self._view.release()
+            del buf[READ_CHUNK:]
+            self._view = memoryview(buf)
         if status == 100:
             return self.read_response()
         if rh.get("connection", "").lower() == "close":
@@ -177,6 +269,28 @@ class UnixHTTPConnection:
         else:
             self.reused = True
         return status, rh, body
+
+
+class InFlight:
+    """Requests in flight on the connections of one client: a request polls for its
+    answer only when it is the only one (see ``UnixHTTPConnection._spin``)."""
+
+    __slots__ = ("_lock", "n")
+
+    def __init__(self) -> None:
+        self.n = 0
+        self._lock = threading.Lock()
+
+    def enter(self) -> None:
+        with self._lock:
+            self.n += 1
+
+    def leave(self) -> None:
+        with self._lock:
+            self.n -= 1
+
+    def alone(self) -> bool:
+        return self.n == 1
 
 
 def _send_all(sock: socket.socket, parts: list[Any]) -> None:
