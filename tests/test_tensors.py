@@ -360,6 +360,108 @@ def test_numbers_fast_path_reads_big_tensors_exactly() -> None:
     assert doc2["model_name"] == "m" and "data" not in doc2["outputs"][0]
 
 
+# --- JSON plans: a document's skeleton is parsed and checked once --------------------------
+#
+# decode_request and decode_response keep, per skeleton (the text around the numeric
+# arrays), what the ordinary decode made of it. A later document with the same skeleton
+# and any other numbers must decode exactly as with the fast path off, or be refused
+# with the same code.
+
+
+def _response_outcome(body: bytes, fast: bool) -> tuple[str, Any]:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tensors_mod, "FAST_NUMBERS_MIN_BYTES", 0 if fast else 1 << 62)
+        mp.setattr(tensors_mod, "_FAST_NUMBERS_MIN_TEXT", 0)
+        try:
+            with np.errstate(over="ignore", invalid="ignore"):
+                doc, out = decode_response(body)
+        except InvalidInputError as exc:
+            return "error", exc.code
+    return "ok", (doc, [(n, a.dtype.str, a.shape, a.tobytes()) for n, a in out.items()])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    datatype=st.sampled_from(list(DATATYPES)),
+    first=st.lists(st.floats(width=32, allow_nan=False, allow_infinity=False), min_size=1,
+                   max_size=20),
+    then=_JSON_LISTS,
+    ints=st.booleans(),
+)  # fmt: skip
+def test_json_plans_agree_with_the_ordinary_decode(
+    datatype: str, first: list[float], then: list[Any], ints: bool
+) -> None:
+    """The first document makes the plan (when it decodes); the second, same skeleton,
+    other numbers (another count, other kinds, out of range, not numbers at all), must
+    come out as the ordinary decode has it, requests and responses alike."""
+    if ints:
+        first = [int(v) for v in first]
+    for key, outcome in (("inputs", _request_outcome), ("outputs", _response_outcome)):
+        bodies = [
+            json.dumps(
+                {
+                    "id": "r",
+                    key: [{"name": "t", "datatype": datatype, "shape": [len(first)], "data": data}],
+                }
+            ).encode()
+            for data in (first, then)
+        ]
+        outcome(bodies[0], True)
+        for body in bodies:
+            assert outcome(body, True) == outcome(body, False), body[:300]
+
+
+def test_a_json_plan_skips_the_per_tensor_decode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second request of a skeleton is decoded from its plan (no decode_tensor), and
+    what the caller gets is its own: changing one request's parameters or outputs does
+    not reach the next."""
+    rng = np.random.default_rng(3)
+    a, b = (rng.standard_normal((2, 3000)).astype(np.float32) for _ in range(2))
+
+    def mk(v: np.ndarray[Any, Any]) -> list[Any]:
+        return encode_request(
+            {"x": v},
+            binary=False,
+            binary_output=False,
+            outputs=["y"],
+            request_id="q",
+            parameters={"p": 1},
+        )[0]
+
+    first = decode_request(b"".join(mk(a)))
+    calls: list[Any] = []
+    real = tensors_mod.decode_tensor
+
+    def counted(*x: Any) -> Any:
+        calls.append(x)
+        return real(*x)
+
+    monkeypatch.setattr(tensors_mod, "decode_tensor", counted)
+    first.parameters["p"] = 2
+    assert first.outputs is not None
+    first.outputs.clear()
+    second = decode_request(b"".join(mk(b)))
+    assert not calls
+    assert second.inputs["x"].tobytes() == b.tobytes() and second.inputs["x"].shape == (2, 3000)
+    assert second.parameters == {"p": 1} and second.id == "q"
+    assert second.outputs is not None and [o.name for o in second.outputs] == ["y"]
+    # responses: the same, and the document comes back without the numbers
+    parts, _ = encode_response("m", "1", [("y", a, False)])
+    decode_response(b"".join(parts))
+    assert calls  # the first response of its skeleton: the ordinary decode
+    calls.clear()
+    doc, out = decode_response(b"".join(encode_response("m", "1", [("y", b, False)])[0]))
+    assert not calls
+    assert out["y"].tobytes() == b.tobytes() and doc["model_name"] == "m"
+    assert "data" not in doc["outputs"][0]
+    # a count that no longer matches the shape: the ordinary decode words it
+    body = b"".join(mk(a))
+    i = body.index(b"]", body.index(b'"data":['))
+    with pytest.raises(InvalidInputError) as err:
+        decode_request(body[:i] + b",1.5" + body[i:])
+    assert err.value.code == "bad-shape" and calls
+
+
 def test_binary_data_starts_aligned() -> None:
     """The JSON header of a binary message is padded (spaces) to a multiple of 64 bytes,
     so tensors decoded from a body buffer are aligned: onnxruntime copies a misaligned

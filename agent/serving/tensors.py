@@ -21,7 +21,7 @@ import struct
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import orjson
@@ -118,7 +118,9 @@ def _clip(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def loads_bounded(raw: bytes | bytearray | memoryview, tensors: str | None = None) -> Any:
+def loads_bounded(
+    raw: bytes | bytearray | memoryview, tensors: str | None = None, split: _Split | None = None
+) -> Any:
     """Parse JSON with nesting bounded by MAX_JSON_DEPTH (the C decoders recurse per
     level; a 64 KiB body of ``[`` would otherwise end in RecursionError, a 500).
 
@@ -133,7 +135,9 @@ def loads_bounded(raw: bytes | bytearray | memoryview, tensors: str | None = Non
 
     The bound is checked before parsing and costs nothing for ordinary bodies: only when
     a body has more brackets than the bound is their nesting measured (outside strings,
-    vectorised)."""
+    vectorised).
+
+    ``split``: what :func:`_split_numbers` made of this ``raw`` already (not repeated)."""
     if isinstance(raw, memoryview):
         raw = raw.tobytes()  # a copy at memcpy speed; bytes can search for brackets
     if _brackets_over(raw, MAX_JSON_DEPTH):
@@ -144,7 +148,9 @@ def loads_bounded(raw: bytes | bytearray | memoryview, tensors: str | None = Non
                 code="bad-json",
             )
     if tensors is not None and len(raw) >= FAST_NUMBERS_MIN_BYTES:
-        doc = _loads_numbers(raw, tensors)
+        if split is None:
+            split = _split_numbers(raw)
+        doc = None if split is None else _place_numbers(split, tensors)
         if doc is not None:
             return doc
     try:
@@ -248,18 +254,32 @@ def _parse_numbers(raw: bytes | bytearray, start: int, end: int) -> np.ndarray[A
     return np.frombuffer(buf, dtype=kind)  # writable, owns its copy
 
 
+class _Split(NamedTuple):
+    """A document whose flat numeric arrays were parsed (:func:`_split_numbers`)."""
+
+    skeleton: bytes  # the text with each array replaced by a placeholder string
+    found: list[_Numbers]  # the arrays, in the order of their placeholders
+
+
 def _loads_numbers(raw: bytes | bytearray, tensors: str) -> Any:
     """The document with every tensor's flat numeric ``data`` array as a
-    :class:`_Numbers`, or None: take the ordinary parse (no such array, or any doubt).
+    :class:`_Numbers`, or None: take the ordinary parse (no such array, or any doubt)."""
+    split = _split_numbers(raw)
+    return None if split is None else _place_numbers(split, tensors)
+
+
+def _split_numbers(raw: bytes | bytearray) -> _Split | None:
+    """The flat numeric arrays of ``raw``, parsed, and the text around them; None if
+    there is none (or any doubt).
 
     The arrays are found in the text: a ``"data"`` key outside strings (a body without
     backslashes has no escaped quote, so every ``"`` opens or closes a string and the
     parity of the quotes before it tells), its value from ``[`` to the first ``]``,
     which simdjson must accept as a flat array of numbers. Each is replaced by a
-    placeholder string and orjson parses the rest; the placeholders must all come back
-    as the ``data`` of the tensors under ``tensors``, else the whole is parsed again the
-    ordinary way. Replacing a valid array by a string keeps a document valid or invalid
-    as it was, so nothing is accepted that the ordinary parse refuses."""
+    placeholder string (:func:`_place_numbers` parses the rest). Replacing a valid array
+    by a string keeps a document valid or invalid as it was, so nothing is accepted that
+    the ordinary parse refuses; and two documents with the same skeleton differ only in
+    those numbers (the JSON plans below rely on it)."""
     if raw.find(b"\\") >= 0:
         return None
     pieces: list[bytes | bytearray] = []
@@ -307,10 +327,18 @@ def _loads_numbers(raw: bytes | bytearray, tensors: str) -> Any:
     if not found:
         return None
     pieces.append(raw[done:])
+    return _Split(b"".join(pieces), found)
+
+
+def _place_numbers(split: _Split, tensors: str) -> Any:
+    """The skeleton parsed by orjson, each placeholder replaced by its array; None
+    unless every placeholder came back as the ``data`` of a tensor under ``tensors``
+    (the caller then parses the whole the ordinary way)."""
     try:
-        doc = orjson.loads(b"".join(pieces))
+        doc = orjson.loads(split.skeleton)
     except orjson.JSONDecodeError:
         return None
+    found = split.found
     placed = 0
     specs = doc.get(tensors) if isinstance(doc, dict) else None
     for spec in specs if isinstance(specs, list) else ():
@@ -714,7 +742,9 @@ class InferRequest:
     binary_output: bool = False  # parameters.binary_data_output
 
 
-def _header_json(body: Any, header_len: int | None, tensors: str) -> tuple[Any, memoryview]:
+def _header_json(
+    body: Any, header_len: int | None, tensors: str, split: _Split | None = None
+) -> tuple[Any, memoryview]:
     view = memoryview(body)
     if header_len is None:
         head = body if isinstance(body, (bytes, bytearray)) else view
@@ -729,7 +759,7 @@ def _header_json(body: Any, header_len: int | None, tensors: str) -> tuple[Any, 
         head = view[:header_len]
         rest = view[header_len:]
     try:
-        obj = loads_bounded(head, tensors)
+        obj = loads_bounded(head, tensors, split)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidInputError(f"request body is not valid JSON: {exc}", code="bad-json") from None
     return obj, rest
@@ -763,6 +793,75 @@ def _frombuffer(rest: memoryview, tensors: _Tensors) -> dict[str, np.ndarray[Any
     }
 
 
+# Plans of JSON documents, keyed by their skeleton (the text with every flat numeric
+# ``data`` array replaced by a placeholder, _split_numbers): a program sending JSON
+# tensors sends the same document around different numbers, so the parse of the rest
+# and the per-tensor checks run once per skeleton, as for binary headers above. Two
+# documents with the same skeleton differ only in those arrays, so a plan holds for
+# every document of its skeleton whose arrays convert as they did (count, range; else
+# the whole document takes the ordinary path, which words what is wrong). A plan is
+# kept only when every tensor's data was such an array.
+_JsonTensor = tuple[str, "np.dtype[Any]", tuple[int, ...], int, str]  # .., placeholder, datatype
+
+
+@dataclass(frozen=True)
+class _JsonRequestPlan:
+    tensors: tuple[_JsonTensor, ...]
+    id: str | None
+    parameters: dict[str, Any]
+    outputs: list[RequestedOutput] | None
+    binary_output: bool
+
+
+_json_request_plans: BoundedCache[bytes, _JsonRequestPlan] = BoundedCache(256)
+
+
+def _json_split(body: Any) -> _Split | None:
+    if type(body) is memoryview:
+        body = body.tobytes()
+    if len(body) < FAST_NUMBERS_MIN_BYTES:
+        return None
+    return _split_numbers(body)
+
+
+def _json_planned(
+    planned: list[_JsonTensor], spec: Any, split: _Split | None
+) -> list[_JsonTensor] | None:
+    """``planned`` with this tensor added, or None if the document cannot have a plan:
+    the tensor's data is not one of ``split``'s arrays (or the tensor is not well
+    formed: decode_tensor, called next, then says what is wrong)."""
+    data = spec.get("data") if isinstance(spec, dict) else None
+    if split is None or type(data) is not _Numbers or "parameters" in spec:
+        return None
+    datatype = spec.get("datatype")
+    name = spec.get("name")
+    if not isinstance(datatype, str) or not isinstance(name, str) or datatype not in DATATYPES:
+        return None
+    idx = next((i for i, f in enumerate(split.found) if f is data), -1)
+    if idx < 0 or any(t[3] == idx for t in planned):
+        return None
+    try:
+        shape = _shape(spec, name)
+    except InvalidInputError:
+        return None
+    planned.append((name, DATATYPES[datatype], shape, idx, datatype))
+    return planned
+
+
+def _json_arrays(
+    tensors: tuple[_JsonTensor, ...], found: list[_Numbers]
+) -> dict[str, np.ndarray[Any, Any]] | None:
+    """The arrays of a document with a known skeleton, or None if one does not convert
+    as when the plan was made."""
+    out: dict[str, np.ndarray[Any, Any]] = {}
+    for name, dt, shape, idx, datatype in tensors:
+        arr = found[idx].to_dtype(datatype, dt, _count(shape))
+        if arr is None:
+            return None
+        out[name] = arr.reshape(shape)
+    return out
+
+
 def decode_request(body: Any, header_len: int | None = None) -> InferRequest:
     """Request body (+ the ``Inference-Header-Content-Length`` value) → InferRequest.
 
@@ -784,7 +883,22 @@ def decode_request(body: Any, header_len: int | None = None) -> InferRequest:
                     None if plan.outputs is None else list(plan.outputs),
                     plan.binary_output,
                 )
-    obj, rest = _header_json(body, header_len, "inputs")
+    split = None
+    if header_len is None:
+        split = _json_split(body)
+        if split is not None:
+            jplan = _json_request_plans.get(split.skeleton)
+            if jplan is not None:
+                arrays = _json_arrays(jplan.tensors, split.found)
+                if arrays is not None:
+                    return InferRequest(
+                        arrays,
+                        jplan.id,
+                        dict(jplan.parameters),
+                        None if jplan.outputs is None else list(jplan.outputs),
+                        jplan.binary_output,
+                    )
+    obj, rest = _header_json(body, header_len, "inputs", split)
     if not isinstance(obj, dict):
         raise InvalidInputError("request body must be a JSON object", code="bad-json")
     req_id = obj.get("id")
@@ -799,6 +913,7 @@ def decode_request(body: Any, header_len: int | None = None) -> InferRequest:
     inputs: dict[str, np.ndarray[Any, Any]] = {}
     pos = 0
     planned: list[tuple[str, np.dtype[Any], tuple[int, ...], int, int]] | None = []
+    jplanned: list[_JsonTensor] | None = [] if split is not None else None
     for spec in specs:
         if not isinstance(spec, dict):
             raise InvalidInputError("every input must be a JSON object", code="bad-json")
@@ -819,6 +934,8 @@ def decode_request(body: Any, header_len: int | None = None) -> InferRequest:
                 )
             raw = rest[pos : pos + size]
             pos += size
+        if jplanned is not None:
+            jplanned = _json_planned(jplanned, spec, split)
         arr = decode_tensor(spec, raw)
         name = spec["name"]
         if name in inputs:
@@ -849,6 +966,9 @@ def decode_request(body: Any, header_len: int | None = None) -> InferRequest:
     if planned is not None and key is not None:
         plan = _RequestPlan(tuple(planned), pos, req_id, dict(params), outputs, binary_output)
         _request_plans.remember(key, plan)
+    if split is not None and jplanned is not None and len(jplanned) == len(split.found):
+        jp = _JsonRequestPlan(tuple(jplanned), req_id, dict(params), outputs, binary_output)
+        _json_request_plans.remember(split.skeleton, jp)
     return InferRequest(
         inputs=inputs,
         id=req_id,
@@ -1006,12 +1126,22 @@ def decode_response(
             hit = _response_plans.get(key)
             if hit is not None and view.nbytes - header_len == hit[2]:
                 return dict(hit[0]), _frombuffer(view[header_len:], hit[1])
-    obj, rest = _header_json(body, header_len, "outputs")
+    split = None
+    if header_len is None:
+        split = _json_split(body)
+        if split is not None:
+            jhit = _json_response_plans.get(split.skeleton)
+            if jhit is not None:
+                arrays = _json_arrays(jhit[1], split.found)
+                if arrays is not None:
+                    return dict(jhit[0]), arrays
+    obj, rest = _header_json(body, header_len, "outputs", split)
     if not isinstance(obj, dict) or not isinstance(obj.get("outputs"), list):
         raise InvalidInputError("response has no 'outputs' list", code="bad-response")
     out: dict[str, np.ndarray[Any, Any]] = {}
     pos = 0
     planned: list[tuple[str, np.dtype[Any], tuple[int, ...], int, int]] | None = []
+    jplanned: list[_JsonTensor] | None = [] if split is not None else None
     for spec in obj["outputs"]:
         tparams = spec.get("parameters") or {}
         size = tparams.get("binary_data_size")
@@ -1019,6 +1149,8 @@ def decode_response(
         if size is not None:
             raw = rest[pos : pos + int(size)]
             pos += int(size)
+        if jplanned is not None:
+            jplanned = _json_planned(jplanned, spec, split)
         arr = decode_tensor(spec, raw)
         out[spec["name"]] = arr
         spec.pop("data", None)  # the values are in ``out``
@@ -1028,7 +1160,12 @@ def decode_response(
             planned = None
     if key is not None and planned is not None and pos == rest.nbytes:
         _response_plans.remember(key, (dict(obj), tuple(planned), pos))
+    if split is not None and jplanned is not None and len(jplanned) == len(split.found):
+        _json_response_plans.remember(split.skeleton, (dict(obj), tuple(jplanned)))
     return obj, out
 
 
 _response_plans: BoundedCache[bytes, tuple[dict[str, Any], _Tensors, int]] = BoundedCache(256)
+_json_response_plans: BoundedCache[bytes, tuple[dict[str, Any], tuple[_JsonTensor, ...]]] = (
+    BoundedCache(256)
+)
