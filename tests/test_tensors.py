@@ -478,3 +478,31 @@ def test_binary_data_starts_aligned() -> None:
     doc, out = decode_response(bytearray(b"".join(bytes(p) for p in parts)), hl)
     assert out["y"].flags.aligned and doc["model_name"] == "m"
     np.testing.assert_array_equal(out["z"], b)
+
+
+def test_caches_keep_only_small_headers_skeletons_and_ids() -> None:
+    """Plans and heads are copies of what a sender wrote: 256 distinct 64 MiB headers
+    must not stay in memory. Big ones decode and encode as usual, uncached."""
+    x = np.arange(2000, dtype=np.float32).reshape(1, 2000)
+    for rid in ("small", "i" * (tensors_mod.PLAN_MAX_BYTES + 10)):
+        big = len(rid) > tensors_mod.ID_MAX_CHARS
+        parts, hl = encode_request({"x": x}, request_id=rid)
+        body = b"".join(bytes(p) for p in parts)
+        assert hl is not None
+        req = decode_request(body, hl)
+        assert req.id == rid and req.inputs["x"].tobytes() == x.tobytes()
+        assert (body[:hl] in tensors_mod._request_plans) is not big
+        jparts, _ = encode_request({"x": x}, binary=False, request_id=rid)
+        jbody = b"".join(jparts)
+        assert decode_request(jbody).id == rid
+        split = tensors_mod._split_numbers(jbody)
+        assert split is not None
+        assert (split.skeleton in tensors_mod._json_request_plans) is not big
+        for binary in (True, False):
+            rparts, rhl = encode_response("m", "1", [("y", x, binary)], request_id=rid)
+            doc, out = decode_response(b"".join(bytes(p) for p in rparts), rhl)
+            assert doc["id"] == rid and out["y"].tobytes() == x.tobytes()
+        assert any(k[2] == rid for k in tensors_mod._response_heads) is not big
+        assert any(k[2] == rid for k in tensors_mod._response_docs) is not big
+    cached = [*tensors_mod._request_plans, *tensors_mod._json_request_plans]
+    assert max(len(k) for k in cached) <= tensors_mod.PLAN_MAX_BYTES

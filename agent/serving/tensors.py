@@ -785,6 +785,13 @@ class _RequestPlan:
 
 _request_plans: BoundedCache[bytes, _RequestPlan] = BoundedCache(256)
 
+# The plan and head caches keep copies of what senders wrote (headers, skeletons, ids):
+# only small ones are kept, so 256 distinct 64 MiB headers cannot make a process hold
+# 16 GiB. A program's own header (names, shapes, datatypes, a few parameters) is a few
+# hundred bytes; the HTTP head cache has the same bound (max_header_bytes).
+PLAN_MAX_BYTES = 16 * 1024
+ID_MAX_CHARS = 256  # response heads are kept per request id up to this length
+
 
 def _frombuffer(rest: memoryview, tensors: _Tensors) -> dict[str, np.ndarray[Any, Any]]:
     return {
@@ -963,10 +970,15 @@ def decode_request(body: Any, header_len: int | None = None) -> InferRequest:
             b = op.get("binary_data") if isinstance(op, dict) else None
             outputs.append(RequestedOutput(o["name"], None if b is None else bool(b)))
     binary_output = bool(params.get("binary_data_output", False))
-    if planned is not None and key is not None:
+    if planned is not None and key is not None and len(key) <= PLAN_MAX_BYTES:
         plan = _RequestPlan(tuple(planned), pos, req_id, dict(params), outputs, binary_output)
         _request_plans.remember(key, plan)
-    if split is not None and jplanned is not None and len(jplanned) == len(split.found):
+    if (
+        split is not None
+        and jplanned is not None
+        and len(jplanned) == len(split.found)
+        and len(split.skeleton) <= PLAN_MAX_BYTES
+    ):
         jp = _JsonRequestPlan(tuple(jplanned), req_id, dict(params), outputs, binary_output)
         _json_request_plans.remember(split.skeleton, jp)
     return InferRequest(
@@ -988,7 +1000,12 @@ def encode_response(
 ) -> tuple[list[Any], int | None]:
     """Outputs (name, array, binary?) → (body parts, header length or None if JSON only)."""
     key = None
-    if not parameters and all(b and a.dtype.kind in _PLAIN_KINDS for _, a, b in outputs):
+    small_id = request_id is None or len(request_id) <= ID_MAX_CHARS
+    if (
+        small_id
+        and not parameters
+        and all(b and a.dtype.kind in _PLAIN_KINDS for _, a, b in outputs)
+    ):
         key = (
             model_name,
             model_version,
@@ -1008,7 +1025,7 @@ def encode_response(
         else:
             objs.append(_json_tensor(name, arr))
     doc_key = (model_name, model_version, request_id)
-    doc_head = None if parameters else _response_docs.get(doc_key)
+    doc_head = None if parameters or not small_id else _response_docs.get(doc_key)
     if doc_head is None:
         doc: dict[str, Any] = {"model_name": model_name}
         if model_version is not None:
@@ -1018,7 +1035,7 @@ def encode_response(
         if parameters:
             doc["parameters"] = parameters
         doc_head = _dumps(doc)
-        if not parameters:
+        if not parameters and small_id:
             _response_docs.remember(doc_key, doc_head)
     parts = _join_doc(doc_head, "outputs", objs)
     if not raws:
@@ -1158,9 +1175,19 @@ def decode_response(
             planned.append((spec["name"], arr.dtype, arr.shape, pos - raw.nbytes, arr.size))
         else:
             planned = None
-    if key is not None and planned is not None and pos == rest.nbytes:
+    if (
+        key is not None
+        and planned is not None
+        and pos == rest.nbytes
+        and len(key) <= PLAN_MAX_BYTES
+    ):
         _response_plans.remember(key, (dict(obj), tuple(planned), pos))
-    if split is not None and jplanned is not None and len(jplanned) == len(split.found):
+    if (
+        split is not None
+        and jplanned is not None
+        and len(jplanned) == len(split.found)
+        and len(split.skeleton) <= PLAN_MAX_BYTES
+    ):
         _json_response_plans.remember(split.skeleton, (dict(obj), tuple(jplanned)))
     return obj, out
 
