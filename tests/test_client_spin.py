@@ -55,6 +55,11 @@ class _Server:
                         return
                     buf += chunk
                 head, _, buf = buf.partition(b"\r\n\r\n")
+                path = head.split(b" ")[1]
+                body = self.body
+                if path.startswith(b"/n/"):  # /n/SIZE/SEED: SIZE bytes of a pattern
+                    size, seed = (int(v) for v in path[3:].split(b"/"))
+                    body = bytes((seed + i * 7) % 251 for i in range(size))
                 length = 0
                 for line in head.split(b"\r\n")[1:]:
                     k, _, v = line.partition(b":")
@@ -71,8 +76,8 @@ class _Server:
                 s.sendall(
                     b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n"
                     + self.extra_headers
-                    + b"content-length: %d\r\n\r\n" % len(self.body)
-                    + self.body
+                    + b"content-length: %d\r\n\r\n" % len(body)
+                    + body
                 )
                 served += 1
         except OSError:
@@ -264,3 +269,20 @@ def test_a_head_bigger_than_the_buffer_is_read_and_the_buffer_shrinks_back(
     server.extra_headers = b"x-pad: " + b"p" * (C.MAX_RESPONSE_HEAD + 10) + b"\r\n"
     with pytest.raises(ConnectionError, match="too large"):
         conn.request("GET", "/a")
+
+
+@pytest.mark.parametrize("sizes", [(1, 5000, 3), (0, 40_000, 10), (3, 3, 70_000), (100, 1, 1)])
+def test_pipelined_answers_of_different_sizes_come_apart_intact(
+    server: _Server, sizes: tuple[int, ...]
+) -> None:
+    """A short answer followed by a longer one in the same read: the rest moves to the
+    front of the buffer over itself; every body must come out byte for byte."""
+    conn = UnixHTTPConnection(server.path, 5.0)
+    conn.send(
+        b"".join(b"GET /n/%d/%d HTTP/1.1\r\nhost: x\r\n\r\n" % (n, i) for i, n in enumerate(sizes))
+    )
+    for i, n in enumerate(sizes):
+        status, _, body = conn.read_response()
+        assert status == 200 and body == bytes((i + k * 7) % 251 for k in range(n))
+    assert conn._fill == 0
+    assert conn.request("GET", "/n/5/9")[2] == bytes((9 + k * 7) % 251 for k in range(5))

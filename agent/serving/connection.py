@@ -243,8 +243,9 @@ class UnixHTTPConnection:
         if have >= length:
             body = buf[start : start + length]
             rest = have - length
-            if rest:  # a pipelined answer's first bytes: to the front
-                buf[:rest] = self._view[start + length : self._fill]
+            if rest:  # a pipelined answer's first bytes: to the front (a copy first:
+                # the two ranges may overlap, and a slice assignment is a memcpy)
+                buf[:rest] = bytes(self._view[start + length : self._fill])
             self._fill = rest
         else:
             # One copy: what came with the head, then the rest straight from the socket.
