@@ -17,6 +17,7 @@ import pytest
 from agent.client import DEFAULT_SPIN_US, Client
 from agent.serving import connection as C
 from agent.serving.connection import InFlight, StaleConnectionError, UnixHTTPConnection
+from agent.serving.pace import CAP_S
 
 
 class _Server:
@@ -115,7 +116,7 @@ def spins(monkeypatch: pytest.MonkeyPatch) -> list[tuple[float, int]]:
 def _quick(conn: UnixHTTPConnection) -> None:
     """As if this connection's answers had come back within 4 ms: the next request may
     poll for 5 ms (the tests decide with this, not with this box's load)."""
-    conn.wait = 0.004
+    conn.pace.avg = 0.004
 
 
 def test_quick_answers_are_polled_for_and_arrive_whole(
@@ -124,19 +125,20 @@ def test_quick_answers_are_polled_for_and_arrive_whole(
     conn = UnixHTTPConnection(server.path, 5.0, spin_us=5000)
     first = conn.request("GET", "/a")
     assert first == (200, {"content-type": "text/plain", "content-length": "2"}, bytearray(b"ok"))
-    assert not spins  # nothing known of this server yet: the first request sleeps
-    assert 0 < conn.wait <= C.WAIT_CAP_S  # the wait is measured and capped
+    assert len(spins) == 1  # nothing known of this server yet: a poll of spin_us at most
+    assert spins[0][0] == pytest.approx(0.005, abs=0.001)
+    assert 0 < conn.pace.avg <= CAP_S  # the wait is measured and capped
     for _ in range(20):
         _quick(conn)
         assert conn.request("GET", "/a")[2] == b"ok"
-    assert len(spins) == 20
+    assert len(spins) == 21
     assert all(b == pytest.approx(0.005, abs=0.001) for b, _ in spins)
     assert any(got for _, got in spins)  # caught while polling, not asleep
     assert conn.sock is not None and conn.sock.gettimeout() == 5.0  # restored
-    # the budget follows the average: 1.5x the usual wait + 30 us, at most spin_s
+    # the budget follows the average (agent/serving/pace.py): 1.5x + 30 us, at most spin_s
     for wait, budget in ((0.0001, 0.00018), (0.002, 0.00303), (0.0049, 0.005), (0.0051, 0.0)):
-        conn.wait = wait
-        assert conn._budget() == pytest.approx(budget)
+        conn.pace.avg = wait
+        assert conn.pace.budget(conn.spin_s) == pytest.approx(budget)
 
 
 def test_slow_answers_are_slept_for(server: _Server, spins: list[tuple[float, int]]) -> None:
@@ -144,13 +146,13 @@ def test_slow_answers_are_slept_for(server: _Server, spins: list[tuple[float, in
     conn = UnixHTTPConnection(server.path, 5.0, spin_us=5000)
     for _ in range(4):
         assert conn.request("GET", "/a")[2] == b"ok"
-    assert conn.wait > C.MAX_SPIN_S  # measured: over the poll's bound
-    assert not spins
+    assert conn.pace.avg > C.MAX_SPIN_S  # measured: over the poll's bound
+    assert len(spins) == 1  # the first request's only: then it sleeps
     server.delay = 0.0  # it speeds up: the next quick answers bring the average down
-    slow = conn.wait
+    slow = conn.pace.avg
     for _ in range(5):
         conn.request("GET", "/a")
-    assert conn.wait < slow
+    assert conn.pace.avg < slow
 
 
 def test_no_poll_when_another_request_is_in_flight_or_when_off(
@@ -186,7 +188,7 @@ def test_one_cpu_never_polls(server: _Server, monkeypatch: pytest.MonkeyPatch) -
     conn = UnixHTTPConnection(server.path, 5.0, spin_us=5000)
     assert conn.spin_s == 0
     conn.request("GET", "/a")
-    assert conn._budget() == 0
+    assert conn.spin_s == 0 and conn._fill == 0
 
 
 def test_a_client_polls_by_default_and_shares_one_count(
@@ -218,7 +220,7 @@ def test_the_server_hanging_up_while_polled_is_reported(
     server.close_after = 0  # every new connection: hung up before an answer
     conn.close()
     with pytest.raises(StaleConnectionError):
-        conn.request("GET", "/a")  # fresh connection: nothing known yet, sleeps
+        conn.request("GET", "/a")  # a fresh connection hung up on
     conn.close()
     server.close_after = 3
     for _ in range(3):

@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from agent.serving.direct import GAP_CAP_S, SPIN_PAD_S, SPIN_SLACK, DirectServer, _Lent
+from agent.serving.direct import DirectServer, _Lent
+from agent.serving.pace import CAP_S, PAD_S, SLACK
 
 
 class _Echo:
@@ -38,16 +39,16 @@ def _answer_then_come_back(conn: Any, gap: float) -> None:
 
 def test_the_poll_follows_the_connections_gap(lent: Any) -> None:
     lent.cost = 0.0001  # a short request: polling is worth it
-    assert lent.spin_budget() == 0.001  # no gap seen yet: the most allowed
+    assert lent.pace.budget(lent.srv.spin_s) == 0.001  # no gap seen yet: the most allowed
     assert lent._spin_now()
     for _ in range(30):  # a binary client: back after ~40 us
         _answer_then_come_back(lent, 40e-6)
-    assert lent.gap == pytest.approx(40e-6, rel=0.5)
-    assert lent.spin_budget() == pytest.approx(SPIN_SLACK * lent.gap + SPIN_PAD_S)
-    assert lent.spin_budget() < 0.0002
+    assert lent.pace.avg == pytest.approx(40e-6, rel=0.5)
+    assert lent.pace.budget(lent.srv.spin_s) == pytest.approx(SLACK * lent.pace.avg + PAD_S)
+    assert lent.pace.budget(lent.srv.spin_s) < 0.0002
     for _ in range(30):  # a JSON client: ~220 us, still caught, never past the bound
         _answer_then_come_back(lent, 220e-6)
-    assert 0.0003 < lent.spin_budget() < 0.001
+    assert 0.0003 < lent.pace.budget(lent.srv.spin_s) < 0.001
     assert lent._spin_now()
 
 
@@ -55,7 +56,7 @@ def test_a_connection_slower_than_the_bound_never_polls(lent: Any) -> None:
     lent.cost = 0.0001
     for _ in range(30):  # a camera at 30 fps
         _answer_then_come_back(lent, 0.033)
-    assert lent.gap == pytest.approx(GAP_CAP_S)
+    assert lent.pace.avg == pytest.approx(CAP_S)
     assert not any(lent._spin_now() for _ in range(64))  # not even the 1-in-32 probe
     for _ in range(30):  # it speeds up again: polling resumes
         _answer_then_come_back(lent, 100e-6)
@@ -74,8 +75,8 @@ def test_a_poll_reads_a_request_that_comes_in_time(lent: Any) -> None:
     lent.cost = 0.0001
     lent.srv.spin_s = 2.0
     for _ in range(3):
-        _answer_then_come_back(lent, 0.5)  # recorded as GAP_CAP_S: a poll of ~15 ms
-    assert lent.spin_budget() == pytest.approx(SPIN_SLACK * GAP_CAP_S + SPIN_PAD_S)
+        _answer_then_come_back(lent, 0.5)  # recorded as CAP_S: a poll of ~15 ms
+    assert lent.pace.budget(lent.srv.spin_s) == pytest.approx(SLACK * CAP_S + PAD_S)
     lent.client.sendall(b"POST / HTTP/1.1\r\n")  # the client's next request, already here
     n = lent._spin()
     assert n == len(b"POST / HTTP/1.1\r\n")

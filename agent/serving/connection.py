@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from agent.serving.h1 import BoundedCache
+from agent.serving.pace import CAP_S, Pace
 
 __all__ = ["InFlight", "StaleConnectionError", "UnixHTTPConnection"]
 
@@ -44,13 +45,7 @@ _response_heads: BoundedCache[bytes, tuple[int, dict[str, str]]] = BoundedCache(
 
 READ_CHUNK = 1 << 16  # the read buffer: a head and a small body in one recv
 MAX_RESPONSE_HEAD = 1 << 20
-# Polling for an answer (UnixHTTPConnection._await): the budget follows the
-# connection's own waits, as the worker's poll for a lent connection's next request
-# follows its gaps (agent/serving/direct.py: SPIN_SLACK, SPIN_PAD_S, GAP_CAP_S).
-SPIN_SLACK = 1.5
-SPIN_PAD_S = 30e-6
-WAIT_CAP_S = 0.01  # longer waits are recorded as this (the average stays responsive)
-MAX_SPIN_S = WAIT_CAP_S / 2  # a longer poll could never be ruled out by the average
+MAX_SPIN_S = CAP_S / 2  # a longer poll could never be ruled out by the average (pace.py)
 SPIN_CPUS = (os.cpu_count() or 1) > 1  # on one CPU a poll only delays the server
 
 
@@ -78,7 +73,7 @@ class UnixHTTPConnection:
         self._fill = 0
         self.spin_s = min(spin_us / 1e6, MAX_SPIN_S) if SPIN_CPUS else 0.0
         self.in_flight = in_flight if in_flight is not None else InFlight()
-        self.wait = -1.0  # moving average: seconds from a request out to its answer in
+        self.pace = Pace()  # seconds from a request out to its answer in
 
     def connect(self) -> socket.socket:
         if self.sock is not None:
@@ -149,15 +144,14 @@ class UnixHTTPConnection:
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                 _send_all(sock, [request_head, *parts])
             sent = time.perf_counter()
-            if not self._fill and flight.alone():
-                budget = self._budget()
+            if self.spin_s and not self._fill and flight.alone():
+                budget = self.pace.budget(self.spin_s)
                 if budget > 0:
                     self._spin(sock, sent + budget)
             reply = self.read_response()
         finally:
             flight.leave()
-        w = min(time.perf_counter() - sent, WAIT_CAP_S)
-        self.wait = w if self.wait < 0 else self.wait + 0.2 * (w - self.wait)
+        self.pace.note(time.perf_counter() - sent)
         return reply
 
     def send(self, data: bytes | bytearray | memoryview) -> None:
@@ -167,22 +161,16 @@ class UnixHTTPConnection:
     # --- Waiting for an answer ----------------------------------------------------
     #
     # A thread that sleeps in ``recv`` is woken by the server's answer; on a virtual
-    # machine an idle vCPU halts, and waking it costs ~40-70 us, and the code that runs
+    # machine an idle vCPU halts, waking it costs ~40-70 us, and the code that runs
     # next starts with cold caches and branch predictors (a JSON tensor decode then
-    # takes ~20 % longer, measured here). So, as the worker polls a lent connection
-    # for the next request (agent/serving/direct.py), a request whose answers have
-    # come back quickly polls the socket for its own: for SPIN_SLACK times the moving
-    # average of this connection's waits plus SPIN_PAD_S, at most ``spin_s``. A
+    # takes ~20 % longer, measured here). So, as the worker polls a lent connection for
+    # the next request, a request polls the socket for its answer, as long as
+    # agent/serving/pace.py allows from this connection's waits (1.5x the usual wait
+    # + 30 us, at most ``spin_s``; the first request polls for ``spin_s``). A
     # connection whose usual wait is longer than ``spin_s`` (a model that runs for
     # milliseconds) sleeps as before, and so does a request while another of the same
     # client is in flight (several threads polling would take the cores the server
     # needs), and every request on a one-CPU machine.
-
-    def _budget(self) -> float:
-        """Seconds the next request may poll for its answer (see above)."""
-        if not 0 <= self.wait <= self.spin_s:
-            return 0.0
-        return min(self.spin_s, SPIN_SLACK * self.wait + SPIN_PAD_S)
 
     def _spin(self, sock: socket.socket, deadline: float) -> None:
         """Poll until the answer's first bytes are in the buffer or ``deadline``."""

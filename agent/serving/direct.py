@@ -48,6 +48,7 @@ from agent.serving.lending import (
     pack,
     unpack,
 )
+from agent.serving.pace import Pace
 from agent.serving.registry import LATENCY_BUCKETS
 from agent.serving.tensors import decode_request
 
@@ -55,9 +56,6 @@ logger = logging.getLogger(__name__)
 
 STATS_EVERY = 0.2  # seconds between stats messages while requests come
 SPIN_MAX_REQUEST_S = 0.001  # requests longer than this: a wake-up is noise, never spin
-SPIN_SLACK = 1.5  # a poll lasts this many times the connection's usual gap, plus SPIN_PAD
-SPIN_PAD_S = 30e-6
-GAP_CAP_S = 0.01  # longer gaps are recorded as this (the average stays responsive)
 
 
 # --- worker side ---------------------------------------------------------------------
@@ -265,7 +263,7 @@ class _Lent:
         self.cost = 1.0  # seconds the last request took (handle + write); none yet
         self.spins = 0
         self.spin_score = 0
-        self.gap = -1.0  # moving average: seconds from an answer to the next request
+        self.pace = Pace()  # seconds from an answer out to the next request in
         self.answered = 0.0  # perf_counter() when the last answer went out
 
     def run(self) -> None:
@@ -315,8 +313,8 @@ class _Lent:
     # (measured here: a third of a tiny model's whole round trip). So after answering a
     # short request, when no other connection of this worker is busy, the thread polls
     # its socket before sleeping, as onnxruntime's own thread pool spins between ops.
-    # How long follows the connection's own pace: SPIN_SLACK times the moving average
-    # of its gaps (answer out -> next request in) plus SPIN_PAD_S, at most ``spin_us``
+    # How long follows the connection's own pace (agent/serving/pace.py): 1.5 times the
+    # moving average of its gaps (answer out -> next request in) plus 30 us, at most ``spin_us``
     # (a client that decodes and encodes JSON tensors takes ~4x longer to come back
     # than one that sends binary tensors; one fixed time either wastes CPU on the
     # quick one or misses the slow one). A connection whose usual gap is longer than
@@ -328,14 +326,14 @@ class _Lent:
         srv = self.srv
         if srv.spin_s <= 0 or srv.busy or self.cost > SPIN_MAX_REQUEST_S:
             return False
-        if self.gap > srv.spin_s:
+        if self.pace.budget(srv.spin_s) <= 0:
             return False
         self.spins += 1
         return self.spin_score >= 0 or self.spins % 32 == 0
 
     def _spin(self) -> int:
         """Bytes of the next request read while polling; 0 on EOF, -1 if none came."""
-        deadline = time.perf_counter() + self.spin_budget()
+        deadline = time.perf_counter() + self.pace.budget(self.srv.spin_s)
         recv_into, view = self.sock.recv_into, self.view
         while True:
             try:
@@ -351,19 +349,10 @@ class _Lent:
                 self.spin_score = max(self.spin_score - 4, -4)
                 return -1
 
-    def spin_budget(self) -> float:
-        """Seconds the next poll may last (see above)."""
-        budget = self.srv.spin_s
-        if self.gap >= 0:
-            budget = min(budget, SPIN_SLACK * self.gap + SPIN_PAD_S)
-        return budget
-
     def _came(self) -> None:
-        """A request began to arrive: fold the gap since our last answer into ``gap``."""
-        if not self.answered:
-            return
-        g = min(time.perf_counter() - self.answered, GAP_CAP_S)
-        self.gap = g if self.gap < 0 else self.gap + 0.2 * (g - self.gap)
+        """A request began to arrive: fold the gap since our last answer into ``pace``."""
+        if self.answered:
+            self.pace.note(time.perf_counter() - self.answered)
 
     def _serve(self) -> None:
         srv = self.srv
