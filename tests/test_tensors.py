@@ -513,3 +513,27 @@ def test_caches_keep_only_small_headers_skeletons_and_ids() -> None:
         assert any(k[2] == rid for k in tensors_mod._response_docs) is not big
     cached = [*tensors_mod._request_plans, *tensors_mod._json_request_plans]
     assert max(len(k) for k in cached) <= tensors_mod.PLAN_MAX_BYTES
+
+
+def test_a_json_document_is_searched_for_numeric_arrays_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """decode_request looks for a plan first; when there is none (or no numeric array at
+    all), the ordinary decode takes what that search found instead of searching again."""
+    calls: list[int] = []
+    real = tensors_mod._split_numbers
+
+    def counted(raw: Any) -> Any:
+        calls.append(len(raw))
+        return real(raw)
+
+    monkeypatch.setattr(tensors_mod, "_split_numbers", counted)
+    words = {"inputs": [{"name": "t", "datatype": "BYTES", "shape": [2000], "data": ["ab"] * 2000}]}
+    nums = {"inputs": [{"name": "n", "datatype": "INT32", "shape": [3000], "data": [7] * 3000}]}
+    for doc in (words, nums, nums):
+        decode_request(json.dumps(doc).encode())
+        assert len(calls) == 1
+        calls.clear()
+    out = encode_response("m", "1", [("y", np.arange(3000, dtype=np.int32), False)])[0]
+    decode_response(b"".join(out))
+    assert len(calls) == 1

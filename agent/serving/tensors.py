@@ -119,14 +119,18 @@ def _clip(value: Any) -> str:
 
 
 def loads_bounded(
-    raw: bytes | bytearray | memoryview, tensors: str | None = None, split: _Split | None = None
+    raw: bytes | bytearray | memoryview,
+    tensors: str | None = None,
+    split: _Split | None = None,
+    *,
+    looked: bool = False,
 ) -> Any:
     """Parse JSON with nesting bounded by MAX_JSON_DEPTH (the C decoders recurse per
     level; a 64 KiB body of ``[`` would otherwise end in RecursionError, a 500).
 
     ``tensors``: the key of the document's tensor list (``"inputs"``, ``"outputs"``);
     their flat numeric ``data`` arrays may then come back as :class:`_Numbers`, parsed
-    straight into numpy by simdjson (:func:`_loads_numbers`), which ``decode_tensor``
+    straight into numpy by simdjson (:func:`_split_numbers`), which ``decode_tensor``
     takes. Everything else, and every document the fast path is not sure of, is parsed
     as before: orjson first (a [1, 4096] float tensor: ~0.09 ms, ``json.loads``
     ~0.3 ms); what it refuses goes to ``json.loads``, which decides: the same documents
@@ -137,7 +141,8 @@ def loads_bounded(
     a body has more brackets than the bound is their nesting measured (outside strings,
     vectorised).
 
-    ``split``: what :func:`_split_numbers` made of this ``raw`` already (not repeated)."""
+    ``looked``: :func:`_split_numbers` already ran on this ``raw`` and gave ``split``
+    (not repeated)."""
     if isinstance(raw, memoryview):
         raw = raw.tobytes()  # a copy at memcpy speed; bytes can search for brackets
     if _brackets_over(raw, MAX_JSON_DEPTH):
@@ -148,7 +153,7 @@ def loads_bounded(
                 code="bad-json",
             )
     if tensors is not None and len(raw) >= FAST_NUMBERS_MIN_BYTES:
-        if split is None:
+        if not looked:
             split = _split_numbers(raw)
         doc = None if split is None else _place_numbers(split, tensors)
         if doc is not None:
@@ -259,13 +264,6 @@ class _Split(NamedTuple):
 
     skeleton: bytes  # the text with each array replaced by a placeholder string
     found: list[_Numbers]  # the arrays, in the order of their placeholders
-
-
-def _loads_numbers(raw: bytes | bytearray, tensors: str) -> Any:
-    """The document with every tensor's flat numeric ``data`` array as a
-    :class:`_Numbers`, or None: take the ordinary parse (no such array, or any doubt)."""
-    split = _split_numbers(raw)
-    return None if split is None else _place_numbers(split, tensors)
 
 
 def _split_numbers(raw: bytes | bytearray) -> _Split | None:
@@ -743,7 +741,11 @@ class InferRequest:
 
 
 def _header_json(
-    body: Any, header_len: int | None, tensors: str, split: _Split | None = None
+    body: Any,
+    header_len: int | None,
+    tensors: str,
+    split: _Split | None = None,
+    looked: bool = False,
 ) -> tuple[Any, memoryview]:
     view = memoryview(body)
     if header_len is None:
@@ -759,7 +761,7 @@ def _header_json(
         head = view[:header_len]
         rest = view[header_len:]
     try:
-        obj = loads_bounded(head, tensors, split)
+        obj = loads_bounded(head, tensors, split, looked=looked)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidInputError(f"request body is not valid JSON: {exc}", code="bad-json") from None
     return obj, rest
@@ -905,7 +907,7 @@ def decode_request(body: Any, header_len: int | None = None) -> InferRequest:
                         None if jplan.outputs is None else list(jplan.outputs),
                         jplan.binary_output,
                     )
-    obj, rest = _header_json(body, header_len, "inputs", split)
+    obj, rest = _header_json(body, header_len, "inputs", split, header_len is None)
     if not isinstance(obj, dict):
         raise InvalidInputError("request body must be a JSON object", code="bad-json")
     req_id = obj.get("id")
@@ -1152,7 +1154,7 @@ def decode_response(
                 arrays = _json_arrays(jhit[1], split.found)
                 if arrays is not None:
                     return dict(jhit[0]), arrays
-    obj, rest = _header_json(body, header_len, "outputs", split)
+    obj, rest = _header_json(body, header_len, "outputs", split, header_len is None)
     if not isinstance(obj, dict) or not isinstance(obj.get("outputs"), list):
         raise InvalidInputError("response has no 'outputs' list", code="bad-response")
     out: dict[str, np.ndarray[Any, Any]] = {}
