@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -256,15 +258,21 @@ def test_fast_json_path_same_values_every_datatype(datatype: str) -> None:
 from agent.serving import tensors as tensors_mod  # noqa: E402
 
 
-def _request_outcome(body: bytes, fast: bool) -> tuple[str, Any]:
-    with pytest.MonkeyPatch.context() as mp:
+@contextlib.contextmanager
+def _fast_path(fast: bool) -> Iterator[None]:
+    """The simdjson path on for every array (or off for every document)."""
+    with pytest.MonkeyPatch.context() as mp, np.errstate(over="ignore", invalid="ignore"):
         mp.setattr(tensors_mod, "FAST_NUMBERS_MIN_BYTES", 0 if fast else 1 << 62)
         mp.setattr(tensors_mod, "_FAST_NUMBERS_MIN_TEXT", 0)
-        try:
-            with np.errstate(over="ignore", invalid="ignore"):
-                req = decode_request(body)
-        except InvalidInputError as exc:
-            return "error", exc.code
+        yield
+
+
+def _request_outcome(body: bytes, fast: bool) -> tuple[str, Any]:
+    try:
+        with _fast_path(fast):
+            req = decode_request(body)
+    except InvalidInputError as exc:
+        return "error", exc.code
     out = []
     for name, arr in req.inputs.items():
         flat = arr.reshape(-1)
@@ -369,14 +377,11 @@ def test_numbers_fast_path_reads_big_tensors_exactly() -> None:
 
 
 def _response_outcome(body: bytes, fast: bool) -> tuple[str, Any]:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(tensors_mod, "FAST_NUMBERS_MIN_BYTES", 0 if fast else 1 << 62)
-        mp.setattr(tensors_mod, "_FAST_NUMBERS_MIN_TEXT", 0)
-        try:
-            with np.errstate(over="ignore", invalid="ignore"):
-                doc, out = decode_response(body)
-        except InvalidInputError as exc:
-            return "error", exc.code
+    try:
+        with _fast_path(fast):
+            doc, out = decode_response(body)
+    except InvalidInputError as exc:
+        return "error", exc.code
     return "ok", (
         doc,
         [

@@ -21,7 +21,7 @@ import struct
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import orjson
@@ -825,12 +825,30 @@ class _JsonRequestPlan:
 _json_request_plans: BoundedCache[bytes, _JsonRequestPlan] = BoundedCache(256)
 
 
-def _json_split(body: Any) -> _Split | None:
+@dataclass(frozen=True)
+class _JsonResponsePlan:
+    doc: dict[str, Any]  # the response document without the tensors' data
+    tensors: tuple[_JsonTensor, ...]
+
+
+_json_response_plans: BoundedCache[bytes, _JsonResponsePlan] = BoundedCache(256)
+_P = TypeVar("_P", _JsonRequestPlan, _JsonResponsePlan)
+
+
+def _json_plan(
+    body: Any, plans: BoundedCache[bytes, _P]
+) -> tuple[_Split | None, _P | None, dict[str, np.ndarray[Any, Any]] | None]:
+    """A JSON body searched for numeric arrays (the search, for the ordinary decode to
+    reuse), and on a hit its plan and arrays."""
     if type(body) is memoryview:
         body = body.tobytes()
     if len(body) < FAST_NUMBERS_MIN_BYTES:
-        return None
-    return _split_numbers(body)
+        return None, None, None
+    split = _split_numbers(body)
+    plan = None if split is None else plans.get(split.skeleton)
+    if plan is None or split is None:
+        return split, None, None
+    return split, plan, _json_arrays(plan.tensors, split.found)
 
 
 def _json_planned(
@@ -894,19 +912,15 @@ def decode_request(body: Any, header_len: int | None = None) -> InferRequest:
                 )
     split = None
     if header_len is None:
-        split = _json_split(body)
-        if split is not None:
-            jplan = _json_request_plans.get(split.skeleton)
-            if jplan is not None:
-                arrays = _json_arrays(jplan.tensors, split.found)
-                if arrays is not None:
-                    return InferRequest(
-                        arrays,
-                        jplan.id,
-                        dict(jplan.parameters),
-                        None if jplan.outputs is None else list(jplan.outputs),
-                        jplan.binary_output,
-                    )
+        split, jplan, arrays = _json_plan(body, _json_request_plans)
+        if jplan is not None and arrays is not None:
+            return InferRequest(
+                arrays,
+                jplan.id,
+                dict(jplan.parameters),
+                None if jplan.outputs is None else list(jplan.outputs),
+                jplan.binary_output,
+            )
     obj, rest = _header_json(body, header_len, "inputs", split, header_len is None)
     if not isinstance(obj, dict):
         raise InvalidInputError("request body must be a JSON object", code="bad-json")
@@ -1147,13 +1161,9 @@ def decode_response(
                 return dict(hit[0]), _frombuffer(view[header_len:], hit[1])
     split = None
     if header_len is None:
-        split = _json_split(body)
-        if split is not None:
-            jhit = _json_response_plans.get(split.skeleton)
-            if jhit is not None:
-                arrays = _json_arrays(jhit[1], split.found)
-                if arrays is not None:
-                    return dict(jhit[0]), arrays
+        split, jhit, arrays = _json_plan(body, _json_response_plans)
+        if jhit is not None and arrays is not None:
+            return dict(jhit.doc), arrays
     obj, rest = _header_json(body, header_len, "outputs", split, header_len is None)
     if not isinstance(obj, dict) or not isinstance(obj.get("outputs"), list):
         raise InvalidInputError("response has no 'outputs' list", code="bad-response")
@@ -1190,11 +1200,8 @@ def decode_response(
         and len(jplanned) == len(split.found)
         and len(split.skeleton) <= PLAN_MAX_BYTES
     ):
-        _json_response_plans.remember(split.skeleton, (dict(obj), tuple(jplanned)))
+        _json_response_plans.remember(split.skeleton, _JsonResponsePlan(dict(obj), tuple(jplanned)))
     return obj, out
 
 
 _response_plans: BoundedCache[bytes, tuple[dict[str, Any], _Tensors, int]] = BoundedCache(256)
-_json_response_plans: BoundedCache[bytes, tuple[dict[str, Any], tuple[_JsonTensor, ...]]] = (
-    BoundedCache(256)
-)
