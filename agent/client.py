@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from agent import errors
-from agent.serving.connection import InFlight, StaleConnectionError, UnixHTTPConnection
+from agent.serving.connection import IN_FLIGHT, StaleConnectionError, UnixHTTPConnection
 from agent.serving.tensors import decode_response, encode_request
 
 __all__ = ["DEFAULT_SOCKET", "Client", "UnixHTTPConnection"]
@@ -98,7 +98,7 @@ class Client:
         self.timeout = timeout
         self.binary = binary
         self.spin_us = spin_us
-        self._in_flight = InFlight()
+        self._in_flight = IN_FLIGHT  # one count per process (see InFlight)
         self._local = threading.local()
 
     # --- transport ------------------------------------------------------------------

@@ -5,6 +5,7 @@ server thread."""
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -16,7 +17,7 @@ import pytest
 
 from agent.client import DEFAULT_SPIN_US, Client
 from agent.serving import connection as C
-from agent.serving.connection import InFlight, StaleConnectionError, UnixHTTPConnection
+from agent.serving.connection import IN_FLIGHT, InFlight, StaleConnectionError, UnixHTTPConnection
 from agent.serving.pace import CAP_S
 
 
@@ -209,6 +210,39 @@ def test_a_client_polls_by_default_and_shares_one_count(
     assert results == [200] * 4
     assert c._in_flight.n == 0  # every thread's connection counted in and out
     assert c._conn().in_flight is c._in_flight
+
+
+def test_clients_of_one_process_share_the_count(
+    server: _Server, spins: list[tuple[float, int]]
+) -> None:
+    """A program with one Client per thread: while one client's request is in flight,
+    another client's request sleeps instead of polling beside it."""
+    a, b = Client(server.path), Client(server.path)
+    assert a._in_flight is b._in_flight is IN_FLIGHT
+    conn = b._conn()
+    conn.pace.avg = 0.0001  # quick answers, within the client's 500 us
+    b.request("GET", "/a")
+    assert len(spins) == 1  # alone: polled
+    IN_FLIGHT.enter()  # a's request, in flight in another thread
+    try:
+        conn.pace.avg = 0.0001
+        assert b.request("GET", "/a")[0] == 200
+    finally:
+        IN_FLIGHT.leave()
+    assert len(spins) == 1  # not beside a's
+
+
+def test_a_forked_child_starts_with_nothing_in_flight() -> None:
+    IN_FLIGHT.enter()  # a request of another thread, in flight when the process forks
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: its parent's thread is not there to count it out
+            os._exit(0 if IN_FLIGHT.n == 0 else 1)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        IN_FLIGHT.leave()
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert IN_FLIGHT.n == 0
 
 
 def test_the_server_hanging_up_while_polled_is_reported(

@@ -169,8 +169,8 @@ class UnixHTTPConnection:
     # + 30 us, at most ``spin_s``; the first request polls for ``spin_s``). A
     # connection whose usual wait is longer than ``spin_s`` (a model that runs for
     # milliseconds) sleeps as before, and so does a request while another of the same
-    # client is in flight (several threads polling would take the cores the server
-    # needs), and every request on a one-CPU machine.
+    # process is in flight (``InFlight``: several threads polling would take the cores
+    # the server needs), and every request on a one-CPU machine.
 
     def _spin(self, sock: socket.socket, deadline: float) -> None:
         """Poll until the answer's first bytes are in the buffer or ``deadline``."""
@@ -261,12 +261,20 @@ class UnixHTTPConnection:
 
 
 class InFlight:
-    """Requests in flight on the connections of one client: a request polls for its
-    answer only when it is the only one (see ``UnixHTTPConnection._spin``)."""
+    """Requests in flight on a set of connections: a request polls for its answer only
+    when it is the only one (see "Waiting for an answer" above). Every ``Client`` of a
+    process shares ``IN_FLIGHT``: a program with one client per thread must not poll
+    from several threads at once either."""
 
     __slots__ = ("_lock", "n")
 
     def __init__(self) -> None:
+        self.n = 0
+        self._lock = threading.Lock()
+
+    def reset(self) -> None:
+        """A forked child starts with no request in flight (its parent's threads are
+        not there to count theirs out)."""
         self.n = 0
         self._lock = threading.Lock()
 
@@ -294,3 +302,7 @@ def _send_all(sock: socket.socket, parts: list[Any]) -> None:
             else:
                 views[0] = first[sent:]
                 sent = 0
+
+
+IN_FLIGHT = InFlight()  # the process's: shared by every agent.client.Client
+os.register_at_fork(after_in_child=IN_FLIGHT.reset)
