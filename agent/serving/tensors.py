@@ -785,14 +785,25 @@ class _RequestPlan:
     binary_output: bool
 
 
-_request_plans: BoundedCache[bytes, _RequestPlan] = BoundedCache(256)
-
 # The plan and head caches keep copies of what senders wrote (headers, skeletons, ids):
-# only small ones are kept, so 256 distinct 64 MiB headers cannot make a process hold
-# 16 GiB. A program's own header (names, shapes, datatypes, a few parameters) is a few
-# hundred bytes; the HTTP head cache has the same bound (max_header_bytes).
+# only small ones are kept (BoundedCache.keeps), so 256 distinct 64 MiB headers cannot
+# make a process hold 16 GiB. A program's own header (names, shapes, datatypes, a few
+# parameters) is a few hundred bytes; the HTTP head cache has the same bound
+# (max_header_bytes).
 PLAN_MAX_BYTES = 16 * 1024
 ID_MAX_CHARS = 256  # response heads are kept per request id up to this length
+
+
+def _small(key: bytes) -> bool:
+    return len(key) <= PLAN_MAX_BYTES
+
+
+def _small_id(key: tuple[Any, ...]) -> bool:
+    """Keys (model, version, request id, ...): the id is the sender's."""
+    return key[2] is None or len(key[2]) <= ID_MAX_CHARS
+
+
+_request_plans: BoundedCache[bytes, _RequestPlan] = BoundedCache(256, _small)
 
 
 def _frombuffer(rest: memoryview, tensors: _Tensors) -> dict[str, np.ndarray[Any, Any]]:
@@ -822,7 +833,7 @@ class _JsonRequestPlan:
     binary_output: bool
 
 
-_json_request_plans: BoundedCache[bytes, _JsonRequestPlan] = BoundedCache(256)
+_json_request_plans: BoundedCache[bytes, _JsonRequestPlan] = BoundedCache(256, _small)
 
 
 @dataclass(frozen=True)
@@ -831,7 +842,7 @@ class _JsonResponsePlan:
     tensors: tuple[_JsonTensor, ...]
 
 
-_json_response_plans: BoundedCache[bytes, _JsonResponsePlan] = BoundedCache(256)
+_json_response_plans: BoundedCache[bytes, _JsonResponsePlan] = BoundedCache(256, _small)
 _P = TypeVar("_P", _JsonRequestPlan, _JsonResponsePlan)
 
 
@@ -986,15 +997,10 @@ def decode_request(body: Any, header_len: int | None = None) -> InferRequest:
             b = op.get("binary_data") if isinstance(op, dict) else None
             outputs.append(RequestedOutput(o["name"], None if b is None else bool(b)))
     binary_output = bool(params.get("binary_data_output", False))
-    if planned is not None and key is not None and len(key) <= PLAN_MAX_BYTES:
+    if planned is not None and key is not None:
         plan = _RequestPlan(tuple(planned), pos, req_id, dict(params), outputs, binary_output)
         _request_plans.remember(key, plan)
-    if (
-        split is not None
-        and jplanned is not None
-        and len(jplanned) == len(split.found)
-        and len(split.skeleton) <= PLAN_MAX_BYTES
-    ):
+    if split is not None and jplanned is not None and len(jplanned) == len(split.found):
         jp = _JsonRequestPlan(tuple(jplanned), req_id, dict(params), outputs, binary_output)
         _json_request_plans.remember(split.skeleton, jp)
     return InferRequest(
@@ -1016,12 +1022,7 @@ def encode_response(
 ) -> tuple[list[Any], int | None]:
     """Outputs (name, array, binary?) → (body parts, header length or None if JSON only)."""
     key = None
-    small_id = request_id is None or len(request_id) <= ID_MAX_CHARS
-    if (
-        small_id
-        and not parameters
-        and all(b and a.dtype.kind in _PLAIN_KINDS for _, a, b in outputs)
-    ):
+    if not parameters and all(b and a.dtype.kind in _PLAIN_KINDS for _, a, b in outputs):
         key = (
             model_name,
             model_version,
@@ -1041,7 +1042,7 @@ def encode_response(
         else:
             objs.append(_json_tensor(name, arr))
     doc_key = (model_name, model_version, request_id)
-    doc_head = None if parameters or not small_id else _response_docs.get(doc_key)
+    doc_head = None if parameters else _response_docs.get(doc_key)
     if doc_head is None:
         doc: dict[str, Any] = {"model_name": model_name}
         if model_version is not None:
@@ -1051,7 +1052,7 @@ def encode_response(
         if parameters:
             doc["parameters"] = parameters
         doc_head = _dumps(doc)
-        if not parameters and small_id:
+        if not parameters:
             _response_docs.remember(doc_key, doc_head)
     parts = _join_doc(doc_head, "outputs", objs)
     if not raws:
@@ -1079,9 +1080,11 @@ def _aligned_head(parts: list[bytes]) -> bytes:
 
 # Response headers by (model, version, id, outputs' names, dtypes and shapes): the same
 # outputs give the same header, so it is written once.
-_response_heads: BoundedCache[Any, bytes] = BoundedCache(256)
+_response_heads: BoundedCache[Any, bytes] = BoundedCache(256, _small_id)
 # The response document's own fields (model, version, id) as JSON, for JSON responses.
-_response_docs: BoundedCache[tuple[str, str | None, str | None], bytes] = BoundedCache(256)
+_response_docs: BoundedCache[tuple[str, str | None, str | None], bytes] = BoundedCache(
+    256, _small_id
+)
 _PLAIN_KINDS = frozenset("biuf")  # numeric and bool: raw little-endian bytes, no BYTES
 
 
@@ -1187,21 +1190,13 @@ def decode_response(
             planned.append((spec["name"], arr.dtype, arr.shape, pos - raw.nbytes, arr.size))
         else:
             planned = None
-    if (
-        key is not None
-        and planned is not None
-        and pos == rest.nbytes
-        and len(key) <= PLAN_MAX_BYTES
-    ):
+    if key is not None and planned is not None and pos == rest.nbytes:
         _response_plans.remember(key, (dict(obj), tuple(planned), pos))
-    if (
-        split is not None
-        and jplanned is not None
-        and len(jplanned) == len(split.found)
-        and len(split.skeleton) <= PLAN_MAX_BYTES
-    ):
+    if split is not None and jplanned is not None and len(jplanned) == len(split.found):
         _json_response_plans.remember(split.skeleton, _JsonResponsePlan(dict(obj), tuple(jplanned)))
     return obj, out
 
 
-_response_plans: BoundedCache[bytes, tuple[dict[str, Any], _Tensors, int]] = BoundedCache(256)
+_response_plans: BoundedCache[bytes, tuple[dict[str, Any], _Tensors, int]] = BoundedCache(
+    256, _small
+)
